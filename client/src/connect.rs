@@ -1,0 +1,119 @@
+//! Connecting to the manager: QUIC with the pinned certificate, then the hello with
+//! the token on the control stream. Every failure becomes an [`Error`] that says what is
+//! wrong and what to do.
+
+use std::net::{Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use tpvpn_tunnel::io::{read_message, write_message};
+use tpvpn_tunnel::quic::{client_config, load_certs, PIN_MISMATCH, SERVER_NAME};
+use tpvpn_tunnel::{ClusterInfo, ErrorCode, Message, CLOSE_REFUSED, PROTOCOL_VERSION};
+
+use crate::Error;
+
+/// How long to wait for the manager to answer the handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connected, authenticated session with the manager.
+pub struct Session {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub manager: SocketAddr,
+    pub cluster: ClusterInfo,
+    /// The control stream; kept open for the life of the session.
+    pub control: (quinn::SendStream, quinn::RecvStream),
+}
+
+/// Where and how to reach the manager (direct mode).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub manager: String,
+    pub ca_file: std::path::PathBuf,
+    pub token_file: std::path::PathBuf,
+}
+
+fn read_token(path: &Path) -> Result<Vec<u8>, Error> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read token file {}: {e}", path.display())))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(Error::Config(format!("token file {} is empty", path.display())));
+    }
+    Ok(token.as_bytes().to_vec())
+}
+
+/// Connects and authenticates.
+pub async fn connect(target: &Target) -> Result<Session, Error> {
+    let certs = load_certs(&target.ca_file).map_err(|e| Error::Config(format!("--manager-ca: {e}")))?;
+    let token = read_token(&target.token_file)?;
+    let manager = tokio::net::lookup_host(&target.manager)
+        .await
+        .map_err(|e| Error::Config(format!("--manager {}: {e} (expected HOST:PORT)", target.manager)))?
+        .next()
+        .ok_or_else(|| Error::Config(format!("--manager {}: no address", target.manager)))?;
+    let config = client_config(certs[0].clone()).map_err(|e| Error::Config(e.to_string()))?;
+    let bind: SocketAddr = if manager.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let endpoint = tpvpn_tunnel::quic::endpoint(bind, None).map_err(|e| Error::System(format!("cannot open a UDP socket: {e}")))?;
+    let unreachable = || Error::ManagerUnreachable { addr: manager, secs: CONNECT_TIMEOUT.as_secs() };
+    let connecting = endpoint.connect_with(config, manager, SERVER_NAME).map_err(|e| Error::Config(e.to_string()))?;
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| unreachable())?
+        .map_err(|e| map_connection_error(e, manager, target))?;
+
+    let handshake = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_message(&mut send, &Message::ClientHello { version: PROTOCOL_VERSION, token }).await?;
+        let reply = read_message(&mut recv).await?;
+        Ok::<_, Error>((send, recv, reply))
+    };
+    let (send, recv, reply) = match tokio::time::timeout(CONNECT_TIMEOUT, handshake).await {
+        Err(_) => return Err(unreachable()),
+        Ok(Err(Error::Connection(e))) => return Err(map_connection_error(e, manager, target)),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(r)) => r,
+    };
+    match reply {
+        Some(Message::ServerHello { version, cluster }) if version == PROTOCOL_VERSION => {
+            Ok(Session { endpoint, conn, manager, cluster, control: (send, recv) })
+        }
+        Some(Message::ServerHello { version, .. }) => Err(Error::VersionMismatch(format!(
+            "the manager speaks tpvpn protocol v{version}, this client v{PROTOCOL_VERSION}"
+        ))),
+        Some(Message::Error { code, message, .. }) => Err(refusal(code, message, target)),
+        Some(other) => Err(Error::Protocol(format!("manager sent {} instead of a hello", other.kind()))),
+        None => Err(map_connection_error(conn.closed().await, manager, target)),
+    }
+}
+
+fn refusal(code: ErrorCode, message: String, target: &Target) -> Error {
+    match code {
+        ErrorCode::Unauthorized => Error::BadToken(target.token_file.display().to_string()),
+        ErrorCode::VersionMismatch => Error::VersionMismatch(message),
+        _ => Error::Protocol(format!("manager refused the connection: {message}")),
+    }
+}
+
+fn map_connection_error(e: quinn::ConnectionError, manager: SocketAddr, target: &Target) -> Error {
+    match e {
+        quinn::ConnectionError::TimedOut => Error::ManagerUnreachable { addr: manager, secs: CONNECT_TIMEOUT.as_secs() },
+        quinn::ConnectionError::TransportError(t) if t.to_string().contains(PIN_MISMATCH) => {
+            Error::CertificateMismatch { addr: manager, ca: target.ca_file.display().to_string() }
+        }
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == CLOSE_REFUSED.into() => {
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            if reason.contains("token") {
+                Error::BadToken(target.token_file.display().to_string())
+            } else if reason.contains("version") {
+                Error::VersionMismatch(reason)
+            } else {
+                Error::Protocol(format!("manager refused the connection: {reason}"))
+            }
+        }
+        quinn::ConnectionError::ConnectionClosed(c) if c.to_string().contains(PIN_MISMATCH) => {
+            Error::CertificateMismatch { addr: manager, ca: target.ca_file.display().to_string() }
+        }
+        other => Error::Connection(other),
+    }
+}

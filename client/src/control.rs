@@ -1,0 +1,95 @@
+//! The daemon's control socket: one JSON request line, one JSON reply line.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::Error;
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    Status,
+    Down,
+}
+
+/// `tpvpn status -o json`: the contract of the design brief, section 3.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub connected: bool,
+    pub context: Option<String>,
+    pub manager: Option<String>,
+    pub tun: Option<Tun>,
+    pub routes: Vec<String>,
+    pub never_proxy: Vec<String>,
+    pub dns: Dns,
+    pub flows: Flows,
+    pub pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Tun {
+    pub name: String,
+    pub address: String,
+    pub mtu: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Dns {
+    pub server: Option<String>,
+    pub mode: String,
+    pub domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Flows {
+    pub tcp: usize,
+    pub udp: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Status(Status),
+    Done { ok: bool },
+}
+
+/// Sends `req` to the daemon listening on `socket`. `Ok(None)` if no daemon listens.
+pub async fn request(socket: &Path, req: Request, timeout: Duration) -> Result<Option<Reply>, Error> {
+    let mut stream = match UnixStream::connect(socket).await {
+        Ok(s) => s,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) => return Err(Error::System(format!("cannot connect to {}: {e}", socket.display()))),
+    };
+    let exchange = async {
+        let mut line = serde_json::to_vec(&req).map_err(|e| Error::System(e.to_string()))?;
+        line.push(b'\n');
+        stream.write_all(&line).await.map_err(|e| Error::System(e.to_string()))?;
+        let mut reply = String::new();
+        BufReader::new(&mut stream).read_line(&mut reply).await.map_err(|e| Error::System(e.to_string()))?;
+        serde_json::from_str(&reply).map_err(|e| Error::Protocol(format!("bad reply from the daemon: {e}")))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| Error::System(format!("the daemon on {} did not answer in time", socket.display())))?
+        .map(Some)
+}
+
+/// Reads one request from a control connection.
+pub async fn read_request(stream: &mut UnixStream) -> Option<Request> {
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream);
+    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await.ok()?.ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// Writes one reply on a control connection.
+pub async fn write_reply(stream: &mut UnixStream, reply: &Reply) {
+    if let Ok(mut line) = serde_json::to_vec(reply) {
+        line.push(b'\n');
+        let _ = stream.write_all(&line).await;
+    }
+}

@@ -1,0 +1,329 @@
+//! `tpvpn up`, `down` and `status`: the daemon's life cycle.
+//!
+//! `up` without `--foreground` starts the same binary with `--foreground` as a
+//! background daemon in its own session and waits for one line from it: `ok ...` once
+//! routes are in place and the tunnel is up, or the error. The daemon records each
+//! system change in the state file before making it, and undoes them all on `down`,
+//! SIGTERM and SIGINT; after a crash the next `up` or `down` undoes them from the file.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::net::UnixListener;
+use tracing::{info, warn};
+
+use crate::connect::{connect, Target};
+use crate::control::{self, Dns, Reply, Request, Status, Tun};
+use crate::dataplane::Dataplane;
+use crate::state::{self, Paths, State};
+use crate::{routes, Error};
+
+/// Environment variable that marks the daemon child started by `tpvpn up`.
+pub const DAEMON_ENV: &str = "TPVPN_DAEMON_CHILD";
+/// Address of the TUN device; the source of every routed flow.
+pub const TUN_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+/// IPv6 address of the TUN device, added when an IPv6 CIDR is routed.
+pub const TUN_V6: Ipv6Addr = Ipv6Addr::new(0xfd74, 0x7076, 0x706e, 0, 0, 0, 0, 1);
+
+/// Options of `tpvpn up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    pub target: Target,
+    pub never_proxy: Vec<IpNet>,
+    pub also_proxy: Vec<IpNet>,
+    pub device: String,
+    pub mtu: u16,
+    pub dns_mode: String,
+}
+
+/// Checks what `up` needs from the machine before anything is changed.
+pub fn preflight() -> Result<(), Error> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::Config(
+            "tpvpn up needs root to create the TUN device and routes: run it with sudo".into(),
+        ));
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Err(Error::Config(
+            "no /dev/net/tun: load the tun module (modprobe tun) or run where TUN devices are available".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn prepare_runtime_dir(paths: &Paths) -> Result<(), Error> {
+    std::fs::create_dir_all(&paths.dir)
+        .map_err(|e| Error::System(format!("cannot create runtime dir {}: {e}", paths.dir.display())))
+}
+
+/// `tpvpn up` without `--foreground`: starts the daemon and waits for its first line.
+pub fn up_background(args: &[String], paths: &Paths) -> Result<String, Error> {
+    preflight()?;
+    prepare_runtime_dir(paths)?;
+    refuse_if_running(paths)?;
+    let log = std::fs::File::create(paths.log())
+        .map_err(|e| Error::System(format!("cannot create {}: {e}", paths.log().display())))?;
+    let exe = std::env::current_exe().map_err(|e| Error::System(format!("cannot find my own binary: {e}")))?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .arg("--foreground")
+        .env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| Error::System(format!("cannot start the daemon: {e}")))?;
+    let Some(stdout) = child.stdout.take() else {
+        return Err(Error::System("daemon has no stdout".into()));
+    };
+    let mut line = String::new();
+    let _ = BufReader::new(stdout).read_line(&mut line);
+    let line = line.trim();
+    if let Some(ok) = line.strip_prefix("ok ") {
+        Ok(ok.to_string())
+    } else {
+        let _ = child.wait();
+        let msg = line.strip_prefix("error: ").unwrap_or(line);
+        if msg.is_empty() {
+            Err(Error::System(format!("the daemon exited without a word; see {}", paths.log().display())))
+        } else {
+            Err(Error::Config(msg.to_string()))
+        }
+    }
+}
+
+fn refuse_if_running(paths: &Paths) -> Result<(), Error> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
+    if let Some(Reply::Status(s)) = rt.block_on(control::request(&paths.socket(), Request::Status, Duration::from_secs(2)))? {
+        return Err(Error::Config(format!(
+            "already connected (pid {}); run tpvpn down first",
+            s.pid.map_or("?".into(), |p| p.to_string())
+        )));
+    }
+    if let Some(pid) = state::clean_stale(paths)? {
+        eprintln!("tpvpn: undid the changes of an earlier tpvpn (pid {pid}) that did not exit cleanly");
+    }
+    Ok(())
+}
+
+/// Reports readiness (or failure) to `tpvpn up` waiting in the foreground, once.
+struct Ready {
+    daemon: bool,
+    done: bool,
+}
+
+impl Ready {
+    fn send(&mut self, line: &str) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        if self.daemon {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        } else {
+            eprintln!("tpvpn: {line}");
+        }
+    }
+}
+
+/// `tpvpn up --foreground` (also what the background daemon runs).
+pub fn up_foreground(opts: UpOptions, paths: Paths) -> Result<(), Error> {
+    let daemon = std::env::var_os(DAEMON_ENV).is_some();
+    let mut ready = Ready { daemon, done: false };
+    if daemon {
+        // Leave the terminal's session so that its hang-up does not reach us.
+        let _ = nix::unistd::setsid();
+    }
+    let result = (|| {
+        preflight()?;
+        prepare_runtime_dir(&paths)?;
+        if !daemon {
+            refuse_if_running(&paths)?;
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| Error::System(e.to_string()))?;
+        rt.block_on(run(opts, &paths, &mut ready))
+    })();
+    if let Err(e) = &result {
+        ready.send(&format!("error: {e}"));
+    }
+    result
+}
+
+async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Error> {
+    let session = connect(&opts.target).await?;
+    info!(manager = %session.manager, cidrs = ?session.cluster.cidrs, "connected to the manager");
+    let mut never = opts.never_proxy.clone();
+    never.push(routes::host(session.manager.ip()));
+    let wanted = routes::compute(&session.cluster.cidrs, &opts.also_proxy, &never);
+    if wanted.is_empty() {
+        return Err(Error::Config("nothing to route: the manager reported no cluster CIDRs outside --never-proxy".into()));
+    }
+
+    let mut state = State { pid: std::process::id(), device: None, routes: vec![] };
+    let listener = {
+        let _ = std::fs::remove_file(paths.socket());
+        UnixListener::bind(paths.socket())
+            .map_err(|e| Error::System(format!("cannot listen on {}: {e}", paths.socket().display())))?
+    };
+    std::fs::write(paths.pid(), format!("{}\n", std::process::id()))
+        .map_err(|e| Error::System(format!("cannot write {}: {e}", paths.pid().display())))?;
+    let result = async {
+        state.device = Some(opts.device.clone());
+        state.save(&paths.state())?;
+        let tun = tun_rs::DeviceBuilder::new()
+            .name(&opts.device)
+            .ipv4(TUN_V4, 32u8, None)
+            .mtu(opts.mtu)
+            .build_async()
+            .map_err(|e| Error::System(format!("cannot create TUN device {}: {e}", opts.device)))?;
+        let tun = Arc::new(tun);
+        if wanted.iter().any(|r| r.addr().is_ipv6()) {
+            routes::add_address(&opts.device, &IpNet::from(IpAddr::V6(TUN_V6)))?;
+        }
+        for r in &wanted {
+            state.routes.push(*r);
+            state.save(&paths.state())?;
+            let src = if r.addr().is_ipv4() { IpAddr::V4(TUN_V4) } else { IpAddr::V6(TUN_V6) };
+            if let Err(e) = routes::add(r, &opts.device, src) {
+                state.routes.pop();
+                state.save(&paths.state())?;
+                return Err(e);
+            }
+        }
+        let stack = tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(opts.mtu), ..Default::default() });
+        let dataplane = Dataplane::new(stack, tun, session.conn.clone());
+        let handle = dataplane.handle();
+        let status = Status {
+            connected: true,
+            context: None,
+            manager: Some(session.manager.to_string()),
+            tun: Some(Tun { name: opts.device.clone(), address: TUN_V4.to_string(), mtu: usize::from(opts.mtu) }),
+            routes: wanted.iter().map(|r| r.to_string()).collect(),
+            never_proxy: never.iter().map(|r| r.to_string()).collect(),
+            dns: Dns { server: None, mode: "off".into(), domains: vec![] },
+            flows: Default::default(),
+            pid: Some(std::process::id()),
+        };
+        ready.send(&format!(
+            "ok connected to {}; routing {} through {}",
+            session.manager,
+            status.routes.join(", "),
+            opts.device
+        ));
+        info!("up");
+        let (why, down_reply) = serve(dataplane, handle, listener, status).await;
+        info!(%why, "shutting down");
+        Ok::<_, Error>((why, down_reply))
+    }
+    .await;
+    session.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
+    // Undo in reverse order of doing; the TUN device goes when its file descriptor closes
+    // (the data plane is dropped by now), and `undo` deletes it if it is still there.
+    let undo = state.undo();
+    state::remove_files(paths);
+    session.endpoint.wait_idle().await;
+    let (why, down_reply) = result?;
+    if let Some(mut stream) = down_reply {
+        control::write_reply(&mut stream, &Reply::Done { ok: undo.is_ok() }).await;
+    }
+    undo?;
+    if why.starts_with("down") || why.starts_with("signal") {
+        Ok(())
+    } else {
+        Err(Error::System(why))
+    }
+}
+
+/// Runs the data plane and the control socket until `down`, a signal, or a failure.
+/// Returns why, and the control connection of a `down` request to answer after cleanup.
+async fn serve(
+    dataplane: Dataplane,
+    handle: crate::dataplane::Handle,
+    listener: UnixListener,
+    status: Status,
+) -> (String, Option<tokio::net::UnixStream>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return ("cannot install signal handlers".into(), None);
+    };
+    let dp = tokio::spawn(dataplane.run());
+    tokio::pin!(dp);
+    let mut down_reply: Option<tokio::net::UnixStream> = None;
+    let why = loop {
+        tokio::select! {
+            r = &mut dp => break r.unwrap_or_else(|e| format!("data plane failed: {e}")),
+            _ = term.recv() => break "signal SIGTERM".into(),
+            _ = int.recv() => break "signal SIGINT".into(),
+            Ok((mut stream, _)) = listener.accept() => {
+                match control::read_request(&mut stream).await {
+                    Some(Request::Status) => {
+                        let mut s = status.clone();
+                        s.flows = handle.flows().await;
+                        control::write_reply(&mut stream, &Reply::Status(s)).await;
+                    }
+                    Some(Request::Down) => {
+                        down_reply = Some(stream);
+                        break "down requested".into();
+                    }
+                    None => warn!("bad control request"),
+                }
+            }
+        }
+    };
+    dp.abort();
+    // Wait until the data plane (and with it the TUN device) is gone.
+    let _ = dp.as_mut().await;
+    (why, down_reply)
+}
+
+/// `tpvpn down`.
+pub fn down(paths: &Paths) -> Result<String, Error> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
+    let asked = rt.block_on(control::request(&paths.socket(), Request::Down, Duration::from_secs(15)));
+    match asked {
+        // The daemon answers once every change is undone.
+        Ok(Some(_)) => {
+            wait_gone(paths);
+            Ok("disconnected".into())
+        }
+        Ok(None) => match state::clean_stale(paths)? {
+            Some(pid) => Ok(format!("undid the changes of a tpvpn (pid {pid}) that did not exit cleanly")),
+            None => Ok("not connected".into()),
+        },
+        Err(e) => Err(e),
+    }
+}
+
+/// Waits (bounded) until the daemon has removed its state file.
+fn wait_gone(paths: &Paths) {
+    for _ in 0..150 {
+        if !paths.state().exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `tpvpn status`.
+pub fn status(paths: &Paths) -> Result<Status, Error> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
+    match rt.block_on(control::request(&paths.socket(), Request::Status, Duration::from_secs(5)))? {
+        Some(Reply::Status(s)) => Ok(s),
+        _ => Ok(Status { dns: Dns { mode: "off".into(), ..Default::default() }, ..Default::default() }),
+    }
+}
+
+/// The runtime paths from the environment.
+pub fn paths() -> Paths {
+    Paths::new(state::runtime_dir())
+}

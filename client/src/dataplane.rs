@@ -1,0 +1,498 @@
+//! The data plane: a thin async driver around the sans-IO netstack.
+//!
+//! One task owns the TUN device and the [`Stack`]. It reads packets from the device,
+//! acts on the stack's events, and writes the stack's packets back. Each flow has a task
+//! that owns its QUIC stream (dial, then relay); flow tasks talk to the stack task
+//! through one command channel. Back-pressure is end to end:
+//! - laptop to cluster: each flow has a small bounded channel to its task; when it is
+//!   full the stack stops reading that socket, smoltcp's window closes and the
+//!   application's kernel stops sending;
+//! - cluster to laptop: each flow task holds a byte budget (a semaphore) that the stack
+//!   task refills only as bytes enter the smoltcp socket, so QUIC flow control pushes
+//!   back on the manager when the laptop application reads slowly.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant as StdInstant;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tpvpn_netstack::{DialOutcome, Event, FlowId, Instant, Stack, TcpRead};
+use tpvpn_tunnel::datagram::Datagram;
+use tpvpn_tunnel::io::{read_message, read_udp_record, write_message, write_udp_record};
+use tpvpn_tunnel::{FlowStatus, Message, Protocol, RESET_CODE};
+use tracing::{debug, debug_span, warn, Instrument};
+
+use crate::control::Flows;
+
+/// Largest chunk moved at once between a socket and a stream.
+const CHUNK: usize = 64 * 1024;
+/// Chunks that may wait between the stack and a flow task (laptop to cluster).
+const UP_QUEUE: usize = 16;
+/// Bytes a flow task may hand the stack before they enter the smoltcp socket.
+const DOWN_BUDGET: usize = 1 << 20;
+/// UDP datagrams that may wait for a flow's stream to open.
+const UDP_QUEUE: usize = 256;
+
+/// Messages from flow tasks (and the control socket) to the stack task.
+enum Cmd {
+    Dialed { id: FlowId, outcome: DialOutcome },
+    /// Bytes from the cluster for a TCP flow.
+    Data { id: FlowId, bytes: Bytes },
+    /// The cluster side finished sending (FIN).
+    Fin { id: FlowId },
+    /// The cluster side reset the connection.
+    Reset { id: FlowId },
+    /// A flow task made room in its queue after the stack found it full.
+    Drained { id: FlowId },
+    /// A datagram from the cluster for a UDP flow.
+    UdpReply { id: FlowId, bytes: Bytes },
+    /// The manager ended a UDP flow.
+    UdpEnded { id: FlowId },
+    Stats(oneshot::Sender<Flows>),
+}
+
+/// What the stack task sends a TCP flow task.
+enum Up {
+    Data(Bytes),
+    Fin,
+}
+
+struct TcpCtl {
+    up: mpsc::Sender<Up>,
+    fin_sent_up: bool,
+    /// Set when the stack found `up` full; the flow task then sends `Drained`.
+    stalled: Arc<AtomicBool>,
+    /// Set before dropping `up` when the laptop side reset the flow.
+    reset: Arc<AtomicBool>,
+    budget: Arc<Semaphore>,
+    /// Bytes from the cluster not yet accepted by the smoltcp socket.
+    pending: VecDeque<Bytes>,
+    fin_from_cluster: bool,
+    closed_toward_laptop: bool,
+}
+
+struct UdpCtl {
+    up: mpsc::Sender<Vec<u8>>,
+}
+
+/// A handle to ask the running data plane for statistics.
+#[derive(Clone)]
+pub struct Handle {
+    cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+impl Handle {
+    pub async fn flows(&self) -> Flows {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Stats(tx)).is_err() {
+            return Flows::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+/// The TUN device as the data plane needs it.
+pub type Tun = Arc<tun_rs::AsyncDevice>;
+
+/// The data plane; [`Dataplane::run`] drives it until the tunnel or the device fails.
+pub struct Dataplane {
+    stack: Stack,
+    tun: Tun,
+    conn: quinn::Connection,
+    cmd_tx: mpsc::UnboundedSender<Cmd>,
+    cmd_rx: mpsc::UnboundedReceiver<Cmd>,
+    tcp: HashMap<FlowId, TcpCtl>,
+    udp: HashMap<FlowId, UdpCtl>,
+    epoch: StdInstant,
+    scratch: Vec<u8>,
+}
+
+impl Dataplane {
+    pub fn new(stack: Stack, tun: Tun, conn: quinn::Connection) -> Self {
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        Dataplane {
+            stack,
+            tun,
+            conn,
+            cmd_tx,
+            cmd_rx,
+            tcp: HashMap::new(),
+            udp: HashMap::new(),
+            epoch: StdInstant::now(),
+            scratch: vec![0u8; CHUNK],
+        }
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle { cmd: self.cmd_tx.clone() }
+    }
+
+    fn now(&self) -> Instant {
+        Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Runs until the QUIC connection or the TUN device fails; returns why.
+    pub async fn run(mut self) -> String {
+        tokio::spawn(route_datagrams(self.conn.clone(), self.cmd_tx.clone()));
+        let mtu = self.stack.config().mtu;
+        let mut buf = vec![0u8; mtu + 64];
+        loop {
+            if let Err(e) = self.flush().await {
+                return format!("writing to the TUN device failed: {e}");
+            }
+            let deadline = self.stack.poll_timeout().map(|at| {
+                let now = self.now();
+                let wait = if at > now { (at - now).total_micros() } else { 0 };
+                tokio::time::Instant::now() + std::time::Duration::from_micros(wait)
+            });
+            tokio::select! {
+                r = self.tun.recv(&mut buf) => match r {
+                    Ok(n) => {
+                        let now = self.now();
+                        let _ = self.stack.input(&buf[..n], now);
+                        // Drain what else is ready without waiting, to batch work.
+                        for _ in 0..64 {
+                            match self.tun.try_recv(&mut buf) {
+                                Ok(n) => { let _ = self.stack.input(&buf[..n], now); }
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    Err(e) => return format!("reading the TUN device failed: {e}"),
+                },
+                Some(cmd) = self.cmd_rx.recv() => {
+                    self.command(cmd);
+                    for _ in 0..256 {
+                        match self.cmd_rx.try_recv() {
+                            Ok(cmd) => self.command(cmd),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = sleep_until(deadline) => {
+                    let now = self.now();
+                    self.stack.handle_timeout(now);
+                }
+                e = self.conn.closed() => return format!("lost the connection to the manager: {e}"),
+            }
+        }
+    }
+
+    /// Handles the stack's events and writes its packets until both are exhausted.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        loop {
+            let mut idle = true;
+            while let Some(ev) = self.stack.poll_event() {
+                idle = false;
+                self.event(ev);
+            }
+            while let Some(p) = self.stack.transmit() {
+                idle = false;
+                self.tun.send(&p).await?;
+            }
+            if idle {
+                return Ok(());
+            }
+        }
+    }
+
+    fn event(&mut self, ev: Event) {
+        match ev {
+            Event::TcpConnect { id, src, dst } => {
+                let (up_tx, up_rx) = mpsc::channel(UP_QUEUE);
+                let ctl = TcpCtl {
+                    up: up_tx,
+                    fin_sent_up: false,
+                    stalled: Arc::default(),
+                    reset: Arc::default(),
+                    budget: Arc::new(Semaphore::new(DOWN_BUDGET)),
+                    pending: VecDeque::new(),
+                    fin_from_cluster: false,
+                    closed_toward_laptop: false,
+                };
+                let task = TcpTask {
+                    id,
+                    conn: self.conn.clone(),
+                    cmd: self.cmd_tx.clone(),
+                    up: up_rx,
+                    stalled: ctl.stalled.clone(),
+                    reset: ctl.reset.clone(),
+                    budget: ctl.budget.clone(),
+                };
+                self.tcp.insert(id, ctl);
+                let span = debug_span!("flow", proto = "tcp", %src, %dst, id);
+                tokio::spawn(task.run(src, dst).instrument(span));
+            }
+            Event::TcpActivity { id } => self.service_tcp(id),
+            Event::UdpOpen { id, src, dst } => {
+                let (tx, rx) = mpsc::channel(UDP_QUEUE);
+                self.udp.insert(id, UdpCtl { up: tx });
+                let span = debug_span!("flow", proto = "udp", %src, %dst, id);
+                tokio::spawn(udp_task(id, src, dst, self.conn.clone(), self.cmd_tx.clone(), rx).instrument(span));
+            }
+            Event::UdpData { id, payload } => {
+                if let Some(ctl) = self.udp.get(&id) {
+                    // A full queue drops the datagram, as a congested link would.
+                    let _ = ctl.up.try_send(payload);
+                }
+            }
+            Event::UdpClosed { id } => {
+                self.udp.remove(&id);
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Cmd) {
+        let now = self.now();
+        match cmd {
+            Cmd::Dialed { id, outcome } => {
+                if self.stack.dial_result(id, outcome, now).is_err() || outcome != DialOutcome::Connected {
+                    self.tcp.remove(&id);
+                }
+            }
+            Cmd::Data { id, bytes } => {
+                if let Some(ctl) = self.tcp.get_mut(&id) {
+                    ctl.pending.push_back(bytes);
+                    self.service_tcp(id);
+                }
+            }
+            Cmd::Fin { id } => {
+                if let Some(ctl) = self.tcp.get_mut(&id) {
+                    ctl.fin_from_cluster = true;
+                    self.service_tcp(id);
+                }
+            }
+            Cmd::Reset { id } => {
+                let _ = self.stack.tcp_abort(id, now);
+                if let Some(ctl) = self.tcp.remove(&id) {
+                    ctl.reset.store(true, Ordering::Release);
+                }
+            }
+            Cmd::Drained { id } => self.service_tcp(id),
+            Cmd::UdpReply { id, bytes } => {
+                let _ = self.stack.udp_send(id, &bytes, now);
+            }
+            Cmd::UdpEnded { id } => {
+                self.udp.remove(&id);
+                self.stack.remove(id);
+            }
+            Cmd::Stats(tx) => {
+                let _ = tx.send(Flows { tcp: self.tcp.len(), udp: self.udp.len() });
+            }
+        }
+    }
+
+    /// Moves what can move on one TCP flow, both ways, and retires it once closed.
+    fn service_tcp(&mut self, id: FlowId) {
+        let now = self.now();
+        let Some(ctl) = self.tcp.get_mut(&id) else { return };
+        // Cluster to laptop.
+        while let Some(front) = ctl.pending.front_mut() {
+            let Ok(n) = self.stack.tcp_send(id, front, now) else { break };
+            if n == 0 {
+                break;
+            }
+            ctl.budget.add_permits(n);
+            let _ = front.split_to(n);
+            if front.is_empty() {
+                ctl.pending.pop_front();
+            }
+        }
+        if ctl.pending.is_empty() && ctl.fin_from_cluster && !ctl.closed_toward_laptop {
+            ctl.closed_toward_laptop = true;
+            let _ = self.stack.tcp_close(id, now);
+        }
+        // Laptop to cluster.
+        while !ctl.fin_sent_up {
+            let permit = match ctl.up.try_reserve() {
+                Ok(p) => p,
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    ctl.stalled.store(true, Ordering::Release);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(())) => break,
+            };
+            match self.stack.tcp_recv(id, &mut self.scratch, now) {
+                Ok(TcpRead::Data(n)) => permit.send(Up::Data(Bytes::copy_from_slice(&self.scratch[..n]))),
+                Ok(TcpRead::Fin) => {
+                    permit.send(Up::Fin);
+                    ctl.fin_sent_up = true;
+                }
+                Ok(TcpRead::WouldBlock) | Err(_) => break,
+            }
+        }
+        let Ok(status) = self.stack.tcp_status(id) else {
+            self.tcp.remove(&id);
+            return;
+        };
+        if status.closed || status.reset {
+            if status.reset {
+                ctl.reset.store(true, Ordering::Release);
+            }
+            self.stack.remove(id);
+            self.tcp.remove(&id);
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn route_datagrams(conn: quinn::Connection, cmd: mpsc::UnboundedSender<Cmd>) {
+    while let Ok(d) = conn.read_datagram().await {
+        let Ok(dg) = Datagram::parse(&d) else { continue };
+        let bytes = d.slice(d.len() - dg.payload.len()..);
+        if cmd.send(Cmd::UdpReply { id: dg.flow_id, bytes }).is_err() {
+            return;
+        }
+    }
+}
+
+fn outcome(status: FlowStatus) -> DialOutcome {
+    match status {
+        FlowStatus::Ok => DialOutcome::Connected,
+        FlowStatus::Refused => DialOutcome::Refused,
+        FlowStatus::TimedOut => DialOutcome::TimedOut,
+        FlowStatus::Unreachable | FlowStatus::Denied | FlowStatus::Other(_) => DialOutcome::Unreachable,
+    }
+}
+
+/// Opens a flow stream and waits for the manager's dial result.
+async fn open_flow(
+    conn: &quinn::Connection,
+    protocol: Protocol,
+    flow_id: u64,
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+) -> Option<(quinn::SendStream, quinn::RecvStream, FlowStatus)> {
+    let (mut send, mut recv) = conn.open_bi().await.ok()?;
+    write_message(&mut send, &Message::FlowOpen { protocol, flow_id, src, dst }).await.ok()?;
+    match read_message(&mut recv).await {
+        Ok(Some(Message::FlowReply { status, message })) => {
+            if status != FlowStatus::Ok {
+                debug!(?status, %message, "manager could not dial");
+            }
+            Some((send, recv, status))
+        }
+        other => {
+            warn!(?other, "bad flow reply");
+            None
+        }
+    }
+}
+
+struct TcpTask {
+    id: FlowId,
+    conn: quinn::Connection,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    up: mpsc::Receiver<Up>,
+    stalled: Arc<AtomicBool>,
+    reset: Arc<AtomicBool>,
+    budget: Arc<Semaphore>,
+}
+
+impl TcpTask {
+    async fn run(mut self, src: std::net::SocketAddr, dst: std::net::SocketAddr) {
+        let id = self.id;
+        let opened = open_flow(&self.conn, Protocol::Tcp, 0, src, dst).await;
+        let status = opened.as_ref().map_or(FlowStatus::Unreachable, |o| o.2);
+        let _ = self.cmd.send(Cmd::Dialed { id, outcome: outcome(status) });
+        let Some((mut send, mut recv, FlowStatus::Ok)) = opened else { return };
+        let (cmd, budget, stalled, reset) = (self.cmd.clone(), self.budget.clone(), self.stalled.clone(), self.reset.clone());
+        let up = async {
+            while let Some(m) = self.up.recv().await {
+                if stalled.swap(false, Ordering::AcqRel) {
+                    let _ = cmd.send(Cmd::Drained { id });
+                }
+                match m {
+                    Up::Data(b) => {
+                        if send.write_chunk(b).await.is_err() {
+                            let _ = cmd.send(Cmd::Reset { id });
+                            return;
+                        }
+                    }
+                    Up::Fin => {
+                        let _ = send.finish();
+                    }
+                }
+            }
+            // The stack dropped the flow: a laptop reset, or the end of a closed flow.
+            if reset.load(Ordering::Acquire) {
+                let _ = send.reset(RESET_CODE.into());
+            }
+        };
+        let down = async {
+            loop {
+                match recv.read_chunk(CHUNK, true).await {
+                    Ok(Some(chunk)) => {
+                        let Ok(permit) = budget.acquire_many(chunk.bytes.len() as u32).await else { return };
+                        permit.forget();
+                        if cmd.send(Cmd::Data { id, bytes: chunk.bytes }).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ = cmd.send(Cmd::Fin { id });
+                        return;
+                    }
+                    Err(_) => {
+                        let _ = cmd.send(Cmd::Reset { id });
+                        return;
+                    }
+                }
+            }
+        };
+        tokio::join!(up, down);
+        if self.reset.load(Ordering::Acquire) {
+            let _ = recv.stop(RESET_CODE.into());
+        }
+    }
+}
+
+async fn udp_task(
+    id: FlowId,
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    conn: quinn::Connection,
+    cmd: mpsc::UnboundedSender<Cmd>,
+    mut up: mpsc::Receiver<Vec<u8>>,
+) {
+    let Some((mut send, mut recv, FlowStatus::Ok)) = open_flow(&conn, Protocol::Udp, id, src, dst).await else {
+        let _ = cmd.send(Cmd::UdpEnded { id });
+        return;
+    };
+    let down = async {
+        let mut buf = Vec::new();
+        while let Ok(true) = read_udp_record(&mut recv, &mut buf).await {
+            if cmd.send(Cmd::UdpReply { id, bytes: Bytes::copy_from_slice(&buf) }).is_err() {
+                break;
+            }
+        }
+        let _ = cmd.send(Cmd::UdpEnded { id });
+    };
+    let upward = async {
+        let mut out = Vec::new();
+        while let Some(payload) = up.recv().await {
+            let dg = Datagram { flow_id: id, payload: &payload };
+            if conn.max_datagram_size().is_some_and(|max| dg.buffer_len() <= max) {
+                out.clear();
+                dg.emit(&mut out);
+                let _ = conn.send_datagram(Bytes::copy_from_slice(&out));
+            } else if write_udp_record(&mut send, &payload).await.is_err() {
+                break;
+            }
+        }
+        let _ = send.finish();
+    };
+    // The flow ends when the manager ends it (idle) or the stack forgets it.
+    tokio::select! {
+        _ = down => {}
+        _ = upward => {}
+    }
+}

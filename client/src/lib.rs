@@ -1,0 +1,44 @@
+//! The tpvpn client: the `tpvpn` binary's library.
+//!
+//! Layer and I/O contract: `tpvpn up` connects to the manager ([`connect`]), creates the
+//! TUN device, routes the cluster's CIDRs into it ([`routes`]), and runs the data plane
+//! ([`dataplane`]): packets from the TUN device go through the sans-IO
+//! `tpvpn_netstack::Stack`, whose flows are carried as QUIC streams and datagrams to the
+//! manager. The daemon answers `tpvpn status` and `tpvpn down` on a Unix socket
+//! ([`control`]) and records every change it makes to the system in
+//! `TPVPN_RUNTIME_DIR` ([`state`]) so that a later `up` or `down` can undo them after a
+//! crash.
+
+pub mod connect;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod routes;
+pub mod state;
+
+use std::net::SocketAddr;
+
+/// Errors of the client. Messages are one line and say what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot reach the manager at {addr}: no answer within {secs}s; check --manager and that tpvpn-manager is running and reachable over UDP")]
+    ManagerUnreachable { addr: SocketAddr, secs: u64 },
+    #[error("the manager at {addr} presented a certificate that is not the one in {ca}; check --manager-ca")]
+    CertificateMismatch { addr: SocketAddr, ca: String },
+    #[error("the manager refused the token in {0}; check --token-file")]
+    BadToken(String),
+    #[error("{0}; install matching versions of tpvpn and tpvpn-manager")]
+    VersionMismatch(String),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("connection to the manager failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("route {0} conflicts with an existing route on this machine; remove it or exclude it with --never-proxy")]
+    RouteConflict(String),
+    #[error("{0}")]
+    System(String),
+    #[error(transparent)]
+    Tunnel(#[from] tpvpn_tunnel::Error),
+}

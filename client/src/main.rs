@@ -1,0 +1,186 @@
+//! `tpvpn`: the command-line client.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use tpvpn_client::connect::Target;
+use tpvpn_client::daemon::{self, UpOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "tpvpn", version, about = "Put this machine inside a Kubernetes cluster's network")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DnsMode {
+    Auto,
+    Resolved,
+    Resolvconf,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Connect: create the TUN device, route the cluster into it, and stay connected.
+    Up {
+        /// Kubeconfig context (Kubernetes discovery is not implemented yet).
+        #[arg(long)]
+        context: Option<String>,
+        /// Kubeconfig file (Kubernetes discovery is not implemented yet).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Namespace to connect to.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// The manager's address, HOST:PORT (direct mode).
+        #[arg(long)]
+        manager: Option<String>,
+        /// PEM certificate of the manager, pinned (direct mode).
+        #[arg(long)]
+        manager_ca: Option<PathBuf>,
+        /// File holding the client token (direct mode).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// A CIDR that is never routed into the tunnel (repeatable).
+        #[arg(long = "never-proxy", value_name = "CIDR")]
+        never_proxy: Vec<IpNet>,
+        /// An extra CIDR routed into the tunnel (repeatable).
+        #[arg(long = "also-proxy", value_name = "CIDR")]
+        also_proxy: Vec<IpNet>,
+        /// How to configure the OS resolver (DNS is not implemented yet: only `off` works).
+        #[arg(long, value_enum, default_value = "auto")]
+        dns_mode: DnsMode,
+        /// Stay in the foreground instead of leaving a daemon.
+        #[arg(long)]
+        foreground: bool,
+        /// Name of the TUN device.
+        #[arg(long, default_value = "tpvpn0")]
+        device: String,
+        /// MTU of the TUN device. TCP ends on this machine, so large segments are free.
+        #[arg(long, default_value_t = 65000)]
+        mtu: u16,
+    },
+    /// Disconnect and undo every change (also after a crash).
+    Down,
+    /// Show the connection.
+    Status {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+    /// List reachable namespaces and services (needs the Kubernetes watch: not implemented yet).
+    List,
+    /// Print the version.
+    Version,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let foreground = matches!(cli.command, Cmd::Up { foreground: true, .. });
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            if foreground { "info" } else { "warn" }.into()
+        }))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("tpvpn: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
+    use tpvpn_client::Error;
+    let paths = daemon::paths();
+    match cli.command {
+        Cmd::Up {
+            context,
+            kubeconfig,
+            namespace: _,
+            manager,
+            manager_ca,
+            token_file,
+            never_proxy,
+            also_proxy,
+            dns_mode,
+            foreground,
+            device,
+            mtu,
+        } => {
+            let (Some(manager), Some(ca_file), Some(token_file)) = (manager, manager_ca, token_file) else {
+                let what = if context.is_some() || kubeconfig.is_some() { "Kubernetes discovery (--context, --kubeconfig)" } else { "connecting without --manager" };
+                return Err(Error::Config(format!(
+                    "{what} is not implemented yet; use direct mode: tpvpn up --manager HOST:PORT --manager-ca FILE --token-file FILE"
+                )));
+            };
+            if !matches!(dns_mode, DnsMode::Auto | DnsMode::Off) {
+                return Err(Error::Config("--dns-mode: only `off` is implemented yet (tpvpn does not change DNS settings)".into()));
+            }
+            if mtu < 1280 {
+                return Err(Error::Config("--mtu must be at least 1280".into()));
+            }
+            let opts = UpOptions {
+                target: Target { manager, ca_file, token_file },
+                never_proxy,
+                also_proxy,
+                device,
+                mtu,
+                dns_mode: "off".into(),
+            };
+            if foreground {
+                daemon::up_foreground(opts, paths)
+            } else {
+                let args: Vec<String> = std::env::args().skip(1).collect();
+                let msg = daemon::up_background(&args, &paths)?;
+                println!("{msg}");
+                Ok(())
+            }
+        }
+        Cmd::Down => {
+            println!("{}", daemon::down(&paths)?);
+            Ok(())
+        }
+        Cmd::Status { output } => {
+            let s = daemon::status(&paths)?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&s).map_err(|e| Error::System(e.to_string()))?),
+                Output::Text => print_status(&s),
+            }
+            Ok(())
+        }
+        Cmd::List => Err(Error::Config(
+            "tpvpn list needs the Kubernetes watch, which is not implemented yet".into(),
+        )),
+        Cmd::Version => {
+            println!("tpvpn {} (tunnel protocol v{})", env!("CARGO_PKG_VERSION"), tpvpn_tunnel::PROTOCOL_VERSION);
+            Ok(())
+        }
+    }
+}
+
+fn print_status(s: &tpvpn_client::control::Status) {
+    if !s.connected {
+        println!("not connected");
+        return;
+    }
+    println!("connected");
+    println!("  manager:     {}", s.manager.as_deref().unwrap_or("-"));
+    if let Some(t) = &s.tun {
+        println!("  device:      {} ({}, mtu {})", t.name, t.address, t.mtu);
+    }
+    println!("  routes:      {}", s.routes.join(", "));
+    println!("  never-proxy: {}", s.never_proxy.join(", "));
+    println!("  dns:         {}", s.dns.mode);
+    println!("  flows:       {} tcp, {} udp", s.flows.tcp, s.flows.udp);
+}

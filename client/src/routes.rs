@@ -1,0 +1,133 @@
+//! Which CIDRs go into the tunnel, and installing them as routes on the TUN device.
+//!
+//! The routed set is the cluster's CIDRs plus `also-proxy`, minus `never-proxy` and
+//! minus the manager's own address. A never-proxy CIDR inside a routed CIDR splits it
+//! into the smallest set of CIDRs that covers the rest.
+
+use std::net::IpAddr;
+use std::process::Command;
+
+use ipnet::IpNet;
+
+use crate::Error;
+
+/// Computes the CIDRs to route into the tunnel.
+pub fn compute(cluster: &[IpNet], also: &[IpNet], never: &[IpNet]) -> Vec<IpNet> {
+    let mut routes: Vec<IpNet> = IpNet::aggregate(&cluster.iter().chain(also).map(|n| n.trunc()).collect());
+    for hole in never {
+        let hole = hole.trunc();
+        routes = routes.into_iter().flat_map(|r| subtract(r, hole)).collect();
+    }
+    IpNet::aggregate(&routes)
+}
+
+/// `net` minus `hole`, as CIDRs.
+fn subtract(net: IpNet, hole: IpNet) -> Vec<IpNet> {
+    if hole.contains(&net) {
+        return vec![];
+    }
+    if !net.contains(&hole) {
+        return vec![net];
+    }
+    // Walk down from `net` toward `hole`, keeping the sibling half at each step.
+    let mut out = Vec::new();
+    let mut cur = net;
+    while cur.prefix_len() < hole.prefix_len() {
+        // Invariant: cur is a strict supernet of hole, so it splits into two halves.
+        let halves: Vec<IpNet> = cur.subnets(cur.prefix_len() + 1).expect("prefix + 1 is valid").collect();
+        let (inside, outside) = if halves[0].contains(&hole) { (halves[0], halves[1]) } else { (halves[1], halves[0]) };
+        out.push(outside);
+        cur = inside;
+    }
+    out
+}
+
+/// The single-address CIDR of `ip`.
+pub fn host(ip: IpAddr) -> IpNet {
+    IpNet::from(ip)
+}
+
+fn ip(args: &[&str]) -> Result<(), Error> {
+    let out = Command::new("ip").args(args).output().map_err(|e| Error::System(format!("cannot run ip: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::System(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())))
+    }
+}
+
+/// Adds `route` on `device`, with `src` as the preferred source address.
+pub fn add(route: &IpNet, device: &str, src: IpAddr) -> Result<(), Error> {
+    let family = if route.addr().is_ipv4() { "-4" } else { "-6" };
+    let r = route.to_string();
+    let s = src.to_string();
+    ip(&[family, "route", "add", &r, "dev", device, "src", &s]).map_err(|e| match e {
+        Error::System(m) if m.contains("File exists") => Error::RouteConflict(r.clone()),
+        e => e,
+    })
+}
+
+/// Removes `route` from `device`; a route that is already gone is not an error.
+pub fn remove(route: &IpNet, device: &str) -> Result<(), Error> {
+    let family = if route.addr().is_ipv4() { "-4" } else { "-6" };
+    match ip(&[family, "route", "del", &route.to_string(), "dev", device]) {
+        Err(Error::System(m)) if m.contains("No such process") || m.contains("Cannot find device") => Ok(()),
+        r => r,
+    }
+}
+
+/// Adds an address to `device`.
+pub fn add_address(device: &str, addr: &IpNet) -> Result<(), Error> {
+    ip(&["addr", "add", &addr.to_string(), "dev", device])
+}
+
+/// Whether a network device named `device` exists.
+pub fn device_exists(device: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(device).exists()
+}
+
+/// Deletes a network device (left behind by a crashed daemon).
+pub fn delete_device(device: &str) -> Result<(), Error> {
+    if device_exists(device) {
+        ip(&["link", "del", device])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(s: &[&str]) -> Vec<IpNet> {
+        s.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn never_proxy_splits_a_route() {
+        let r = compute(&nets(&["10.96.0.0/12"]), &[], &nets(&["10.96.0.48/28"]));
+        // Covers everything but the hole, exactly.
+        for probe in ["10.96.0.1", "10.96.0.47", "10.96.0.64", "10.111.255.255"] {
+            assert!(r.iter().any(|n| n.contains(&probe.parse::<IpAddr>().unwrap())), "{probe} missing in {r:?}");
+        }
+        for probe in ["10.96.0.48", "10.96.0.50", "10.96.0.63"] {
+            assert!(!r.iter().any(|n| n.contains(&probe.parse::<IpAddr>().unwrap())), "{probe} routed in {r:?}");
+        }
+        // One sibling half per level between /12 and /28.
+        assert_eq!(r.len(), 16);
+    }
+
+    #[test]
+    fn never_proxy_covering_a_route_removes_it_and_ipv6_works() {
+        let r = compute(&nets(&["10.96.0.0/12", "fd00:10::/64"]), &nets(&["10.244.0.0/16"]), &nets(&["10.0.0.0/8", "fd00:10::1/128"]));
+        assert!(r.iter().all(|n| n.addr().is_ipv6()), "{r:?}");
+        assert_eq!(r.len(), 64);
+        assert!(!r.iter().any(|n| n.contains(&"fd00:10::1".parse::<IpAddr>().unwrap())));
+        assert!(r.iter().any(|n| n.contains(&"fd00:10::2".parse::<IpAddr>().unwrap())));
+    }
+
+    #[test]
+    fn also_proxy_adds_and_overlaps_aggregate() {
+        let r = compute(&nets(&["10.96.0.0/12"]), &nets(&["10.96.1.0/24", "192.0.2.0/24"]), &[]);
+        assert_eq!(r, nets(&["10.96.0.0/12", "192.0.2.0/24"]));
+    }
+}

@@ -1,0 +1,140 @@
+//! What the daemon changed on the system, kept in `TPVPN_RUNTIME_DIR` so that every change
+//! can be undone: by the daemon itself on `down` and on signals, and by the next
+//! `tpvpn up` or `tpvpn down` after a crash.
+
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::{routes, Error};
+
+/// Default runtime directory.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/tpvpn";
+
+/// The runtime directory: `TPVPN_RUNTIME_DIR`, else [`DEFAULT_RUNTIME_DIR`].
+pub fn runtime_dir() -> PathBuf {
+    std::env::var_os("TPVPN_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(|| DEFAULT_RUNTIME_DIR.into())
+}
+
+/// Files in the runtime directory.
+pub struct Paths {
+    pub dir: PathBuf,
+}
+
+impl Paths {
+    pub fn new(dir: PathBuf) -> Self {
+        Paths { dir }
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.json")
+    }
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("tpvpn.sock")
+    }
+    pub fn pid(&self) -> PathBuf {
+        self.dir.join("tpvpn.pid")
+    }
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("tpvpn.log")
+    }
+}
+
+/// Every system change of a running daemon.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct State {
+    pub pid: u32,
+    /// The TUN device, once created.
+    pub device: Option<String>,
+    /// Routes added on the device.
+    pub routes: Vec<IpNet>,
+}
+
+impl State {
+    pub fn load(path: &Path) -> Result<Option<State>, Error> {
+        match std::fs::read(path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| Error::Config(format!("corrupt state file {}: {e}; remove it after checking `ip route`", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::System(format!("cannot read {}: {e}", path.display()))),
+        }
+    }
+
+    /// Writes the state atomically (write, then rename), before the change it records
+    /// takes effect on the system.
+    pub fn save(&self, path: &Path) -> Result<(), Error> {
+        let tmp = path.with_extension("tmp");
+        let body = serde_json::to_vec_pretty(self).map_err(|e| Error::System(e.to_string()))?;
+        std::fs::write(&tmp, body)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| Error::System(format!("cannot write {}: {e}", path.display())))
+    }
+
+    /// Undoes every recorded change. Best effort per item; returns the first error.
+    pub fn undo(&self) -> Result<(), Error> {
+        let mut first = None;
+        if let Some(dev) = &self.device {
+            for r in &self.routes {
+                if let Err(e) = routes::remove(r, dev) {
+                    first.get_or_insert(e);
+                }
+            }
+            if let Err(e) = routes::delete_device(dev) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// Whether a process with `pid` is alive.
+pub fn alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+/// Undoes what a daemon that is no longer running left behind. Returns the pid of that
+/// daemon if there was anything to clean.
+pub fn clean_stale(paths: &Paths) -> Result<Option<u32>, Error> {
+    let Some(state) = State::load(&paths.state())? else {
+        return Ok(None);
+    };
+    if alive(state.pid) && state.pid != std::process::id() {
+        return Err(Error::Config(format!(
+            "a tpvpn daemon (pid {}) is running but not answering on {}; stop it (kill {}) and run tpvpn down",
+            state.pid,
+            paths.socket().display(),
+            state.pid
+        )));
+    }
+    state.undo()?;
+    remove_files(paths);
+    Ok(Some(state.pid))
+}
+
+/// Removes the state, socket and pid files.
+pub fn remove_files(paths: &Paths) {
+    for p in [paths.state(), paths.socket(), paths.pid()] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_corruption_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("tpvpn-state-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.json");
+        assert_eq!(State::load(&path).unwrap(), None);
+        let s = State { pid: 42, device: Some("tpvpn0".into()), routes: vec!["10.96.0.0/12".parse().unwrap()] };
+        s.save(&path).unwrap();
+        assert_eq!(State::load(&path).unwrap(), Some(s));
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(State::load(&path).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

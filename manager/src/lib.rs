@@ -1,0 +1,95 @@
+//! tpvpn-manager: the in-cluster traffic manager.
+//!
+//! Layer and I/O contract: a QUIC server (quinn, TLS 1.3, pinned certificate on the
+//! client side) that authenticates each client by token on the control stream, then
+//! accepts one bidirectional stream per flow, dials the flow's destination with real
+//! sockets (TCP with a dial timeout; UDP with a per-flow socket and idle timeout) and
+//! relays bytes both ways with bounded buffers. TCP FIN and RST are carried as QUIC
+//! stream FIN and stream reset (see `tpvpn_tunnel`).
+//!
+//! Cluster facts (CIDRs, DNS address, domain) come from flags for now; the Kubernetes
+//! watch is a later step.
+
+mod session;
+mod tcp;
+mod udp;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tpvpn_tunnel::ClusterInfo;
+
+pub use session::serve;
+
+/// Errors of the manager library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Tunnel(#[from] tpvpn_tunnel::Error),
+    #[error("quic: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("client did not open its control stream in time")]
+    HandshakeTimeout,
+    #[error("client sent {0} where a hello was expected")]
+    BadHello(&'static str),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the manager serves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The token clients must present.
+    pub token: Vec<u8>,
+    /// What clients are told about the cluster.
+    pub cluster: ClusterInfo,
+    /// How long a TCP dial may take before the client is told "timed out".
+    pub dial_timeout: Duration,
+    /// A UDP flow without traffic for this long is closed.
+    pub udp_idle_timeout: Duration,
+    /// Relay buffer per direction per TCP flow.
+    pub relay_buffer: usize,
+}
+
+impl Config {
+    pub fn new(token: Vec<u8>, cidrs: Vec<ipnet::IpNet>, dns: Option<IpAddr>, domain: String) -> Self {
+        Config {
+            token,
+            cluster: ClusterInfo { cidrs, dns, domain },
+            dial_timeout: Duration::from_secs(10),
+            udp_idle_timeout: Duration::from_secs(60),
+            relay_buffer: 256 * 1024,
+        }
+    }
+}
+
+/// Binds the QUIC endpoint of the manager.
+pub fn bind(listen: SocketAddr, server: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
+    tpvpn_tunnel::quic::endpoint(listen, Some(server))
+}
+
+/// Compares tokens in time independent of where they differ.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, e) in expected.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ e);
+    }
+    diff == 0
+}
+
+pub(crate) type Shared = Arc<Config>;
+
+#[cfg(test)]
+mod tests {
+    use super::token_matches;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_matches(b"abc", b"abc"));
+        assert!(!token_matches(b"abd", b"abc"));
+        assert!(!token_matches(b"ab", b"abc"));
+        assert!(!token_matches(b"abcd", b"abc"));
+        assert!(!token_matches(b"", b"abc"));
+    }
+}

@@ -1,0 +1,414 @@
+//! tpvpn's netstack: turns IP packets read from the TUN device into TCP and UDP flows,
+//! and flow data back into IP packets for the TUN device.
+//!
+//! Layer and I/O contract: [`Stack`] is sans-IO. The caller feeds it packets with
+//! [`Stack::input`], drives its timers with [`Stack::poll_timeout`] and
+//! [`Stack::handle_timeout`] (time is always an argument), takes packets to write to the
+//! TUN device from [`Stack::transmit`] and flow events from [`Stack::poll_event`], and
+//! moves flow payload with the `tcp_*` and `udp_*` methods.
+//!
+//! TCP is terminated in smoltcp, one socket per flow, each in its own small smoltcp
+//! `Interface` whose only address is the flow's destination. Packets reach their flow
+//! through a hash map keyed by the 5-tuple and timers live in a heap, so the cost per
+//! packet and per timer does not grow with the number of flows (smoltcp's own socket
+//! set would be walked on every poll). A SYN is answered only after the caller reports
+//! the manager's dial result ([`Stack::dial_result`]): connected accepts the SYN,
+//! refused answers RST, unreachable answers ICMP unreachable, timed out stays silent.
+//!
+//! UDP is parsed and emitted with `smoltcp::wire` and tracked in a NAT-style table with
+//! an idle timeout.
+
+pub mod wire;
+
+mod tcp;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+
+pub use smoltcp::time::{Duration, Instant};
+
+use tcp::TcpFlow;
+pub use tcp::{TcpRead, TcpStatus};
+use wire::Transport;
+
+/// Errors of the netstack.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error("malformed packet: {0}")]
+    Malformed(&'static str),
+    #[error("unsupported packet: {0}")]
+    Unsupported(&'static str),
+    #[error("no flow {0}")]
+    NoFlow(FlowId),
+    #[error("flow {0} is not in a state that allows this")]
+    InvalidState(FlowId),
+}
+
+/// Identifies a flow for the life of the [`Stack`]; never reused.
+pub type FlowId = u64;
+
+/// Tunables of the stack.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// MTU of the TUN device; TCP segments toward the laptop are sized from it.
+    pub mtu: usize,
+    /// Receive buffer of each TCP socket (laptop to cluster); sets the advertised window.
+    pub tcp_rx_buffer: usize,
+    /// Send buffer of each TCP socket (cluster to laptop).
+    pub tcp_tx_buffer: usize,
+    /// A UDP flow without traffic for this long is forgotten.
+    pub udp_idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mtu: 65_000,
+            tcp_rx_buffer: 512 * 1024,
+            tcp_tx_buffer: 512 * 1024,
+            udp_idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Outcome of the manager's dial of a TCP destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DialOutcome {
+    Connected,
+    Refused,
+    Unreachable,
+    TimedOut,
+}
+
+/// Something the caller should act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A laptop application sent a SYN: dial `dst` and report with [`Stack::dial_result`].
+    TcpConnect { id: FlowId, src: SocketAddr, dst: SocketAddr },
+    /// A TCP flow may have data to read, room to write, or may have closed: look at
+    /// [`Stack::tcp_status`].
+    TcpActivity { id: FlowId },
+    /// A new UDP flow; its first datagram follows as `UdpData`.
+    UdpOpen { id: FlowId, src: SocketAddr, dst: SocketAddr },
+    /// A datagram from the laptop on a UDP flow.
+    UdpData { id: FlowId, payload: Vec<u8> },
+    /// A UDP flow was idle for the configured timeout and is gone.
+    UdpClosed { id: FlowId },
+}
+
+/// Counters, for status and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub dropped_malformed: u64,
+    pub dropped_unsupported: u64,
+    pub tcp_refused: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FlowKey {
+    protocol: u8,
+    src: SocketAddr,
+    dst: SocketAddr,
+}
+
+struct UdpFlow {
+    src: SocketAddr,
+    dst: SocketAddr,
+    last_active: Instant,
+}
+
+enum Flow {
+    Tcp(Box<TcpFlow>),
+    Udp(UdpFlow),
+}
+
+impl Flow {
+    fn key(&self) -> FlowKey {
+        match self {
+            Flow::Tcp(t) => FlowKey { protocol: wire::TCP, src: t.src, dst: t.dst },
+            Flow::Udp(u) => FlowKey { protocol: wire::UDP, src: u.src, dst: u.dst },
+        }
+    }
+}
+
+/// The userspace network stack. See the crate documentation.
+pub struct Stack {
+    config: Config,
+    by_key: HashMap<FlowKey, FlowId>,
+    flows: HashMap<FlowId, Flow>,
+    next_id: FlowId,
+    /// Timer heap of (deadline, flow); stale entries are skipped when popped.
+    timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
+    events: VecDeque<Event>,
+    out: VecDeque<Vec<u8>>,
+    counters: Counters,
+}
+
+impl Stack {
+    pub fn new(config: Config) -> Self {
+        Stack {
+            config,
+            by_key: HashMap::new(),
+            flows: HashMap::new(),
+            next_id: 1,
+            timers: BinaryHeap::new(),
+            events: VecDeque::new(),
+            out: VecDeque::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Number of TCP and UDP flows currently tracked.
+    pub fn flow_counts(&self) -> (usize, usize) {
+        let tcp = self.flows.values().filter(|f| matches!(f, Flow::Tcp(_))).count();
+        (tcp, self.flows.len() - tcp)
+    }
+
+    /// Feeds one IP packet read from the TUN device. A malformed or unsupported packet
+    /// is dropped with an error (and counted); nothing else changes.
+    pub fn input(&mut self, packet: &[u8], now: Instant) -> Result<(), Error> {
+        self.counters.packets_in += 1;
+        let info = match wire::parse(packet) {
+            Ok(info) => info,
+            Err(e) => {
+                match e {
+                    Error::Unsupported(_) => self.counters.dropped_unsupported += 1,
+                    _ => self.counters.dropped_malformed += 1,
+                }
+                return Err(e);
+            }
+        };
+        let Some((src, dst)) = info.endpoints() else {
+            self.counters.dropped_unsupported += 1;
+            return Err(Error::Unsupported("protocol other than tcp and udp"));
+        };
+        let key = FlowKey { protocol: info.protocol, src, dst };
+        match info.transport {
+            Transport::Tcp(seg) => {
+                if let Some(&id) = self.by_key.get(&key) {
+                    if let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) {
+                        if flow.is_pending() {
+                            // A retransmitted SYN while the manager dials: still unanswered.
+                            return Ok(());
+                        }
+                        flow.input(packet, now, &mut self.out);
+                        self.after_tcp_poll(id, now);
+                    }
+                } else if seg.syn && !seg.ack && !seg.rst {
+                    let id = self.alloc_id();
+                    let flow = TcpFlow::pending(src, dst, packet.to_vec(), &self.config);
+                    self.by_key.insert(key, id);
+                    self.flows.insert(id, Flow::Tcp(Box::new(flow)));
+                    self.events.push_back(Event::TcpConnect { id, src, dst });
+                } else if !seg.rst {
+                    // A segment of no flow we know (say, after a restart): a closed port.
+                    self.out.push_back(wire::tcp_reset_for(&info, &seg)?);
+                }
+            }
+            Transport::Udp { payload, .. } => {
+                let payload = packet[payload.0..payload.1].to_vec();
+                let id = match self.by_key.get(&key) {
+                    Some(&id) => {
+                        if let Some(Flow::Udp(u)) = self.flows.get_mut(&id) {
+                            u.last_active = now;
+                        }
+                        id
+                    }
+                    None => {
+                        let id = self.alloc_id();
+                        self.by_key.insert(key, id);
+                        self.flows.insert(id, Flow::Udp(UdpFlow { src, dst, last_active: now }));
+                        self.timers.push(Reverse((now + self.config.udp_idle_timeout, id)));
+                        self.events.push_back(Event::UdpOpen { id, src, dst });
+                        id
+                    }
+                };
+                self.events.push_back(Event::UdpData { id, payload });
+            }
+            // `endpoints()` above returned early for every other transport.
+            Transport::Other => {}
+        }
+        Ok(())
+    }
+
+    fn alloc_id(&mut self) -> FlowId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Reports the manager's dial result for a flow announced by [`Event::TcpConnect`].
+    pub fn dial_result(&mut self, id: FlowId, outcome: DialOutcome, now: Instant) -> Result<(), Error> {
+        let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) else {
+            return Err(Error::NoFlow(id));
+        };
+        let Some(syn) = flow.take_pending_syn() else {
+            return Err(Error::InvalidState(id));
+        };
+        match outcome {
+            DialOutcome::Connected => {
+                flow.accept(&syn, now, id, &mut self.out);
+                self.after_tcp_poll(id, now);
+            }
+            DialOutcome::Refused | DialOutcome::Unreachable => {
+                let info = wire::parse(&syn)?;
+                let reply = match (outcome, info.transport) {
+                    (DialOutcome::Refused, Transport::Tcp(seg)) => {
+                        self.counters.tcp_refused += 1;
+                        wire::tcp_reset_for(&info, &seg)?
+                    }
+                    _ => wire::icmp_unreachable_for(&syn, &info)?,
+                };
+                self.out.push_back(reply);
+                self.remove(id);
+            }
+            DialOutcome::TimedOut => self.remove(id),
+        }
+        Ok(())
+    }
+
+    /// State of a TCP flow: bytes readable, room to write, closed or reset.
+    pub fn tcp_status(&self, id: FlowId) -> Result<TcpStatus, Error> {
+        match self.flows.get(&id) {
+            Some(Flow::Tcp(f)) => Ok(f.status()),
+            _ => Err(Error::NoFlow(id)),
+        }
+    }
+
+    /// Reads bytes the laptop application sent on a TCP flow.
+    pub fn tcp_recv(&mut self, id: FlowId, buf: &mut [u8], now: Instant) -> Result<TcpRead, Error> {
+        let r = tcp_flow(&mut self.flows, id)?.recv(buf, now, &mut self.out);
+        self.reschedule(id, now);
+        Ok(r)
+    }
+
+    /// Queues bytes toward the laptop application; returns how many fit.
+    pub fn tcp_send(&mut self, id: FlowId, data: &[u8], now: Instant) -> Result<usize, Error> {
+        let n = tcp_flow(&mut self.flows, id)?.send(data, now, &mut self.out);
+        self.reschedule(id, now);
+        Ok(n)
+    }
+
+    /// Closes the cluster-to-laptop direction (FIN once queued data is sent).
+    pub fn tcp_close(&mut self, id: FlowId, now: Instant) -> Result<(), Error> {
+        tcp_flow(&mut self.flows, id)?.close(now, &mut self.out);
+        self.reschedule(id, now);
+        Ok(())
+    }
+
+    /// Resets the flow toward the laptop (RST) and forgets it.
+    pub fn tcp_abort(&mut self, id: FlowId, now: Instant) -> Result<(), Error> {
+        tcp_flow(&mut self.flows, id)?.abort(now, &mut self.out);
+        self.remove(id);
+        Ok(())
+    }
+
+    /// Sends a datagram from the cluster to the laptop on a UDP flow.
+    pub fn udp_send(&mut self, id: FlowId, payload: &[u8], now: Instant) -> Result<(), Error> {
+        let Some(Flow::Udp(u)) = self.flows.get_mut(&id) else {
+            return Err(Error::NoFlow(id));
+        };
+        u.last_active = now;
+        let pkt = wire::udp_packet(u.dst, u.src, payload)?;
+        self.out.push_back(pkt);
+        Ok(())
+    }
+
+    /// Forgets a flow (TCP after it closed, UDP when the tunnel side ended it).
+    pub fn remove(&mut self, id: FlowId) {
+        if let Some(flow) = self.flows.remove(&id) {
+            self.by_key.remove(&flow.key());
+        }
+    }
+
+    /// After a poll of a TCP flow the caller asked for: schedule its next timer.
+    fn reschedule(&mut self, id: FlowId, now: Instant) {
+        let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) else { return };
+        if let Some(at) = flow.reschedule(now) {
+            self.timers.push(Reverse((at, id)));
+        }
+    }
+
+    /// After a poll of a TCP flow caused by a packet, a timer or a dial result: schedule
+    /// its next timer and tell the caller to look at the flow. (Polls the caller asked
+    /// for raise no event: the caller looks at the flow after them anyway.)
+    fn after_tcp_poll(&mut self, id: FlowId, now: Instant) {
+        self.reschedule(id, now);
+        let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) else { return };
+        if flow.mark_notified() {
+            self.events.push_back(Event::TcpActivity { id });
+        }
+    }
+
+    /// The next instant [`Stack::handle_timeout`] should be called, if any.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Runs the timers that are due: TCP retransmissions, UDP idle expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.timers.peek() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match self.flows.get_mut(&id) {
+                Some(Flow::Tcp(flow)) => {
+                    if flow.timer_due(at) {
+                        flow.poll(now, &mut self.out);
+                        self.after_tcp_poll(id, now);
+                    }
+                }
+                Some(Flow::Udp(u)) => {
+                    let expiry = u.last_active + self.config.udp_idle_timeout;
+                    if expiry <= now {
+                        self.remove(id);
+                        self.events.push_back(Event::UdpClosed { id });
+                    } else {
+                        self.timers.push(Reverse((expiry, id)));
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// The next event for the caller.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        let ev = self.events.pop_front()?;
+        if let Event::TcpActivity { id } = ev {
+            if let Some(Flow::Tcp(f)) = self.flows.get_mut(&id) {
+                f.clear_notified();
+            }
+        }
+        Some(ev)
+    }
+
+    /// The next packet to write to the TUN device.
+    pub fn transmit(&mut self) -> Option<Vec<u8>> {
+        let p = self.out.pop_front()?;
+        self.counters.packets_out += 1;
+        Some(p)
+    }
+}
+
+fn tcp_flow(flows: &mut HashMap<FlowId, Flow>, id: FlowId) -> Result<&mut TcpFlow, Error> {
+    match flows.get_mut(&id) {
+        Some(Flow::Tcp(f)) => Ok(f),
+        _ => Err(Error::NoFlow(id)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+//! Stack tests driven by packet templates, with virtual time.
+
+use super::*;
+use crate::wire::tests::Seg;
+use crate::wire::{parse, TcpInfo, Transport};
+use smoltcp::wire::TcpControl;
+
+const APP: &str = "198.18.0.1:40000";
+const SVC: &str = "10.96.0.10:80";
+
+fn t(ms: i64) -> Instant {
+    Instant::from_millis(ms)
+}
+
+fn tcp_of(pkt: &[u8]) -> TcpInfo {
+    match parse(pkt).unwrap().transport {
+        Transport::Tcp(t) => t,
+        other => panic!("not tcp: {other:?}"),
+    }
+}
+
+fn tcp_payload(pkt: &[u8]) -> Vec<u8> {
+    let info = parse(pkt).unwrap();
+    let ip_hl = if info.src.is_ipv4() { usize::from(pkt[0] & 0x0f) * 4 } else { 40 };
+    let tcp_hl = usize::from(pkt[ip_hl + 12] >> 4) * 4;
+    pkt[ip_hl + tcp_hl..].to_vec()
+}
+
+/// Opens a connection through the stack and returns (stack, flow id, our next seq,
+/// the stack's next seq).
+fn established() -> (Stack, FlowId, u32, u32) {
+    let mut s = Stack::new(Config::default());
+    s.input(&Seg::syn(APP, SVC).build(), t(0)).unwrap();
+    let Some(Event::TcpConnect { id, src, dst }) = s.poll_event() else { panic!("no connect event") };
+    assert_eq!((src.to_string(), dst.to_string()), (APP.to_string(), SVC.to_string()));
+    assert!(s.transmit().is_none(), "the SYN must not be answered before the dial");
+    s.dial_result(id, DialOutcome::Connected, t(1)).unwrap();
+    let synack = s.transmit().expect("syn-ack after dial");
+    let sa = tcp_of(&synack);
+    assert!(sa.syn && sa.ack);
+    assert_eq!(sa.ack_number, 1001);
+    let mut ack = Seg::syn(APP, SVC);
+    ack.control = TcpControl::None;
+    ack.seq = 1001;
+    ack.ack = Some(sa.seq.wrapping_add(1));
+    ack.mss = None;
+    s.input(&ack.build(), t(2)).unwrap();
+    while s.poll_event().is_some() {}
+    (s, id, 1001, sa.seq.wrapping_add(1))
+}
+
+fn data_seg(seq: u32, ack: u32, payload: &[u8], control: TcpControl) -> Vec<u8> {
+    let mut seg = Seg::syn(APP, SVC);
+    seg.control = control;
+    seg.seq = seq;
+    seg.ack = Some(ack);
+    seg.mss = None;
+    seg.payload = payload.to_vec();
+    seg.build()
+}
+
+#[test]
+fn data_flows_both_ways_after_dial() {
+    let (mut s, id, seq, ack) = established();
+    s.input(&data_seg(seq, ack, b"GET / HTTP/1.0\r\n\r\n", TcpControl::Psh), t(3)).unwrap();
+    assert_eq!(s.poll_event(), Some(Event::TcpActivity { id }));
+    let mut buf = [0u8; 100];
+    assert_eq!(s.tcp_recv(id, &mut buf, t(3)).unwrap(), TcpRead::Data(18));
+    assert_eq!(&buf[..18], b"GET / HTTP/1.0\r\n\r\n");
+    while s.transmit().is_some() {}
+    assert_eq!(s.tcp_send(id, b"HTTP/1.0 200 OK\r\n", t(4)).unwrap(), 17);
+    let out = s.transmit().expect("data toward the laptop");
+    assert_eq!(tcp_payload(&out), b"HTTP/1.0 200 OK\r\n");
+}
+
+#[test]
+fn fin_from_laptop_is_reported_and_close_is_clean() {
+    let (mut s, id, seq, ack) = established();
+    s.input(&data_seg(seq, ack, b"bye", TcpControl::Fin), t(3)).unwrap();
+    let mut buf = [0u8; 10];
+    assert_eq!(s.tcp_recv(id, &mut buf, t(3)).unwrap(), TcpRead::Data(3));
+    assert_eq!(s.tcp_recv(id, &mut buf, t(3)).unwrap(), TcpRead::Fin);
+    assert!(s.tcp_status(id).unwrap().recv_finished);
+    // Half-close: we can still send after the laptop's FIN.
+    assert_eq!(s.tcp_send(id, b"reply", t(4)).unwrap(), 5);
+    s.tcp_close(id, t(5)).unwrap();
+    let mut fin_seq = None;
+    while let Some(p) = s.transmit() {
+        let tcp = tcp_of(&p);
+        if tcp.fin {
+            fin_seq = Some(tcp.seq.wrapping_add(tcp.seg_len));
+        }
+    }
+    let fin_end = fin_seq.expect("a FIN toward the laptop");
+    s.input(&data_seg(seq + 4, fin_end, b"", TcpControl::None), t(6)).unwrap();
+    let st = s.tcp_status(id).unwrap();
+    assert!(st.closed && !st.reset, "{st:?}");
+}
+
+#[test]
+fn rst_from_laptop_is_a_reset() {
+    let (mut s, id, seq, ack) = established();
+    s.input(&data_seg(seq, ack, b"", TcpControl::Rst), t(3)).unwrap();
+    let st = s.tcp_status(id).unwrap();
+    assert!(st.reset && !st.closed, "{st:?}");
+}
+
+#[test]
+fn abort_sends_rst_to_laptop() {
+    let (mut s, id, _, _) = established();
+    while s.transmit().is_some() {}
+    s.tcp_abort(id, t(3)).unwrap();
+    let rst = s.transmit().expect("rst");
+    assert!(tcp_of(&rst).rst);
+    assert_eq!(s.flow_counts(), (0, 0));
+}
+
+#[test]
+fn refused_dial_answers_rst_and_unreachable_answers_icmp() {
+    let mut s = Stack::new(Config::default());
+    s.input(&Seg::syn(APP, SVC).build(), t(0)).unwrap();
+    let Some(Event::TcpConnect { id, .. }) = s.poll_event() else { panic!() };
+    s.dial_result(id, DialOutcome::Refused, t(1)).unwrap();
+    let rst = tcp_of(&s.transmit().unwrap());
+    assert!(rst.rst && rst.ack && rst.ack_number == 1001);
+    assert_eq!(s.flow_counts(), (0, 0));
+
+    s.input(&Seg::syn(APP, "10.96.0.11:80").build(), t(2)).unwrap();
+    let Some(Event::TcpConnect { id, .. }) = s.poll_event() else { panic!() };
+    s.dial_result(id, DialOutcome::Unreachable, t(3)).unwrap();
+    let icmp = parse(&s.transmit().unwrap()).unwrap();
+    assert_eq!(icmp.protocol, 1);
+    assert_eq!(s.counters().tcp_refused, 1);
+}
+
+#[test]
+fn retransmitted_syn_while_dialing_is_not_a_second_flow() {
+    let mut s = Stack::new(Config::default());
+    let syn = Seg::syn(APP, SVC).build();
+    s.input(&syn, t(0)).unwrap();
+    s.input(&syn, t(1000)).unwrap();
+    assert!(matches!(s.poll_event(), Some(Event::TcpConnect { .. })));
+    assert_eq!(s.poll_event(), None);
+    assert_eq!(s.flow_counts(), (1, 0));
+}
+
+#[test]
+fn stray_segment_gets_rst() {
+    let mut s = Stack::new(Config::default());
+    s.input(&data_seg(5, 77, b"x", TcpControl::Psh), t(0)).unwrap();
+    let rst = tcp_of(&s.transmit().unwrap());
+    assert!(rst.rst && rst.seq == 77);
+}
+
+#[test]
+fn udp_flow_lifecycle() {
+    let mut s = Stack::new(Config::default());
+    let pkt = wire::udp_packet(APP.parse().unwrap(), "10.96.0.10:53".parse().unwrap(), b"q").unwrap();
+    s.input(&pkt, t(0)).unwrap();
+    let Some(Event::UdpOpen { id, .. }) = s.poll_event() else { panic!() };
+    assert_eq!(s.poll_event(), Some(Event::UdpData { id, payload: b"q".to_vec() }));
+    s.input(&pkt, t(10)).unwrap();
+    assert_eq!(s.poll_event(), Some(Event::UdpData { id, payload: b"q".to_vec() }));
+    s.udp_send(id, b"answer", t(20)).unwrap();
+    let reply = parse(&s.transmit().unwrap()).unwrap();
+    assert_eq!(reply.endpoints().unwrap().0.to_string(), "10.96.0.10:53");
+    // Not yet idle at 60 s after the first packet (there was traffic at 20 ms).
+    s.handle_timeout(t(60_000));
+    assert_eq!(s.flow_counts(), (0, 1));
+    s.handle_timeout(t(60_021));
+    assert_eq!(s.poll_event(), Some(Event::UdpClosed { id }));
+    assert_eq!(s.flow_counts(), (0, 0));
+}
+
+#[test]
+fn garbage_is_dropped_and_counted() {
+    let mut s = Stack::new(Config::default());
+    assert!(s.input(&[0x45, 0, 0], t(0)).is_err());
+    assert!(s.input(&[], t(0)).is_err());
+    assert_eq!(s.counters().dropped_malformed, 2);
+    assert!(s.transmit().is_none() && s.poll_event().is_none());
+}
+
+#[test]
+fn ipv6_flow_is_terminated_too() {
+    let mut s = Stack::new(Config::default());
+    s.input(&Seg::syn("[fd00::1]:40000", "[fd00:96::10]:80").build(), t(0)).unwrap();
+    let Some(Event::TcpConnect { id, .. }) = s.poll_event() else { panic!() };
+    s.dial_result(id, DialOutcome::Connected, t(1)).unwrap();
+    let sa = tcp_of(&s.transmit().unwrap());
+    assert!(sa.syn && sa.ack && sa.ack_number == 1001);
+}

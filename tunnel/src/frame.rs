@@ -1,0 +1,593 @@
+//! Frames on the control stream and at the head of every flow stream.
+//!
+//! ```text
+//! +-----------+---------------------+------------------------+
+//! | type (u8) | payload length (u32 | payload                |
+//! |           | big endian)         |                        |
+//! +-----------+---------------------+------------------------+
+//! ```
+//!
+//! [`Frame`] is the zero-copy view; [`Message`] is the parsed representation with
+//! [`Message::parse`] and [`Message::emit`]. A frame of an unknown type is kept as
+//! [`Message::Unknown`] so that newer peers can add frames; unknown protocol numbers,
+//! status codes and error codes are kept as their raw values.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use ipnet::IpNet;
+
+use crate::{Error, Result};
+
+/// Bytes before a frame's payload.
+pub const FRAME_HEADER_LEN: usize = 5;
+/// Largest payload a frame may carry; larger claims are refused before buffering.
+pub const MAX_FRAME_PAYLOAD: usize = 1 << 20;
+
+mod ty {
+    pub const CLIENT_HELLO: u8 = 0x01;
+    pub const SERVER_HELLO: u8 = 0x02;
+    pub const ERROR: u8 = 0x03;
+    pub const FLOW_OPEN: u8 = 0x10;
+    pub const FLOW_REPLY: u8 = 0x11;
+}
+
+/// A zero-copy view of one frame.
+#[derive(Debug, Clone, Copy)]
+pub struct Frame<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+impl<T: AsRef<[u8]>> Frame<T> {
+    /// Wraps `buffer` after checking that it holds at least one whole frame.
+    pub fn new_checked(buffer: T) -> Result<Self> {
+        let b = buffer.as_ref();
+        if b.len() < FRAME_HEADER_LEN {
+            return Err(Error::Truncated { need: FRAME_HEADER_LEN, have: b.len() });
+        }
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        if len > MAX_FRAME_PAYLOAD {
+            return Err(Error::TooLong(len));
+        }
+        if b.len() < FRAME_HEADER_LEN + len {
+            return Err(Error::Truncated { need: FRAME_HEADER_LEN + len, have: b.len() });
+        }
+        Ok(Frame { buffer })
+    }
+
+    pub fn frame_type(&self) -> u8 {
+        self.buffer.as_ref()[0]
+    }
+
+    pub fn payload_len(&self) -> usize {
+        let b = self.buffer.as_ref();
+        u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize
+    }
+
+    /// Header plus payload: the bytes this frame occupies.
+    pub fn total_len(&self) -> usize {
+        FRAME_HEADER_LEN + self.payload_len()
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.buffer.as_ref()[FRAME_HEADER_LEN..self.total_len()]
+    }
+}
+
+/// Transport protocol of a flow. Unknown numbers are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Other(u8),
+}
+
+impl From<u8> for Protocol {
+    fn from(v: u8) -> Self {
+        match v {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            o => Protocol::Other(o),
+        }
+    }
+}
+
+impl From<Protocol> for u8 {
+    fn from(p: Protocol) -> u8 {
+        match p {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Other(o) => o,
+        }
+    }
+}
+
+/// Outcome of the manager's dial for a flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowStatus {
+    /// Connected (TCP) or socket ready (UDP).
+    Ok,
+    /// The destination refused the connection (TCP RST).
+    Refused,
+    /// No route to the destination, or it did not answer ARP/ND.
+    Unreachable,
+    /// The destination did not answer within the manager's dial timeout.
+    TimedOut,
+    /// The manager will not dial: limits, policy, unsupported protocol.
+    Denied,
+    Other(u8),
+}
+
+impl From<u8> for FlowStatus {
+    fn from(v: u8) -> Self {
+        match v {
+            0 => FlowStatus::Ok,
+            1 => FlowStatus::Refused,
+            2 => FlowStatus::Unreachable,
+            3 => FlowStatus::TimedOut,
+            4 => FlowStatus::Denied,
+            o => FlowStatus::Other(o),
+        }
+    }
+}
+
+impl From<FlowStatus> for u8 {
+    fn from(s: FlowStatus) -> u8 {
+        match s {
+            FlowStatus::Ok => 0,
+            FlowStatus::Refused => 1,
+            FlowStatus::Unreachable => 2,
+            FlowStatus::TimedOut => 3,
+            FlowStatus::Denied => 4,
+            FlowStatus::Other(o) => o,
+        }
+    }
+}
+
+/// Why the manager refused a client or request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// The client's token is wrong.
+    Unauthorized,
+    /// The client speaks another protocol version.
+    VersionMismatch,
+    /// A per-client limit was reached.
+    Limit,
+    /// The request was malformed.
+    Protocol,
+    Other(u16),
+}
+
+impl From<u16> for ErrorCode {
+    fn from(v: u16) -> Self {
+        match v {
+            1 => ErrorCode::Unauthorized,
+            2 => ErrorCode::VersionMismatch,
+            3 => ErrorCode::Limit,
+            4 => ErrorCode::Protocol,
+            o => ErrorCode::Other(o),
+        }
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        match c {
+            ErrorCode::Unauthorized => 1,
+            ErrorCode::VersionMismatch => 2,
+            ErrorCode::Limit => 3,
+            ErrorCode::Protocol => 4,
+            ErrorCode::Other(o) => o,
+        }
+    }
+}
+
+/// What the manager tells a client about the cluster at connect.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterInfo {
+    /// CIDRs of services and pods: what the client routes into the tunnel.
+    pub cidrs: Vec<IpNet>,
+    /// The cluster DNS server, if known.
+    pub dns: Option<IpAddr>,
+    /// The cluster domain (`cluster.local`).
+    pub domain: String,
+}
+
+/// A parsed frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// First frame of the control stream: the client's protocol version and token.
+    ClientHello { version: u16, token: Vec<u8> },
+    /// The manager accepts the client.
+    ServerHello { version: u16, cluster: ClusterInfo },
+    /// The manager refuses the client or a request; `message` is for humans.
+    Error { code: ErrorCode, version: u16, message: String },
+    /// First frame of a flow stream.
+    FlowOpen { protocol: Protocol, flow_id: u64, src: SocketAddr, dst: SocketAddr },
+    /// The manager's answer to `FlowOpen`.
+    FlowReply { status: FlowStatus, message: String },
+    /// A frame of a type this version does not know, kept whole.
+    Unknown { frame_type: u8, payload: Vec<u8> },
+}
+
+impl Message {
+    /// Name of the message kind, for errors and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::ClientHello { .. } => "client-hello",
+            Message::ServerHello { .. } => "server-hello",
+            Message::Error { .. } => "error",
+            Message::FlowOpen { .. } => "flow-open",
+            Message::FlowReply { .. } => "flow-reply",
+            Message::Unknown { .. } => "unknown",
+        }
+    }
+
+    /// Parses one whole frame.
+    pub fn parse<T: AsRef<[u8]>>(frame: &Frame<T>) -> Result<Message> {
+        let mut r = Reader::new(frame.payload());
+        let msg = match frame.frame_type() {
+            ty::CLIENT_HELLO => {
+                let version = r.u16()?;
+                let token = r.bytes16("token")?.to_vec();
+                Message::ClientHello { version, token }
+            }
+            ty::SERVER_HELLO => {
+                let version = r.u16()?;
+                let domain = r.string16("cluster domain")?;
+                let dns = match r.u8()? {
+                    0 => None,
+                    _ => Some(r.ip()?),
+                };
+                let n = r.u16()?;
+                let mut cidrs = Vec::with_capacity(usize::from(n).min(1024));
+                for _ in 0..n {
+                    let ip = r.ip()?;
+                    let prefix = r.u8()?;
+                    let net = IpNet::new(ip, prefix)
+                        .map_err(|_| Error::Malformed { what: "cidr prefix" })?;
+                    cidrs.push(net);
+                }
+                Message::ServerHello { version, cluster: ClusterInfo { cidrs, dns, domain } }
+            }
+            ty::ERROR => {
+                let code = ErrorCode::from(r.u16()?);
+                let version = r.u16()?;
+                let message = r.string16("error message")?;
+                Message::Error { code, version, message }
+            }
+            ty::FLOW_OPEN => {
+                let protocol = Protocol::from(r.u8()?);
+                let flow_id = r.u64()?;
+                let src = r.socket_addr()?;
+                let dst = r.socket_addr()?;
+                Message::FlowOpen { protocol, flow_id, src, dst }
+            }
+            ty::FLOW_REPLY => {
+                let status = FlowStatus::from(r.u8()?);
+                let message = r.string16("flow reply message")?;
+                Message::FlowReply { status, message }
+            }
+            other => {
+                return Ok(Message::Unknown { frame_type: other, payload: frame.payload().to_vec() })
+            }
+        };
+        if !r.is_empty() {
+            return Err(Error::Malformed { what: "frame: trailing bytes" });
+        }
+        Ok(msg)
+    }
+
+    /// Parses the first frame of `buf` if it is complete: `Ok(None)` asks for more bytes;
+    /// otherwise the message and the bytes it used.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Message, usize)>> {
+        match Frame::new_checked(buf) {
+            Ok(frame) => Ok(Some((Message::parse(&frame)?, frame.total_len()))),
+            Err(Error::Truncated { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Appends the encoded frame to `out`. Strings and byte fields longer than 65535
+    /// bytes are cut to fit their 16-bit length.
+    pub fn emit(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
+        let frame_type = match self {
+            Message::ClientHello { version, token } => {
+                out.extend_from_slice(&version.to_be_bytes());
+                put_bytes16(out, token);
+                ty::CLIENT_HELLO
+            }
+            Message::ServerHello { version, cluster } => {
+                out.extend_from_slice(&version.to_be_bytes());
+                put_bytes16(out, cluster.domain.as_bytes());
+                match cluster.dns {
+                    None => out.push(0),
+                    Some(ip) => {
+                        out.push(1);
+                        put_ip(out, ip);
+                    }
+                }
+                let n = cluster.cidrs.len().min(usize::from(u16::MAX));
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+                for net in &cluster.cidrs[..n] {
+                    put_ip(out, net.addr());
+                    out.push(net.prefix_len());
+                }
+                ty::SERVER_HELLO
+            }
+            Message::Error { code, version, message } => {
+                out.extend_from_slice(&u16::from(*code).to_be_bytes());
+                out.extend_from_slice(&version.to_be_bytes());
+                put_bytes16(out, message.as_bytes());
+                ty::ERROR
+            }
+            Message::FlowOpen { protocol, flow_id, src, dst } => {
+                out.push(u8::from(*protocol));
+                out.extend_from_slice(&flow_id.to_be_bytes());
+                put_socket_addr(out, *src);
+                put_socket_addr(out, *dst);
+                ty::FLOW_OPEN
+            }
+            Message::FlowReply { status, message } => {
+                out.push(u8::from(*status));
+                put_bytes16(out, message.as_bytes());
+                ty::FLOW_REPLY
+            }
+            Message::Unknown { frame_type, payload } => {
+                let n = payload.len().min(MAX_FRAME_PAYLOAD);
+                out.extend_from_slice(&payload[..n]);
+                *frame_type
+            }
+        };
+        let len = (out.len() - start - FRAME_HEADER_LEN) as u32;
+        out[start] = frame_type;
+        out[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    }
+
+    /// The encoded frame as a new buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.emit(&mut out);
+        out
+    }
+}
+
+/// A UDP payload on a UDP flow's stream (the fallback for payloads too large for a
+/// QUIC datagram): a big-endian u16 length followed by the payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpRecord<'a> {
+    pub payload: &'a [u8],
+}
+
+impl<'a> UdpRecord<'a> {
+    pub const HEADER_LEN: usize = 2;
+
+    /// Parses the first record of `buf` if complete: the record and the bytes it used.
+    pub fn decode(buf: &'a [u8]) -> Option<(UdpRecord<'a>, usize)> {
+        if buf.len() < Self::HEADER_LEN {
+            return None;
+        }
+        let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+        let end = Self::HEADER_LEN + len;
+        (buf.len() >= end).then(|| (UdpRecord { payload: &buf[Self::HEADER_LEN..end] }, end))
+    }
+
+    /// Appends the record; fails if the payload does not fit a u16 length.
+    pub fn emit(&self, out: &mut Vec<u8>) -> Result<()> {
+        let len = u16::try_from(self.payload.len())
+            .map_err(|_| Error::Malformed { what: "udp record: payload over 65535 bytes" })?;
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(self.payload);
+        Ok(())
+    }
+}
+
+fn put_bytes16(out: &mut Vec<u8>, b: &[u8]) {
+    let n = b.len().min(usize::from(u16::MAX));
+    out.extend_from_slice(&(n as u16).to_be_bytes());
+    out.extend_from_slice(&b[..n]);
+}
+
+fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            out.push(4);
+            out.extend_from_slice(&a.octets());
+        }
+        IpAddr::V6(a) => {
+            out.push(6);
+            out.extend_from_slice(&a.octets());
+        }
+    }
+}
+
+fn put_socket_addr(out: &mut Vec<u8>, sa: SocketAddr) {
+    put_ip(out, sa.ip());
+    out.extend_from_slice(&sa.port().to_be_bytes());
+}
+
+/// A bounds-checked cursor over a frame payload.
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(
+            Error::Truncated { need: self.pos.saturating_add(n), have: self.buf.len() },
+        )?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u64(&mut self) -> Result<u64> {
+        let mut a = [0; 8];
+        a.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(a))
+    }
+
+    fn bytes16(&mut self, _what: &'static str) -> Result<&'a [u8]> {
+        let n = self.u16()?;
+        self.take(usize::from(n))
+    }
+
+    fn string16(&mut self, what: &'static str) -> Result<String> {
+        let b = self.bytes16(what)?;
+        String::from_utf8(b.to_vec()).map_err(|_| Error::NotUtf8 { what })
+    }
+
+    fn ip(&mut self) -> Result<IpAddr> {
+        match self.u8()? {
+            4 => {
+                let mut a = [0; 4];
+                a.copy_from_slice(self.take(4)?);
+                Ok(IpAddr::V4(Ipv4Addr::from(a)))
+            }
+            6 => {
+                let mut a = [0; 16];
+                a.copy_from_slice(self.take(16)?);
+                Ok(IpAddr::V6(Ipv6Addr::from(a)))
+            }
+            _ => Err(Error::Malformed { what: "address family" }),
+        }
+    }
+
+    fn socket_addr(&mut self) -> Result<SocketAddr> {
+        let ip = self.ip()?;
+        Ok(SocketAddr::new(ip, self.u16()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples() -> Vec<Message> {
+        vec![
+            Message::ClientHello { version: 1, token: b"s3cret".to_vec() },
+            Message::ServerHello {
+                version: 1,
+                cluster: ClusterInfo {
+                    cidrs: vec!["10.96.0.0/12".parse().unwrap(), "fd00:10::/64".parse().unwrap()],
+                    dns: Some("10.96.0.10".parse().unwrap()),
+                    domain: "cluster.local".into(),
+                },
+            },
+            Message::ServerHello { version: 7, cluster: ClusterInfo::default() },
+            Message::Error {
+                code: ErrorCode::VersionMismatch,
+                version: 2,
+                message: "manager speaks 2".into(),
+            },
+            Message::Error { code: ErrorCode::Other(999), version: 1, message: String::new() },
+            Message::FlowOpen {
+                protocol: Protocol::Tcp,
+                flow_id: 0,
+                src: "198.18.0.1:40000".parse().unwrap(),
+                dst: "10.96.0.10:80".parse().unwrap(),
+            },
+            Message::FlowOpen {
+                protocol: Protocol::Other(132),
+                flow_id: u64::MAX,
+                src: "[fd00::1]:1".parse().unwrap(),
+                dst: "[fd00::2]:65535".parse().unwrap(),
+            },
+            Message::FlowReply { status: FlowStatus::Refused, message: "refused".into() },
+            Message::FlowReply { status: FlowStatus::Other(200), message: String::new() },
+            Message::Unknown { frame_type: 0x7f, payload: vec![1, 2, 3] },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            let buf = m.to_vec();
+            let (parsed, used) = Message::decode(&buf).unwrap().unwrap();
+            assert_eq!(parsed, m);
+            assert_eq!(used, buf.len());
+        }
+    }
+
+    #[test]
+    fn every_prefix_asks_for_more_bytes() {
+        for m in samples() {
+            let buf = m.to_vec();
+            for cut in 0..buf.len() {
+                assert_eq!(Message::decode(&buf[..cut]), Ok(None), "{m:?} cut at {cut}");
+            }
+        }
+    }
+
+    #[test]
+    fn frames_decode_back_to_back() {
+        let mut buf = Vec::new();
+        for m in samples() {
+            m.emit(&mut buf);
+        }
+        let mut pos = 0;
+        for m in samples() {
+            let (parsed, used) = Message::decode(&buf[pos..]).unwrap().unwrap();
+            assert_eq!(parsed, m);
+            pos += used;
+        }
+        assert_eq!(pos, buf.len());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_buffering() {
+        let buf = [ty::CLIENT_HELLO, 0xff, 0xff, 0xff, 0xff];
+        assert_eq!(Message::decode(&buf), Err(Error::TooLong(u32::MAX as usize)));
+    }
+
+    #[test]
+    fn malformed_fields_are_errors() {
+        // Flow open with address family 5.
+        let mut buf = vec![ty::FLOW_OPEN, 0, 0, 0, 16, 6, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0];
+        buf.truncate(FRAME_HEADER_LEN + 16);
+        assert!(matches!(Message::decode(&buf), Err(Error::Malformed { .. })));
+        // A hello with trailing garbage.
+        let mut hello = Message::ClientHello { version: 1, token: vec![] }.to_vec();
+        hello.push(0);
+        hello[4] += 1;
+        assert!(matches!(Message::decode(&hello), Err(Error::Malformed { .. })));
+        // Non-UTF-8 message.
+        let mut reply = Message::FlowReply { status: FlowStatus::Ok, message: "ab".into() }.to_vec();
+        let n = reply.len();
+        reply[n - 1] = 0xff;
+        assert!(matches!(Message::decode(&reply), Err(Error::NotUtf8 { .. })));
+    }
+
+    #[test]
+    fn udp_records_round_trip() {
+        let mut buf = Vec::new();
+        UdpRecord { payload: &[7; 3000] }.emit(&mut buf).unwrap();
+        UdpRecord { payload: b"" }.emit(&mut buf).unwrap();
+        let (r, n) = UdpRecord::decode(&buf).unwrap();
+        assert_eq!(r.payload, &[7; 3000][..]);
+        let (r2, n2) = UdpRecord::decode(&buf[n..]).unwrap();
+        assert!(r2.payload.is_empty());
+        assert_eq!(n + n2, buf.len());
+        assert!(UdpRecord::decode(&buf[..100]).is_none());
+        assert!(UdpRecord { payload: &vec![0; 70000] }.emit(&mut Vec::new()).is_err());
+    }
+}

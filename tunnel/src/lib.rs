@@ -1,0 +1,78 @@
+//! tpvpn's tunnel layer: the wire protocol the client (`tpvpn`) and the in-cluster
+//! manager (`tpvpn-manager`) speak over one QUIC connection.
+//!
+//! The framing in [`frame`] and [`datagram`] is sans-IO: zero-copy views over byte
+//! slices with a checked constructor, and `Repr`-style messages with `parse`/`emit`,
+//! in the manner of `smoltcp::wire`. Nothing here reads a socket.
+//!
+//! Layout of a connection:
+//! - the client opens the first bidirectional stream as the *control stream* and sends
+//!   [`Message::ClientHello`]; the manager answers [`Message::ServerHello`] or
+//!   [`Message::Error`] (wrong token, protocol version mismatch);
+//! - every TCP flow is one further bidirectional stream that starts with
+//!   [`Message::FlowOpen`] (client to manager) and [`Message::FlowReply`] (back); the
+//!   bytes after them are the flow's payload, a stream FIN is a TCP FIN and a stream
+//!   reset with [`RESET_CODE`] is a TCP RST;
+//! - every UDP flow is also a stream opened with `FlowOpen`; its payloads travel as QUIC
+//!   datagrams prefixed with the flow id ([`datagram`]), or, when too large for a
+//!   datagram, as length-prefixed records on the flow's stream ([`UdpRecord`]).
+//!
+//! The `quic` feature (on by default) adds [`quic`], the QUIC settings both sides use,
+//! and [`io`], the small async helpers that read and write frames on quinn streams.
+
+pub mod datagram;
+pub mod frame;
+#[cfg(feature = "quic")]
+pub mod io;
+#[cfg(feature = "quic")]
+pub mod quic;
+
+pub use frame::{
+    ClusterInfo, ErrorCode, FlowStatus, Message, Protocol, UdpRecord, FRAME_HEADER_LEN,
+    MAX_FRAME_PAYLOAD,
+};
+
+/// The protocol version this build speaks. A peer with another version is refused
+/// with an error naming both.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// ALPN identifier of the tpvpn tunnel protocol.
+pub const ALPN: &[u8] = b"tpvpn/1";
+
+/// QUIC application error code used to reset a flow stream: a TCP RST.
+pub const RESET_CODE: u32 = 1;
+
+/// QUIC application error code used to close the connection: the peer is refused
+/// (token, version). The reason phrase carries the human-readable message.
+pub const CLOSE_REFUSED: u32 = 2;
+
+/// QUIC application error code used when a side closes the connection normally.
+pub const CLOSE_NORMAL: u32 = 0;
+
+/// Errors of the tunnel layer.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The buffer ends before the frame or field does.
+    #[error("truncated frame: need {need} bytes, have {have}")]
+    Truncated { need: usize, have: usize },
+    /// A frame claims a payload larger than [`MAX_FRAME_PAYLOAD`].
+    #[error("frame payload of {0} bytes exceeds the limit of {MAX_FRAME_PAYLOAD}")]
+    TooLong(usize),
+    /// A field holds a value that is not allowed.
+    #[error("malformed {what}")]
+    Malformed { what: &'static str },
+    /// A string field is not UTF-8.
+    #[error("malformed {what}: not utf-8")]
+    NotUtf8 { what: &'static str },
+    /// The peer sent a message that is not allowed at this point.
+    #[error("unexpected message {got} (expected {expected})")]
+    Unexpected { got: &'static str, expected: &'static str },
+    /// The stream ended before a complete frame arrived.
+    #[error("stream ended inside a frame")]
+    UnexpectedEnd,
+    /// An I/O error on the underlying stream.
+    #[error("stream error: {0}")]
+    Stream(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

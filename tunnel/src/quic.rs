@@ -1,0 +1,191 @@
+//! QUIC settings shared by the client and the manager: TLS 1.3 only, the tpvpn ALPN,
+//! a verifier that pins the manager's exact certificate, transport windows sized for
+//! a VPN, and UDP sockets with large kernel buffers.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{TransportConfig, VarInt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use crate::{Error, Result, ALPN};
+
+/// Server name the client presents; the pinned certificate, not the name, is what is
+/// checked.
+pub const SERVER_NAME: &str = "tpvpn-manager";
+
+/// Streams a client may have open at once (one per TCP or UDP flow).
+pub const MAX_CONCURRENT_STREAMS: u32 = 32_768;
+/// Per-stream receive window: one flow may have this much unacknowledged data in flight
+/// (covers 1 Gbit/s at 60 ms RTT).
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// Connection-wide receive and send windows.
+pub const CONNECTION_WINDOW: u32 = 64 << 20;
+/// Kernel buffer size asked for on the QUIC UDP socket.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+/// Idle timeout of the QUIC connection (keep-alives are sent well within it).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Keep-alive interval.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Transport parameters tuned for carrying many flows of a VPN.
+pub fn transport_config() -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
+        .send_window(u64::from(CONNECTION_WINDOW))
+        .datagram_receive_buffer_size(Some(SOCKET_BUFFER))
+        .datagram_send_buffer_size(SOCKET_BUFFER)
+        .keep_alive_interval(Some(KEEP_ALIVE));
+    // Invariant: 30 s is far below the varint limit of an idle timeout.
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("30 s fits an idle timeout")));
+    t
+}
+
+/// Reads all PEM certificates of `path`.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| Error::Stream(format!("cannot read certificate {}: {e}", path.display())))?
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Stream(format!("cannot parse certificate {}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Stream(format!("no PEM certificate in {}", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Reads the PEM private key of `path`.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| Error::Stream(format!("cannot read private key {}: {e}", path.display())))
+}
+
+/// Server-side QUIC configuration from the manager's certificate chain and key.
+pub fn server_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<quinn::ServerConfig> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Stream(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| Error::Stream(format!("certificate and key do not fit together: {e}")))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| Error::Stream(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+/// Client-side QUIC configuration that accepts exactly the certificate `pinned`.
+pub fn client_config(pinned: CertificateDer<'static>) -> Result<quinn::ClientConfig> {
+    let provider = provider();
+    let verifier = PinnedCert { cert: pinned, provider: provider.clone() };
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Stream(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| Error::Stream(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+/// A UDP socket bound to `addr` with large kernel buffers, for a quinn endpoint.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    // Best effort: the kernel caps these at net.core.{r,w}mem_max.
+    socket.set_recv_buffer_size(SOCKET_BUFFER).ok();
+    socket.set_send_buffer_size(SOCKET_BUFFER).ok();
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Builds a quinn endpoint on `addr`, a server if `server` is given.
+pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let socket = udp_socket(addr)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+/// Accepts the one certificate the client was given (from Secret `tpvpn-client` or
+/// `--manager-ca`), byte for byte, and checks the handshake signature with its key.
+#[derive(Debug)]
+struct PinnedCert {
+    cert: CertificateDer<'static>,
+    provider: Arc<CryptoProvider>,
+}
+
+/// Text of the error the client shows when the manager's certificate is not the pinned
+/// one; the client matches on it to explain the failure.
+pub const PIN_MISMATCH: &str = "manager certificate does not match the pinned certificate";
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.cert.as_ref() {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(PIN_MISMATCH.into()))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
