@@ -53,8 +53,10 @@ pub async fn connect(target: &Target) -> Result<Session, Error> {
         .next()
         .ok_or_else(|| Error::Config(format!("--manager {}: no address", target.manager)))?;
     let config = client_config(certs[0].clone()).map_err(|e| Error::Config(e.to_string()))?;
-    let bind: SocketAddr = if manager.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
-    let endpoint = tpvpn_tunnel::quic::endpoint(bind, None).map_err(|e| Error::System(format!("cannot open a UDP socket: {e}")))?;
+    let bind: SocketAddr =
+        if manager.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+    let endpoint = tpvpn_tunnel::quic::endpoint(bind, None)
+        .map_err(|e| Error::System(format!("cannot open a UDP socket: {e}")))?;
     let unreachable = || Error::ManagerUnreachable { addr: manager, secs: CONNECT_TIMEOUT.as_secs() };
     let connecting = endpoint.connect_with(config, manager, SERVER_NAME).map_err(|e| Error::Config(e.to_string()))?;
     let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
@@ -97,7 +99,9 @@ fn refusal(code: ErrorCode, message: String, target: &Target) -> Error {
 
 fn map_connection_error(e: quinn::ConnectionError, manager: SocketAddr, target: &Target) -> Error {
     match e {
-        quinn::ConnectionError::TimedOut => Error::ManagerUnreachable { addr: manager, secs: CONNECT_TIMEOUT.as_secs() },
+        quinn::ConnectionError::TimedOut => {
+            Error::ManagerUnreachable { addr: manager, secs: CONNECT_TIMEOUT.as_secs() }
+        }
         quinn::ConnectionError::TransportError(t) if t.to_string().contains(PIN_MISMATCH) => {
             Error::CertificateMismatch { addr: manager, ca: target.ca_file.display().to_string() }
         }

@@ -53,7 +53,7 @@ pub struct Flows {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Reply {
-    Status(Status),
+    Status(Box<Status>),
     Done { ok: bool },
 }
 
@@ -61,7 +61,9 @@ pub enum Reply {
 pub async fn request(socket: &Path, req: Request, timeout: Duration) -> Result<Option<Reply>, Error> {
     let mut stream = match UnixStream::connect(socket).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => return Ok(None),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            return Ok(None)
+        }
         Err(e) => return Err(Error::System(format!("cannot connect to {}: {e}", socket.display()))),
     };
     let exchange = async {

@@ -43,9 +43,7 @@ pub struct UpOptions {
 /// Checks what `up` needs from the machine before anything is changed.
 pub fn preflight() -> Result<(), Error> {
     if !nix::unistd::geteuid().is_root() {
-        return Err(Error::Config(
-            "tpvpn up needs root to create the TUN device and routes: run it with sudo".into(),
-        ));
+        return Err(Error::Config("tpvpn up needs root to create the TUN device and routes: run it with sudo".into()));
     }
     if !std::path::Path::new("/dev/net/tun").exists() {
         return Err(Error::Config(
@@ -97,8 +95,11 @@ pub fn up_background(args: &[String], paths: &Paths) -> Result<String, Error> {
 }
 
 fn refuse_if_running(paths: &Paths) -> Result<(), Error> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
-    if let Some(Reply::Status(s)) = rt.block_on(control::request(&paths.socket(), Request::Status, Duration::from_secs(2)))? {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
+    if let Some(Reply::Status(s)) =
+        rt.block_on(control::request(&paths.socket(), Request::Status, Duration::from_secs(2)))?
+    {
         return Err(Error::Config(format!(
             "already connected (pid {}); run tpvpn down first",
             s.pid.map_or("?".into(), |p| p.to_string())
@@ -166,7 +167,9 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     never.push(routes::host(session.manager.ip()));
     let wanted = routes::compute(&session.cluster.cidrs, &opts.also_proxy, &never);
     if wanted.is_empty() {
-        return Err(Error::Config("nothing to route: the manager reported no cluster CIDRs outside --never-proxy".into()));
+        return Err(Error::Config(
+            "nothing to route: the manager reported no cluster CIDRs outside --never-proxy".into(),
+        ));
     }
 
     let mut state = State { pid: std::process::id(), device: None, routes: vec![] };
@@ -200,7 +203,8 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
                 return Err(e);
             }
         }
-        let stack = tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(opts.mtu), ..Default::default() });
+        let stack =
+            tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(opts.mtu), ..Default::default() });
         let dataplane = Dataplane::new(stack, tun, session.conn.clone());
         let handle = dataplane.handle();
         let status = Status {
@@ -269,7 +273,7 @@ async fn serve(
                     Some(Request::Status) => {
                         let mut s = status.clone();
                         s.flows = handle.flows().await;
-                        control::write_reply(&mut stream, &Reply::Status(s)).await;
+                        control::write_reply(&mut stream, &Reply::Status(Box::new(s))).await;
                     }
                     Some(Request::Down) => {
                         down_reply = Some(stream);
@@ -288,7 +292,8 @@ async fn serve(
 
 /// `tpvpn down`.
 pub fn down(paths: &Paths) -> Result<String, Error> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
     let asked = rt.block_on(control::request(&paths.socket(), Request::Down, Duration::from_secs(15)));
     match asked {
         // The daemon answers once every change is undone.
@@ -316,9 +321,10 @@ fn wait_gone(paths: &Paths) {
 
 /// `tpvpn status`.
 pub fn status(paths: &Paths) -> Result<Status, Error> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
     match rt.block_on(control::request(&paths.socket(), Request::Status, Duration::from_secs(5)))? {
-        Some(Reply::Status(s)) => Ok(s),
+        Some(Reply::Status(s)) => Ok(*s),
         _ => Ok(Status { dns: Dns { mode: "off".into(), ..Default::default() }, ..Default::default() }),
     }
 }

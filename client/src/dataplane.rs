@@ -37,19 +37,36 @@ const UDP_QUEUE: usize = 256;
 
 /// Messages from flow tasks (and the control socket) to the stack task.
 enum Cmd {
-    Dialed { id: FlowId, outcome: DialOutcome },
+    Dialed {
+        id: FlowId,
+        outcome: DialOutcome,
+    },
     /// Bytes from the cluster for a TCP flow.
-    Data { id: FlowId, bytes: Bytes },
+    Data {
+        id: FlowId,
+        bytes: Bytes,
+    },
     /// The cluster side finished sending (FIN).
-    Fin { id: FlowId },
+    Fin {
+        id: FlowId,
+    },
     /// The cluster side reset the connection.
-    Reset { id: FlowId },
+    Reset {
+        id: FlowId,
+    },
     /// A flow task made room in its queue after the stack found it full.
-    Drained { id: FlowId },
+    Drained {
+        id: FlowId,
+    },
     /// A datagram from the cluster for a UDP flow.
-    UdpReply { id: FlowId, bytes: Bytes },
+    UdpReply {
+        id: FlowId,
+        bytes: Bytes,
+    },
     /// The manager ended a UDP flow.
-    UdpEnded { id: FlowId },
+    UdpEnded {
+        id: FlowId,
+    },
     Stats(oneshot::Sender<Flows>),
 }
 
@@ -404,7 +421,8 @@ impl TcpTask {
         let status = opened.as_ref().map_or(FlowStatus::Unreachable, |o| o.2);
         let _ = self.cmd.send(Cmd::Dialed { id, outcome: outcome(status) });
         let Some((mut send, mut recv, FlowStatus::Ok)) = opened else { return };
-        let (cmd, budget, stalled, reset) = (self.cmd.clone(), self.budget.clone(), self.stalled.clone(), self.reset.clone());
+        let (cmd, budget, stalled, reset) =
+            (self.cmd.clone(), self.budget.clone(), self.stalled.clone(), self.reset.clone());
         let up = async {
             while let Some(m) = self.up.recv().await {
                 if stalled.swap(false, Ordering::AcqRel) {

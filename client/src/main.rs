@@ -28,6 +28,8 @@ enum Output {
     Json,
 }
 
+// Parsed once per run: the size of the `up` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Connect: create the TUN device, route the cluster into it, and stay connected.
@@ -86,9 +88,10 @@ fn main() {
     let cli = Cli::parse();
     let foreground = matches!(cli.command, Cmd::Up { foreground: true, .. });
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            if foreground { "info" } else { "warn" }.into()
-        }))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| if foreground { "info" } else { "warn" }.into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
@@ -119,13 +122,19 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             mtu,
         } => {
             let (Some(manager), Some(ca_file), Some(token_file)) = (manager, manager_ca, token_file) else {
-                let what = if context.is_some() || kubeconfig.is_some() { "Kubernetes discovery (--context, --kubeconfig)" } else { "connecting without --manager" };
+                let what = if context.is_some() || kubeconfig.is_some() {
+                    "Kubernetes discovery (--context, --kubeconfig)"
+                } else {
+                    "connecting without --manager"
+                };
                 return Err(Error::Config(format!(
                     "{what} is not implemented yet; use direct mode: tpvpn up --manager HOST:PORT --manager-ca FILE --token-file FILE"
                 )));
             };
             if !matches!(dns_mode, DnsMode::Auto | DnsMode::Off) {
-                return Err(Error::Config("--dns-mode: only `off` is implemented yet (tpvpn does not change DNS settings)".into()));
+                return Err(Error::Config(
+                    "--dns-mode: only `off` is implemented yet (tpvpn does not change DNS settings)".into(),
+                ));
             }
             if mtu < 1280 {
                 return Err(Error::Config("--mtu must be at least 1280".into()));
@@ -154,14 +163,14 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
         Cmd::Status { output } => {
             let s = daemon::status(&paths)?;
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&s).map_err(|e| Error::System(e.to_string()))?),
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&s).map_err(|e| Error::System(e.to_string()))?)
+                }
                 Output::Text => print_status(&s),
             }
             Ok(())
         }
-        Cmd::List => Err(Error::Config(
-            "tpvpn list needs the Kubernetes watch, which is not implemented yet".into(),
-        )),
+        Cmd::List => Err(Error::Config("tpvpn list needs the Kubernetes watch, which is not implemented yet".into())),
         Cmd::Version => {
             println!("tpvpn {} (tunnel protocol v{})", env!("CARGO_PKG_VERSION"), tpvpn_tunnel::PROTOCOL_VERSION);
             Ok(())

@@ -118,7 +118,11 @@ mod tests {
 
     #[test]
     fn never_proxy_covering_a_route_removes_it_and_ipv6_works() {
-        let r = compute(&nets(&["10.96.0.0/12", "fd00:10::/64"]), &nets(&["10.244.0.0/16"]), &nets(&["10.0.0.0/8", "fd00:10::1/128"]));
+        let r = compute(
+            &nets(&["10.96.0.0/12", "fd00:10::/64"]),
+            &nets(&["10.244.0.0/16"]),
+            &nets(&["10.0.0.0/8", "fd00:10::1/128"]),
+        );
         assert!(r.iter().all(|n| n.addr().is_ipv6()), "{r:?}");
         assert_eq!(r.len(), 64);
         assert!(!r.iter().any(|n| n.contains(&"fd00:10::1".parse::<IpAddr>().unwrap())));

@@ -53,9 +53,12 @@ pub struct State {
 impl State {
     pub fn load(path: &Path) -> Result<Option<State>, Error> {
         match std::fs::read(path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| Error::Config(format!("corrupt state file {}: {e}; remove it after checking `ip route`", path.display()))),
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                Error::Config(format!(
+                    "corrupt state file {}: {e}; remove it after checking `ip route`",
+                    path.display()
+                ))
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::System(format!("cannot read {}: {e}", path.display()))),
         }
@@ -88,10 +91,17 @@ impl State {
     }
 }
 
-/// Whether a process with `pid` is alive.
+/// Whether `pid` is a running tpvpn: exists, is not a zombie (a killed daemon whose
+/// parent has not reaped it), and runs the tpvpn binary (pids are reused).
 pub fn alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    let proc = Path::new("/proc").join(pid.to_string());
+    let Ok(stat) = std::fs::read_to_string(proc.join("stat")) else { return false };
+    // The state is the first field after the parenthesised command name.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    if matches!(state, None | Some("Z") | Some("X")) {
+        return false;
+    }
+    std::fs::read(proc.join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains("tpvpn"))
 }
 
 /// Undoes what a daemon that is no longer running left behind. Returns the pid of that
@@ -123,6 +133,12 @@ pub fn remove_files(paths: &Paths) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn liveness() {
+        assert!(alive(std::process::id()), "this test binary's name contains tpvpn");
+        assert!(!alive(u32::MAX));
+    }
 
     #[test]
     fn state_round_trips_and_corruption_is_an_error() {

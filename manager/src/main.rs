@@ -48,9 +48,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(args) {
@@ -86,8 +84,8 @@ fn run(args: Args) -> Result<()> {
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
-        let endpoint = tpvpn_manager::bind(args.listen, server)
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let endpoint =
+            tpvpn_manager::bind(args.listen, server).with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(listen = %args.listen, namespace = %args.namespace, "tpvpn-manager ready");
         let serve = tpvpn_manager::serve(endpoint.clone(), config);
         tokio::select! {

@@ -39,12 +39,7 @@ pub async fn serve(endpoint: quinn::Endpoint, config: crate::Config) {
     }
 }
 
-async fn refuse(
-    conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    code: ErrorCode,
-    message: String,
-) {
+async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, code: ErrorCode, message: String) {
     warn!(%message, "refusing client");
     let _ = write_message(send, &Message::Error { code, version: PROTOCOL_VERSION, message: message.clone() }).await;
     let _ = send.finish();
@@ -75,11 +70,8 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
         Some(other) => return Err(Error::BadHello(other.kind())),
         None => return Err(Error::BadHello("end of stream")),
     }
-    write_message(
-        &mut send,
-        &Message::ServerHello { version: PROTOCOL_VERSION, cluster: config.cluster.clone() },
-    )
-    .await?;
+    write_message(&mut send, &Message::ServerHello { version: PROTOCOL_VERSION, cluster: config.cluster.clone() })
+        .await?;
     info!("client authenticated");
 
     let udp_flows: UdpFlows = Arc::default();
@@ -147,7 +139,10 @@ async fn flow(
             Protocol::Tcp => crate::tcp::relay(send, recv, dst, &config).await,
             Protocol::Udp => crate::udp::relay(conn, send, recv, flow_id, dst, &config, udp_flows).await,
             Protocol::Other(p) => {
-                let reply = Message::FlowReply { status: FlowStatus::Denied, message: format!("protocol {p} is not supported") };
+                let reply = Message::FlowReply {
+                    status: FlowStatus::Denied,
+                    message: format!("protocol {p} is not supported"),
+                };
                 let _ = write_message(&mut send, &reply).await;
                 let _ = send.finish();
             }

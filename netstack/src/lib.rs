@@ -195,6 +195,10 @@ impl Stack {
         };
         let key = FlowKey { protocol: info.protocol, src, dst };
         match info.transport {
+            Transport::Tcp(_) if !is_unicast(src.ip()) || !is_unicast(dst.ip()) => {
+                self.counters.dropped_unsupported += 1;
+                return Err(Error::Unsupported("tcp with a non-unicast address"));
+            }
             Transport::Tcp(seg) => {
                 if let Some(&id) = self.by_key.get(&key) {
                     if let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) {
@@ -365,10 +369,12 @@ impl Stack {
             self.timers.pop();
             match self.flows.get_mut(&id) {
                 Some(Flow::Tcp(flow)) => {
-                    if flow.timer_due(at) {
-                        flow.poll(now, &mut self.out);
-                        self.after_tcp_poll(id, now);
+                    // A stale entry: the flow rescheduled since.
+                    if !flow.timer_due(at) {
+                        continue;
                     }
+                    flow.poll(now, &mut self.out);
+                    self.after_tcp_poll(id, now);
                 }
                 Some(Flow::Udp(u)) => {
                     let expiry = u.last_active + self.config.udp_idle_timeout;
@@ -401,6 +407,11 @@ impl Stack {
         self.counters.packets_out += 1;
         Some(p)
     }
+}
+
+/// TCP needs unicast ends (smoltcp refuses other interface addresses).
+fn is_unicast(ip: std::net::IpAddr) -> bool {
+    smoltcp::wire::IpAddress::from(ip).is_unicast()
 }
 
 fn tcp_flow(flows: &mut HashMap<FlowId, Flow>, id: FlowId) -> Result<&mut TcpFlow, Error> {

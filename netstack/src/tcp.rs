@@ -169,7 +169,11 @@ impl TcpFlow {
 
     pub(crate) fn status(&self) -> TcpStatus {
         let Some(conn) = &self.conn else {
-            return TcpStatus { pending: self.pending_syn.is_some(), reset: self.pending_syn.is_none(), ..Default::default() };
+            return TcpStatus {
+                pending: self.pending_syn.is_some(),
+                reset: self.pending_syn.is_none(),
+                ..Default::default()
+            };
         };
         let s = conn.sockets.get::<tcp::Socket>(conn.handle);
         let state = s.state();

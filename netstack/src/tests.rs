@@ -190,3 +190,14 @@ fn ipv6_flow_is_terminated_too() {
     let sa = tcp_of(&s.transmit().unwrap());
     assert!(sa.syn && sa.ack && sa.ack_number == 1001);
 }
+
+#[test]
+fn tcp_to_multicast_or_broadcast_is_refused_without_a_flow() {
+    let mut s = Stack::new(Config::default());
+    for dst in ["226.96.0.1:80", "255.255.255.255:80", "0.0.0.0:80", "[ff02::1]:80"] {
+        let src = if dst.starts_with('[') { "[fd00::1]:1" } else { APP };
+        assert!(matches!(s.input(&Seg::syn(src, dst).build(), t(0)), Err(Error::Unsupported(_))), "{dst}");
+    }
+    assert_eq!(s.flow_counts(), (0, 0));
+    assert!(s.poll_event().is_none());
+}

@@ -6,9 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet,
-    Icmpv6Repr, IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr,
-    TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpAddress,
+    IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    UdpPacket, UdpRepr,
 };
 
 use crate::Error;
@@ -35,7 +35,11 @@ pub struct PacketInfo {
 pub enum Transport {
     Tcp(TcpInfo),
     /// A UDP datagram; `payload` is the byte range of its payload in the IP packet.
-    Udp { src_port: u16, dst_port: u16, payload: (usize, usize) },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+        payload: (usize, usize),
+    },
     /// Any other protocol (ICMP, SCTP, IPv6 extension headers, ...).
     Other,
 }
@@ -78,13 +82,7 @@ pub fn parse(packet: &[u8]) -> Result<PacketInfo, Error> {
             }
             let hl = usize::from(ip.header_len());
             let total = usize::from(ip.total_len());
-            (
-                IpAddr::V4(ip.src_addr()),
-                IpAddr::V4(ip.dst_addr()),
-                u8::from(ip.next_header()),
-                hl,
-                total - hl,
-            )
+            (IpAddr::V4(ip.src_addr()), IpAddr::V4(ip.dst_addr()), u8::from(ip.next_header()), hl, total - hl)
         }
         6 => {
             let ip = Ipv6Packet::new_checked(packet).map_err(|_| Error::Malformed("ipv6 header"))?;
@@ -129,12 +127,20 @@ pub fn parse(packet: &[u8]) -> Result<PacketInfo, Error> {
 
 fn ip_repr(src: IpAddr, dst: IpAddr, proto: IpProtocol, payload_len: usize) -> Result<IpRepr, Error> {
     match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            Ok(IpRepr::Ipv4(Ipv4Repr { src_addr: s, dst_addr: d, next_header: proto, payload_len, hop_limit: HOP_LIMIT }))
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            Ok(IpRepr::Ipv6(Ipv6Repr { src_addr: s, dst_addr: d, next_header: proto, payload_len, hop_limit: HOP_LIMIT }))
-        }
+        (IpAddr::V4(s), IpAddr::V4(d)) => Ok(IpRepr::Ipv4(Ipv4Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: proto,
+            payload_len,
+            hop_limit: HOP_LIMIT,
+        })),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Ok(IpRepr::Ipv6(Ipv6Repr {
+            src_addr: s,
+            dst_addr: d,
+            next_header: proto,
+            payload_len,
+            hop_limit: HOP_LIMIT,
+        })),
         _ => Err(Error::Malformed("mixed address families")),
     }
 }

@@ -243,8 +243,7 @@ impl Message {
                 for _ in 0..n {
                     let ip = r.ip()?;
                     let prefix = r.u8()?;
-                    let net = IpNet::new(ip, prefix)
-                        .map_err(|_| Error::Malformed { what: "cidr prefix" })?;
+                    let net = IpNet::new(ip, prefix).map_err(|_| Error::Malformed { what: "cidr prefix" })?;
                     cidrs.push(net);
                 }
                 Message::ServerHello { version, cluster: ClusterInfo { cidrs, dns, domain } }
@@ -267,9 +266,7 @@ impl Message {
                 let message = r.string16("flow reply message")?;
                 Message::FlowReply { status, message }
             }
-            other => {
-                return Ok(Message::Unknown { frame_type: other, payload: frame.payload().to_vec() })
-            }
+            other => return Ok(Message::Unknown { frame_type: other, payload: frame.payload().to_vec() }),
         };
         if !r.is_empty() {
             return Err(Error::Malformed { what: "frame: trailing bytes" });
@@ -423,9 +420,11 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(
-            Error::Truncated { need: self.pos.saturating_add(n), have: self.buf.len() },
-        )?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or(Error::Truncated { need: self.pos.saturating_add(n), have: self.buf.len() })?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -494,11 +493,7 @@ mod tests {
                 },
             },
             Message::ServerHello { version: 7, cluster: ClusterInfo::default() },
-            Message::Error {
-                code: ErrorCode::VersionMismatch,
-                version: 2,
-                message: "manager speaks 2".into(),
-            },
+            Message::Error { code: ErrorCode::VersionMismatch, version: 2, message: "manager speaks 2".into() },
             Message::Error { code: ErrorCode::Other(999), version: 1, message: String::new() },
             Message::FlowOpen {
                 protocol: Protocol::Tcp,

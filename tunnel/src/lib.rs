@@ -28,8 +28,7 @@ pub mod io;
 pub mod quic;
 
 pub use frame::{
-    ClusterInfo, ErrorCode, FlowStatus, Message, Protocol, UdpRecord, FRAME_HEADER_LEN,
-    MAX_FRAME_PAYLOAD,
+    ClusterInfo, ErrorCode, FlowStatus, Message, Protocol, UdpRecord, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD,
 };
 
 /// The protocol version this build speaks. A peer with another version is refused
