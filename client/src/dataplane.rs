@@ -90,6 +90,13 @@ struct TcpCtl {
     closed_toward_laptop: bool,
 }
 
+impl Drop for TcpCtl {
+    /// Wakes a flow task waiting for budget: the stack no longer takes its bytes.
+    fn drop(&mut self) {
+        self.budget.close();
+    }
+}
+
 struct UdpCtl {
     up: mpsc::Sender<Vec<u8>>,
 }

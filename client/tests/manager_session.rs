@@ -1,0 +1,177 @@
+//! The client's connect path and the tunnel protocol against a real manager on loopback:
+//! real QUIC, real TLS, real sockets; no TUN device, so no root needed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tpvpn_client::connect::{connect, Target};
+use tpvpn_client::Error;
+use tpvpn_tunnel::datagram::Datagram;
+use tpvpn_tunnel::io::{read_message, write_message};
+use tpvpn_tunnel::{FlowStatus, Message, Protocol};
+
+struct Fixture {
+    dir: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_cert(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["tpvpn-manager".into()]).unwrap();
+    let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    std::fs::write(&c, ck.cert.pem()).unwrap();
+    std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+async fn start_manager(tag: &str) -> Fixture {
+    let dir = std::env::temp_dir().join(format!("tpvpn-session-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = write_cert(&dir, "manager");
+    std::fs::write(dir.join("token"), "good-token\n").unwrap();
+    std::fs::write(dir.join("bad-token"), "bad-token\n").unwrap();
+    let server = tpvpn_tunnel::quic::server_config(
+        tpvpn_tunnel::quic::load_certs(&cert).unwrap(),
+        tpvpn_tunnel::quic::load_key(&key).unwrap(),
+    )
+    .unwrap();
+    let endpoint = tpvpn_manager::bind("127.0.0.1:0".parse().unwrap(), server).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let mut config = tpvpn_manager::Config::new(
+        b"good-token".to_vec(),
+        vec!["10.96.0.0/12".parse().unwrap()],
+        Some("10.96.0.10".parse().unwrap()),
+        "cluster.local".into(),
+    );
+    config.dial_timeout = Duration::from_secs(2);
+    tokio::spawn(tpvpn_manager::serve(endpoint, config));
+    Fixture { dir, addr }
+}
+
+fn target(f: &Fixture, ca: &str, token: &str) -> Target {
+    Target { manager: f.addr.to_string(), ca_file: f.dir.join(ca), token_file: f.dir.join(token) }
+}
+
+#[tokio::test]
+async fn good_token_gets_the_cluster_and_bad_inputs_get_clear_errors() {
+    let f = start_manager("hello").await;
+    let s = connect(&target(&f, "manager.crt", "token")).await.expect("connects");
+    assert_eq!(s.cluster.cidrs, vec!["10.96.0.0/12".parse().unwrap()]);
+    assert_eq!(s.cluster.domain, "cluster.local");
+
+    let e = connect(&target(&f, "manager.crt", "bad-token")).await.err().expect("bad token refused");
+    assert!(matches!(e, Error::BadToken(_)), "{e}");
+    assert!(e.to_string().contains("--token-file"));
+
+    write_cert(&f.dir, "other");
+    let e = connect(&target(&f, "other.crt", "token")).await.err().expect("other cert refused");
+    assert!(matches!(e, Error::CertificateMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("--manager-ca"));
+}
+
+#[tokio::test]
+async fn wrong_protocol_version_is_refused_naming_both_versions() {
+    let f = start_manager("version").await;
+    let s = connect(&target(&f, "manager.crt", "token")).await.unwrap();
+    // Speak as a future client on a fresh connection with the same settings.
+    let certs = tpvpn_tunnel::quic::load_certs(&f.dir.join("manager.crt")).unwrap();
+    let cfg = tpvpn_tunnel::quic::client_config(certs[0].clone()).unwrap();
+    let conn = s.endpoint.connect_with(cfg, f.addr, "tpvpn-manager").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_message(&mut send, &Message::ClientHello { version: 99, token: b"good-token".to_vec() }).await.unwrap();
+    match read_message(&mut recv).await.unwrap() {
+        Some(Message::Error { message, .. }) => {
+            assert!(message.contains("v1") && message.contains("v99"), "{message}")
+        }
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn tcp_flow_relays_with_half_close_and_refused_dial() {
+    let f = start_manager("tcp").await;
+    let s = connect(&target(&f, "manager.crt", "token")).await.unwrap();
+    // A server that reads to EOF, then answers with the byte count (half-close).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut sock, _) = listener.accept().await.unwrap();
+        let mut all = Vec::new();
+        sock.read_to_end(&mut all).await.unwrap();
+        sock.write_all(format!("got {}", all.len()).as_bytes()).await.unwrap();
+    });
+    let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+    let (mut send, mut recv) = s.conn.open_bi().await.unwrap();
+    write_message(&mut send, &Message::FlowOpen { protocol: Protocol::Tcp, flow_id: 0, src, dst: server_addr })
+        .await
+        .unwrap();
+    assert!(matches!(read_message(&mut recv).await.unwrap(), Some(Message::FlowReply { status: FlowStatus::Ok, .. })));
+    send.write_all(&[7u8; 100_000]).await.unwrap();
+    send.finish().unwrap();
+    let reply = recv.read_to_end(1000).await.unwrap();
+    assert_eq!(reply, b"got 100000");
+
+    // A port nobody listens on: refused.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (mut send, mut recv) = s.conn.open_bi().await.unwrap();
+    write_message(&mut send, &Message::FlowOpen { protocol: Protocol::Tcp, flow_id: 0, src, dst: closed })
+        .await
+        .unwrap();
+    assert!(matches!(
+        read_message(&mut recv).await.unwrap(),
+        Some(Message::FlowReply { status: FlowStatus::Refused, .. })
+    ));
+}
+
+#[tokio::test]
+async fn udp_flow_echoes_through_datagrams() {
+    let f = start_manager("udp").await;
+    let s = connect(&target(&f, "manager.crt", "token")).await.unwrap();
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2000];
+        for _ in 0..10 {
+            let (n, from) = echo.recv_from(&mut buf).await.unwrap();
+            echo.send_to(&buf[..n], from).await.unwrap();
+        }
+    });
+    let (mut send, mut recv) = s.conn.open_bi().await.unwrap();
+    let src: SocketAddr = "198.18.0.1:5000".parse().unwrap();
+    write_message(&mut send, &Message::FlowOpen { protocol: Protocol::Udp, flow_id: 42, src, dst: echo_addr })
+        .await
+        .unwrap();
+    assert!(matches!(read_message(&mut recv).await.unwrap(), Some(Message::FlowReply { status: FlowStatus::Ok, .. })));
+    let mut out = Vec::new();
+    Datagram { flow_id: 42, payload: b"ping" }.emit(&mut out);
+    s.conn.send_datagram(out.into()).unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), s.conn.read_datagram()).await.unwrap().unwrap();
+    assert_eq!(Datagram::parse(&d).unwrap(), Datagram { flow_id: 42, payload: b"ping" });
+}
+
+#[tokio::test]
+async fn unreachable_manager_fails_within_the_timeout() {
+    let dir = std::env::temp_dir().join(format!("tpvpn-session-unreach-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_cert(&dir, "manager");
+    std::fs::write(dir.join("token"), "t").unwrap();
+    // A bound UDP port that never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let t = Target {
+        manager: silent.local_addr().unwrap().to_string(),
+        ca_file: dir.join("manager.crt"),
+        token_file: dir.join("token"),
+    };
+    let started = std::time::Instant::now();
+    let e = connect(&t).await.err().expect("no manager there");
+    assert!(matches!(e, Error::ManagerUnreachable { .. }), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let _ = std::fs::remove_dir_all(&dir);
+}
