@@ -387,6 +387,17 @@ fn outcome(status: FlowStatus) -> DialOutcome {
     }
 }
 
+/// What became of a flow stream's opening.
+enum Opened {
+    /// The manager answered with this status.
+    Reply(quinn::SendStream, quinn::RecvStream, FlowStatus),
+    /// The manager reset the stream before its reply could be read: it connected and the
+    /// destination reset the connection at once (a reset discards unread stream data,
+    /// the reply included).
+    ConnectedThenReset,
+    Failed,
+}
+
 /// Opens a flow stream and waits for the manager's dial result.
 async fn open_flow(
     conn: &quinn::Connection,
@@ -394,19 +405,22 @@ async fn open_flow(
     flow_id: u64,
     src: std::net::SocketAddr,
     dst: std::net::SocketAddr,
-) -> Option<(quinn::SendStream, quinn::RecvStream, FlowStatus)> {
-    let (mut send, mut recv) = conn.open_bi().await.ok()?;
-    write_message(&mut send, &Message::FlowOpen { protocol, flow_id, src, dst }).await.ok()?;
+) -> Opened {
+    let Ok((mut send, mut recv)) = conn.open_bi().await else { return Opened::Failed };
+    if write_message(&mut send, &Message::FlowOpen { protocol, flow_id, src, dst }).await.is_err() {
+        return Opened::Failed;
+    }
     match read_message(&mut recv).await {
         Ok(Some(Message::FlowReply { status, message })) => {
             if status != FlowStatus::Ok {
                 debug!(?status, %message, "manager could not dial");
             }
-            Some((send, recv, status))
+            Opened::Reply(send, recv, status)
         }
+        Err(tpvpn_tunnel::Error::Reset(code)) if code == u64::from(RESET_CODE) => Opened::ConnectedThenReset,
         other => {
             warn!(?other, "bad flow reply");
-            None
+            Opened::Failed
         }
     }
 }
@@ -424,10 +438,25 @@ struct TcpTask {
 impl TcpTask {
     async fn run(mut self, src: std::net::SocketAddr, dst: std::net::SocketAddr) {
         let id = self.id;
-        let opened = open_flow(&self.conn, Protocol::Tcp, 0, src, dst).await;
-        let status = opened.as_ref().map_or(FlowStatus::Unreachable, |o| o.2);
-        let _ = self.cmd.send(Cmd::Dialed { id, outcome: outcome(status) });
-        let Some((mut send, mut recv, FlowStatus::Ok)) = opened else { return };
+        let (mut send, mut recv) = match open_flow(&self.conn, Protocol::Tcp, 0, src, dst).await {
+            Opened::Reply(send, recv, FlowStatus::Ok) => {
+                let _ = self.cmd.send(Cmd::Dialed { id, outcome: DialOutcome::Connected });
+                (send, recv)
+            }
+            Opened::Reply(_, _, status) => {
+                let _ = self.cmd.send(Cmd::Dialed { id, outcome: outcome(status) });
+                return;
+            }
+            Opened::ConnectedThenReset => {
+                let _ = self.cmd.send(Cmd::Dialed { id, outcome: DialOutcome::Connected });
+                let _ = self.cmd.send(Cmd::Reset { id });
+                return;
+            }
+            Opened::Failed => {
+                let _ = self.cmd.send(Cmd::Dialed { id, outcome: DialOutcome::Unreachable });
+                return;
+            }
+        };
         let (cmd, budget, stalled, reset) =
             (self.cmd.clone(), self.budget.clone(), self.stalled.clone(), self.reset.clone());
         let up = async {
@@ -488,7 +517,7 @@ async fn udp_task(
     cmd: mpsc::UnboundedSender<Cmd>,
     mut up: mpsc::Receiver<Vec<u8>>,
 ) {
-    let Some((mut send, mut recv, FlowStatus::Ok)) = open_flow(&conn, Protocol::Udp, id, src, dst).await else {
+    let Opened::Reply(mut send, mut recv, FlowStatus::Ok) = open_flow(&conn, Protocol::Udp, id, src, dst).await else {
         let _ = cmd.send(Cmd::UdpEnded { id });
         return;
     };

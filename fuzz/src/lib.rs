@@ -127,6 +127,16 @@ mod tests {
     }
 
     #[test]
+    fn saved_regressions_hold() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions");
+        for entry in std::fs::read_dir(dir).expect("fuzz/regressions exists") {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            tunnel_frames(&data);
+            netstack_packets(&data);
+        }
+    }
+
+    #[test]
     fn invariants_hold_over_a_generated_corpus() {
         let mut rng = Rng(0x7470_766e);
         let seeds = seeds();

@@ -1,1 +1,145 @@
-fn main() {}
+//! `tpvpn-lab`: the lab's test servers and clients, and the demo.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+use tpvpn_lab::{client, serve, Lab};
+
+#[derive(Debug, Parser)]
+#[command(name = "tpvpn-lab", version, about = "tpvpn lab: test servers, test clients and the demo")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the lab's servers (UDP echo, reset, sink, source) until killed.
+    Serve {
+        #[arg(long, default_value = tpvpn_lab::UDP_ECHO_ADDR)]
+        udp_echo: SocketAddr,
+        #[arg(long, default_value = tpvpn_lab::RESET_ADDR)]
+        reset: SocketAddr,
+        #[arg(long, default_value = tpvpn_lab::SINK_ADDR)]
+        sink: SocketAddr,
+        #[arg(long, default_value = tpvpn_lab::SOURCE_ADDR)]
+        source: SocketAddr,
+    },
+    /// Test clients; each prints one line and exits 1 if its check failed.
+    #[command(subcommand)]
+    Client(ClientCmd),
+    /// Remove labs left behind by killed processes (namespaces, processes in them, temp dirs).
+    Cleanup,
+    /// Build a lab, bring tpvpn up, show what a user sees, bring it down, tear down.
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientCmd {
+    /// Send BYTES of the data stream to the sink, half-close, check its count+hash reply.
+    Upload { addr: SocketAddr, bytes: u64 },
+    /// Ask the source for BYTES and check they are the data stream.
+    Download { addr: SocketAddr, bytes: u64 },
+    /// N concurrent connections to the sink, all open at once, each checked.
+    Many { addr: SocketAddr, n: usize },
+    /// Expect a reset (prints `reset`) rather than a clean close (`clean-close`, exit 1).
+    Reset { addr: SocketAddr },
+    /// One datagram of SIZE bytes to the echo server; wait ≤ 3 s for the identical echo.
+    Udp { addr: SocketAddr, size: usize },
+    /// One TCP connect (5 s timeout): prints refused/connected <ms>, timeout or error.
+    Connect { addr: SocketAddr },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.cmd {
+        Cmd::Serve { udp_echo, reset, sink, source } => {
+            serve::run(serve::ServeAddrs { udp_echo, reset, sink, source }).map(|()| true)
+        }
+        Cmd::Client(c) => run_client(c),
+        Cmd::Demo => demo().map(|()| true),
+        Cmd::Cleanup => tpvpn_lab::cleanup_stale().map(|removed| {
+            for r in &removed {
+                println!("removed {r}");
+            }
+            println!("{} stale item(s) removed", removed.len());
+            true
+        }),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("tpvpn-lab: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_client(c: ClientCmd) -> Result<bool> {
+    let outcome = match c {
+        ClientCmd::Upload { addr, bytes } => client::upload(addr, bytes)?,
+        ClientCmd::Download { addr, bytes } => client::download(addr, bytes)?,
+        ClientCmd::Many { addr, n } => client::many(addr, n)?,
+        ClientCmd::Reset { addr } => client::reset(addr)?,
+        ClientCmd::Udp { addr, size } => client::udp(addr, size)?,
+        ClientCmd::Connect { addr } => client::connect_probe(addr)?,
+    };
+    println!("{}", outcome.line);
+    Ok(outcome.ok)
+}
+
+/// The README's demo: every step is shown like a shell session; any failing step fails the demo.
+fn demo() -> Result<()> {
+    if !tpvpn_lab::require_root() {
+        bail!("the demo needs root");
+    }
+    println!("# building the lab (namespaces laptop/cluster/inet, nginx, redis, manager)...");
+    let lab = Lab::new()?;
+    println!("# lab ready in {}; laptop namespace {}", lab.dir().display(), lab.laptop());
+    let mut failed = Vec::new();
+    let ns = lab.laptop().to_string();
+
+    let up = lab.up_args();
+    let up: Vec<&str> = up.iter().map(String::as_str).collect();
+    if !step(&mut failed, "tpvpn", &up, |a| lab.tpvpn(a)) {
+        bail!("tpvpn up failed; manager log:\n{}", lab.manager_log());
+    }
+    // Short timeout: redis-cli has no connect timeout of its own.
+    let exec = |a: &[&str]| lab.exec_timeout(&ns, a, std::time::Duration::from_secs(15));
+    let frontend = format!("http://{}/", tpvpn_lab::FRONTEND_IP);
+    let pod = format!("http://{}/", tpvpn_lab::FRONTEND_POD_IP);
+    step(&mut failed, "", &["curl", "-sS", "--max-time", "10", &frontend], exec);
+    step(&mut failed, "", &["curl", "-sS", "--max-time", "10", &pod], exec);
+    step(&mut failed, "", &["redis-cli", "-h", tpvpn_lab::REDIS_IP, "ping"], exec);
+    step(&mut failed, "tpvpn-lab", &["client", "udp", tpvpn_lab::UDP_ECHO_ADDR, "100"], |a| lab.lab_tool(&ns, a));
+    step(&mut failed, "tpvpn", &["status", "-o", "json"], |a| lab.tpvpn(a));
+    step(&mut failed, "", &["ip", "route"], exec);
+    step(&mut failed, "tpvpn", &["down"], |a| lab.tpvpn(a));
+    step(&mut failed, "", &["ip", "route"], exec);
+    drop(lab);
+    println!("\n# lab torn down");
+    if !failed.is_empty() {
+        bail!("failed steps: {}", failed.join("; "));
+    }
+    println!("# demo ok");
+    Ok(())
+}
+
+/// Prints `$ <prog> <args>`, runs `run(args)`, prints its output and records a
+/// failure. `prog` is only shown (empty when `args` is the whole command line).
+fn step(failed: &mut Vec<String>, prog: &str, args: &[&str], run: impl Fn(&[&str]) -> std::process::Output) -> bool {
+    let shown = if prog.is_empty() { args.join(" ") } else { format!("{prog} {}", args.join(" ")) };
+    println!("\n$ {shown}");
+    let out = run(args);
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    print!("{}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        println!("# FAILED ({})", out.status);
+        failed.push(shown);
+        return false;
+    }
+    true
+}

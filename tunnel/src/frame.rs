@@ -236,7 +236,8 @@ impl Message {
                 let domain = r.string16("cluster domain")?;
                 let dns = match r.u8()? {
                     0 => None,
-                    _ => Some(r.ip()?),
+                    1 => Some(r.ip()?),
+                    _ => return Err(Error::Malformed { what: "server hello: dns flag" }),
                 };
                 let n = r.u16()?;
                 let mut cidrs = Vec::with_capacity(usize::from(n).min(1024));
@@ -564,6 +565,10 @@ mod tests {
         let mut hello = Message::ClientHello { version: 1, token: vec![] }.to_vec();
         hello.push(0);
         hello[4] += 1;
+        assert!(matches!(Message::decode(&hello), Err(Error::Malformed { .. })));
+        // A "has dns" flag other than 0 or 1.
+        let mut hello = Message::ServerHello { version: 1, cluster: ClusterInfo::default() }.to_vec();
+        hello[9] = 7;
         assert!(matches!(Message::decode(&hello), Err(Error::Malformed { .. })));
         // Non-UTF-8 message.
         let mut reply = Message::FlowReply { status: FlowStatus::Ok, message: "ab".into() }.to_vec();

@@ -12,6 +12,7 @@ async fn read_exact_or_end(recv: &mut RecvStream, buf: &mut [u8]) -> Result<bool
         Ok(()) => Ok(true),
         Err(ReadExactError::FinishedEarly(0)) => Ok(false),
         Err(ReadExactError::FinishedEarly(_)) => Err(Error::UnexpectedEnd),
+        Err(ReadExactError::ReadError(quinn::ReadError::Reset(code))) => Err(Error::Reset(code.into_inner())),
         Err(ReadExactError::ReadError(e)) => Err(Error::Stream(e.to_string())),
     }
 }

@@ -69,6 +69,9 @@ pub enum Error {
     /// The stream ended before a complete frame arrived.
     #[error("stream ended inside a frame")]
     UnexpectedEnd,
+    /// The peer reset the stream with this application error code.
+    #[error("stream reset by peer (code {0})")]
+    Reset(u64),
     /// An I/O error on the underlying stream.
     #[error("stream error: {0}")]
     Stream(String),

@@ -1,0 +1,712 @@
+//! The tpvpn lab: a throw-away "laptop + cluster + internet" built from three
+//! Linux network namespaces, with real servers (nginx, redis, the lab's own
+//! TCP/UDP test servers) on fake ClusterIPs and pod IPs, the `tpvpn-manager`
+//! running in the cluster namespace and the `tpvpn` client driven in the
+//! laptop namespace. It is used by the demo (`tpvpn-lab demo`), the
+//! end-to-end tests (`lab/tests/datapath.rs`) and the benchmarks.
+//!
+//! The lab never touches the root network namespace: every namespace it uses
+//! is one it created (unique name per lab), veth pairs are created directly
+//! inside those namespaces, and all routes, addresses and servers live there.
+//! [`Lab`]'s `Drop` kills every process the lab started (by pid), deletes its
+//! namespaces and removes its temporary directory, also when a test panics.
+//!
+//! Topology (see [`Lab::new`]):
+//!
+//! ```text
+//!   inet ns  10.250.2.1 ── 10.250.2.2  laptop ns  10.250.1.2 ── 10.250.1.1  cluster ns
+//!   (default route of the laptop;                 ("node network")          kube0: ClusterIPs, pod IPs
+//!    routes no cluster IP)                                                  manager on 10.250.1.1:4443
+//! ```
+
+pub mod client;
+pub mod data;
+pub mod serve;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Where the manager listens (cluster side of the node network).
+pub const MANAGER_ADDR: &str = "10.250.1.1:4443";
+/// Laptop address on the node network.
+pub const LAPTOP_NODE_IP: &str = "10.250.1.2";
+/// The frontend Service ClusterIP (nginx on :80).
+pub const FRONTEND_IP: &str = "10.96.0.10";
+/// The frontend pod IP (same nginx, :80).
+pub const FRONTEND_POD_IP: &str = "10.244.1.10";
+/// The redis Service ClusterIP (:6379).
+pub const REDIS_IP: &str = "10.96.0.20";
+/// The UDP echo Service ClusterIP (:7).
+pub const UDP_ECHO_ADDR: &str = "10.96.0.30:7";
+/// The lab's TCP test servers' Service ClusterIP.
+pub const TEST_SERVERS_IP: &str = "10.96.0.40";
+/// Reset server: writes 1000 bytes, then RST.
+pub const RESET_ADDR: &str = "10.96.0.40:9000";
+/// Sink server: hashes until EOF, replies `"<count> <fnv-hex>\n"`.
+pub const SINK_ADDR: &str = "10.96.0.40:9001";
+/// Source server: reads a u64 BE count, writes that much of the data stream.
+pub const SOURCE_ADDR: &str = "10.96.0.40:9003";
+/// A Service IP with no listener at all (connections are refused).
+pub const NO_LISTENER_IP: &str = "10.96.0.50";
+/// Text the nginx index page contains.
+pub const FRONTEND_BODY: &str = "tpvpn lab frontend";
+
+/// All addresses put on the cluster's `kube0` dummy interface.
+const CLUSTER_IPS: &[&str] = &[FRONTEND_IP, FRONTEND_POD_IP, REDIS_IP, "10.96.0.30", TEST_SERVERS_IP, NO_LISTENER_IP];
+
+/// Default timeout of [`Lab::exec`].
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Timeout of [`Lab::lab_tool`] (bulk transfers through a tunnel can be slow).
+pub const LAB_TOOL_TIMEOUT: Duration = Duration::from_secs(300);
+
+static LAB_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// One lab: three namespaces, servers, manager. Torn down on drop.
+pub struct Lab {
+    id: String,
+    laptop: String,
+    cluster: String,
+    inet: String,
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    /// Namespaces created so far (deleted on drop).
+    namespaces: Vec<String>,
+    /// Servers started in the cluster namespace: (name, process).
+    children: Vec<(String, Child)>,
+    manager: Option<Child>,
+    /// Whether `tpvpn` was ever run (then drop runs `tpvpn down`).
+    used_tpvpn: AtomicBool,
+    exec_counter: AtomicU64,
+    /// Whether this lab created `dir` (only then is it removed on drop).
+    dir_created: bool,
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lab").field("id", &self.id).field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// True if running as root (euid 0); otherwise prints a loud skip message and returns false.
+pub fn require_root() -> bool {
+    let euid = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u32>().ok()))
+    });
+    if euid == Some(0) {
+        return true;
+    }
+    eprintln!();
+    eprintln!("###############################################################");
+    eprintln!("### SKIPPED: the tpvpn lab needs root (network namespaces). ###");
+    eprintln!("### Run the end-to-end tests as root, e.g. sudo -E cargo ... ###");
+    eprintln!("###############################################################");
+    eprintln!();
+    false
+}
+
+/// The directory holding `tpvpn`, `tpvpn-manager` and `tpvpn-lab`: `$TPVPN_BIN_DIR`,
+/// else the current executable's directory (its parent if that is `deps/`).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("TPVPN_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe().context("cannot find the current executable")?;
+    let mut dir = exe.parent().context("current executable has no directory")?.to_path_buf();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// Path of one of the workspace's binaries, or a clear error.
+fn find_bin(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if !p.is_file() {
+        bail!(
+            "{name} not found at {} (set TPVPN_BIN_DIR or build the workspace first: cargo build --workspace)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+impl Lab {
+    /// Builds the whole lab: namespaces, links, servers, TLS material, token
+    /// and a running manager. Everything already built is torn down if a step fails.
+    pub fn new() -> Result<Lab> {
+        let bin_dir = bin_dir()?;
+        find_bin(&bin_dir, "tpvpn-manager")?;
+        find_bin(&bin_dir, "tpvpn-lab")?;
+        let pid = std::process::id();
+        // Pick a counter value whose namespaces and dir are free (a stale lab of
+        // an earlier process with the same pid must not be reused).
+        let id = loop {
+            let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+            let id = format!("{pid}-{n}");
+            let taken = ["laptop", "cluster", "inet"]
+                .iter()
+                .any(|r| Path::new("/run/netns").join(format!("tpvpn-{id}-{r}")).exists())
+                || Path::new(&format!("/tmp/tpvpn-lab-{id}")).exists();
+            if !taken {
+                break id;
+            }
+            if n > 1000 {
+                bail!("no free lab id");
+            }
+        };
+        let dir = PathBuf::from(format!("/tmp/tpvpn-lab-{id}"));
+        let mut lab = Lab {
+            laptop: format!("tpvpn-{id}-laptop"),
+            cluster: format!("tpvpn-{id}-cluster"),
+            inet: format!("tpvpn-{id}-inet"),
+            id,
+            dir,
+            bin_dir,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+            manager: None,
+            used_tpvpn: AtomicBool::new(false),
+            exec_counter: AtomicU64::new(0),
+            dir_created: false,
+        };
+        // On error `lab` is dropped here, which tears down what was built.
+        lab.build().with_context(|| format!("building lab {}", lab.id))?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        fs::create_dir(&self.dir).with_context(|| format!("create {}", self.dir.display()))?;
+        self.dir_created = true;
+        for sub in ["out", "run", "www", "nginx-tmp"] {
+            fs::create_dir_all(self.dir.join(sub))?;
+        }
+        self.build_network()?;
+        self.write_tls_and_token()?;
+        self.start_servers()?;
+        self.start_manager()?;
+        Ok(())
+    }
+
+    fn build_network(&mut self) -> Result<()> {
+        for ns in [self.laptop.clone(), self.cluster.clone(), self.inet.clone()] {
+            ip(&["netns", "add", &ns])?;
+            self.namespaces.push(ns);
+        }
+        let (l, c, i) = (self.laptop.as_str(), self.cluster.as_str(), self.inet.as_str());
+        // veth pairs are created inside the lab namespaces, never in the root one.
+        ip(&["-n", l, "link", "add", "to-cluster", "type", "veth", "peer", "name", "to-laptop", "netns", c])?;
+        ip(&["-n", l, "link", "add", "to-inet", "type", "veth", "peer", "name", "to-laptop", "netns", i])?;
+        ip(&["-n", l, "addr", "add", "10.250.1.2/24", "dev", "to-cluster"])?;
+        ip(&["-n", c, "addr", "add", "10.250.1.1/24", "dev", "to-laptop"])?;
+        ip(&["-n", l, "addr", "add", "10.250.2.2/24", "dev", "to-inet"])?;
+        ip(&["-n", i, "addr", "add", "10.250.2.1/24", "dev", "to-laptop"])?;
+        for (ns, dev) in
+            [(l, "lo"), (l, "to-cluster"), (l, "to-inet"), (c, "lo"), (c, "to-laptop"), (i, "lo"), (i, "to-laptop")]
+        {
+            ip(&["-n", ns, "link", "set", dev, "up"])?;
+        }
+        ip(&["-n", l, "route", "add", "default", "via", "10.250.2.1"])?;
+        // ClusterIPs and pod IPs: /32s on a dummy `kube0`, or on `lo` where the
+        // kernel has no dummy driver (e.g. in containers that cannot load modules).
+        let dev = if ip(&["-n", c, "link", "add", "kube0", "type", "dummy"]).is_ok() {
+            ip(&["-n", c, "link", "set", "kube0", "up"])?;
+            "kube0"
+        } else {
+            "lo"
+        };
+        for a in CLUSTER_IPS {
+            ip(&["-n", c, "addr", "add", &format!("{a}/32"), "dev", dev])?;
+        }
+        Ok(())
+    }
+
+    fn write_tls_and_token(&self) -> Result<()> {
+        let ck = rcgen::generate_simple_self_signed(vec!["tpvpn-manager".to_string()])
+            .context("generating the manager certificate")?;
+        fs::write(self.dir.join("manager.crt"), ck.cert.pem())?;
+        fs::write(self.dir.join("manager.key"), ck.signing_key.serialize_pem())?;
+        fs::write(self.dir.join("token"), random_token()? + "\n")?;
+        Ok(())
+    }
+
+    fn start_servers(&mut self) -> Result<()> {
+        let d = self.dir.display().to_string();
+        fs::write(
+            self.dir.join("www/index.html"),
+            format!("<!doctype html>\n<html><body><h1>{FRONTEND_BODY}</h1></body></html>\n"),
+        )?;
+        let conf = format!(
+            "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-tmp/body;\n  proxy_temp_path {d}/nginx-tmp/proxy;\n  \
+             fastcgi_temp_path {d}/nginx-tmp/fastcgi;\n  uwsgi_temp_path {d}/nginx-tmp/uwsgi;\n  scgi_temp_path {d}/nginx-tmp/scgi;\n  \
+             server {{\n    listen {FRONTEND_IP}:80;\n    listen {FRONTEND_POD_IP}:80;\n    root {d}/www;\n    index index.html;\n  }}\n}}\n"
+        );
+        let conf_path = self.dir.join("nginx.conf");
+        fs::write(&conf_path, conf)?;
+        let conf_s = conf_path.display().to_string();
+        let err_s = format!("{d}/nginx.err");
+        self.spawn_server("nginx", &["nginx", "-c", &conf_s, "-p", &d, "-e", &err_s])?;
+        self.spawn_server(
+            "redis",
+            &[
+                "redis-server",
+                "--bind",
+                REDIS_IP,
+                "--port",
+                "6379",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+                "--dir",
+                &d,
+                "--protected-mode",
+                "no",
+            ],
+        )?;
+        let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
+        self.spawn_server(
+            "lab-servers",
+            &[
+                &lab_bin,
+                "serve",
+                "--udp-echo",
+                UDP_ECHO_ADDR,
+                "--reset",
+                RESET_ADDR,
+                "--sink",
+                SINK_ADDR,
+                "--source",
+                SOURCE_ADDR,
+            ],
+        )?;
+        self.wait_servers()
+    }
+
+    /// Starts a long-running server in the cluster ns, output to `<dir>/<name>.log`.
+    fn spawn_server(&mut self, name: &str, cmd: &[&str]) -> Result<()> {
+        let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.cluster])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}: {cmd:?}"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// Polls `ss` in the cluster ns until every server listens (bounded: ~10 s).
+    fn wait_servers(&mut self) -> Result<()> {
+        let tcp = ["10.96.0.10:80", "10.244.1.10:80", "10.96.0.20:6379", RESET_ADDR, SINK_ADDR, SOURCE_ADDR];
+        let mut missing = Vec::new();
+        for _ in 0..100 {
+            for (name, child) in &mut self.children {
+                if let Ok(Some(st)) = child.try_wait() {
+                    let log = fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+                    let err = fs::read_to_string(self.dir.join("nginx.err")).unwrap_or_default();
+                    bail!("{name} exited early ({st}); log:\n{log}\nnginx.err:\n{err}");
+                }
+            }
+            let t = self.exec_timeout(&self.cluster, &["ss", "-Hltn"], Duration::from_secs(5));
+            let u = self.exec_timeout(&self.cluster, &["ss", "-Hlun"], Duration::from_secs(5));
+            let (t, u) = (String::from_utf8_lossy(&t.stdout), String::from_utf8_lossy(&u.stdout));
+            missing = tcp.iter().filter(|a| !listens(&t, a)).map(|a| format!("tcp {a}")).collect();
+            if !listens(&u, UDP_ECHO_ADDR) {
+                missing.push(format!("udp {UDP_ECHO_ADDR}"));
+            }
+            if missing.is_empty() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("servers not listening after 10 s: {missing:?}")
+    }
+
+    /// Network namespace of the laptop.
+    pub fn laptop(&self) -> &str {
+        &self.laptop
+    }
+    /// Network namespace of the cluster (servers, manager).
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+    /// Network namespace of the "internet" (the laptop's default route).
+    pub fn inet(&self) -> &str {
+        &self.inet
+    }
+    /// The lab's temporary directory (certs, token, logs, `run/`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+    /// The manager's CA (its self-signed certificate).
+    pub fn manager_ca(&self) -> PathBuf {
+        self.dir.join("manager.crt")
+    }
+    /// The token file the manager was started with.
+    pub fn token_file(&self) -> PathBuf {
+        self.dir.join("token")
+    }
+    /// `TPVPN_RUNTIME_DIR` given to every `tpvpn` invocation.
+    pub fn runtime_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    /// Runs `ip netns exec <ns> <cmd...>`, killed after [`EXEC_TIMEOUT`].
+    pub fn exec(&self, ns: &str, cmd: &[&str]) -> Output {
+        self.exec_timeout(ns, cmd, EXEC_TIMEOUT)
+    }
+
+    /// Runs `ip netns exec <ns> <cmd...>`, killed (by pid) after `timeout`.
+    pub fn exec_timeout(&self, ns: &str, cmd: &[&str], timeout: Duration) -> Output {
+        self.exec_env(ns, cmd, &[], timeout)
+    }
+
+    /// Like [`Lab::exec_timeout`] with extra environment variables. Output goes
+    /// through files, not pipes, so a daemonizing command cannot block us.
+    pub fn exec_env(&self, ns: &str, cmd: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+        let n = self.exec_counter.fetch_add(1, Ordering::Relaxed);
+        let out_path = self.dir.join(format!("out/{n}.out"));
+        let err_path = self.dir.join(format!("out/{n}.err"));
+        let result = (|| -> Result<Output> {
+            let mut child = Command::new("ip")
+                .args(["netns", "exec", ns])
+                .args(cmd)
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(fs::File::create(&out_path)?)
+                .stderr(fs::File::create(&err_path)?)
+                .spawn()?;
+            let deadline = Instant::now() + timeout;
+            let mut timed_out = false;
+            let status = loop {
+                if let Some(st) = child.try_wait()? {
+                    break st;
+                }
+                if Instant::now() >= deadline {
+                    timed_out = true;
+                    let _ = child.kill();
+                    break child.wait()?;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let stdout = fs::read(&out_path).unwrap_or_default();
+            let mut stderr = fs::read(&err_path).unwrap_or_default();
+            if timed_out {
+                stderr.extend_from_slice(format!("\n[lab: {cmd:?} killed after {timeout:?}]\n").as_bytes());
+            }
+            Ok(Output { status, stdout, stderr })
+        })();
+        let _ = fs::remove_file(&out_path);
+        let _ = fs::remove_file(&err_path);
+        result.unwrap_or_else(|e| failed_output(&format!("lab: cannot run {cmd:?} in {ns}: {e:#}")))
+    }
+
+    /// Runs `tpvpn <args>` in the laptop ns with `TPVPN_RUNTIME_DIR` set.
+    pub fn tpvpn(&self, args: &[&str]) -> Output {
+        self.tpvpn_timeout(args, EXEC_TIMEOUT)
+    }
+
+    fn tpvpn_timeout(&self, args: &[&str], timeout: Duration) -> Output {
+        let bin = match find_bin(&self.bin_dir, "tpvpn") {
+            Ok(b) => b.display().to_string(),
+            Err(e) => return failed_output(&format!("{e:#}")),
+        };
+        self.used_tpvpn.store(true, Ordering::Relaxed);
+        let mut cmd = vec![bin.as_str()];
+        cmd.extend_from_slice(args);
+        let rt = self.runtime_dir().display().to_string();
+        self.exec_env(&self.laptop, &cmd, &[("TPVPN_RUNTIME_DIR", &rt)], timeout)
+    }
+
+    /// The direct-mode arguments of `tpvpn up` (manager address, CA, token file).
+    pub fn up_args(&self) -> Vec<String> {
+        vec![
+            "up".into(),
+            "--manager".into(),
+            MANAGER_ADDR.into(),
+            "--manager-ca".into(),
+            self.manager_ca().display().to_string(),
+            "--token-file".into(),
+            self.token_file().display().to_string(),
+        ]
+    }
+
+    /// `tpvpn up` in direct mode plus `extra`; the error includes the output.
+    pub fn up(&self, extra: &[&str]) -> Result<()> {
+        let base = self.up_args();
+        let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        let out = self.tpvpn(&args);
+        if !out.status.success() {
+            bail!("tpvpn {} failed ({}):\n{}", args.join(" "), out.status, show(&out));
+        }
+        Ok(())
+    }
+
+    /// Runs this crate's `tpvpn-lab <args>` in `ns` ([`LAB_TOOL_TIMEOUT`]).
+    pub fn lab_tool(&self, ns: &str, args: &[&str]) -> Output {
+        let bin = match find_bin(&self.bin_dir, "tpvpn-lab") {
+            Ok(b) => b.display().to_string(),
+            Err(e) => return failed_output(&format!("{e:#}")),
+        };
+        let mut cmd = vec![bin.as_str()];
+        cmd.extend_from_slice(args);
+        self.exec_timeout(ns, &cmd, LAB_TOOL_TIMEOUT)
+    }
+
+    /// Everything the manager logged (all runs of it in this lab).
+    pub fn manager_log(&self) -> String {
+        fs::read_to_string(self.dir.join("manager.log")).unwrap_or_default()
+    }
+
+    /// Stops the manager (SIGTERM, then SIGKILL after 3 s). No-op if not running.
+    pub fn stop_manager(&mut self) {
+        if let Some(child) = self.manager.take() {
+            terminate(child);
+        }
+    }
+
+    /// Starts the manager with the lab's token file (stopping a running one first).
+    pub fn start_manager(&mut self) -> Result<()> {
+        let token = self.token_file();
+        self.start_manager_with_token(&token)
+    }
+
+    /// Starts the manager with `token_file`, waits (≤ 10 s) until it logs ready.
+    pub fn start_manager_with_token(&mut self, token_file: &Path) -> Result<()> {
+        self.stop_manager();
+        let bin = find_bin(&self.bin_dir, "tpvpn-manager")?;
+        let log_path = self.dir.join("manager.log");
+        const READY: &str = "tpvpn-manager ready";
+        let ready_before = self.manager_log().matches(READY).count();
+        let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        let d = self.dir.display().to_string();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.cluster])
+            .arg(&bin)
+            .args([
+                "--listen",
+                MANAGER_ADDR,
+                "--tls-cert",
+                &format!("{d}/manager.crt"),
+                "--tls-key",
+                &format!("{d}/manager.key"),
+            ])
+            .arg("--token-file")
+            .arg(token_file)
+            .args(["--cluster-cidr", "10.96.0.0/12", "--cluster-cidr", "10.244.0.0/16"])
+            .args(["--cluster-dns", "10.96.0.53", "--cluster-domain", "cluster.local"])
+            .env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1") // plain text in manager.log
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting tpvpn-manager")?;
+        self.manager = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.manager_log().matches(READY).count() > ready_before {
+                return Ok(());
+            }
+            if let Some(Ok(Some(st))) = self.manager.as_mut().map(Child::try_wait) {
+                self.manager = None;
+                bail!("tpvpn-manager exited ({st}) before it was ready; log:\n{}", self.manager_log());
+            }
+            if Instant::now() >= deadline {
+                self.stop_manager();
+                bail!("tpvpn-manager not ready after 10 s; log:\n{}", self.manager_log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Best effort, in order: the client, our children, anything else still
+        // running inside our namespaces, the namespaces, the directory.
+        if self.used_tpvpn.load(Ordering::Relaxed) && self.namespaces.contains(&self.laptop) {
+            let _ = self.tpvpn_timeout(&["down"], Duration::from_secs(20));
+        }
+        self.stop_manager();
+        while let Some((_, child)) = self.children.pop() {
+            terminate(child);
+        }
+        for ns in &self.namespaces {
+            kill_ns_processes(ns);
+        }
+        for ns in self.namespaces.drain(..) {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                eprintln!("tpvpn-lab: cannot delete namespace {ns}: {e:#}");
+            }
+        }
+        if std::env::var_os("TPVPN_LAB_KEEP").is_some_and(|v| v == "1") {
+            eprintln!("tpvpn-lab: keeping {} (TPVPN_LAB_KEEP=1)", self.dir.display());
+        } else if self.dir_created {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Removes labs left behind by processes that died without running `Drop`
+/// (e.g. a test killed by a timeout): namespaces named `tpvpn-<pid>-<n>-*`
+/// whose creating `<pid>` no longer exists, the processes inside them, and
+/// their `/tmp/tpvpn-lab-<pid>-<n>` directories. Returns what was removed.
+pub fn cleanup_stale() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir("/run/netns") else {
+        return Ok(removed);
+    };
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("tpvpn-") else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('-').collect();
+        let [pid, n, role] = parts[..] else { continue };
+        if !["laptop", "cluster", "inet"].contains(&role) || n.parse::<u64>().is_err() {
+            continue;
+        }
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue; // its creator is still running
+        }
+        kill_ns_processes(&name);
+        ip(&["netns", "del", &name])?;
+        removed.push(format!("namespace {name}"));
+        let dir = PathBuf::from(format!("/tmp/tpvpn-lab-{pid}-{n}"));
+        if dir.is_dir() {
+            fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+            removed.push(format!("directory {}", dir.display()));
+        }
+    }
+    Ok(removed)
+}
+
+/// Runs `ip <args>` (always with `-n <lab ns>` or `netns add/del`), error with stderr.
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).stdin(Stdio::null()).output().context("running ip")?;
+    if !out.status.success() {
+        bail!("ip {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// True if an `ss -H` listing has a socket bound to `addr`.
+fn listens(ss: &str, addr: &str) -> bool {
+    ss.lines().any(|l| l.split_whitespace().any(|f| f == addr))
+}
+
+/// 32 hex chars from /dev/urandom.
+fn random_token() -> Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// An `Output` for a command that could not be run at all.
+fn failed_output(msg: &str) -> Output {
+    use std::os::unix::process::ExitStatusExt;
+    Output { status: ExitStatus::from_raw(127 << 8), stdout: Vec::new(), stderr: format!("{msg}\n").into_bytes() }
+}
+
+/// Formats a command's status, stdout and stderr for assertion messages.
+pub fn show(out: &Output) -> String {
+    format!(
+        "status: {}\n--- stdout ---\n{}--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// SIGTERM, wait up to 3 s, then SIGKILL; always reaps the child.
+fn terminate(mut child: Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    sys::signal(child.id(), sys::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Kills (by pid) every process still inside a lab namespace, e.g. a `tpvpn`
+/// daemon that `tpvpn down` did not stop. These are all processes the lab started.
+fn kill_ns_processes(ns: &str) {
+    let pids = || -> Vec<u32> {
+        Command::new("ip")
+            .args(["netns", "pids", ns])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|p| p.parse().ok()).collect())
+            .unwrap_or_default()
+    };
+    let first = pids();
+    if first.is_empty() {
+        return;
+    }
+    for &p in &first {
+        sys::signal(p, sys::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && !pids().is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for p in pids() {
+        sys::signal(p, sys::SIGKILL);
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit (1000 concurrent
+/// connections need more than the common default of 1024).
+pub fn raise_nofile_limit() {
+    sys::raise_nofile_limit();
+}
+
+/// Process signals and limits through nix's safe wrappers.
+mod sys {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    pub use nix::sys::signal::Signal::{SIGKILL, SIGTERM};
+
+    /// Sends `sig` to process `pid` (errors such as "no such process" are ignored).
+    pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+        let Ok(pid) = i32::try_from(pid) else { return };
+        if pid > 0 {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
+    }
+
+    pub fn raise_nofile_limit() {
+        if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            if soft < hard {
+                let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            }
+        }
+    }
+}
