@@ -35,6 +35,22 @@ fn dial_status(e: &std::io::Error) -> FlowStatus {
 
 pub(crate) async fn relay(mut send: quinn::SendStream, mut recv: quinn::RecvStream, dst: SocketAddr, config: &Config) {
     let dial = tokio::time::timeout(config.dial_timeout, TcpStream::connect(dst)).await;
+    if let Ok(Err(e)) = &dial {
+        if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) {
+            // The handshake completed and the destination reset at once (before the
+            // connect finished here): connected, then reset, as the application would
+            // have seen it.
+            debug!("destination accepted and reset at once");
+            if write_message(&mut send, &Message::FlowReply { status: FlowStatus::Ok, message: String::new() })
+                .await
+                .is_ok()
+            {
+                let _ = send.reset(RESET_CODE.into());
+                let _ = recv.stop(RESET_CODE.into());
+            }
+            return;
+        }
+    }
     let (status, message, stream) = match dial {
         Ok(Ok(s)) => (FlowStatus::Ok, String::new(), Some(s)),
         Ok(Err(e)) => (dial_status(&e), e.to_string(), None),
