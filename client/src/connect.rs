@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::quic::{client_config, load_certs, PIN_MISMATCH, SERVER_NAME};
+use tpvpn_tunnel::quic::{client_config, parse_certs, PIN_MISMATCH, SERVER_NAME};
 use tpvpn_tunnel::{ClusterInfo, ErrorCode, Message, CLOSE_REFUSED, PROTOCOL_VERSION};
 
 use crate::Error;
@@ -25,28 +25,45 @@ pub struct Session {
     pub control: (quinn::SendStream, quinn::RecvStream),
 }
 
-/// Where and how to reach the manager (direct mode).
+/// Where and how to reach the manager: from flags (direct mode) or from the cluster.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// HOST:PORT of the manager.
     pub manager: String,
-    pub ca_file: std::path::PathBuf,
-    pub token_file: std::path::PathBuf,
+    /// The manager's certificate (PEM), pinned.
+    pub ca_pem: Vec<u8>,
+    /// Where the certificate came from, for messages ("--manager-ca FILE").
+    pub ca_source: String,
+    pub token: Vec<u8>,
+    /// Where the token came from, for messages.
+    pub token_source: String,
 }
 
-fn read_token(path: &Path) -> Result<Vec<u8>, Error> {
-    let token = std::fs::read_to_string(path)
-        .map_err(|e| Error::Config(format!("cannot read token file {}: {e}", path.display())))?;
-    let token = token.trim();
-    if token.is_empty() {
-        return Err(Error::Config(format!("token file {} is empty", path.display())));
+impl Target {
+    /// Direct mode: the certificate and token from files.
+    pub fn from_files(manager: String, ca_file: &Path, token_file: &Path) -> Result<Target, Error> {
+        let ca_pem = std::fs::read(ca_file)
+            .map_err(|e| Error::Config(format!("cannot read --manager-ca {}: {e}", ca_file.display())))?;
+        let token = std::fs::read_to_string(token_file)
+            .map_err(|e| Error::Config(format!("cannot read token file {}: {e}", token_file.display())))?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Error::Config(format!("token file {} is empty", token_file.display())));
+        }
+        Ok(Target {
+            manager,
+            ca_pem,
+            ca_source: format!("--manager-ca {}", ca_file.display()),
+            token: token.as_bytes().to_vec(),
+            token_source: format!("--token-file {}", token_file.display()),
+        })
     }
-    Ok(token.as_bytes().to_vec())
 }
 
 /// Connects and authenticates.
 pub async fn connect(target: &Target) -> Result<Session, Error> {
-    let certs = load_certs(&target.ca_file).map_err(|e| Error::Config(format!("--manager-ca: {e}")))?;
-    let token = read_token(&target.token_file)?;
+    let certs = parse_certs(&target.ca_pem, &target.ca_source).map_err(|e| Error::Config(e.to_string()))?;
+    let token = target.token.clone();
     let manager = tokio::net::lookup_host(&target.manager)
         .await
         .map_err(|e| Error::Config(format!("--manager {}: {e} (expected HOST:PORT)", target.manager)))?
@@ -91,7 +108,7 @@ pub async fn connect(target: &Target) -> Result<Session, Error> {
 
 fn refusal(code: ErrorCode, message: String, target: &Target) -> Error {
     match code {
-        ErrorCode::Unauthorized => Error::BadToken(target.token_file.display().to_string()),
+        ErrorCode::Unauthorized => Error::BadToken(target.token_source.clone()),
         ErrorCode::VersionMismatch => Error::VersionMismatch(message),
         _ => Error::Protocol(format!("manager refused the connection: {message}")),
     }
@@ -103,12 +120,12 @@ fn map_connection_error(e: quinn::ConnectionError, manager: SocketAddr, target: 
             Error::ManagerUnreachable { addr: manager, secs: CONNECT_TIMEOUT.as_secs() }
         }
         quinn::ConnectionError::TransportError(t) if t.to_string().contains(PIN_MISMATCH) => {
-            Error::CertificateMismatch { addr: manager, ca: target.ca_file.display().to_string() }
+            Error::CertificateMismatch { addr: manager, ca: target.ca_source.clone() }
         }
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == CLOSE_REFUSED.into() => {
             let reason = String::from_utf8_lossy(&c.reason).into_owned();
             if reason.contains("token") {
-                Error::BadToken(target.token_file.display().to_string())
+                Error::BadToken(target.token_source.clone())
             } else if reason.contains("version") {
                 Error::VersionMismatch(reason)
             } else {
@@ -116,7 +133,7 @@ fn map_connection_error(e: quinn::ConnectionError, manager: SocketAddr, target: 
             }
         }
         quinn::ConnectionError::ConnectionClosed(c) if c.to_string().contains(PIN_MISMATCH) => {
-            Error::CertificateMismatch { addr: manager, ca: target.ca_file.display().to_string() }
+            Error::CertificateMismatch { addr: manager, ca: target.ca_source.clone() }
         }
         other => Error::Connection(other),
     }

@@ -8,6 +8,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use crate::connect::{connect, Target};
 use crate::control::{self, Dns, Reply, Request, Status, Tun};
 use crate::dataplane::Dataplane;
 use crate::state::{self, Paths, State};
+use crate::{discovery, kubeconfig};
 use crate::{routes, Error};
 
 /// Environment variable that marks the daemon child started by `tpvpn up`.
@@ -29,10 +31,19 @@ pub const TUN_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// IPv6 address of the TUN device, added when an IPv6 CIDR is routed.
 pub const TUN_V6: Ipv6Addr = Ipv6Addr::new(0xfd74, 0x7076, 0x706e, 0, 0, 0, 0, 1);
 
+/// Where `up` learns how to reach the manager.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// `--manager`, `--manager-ca` and `--token-file`.
+    Direct { manager: String, ca_file: PathBuf, token_file: PathBuf },
+    /// A kubeconfig context; `manager` overrides the discovered address.
+    Kube { kubeconfig: Option<PathBuf>, context: Option<String>, manager: Option<String>, manager_namespace: String },
+}
+
 /// Options of `tpvpn up`.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
-    pub target: Target,
+    pub source: Source,
     pub never_proxy: Vec<IpNet>,
     pub also_proxy: Vec<IpNet>,
     pub device: String,
@@ -160,12 +171,45 @@ pub fn up_foreground(opts: UpOptions, paths: Paths) -> Result<(), Error> {
     result
 }
 
+/// What the source tells `up`: the manager target and what to keep out of (or add to)
+/// the tunnel.
+struct Plan {
+    target: Target,
+    context: Option<String>,
+    never_proxy: Vec<IpNet>,
+    also_proxy: Vec<IpNet>,
+}
+
+async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
+    match &opts.source {
+        Source::Direct { manager, ca_file, token_file } => Ok(Plan {
+            target: Target::from_files(manager.clone(), ca_file, token_file)?,
+            context: None,
+            never_proxy: opts.never_proxy.clone(),
+            also_proxy: opts.also_proxy.clone(),
+        }),
+        Source::Kube { kubeconfig, context, manager, manager_namespace } => {
+            let r = kubeconfig::resolve(kubeconfig.as_deref(), context.as_deref())?;
+            let d = discovery::discover(&r, manager.clone(), manager_namespace).await?;
+            info!(context = %r.context, manager = %d.target.manager, "discovered the manager");
+            let mut never = opts.never_proxy.clone();
+            never.extend(r.extension.never_proxy.iter().copied());
+            // The API server must stay reachable outside the tunnel.
+            never.extend(d.api_server_ips.iter().map(|ip| routes::host(*ip)));
+            let mut also = opts.also_proxy.clone();
+            also.extend(r.extension.also_proxy.iter().copied());
+            Ok(Plan { target: d.target, context: Some(r.context), never_proxy: never, also_proxy: also })
+        }
+    }
+}
+
 async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Error> {
-    let session = connect(&opts.target).await?;
+    let plan = plan(&opts).await?;
+    let session = connect(&plan.target).await?;
     info!(manager = %session.manager, cidrs = ?session.cluster.cidrs, "connected to the manager");
-    let mut never = opts.never_proxy.clone();
+    let mut never = plan.never_proxy.clone();
     never.push(routes::host(session.manager.ip()));
-    let wanted = routes::compute(&session.cluster.cidrs, &opts.also_proxy, &never);
+    let wanted = routes::compute(&session.cluster.cidrs, &plan.also_proxy, &never);
     if wanted.is_empty() {
         return Err(Error::Config(
             "nothing to route: the manager reported no cluster CIDRs outside --never-proxy".into(),
@@ -209,7 +253,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         let handle = dataplane.handle();
         let status = Status {
             connected: true,
-            context: None,
+            context: plan.context.clone(),
             manager: Some(session.manager.to_string()),
             tun: Some(Tun { name: opts.device.clone(), address: TUN_V4.to_string(), mtu: usize::from(opts.mtu) }),
             routes: wanted.iter().map(|r| r.to_string()).collect(),

@@ -13,6 +13,8 @@ pub mod connect;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod discovery;
+pub mod kubeconfig;
 pub mod routes;
 pub mod state;
 
@@ -25,10 +27,12 @@ pub enum Error {
     Config(String),
     #[error("cannot reach the manager at {addr}: no answer within {secs}s; check --manager and that tpvpn-manager is running and reachable over UDP")]
     ManagerUnreachable { addr: SocketAddr, secs: u64 },
-    #[error("the manager at {addr} presented a certificate that is not the one in {ca}; check --manager-ca")]
+    #[error("the manager at {addr} presented a certificate that is not the one from {ca}; check that certificate")]
     CertificateMismatch { addr: SocketAddr, ca: String },
-    #[error("the manager refused the token in {0}; check --token-file")]
+    #[error("the manager refused the token from {0}; check that token")]
     BadToken(String),
+    #[error("{0}")]
+    Kubernetes(String),
     #[error("{0}; install matching versions of tpvpn and tpvpn-manager")]
     VersionMismatch(String),
     #[error("protocol error: {0}")]

@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
-use tpvpn_client::connect::Target;
-use tpvpn_client::daemon::{self, UpOptions};
+use tpvpn_client::daemon::{self, Source, UpOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "tpvpn", version, about = "Put this machine inside a Kubernetes cluster's network")]
@@ -34,23 +33,26 @@ enum Output {
 enum Cmd {
     /// Connect: create the TUN device, route the cluster into it, and stay connected.
     Up {
-        /// Kubeconfig context (Kubernetes discovery is not implemented yet).
+        /// Kubeconfig context (default: the current context).
         #[arg(long)]
         context: Option<String>,
-        /// Kubeconfig file (Kubernetes discovery is not implemented yet).
+        /// Kubeconfig file (default: KUBECONFIG, else ~/.kube/config).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
         /// Namespace to connect to.
         #[arg(long)]
         namespace: Option<String>,
-        /// The manager's address, HOST:PORT (direct mode).
+        /// The manager's address, HOST:PORT (overrides discovery).
         #[arg(long)]
         manager: Option<String>,
-        /// PEM certificate of the manager, pinned (direct mode).
-        #[arg(long)]
+        /// Namespace the manager is installed in.
+        #[arg(long, default_value = "tpvpn")]
+        manager_namespace: String,
+        /// PEM certificate of the manager, pinned (direct mode, with --manager and --token-file).
+        #[arg(long, requires_all = ["manager", "token_file"])]
         manager_ca: Option<PathBuf>,
-        /// File holding the client token (direct mode).
-        #[arg(long)]
+        /// File holding the client token (direct mode, with --manager and --manager-ca).
+        #[arg(long, requires_all = ["manager", "manager_ca"])]
         token_file: Option<PathBuf>,
         /// A CIDR that is never routed into the tunnel (repeatable).
         #[arg(long = "never-proxy", value_name = "CIDR")]
@@ -112,6 +114,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             kubeconfig,
             namespace: _,
             manager,
+            manager_namespace,
             manager_ca,
             token_file,
             never_proxy,
@@ -121,15 +124,16 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             device,
             mtu,
         } => {
-            let (Some(manager), Some(ca_file), Some(token_file)) = (manager, manager_ca, token_file) else {
-                let what = if context.is_some() || kubeconfig.is_some() {
-                    "Kubernetes discovery (--context, --kubeconfig)"
-                } else {
-                    "connecting without --manager"
-                };
-                return Err(Error::Config(format!(
-                    "{what} is not implemented yet; use direct mode: tpvpn up --manager HOST:PORT --manager-ca FILE --token-file FILE"
-                )));
+            let source = match (manager, manager_ca, token_file) {
+                (Some(manager), Some(ca_file), Some(token_file)) => {
+                    if context.is_some() || kubeconfig.is_some() {
+                        return Err(Error::Config(
+                            "direct mode (--manager-ca, --token-file) does not use a kubeconfig: drop --context/--kubeconfig".into(),
+                        ));
+                    }
+                    Source::Direct { manager, ca_file, token_file }
+                }
+                (manager, _, _) => Source::Kube { kubeconfig, context, manager, manager_namespace },
             };
             if !matches!(dns_mode, DnsMode::Auto | DnsMode::Off) {
                 return Err(Error::Config(
@@ -139,14 +143,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             if mtu < 1280 {
                 return Err(Error::Config("--mtu must be at least 1280".into()));
             }
-            let opts = UpOptions {
-                target: Target { manager, ca_file, token_file },
-                never_proxy,
-                also_proxy,
-                device,
-                mtu,
-                dns_mode: "off".into(),
-            };
+            let opts = UpOptions { source, never_proxy, also_proxy, device, mtu, dns_mode: "off".into() };
             if foreground {
                 daemon::up_foreground(opts, paths)
             } else {

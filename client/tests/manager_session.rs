@@ -56,7 +56,7 @@ async fn start_manager(tag: &str) -> Fixture {
 }
 
 fn target(f: &Fixture, ca: &str, token: &str) -> Target {
-    Target { manager: f.addr.to_string(), ca_file: f.dir.join(ca), token_file: f.dir.join(token) }
+    Target::from_files(f.addr.to_string(), &f.dir.join(ca), &f.dir.join(token)).unwrap()
 }
 
 #[tokio::test]
@@ -68,12 +68,12 @@ async fn good_token_gets_the_cluster_and_bad_inputs_get_clear_errors() {
 
     let e = connect(&target(&f, "manager.crt", "bad-token")).await.err().expect("bad token refused");
     assert!(matches!(e, Error::BadToken(_)), "{e}");
-    assert!(e.to_string().contains("--token-file"));
+    assert!(e.to_string().contains("--token-file"), "{e}");
 
     write_cert(&f.dir, "other");
     let e = connect(&target(&f, "other.crt", "token")).await.err().expect("other cert refused");
     assert!(matches!(e, Error::CertificateMismatch { .. }), "{e}");
-    assert!(e.to_string().contains("--manager-ca"));
+    assert!(e.to_string().contains("--manager-ca"), "{e}");
 }
 
 #[tokio::test]
@@ -164,11 +164,8 @@ async fn unreachable_manager_fails_within_the_timeout() {
     std::fs::write(dir.join("token"), "t").unwrap();
     // A bound UDP port that never answers.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let t = Target {
-        manager: silent.local_addr().unwrap().to_string(),
-        ca_file: dir.join("manager.crt"),
-        token_file: dir.join("token"),
-    };
+    let t = Target::from_files(silent.local_addr().unwrap().to_string(), &dir.join("manager.crt"), &dir.join("token"))
+        .unwrap();
     let started = std::time::Instant::now();
     let e = connect(&t).await.err().expect("no manager there");
     assert!(matches!(e, Error::ManagerUnreachable { .. }), "{e}");

@@ -67,6 +67,18 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// Parses PEM certificates from memory (say, a Secret's `ca.crt`); `what` names the
+/// source in errors.
+pub fn parse_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Stream(format!("cannot parse certificate from {what}: {e}")))?;
+    if certs.is_empty() {
+        return Err(Error::Stream(format!("no PEM certificate in {what}")));
+    }
+    Ok(certs)
+}
+
 /// Reads the PEM private key of `path`.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
     PrivateKeyDer::from_pem_file(path)

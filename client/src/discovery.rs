@@ -1,0 +1,182 @@
+//! Finding and authenticating to the manager through the Kubernetes API.
+//!
+//! Credentials come from Secret `tpvpn-client` (`ca.crt`, `token`) in the manager's
+//! namespace. The manager's address, first that applies: `--manager`; the kubeconfig
+//! extension's `manager-address`; the LoadBalancer ingress of Service `tpvpn-manager`
+//! (port `quic`); that Service's NodePort on the API server's host.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::Api;
+use kube::config::KubeConfigOptions;
+
+use crate::connect::Target;
+use crate::kubeconfig::Resolved;
+use crate::Error;
+
+/// Name of the Secret holding the client credentials.
+pub const CLIENT_SECRET: &str = "tpvpn-client";
+/// Name of the manager's Service (and Deployment).
+pub const MANAGER_SERVICE: &str = "tpvpn-manager";
+/// Default namespace of the manager.
+pub const MANAGER_NAMESPACE: &str = "tpvpn";
+/// Time allowed for each API request.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What discovery found.
+#[derive(Debug, Clone)]
+pub struct Discovered {
+    pub target: Target,
+    /// Addresses of the API server, never routed into the tunnel.
+    pub api_server_ips: Vec<IpAddr>,
+}
+
+/// Host and port of an API server URL.
+pub fn server_host_port(server: &str) -> Result<(String, u16), Error> {
+    let uri: http::Uri =
+        server.parse().map_err(|e| Error::Config(format!("the kubeconfig's server `{server}` is not a URL: {e}")))?;
+    let host = uri.host().ok_or_else(|| Error::Config(format!("the kubeconfig's server `{server}` has no host")))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("http") { 80 } else { 443 });
+    Ok((host, port))
+}
+
+fn api_error(e: kube::Error, what: &str, r: &Resolved) -> Error {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => Error::Kubernetes(format!(
+            "context `{}` may not read {what}: {}; ask a cluster admin for access (the role tpvpn-client grants it)",
+            r.context, s.message
+        )),
+        kube::Error::Api(s) if s.code == 401 => Error::Kubernetes(format!(
+            "the API server {} refused the credentials of context `{}`: {}; log in again (check with kubectl get ns)",
+            r.server, r.context, s.message
+        )),
+        kube::Error::Api(s) if s.code == 404 => Error::Kubernetes(format!(
+            "{what} not found in context `{}`: is the manager installed? install it: tpvpn manager install",
+            r.context
+        )),
+        kube::Error::Api(s) => Error::Kubernetes(format!("reading {what}: {} ({})", s.message, s.code)),
+        other => {
+            Error::Kubernetes(format!("cannot reach the API server {} of context `{}`: {other}", r.server, r.context))
+        }
+    }
+}
+
+async fn timed<T>(what: &str, r: &Resolved, f: impl std::future::Future<Output = kube::Result<T>>) -> Result<T, Error> {
+    match tokio::time::timeout(API_TIMEOUT, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(api_error(e, what, r)),
+        Err(_) => Err(Error::Kubernetes(format!(
+            "the API server {} of context `{}` did not answer within {}s",
+            r.server,
+            r.context,
+            API_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// A Kubernetes client for the resolved context.
+pub async fn client(r: &Resolved) -> Result<kube::Client, Error> {
+    let options = KubeConfigOptions { context: Some(r.context.clone()), ..Default::default() };
+    let config = kube::Config::from_custom_kubeconfig(r.kubeconfig.clone(), &options)
+        .await
+        .map_err(|e| Error::Config(format!("context `{}`: {e}", r.context)))?;
+    kube::Client::try_from(config).map_err(|e| Error::Config(format!("context `{}`: {e}", r.context)))
+}
+
+/// Finds the manager and its credentials.
+pub async fn discover(r: &Resolved, manager_flag: Option<String>, namespace: &str) -> Result<Discovered, Error> {
+    let client = client(r).await?;
+    let secret_name = format!("Secret {namespace}/{CLIENT_SECRET}");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret = timed(&secret_name, r, secrets.get(CLIENT_SECRET)).await?;
+    let data = secret.data.unwrap_or_default();
+    let field = |key: &str| {
+        data.get(key).map(|b| b.0.clone()).filter(|b| !b.is_empty()).ok_or_else(|| {
+            Error::Kubernetes(format!("{secret_name} has no `{key}`; reinstall the manager: tpvpn manager install"))
+        })
+    };
+    let ca_pem = field("ca.crt")?;
+    let token = String::from_utf8_lossy(&field("token")?).trim().as_bytes().to_vec();
+
+    let (api_host, api_port) = server_host_port(&r.server)?;
+    let api_server_ips: Vec<IpAddr> = tokio::net::lookup_host((api_host.as_str(), api_port))
+        .await
+        .map_err(|e| Error::Kubernetes(format!("cannot resolve the API server host {api_host}: {e}")))?
+        .map(|a| a.ip())
+        .collect();
+
+    let manager = match manager_flag.or_else(|| r.extension.manager_address.clone()) {
+        Some(m) => m,
+        None => {
+            let services: Api<Service> = Api::namespaced(client, namespace);
+            let what = format!("Service {namespace}/{MANAGER_SERVICE}");
+            let svc = timed(&what, r, services.get(MANAGER_SERVICE)).await?;
+            manager_address(&svc, &api_host).ok_or_else(|| {
+                Error::Kubernetes(format!(
+                    "{what} has no LoadBalancer address and no NodePort for port `quic`; set manager-address in the kubeconfig's tpvpn extension or pass --manager HOST:PORT"
+                ))
+            })?
+        }
+    };
+    let source = format!("{secret_name} (context `{}`)", r.context);
+    Ok(Discovered {
+        target: Target { manager, ca_pem, ca_source: source.clone(), token, token_source: source },
+        api_server_ips,
+    })
+}
+
+/// The manager's address from its Service: LoadBalancer ingress with the `quic` port,
+/// else the `quic` NodePort on the API server's host.
+pub fn manager_address(svc: &Service, api_host: &str) -> Option<String> {
+    let spec = svc.spec.as_ref()?;
+    let port = spec.ports.as_ref()?.iter().find(|p| p.name.as_deref() == Some("quic"))?;
+    let join = |host: &str, port: i32| {
+        if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+    };
+    let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+    if let Some(first) = ingress.and_then(|i| i.first()) {
+        if let Some(host) = first.ip.as_deref().or(first.hostname.as_deref()) {
+            return Some(join(host, port.port));
+        }
+    }
+    port.node_port.map(|np| join(api_host, np))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(json: serde_json::Value) -> Service {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn manager_address_prefers_load_balancer_then_node_port() {
+        let spec = serde_json::json!({"type": "LoadBalancer", "ports": [
+            {"name": "metrics", "port": 9090},
+            {"name": "quic", "port": 4443, "protocol": "UDP", "nodePort": 30443}]});
+        let lb =
+            svc(serde_json::json!({"spec": spec, "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}}}));
+        assert_eq!(manager_address(&lb, "api.example").as_deref(), Some("203.0.113.7:4443"));
+        let np = svc(serde_json::json!({"spec": spec}));
+        assert_eq!(manager_address(&np, "api.example").as_deref(), Some("api.example:30443"));
+        assert_eq!(manager_address(&np, "fd00::1").as_deref(), Some("[fd00::1]:30443"));
+        let none = svc(serde_json::json!({"spec": {"ports": [{"name": "quic", "port": 4443}]}}));
+        assert_eq!(manager_address(&none, "h"), None);
+    }
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(server_host_port("https://10.0.0.1:6443").unwrap(), ("10.0.0.1".into(), 6443));
+        assert_eq!(server_host_port("http://10.250.1.1:6443").unwrap(), ("10.250.1.1".into(), 6443));
+        assert_eq!(server_host_port("https://[fd00::1]").unwrap(), ("fd00::1".into(), 443));
+        assert!(server_host_port("not a url").is_err());
+    }
+}
