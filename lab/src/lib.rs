@@ -17,8 +17,15 @@
 //!   inet ns  10.250.2.1 ── 10.250.2.2  laptop ns  10.250.1.2 ── 10.250.1.1  cluster ns
 //!   (default route of the laptop;                 ("node network")          kube0: ClusterIPs, pod IPs
 //!    routes no cluster IP)                                                  manager on 10.250.1.1:4443
+//!                                                                           API server stand-in on 10.250.1.1:6443
 //! ```
+//!
+//! The cluster namespace also runs a stand-in for the Kubernetes API server
+//! ([`apiserver`], plain HTTP on [`APISERVER_ADDR`]) loaded with the lab's
+//! namespaces, node, Services, pod and the `tpvpn/tpvpn-client` Secret;
+//! [`Lab::kubeconfig`] points at it and [`Lab::kube_apply`] changes it.
 
+pub mod apiserver;
 pub mod client;
 pub mod data;
 pub mod serve;
@@ -30,6 +37,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use base64::Engine as _;
+use serde_json::{json, Value};
 
 /// Where the manager listens (cluster side of the node network).
 pub const MANAGER_ADDR: &str = "10.250.1.1:4443";
@@ -43,6 +52,8 @@ pub const FRONTEND_POD_IP: &str = "10.244.1.10";
 pub const REDIS_IP: &str = "10.96.0.20";
 /// The UDP echo Service ClusterIP (:7).
 pub const UDP_ECHO_ADDR: &str = "10.96.0.30:7";
+/// Where the Kubernetes API server stand-in listens (cluster side of the node network).
+pub const APISERVER_ADDR: &str = "10.250.1.1:6443";
 /// The lab's TCP test servers' Service ClusterIP.
 pub const TEST_SERVERS_IP: &str = "10.96.0.40";
 /// Reset server: writes 1000 bytes, then RST.
@@ -84,6 +95,9 @@ pub struct Lab {
     exec_counter: AtomicU64,
     /// Whether this lab created `dir` (only then is it removed on drop).
     dir_created: bool,
+    /// Bearer tokens of the API server stand-in: admin, and no access to secrets.
+    api_token: String,
+    no_secrets_token: String,
 }
 
 impl std::fmt::Debug for Lab {
@@ -175,6 +189,8 @@ impl Lab {
             used_tpvpn: AtomicBool::new(false),
             exec_counter: AtomicU64::new(0),
             dir_created: false,
+            api_token: random_token()?,
+            no_secrets_token: random_token()?,
         };
         // On error `lab` is dropped here, which tears down what was built.
         lab.build().with_context(|| format!("building lab {}", lab.id))?;
@@ -190,6 +206,7 @@ impl Lab {
         self.build_network()?;
         self.write_tls_and_token()?;
         self.start_servers()?;
+        self.start_apiserver()?;
         self.start_manager()?;
         Ok(())
     }
@@ -333,6 +350,189 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("servers not listening after 10 s: {missing:?}")
+    }
+
+    /// The objects the API server stand-in starts with (see [`Lab::new`]).
+    fn fixtures(&self) -> Result<Value> {
+        let b64 = |p: PathBuf| -> Result<String> {
+            let data = fs::read(&p).with_context(|| format!("read {}", p.display()))?;
+            Ok(base64::engine::general_purpose::STANDARD.encode(data))
+        };
+        let port = |name: &str, port: u16, proto: &str| json!({"name": name, "port": port, "protocol": proto, "targetPort": port});
+        let svc = |ns: &str, name: &str, ip: &str, ports: Vec<Value>| {
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns},
+                   "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ports": ports}})
+        };
+        let (node_ip, _) = MANAGER_ADDR.split_once(':').context("MANAGER_ADDR")?;
+        let mut objs: Vec<Value> = ["default", "kube-system", "tpvpn", "rs", "dev"]
+            .iter()
+            .map(|n| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}))
+            .collect();
+        objs.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "lab-node"},
+            "spec": {"podCIDR": "10.244.0.0/16", "podCIDRs": ["10.244.0.0/16"]},
+            "status": {"addresses": [{"type": "InternalIP", "address": node_ip}]}}));
+        let (echo_ip, _) = UDP_ECHO_ADDR.split_once(':').context("UDP_ECHO_ADDR")?;
+        objs.extend([
+            svc("default", "frontend", FRONTEND_IP, vec![port("http", 80, "TCP")]),
+            svc("default", "redis-leader", REDIS_IP, vec![port("redis", 6379, "TCP")]),
+            svc("default", "udp-echo", echo_ip, vec![port("echo", 7, "UDP")]),
+            svc(
+                "default",
+                "test-servers",
+                TEST_SERVERS_IP,
+                vec![port("reset", 9000, "TCP"), port("sink", 9001, "TCP"), port("source", 9003, "TCP")],
+            ),
+            svc("kube-system", "kube-dns", "10.96.0.53", vec![port("dns", 53, "UDP"), port("dns-tcp", 53, "TCP")]),
+            svc("rs", "svc", "10.96.0.60", vec![port("http", 80, "TCP")]),
+        ]);
+        let mut mgr = svc("tpvpn", "tpvpn-manager", "10.96.0.70", vec![port("quic", 4443, "UDP")]);
+        mgr["spec"]["type"] = json!("NodePort");
+        mgr["spec"]["ports"][0]["nodePort"] = json!(4443);
+        objs.push(mgr);
+        objs.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "frontend-0", "namespace": "default", "labels": {"app": "frontend"}},
+            "spec": {"nodeName": "lab-node", "containers": [{"name": "nginx", "image": "nginx"}]},
+            "status": {"phase": "Running", "hostIP": node_ip, "podIP": FRONTEND_POD_IP, "podIPs": [{"ip": FRONTEND_POD_IP}]}}));
+        objs.push(json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": "tpvpn-client", "namespace": "tpvpn"},
+            "data": {"ca.crt": b64(self.manager_ca())?, "token": b64(self.token_file())?}}));
+        Ok(Value::Array(objs))
+    }
+
+    /// The kubeconfig: context `lab` (admin token) and `lab-no-secrets`.
+    fn kubeconfig_yaml(&self) -> String {
+        let lines = [
+            "apiVersion: v1".to_string(),
+            "kind: Config".into(),
+            "clusters:".into(),
+            "- name: lab".into(),
+            "  cluster:".into(),
+            format!("    server: {}", self.apiserver_url()),
+            "users:".into(),
+            "- name: lab-user".into(),
+            "  user:".into(),
+            format!("    token: {}", self.api_token),
+            "- name: lab-user-no-secrets".into(),
+            "  user:".into(),
+            format!("    token: {}", self.no_secrets_token),
+            "contexts:".into(),
+            "- name: lab".into(),
+            "  context: {cluster: lab, user: lab-user, namespace: default}".into(),
+            "- name: lab-no-secrets".into(),
+            "  context: {cluster: lab, user: lab-user-no-secrets, namespace: default}".into(),
+            "current-context: lab".into(),
+        ];
+        lines.join("\n") + "\n"
+    }
+
+    /// Writes fixtures and kubeconfig, starts the API server stand-in and waits (≤ 10 s) until it answers.
+    fn start_apiserver(&mut self) -> Result<()> {
+        let fixtures = self.dir.join("apiserver-fixtures.json");
+        fs::write(&fixtures, serde_json::to_vec_pretty(&self.fixtures()?)?)?;
+        fs::write(self.kubeconfig(), self.kubeconfig_yaml())?;
+        let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
+        let (fx, tok, nosec) = (fixtures.display().to_string(), self.api_token.clone(), self.no_secrets_token.clone());
+        let args = ["apiserver", "--listen", APISERVER_ADDR, "--fixtures", &fx, "--token", &tok];
+        let mut cmd = vec![lab_bin.as_str()];
+        cmd.extend_from_slice(&args);
+        cmd.extend_from_slice(&["--no-secrets-token", &nosec]);
+        self.spawn_server("apiserver", &cmd)?;
+        let log = || fs::read_to_string(self.dir.join("apiserver.log")).unwrap_or_default();
+        for _ in 0..100 {
+            if let Some((_, child)) = self.children.iter_mut().find(|(n, _)| n == "apiserver") {
+                if let Ok(Some(st)) = child.try_wait() {
+                    bail!(
+                        "the API server stand-in exited early ({st}); log:
+{}",
+                        log()
+                    );
+                }
+            }
+            if let Ok((200, _)) = self.kube_request(Some(&self.api_token), "GET", "/version", None) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "the API server stand-in does not answer /version after 10 s; log:
+{}",
+            log()
+        )
+    }
+
+    /// The kubeconfig of the API server stand-in (contexts `lab` and `lab-no-secrets`).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+    /// `http://10.250.1.1:6443`, the API server stand-in.
+    pub fn apiserver_url(&self) -> String {
+        format!("http://{APISERVER_ADDR}")
+    }
+    /// The admin bearer token of the API server stand-in.
+    pub fn api_token(&self) -> String {
+        self.api_token.clone()
+    }
+    /// The bearer token that may do everything except access secrets (403).
+    pub fn api_token_no_secrets(&self) -> String {
+        self.no_secrets_token.clone()
+    }
+
+    /// One HTTP request to the API server stand-in, made with curl from the
+    /// cluster namespace (`token` None: no `Authorization` header). Returns the
+    /// HTTP status and the JSON body (`Null` if empty or not JSON). PATCH bodies
+    /// are sent as `application/merge-patch+json`.
+    pub fn kube_request(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value)> {
+        let url = format!("{}{path}", self.apiserver_url());
+        let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+        let ctype = if method == "PATCH" { "application/merge-patch+json" } else { "application/json" };
+        let ctype = format!("Content-Type: {ctype}");
+        let mut cmd = vec!["curl", "-sS", "--max-time", "10", "-X", method, "-H", &ctype, "-w", "\n%{http_code}"];
+        if let Some(a) = &auth {
+            cmd.extend_from_slice(&["-H", a]);
+        }
+        let n = self.exec_counter.fetch_add(1, Ordering::Relaxed);
+        let body_path = self.dir.join(format!("out/kube-{n}.json"));
+        let data_arg = format!("@{}", body_path.display());
+        if let Some(b) = body {
+            fs::write(&body_path, serde_json::to_vec(b)?)?;
+            cmd.extend_from_slice(&["--data-binary", &data_arg]);
+        }
+        cmd.push(&url);
+        let out = self.exec_timeout(&self.cluster, &cmd, Duration::from_secs(15));
+        let _ = fs::remove_file(&body_path);
+        if !out.status.success() {
+            bail!("curl {method} {url} failed:\n{}", show(&out));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (resp, code) = text.rsplit_once('\n').context("no status line from curl")?;
+        let code: u16 = code.trim().parse().with_context(|| format!("bad status from curl: {code:?}"))?;
+        Ok((code, serde_json::from_str(resp).unwrap_or(Value::Null)))
+    }
+
+    /// `method path` with the admin token (e.g. `POST /api/v1/namespaces/default/services`
+    /// with the object); the response object, or an error with the `Status` if not 2xx.
+    pub fn kube_apply(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let (code, resp) = self.kube_request(Some(&self.api_token), method, path, body)?;
+        if !(200..300).contains(&code) {
+            bail!("{method} {path}: HTTP {code}: {resp}");
+        }
+        Ok(resp)
+    }
+
+    /// Stand-in only: drops the watch history, so watches from any older resourceVersion get 410 Gone.
+    pub fn kube_compact(&self) -> Result<()> {
+        self.kube_apply("POST", "/_standin/compact", None).map(|_| ())
+    }
+
+    /// Everything the API server stand-in logged (one line per request).
+    pub fn apiserver_log(&self) -> String {
+        fs::read_to_string(self.dir.join("apiserver.log")).unwrap_or_default()
     }
 
     /// Network namespace of the laptop.
@@ -508,8 +708,10 @@ impl Lab {
             ])
             .arg("--token-file")
             .arg(token_file)
-            .args(["--cluster-cidr", "10.96.0.0/12", "--cluster-cidr", "10.244.0.0/16"])
-            .args(["--cluster-dns", "10.96.0.53", "--cluster-domain", "cluster.local"])
+            // The manager learns CIDRs and DNS from the API stand-in, as in a cluster.
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["--cluster-domain", "cluster.local"])
             .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1") // plain text in manager.log
             .stdin(Stdio::null())

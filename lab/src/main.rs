@@ -1,11 +1,12 @@
 //! `tpvpn-lab`: the lab's test servers and clients, and the demo.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use tpvpn_lab::{client, serve, Lab};
+use tpvpn_lab::{apiserver, client, serve, Lab};
 
 #[derive(Debug, Parser)]
 #[command(name = "tpvpn-lab", version, about = "tpvpn lab: test servers, test clients and the demo")]
@@ -26,6 +27,23 @@ enum Cmd {
         sink: SocketAddr,
         #[arg(long, default_value = tpvpn_lab::SOURCE_ADDR)]
         source: SocketAddr,
+    },
+    /// Run the Kubernetes API server stand-in (in-memory, plain HTTP/1.1) until killed.
+    Apiserver {
+        #[arg(long, default_value = tpvpn_lab::APISERVER_ADDR)]
+        listen: SocketAddr,
+        /// JSON array of the objects to load at start.
+        #[arg(long)]
+        fixtures: PathBuf,
+        /// Bearer token allowed everything.
+        #[arg(long)]
+        token: String,
+        /// Bearer token allowed everything except secrets (403 there).
+        #[arg(long)]
+        no_secrets_token: Option<String>,
+        /// Seconds between watch bookmarks (for watches that allow them).
+        #[arg(long, default_value_t = 5)]
+        bookmark_secs: u64,
     },
     /// Test clients; each prints one line and exits 1 if its check failed.
     #[command(subcommand)]
@@ -57,6 +75,14 @@ fn main() -> ExitCode {
     let result = match args.cmd {
         Cmd::Serve { udp_echo, reset, sink, source } => {
             serve::run(serve::ServeAddrs { udp_echo, reset, sink, source }).map(|()| true)
+        }
+        Cmd::Apiserver { listen, fixtures, token, no_secrets_token, bookmark_secs } => {
+            let cfg = apiserver::Config {
+                admin_token: token,
+                no_secrets_token,
+                bookmark_interval: std::time::Duration::from_secs(bookmark_secs),
+            };
+            apiserver::run(listen, &fixtures, cfg).map(|()| true)
         }
         Cmd::Client(c) => run_client(c),
         Cmd::Demo => demo().map(|()| true),

@@ -7,9 +7,11 @@
 //! relays bytes both ways with bounded buffers. TCP FIN and RST are carried as QUIC
 //! stream FIN and stream reset (see `tpvpn_tunnel`).
 //!
-//! Cluster facts (CIDRs, DNS address, domain) come from flags for now; the Kubernetes
-//! watch is a later step.
+//! Cluster facts (CIDRs, DNS address, domain) come from flags and, with a Kubernetes
+//! client, from watches of Services and Nodes ([`cluster`]); changes are pushed to
+//! every connected client on its control stream.
 
+pub mod cluster;
 mod session;
 mod tcp;
 mod udp;
@@ -42,8 +44,8 @@ pub enum Error {
 pub struct Config {
     /// The token clients must present.
     pub token: Vec<u8>,
-    /// What clients are told about the cluster.
-    pub cluster: ClusterInfo,
+    /// What clients are told about the cluster; changes are pushed to them.
+    pub cluster: tokio::sync::watch::Receiver<ClusterInfo>,
     /// How long a TCP dial may take before the client is told "timed out".
     pub dial_timeout: Duration,
     /// A UDP flow without traffic for this long is closed.
@@ -53,10 +55,16 @@ pub struct Config {
 }
 
 impl Config {
+    /// A manager serving a fixed view of the cluster.
     pub fn new(token: Vec<u8>, cidrs: Vec<ipnet::IpNet>, dns: Option<IpAddr>, domain: String) -> Self {
+        Self::with_cluster(token, cluster::fixed(ClusterInfo { cidrs, dns, domain }))
+    }
+
+    /// A manager serving the view published on `cluster`.
+    pub fn with_cluster(token: Vec<u8>, cluster: tokio::sync::watch::Receiver<ClusterInfo>) -> Self {
         Config {
             token,
-            cluster: ClusterInfo { cidrs, dns, domain },
+            cluster,
             dial_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(60),
             relay_buffer: 256 * 1024,

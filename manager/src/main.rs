@@ -22,9 +22,13 @@ struct Args {
     /// File holding the token clients must present.
     #[arg(long)]
     token_file: PathBuf,
-    /// Kubeconfig to watch the cluster with when running outside it (not implemented yet).
+    /// Kubeconfig to watch the cluster with when running outside it (its current context).
+    /// In a pod the in-cluster configuration is used.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// Run without Kubernetes even in a pod: the cluster is what the flags say.
+    #[arg(long)]
+    no_kubernetes: bool,
     /// Namespace the manager lives in.
     #[arg(long, default_value = "tpvpn")]
     namespace: String,
@@ -59,13 +63,10 @@ fn main() -> Result<()> {
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.kubeconfig.is_some() {
-        bail!(
-            "--kubeconfig: watching Kubernetes is not implemented yet; give the cluster with --cluster-cidr, --cluster-dns and --cluster-domain"
-        );
-    }
-    if args.cluster_cidrs.is_empty() {
-        bail!("no cluster CIDRs: give at least one --cluster-cidr (the service and pod CIDRs)");
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let use_kubernetes = !args.no_kubernetes && (args.kubeconfig.is_some() || in_cluster);
+    if !use_kubernetes && args.cluster_cidrs.is_empty() {
+        bail!("no cluster CIDRs: give --cluster-cidr (the service and pod CIDRs), or --kubeconfig to learn them from the cluster");
     }
     let token = std::fs::read_to_string(&args.token_file)
         .with_context(|| format!("cannot read token file {}", args.token_file.display()))?
@@ -78,12 +79,20 @@ fn run(args: Args) -> Result<()> {
     let certs = tpvpn_tunnel::quic::load_certs(&args.tls_cert)?;
     let key = tpvpn_tunnel::quic::load_key(&args.tls_key)?;
     let server = tpvpn_tunnel::quic::server_config(certs, key)?;
-    let mut config = tpvpn_manager::Config::new(token, args.cluster_cidrs, args.cluster_dns, args.cluster_domain);
-    config.dial_timeout = std::time::Duration::from_secs(args.dial_timeout);
-    config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);
+    let base =
+        tpvpn_tunnel::ClusterInfo { cidrs: args.cluster_cidrs, dns: args.cluster_dns, domain: args.cluster_domain };
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
+        let cluster = if use_kubernetes {
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            tpvpn_manager::cluster::watch(client, base, std::time::Duration::from_secs(10)).await
+        } else {
+            tpvpn_manager::cluster::fixed(base)
+        };
+        let mut config = tpvpn_manager::Config::with_cluster(token, cluster);
+        config.dial_timeout = std::time::Duration::from_secs(args.dial_timeout);
+        config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);
         let endpoint =
             tpvpn_manager::bind(args.listen, server).with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(listen = %args.listen, namespace = %args.namespace, "tpvpn-manager ready");
@@ -98,6 +107,21 @@ fn run(args: Args) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// A Kubernetes client from `--kubeconfig` (its current context), else in-cluster.
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let k = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(k, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context("in-cluster Kubernetes configuration")?,
+    };
+    Ok(kube::Client::try_from(config)?)
 }
 
 async fn shutdown_signal() {

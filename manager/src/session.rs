@@ -70,14 +70,26 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
         Some(other) => return Err(Error::BadHello(other.kind())),
         None => return Err(Error::BadHello("end of stream")),
     }
-    write_message(&mut send, &Message::ServerHello { version: PROTOCOL_VERSION, cluster: config.cluster.clone() })
-        .await?;
+    let mut cluster = config.cluster.clone();
+    let view = cluster.borrow_and_update().clone();
+    write_message(&mut send, &Message::ServerHello { version: PROTOCOL_VERSION, cluster: view }).await?;
     info!("client authenticated");
 
     let udp_flows: UdpFlows = Arc::default();
     let datagrams = tokio::spawn(route_datagrams(conn.clone(), udp_flows.clone()).in_current_span());
-    // The control stream stays open for the session; later versions push updates on it.
-    let _control = (send, recv);
+    // The control stream stays open for the session: cluster changes are pushed on it.
+    let push = tokio::spawn(
+        async move {
+            let _recv = recv;
+            while cluster.changed().await.is_ok() {
+                let view = cluster.borrow_and_update().clone();
+                if write_message(&mut send, &Message::ClusterUpdate { cluster: view }).await.is_err() {
+                    return;
+                }
+            }
+        }
+        .in_current_span(),
+    );
     let result = loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -93,6 +105,7 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
         }
     };
     datagrams.abort();
+    push.abort();
     result
 }
 

@@ -27,6 +27,7 @@ mod ty {
     pub const CLIENT_HELLO: u8 = 0x01;
     pub const SERVER_HELLO: u8 = 0x02;
     pub const ERROR: u8 = 0x03;
+    pub const CLUSTER_UPDATE: u8 = 0x04;
     pub const FLOW_OPEN: u8 = 0x10;
     pub const FLOW_REPLY: u8 = 0x11;
 }
@@ -199,6 +200,8 @@ pub enum Message {
     ClientHello { version: u16, token: Vec<u8> },
     /// The manager accepts the client.
     ServerHello { version: u16, cluster: ClusterInfo },
+    /// The manager's view of the cluster changed (pushed on the control stream).
+    ClusterUpdate { cluster: ClusterInfo },
     /// The manager refuses the client or a request; `message` is for humans.
     Error { code: ErrorCode, version: u16, message: String },
     /// First frame of a flow stream.
@@ -215,6 +218,7 @@ impl Message {
         match self {
             Message::ClientHello { .. } => "client-hello",
             Message::ServerHello { .. } => "server-hello",
+            Message::ClusterUpdate { .. } => "cluster-update",
             Message::Error { .. } => "error",
             Message::FlowOpen { .. } => "flow-open",
             Message::FlowReply { .. } => "flow-reply",
@@ -233,22 +237,9 @@ impl Message {
             }
             ty::SERVER_HELLO => {
                 let version = r.u16()?;
-                let domain = r.string16("cluster domain")?;
-                let dns = match r.u8()? {
-                    0 => None,
-                    1 => Some(r.ip()?),
-                    _ => return Err(Error::Malformed { what: "server hello: dns flag" }),
-                };
-                let n = r.u16()?;
-                let mut cidrs = Vec::with_capacity(usize::from(n).min(1024));
-                for _ in 0..n {
-                    let ip = r.ip()?;
-                    let prefix = r.u8()?;
-                    let net = IpNet::new(ip, prefix).map_err(|_| Error::Malformed { what: "cidr prefix" })?;
-                    cidrs.push(net);
-                }
-                Message::ServerHello { version, cluster: ClusterInfo { cidrs, dns, domain } }
+                Message::ServerHello { version, cluster: r.cluster()? }
             }
+            ty::CLUSTER_UPDATE => Message::ClusterUpdate { cluster: r.cluster()? },
             ty::ERROR => {
                 let code = ErrorCode::from(r.u16()?);
                 let version = r.u16()?;
@@ -298,21 +289,12 @@ impl Message {
             }
             Message::ServerHello { version, cluster } => {
                 out.extend_from_slice(&version.to_be_bytes());
-                put_bytes16(out, cluster.domain.as_bytes());
-                match cluster.dns {
-                    None => out.push(0),
-                    Some(ip) => {
-                        out.push(1);
-                        put_ip(out, ip);
-                    }
-                }
-                let n = cluster.cidrs.len().min(usize::from(u16::MAX));
-                out.extend_from_slice(&(n as u16).to_be_bytes());
-                for net in &cluster.cidrs[..n] {
-                    put_ip(out, net.addr());
-                    out.push(net.prefix_len());
-                }
+                put_cluster(out, cluster);
                 ty::SERVER_HELLO
+            }
+            Message::ClusterUpdate { cluster } => {
+                put_cluster(out, cluster);
+                ty::CLUSTER_UPDATE
             }
             Message::Error { code, version, message } => {
                 out.extend_from_slice(&u16::from(*code).to_be_bytes());
@@ -385,6 +367,23 @@ fn put_bytes16(out: &mut Vec<u8>, b: &[u8]) {
     let n = b.len().min(usize::from(u16::MAX));
     out.extend_from_slice(&(n as u16).to_be_bytes());
     out.extend_from_slice(&b[..n]);
+}
+
+fn put_cluster(out: &mut Vec<u8>, cluster: &ClusterInfo) {
+    put_bytes16(out, cluster.domain.as_bytes());
+    match cluster.dns {
+        None => out.push(0),
+        Some(ip) => {
+            out.push(1);
+            put_ip(out, ip);
+        }
+    }
+    let n = cluster.cidrs.len().min(usize::from(u16::MAX));
+    out.extend_from_slice(&(n as u16).to_be_bytes());
+    for net in &cluster.cidrs[..n] {
+        put_ip(out, net.addr());
+        out.push(net.prefix_len());
+    }
 }
 
 fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
@@ -472,6 +471,23 @@ impl<'a> Reader<'a> {
         }
     }
 
+    fn cluster(&mut self) -> Result<ClusterInfo> {
+        let domain = self.string16("cluster domain")?;
+        let dns = match self.u8()? {
+            0 => None,
+            1 => Some(self.ip()?),
+            _ => return Err(Error::Malformed { what: "cluster info: dns flag" }),
+        };
+        let n = self.u16()?;
+        let mut cidrs = Vec::with_capacity(usize::from(n).min(1024));
+        for _ in 0..n {
+            let ip = self.ip()?;
+            let prefix = self.u8()?;
+            cidrs.push(IpNet::new(ip, prefix).map_err(|_| Error::Malformed { what: "cidr prefix" })?);
+        }
+        Ok(ClusterInfo { cidrs, dns, domain })
+    }
+
     fn socket_addr(&mut self) -> Result<SocketAddr> {
         let ip = self.ip()?;
         Ok(SocketAddr::new(ip, self.u16()?))
@@ -494,6 +510,13 @@ mod tests {
                 },
             },
             Message::ServerHello { version: 7, cluster: ClusterInfo::default() },
+            Message::ClusterUpdate {
+                cluster: ClusterInfo {
+                    cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+                    dns: None,
+                    domain: "example.internal".into(),
+                },
+            },
             Message::Error { code: ErrorCode::VersionMismatch, version: 2, message: "manager speaks 2".into() },
             Message::Error { code: ErrorCode::Other(999), version: 1, message: String::new() },
             Message::FlowOpen {
@@ -568,7 +591,7 @@ mod tests {
         assert!(matches!(Message::decode(&hello), Err(Error::Malformed { .. })));
         // A "has dns" flag other than 0 or 1.
         let mut hello = Message::ServerHello { version: 1, cluster: ClusterInfo::default() }.to_vec();
-        hello[9] = 7;
+        hello[9] = 7; // the dns flag, after type, length, version and an empty domain
         assert!(matches!(Message::decode(&hello), Err(Error::Malformed { .. })));
         // Non-UTF-8 message.
         let mut reply = Message::FlowReply { status: FlowStatus::Ok, message: "ab".into() }.to_vec();

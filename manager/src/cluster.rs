@@ -1,0 +1,195 @@
+//! The manager's view of the cluster, published on a `tokio::sync::watch` channel that
+//! every session pushes to its client.
+//!
+//! Without Kubernetes it is what the flags say. With a Kubernetes client, reflectors
+//! watch Services and Nodes (list + watch, re-listing after `410 Gone`, with backoff)
+//! and the view is recomputed, debounced, after changes:
+//! - service CIDR: the smallest CIDR covering every ClusterIP, widened to at least /16
+//!   (IPv6: /112) so that new Services in the same range are covered too;
+//! - pod CIDRs: the nodes' `podCIDRs`;
+//! - cluster DNS: the ClusterIP of `kube-system/kube-dns` (or `coredns`);
+//! - flags add to all of it (`--cluster-cidr`) or override it (`--cluster-dns`).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ipnet::IpNet;
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::Api;
+use tokio::sync::{watch, Notify};
+use tpvpn_tunnel::ClusterInfo;
+use tracing::{info, warn};
+
+/// Time to let a burst of watch events settle before recomputing.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// The smallest CIDR of `ip`'s family that covers all of `ips`, no narrower than
+/// `/16` (IPv4) or `/112` (IPv6).
+fn covering(ips: &[IpAddr]) -> Option<IpNet> {
+    let first = *ips.first()?;
+    let mut net = IpNet::from(first);
+    for ip in &ips[1..] {
+        while !net.contains(ip) {
+            net = net.supernet()?;
+        }
+    }
+    let widest = if first.is_ipv4() { 16 } else { 112 };
+    if net.prefix_len() > widest {
+        net = IpNet::new(net.addr(), widest).ok()?.trunc();
+    }
+    Some(net)
+}
+
+/// The cluster view from the flags (`base`) and the watched objects.
+pub fn compute(base: &ClusterInfo, services: &[Arc<Service>], nodes: &[Arc<Node>]) -> ClusterInfo {
+    let mut cidrs = base.cidrs.clone();
+    let cluster_ips: Vec<IpAddr> = services
+        .iter()
+        .filter_map(|s| s.spec.as_ref())
+        .flat_map(|spec| {
+            spec.cluster_ips.clone().or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip])).unwrap_or_default()
+        })
+        .filter_map(|ip| ip.parse().ok())
+        .collect();
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = cluster_ips.iter().partition(|ip| ip.is_ipv4());
+    cidrs.extend(covering(&v4));
+    cidrs.extend(covering(&v6));
+    for node in nodes {
+        let Some(spec) = &node.spec else { continue };
+        let pod_cidrs = spec.pod_cidrs.clone().or_else(|| spec.pod_cidr.clone().map(|c| vec![c])).unwrap_or_default();
+        cidrs.extend(pod_cidrs.iter().filter_map(|c| c.parse::<IpNet>().ok()).map(|n| n.trunc()));
+    }
+    let dns = base.dns.or_else(|| {
+        services
+            .iter()
+            .filter(|s| s.metadata.namespace.as_deref() == Some("kube-system"))
+            .filter(|s| matches!(s.metadata.name.as_deref(), Some("kube-dns") | Some("coredns")))
+            .filter_map(|s| s.spec.as_ref()?.cluster_ip.as_deref()?.parse().ok())
+            .next()
+    });
+    ClusterInfo { cidrs: IpNet::aggregate(&cidrs), dns, domain: base.domain.clone() }
+}
+
+/// A channel that always holds `info` (no Kubernetes).
+pub fn fixed(info: ClusterInfo) -> watch::Receiver<ClusterInfo> {
+    watch::channel(info).1
+}
+
+/// Watches the cluster through `client` and publishes the view; returns the receiver
+/// once the first full view is known (or after `wait` if the API does not answer).
+pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> watch::Receiver<ClusterInfo> {
+    let (tx, rx) = watch::channel(base.clone());
+    let (svc_reader, svc_writer) = reflector::store::<Service>();
+    let (node_reader, node_writer) = reflector::store::<Node>();
+    let changed = Arc::new(Notify::new());
+    let services = reflector(svc_writer, watcher(Api::<Service>::all(client.clone()), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let nodes = reflector(node_writer, watcher(Api::<Node>::all(client), watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    tokio::spawn(drive("services", services, changed.clone()));
+    tokio::spawn(drive("nodes", nodes, changed.clone()));
+    let (svc_ready, node_ready) = (svc_reader.clone(), node_reader.clone());
+    tokio::spawn(async move {
+        loop {
+            changed.notified().await;
+            tokio::time::sleep(DEBOUNCE).await;
+            let view = compute(&base, &svc_reader.state(), &node_reader.state());
+            let updated = tx.send_if_modified(|cur| {
+                if *cur == view {
+                    return false;
+                }
+                *cur = view.clone();
+                true
+            });
+            if updated {
+                info!(cidrs = ?view.cidrs, dns = ?view.dns, "cluster view changed");
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    // Serve clients with the listed view, not with the flags alone, when the API answers.
+    let ready = async {
+        let _ = svc_ready.wait_until_ready().await;
+        let _ = node_ready.wait_until_ready().await;
+        tokio::time::sleep(DEBOUNCE * 2).await;
+    };
+    if tokio::time::timeout(wait, ready).await.is_err() {
+        warn!("the Kubernetes API did not answer in time; serving the flags' view until it does");
+    }
+    rx
+}
+
+async fn drive<S, K>(what: &'static str, stream: S, changed: Arc<Notify>)
+where
+    S: futures::Stream<Item = Result<K, watcher::Error>>,
+{
+    let mut stream = std::pin::pin!(stream);
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(_) => changed.notify_one(),
+            Err(e) => {
+                warn!(error = %e, "watching {what} failed (the manager needs list and watch on {what}); retrying")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(ns: &str, name: &str, ip: &str) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"namespace": ns, "name": name},
+                "spec": {"clusterIP": ip, "clusterIPs": [ip]}
+            }))
+            .unwrap(),
+        )
+    }
+
+    fn node(cidrs: &[&str]) -> Arc<Node> {
+        Arc::new(
+            serde_json::from_value(serde_json::json!({"metadata": {"name": "n"}, "spec": {"podCIDRs": cidrs}}))
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn view_from_services_and_nodes() {
+        let base = ClusterInfo { cidrs: vec![], dns: None, domain: "cluster.local".into() };
+        let services = [
+            svc("default", "a", "10.96.0.10"),
+            svc("kube-system", "kube-dns", "10.96.0.53"),
+            svc("default", "headless", "None"),
+            svc("default", "v6", "fd00:10::5"),
+        ];
+        let v = compute(&base, &services, &[node(&["10.244.1.0/24"]), node(&["10.244.2.0/24"])]);
+        let want: Vec<IpNet> = ["10.96.0.0/16", "10.244.1.0/24", "10.244.2.0/24", "fd00:10::/112"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(v.cidrs, IpNet::aggregate(&want));
+        assert_eq!(v.dns, Some("10.96.0.53".parse().unwrap()));
+        // Services far apart widen the cover; flags add and override.
+        let base = ClusterInfo {
+            cidrs: vec!["192.0.2.0/24".parse().unwrap()],
+            dns: Some("10.0.0.10".parse().unwrap()),
+            domain: "c".into(),
+        };
+        let v = compute(&base, &[svc("a", "b", "10.96.0.1"), svc("a", "c", "10.100.0.1")], &[]);
+        assert!(
+            v.cidrs.contains(&"10.96.0.0/13".parse().unwrap()) && v.cidrs.contains(&"192.0.2.0/24".parse().unwrap()),
+            "{:?}",
+            v.cidrs
+        );
+        assert_eq!(v.dns, Some("10.0.0.10".parse().unwrap()));
+    }
+}
