@@ -203,14 +203,54 @@ async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
     }
 }
 
+/// The routes on the TUN device. Every change is recorded in the state file before it
+/// is made, so that a crash at any point leaves a record that undoes it.
+struct Routing<'a> {
+    device: String,
+    also: Vec<IpNet>,
+    never: Vec<IpNet>,
+    state: &'a mut State,
+    state_path: PathBuf,
+    v6_address: bool,
+}
+
+impl Routing<'_> {
+    /// Makes the device's routes those for `cluster_cidrs`: adds the new ones first,
+    /// then removes the stale ones, so that no destination is unrouted in between.
+    fn apply(&mut self, cluster_cidrs: &[IpNet]) -> Result<Vec<IpNet>, Error> {
+        let wanted = routes::compute(cluster_cidrs, &self.also, &self.never);
+        if !self.v6_address && wanted.iter().any(|r| r.addr().is_ipv6()) {
+            routes::add_address(&self.device, &IpNet::from(IpAddr::V6(TUN_V6)))?;
+            self.v6_address = true;
+        }
+        let new: Vec<IpNet> = wanted.iter().filter(|r| !self.state.routes.contains(r)).copied().collect();
+        for r in &new {
+            self.state.routes.push(*r);
+            self.state.save(&self.state_path)?;
+            let src = if r.addr().is_ipv4() { IpAddr::V4(TUN_V4) } else { IpAddr::V6(TUN_V6) };
+            if let Err(e) = routes::add(r, &self.device, src) {
+                self.state.routes.pop();
+                self.state.save(&self.state_path)?;
+                return Err(e);
+            }
+        }
+        let stale: Vec<IpNet> = self.state.routes.iter().filter(|r| !wanted.contains(r)).copied().collect();
+        for r in stale {
+            routes::remove(&r, &self.device)?;
+            self.state.routes.retain(|x| *x != r);
+            self.state.save(&self.state_path)?;
+        }
+        Ok(wanted)
+    }
+}
+
 async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Error> {
     let plan = plan(&opts).await?;
     let session = connect(&plan.target).await?;
     info!(manager = %session.manager, cidrs = ?session.cluster.cidrs, "connected to the manager");
     let mut never = plan.never_proxy.clone();
     never.push(routes::host(session.manager.ip()));
-    let wanted = routes::compute(&session.cluster.cidrs, &plan.also_proxy, &never);
-    if wanted.is_empty() {
+    if routes::compute(&session.cluster.cidrs, &plan.also_proxy, &never).is_empty() {
         return Err(Error::Config(
             "nothing to route: the manager reported no cluster CIDRs outside --never-proxy".into(),
         ));
@@ -224,6 +264,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     };
     std::fs::write(paths.pid(), format!("{}\n", std::process::id()))
         .map_err(|e| Error::System(format!("cannot write {}: {e}", paths.pid().display())))?;
+    let (control_send, control_recv) = session.control;
     let result = async {
         state.device = Some(opts.device.clone());
         state.save(&paths.state())?;
@@ -234,19 +275,15 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             .build_async()
             .map_err(|e| Error::System(format!("cannot create TUN device {}: {e}", opts.device)))?;
         let tun = Arc::new(tun);
-        if wanted.iter().any(|r| r.addr().is_ipv6()) {
-            routes::add_address(&opts.device, &IpNet::from(IpAddr::V6(TUN_V6)))?;
-        }
-        for r in &wanted {
-            state.routes.push(*r);
-            state.save(&paths.state())?;
-            let src = if r.addr().is_ipv4() { IpAddr::V4(TUN_V4) } else { IpAddr::V6(TUN_V6) };
-            if let Err(e) = routes::add(r, &opts.device, src) {
-                state.routes.pop();
-                state.save(&paths.state())?;
-                return Err(e);
-            }
-        }
+        let mut routing = Routing {
+            device: opts.device.clone(),
+            also: plan.also_proxy.clone(),
+            never: never.clone(),
+            state: &mut state,
+            state_path: paths.state(),
+            v6_address: false,
+        };
+        let wanted = routing.apply(&session.cluster.cidrs)?;
         let stack =
             tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(opts.mtu), ..Default::default() });
         let dataplane = Dataplane::new(stack, tun, session.conn.clone());
@@ -269,7 +306,8 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             opts.device
         ));
         info!("up");
-        let (why, down_reply) = serve(dataplane, handle, listener, status).await;
+        let updates = cluster_updates(control_send, control_recv);
+        let (why, down_reply) = serve(dataplane, handle, listener, status, updates, &mut routing).await;
         info!(%why, "shutting down");
         Ok::<_, Error>((why, down_reply))
     }
@@ -292,13 +330,39 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     }
 }
 
-/// Runs the data plane and the control socket until `down`, a signal, or a failure.
+/// Reads the manager's pushes on the control stream; yields each new cluster view.
+fn cluster_updates(
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> tokio::sync::mpsc::Receiver<tpvpn_tunnel::ClusterInfo> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let _send = send; // closing it would end the control stream
+        loop {
+            match tpvpn_tunnel::io::read_message(&mut recv).await {
+                Ok(Some(tpvpn_tunnel::Message::ClusterUpdate { cluster })) => {
+                    if tx.send(cluster).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(other)) => warn!(kind = other.kind(), "unexpected message on the control stream"),
+                Ok(None) | Err(_) => return,
+            }
+        }
+    });
+    rx
+}
+
+/// Runs the data plane and the control socket until `down`, a signal, or a failure,
+/// applying the manager's cluster updates to the routes meanwhile.
 /// Returns why, and the control connection of a `down` request to answer after cleanup.
 async fn serve(
     dataplane: Dataplane,
     handle: crate::dataplane::Handle,
     listener: UnixListener,
-    status: Status,
+    mut status: Status,
+    mut updates: tokio::sync::mpsc::Receiver<tpvpn_tunnel::ClusterInfo>,
+    routing: &mut Routing<'_>,
 ) -> (String, Option<tokio::net::UnixStream>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -312,6 +376,13 @@ async fn serve(
             r = &mut dp => break r.unwrap_or_else(|e| format!("data plane failed: {e}")),
             _ = term.recv() => break "signal SIGTERM".into(),
             _ = int.recv() => break "signal SIGINT".into(),
+            Some(cluster) = updates.recv() => match routing.apply(&cluster.cidrs) {
+                Ok(wanted) => {
+                    info!(routes = ?wanted, "cluster changed: routes updated");
+                    status.routes = wanted.iter().map(|r| r.to_string()).collect();
+                }
+                Err(e) => warn!(error = %e, "cluster changed but the routes could not be updated"),
+            },
             Ok((mut stream, _)) = listener.accept() => {
                 match control::read_request(&mut stream).await {
                     Some(Request::Status) => {

@@ -620,6 +620,12 @@ impl Lab {
     }
 
     fn tpvpn_timeout(&self, args: &[&str], timeout: Duration) -> Output {
+        self.tpvpn_env(args, &[], timeout)
+    }
+
+    /// Runs `tpvpn` in the laptop namespace with extra environment variables (say,
+    /// `KUBECONFIG`) besides `TPVPN_RUNTIME_DIR`.
+    pub fn tpvpn_env(&self, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
         let bin = match find_bin(&self.bin_dir, "tpvpn") {
             Ok(b) => b.display().to_string(),
             Err(e) => return failed_output(&format!("{e:#}")),
@@ -628,7 +634,9 @@ impl Lab {
         let mut cmd = vec![bin.as_str()];
         cmd.extend_from_slice(args);
         let rt = self.runtime_dir().display().to_string();
-        self.exec_env(&self.laptop, &cmd, &[("TPVPN_RUNTIME_DIR", &rt)], timeout)
+        let mut all = vec![("TPVPN_RUNTIME_DIR", rt.as_str())];
+        all.extend_from_slice(env);
+        self.exec_env(&self.laptop, &cmd, &all, timeout)
     }
 
     /// The direct-mode arguments of `tpvpn up` (manager address, CA, token file).
