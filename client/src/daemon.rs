@@ -49,6 +49,8 @@ pub struct UpOptions {
     pub device: String,
     pub mtu: u16,
     pub dns_mode: String,
+    /// Route CIDRs that overlap routes already on the machine.
+    pub allow_route_conflicts: bool,
 }
 
 /// Checks what `up` needs from the machine before anything is changed.
@@ -212,6 +214,7 @@ struct Routing<'a> {
     state: &'a mut State,
     state_path: PathBuf,
     v6_address: bool,
+    allow_conflicts: bool,
 }
 
 impl Routing<'_> {
@@ -224,6 +227,13 @@ impl Routing<'_> {
             self.v6_address = true;
         }
         let new: Vec<IpNet> = wanted.iter().filter(|r| !self.state.routes.contains(r)).copied().collect();
+        if !self.allow_conflicts && !new.is_empty() {
+            let existing = routes::existing()?;
+            if let Some((r, c)) = new.iter().find_map(|r| routes::conflict(r, &existing, &self.device).map(|c| (r, c)))
+            {
+                return Err(Error::RouteConflict(format!("route {r} overlaps the existing route {c} on this machine")));
+            }
+        }
         for r in &new {
             self.state.routes.push(*r);
             self.state.save(&self.state_path)?;
@@ -282,6 +292,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             state: &mut state,
             state_path: paths.state(),
             v6_address: false,
+            allow_conflicts: opts.allow_route_conflicts,
         };
         let wanted = routing.apply(&session.cluster.cidrs)?;
         let stack =

@@ -39,7 +39,7 @@ pub enum Error {
     Protocol(String),
     #[error("connection to the manager failed: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    #[error("route {0} conflicts with an existing route on this machine; remove it or exclude it with --never-proxy")]
+    #[error("{0}; exclude it with --never-proxy, or pass --allow-route-conflicts to route it anyway")]
     RouteConflict(String),
     #[error("{0}")]
     System(String),

@@ -60,6 +60,9 @@ enum Cmd {
         /// An extra CIDR routed into the tunnel (repeatable).
         #[arg(long = "also-proxy", value_name = "CIDR")]
         also_proxy: Vec<IpNet>,
+        /// Route cluster CIDRs even where they overlap routes already on this machine.
+        #[arg(long)]
+        allow_route_conflicts: bool,
         /// How to configure the OS resolver (DNS is not implemented yet: only `off` works).
         #[arg(long, value_enum, default_value = "auto")]
         dns_mode: DnsMode,
@@ -120,6 +123,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             never_proxy,
             also_proxy,
             dns_mode,
+            allow_route_conflicts,
             foreground,
             device,
             mtu,
@@ -143,7 +147,15 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             if mtu < 1280 {
                 return Err(Error::Config("--mtu must be at least 1280".into()));
             }
-            let opts = UpOptions { source, never_proxy, also_proxy, device, mtu, dns_mode: "off".into() };
+            let opts = UpOptions {
+                source,
+                never_proxy,
+                also_proxy,
+                device,
+                mtu,
+                dns_mode: "off".into(),
+                allow_route_conflicts,
+            };
             if foreground {
                 daemon::up_foreground(opts, paths)
             } else {

@@ -42,6 +42,54 @@ fn subtract(net: IpNet, hole: IpNet) -> Vec<IpNet> {
     out
 }
 
+/// A route already on the machine (main table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Existing {
+    pub dst: IpNet,
+    pub dev: String,
+}
+
+impl std::fmt::Display for Existing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} dev {}", self.dst, self.dev)
+    }
+}
+
+/// Parses `ip -j route show` output; default routes and unparsable entries are skipped.
+pub fn parse_existing(json: &str) -> Vec<Existing> {
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(json) else {
+        return vec![];
+    };
+    items
+        .iter()
+        .filter_map(|r| {
+            let dst = r["dst"].as_str()?;
+            let dst = dst.parse::<IpNet>().ok().or_else(|| dst.parse::<IpAddr>().ok().map(IpNet::from))?;
+            Some(Existing { dst, dev: r["dev"].as_str().unwrap_or("?").to_string() })
+        })
+        .collect()
+}
+
+/// The machine's IPv4 and IPv6 routes of the main table.
+pub fn existing() -> Result<Vec<Existing>, Error> {
+    let mut all = Vec::new();
+    for family in ["-4", "-6"] {
+        let out = Command::new("ip")
+            .args(["-j", family, "route", "show", "table", "main"])
+            .output()
+            .map_err(|e| Error::System(format!("cannot run ip: {e}")))?;
+        all.extend(parse_existing(&String::from_utf8_lossy(&out.stdout)));
+    }
+    Ok(all)
+}
+
+/// The first existing route (not on `own_device`) that overlaps `route`.
+pub fn conflict<'a>(route: &IpNet, existing: &'a [Existing], own_device: &str) -> Option<&'a Existing> {
+    existing
+        .iter()
+        .find(|e| e.dev != own_device && (route.contains(&e.dst.network()) || e.dst.contains(&route.network())))
+}
+
 /// The single-address CIDR of `ip`.
 pub fn host(ip: IpAddr) -> IpNet {
     IpNet::from(ip)
@@ -62,7 +110,9 @@ pub fn add(route: &IpNet, device: &str, src: IpAddr) -> Result<(), Error> {
     let r = route.to_string();
     let s = src.to_string();
     ip(&[family, "route", "add", &r, "dev", device, "src", &s]).map_err(|e| match e {
-        Error::System(m) if m.contains("File exists") => Error::RouteConflict(r.clone()),
+        Error::System(m) if m.contains("File exists") => {
+            Error::RouteConflict(format!("route {r} already exists on this machine"))
+        }
         e => e,
     })
 }
@@ -127,6 +177,22 @@ mod tests {
         assert_eq!(r.len(), 64);
         assert!(!r.iter().any(|n| n.contains(&"fd00:10::1".parse::<IpAddr>().unwrap())));
         assert!(r.iter().any(|n| n.contains(&"fd00:10::2".parse::<IpAddr>().unwrap())));
+    }
+
+    #[test]
+    fn existing_routes_and_conflicts() {
+        let json = r#"[{"dst":"default","gateway":"192.0.2.1","dev":"eth0"},
+            {"dst":"192.0.2.0/24","dev":"eth0"},{"dst":"10.96.7.0/24","dev":"wg0"},
+            {"dst":"10.96.0.1","dev":"eth1"},{"dst":"10.96.0.0/12","dev":"tpvpn0"}]"#;
+        let e = parse_existing(json);
+        assert_eq!(e.len(), 4);
+        let r: IpNet = "10.96.0.0/12".parse().unwrap();
+        assert_eq!(conflict(&r, &e, "tpvpn0").map(|c| c.to_string()).as_deref(), Some("10.96.7.0/24 dev wg0"));
+        let wide: IpNet = "10.0.0.0/8".parse().unwrap();
+        assert!(conflict(&wide, &e, "tpvpn0").is_some());
+        let other: IpNet = "10.244.0.0/16".parse().unwrap();
+        assert!(conflict(&other, &e, "tpvpn0").is_none());
+        assert!(parse_existing("not json").is_empty());
     }
 
     #[test]

@@ -301,3 +301,29 @@ fn status_json_has_the_contract_fields() {
     assert!(v["flows"]["udp"].is_u64(), "{v}");
     assert!(flows >= 1, "an open TCP flow is not counted: {v}");
 }
+
+#[test]
+fn conflicting_route_is_refused_unless_allowed() {
+    let Some(lab) = lab() else { return };
+    // The laptop already routes part of the service CIDR elsewhere (say, a VPN of its own).
+    let add = lab.exec(lab.laptop(), &["ip", "route", "add", "10.96.7.0/24", "via", "10.250.2.1"]);
+    assert_ok(&add, "add a conflicting route in the laptop namespace");
+    let mut args: Vec<String> = lab.up_args();
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.tpvpn(&argv);
+    assert!(!out.status.success(), "up with a conflicting route succeeded:\n{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("10.96.7.0/24") && err.contains("--allow-route-conflicts"), "{}", show(&out));
+    assert_no_tun_left(&lab, "after a refused up");
+    // Excluding it works; so does allowing it.
+    if let Err(e) = lab.up(&["--never-proxy", "10.96.7.0/24"]) {
+        panic!("up with the conflict excluded: {e:#}");
+    }
+    assert_ok(&lab.tpvpn(&["down"]), "down");
+    args.push("--allow-route-conflicts".into());
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.tpvpn(&argv);
+    assert_ok(&out, "up --allow-route-conflicts");
+    let kept = lab.exec(lab.laptop(), &["ip", "route", "get", "10.96.7.1"]);
+    assert!(!stdout(&kept).contains("tpvpn0"), "the more specific existing route still wins:\n{}", show(&kept));
+}
