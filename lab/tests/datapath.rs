@@ -327,3 +327,26 @@ fn conflicting_route_is_refused_unless_allowed() {
     let kept = lab.exec(lab.laptop(), &["ip", "route", "get", "10.96.7.1"]);
     assert!(!stdout(&kept).contains("tpvpn0"), "the more specific existing route still wins:\n{}", show(&kept));
 }
+
+#[test]
+fn manager_health_and_metrics_count_real_traffic() {
+    let Some(lab) = lab_up(&[]) else { return };
+    let page = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", "http://10.96.0.10/"]);
+    assert_ok(&page, "curl through the tunnel");
+    let refused = lab.lab_tool(lab.laptop(), &["client", "connect", "10.96.0.50:80"]);
+    assert!(stdout(&refused).starts_with("refused "), "{}", show(&refused));
+    let ready = lab.exec(lab.cluster(), &["curl", "-sS", "-f", "--max-time", "5", "http://10.250.1.1:9090/readyz"]);
+    assert_ok(&ready, "GET /readyz");
+    let m = lab.exec(lab.cluster(), &["curl", "-sS", "-f", "--max-time", "5", "http://10.250.1.1:9090/metrics"]);
+    assert_ok(&m, "GET /metrics");
+    let text = stdout(&m);
+    let value = |series: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(value("tpvpn_manager_sessions "), 1, "{text}");
+    assert!(value("tpvpn_manager_flows_total{proto=\"tcp\"} ") >= 2, "{text}");
+    assert!(value("tpvpn_manager_dial_failures_total{reason=\"refused\"} ") >= 1, "{text}");
+    assert!(value("tpvpn_manager_bytes_total{direction=\"from_cluster\"} ") > 100, "{text}");
+}

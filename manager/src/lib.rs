@@ -12,6 +12,7 @@
 //! every connected client on its control stream.
 
 pub mod cluster;
+pub mod metrics;
 mod session;
 mod tcp;
 mod udp;
@@ -52,6 +53,8 @@ pub struct Config {
     pub udp_idle_timeout: Duration,
     /// Relay buffer per direction per TCP flow.
     pub relay_buffer: usize,
+    /// Health and Prometheus metrics.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Config {
@@ -68,6 +71,7 @@ impl Config {
             dial_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(60),
             relay_buffer: 256 * 1024,
+            metrics: Arc::default(),
         }
     }
 }

@@ -41,6 +41,9 @@ struct Args {
     /// The cluster domain.
     #[arg(long, default_value = "cluster.local")]
     cluster_domain: String,
+    /// TCP address of the health (`/healthz`, `/readyz`) and Prometheus (`/metrics`) endpoints.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
     /// Seconds a TCP dial may take.
     #[arg(long, default_value_t = 10)]
     dial_timeout: u64,
@@ -93,8 +96,14 @@ fn run(args: Args) -> Result<()> {
         let mut config = tpvpn_manager::Config::with_cluster(token, cluster);
         config.dial_timeout = std::time::Duration::from_secs(args.dial_timeout);
         config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);
+        let metrics = config.metrics.clone();
+        let health = tokio::net::TcpListener::bind(args.metrics_listen)
+            .await
+            .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
+        tokio::spawn(tpvpn_manager::metrics::serve(health, metrics.clone()));
         let endpoint =
             tpvpn_manager::bind(args.listen, server).with_context(|| format!("cannot listen on {}", args.listen))?;
+        metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(listen = %args.listen, namespace = %args.namespace, "tpvpn-manager ready");
         let serve = tpvpn_manager::serve(endpoint.clone(), config);
         tokio::select! {

@@ -12,6 +12,7 @@ use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::{ErrorCode, FlowStatus, Message, Protocol, CLOSE_REFUSED, PROTOCOL_VERSION};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::metrics::{self, Gauge};
 use crate::{token_matches, Error, Shared};
 
 /// UDP flows of one session, by flow id: where their datagrams go.
@@ -59,10 +60,12 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
                 let msg = format!(
                     "protocol version mismatch: the manager speaks tpvpn protocol v{PROTOCOL_VERSION}, the client v{version}"
                 );
+                metrics::add(&config.metrics.refused_total, 1);
                 refuse(&conn, &mut send, ErrorCode::VersionMismatch, msg).await;
                 return Ok(());
             }
             if !token_matches(&token, &config.token) {
+                metrics::add(&config.metrics.refused_total, 1);
                 refuse(&conn, &mut send, ErrorCode::Unauthorized, "the client token is not valid".into()).await;
                 return Ok(());
             }
@@ -74,6 +77,7 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
     let view = cluster.borrow_and_update().clone();
     write_message(&mut send, &Message::ServerHello { version: PROTOCOL_VERSION, cluster: view }).await?;
     info!("client authenticated");
+    let _session_gauge = Gauge::new(&config.metrics.sessions, &config.metrics.sessions_total);
 
     let udp_flows: UdpFlows = Arc::default();
     let datagrams = tokio::spawn(route_datagrams(conn.clone(), udp_flows.clone()).in_current_span());
@@ -149,8 +153,14 @@ async fn flow(
     let span = info_span!("flow", proto = ?protocol, %src, %dst, id = flow_id);
     async move {
         match protocol {
-            Protocol::Tcp => crate::tcp::relay(send, recv, dst, &config).await,
-            Protocol::Udp => crate::udp::relay(conn, send, recv, flow_id, dst, &config, udp_flows).await,
+            Protocol::Tcp => {
+                let _g = Gauge::new(&config.metrics.tcp_flows, &config.metrics.tcp_flows_total);
+                crate::tcp::relay(send, recv, dst, &config).await
+            }
+            Protocol::Udp => {
+                let _g = Gauge::new(&config.metrics.udp_flows, &config.metrics.udp_flows_total);
+                crate::udp::relay(conn, send, recv, flow_id, dst, &config, udp_flows).await
+            }
             Protocol::Other(p) => {
                 let reply = Message::FlowReply {
                     status: FlowStatus::Denied,

@@ -11,6 +11,7 @@ use tpvpn_tunnel::io::write_message;
 use tpvpn_tunnel::{FlowStatus, Message, RESET_CODE};
 use tracing::debug;
 
+use crate::metrics::add;
 use crate::Config;
 
 /// How one direction of a relay ended.
@@ -57,6 +58,13 @@ pub(crate) async fn relay(mut send: quinn::SendStream, mut recv: quinn::RecvStre
         Err(_) => (FlowStatus::TimedOut, format!("no answer within {:?}", config.dial_timeout), None),
     };
     debug!(?status, %message, "dialed");
+    let m = &config.metrics;
+    match status {
+        FlowStatus::Refused => add(&m.dial_failures_refused, 1),
+        FlowStatus::TimedOut => add(&m.dial_failures_timeout, 1),
+        FlowStatus::Ok => {}
+        _ => add(&m.dial_failures_unreachable, 1),
+    }
     if write_message(&mut send, &Message::FlowReply { status, message }).await.is_err() {
         return;
     }
@@ -74,6 +82,7 @@ pub(crate) async fn relay(mut send: quinn::SendStream, mut recv: quinn::RecvStre
             loop {
                 match recv.read(&mut buf).await {
                     Ok(Some(n)) => {
+                        add(&m.bytes_to_cluster, n);
                         if tcp_w.write_all(&buf[..n]).await.is_err() {
                             return End::ServerReset;
                         }
@@ -96,6 +105,7 @@ pub(crate) async fn relay(mut send: quinn::SendStream, mut recv: quinn::RecvStre
                         return End::Finished;
                     }
                     Ok(n) => {
+                        add(&m.bytes_from_cluster, n);
                         if send.write_all(&buf[..n]).await.is_err() {
                             return End::ClientReset;
                         }

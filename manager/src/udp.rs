@@ -12,6 +12,7 @@ use tpvpn_tunnel::io::{read_udp_record, write_message, write_udp_record};
 use tpvpn_tunnel::{FlowStatus, Message};
 use tracing::debug;
 
+use crate::metrics::add;
 use crate::session::UdpFlows;
 use crate::Config;
 
@@ -71,6 +72,7 @@ pub(crate) async fn relay(
                 break;
             }
             Some(payload) = rx.recv() => {
+                add(&config.metrics.bytes_to_cluster, payload.len());
                 idle.as_mut().reset(tokio::time::Instant::now() + config.udp_idle_timeout);
                 if let Err(e) = socket.send(&payload).await {
                     debug!(error = %e, "udp send failed");
@@ -83,6 +85,7 @@ pub(crate) async fn relay(
                     Err(_) => continue,
                 };
                 idle.as_mut().reset(tokio::time::Instant::now() + config.udp_idle_timeout);
+                add(&config.metrics.bytes_from_cluster, n);
                 let dg = Datagram { flow_id, payload: &buf[..n] };
                 if conn.max_datagram_size().is_some_and(|max| dg.buffer_len() <= max) {
                     out.clear();
