@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
+pub mod install;
 pub mod kubeconfig;
 pub mod routes;
 pub mod state;

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use tpvpn_client::daemon::{self, Source, UpOptions};
+use tpvpn_client::install::{self, InstallOptions};
+use tpvpn_client::kubeconfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "tpvpn", version, about = "Put this machine inside a Kubernetes cluster's network")]
@@ -19,6 +21,40 @@ enum DnsMode {
     Resolved,
     Resolvconf,
     Off,
+}
+
+#[derive(Debug, clap::Args)]
+struct ClusterArgs {
+    /// Kubeconfig context (default: the current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// Kubeconfig file (default: KUBECONFIG, else ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of the manager.
+    #[arg(long, default_value = "tpvpn")]
+    namespace: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum ManagerCmd {
+    /// Apply the manager's manifests (server-side apply) and create its credentials if
+    /// missing. Idempotent: existing credentials are kept.
+    Install {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// The manager's container image.
+        #[arg(long, default_value = concat!("tpvpn/tpvpn-manager:", env!("CARGO_PKG_VERSION")))]
+        image: String,
+        /// Type of the manager's Service: NodePort or LoadBalancer.
+        #[arg(long, default_value = "NodePort")]
+        service_type: String,
+    },
+    /// Delete everything `install` created, credentials and namespace included.
+    Uninstall {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -85,6 +121,11 @@ enum Cmd {
     },
     /// List reachable namespaces and services (needs the Kubernetes watch: not implemented yet).
     List,
+    /// Install, update or remove the in-cluster manager.
+    Manager {
+        #[command(subcommand)]
+        action: ManagerCmd,
+    },
     /// Print the version.
     Version,
 }
@@ -180,6 +221,36 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             Ok(())
         }
         Cmd::List => Err(Error::Config("tpvpn list needs the Kubernetes watch, which is not implemented yet".into())),
+        Cmd::Manager { action } => {
+            let (cluster, opts, uninstall) = match action {
+                ManagerCmd::Install { cluster, image, service_type } => {
+                    let opts = InstallOptions { namespace: cluster.namespace.clone(), image, service_type };
+                    (cluster, opts, false)
+                }
+                ManagerCmd::Uninstall { cluster } => {
+                    let opts = InstallOptions {
+                        namespace: cluster.namespace.clone(),
+                        image: String::new(),
+                        service_type: "NodePort".into(),
+                    };
+                    (cluster, opts, true)
+                }
+            };
+            let r = kubeconfig::resolve(cluster.kubeconfig.as_deref(), cluster.context.as_deref())?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::System(e.to_string()))?;
+            let msg = rt.block_on(async {
+                if uninstall {
+                    install::uninstall(&r, &opts).await
+                } else {
+                    install::install(&r, &opts).await
+                }
+            })?;
+            println!("{msg}");
+            Ok(())
+        }
         Cmd::Version => {
             println!("tpvpn {} (tunnel protocol v{})", env!("CARGO_PKG_VERSION"), tpvpn_tunnel::PROTOCOL_VERSION);
             Ok(())

@@ -1,0 +1,292 @@
+//! `tpvpn manager install` and `tpvpn manager uninstall`.
+//!
+//! Install applies the plain manifests of `deploy/manifests/manager.yaml` (embedded at
+//! build time) with server-side apply, after setting the namespace, image and Service
+//! type, and creates the two Secrets if they do not exist: `tpvpn-manager-tls` (a fresh
+//! self-signed certificate and key) and `tpvpn-client` (that certificate as `ca.crt`
+//! and a fresh random `token`). Running it again changes nothing that is already right
+//! and never rotates existing credentials. Uninstall deletes the same objects.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use serde_json::Value;
+
+use crate::discovery::{CLIENT_SECRET, MANAGER_SERVICE};
+use crate::kubeconfig::Resolved;
+use crate::Error;
+
+/// The manifests, as shipped in `deploy/manifests/manager.yaml`.
+pub const MANIFESTS: &str = include_str!("../../deploy/manifests/manager.yaml");
+/// Name of the Secret with the manager's certificate and key.
+pub const TLS_SECRET: &str = "tpvpn-manager-tls";
+/// The field manager of tpvpn's server-side applies.
+const FIELD_MANAGER: &str = "tpvpn";
+
+/// What to install.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    pub namespace: String,
+    pub image: String,
+    /// `NodePort` or `LoadBalancer`.
+    pub service_type: String,
+}
+
+/// Plural resource names of the kinds in the manifests.
+fn plural(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "Namespace" => "namespaces",
+        "ServiceAccount" => "serviceaccounts",
+        "ClusterRole" => "clusterroles",
+        "ClusterRoleBinding" => "clusterrolebindings",
+        "Role" => "roles",
+        "RoleBinding" => "rolebindings",
+        "Deployment" => "deployments",
+        "Service" => "services",
+        "Secret" => "secrets",
+        _ => return None,
+    })
+}
+
+/// The manifests as objects, with `opts` applied.
+pub fn objects(opts: &InstallOptions) -> Result<Vec<Value>, Error> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(MANIFESTS)
+        .map_err(|e| Error::Config(format!("the embedded manifests do not parse: {e}")))?;
+    let mut out = Vec::new();
+    for mut doc in docs.into_iter().filter(|d| d.is_object()) {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        match kind.as_str() {
+            "Namespace" => doc["metadata"]["name"] = Value::from(opts.namespace.clone()),
+            "ClusterRole" => {}
+            "ClusterRoleBinding" => {
+                if let Some(subjects) = doc["subjects"].as_array_mut() {
+                    for s in subjects {
+                        s["namespace"] = Value::from(opts.namespace.clone());
+                    }
+                }
+            }
+            _ => doc["metadata"]["namespace"] = Value::from(opts.namespace.clone()),
+        }
+        if kind == "Deployment" {
+            if let Some(containers) = doc["spec"]["template"]["spec"]["containers"].as_array_mut() {
+                for c in containers {
+                    c["image"] = Value::from(opts.image.clone());
+                }
+            }
+        }
+        if kind == "Service" {
+            doc["spec"]["type"] = Value::from(opts.service_type.clone());
+        }
+        out.push(doc);
+    }
+    Ok(out)
+}
+
+/// The API of the object `obj` (its kind, and its namespace if it has one).
+fn api_for(client: &kube::Client, obj: &Value) -> Result<(Api<DynamicObject>, String), Error> {
+    let api_version = obj["apiVersion"].as_str().unwrap_or_default();
+    let kind = obj["kind"].as_str().unwrap_or_default();
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    let plural = plural(kind).ok_or_else(|| Error::Config(format!("manifest kind {kind} is not supported")))?;
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+    let api = match obj["metadata"]["namespace"].as_str() {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    };
+    Ok((api, name))
+}
+
+fn kube_error(e: kube::Error, what: &str, r: &Resolved) -> Error {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => Error::Kubernetes(format!(
+            "context `{}` may not {what}: {}; installing the manager needs cluster-admin rights",
+            r.context, s.message
+        )),
+        kube::Error::Api(s) => Error::Kubernetes(format!("{what}: {} ({})", s.message, s.code)),
+        other => Error::Kubernetes(format!("{what}: cannot reach the API server {}: {other}", r.server)),
+    }
+}
+
+fn random_token() -> Result<String, Error> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|e| Error::System(format!("cannot read /dev/urandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn secret(namespace: &str, name: &str, type_: &str, data: BTreeMap<String, ByteString>) -> Value {
+    let s = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            labels: Some([("app.kubernetes.io/part-of".to_string(), "tpvpn".to_string())].into()),
+            ..Default::default()
+        },
+        type_: Some(type_.into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    let mut v = serde_json::to_value(s).unwrap_or_default();
+    v["apiVersion"] = Value::from("v1");
+    v["kind"] = Value::from("Secret");
+    v
+}
+
+async fn apply(client: &kube::Client, obj: &Value, r: &Resolved) -> Result<(), Error> {
+    let (api, name) = api_for(client, obj)?;
+    let what = format!("apply {} {name}", obj["kind"].as_str().unwrap_or_default());
+    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(obj))
+        .await
+        .map(|_| ())
+        .map_err(|e| kube_error(e, &what, r))
+}
+
+/// Creates the Secrets that do not exist yet; existing credentials are kept.
+async fn ensure_secrets(client: &kube::Client, opts: &InstallOptions, r: &Resolved) -> Result<Vec<String>, Error> {
+    let ns = &opts.namespace;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let get = |name: &'static str| {
+        let secrets = secrets.clone();
+        async move { secrets.get_opt(name).await.map_err(|e| kube_error(e, &format!("read Secret {ns}/{name}"), r)) }
+    };
+    let mut created = Vec::new();
+    let tls = match get(TLS_SECRET).await? {
+        Some(s) => s,
+        None => {
+            let names = vec![
+                MANAGER_SERVICE.to_string(),
+                format!("{MANAGER_SERVICE}.{ns}"),
+                format!("{MANAGER_SERVICE}.{ns}.svc"),
+            ];
+            let ck = rcgen::generate_simple_self_signed(names)
+                .map_err(|e| Error::System(format!("cannot generate the manager certificate: {e}")))?;
+            let data = BTreeMap::from([
+                ("tls.crt".to_string(), ByteString(ck.cert.pem().into_bytes())),
+                ("tls.key".to_string(), ByteString(ck.signing_key.serialize_pem().into_bytes())),
+            ]);
+            let obj = secret(ns, TLS_SECRET, "kubernetes.io/tls", data);
+            apply(client, &obj, r).await?;
+            created.push(TLS_SECRET.to_string());
+            serde_json::from_value(obj).map_err(|e| Error::System(e.to_string()))?
+        }
+    };
+    if get(CLIENT_SECRET).await?.is_none() {
+        let cert = tls.data.as_ref().and_then(|d| d.get("tls.crt")).cloned().ok_or_else(|| {
+            Error::Kubernetes(format!("Secret {ns}/{TLS_SECRET} has no tls.crt; delete it and install again"))
+        })?;
+        let data = BTreeMap::from([
+            ("ca.crt".to_string(), cert),
+            ("token".to_string(), ByteString(random_token()?.into_bytes())),
+        ]);
+        apply(client, &secret(ns, CLIENT_SECRET, "Opaque", data), r).await?;
+        created.push(CLIENT_SECRET.to_string());
+    }
+    Ok(created)
+}
+
+/// Installs or updates the manager. Returns a summary for the user.
+pub async fn install(r: &Resolved, opts: &InstallOptions) -> Result<String, Error> {
+    if !matches!(opts.service_type.as_str(), "NodePort" | "LoadBalancer") {
+        return Err(Error::Config(format!("--service-type {}: use NodePort or LoadBalancer", opts.service_type)));
+    }
+    let client = crate::discovery::client(r).await?;
+    let objects = objects(opts)?;
+    // The namespace first: everything else lives in it.
+    let (namespace, rest): (Vec<&Value>, Vec<&Value>) = objects.iter().partition(|o| o["kind"] == "Namespace");
+    for obj in namespace {
+        apply(&client, obj, r).await?;
+    }
+    let created = ensure_secrets(&client, opts, r).await?;
+    for obj in rest {
+        apply(&client, obj, r).await?;
+    }
+    let secrets = if created.is_empty() {
+        "existing credentials kept".to_string()
+    } else {
+        format!("created Secrets {}", created.join(", "))
+    };
+    Ok(format!(
+        "installed tpvpn-manager in namespace {} of context `{}` (image {}, Service {}); {secrets}. Let a user connect: kubectl create rolebinding tpvpn-client-USER -n {} --role tpvpn-client --user USER",
+        opts.namespace, r.context, opts.image, opts.service_type, opts.namespace
+    ))
+}
+
+/// Deletes everything `install` created, the Secrets and the namespace included.
+pub async fn uninstall(r: &Resolved, opts: &InstallOptions) -> Result<String, Error> {
+    let client = crate::discovery::client(r).await?;
+    let mut objects = objects(opts)?;
+    for name in [TLS_SECRET, CLIENT_SECRET] {
+        objects.push(secret(&opts.namespace, name, "Opaque", BTreeMap::new()));
+    }
+    // Reverse order of install: the namespace last.
+    objects.sort_by_key(|o| o["kind"] == "Namespace");
+    let mut deleted = 0;
+    for obj in &objects {
+        let (api, name) = api_for(&client, obj)?;
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => deleted += 1,
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                return Err(kube_error(e, &format!("delete {} {name}", obj["kind"].as_str().unwrap_or_default()), r))
+            }
+        }
+    }
+    Ok(if deleted == 0 {
+        format!("tpvpn-manager is not installed in namespace {} of context `{}`", opts.namespace, r.context)
+    } else {
+        format!("uninstalled tpvpn-manager from namespace {} of context `{}`", opts.namespace, r.context)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_parse_and_take_the_options() {
+        let opts =
+            InstallOptions { namespace: "vpn".into(), image: "reg/m:1".into(), service_type: "LoadBalancer".into() };
+        let objs = objects(&opts).unwrap();
+        let kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "Deployment", "Service"]
+        );
+        for o in &objs {
+            assert!(plural(o["kind"].as_str().unwrap()).is_some());
+            match o["kind"].as_str().unwrap() {
+                "Namespace" => assert_eq!(o["metadata"]["name"], "vpn"),
+                "ClusterRole" => {
+                    assert!(o["metadata"].get("namespace").is_none());
+                    // Least privilege: list and watch of what the manager reads, nothing else.
+                    let rules = o["rules"].as_array().unwrap();
+                    assert_eq!(rules.len(), 1);
+                    assert_eq!(rules[0]["verbs"], serde_json::json!(["list", "watch"]));
+                }
+                "ClusterRoleBinding" => assert_eq!(o["subjects"][0]["namespace"], "vpn"),
+                _ => assert_eq!(o["metadata"]["namespace"], "vpn"),
+            }
+        }
+        let dep = objs.iter().find(|o| o["kind"] == "Deployment").unwrap();
+        let c = &dep["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["image"], "reg/m:1");
+        assert!(c["readinessProbe"]["httpGet"]["path"] == "/readyz" && c["resources"]["limits"]["memory"].is_string());
+        let svc = objs.iter().find(|o| o["kind"] == "Service").unwrap();
+        assert_eq!(svc["spec"]["type"], "LoadBalancer");
+        assert_eq!(svc["spec"]["ports"][0]["name"], "quic");
+    }
+
+    #[test]
+    fn tokens_are_random_hex() {
+        let (a, b) = (random_token().unwrap(), random_token().unwrap());
+        assert_eq!(a.len(), 64);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
