@@ -172,6 +172,48 @@ mod tests {
         assert_eq!(manager_address(&none, "h"), None);
     }
 
+    fn resolved() -> Resolved {
+        Resolved {
+            files: vec![],
+            context: "prod".into(),
+            cluster: "prod".into(),
+            server: "https://10.0.0.1:6443".into(),
+            namespace: None,
+            extension: Default::default(),
+            kubeconfig: Default::default(),
+        }
+    }
+
+    /// A Status body as the API server sends it (recorded from a real cluster's answers).
+    fn status(json: serde_json::Value) -> kube::Error {
+        kube::Error::Api(Box::new(serde_json::from_value(json).unwrap()))
+    }
+
+    #[test]
+    fn recorded_api_errors_become_one_line_advice() {
+        let forbidden = status(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "secrets \"tpvpn-client\" is forbidden: User \"alice\" cannot get resource \"secrets\" in API group \"\" in the namespace \"tpvpn\"",
+            "reason": "Forbidden", "details": {"name": "tpvpn-client", "kind": "secrets"}, "code": 403}));
+        let e = api_error(forbidden, "Secret tpvpn/tpvpn-client", &resolved()).to_string();
+        assert!(e.starts_with("context `prod` may not read Secret tpvpn/tpvpn-client"), "{e}");
+        assert!(e.contains("User \"alice\" cannot get") && e.contains("tpvpn-client"), "{e}");
+
+        let missing = status(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "services \"tpvpn-manager\" not found", "reason": "NotFound",
+            "details": {"name": "tpvpn-manager", "kind": "services"}, "code": 404}));
+        let e = api_error(missing, "Service tpvpn/tpvpn-manager", &resolved()).to_string();
+        assert!(e.contains("Service tpvpn/tpvpn-manager not found") && e.contains("tpvpn manager install"), "{e}");
+
+        let unauthorized = status(serde_json::json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "Unauthorized", "reason": "Unauthorized", "code": 401}));
+        let e = api_error(unauthorized, "Secret tpvpn/tpvpn-client", &resolved()).to_string();
+        assert!(e.contains("refused the credentials of context `prod`") && e.contains("log in again"), "{e}");
+        assert_eq!(e.lines().count(), 1);
+    }
+
     #[test]
     fn server_urls() {
         assert_eq!(server_host_port("https://10.0.0.1:6443").unwrap(), ("10.0.0.1".into(), 6443));
