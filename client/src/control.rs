@@ -14,6 +14,7 @@ use crate::Error;
 pub enum Request {
     Status,
     Down,
+    List,
 }
 
 /// `tpvpn status -o json`: the contract of the design brief, section 3.
@@ -50,10 +51,54 @@ pub struct Flows {
     pub udp: usize,
 }
 
+/// `tpvpn list`: what the manager reported of the cluster.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Listing {
+    pub namespaces: Vec<String>,
+    pub services: Vec<ServiceRow>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceRow {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ips: Vec<String>,
+    /// `80/TCP (http)` style.
+    pub ports: Vec<String>,
+}
+
+impl ServiceRow {
+    pub fn from_info(s: &tpvpn_tunnel::ServiceInfo) -> Self {
+        ServiceRow {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+            cluster_ips: s.cluster_ips.iter().map(|ip| ip.to_string()).collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| {
+                    let proto = match p.protocol {
+                        tpvpn_tunnel::Protocol::Tcp => "TCP".to_string(),
+                        tpvpn_tunnel::Protocol::Udp => "UDP".to_string(),
+                        tpvpn_tunnel::Protocol::Other(132) => "SCTP".to_string(),
+                        tpvpn_tunnel::Protocol::Other(n) => n.to_string(),
+                    };
+                    if p.name.is_empty() {
+                        format!("{}/{proto}", p.port)
+                    } else {
+                        format!("{}/{proto} ({})", p.port, p.name)
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Reply {
     Status(Box<Status>),
+    List(Listing),
     Done { ok: bool },
 }
 

@@ -108,8 +108,7 @@ pub fn up_background(args: &[String], paths: &Paths) -> Result<String, Error> {
 }
 
 fn refuse_if_running(paths: &Paths) -> Result<(), Error> {
-    let rt =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
+    let rt = current_thread()?;
     if let Some(Reply::Status(s)) =
         rt.block_on(control::request(&paths.socket(), Request::Status, Duration::from_secs(2)))?
     {
@@ -341,18 +340,28 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     }
 }
 
-/// Reads the manager's pushes on the control stream; yields each new cluster view.
-fn cluster_updates(
-    send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> tokio::sync::mpsc::Receiver<tpvpn_tunnel::ClusterInfo> {
+/// What the manager pushes on the control stream.
+enum Update {
+    Cluster(tpvpn_tunnel::ClusterInfo),
+    Namespaces(Vec<String>),
+    Services(Vec<tpvpn_tunnel::ServiceInfo>),
+}
+
+/// Reads the manager's pushes on the control stream.
+fn cluster_updates(send: quinn::SendStream, mut recv: quinn::RecvStream) -> tokio::sync::mpsc::Receiver<Update> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let _send = send; // closing it would end the control stream
         loop {
             match tpvpn_tunnel::io::read_message(&mut recv).await {
-                Ok(Some(tpvpn_tunnel::Message::ClusterUpdate { cluster })) => {
-                    if tx.send(cluster).await.is_err() {
+                Ok(Some(m)) if matches!(m.kind(), "cluster-update" | "namespaces" | "services") => {
+                    let update = match m {
+                        tpvpn_tunnel::Message::ClusterUpdate { cluster } => Update::Cluster(cluster),
+                        tpvpn_tunnel::Message::Namespaces { names } => Update::Namespaces(names),
+                        tpvpn_tunnel::Message::Services { services } => Update::Services(services),
+                        _ => continue,
+                    };
+                    if tx.send(update).await.is_err() {
                         return;
                     }
                 }
@@ -372,7 +381,7 @@ async fn serve(
     handle: crate::dataplane::Handle,
     listener: UnixListener,
     mut status: Status,
-    mut updates: tokio::sync::mpsc::Receiver<tpvpn_tunnel::ClusterInfo>,
+    mut updates: tokio::sync::mpsc::Receiver<Update>,
     routing: &mut Routing<'_>,
 ) -> (String, Option<tokio::net::UnixStream>) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -382,17 +391,24 @@ async fn serve(
     let dp = tokio::spawn(dataplane.run());
     tokio::pin!(dp);
     let mut down_reply: Option<tokio::net::UnixStream> = None;
+    let mut listing = control::Listing::default();
     let why = loop {
         tokio::select! {
             r = &mut dp => break r.unwrap_or_else(|e| format!("data plane failed: {e}")),
             _ = term.recv() => break "signal SIGTERM".into(),
             _ = int.recv() => break "signal SIGINT".into(),
-            Some(cluster) = updates.recv() => match routing.apply(&cluster.cidrs) {
-                Ok(wanted) => {
-                    info!(routes = ?wanted, "cluster changed: routes updated");
-                    status.routes = wanted.iter().map(|r| r.to_string()).collect();
+            Some(update) = updates.recv() => match update {
+                Update::Cluster(cluster) => match routing.apply(&cluster.cidrs) {
+                    Ok(wanted) => {
+                        info!(routes = ?wanted, "cluster changed: routes updated");
+                        status.routes = wanted.iter().map(|r| r.to_string()).collect();
+                    }
+                    Err(e) => warn!(error = %e, "cluster changed but the routes could not be updated"),
+                },
+                Update::Namespaces(names) => listing.namespaces = names,
+                Update::Services(services) => {
+                    listing.services = services.iter().map(control::ServiceRow::from_info).collect();
                 }
-                Err(e) => warn!(error = %e, "cluster changed but the routes could not be updated"),
             },
             Ok((mut stream, _)) = listener.accept() => {
                 match control::read_request(&mut stream).await {
@@ -401,6 +417,7 @@ async fn serve(
                         s.flows = handle.flows().await;
                         control::write_reply(&mut stream, &Reply::Status(Box::new(s))).await;
                     }
+                    Some(Request::List) => control::write_reply(&mut stream, &Reply::List(listing.clone())).await,
                     Some(Request::Down) => {
                         down_reply = Some(stream);
                         break "down requested".into();
@@ -418,8 +435,7 @@ async fn serve(
 
 /// `tpvpn down`.
 pub fn down(paths: &Paths) -> Result<String, Error> {
-    let rt =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
+    let rt = current_thread()?;
     let asked = rt.block_on(control::request(&paths.socket(), Request::Down, Duration::from_secs(15)));
     match asked {
         // The daemon answers once every change is undone.
@@ -445,10 +461,23 @@ fn wait_gone(paths: &Paths) {
     }
 }
 
+/// A runtime for the short client commands.
+pub fn current_thread() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))
+}
+
+/// `tpvpn list`; `None` when not connected.
+pub fn list(paths: &Paths) -> Result<Option<control::Listing>, Error> {
+    let rt = current_thread()?;
+    match rt.block_on(control::request(&paths.socket(), Request::List, Duration::from_secs(5)))? {
+        Some(Reply::List(l)) => Ok(Some(l)),
+        _ => Ok(None),
+    }
+}
+
 /// `tpvpn status`.
 pub fn status(paths: &Paths) -> Result<Status, Error> {
-    let rt =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::System(e.to_string()))?;
+    let rt = current_thread()?;
     match rt.block_on(control::request(&paths.socket(), Request::Status, Duration::from_secs(5)))? {
         Some(Reply::Status(s)) => Ok(*s),
         _ => Ok(Status { dns: Dns { mode: "off".into(), ..Default::default() }, ..Default::default() }),

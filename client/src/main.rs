@@ -119,8 +119,12 @@ enum Cmd {
         #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
         output: Output,
     },
-    /// List reachable namespaces and services (needs the Kubernetes watch: not implemented yet).
-    List,
+    /// List the cluster's namespaces and Services, as the manager reports them.
+    List {
+        #[arg(short = 'o', long = "output", value_enum, default_value = "text")]
+        output: Output,
+    },
+
     /// Install, update or remove the in-cluster manager.
     Manager {
         #[command(subcommand)]
@@ -220,7 +224,18 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             }
             Ok(())
         }
-        Cmd::List => Err(Error::Config("tpvpn list needs the Kubernetes watch, which is not implemented yet".into())),
+        Cmd::List { output } => {
+            let Some(l) = daemon::list(&paths)? else {
+                return Err(Error::Config("not connected: run tpvpn up first".into()));
+            };
+            match output {
+                Output::Json => {
+                    println!("{}", serde_json::to_string_pretty(&l).map_err(|e| Error::System(e.to_string()))?)
+                }
+                Output::Text => print_listing(&l),
+            }
+            Ok(())
+        }
         Cmd::Manager { action } => {
             let (cluster, opts, uninstall) = match action {
                 ManagerCmd::Install { cluster, image, service_type } => {
@@ -237,10 +252,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
                 }
             };
             let r = kubeconfig::resolve(cluster.kubeconfig.as_deref(), cluster.context.as_deref())?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::System(e.to_string()))?;
+            let rt = daemon::current_thread()?;
             let msg = rt.block_on(async {
                 if uninstall {
                     install::uninstall(&r, &opts).await
@@ -255,6 +267,24 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             println!("tpvpn {} (tunnel protocol v{})", env!("CARGO_PKG_VERSION"), tpvpn_tunnel::PROTOCOL_VERSION);
             Ok(())
         }
+    }
+}
+
+fn print_listing(l: &tpvpn_client::control::Listing) {
+    println!("namespaces: {}", l.namespaces.join(", "));
+    let rows: Vec<[String; 4]> = l
+        .services
+        .iter()
+        .map(|s| {
+            let ips = if s.cluster_ips.is_empty() { "None".to_string() } else { s.cluster_ips.join(",") };
+            [s.namespace.clone(), s.name.clone(), ips, s.ports.join(", ")]
+        })
+        .collect();
+    let header = ["NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS"].map(String::from);
+    let width = |i: usize| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0);
+    let (w0, w1, w2) = (width(0), width(1), width(2));
+    for r in [&header].into_iter().chain(&rows) {
+        println!("{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3]);
     }
 }
 

@@ -1,14 +1,20 @@
 //! A **stand-in** for the Kubernetes API server (`tpvpn-lab apiserver`).
 //!
 //! No real API server (etcd, kube-apiserver) can run in the lab, so this is a
-//! small in-memory imitation of the few core-v1 endpoints tpvpn uses, served
+//! small in-memory imitation of the few endpoints tpvpn uses, served
 //! over plain HTTP/1.1 (keep-alive, chunked watch streams) so that the real
 //! `kube` client works against it. It is not a Kubernetes implementation.
 //!
 //! Semantics kept from the real API server:
-//! - Resources `namespaces`, `nodes` (cluster-scoped), `services`, `pods`,
-//!   `secrets` (namespaced), as plain Kubernetes JSON objects; lists are
-//!   sorted by namespace and name.
+//! - A static table of resources ([`Resource`]), as plain Kubernetes JSON
+//!   objects; lists are sorted by namespace and name. Core `v1` (`/api/v1`):
+//!   `namespaces`, `nodes` (cluster-scoped), `services`, `pods`, `secrets`,
+//!   `serviceaccounts` (namespaced); `rbac.authorization.k8s.io/v1`
+//!   (`/apis/{group}/v1`): `clusterroles`, `clusterrolebindings`
+//!   (cluster-scoped), `roles`, `rolebindings`; `apps/v1`: `deployments`.
+//!   Other paths: 404 `the server could not find the requested resource`.
+//!   Discovery: `/api`, `/api/v1`, `/apis` (APIGroupList), `/apis/{group}`,
+//!   `/apis/{group}/v1` (APIResourceList); no aggregated discovery.
 //! - One global `resourceVersion` counter (like etcd's revision): every
 //!   create/update/delete bumps it and records an event in a bounded history
 //!   ([`DEFAULT_HISTORY`] events). Server-managed metadata (`uid`,
@@ -16,7 +22,22 @@
 //! - GET (one or a list, with `labelSelector` `=`/`==`/`!=`/`key`/`!key` and
 //!   `fieldSelector` on `metadata.name`/`metadata.namespace`), POST (create,
 //!   409 if it exists), PUT (replace, 409 on a stale `metadata.resourceVersion`),
-//!   PATCH (JSON merge patch only), DELETE (returns the deleted object).
+//!   PATCH (JSON merge patch, and server-side apply, below), DELETE (returns the
+//!   deleted object). Deleting a Namespace first deletes every namespaced
+//!   object in it (a `DELETED` event each; no `Terminating` phase).
+//! - Server-side apply (`PATCH` with `Content-Type: application/apply-patch+yaml`,
+//!   what kube's `Patch::Apply` sends), approximated: `fieldManager` is
+//!   required (400), `force` is ignored (no field ownership, no conflicts);
+//!   the body must be JSON (YAML's JSON subset) with the URL's `apiVersion`,
+//!   `kind`, name (and namespace, if given). A missing object is created
+//!   (201, `ADDED`); an existing one gets the applied fields merged over it
+//!   (maps merged recursively, applied values win, lists replaced, `null`
+//!   removes; fields dropped from the applied configuration are NOT removed)
+//!   and keeps its resourceVersion (no event) if nothing changed, so applying
+//!   the same object twice is a no-op. A Service keeps its allocated
+//!   clusterIP and node ports (matched by port and protocol).
+//! - Deployments: `spec.replicas` defaults to 1, `metadata.generation` starts
+//!   at 1 and grows when the spec changes; no status (no controllers run).
 //! - Watches (`?watch=true`): no / `"0"` resourceVersion → `ADDED` for every
 //!   current object, then live events; `resourceVersion=N` → replay of the
 //!   events after N, then live; N older than the kept history → one `ERROR`
@@ -36,11 +57,13 @@
 //!
 //! Not kept: other resources and API groups, protobuf, HTTP/2, `limit`/
 //! `continue` paging (everything is returned, no continue token), set-based
-//! label selectors, subresources, JSON/strategic/apply patches, finalizers,
-//! cascading deletion of a namespace's objects, admission and validation.
+//! label selectors, subresources, JSON/strategic patches, `managedFields`,
+//! `dryRun` (400), finalizers, garbage collection by owner references, controllers
+//! (no Pods for Deployments), admission and validation.
 //!
 //! Stand-in only: `POST /_standin/compact` (admin token) drops all watch
-//! history, so any older resourceVersion then yields 410 Gone.
+//! history, so any older resourceVersion then yields 410 Gone, and ends every open
+//! watch with a 410 ERROR event (a watch that fell behind), so clients must list again.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
@@ -77,7 +100,7 @@ const WATCH_TIMEOUT_MAX: u64 = 600;
 /// Largest accepted request body (like the real API server's 3 MiB).
 const MAX_BODY: usize = 3 << 20;
 
-/// The resources the stand-in serves (core v1 only).
+/// The resources the stand-in serves (a static table: group, version, kind, plural, scope, short names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Resource {
     Namespaces,
@@ -85,49 +108,101 @@ pub enum Resource {
     Services,
     Pods,
     Secrets,
+    ServiceAccounts,
+    ClusterRoles,
+    ClusterRoleBindings,
+    Roles,
+    RoleBindings,
+    Deployments,
 }
 
+/// The API groups served besides the core group (all at version `v1`).
+pub const API_GROUPS: [&str; 2] = ["apps", "rbac.authorization.k8s.io"];
+
 impl Resource {
-    pub const ALL: [Resource; 5] =
-        [Resource::Namespaces, Resource::Nodes, Resource::Pods, Resource::Secrets, Resource::Services];
+    pub const ALL: [Resource; 11] = [
+        Resource::Namespaces,
+        Resource::Nodes,
+        Resource::Pods,
+        Resource::Secrets,
+        Resource::Services,
+        Resource::ServiceAccounts,
+        Resource::ClusterRoles,
+        Resource::ClusterRoleBindings,
+        Resource::Roles,
+        Resource::RoleBindings,
+        Resource::Deployments,
+    ];
+
+    /// (group, kind, plural, namespaced, short names); the version is always `v1`.
+    fn info(self) -> (&'static str, &'static str, &'static str, bool, &'static [&'static str]) {
+        const RBAC: &str = "rbac.authorization.k8s.io";
+        match self {
+            Resource::Namespaces => ("", "Namespace", "namespaces", false, &["ns"]),
+            Resource::Nodes => ("", "Node", "nodes", false, &["no"]),
+            Resource::Services => ("", "Service", "services", true, &["svc"]),
+            Resource::Pods => ("", "Pod", "pods", true, &["po"]),
+            Resource::Secrets => ("", "Secret", "secrets", true, &[]),
+            Resource::ServiceAccounts => ("", "ServiceAccount", "serviceaccounts", true, &["sa"]),
+            Resource::ClusterRoles => (RBAC, "ClusterRole", "clusterroles", false, &[]),
+            Resource::ClusterRoleBindings => (RBAC, "ClusterRoleBinding", "clusterrolebindings", false, &[]),
+            Resource::Roles => (RBAC, "Role", "roles", true, &[]),
+            Resource::RoleBindings => (RBAC, "RoleBinding", "rolebindings", true, &[]),
+            Resource::Deployments => ("apps", "Deployment", "deployments", true, &["deploy"]),
+        }
+    }
 
     /// URL name (`services`).
     pub fn plural(self) -> &'static str {
-        match self {
-            Resource::Namespaces => "namespaces",
-            Resource::Nodes => "nodes",
-            Resource::Services => "services",
-            Resource::Pods => "pods",
-            Resource::Secrets => "secrets",
-        }
+        self.info().2
     }
     /// Object kind (`Service`).
     pub fn kind(self) -> &'static str {
-        match self {
-            Resource::Namespaces => "Namespace",
-            Resource::Nodes => "Node",
-            Resource::Services => "Service",
-            Resource::Pods => "Pod",
-            Resource::Secrets => "Secret",
+        self.info().1
+    }
+    /// API group (`""` for core, `apps`, ...).
+    pub fn group(self) -> &'static str {
+        self.info().0
+    }
+    /// API version (always `v1`).
+    pub fn version(self) -> &'static str {
+        "v1"
+    }
+    /// The objects' `apiVersion` (`v1`, `apps/v1`).
+    pub fn api_version(self) -> String {
+        match self.group() {
+            "" => self.version().to_string(),
+            g => format!("{g}/{}", self.version()),
+        }
+    }
+    /// The name in error messages (`services`, `deployments.apps`).
+    pub fn qualified(self) -> String {
+        match self.group() {
+            "" => self.plural().to_string(),
+            g => format!("{}.{g}", self.plural()),
         }
     }
     pub fn namespaced(self) -> bool {
-        !matches!(self, Resource::Namespaces | Resource::Nodes)
+        self.info().3
     }
     fn short_names(self) -> &'static [&'static str] {
-        match self {
-            Resource::Namespaces => &["ns"],
-            Resource::Nodes => &["no"],
-            Resource::Services => &["svc"],
-            Resource::Pods => &["po"],
-            Resource::Secrets => &[],
-        }
+        self.info().4
     }
+    /// A core-group resource by its URL name.
     pub fn from_plural(s: &str) -> Option<Resource> {
-        Resource::ALL.into_iter().find(|r| r.plural() == s)
+        Resource::lookup("", "v1", s)
     }
+    /// A resource by group, version and URL name.
+    pub fn lookup(group: &str, version: &str, plural: &str) -> Option<Resource> {
+        Resource::ALL.into_iter().find(|r| r.group() == group && r.version() == version && r.plural() == plural)
+    }
+    /// A resource by kind (kinds are unique in the table).
     pub fn from_kind(s: &str) -> Option<Resource> {
         Resource::ALL.into_iter().find(|r| r.kind() == s)
+    }
+    /// The resources of one group version.
+    fn of_group<'a>(group: &'a str, version: &'a str) -> impl Iterator<Item = Resource> + 'a {
+        Resource::ALL.into_iter().filter(move |r| r.group() == group && r.version() == version)
     }
 }
 
@@ -145,26 +220,33 @@ impl ApiError {
         ApiError { code, reason, message: message.into(), details: None }
     }
     fn with_details(mut self, res: Resource, name: &str) -> ApiError {
-        self.details = Some(json!({"name": name, "kind": res.plural()}));
+        self.details = Some(match res.group() {
+            "" => json!({"name": name, "kind": res.plural()}),
+            g => json!({"name": name, "group": g, "kind": res.plural()}),
+        });
         self
     }
     pub fn not_found(res: Resource, name: &str) -> ApiError {
-        ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", res.plural())).with_details(res, name)
+        ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", res.qualified())).with_details(res, name)
     }
     pub fn already_exists(res: Resource, name: &str) -> ApiError {
-        ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", res.plural()))
+        ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", res.qualified()))
             .with_details(res, name)
     }
     pub fn conflict(res: Resource, name: &str) -> ApiError {
         let msg = format!(
             "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; \
              please apply your changes to the latest version and try again",
-            res.plural()
+            res.qualified()
         );
         ApiError::new(409, "Conflict", msg).with_details(res, name)
     }
     pub fn invalid(res: Resource, name: &str, what: &str) -> ApiError {
-        ApiError::new(422, "Invalid", format!("{} \"{name}\" is invalid: {what}", res.kind())).with_details(res, name)
+        let kind = match res.group() {
+            "" => res.kind().to_string(),
+            g => format!("{}.{g}", res.kind()),
+        };
+        ApiError::new(422, "Invalid", format!("{kind} \"{name}\" is invalid: {what}")).with_details(res, name)
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(400, "BadRequest", message)
@@ -318,6 +400,8 @@ pub struct Store {
     history_limit: usize,
     /// Every event after this resourceVersion is still in `history`.
     compacted: u64,
+    /// Compactions so far; open watches end when it changes.
+    compactions: u64,
 }
 
 impl Default for Store {
@@ -329,7 +413,7 @@ impl Default for Store {
 impl Store {
     /// An empty store keeping the last `history_limit` events.
     pub fn new(history_limit: usize) -> Store {
-        Store { objects: BTreeMap::new(), rv: 0, history: VecDeque::new(), history_limit, compacted: 0 }
+        Store { objects: BTreeMap::new(), rv: 0, history: VecDeque::new(), history_limit, compacted: 0, compactions: 0 }
     }
 
     /// Creates every fixture object (namespaces first); kind and namespace come from the objects.
@@ -350,10 +434,13 @@ impl Store {
         self.rv
     }
 
-    /// Drops all watch history: any resourceVersion older than the current one then yields 410.
+    /// Drops all watch history: any resourceVersion older than the current one then yields
+    /// 410, and every open watch gets a 410 ERROR event and ends (as a watch that fell
+    /// behind the API server's window does), so that clients must list again.
     pub fn compact(&mut self) {
         self.history.clear();
         self.compacted = self.rv;
+        self.compactions += 1;
     }
 
     pub fn get(&self, res: Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
@@ -364,7 +451,7 @@ impl Store {
     pub fn list(&self, res: Resource, filter: &Filter) -> Value {
         let items: Vec<&Value> = self.objects.range(range(res)).map(|(_, o)| o).filter(|o| filter.matches(o)).collect();
         json!({
-            "kind": format!("{}List", res.kind()), "apiVersion": "v1",
+            "kind": format!("{}List", res.kind()), "apiVersion": res.api_version(),
             "metadata": {"resourceVersion": self.rv.to_string()}, "items": items,
         })
     }
@@ -435,14 +522,95 @@ impl Store {
             _ => {}
         }
         self.apply_defaults(res, &k, &mut obj, Some(&old))?;
-        let rv = self.bump();
         let meta = &mut obj["metadata"];
         meta["uid"] = old["metadata"]["uid"].clone();
         meta["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
-        meta["resourceVersion"] = json!(rv.to_string());
+        Ok(self.store_modified(res, k, obj, old))
+    }
+
+    /// Records an update of `k` from `old` to `obj` (a new resourceVersion and a MODIFIED event).
+    fn store_modified(&mut self, res: Resource, k: (Resource, String, String), mut obj: Value, old: Value) -> Value {
+        let rv = self.bump();
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.objects.insert(k, obj.clone());
         self.record(Event { rv, kind: "MODIFIED", res, obj: obj.clone(), prev: Some(old) });
-        Ok(obj)
+        obj
+    }
+
+    /// Server-side apply (`PATCH` with `application/apply-patch+yaml`), approximated: creates
+    /// the object if it does not exist, otherwise merges the applied fields over it (maps
+    /// merged recursively, applied values win, lists replaced, `null` removes). Nothing
+    /// changes (same resourceVersion, no event) if the result equals the stored object.
+    /// Returns the object and whether it was created.
+    pub fn apply(
+        &mut self,
+        res: Resource,
+        ns: Option<&str>,
+        name: &str,
+        mut applied: Value,
+    ) -> Result<(Value, bool), ApiError> {
+        let Some(map) = applied.as_object_mut() else {
+            return Err(ApiError::bad_request("the applied configuration must be an object"));
+        };
+        let api_version = res.api_version();
+        match map.get("apiVersion").and_then(Value::as_str) {
+            Some(v) if v == api_version => {}
+            None | Some("") => return Err(ApiError::bad_request("apiVersion must be set in an applied configuration")),
+            Some(v) => {
+                return Err(ApiError::bad_request(format!(
+                    "the apiVersion of the applied configuration ({v}) does not match the URL ({api_version})"
+                )))
+            }
+        }
+        match map.get("kind").and_then(Value::as_str) {
+            Some(k) if k == res.kind() => {}
+            None | Some("") => return Err(ApiError::bad_request("kind must be set in an applied configuration")),
+            Some(k) => {
+                return Err(ApiError::bad_request(format!(
+                    "the kind of the applied configuration ({k}) does not match the URL ({})",
+                    res.kind()
+                )))
+            }
+        }
+        let meta = map.entry("metadata").or_insert_with(|| json!({}));
+        let Some(meta) = meta.as_object_mut() else {
+            return Err(ApiError::bad_request("metadata must be an object"));
+        };
+        match meta.get("name").and_then(Value::as_str) {
+            None | Some("") => drop(meta.insert("name".into(), json!(name))),
+            Some(n) if n == name => {}
+            Some(n) => {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({n}) does not match the name on the URL ({name})"
+                )))
+            }
+        }
+        let asked_rv = meta.get("resourceVersion").and_then(Value::as_str).unwrap_or("").to_string();
+        // Server-managed fields are not taken from the applied configuration.
+        for f in ["uid", "resourceVersion", "creationTimestamp", "generation", "managedFields"] {
+            meta.remove(f);
+        }
+        let k = key(res, ns, name);
+        let Some(old) = self.objects.get(&k).cloned() else {
+            if !asked_rv.is_empty() {
+                return Err(ApiError::conflict(res, name));
+            }
+            return Ok((self.create(res, ns, applied)?, true));
+        };
+        if !asked_rv.is_empty() && Some(asked_rv.as_str()) != old["metadata"]["resourceVersion"].as_str() {
+            return Err(ApiError::conflict(res, name));
+        }
+        let mut obj = old.clone();
+        merge(&mut obj, &applied);
+        self.prepare(res, ns, Some(name), &mut obj)?;
+        if res == Resource::Services {
+            keep_node_ports(&mut obj, &old);
+        }
+        self.apply_defaults(res, &k, &mut obj, Some(&old))?;
+        if obj == old {
+            return Ok((old, false));
+        }
+        Ok((self.store_modified(res, k, obj, old), false))
     }
 
     /// JSON merge patch (RFC 7386) of an existing object, then [`Store::replace`].
@@ -464,8 +632,22 @@ impl Store {
         self.replace(res, ns, name, obj)
     }
 
-    /// Deletes an object; returns it (with the deletion's resourceVersion).
+    /// Deletes an object; returns it (with the deletion's resourceVersion). Deleting a
+    /// Namespace first deletes every object in it (a DELETED event each).
     pub fn delete(&mut self, res: Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
+        if !self.objects.contains_key(&key(res, ns, name)) {
+            return Err(ApiError::not_found(res, name));
+        }
+        if res == Resource::Namespaces {
+            let inside: Vec<_> = self.objects.keys().filter(|(r, n, _)| r.namespaced() && n == name).cloned().collect();
+            for (r, n, o) in inside {
+                self.delete_one(r, Some(&n), &o)?;
+            }
+        }
+        self.delete_one(res, ns, name)
+    }
+
+    fn delete_one(&mut self, res: Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
         let Some(mut obj) = self.objects.remove(&key(res, ns, name)) else {
             return Err(ApiError::not_found(res, name));
         };
@@ -507,10 +689,15 @@ impl Store {
                 return Err(ApiError::bad_request(format!("the kind {k:?} does not match the URL ({})", res.plural())))
             }
         }
+        let api_version = res.api_version();
         match map.get("apiVersion").and_then(Value::as_str) {
-            None | Some("") => drop(map.insert("apiVersion".into(), json!("v1"))),
-            Some("v1") => {}
-            Some(v) => return Err(ApiError::bad_request(format!("the apiVersion {v:?} is not served (only v1)"))),
+            None | Some("") => drop(map.insert("apiVersion".into(), json!(api_version))),
+            Some(v) if v == api_version => {}
+            Some(v) => {
+                return Err(ApiError::bad_request(format!(
+                    "the apiVersion {v:?} does not match the URL ({api_version})"
+                )))
+            }
         }
         let meta = map.entry("metadata").or_insert_with(|| json!({}));
         let Some(meta) = meta.as_object_mut() else {
@@ -582,7 +769,27 @@ impl Store {
                 }
             }
             Resource::Services => self.default_service(k, obj, old)?,
-            Resource::Nodes | Resource::Pods => {}
+            Resource::Deployments => {
+                if obj["spec"]["replicas"].is_null() {
+                    obj["spec"]["replicas"] = json!(1);
+                }
+                // metadata.generation: 1 on creation, +1 on every change of the spec.
+                let generation = match old {
+                    None => 1,
+                    Some(o) => {
+                        let g = o["metadata"]["generation"].as_i64().unwrap_or(1);
+                        g + i64::from(o["spec"] != obj["spec"])
+                    }
+                };
+                obj["metadata"]["generation"] = json!(generation);
+            }
+            Resource::Nodes
+            | Resource::Pods
+            | Resource::ServiceAccounts
+            | Resource::ClusterRoles
+            | Resource::ClusterRoleBindings
+            | Resource::Roles
+            | Resource::RoleBindings => {}
         }
         Ok(())
     }
@@ -689,6 +896,21 @@ fn key(res: Resource, ns: Option<&str>, name: &str) -> (Resource, String, String
 fn range(res: Resource) -> std::ops::RangeInclusive<(Resource, String, String)> {
     let max = String::from(char::MAX);
     (res, String::new(), String::new())..=(res, max.clone(), max)
+}
+
+/// Keeps the node ports of a Service's ports an apply left without one (matched by port and protocol).
+fn keep_node_ports(obj: &mut Value, old: &Value) {
+    let old_ports = old["spec"]["ports"].as_array().cloned().unwrap_or_default();
+    let proto = |p: &Value| p["protocol"].as_str().unwrap_or("TCP").to_string();
+    if let Some(ports) = obj["spec"]["ports"].as_array_mut() {
+        for p in ports.iter_mut().filter(|p| p["nodePort"].is_null()) {
+            if let Some(o) = old_ports.iter().find(|o| o["port"] == p["port"] && proto(o) == proto(p)) {
+                if !o["nodePort"].is_null() {
+                    p["nodePort"] = o["nodePort"].clone();
+                }
+            }
+        }
+    }
 }
 
 /// RFC 7386 JSON merge patch.
@@ -903,6 +1125,9 @@ impl ApiServer {
             }
         }
         let get = |v: Value| Ok(json_response(StatusCode::OK, &v));
+        if *method != Method::GET && q("dryRun").is_some_and(|d| !d.is_empty()) {
+            return Err(ApiError::bad_request("the stand-in does not support dryRun"));
+        }
         match (route, method) {
             (Route::Version, &Method::GET) => get(
                 json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-tpvpn-standin", "platform": "linux/amd64"}),
@@ -911,7 +1136,17 @@ impl ApiServer {
                 "kind": "APIVersions", "versions": ["v1"],
                 "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": self.listen}],
             })),
-            (Route::ApiV1, &Method::GET) => get(discovery()),
+            (Route::Resources(group), &Method::GET) => get(discovery(group)),
+            (Route::Apis, &Method::GET) => get(json!({
+                "kind": "APIGroupList", "apiVersion": "v1",
+                "groups": API_GROUPS.iter().map(|g| api_group(g)).collect::<Vec<_>>(),
+            })),
+            (Route::Group(group), &Method::GET) => {
+                let mut g = api_group(group);
+                g["kind"] = json!("APIGroup");
+                g["apiVersion"] = json!("v1");
+                get(g)
+            }
             (Route::Compact, &Method::POST) => {
                 if user != User::Admin {
                     return Err(ApiError::new(403, "Forbidden", "only the admin token may compact"));
@@ -921,6 +1156,8 @@ impl ApiServer {
                     s.compact();
                     s.resource_version()
                 };
+                // Wake the open watches so that they end with 410.
+                self.changed.send_modify(|_| {});
                 get(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                     "message": format!("stand-in: history compacted at resourceVersion {rv}"), "code": 200}))
             }
@@ -939,6 +1176,16 @@ impl ApiServer {
                 let created = self.mutate(|s| s.create(res, ns.as_deref(), obj))?;
                 Ok(json_response(StatusCode::CREATED, &created))
             }
+            (Route::Item { res, ns, name }, &Method::PATCH) if ctype.starts_with("application/apply-patch+yaml") => {
+                if q("fieldManager").unwrap_or("").is_empty() {
+                    return Err(ApiError::bad_request(
+                        "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                    ));
+                }
+                let obj = parse_apply_body(body)?;
+                let (obj, created) = self.mutate_with(|s| s.apply(res, ns.as_deref(), &name, obj))?;
+                Ok(json_response(if created { StatusCode::CREATED } else { StatusCode::OK }, &obj))
+            }
             (Route::Item { res, ns, name }, m) => {
                 let ns = ns.as_deref();
                 let obj = match *m {
@@ -952,7 +1199,10 @@ impl ApiServer {
                             return Err(ApiError::new(
                                 415,
                                 "UnsupportedMediaType",
-                                format!("the stand-in supports only application/merge-patch+json, not {ctype:?}"),
+                                format!(
+                                    "the stand-in supports only application/merge-patch+json and \
+                                     application/apply-patch+yaml, not {ctype:?}"
+                                ),
                             ));
                         }
                         let patch = parse_body(body)?;
@@ -970,6 +1220,10 @@ impl ApiServer {
 
     /// Runs a store mutation and wakes the watchers.
     fn mutate(&self, f: impl FnOnce(&mut Store) -> Result<Value, ApiError>) -> Result<Value, ApiError> {
+        self.mutate_with(f)
+    }
+
+    fn mutate_with<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, ApiError>) -> Result<T, ApiError> {
         let mut s = self.store();
         let r = f(&mut s);
         self.changed.send_replace(s.resource_version());
@@ -1013,6 +1267,7 @@ impl ApiServer {
 
     async fn run_watch(self: Arc<Self>, o: WatchOpts, tx: mpsc::Sender<Bytes>) {
         let mut changed = self.changed.subscribe();
+        let compactions = self.store().compactions;
         let first = self.store().watch_events(o.res, &o.filter, o.start);
         let mut cursor = match first {
             Ok((events, rv)) => {
@@ -1049,7 +1304,15 @@ impl ApiServer {
                 }
                 _ = ticks.tick(), if o.bookmarks => true,
             };
-            let next = self.store().watch_events(o.res, &o.filter, WatchStart::After(cursor));
+            let next = {
+                let s = self.store();
+                if s.compactions != compactions {
+                    Err(ApiError::expired(cursor, s.compacted))
+                } else {
+                    s.watch_events(o.res, &o.filter, WatchStart::After(cursor))
+                }
+            };
+
             let mut events = match next {
                 Ok((events, rv)) => {
                     cursor = rv;
@@ -1115,11 +1378,24 @@ impl http_body::Body for WatchBody {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Route {
     Version,
+    /// `/api`: the core API versions.
     Api,
-    ApiV1,
+    /// `/apis`: the API groups.
+    Apis,
+    /// `/apis/{group}`: one API group.
+    Group(&'static str),
+    /// `/api/v1` (group `""`) or `/apis/{group}/v1`: the group version's resources.
+    Resources(&'static str),
     Compact,
-    List { res: Resource, ns: Option<String> },
-    Item { res: Resource, ns: Option<String>, name: String },
+    List {
+        res: Resource,
+        ns: Option<String>,
+    },
+    Item {
+        res: Resource,
+        ns: Option<String>,
+        name: String,
+    },
     Unknown,
 }
 
@@ -1127,51 +1403,62 @@ impl Route {
     fn parse(path: &str) -> Route {
         let segs: Vec<String> = path.trim_matches('/').split('/').map(|s| pct_decode(s, false)).collect();
         let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-        let namespaced = |r: &str| Resource::from_plural(r).filter(|r| r.namespaced());
-        let cluster = |r: &str| Resource::from_plural(r).filter(|r| !r.namespaced());
+        let known_group = |g: &str| API_GROUPS.into_iter().find(|x| *x == g);
+        let (group, rest): (&'static str, &[&str]) = match segs[..] {
+            ["version"] => return Route::Version,
+            ["api"] => return Route::Api,
+            ["apis"] => return Route::Apis,
+            ["_standin", "compact"] => return Route::Compact,
+            ["apis", g] => return known_group(g).map_or(Route::Unknown, Route::Group),
+            ["api", "v1", ref rest @ ..] => ("", rest),
+            ["apis", g, "v1", ref rest @ ..] => match known_group(g) {
+                Some(g) => (g, rest),
+                None => return Route::Unknown,
+            },
+            _ => return Route::Unknown,
+        };
+        let lookup = |r: &str| Resource::lookup(group, "v1", r);
+        let namespaced = |r: &str| lookup(r).filter(|r| r.namespaced());
+        let cluster = |r: &str| lookup(r).filter(|r| !r.namespaced());
         let s = |x: &str| Some(x.to_string());
-        match segs[..] {
-            ["version"] => Route::Version,
-            ["api"] => Route::Api,
-            ["api", "v1"] => Route::ApiV1,
-            ["_standin", "compact"] => Route::Compact,
-            ["api", "v1", r] => match Resource::from_plural(r) {
-                Some(res) => Route::List { res, ns: None },
-                None => Route::Unknown,
-            },
-            ["api", "v1", "namespaces", name] if !name.is_empty() => {
-                Route::Item { res: Resource::Namespaces, ns: None, name: name.into() }
+        let route = match rest {
+            [] => Some(Route::Resources(group)),
+            [r] => lookup(r).map(|res| Route::List { res, ns: None }),
+            ["namespaces", ns, r] if !ns.is_empty() => namespaced(r).map(|res| Route::List { res, ns: s(ns) }),
+            ["namespaces", ns, r, name] if !ns.is_empty() && !name.is_empty() => {
+                namespaced(r).map(|res| Route::Item { res, ns: s(ns), name: name.to_string() })
             }
-            ["api", "v1", "namespaces", ns, r] if !ns.is_empty() => match namespaced(r) {
-                Some(res) => Route::List { res, ns: s(ns) },
-                None => Route::Unknown,
-            },
-            ["api", "v1", "namespaces", ns, r, name] if !ns.is_empty() && !name.is_empty() => match namespaced(r) {
-                Some(res) => Route::Item { res, ns: s(ns), name: name.into() },
-                None => Route::Unknown,
-            },
-            ["api", "v1", r, name] if !name.is_empty() => match cluster(r) {
-                Some(res) => Route::Item { res, ns: None, name: name.into() },
-                None => Route::Unknown,
-            },
-            _ => Route::Unknown,
-        }
+            [r, name] if !name.is_empty() => {
+                cluster(r).map(|res| Route::Item { res, ns: None, name: name.to_string() })
+            }
+            _ => None,
+        };
+        route.unwrap_or(Route::Unknown)
     }
 }
 
-/// The `APIResourceList` of `/api/v1`.
-fn discovery() -> Value {
-    let resources: Vec<Value> = Resource::ALL
-        .iter()
+/// The `APIResourceList` of `/api/v1` (group `""`) or `/apis/{group}/v1`.
+fn discovery(group: &str) -> Value {
+    let resources: Vec<Value> = Resource::of_group(group, "v1")
         .map(|r| {
-            json!({
+            let mut v = json!({
                 "name": r.plural(), "singularName": r.kind().to_lowercase(), "namespaced": r.namespaced(),
                 "kind": r.kind(), "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
-                "shortNames": r.short_names(),
-            })
+            });
+            if !r.short_names().is_empty() {
+                v["shortNames"] = json!(r.short_names());
+            }
+            v
         })
         .collect();
-    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": resources})
+    let gv = if group.is_empty() { "v1".to_string() } else { format!("{group}/v1") };
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+/// One entry of the `APIGroupList` of `/apis` (only `v1` is served).
+fn api_group(group: &str) -> Value {
+    let v = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
+    json!({"name": group, "versions": [v], "preferredVersion": v})
 }
 
 /// RBAC-style 403 (`secrets "x" is forbidden: User ... cannot get resource ...`).
@@ -1198,6 +1485,15 @@ fn forbidden(res: Resource, name: Option<&str>, ns: Option<&str>, verb: &str) ->
 
 fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+/// The body of an apply patch: YAML, but the stand-in understands only its JSON subset (what kube sends).
+fn parse_apply_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the stand-in accepts only JSON-formatted apply patches (YAML's JSON subset): {e}"
+        ))
+    })
 }
 
 fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
@@ -1260,6 +1556,9 @@ mod tests {
         let mut s = Store::new(DEFAULT_HISTORY);
         s.load(vec![ns("default"), ns("dev")]).unwrap();
         s
+    }
+    fn rv_of(v: &Value) -> u64 {
+        v["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap()
     }
     fn types(events: &[Value]) -> Vec<String> {
         events
@@ -1421,7 +1720,39 @@ mod tests {
         assert_eq!(Route::parse("/api/v1/namespaces/a/secrets/b"), item(Resource::Secrets, Some("a"), "b"));
         assert_eq!(Route::parse("/api/v1/namespaces/a/nodes"), Route::Unknown);
         assert_eq!(Route::parse("/api/v1/services/x"), Route::Unknown);
-        assert_eq!(Route::parse("/apis/apps/v1"), Route::Unknown);
+        assert_eq!(Route::parse("/api/v1"), Route::Resources(""));
+        assert_eq!(Route::parse("/apis/apps/v1"), Route::Resources("apps"));
+        assert_eq!(Route::parse("/apis"), Route::Apis);
+        assert_eq!(Route::parse("/apis/rbac.authorization.k8s.io"), Route::Group("rbac.authorization.k8s.io"));
+        assert_eq!(
+            Route::parse("/apis/apps/v1/namespaces/t/deployments/d"),
+            item(Resource::Deployments, Some("t"), "d")
+        );
+        assert_eq!(Route::parse("/apis/apps/v1/deployments"), Route::List { res: Resource::Deployments, ns: None });
+        assert_eq!(
+            Route::parse("/apis/rbac.authorization.k8s.io/v1/clusterroles/c"),
+            item(Resource::ClusterRoles, None, "c")
+        );
+        assert_eq!(
+            Route::parse("/apis/rbac.authorization.k8s.io/v1/namespaces/t/rolebindings"),
+            Route::List { res: Resource::RoleBindings, ns: Some("t".into()) }
+        );
+        assert_eq!(
+            Route::parse("/api/v1/namespaces/t/serviceaccounts/s"),
+            item(Resource::ServiceAccounts, Some("t"), "s")
+        );
+        // Unknown groups, versions, resources and scopes.
+        for p in [
+            "/apis/batch/v1/jobs",
+            "/apis/apps/v2/deployments",
+            "/apis/apps/v1/services",
+            "/api/v1/deployments",
+            "/apis/apps/v1/namespaces/t/clusterroles",
+            "/apis/rbac.authorization.k8s.io/v1/clusterroles/c/x",
+            "/apis/foo",
+        ] {
+            assert_eq!(Route::parse(p), Route::Unknown, "{p}");
+        }
         let q = parse_query("labelSelector=a%3Db%2Cc!%3Dd&watch=1&x&y=a+b&z=%zz%");
         assert_eq!(q["labelSelector"], "a=b,c!=d");
         assert_eq!((q["watch"].as_str(), q["x"].as_str(), q["y"].as_str(), q["z"].as_str()), ("1", "", "a b", "%zz%"));
@@ -1470,6 +1801,227 @@ mod tests {
             let mut chunk = [0u8; 4096];
             let n = tokio::time::timeout(Duration::from_secs(5), c.read(&mut chunk)).await.unwrap().unwrap();
             assert!(String::from_utf8_lossy(&chunk[..n]).starts_with("HTTP/1.1 401"));
+        });
+    }
+
+    fn deploy(image: &str) -> Value {
+        json!({
+            "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "mgr", "labels": {"app": "mgr"}},
+            "spec": {"selector": {"matchLabels": {"app": "mgr"}}, "template": {
+                "metadata": {"labels": {"app": "mgr"}},
+                "spec": {"containers": [{"name": "m", "image": image, "args": ["a", "b"]}]}}},
+        })
+    }
+
+    #[test]
+    fn apply_creates_then_is_idempotent() {
+        let mut s = store();
+        let rv0 = s.resource_version();
+        let (d, created) = s.apply(Resource::Deployments, Some("dev"), "mgr", deploy("img:1")).unwrap();
+        assert!(created);
+        assert_eq!((d["kind"].as_str(), d["apiVersion"].as_str()), (Some("Deployment"), Some("apps/v1")));
+        assert_eq!(d["metadata"]["namespace"], "dev");
+        assert_eq!(d["metadata"]["uid"].as_str().unwrap().len(), 36);
+        assert!(d["metadata"]["creationTimestamp"].is_string());
+        assert_eq!((d["metadata"]["generation"].as_i64(), d["spec"]["replicas"].as_i64()), (Some(1), Some(1)));
+        assert_eq!(rv_of(&d), rv0 + 1);
+        // The same configuration again: nothing changes, no event.
+        let (again, created) = s.apply(Resource::Deployments, Some("dev"), "mgr", deploy("img:1")).unwrap();
+        assert!(!created);
+        assert_eq!(again, d);
+        assert_eq!(s.resource_version(), rv0 + 1);
+        let (ev, _) = s.watch_events(Resource::Deployments, &Filter::default(), WatchStart::After(rv0)).unwrap();
+        assert_eq!(types(&ev), ["ADDED mgr"]);
+        // Listed with the group's apiVersion.
+        let list = s.list(Resource::Deployments, &Filter::parse(Some("dev"), Some("app=mgr"), None).unwrap());
+        assert_eq!((list["kind"].as_str(), list["apiVersion"].as_str()), (Some("DeploymentList"), Some("apps/v1")));
+        assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn apply_modifies() {
+        let mut s = store();
+        let (d, _) = s.apply(Resource::Deployments, Some("dev"), "mgr", deploy("img:1")).unwrap();
+        let mut changed = deploy("img:2");
+        changed["spec"]["template"]["spec"]["containers"][0].as_object_mut().unwrap().remove("args");
+        changed["metadata"]["annotations"] = json!({"a": "b"});
+        let (m, created) = s.apply(Resource::Deployments, Some("dev"), "mgr", changed).unwrap();
+        assert!(!created);
+        assert!(rv_of(&m) > rv_of(&d));
+        assert_eq!(
+            (&m["metadata"]["uid"], &m["metadata"]["creationTimestamp"]),
+            (&d["metadata"]["uid"], &d["metadata"]["creationTimestamp"])
+        );
+        // Lists are replaced (args gone), maps merged (labels kept), generation bumped.
+        assert_eq!(m["spec"]["template"]["spec"]["containers"], json!([{"name": "m", "image": "img:2"}]));
+        assert_eq!((&m["metadata"]["labels"]["app"], &m["metadata"]["annotations"]["a"]), (&json!("mgr"), &json!("b")));
+        assert_eq!(m["metadata"]["generation"], 2);
+        let (ev, _) = s.watch_events(Resource::Deployments, &Filter::default(), WatchStart::After(rv_of(&d))).unwrap();
+        assert_eq!(types(&ev), ["MODIFIED mgr"]);
+        assert_eq!(s.get(Resource::Deployments, Some("dev"), "mgr").unwrap(), m);
+    }
+
+    #[test]
+    fn apply_validates() {
+        let mut s = store();
+        let bad =
+            |s: &mut Store, res, ns: Option<&str>, name: &str, obj: Value| s.apply(res, ns, name, obj).unwrap_err();
+        // Kind, apiVersion and name must match the URL.
+        let e = bad(&mut s, Resource::Services, Some("dev"), "mgr", deploy("i"));
+        assert_eq!((e.code, e.reason), (400, "BadRequest"));
+        let mut v = deploy("i");
+        v["apiVersion"] = json!("v1");
+        assert_eq!(bad(&mut s, Resource::Deployments, Some("dev"), "mgr", v).code, 400);
+        let mut v = deploy("i");
+        v.as_object_mut().unwrap().remove("kind");
+        assert_eq!(bad(&mut s, Resource::Deployments, Some("dev"), "mgr", v).code, 400);
+        let e = bad(&mut s, Resource::Deployments, Some("dev"), "other", deploy("i"));
+        assert_eq!(e.message, "the name of the object (mgr) does not match the name on the URL (other)");
+        let mut v = deploy("i");
+        v["metadata"]["namespace"] = json!("default");
+        assert_eq!(bad(&mut s, Resource::Deployments, Some("dev"), "mgr", v).code, 400);
+        let e = bad(&mut s, Resource::Deployments, Some("nope"), "mgr", deploy("i"));
+        assert_eq!((e.code, e.message.as_str()), (404, "namespaces \"nope\" not found"));
+        assert_eq!(bad(&mut s, Resource::Deployments, Some("dev"), "mgr", json!([])).code, 400);
+        // Errors name the group like the real API server.
+        let e = s.get(Resource::Deployments, Some("dev"), "x").unwrap_err();
+        assert_eq!(e.message, "deployments.apps \"x\" not found");
+        assert_eq!(e.details, Some(json!({"name": "x", "group": "apps", "kind": "deployments"})));
+    }
+
+    #[test]
+    fn apply_cluster_role_secret_and_service() {
+        let mut s = store();
+        let cr = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "tpvpn"},
+            "rules": [{"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]}],
+        });
+        let (c, created) = s.apply(Resource::ClusterRoles, None, "tpvpn", cr.clone()).unwrap();
+        assert!(created && c["metadata"]["namespace"].is_null());
+        let (c2, _) = s.apply(Resource::ClusterRoles, None, "tpvpn", cr.clone()).unwrap();
+        assert_eq!(rv_of(&c2), rv_of(&c));
+        assert_eq!(s.get(Resource::ClusterRoles, None, "tpvpn").unwrap()["rules"], cr["rules"]);
+
+        // A Secret applied with stringData twice: unchanged the second time.
+        let sec = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "stringData": {"k": "hi"}});
+        let (a, _) = s.apply(Resource::Secrets, Some("dev"), "s", sec.clone()).unwrap();
+        assert_eq!(a["data"]["k"], "aGk=");
+        assert_eq!(rv_of(&s.apply(Resource::Secrets, Some("dev"), "s", sec).unwrap().0), rv_of(&a));
+
+        // A Service: allocation on create, the allocated clusterIP and nodePort kept on re-apply.
+        let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "m"},
+            "spec": {"type": "NodePort", "ports": [{"name": "quic", "port": 4443, "protocol": "UDP"}]}});
+        let (a, _) = s.apply(Resource::Services, Some("dev"), "m", svc.clone()).unwrap();
+        assert_eq!(
+            (a["spec"]["clusterIP"].as_str(), a["spec"]["ports"][0]["nodePort"].as_u64()),
+            (Some("10.96.100.1"), Some(30000))
+        );
+        let (b, _) = s.apply(Resource::Services, Some("dev"), "m", svc.clone()).unwrap();
+        assert_eq!(b, a);
+        let mut other = svc.clone();
+        other["spec"]["clusterIP"] = json!("10.96.0.9");
+        let e = s.apply(Resource::Services, Some("dev"), "m", other).unwrap_err();
+        assert_eq!((e.code, e.reason), (422, "Invalid"));
+        assert!(e.message.starts_with("Service \"m\" is invalid: spec.clusterIP"), "{}", e.message);
+    }
+
+    #[test]
+    fn namespace_delete_cascades() {
+        let mut s = store();
+        s.apply(Resource::Namespaces, None, "t", ns("t")).unwrap();
+        s.apply(Resource::Deployments, Some("t"), "mgr", deploy("i")).unwrap();
+        s.create(Resource::Services, Some("t"), svc("a", json!({}))).unwrap();
+        let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sa"}});
+        s.apply(Resource::ServiceAccounts, Some("t"), "sa", sa).unwrap();
+        let cr =
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "c"}});
+        s.apply(Resource::ClusterRoles, None, "c", cr).unwrap();
+        s.create(Resource::Services, Some("dev"), svc("b", json!({}))).unwrap();
+        let rv = s.resource_version();
+        let gone = s.delete(Resource::Namespaces, None, "t").unwrap();
+        assert_eq!(gone["metadata"]["name"], "t");
+        assert_eq!(rv_of(&gone), s.resource_version());
+        assert!(s.get(Resource::Deployments, Some("t"), "mgr").is_err());
+        assert!(s.get(Resource::ServiceAccounts, Some("t"), "sa").is_err());
+        assert!(s.get(Resource::ClusterRoles, None, "c").is_ok(), "cluster-scoped objects stay");
+        assert!(s.get(Resource::Services, Some("dev"), "b").is_ok(), "other namespaces stay");
+        let all = Filter::default();
+        let (ev, _) = s.watch_events(Resource::Services, &all, WatchStart::After(rv)).unwrap();
+        assert_eq!(types(&ev), ["DELETED a"]);
+        let (ev, _) = s.watch_events(Resource::Deployments, &all, WatchStart::After(rv)).unwrap();
+        assert_eq!(types(&ev), ["DELETED mgr"]);
+        assert_eq!(s.resource_version(), rv + 4);
+        assert_eq!(s.delete(Resource::Namespaces, None, "t").unwrap_err().code, 404);
+    }
+
+    /// Discovery, unknown resources, apply over HTTP (raw HTTP/1.1 on loopback).
+    #[test]
+    fn http_discovery_apply_and_unknown() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let cfg =
+                Config { admin_token: "t".into(), no_secrets_token: None, bookmark_interval: Duration::from_secs(5) };
+            let srv = ApiServer::new(store(), cfg, addr.to_string());
+            tokio::spawn(srv.clone().serve(listener));
+            // One request per connection (Connection: close), response read to the end.
+            let call = |method: &'static str, path: String, ctype: &'static str, body: String| async move {
+                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let req = format!(
+                    "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\
+                     Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                c.write_all(req.as_bytes()).await.unwrap();
+                let mut buf = Vec::new();
+                tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await.unwrap().unwrap();
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                let code: u16 = text[9..12].parse().unwrap();
+                let body = text.split_once("\r\n\r\n").unwrap().1;
+                (code, serde_json::from_str::<Value>(body).unwrap_or(Value::Null))
+            };
+            let get = |p: &str| call("GET", p.to_string(), "application/json", String::new());
+            let (code, v) = get("/apis").await;
+            assert_eq!((code, v["kind"].as_str()), (200, Some("APIGroupList")));
+            let groups: Vec<&str> =
+                v["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
+            assert_eq!(groups, ["apps", "rbac.authorization.k8s.io"]);
+            assert_eq!(v["groups"][0]["preferredVersion"]["groupVersion"], "apps/v1");
+            let (_, v) = get("/apis/rbac.authorization.k8s.io/v1").await;
+            assert_eq!(v["groupVersion"], "rbac.authorization.k8s.io/v1");
+            assert_eq!(v["resources"].as_array().unwrap().len(), 4);
+            let (_, v) = get("/apis/apps").await;
+            assert_eq!((v["kind"].as_str(), v["name"].as_str()), (Some("APIGroup"), Some("apps")));
+            for p in ["/apis/batch/v1/jobs", "/apis/apps/v1/namespaces/dev/jobs/x", "/api/v1/deployments"] {
+                let (code, v) = get(p).await;
+                assert_eq!(
+                    (code, v["message"].as_str()),
+                    (404, Some("the server could not find the requested resource")),
+                    "{p}"
+                );
+            }
+
+            let path = "/apis/apps/v1/namespaces/dev/deployments/mgr";
+            let apply = |q: &str, body: &Value| {
+                call("PATCH", format!("{path}{q}"), "application/apply-patch+yaml", body.to_string())
+            };
+            let (code, v) = apply("", &deploy("i")).await;
+            assert_eq!((code, v["message"].as_str().unwrap_or("").contains("fieldManager")), (400, true), "{v}");
+            let (code, created) = apply("?fieldManager=t&force=true", &deploy("i")).await;
+            assert_eq!(code, 201, "{created}");
+            let (code, again) = apply("?fieldManager=t&force=true", &deploy("i")).await;
+            assert_eq!((code, rv_of(&again)), (200, rv_of(&created)));
+            let (code, v) = get(path).await;
+            assert_eq!((code, &v), (200, &created));
+            let (code, _) = apply("?fieldManager=t&dryRun=All", &deploy("i")).await;
+            assert_eq!(code, 400);
+            let (code, v) = call("PATCH", path.into(), "application/json-patch+json", "[]".into()).await;
+            assert_eq!(code, 415, "{v}");
+            let (code, v) = call("DELETE", path.into(), "application/json", String::new()).await;
+            assert_eq!((code, v["metadata"]["name"].as_str()), (200, Some("mgr")));
+            assert_eq!(get(path).await.0, 404);
         });
     }
 

@@ -142,7 +142,11 @@ fn lists_gets_and_errors() {
     let (_, v) = get(&lab, "/api/v1");
     let mut res: Vec<&str> = v["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
     res.sort();
-    assert_eq!(res, ["namespaces", "nodes", "pods", "secrets", "services"]);
+    assert_eq!(res, ["namespaces", "nodes", "pods", "secrets", "serviceaccounts", "services"]);
+    let (code, v) = get(&lab, "/apis");
+    assert_eq!((code, &v["kind"]), (200, &json!("APIGroupList")), "{v}");
+    let (_, v) = get(&lab, "/apis/apps/v1");
+    assert_eq!((&v["groupVersion"], &v["resources"][0]["name"]), (&json!("apps/v1"), &json!("deployments")), "{v}");
 
     let (code, ns) = get(&lab, "/api/v1/namespaces");
     assert_eq!(code, 200);
@@ -193,8 +197,11 @@ fn lists_gets_and_errors() {
         json!({"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"services \"x\" not found",
                "reason":"NotFound","details":{"name":"x","kind":"services"},"code":404})
     );
-    let (code, st) = get(&lab, "/apis/apps/v1/deployments");
+    let (code, st) = get(&lab, "/apis/batch/v1/jobs");
     assert_eq!((code, &st["reason"]), (404, &json!("NotFound")));
+    assert_eq!(st["message"], "the server could not find the requested resource");
+    let (code, st) = get(&lab, "/apis/apps/v1/deployments");
+    assert_eq!((code, &st["kind"]), (200, &json!("DeploymentList")));
     let (code, st) = get(&lab, "/api/v1/services?labelSelector=a+in+(b)");
     assert_eq!((code, &st["reason"]), (400, &json!("BadRequest")));
     let (code, st) = lab
@@ -393,4 +400,124 @@ fn auth_and_forbidden_secrets() {
     {
         assert!(kc.contains(want), "kubeconfig lacks {want:?}:\n{kc}");
     }
+}
+
+/// Server-side apply with curl, as `kube`'s `Api::patch(.., &Patch::Apply(..))` sends it.
+fn ssa(lab: &Lab, path: &str, query: &str, body: &Value) -> (u16, Value) {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = lab.dir().join(format!("ssa-{n}.json"));
+    fs::write(&file, serde_json::to_vec(body).unwrap()).unwrap();
+    let auth = format!("Authorization: Bearer {}", lab.api_token());
+    let data = format!("@{}", file.display());
+    let url = format!("{}{path}{query}", lab.apiserver_url());
+    let ctype = "Content-Type: application/apply-patch+yaml";
+    let out = lab.exec(
+        lab.cluster(),
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-X",
+            "PATCH",
+            "-H",
+            ctype,
+            "-H",
+            &auth,
+            "--data-binary",
+            &data,
+            "-w",
+            "\n%{http_code}",
+            &url,
+        ],
+    );
+    let _ = fs::remove_file(&file);
+    assert!(out.status.success(), "{}", show(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (resp, code) = text.rsplit_once('\n').expect("status line");
+    (code.trim().parse().unwrap(), serde_json::from_str(resp).unwrap_or(Value::Null))
+}
+
+#[test]
+fn server_side_apply_get_reapply_delete() {
+    let Some(lab) = lab() else { return };
+    let q = "?fieldManager=t&force=true";
+    let deploy_path = "/apis/apps/v1/namespaces/tpvpn/deployments/tpvpn-manager";
+    let deploy = json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "tpvpn-manager", "namespace": "tpvpn", "labels": {"app": "tpvpn-manager"}},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "tpvpn-manager"}},
+            "template": {
+                "metadata": {"labels": {"app": "tpvpn-manager"}},
+                "spec": {"containers": [{"name": "manager", "image": "tpvpn:1"}]}
+            }
+        }
+    });
+    let role_path = "/apis/rbac.authorization.k8s.io/v1/clusterroles/tpvpn-manager";
+    let role = json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "tpvpn-manager"},
+        "rules": [{"apiGroups": [""], "resources": ["services", "pods"], "verbs": ["get", "list", "watch"]}]
+    });
+    let w = Watch::start(&lab, "/apis/apps/v1/deployments?watch=true&timeoutSeconds=30", 40);
+    w.wait_until("the watch to start", |_| fs::metadata(&w.headers).is_ok_and(|m| m.len() > 0));
+
+    // fieldManager is required.
+    let (code, st) = ssa(&lab, deploy_path, "", &deploy);
+    assert_eq!((code, &st["reason"]), (400, &json!("BadRequest")), "{st}");
+    // Create, read back, apply again (same resourceVersion), modify.
+    let (code, d) = ssa(&lab, deploy_path, q, &deploy);
+    assert_eq!(code, 201, "{d}");
+    let (code, c) = ssa(&lab, role_path, q, &role);
+    assert_eq!(code, 201, "{c}");
+    let (code, got) = get(&lab, deploy_path);
+    assert_eq!((code, &got), (200, &d));
+    assert_eq!(
+        (&got["metadata"]["namespace"], &got["spec"]["template"]),
+        (&json!("tpvpn"), &deploy["spec"]["template"])
+    );
+    let (code, got) = get(&lab, role_path);
+    assert_eq!((code, &got["rules"]), (200, &role["rules"]));
+    let (code, d2) = ssa(&lab, deploy_path, q, &deploy);
+    assert_eq!((code, rv_of(&d2)), (200, rv_of(&d)), "re-apply must not change the object");
+    let (_, c2) = ssa(&lab, role_path, q, &role);
+    assert_eq!(rv_of(&c2), rv_of(&c));
+    let mut changed = deploy.clone();
+    changed["spec"]["template"]["spec"]["containers"][0]["image"] = json!("tpvpn:2");
+    let (code, d3) = ssa(&lab, deploy_path, q, &changed);
+    assert_eq!((code, &d3["spec"]["template"]["spec"]["containers"][0]["image"]), (200, &json!("tpvpn:2")));
+    assert!(rv_of(&d3) > rv_of(&d));
+    // Mismatches with the URL.
+    let (code, _) = ssa(&lab, "/apis/apps/v1/namespaces/tpvpn/deployments/other", q, &deploy);
+    assert_eq!(code, 400);
+    let (code, _) = ssa(&lab, "/apis/rbac.authorization.k8s.io/v1/clusterroles/tpvpn-manager", q, &deploy);
+    assert_eq!(code, 400);
+
+    let (code, _) = lab.kube_request(Some(&lab.api_token()), "DELETE", deploy_path, None).unwrap();
+    assert_eq!(code, 200);
+    let (code, _) = lab.kube_request(Some(&lab.api_token()), "DELETE", role_path, None).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(get(&lab, deploy_path).0, 404);
+    assert_eq!(get(&lab, role_path).0, 404);
+    let ev = w.wait_until("DELETED tpvpn-manager", |ev| has(ev, "DELETED", "tpvpn-manager"));
+    assert_eq!(
+        summary(&ev),
+        [("ADDED", "tpvpn-manager"), ("MODIFIED", "tpvpn-manager"), ("DELETED", "tpvpn-manager")]
+            .map(|(a, b)| (a.into(), b.into()))
+    );
+
+    // Deleting a namespace deletes what is in it.
+    let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ssa"}});
+    assert_eq!(ssa(&lab, "/api/v1/namespaces/ssa", q, &ns).0, 201);
+    let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "sa"}});
+    assert_eq!(ssa(&lab, "/api/v1/namespaces/ssa/serviceaccounts/sa", q, &sa).0, 201);
+    let mut d = deploy.clone();
+    d["metadata"]["namespace"] = json!("ssa");
+    assert_eq!(ssa(&lab, "/apis/apps/v1/namespaces/ssa/deployments/tpvpn-manager", q, &d).0, 201);
+    let (code, _) = lab.kube_request(Some(&lab.api_token()), "DELETE", "/api/v1/namespaces/ssa", None).unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(get(&lab, "/api/v1/namespaces/ssa/serviceaccounts/sa").0, 404);
+    assert_eq!(get(&lab, "/apis/apps/v1/namespaces/ssa/deployments/tpvpn-manager").0, 404);
 }

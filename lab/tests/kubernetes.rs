@@ -140,3 +140,131 @@ fn forbidden_and_missing_secret_are_explained() {
     let link = lab.exec(lab.laptop(), &["ip", "link", "show", "tpvpn0"]);
     assert!(!link.status.success(), "{}", show(&link));
 }
+
+/// GET `path` from the stand-in as admin: the object, or `None` on 404.
+fn get(lab: &Lab, path: &str) -> Option<serde_json::Value> {
+    let (code, body) = lab.kube_request(Some(&lab.api_token()), "GET", path, None).expect("request to the stand-in");
+    match code {
+        200 => Some(body),
+        404 => None,
+        other => panic!("GET {path}: {other} {body}"),
+    }
+}
+
+fn rv(obj: &serde_json::Value) -> String {
+    obj["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string()
+}
+
+fn b64(obj: &serde_json::Value, key: &str) -> Vec<u8> {
+    use base64::Engine;
+    let s = obj["data"][key].as_str().unwrap_or_else(|| panic!("no data.{key} in {obj}"));
+    base64::engine::general_purpose::STANDARD.decode(s).expect("base64")
+}
+
+#[test]
+fn manager_install_is_idempotent_and_uninstall_removes_everything() {
+    let Some(lab) = lab() else { return };
+    let kc = lab.kubeconfig().display().to_string();
+    let install =
+        ["manager", "install", "--kubeconfig", &kc, "--namespace", "tpvpn-test", "--image", "reg.example/m:1"];
+    let out = lab.tpvpn(&install);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(stdout(&out).contains("created Secrets tpvpn-manager-tls, tpvpn-client"), "{}", show(&out));
+    let ns = "/api/v1/namespaces/tpvpn-test";
+    let dep_path = "/apis/apps/v1/namespaces/tpvpn-test/deployments/tpvpn-manager";
+    let dep = get(&lab, dep_path).expect("Deployment applied");
+    assert_eq!(dep["spec"]["template"]["spec"]["containers"][0]["image"], "reg.example/m:1");
+    let role = get(&lab, "/apis/rbac.authorization.k8s.io/v1/clusterroles/tpvpn-manager").expect("ClusterRole");
+    assert_eq!(role["rules"][0]["verbs"], serde_json::json!(["list", "watch"]), "least privilege: {role}");
+    let binding = get(&lab, "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/tpvpn-manager").expect("binding");
+    assert_eq!(binding["subjects"][0]["namespace"], "tpvpn-test");
+    assert!(get(&lab, "/apis/rbac.authorization.k8s.io/v1/namespaces/tpvpn-test/roles/tpvpn-client").is_some());
+    let svc = get(&lab, &format!("{ns}/services/tpvpn-manager")).expect("Service");
+    assert_eq!(svc["spec"]["type"], "NodePort");
+    assert!(svc["spec"]["ports"][0]["nodePort"].is_u64(), "a NodePort was allocated: {svc}");
+    let tls = get(&lab, &format!("{ns}/secrets/tpvpn-manager-tls")).expect("TLS Secret");
+    let client = get(&lab, &format!("{ns}/secrets/tpvpn-client")).expect("client Secret");
+    assert_eq!(b64(&client, "ca.crt"), b64(&tls, "tls.crt"), "clients pin the manager's certificate");
+    let token = b64(&client, "token");
+    assert!(token.len() == 64 && token.iter().all(u8::is_ascii_hexdigit), "{token:?}");
+
+    // Again: nothing changes, credentials are kept.
+    let out = lab.tpvpn(&install);
+    assert!(out.status.success() && stdout(&out).contains("existing credentials kept"), "{}", show(&out));
+    assert_eq!(rv(&get(&lab, dep_path).unwrap()), rv(&dep), "re-applying changed the Deployment");
+    let client2 = get(&lab, &format!("{ns}/secrets/tpvpn-client")).unwrap();
+    assert_eq!((rv(&client2), b64(&client2, "token")), (rv(&client), token), "credentials rotated");
+
+    let uninstall = ["manager", "uninstall", "--kubeconfig", &kc, "--namespace", "tpvpn-test"];
+    let out = lab.tpvpn(&uninstall);
+    assert!(out.status.success() && stdout(&out).contains("uninstalled"), "{}", show(&out));
+    assert!(get(&lab, ns).is_none(), "namespace left");
+    assert!(get(&lab, "/apis/rbac.authorization.k8s.io/v1/clusterroles/tpvpn-manager").is_none(), "ClusterRole left");
+    assert!(get(&lab, "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/tpvpn-manager").is_none());
+    let out = lab.tpvpn(&uninstall);
+    assert!(out.status.success() && stdout(&out).contains("not installed"), "{}", show(&out));
+}
+
+#[test]
+fn list_shows_namespaces_and_services_and_follows_changes() {
+    let Some(lab) = lab() else { return };
+    let out = lab.tpvpn(&["list"]);
+    assert!(!out.status.success() && stderr(&out).contains("not connected"), "{}", show(&out));
+    let out = up_kube(&lab, &lab.kubeconfig(), &[]);
+    assert!(out.status.success(), "{}", show(&out));
+    let list = || -> serde_json::Value {
+        let out = lab.tpvpn(&["list", "-o", "json"]);
+        assert!(out.status.success(), "{}", show(&out));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)))
+    };
+    let l = list();
+    assert_eq!(l["namespaces"], serde_json::json!(["default", "dev", "kube-system", "rs", "tpvpn"]), "{l}");
+    let frontend = l["services"].as_array().unwrap().iter().find(|s| s["name"] == "frontend").expect("frontend listed");
+    assert_eq!(frontend["namespace"], "default");
+    assert_eq!(frontend["cluster_ips"], serde_json::json!(["10.96.0.10"]));
+    assert_eq!(frontend["ports"], serde_json::json!(["80/TCP (http)"]));
+    // A namespace created while connected shows up without reconnecting.
+    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late-ns"}});
+    lab.kube_apply("POST", "/api/v1/namespaces", Some(&ns)).expect("create namespace");
+    let mut seen = false;
+    for _ in 0..100 {
+        if list()["namespaces"].as_array().unwrap().iter().any(|n| n == "late-ns") {
+            seen = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(seen, "late-ns not listed within 10 s");
+    let text = lab.tpvpn(&["list"]);
+    assert!(stdout(&text).contains("NAMESPACE") && stdout(&text).contains("redis-leader"), "{}", show(&text));
+}
+
+#[test]
+fn manager_relists_after_its_watches_expire() {
+    let Some(lab) = lab() else { return };
+    let out = up_kube(&lab, &lab.kubeconfig(), &[]);
+    assert!(out.status.success(), "{}", show(&out));
+    let lists_before =
+        lab.apiserver_log().lines().filter(|l| l.contains("/api/v1/services") && !l.contains("watch")).count();
+    // Drop the history: the manager's open watches get 410 Gone at the next change and
+    // must list again to see it.
+    lab.kube_compact().expect("compact");
+    let svc = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "after-compaction", "namespace": "default"},
+        "spec": {"clusterIP": "10.98.0.7", "ports": [{"port": 80}]}
+    });
+    lab.kube_apply("POST", "/api/v1/namespaces/default/services", Some(&svc)).expect("create Service");
+    let mut routed = false;
+    for _ in 0..150 {
+        if routed_via_tun(&lab, "10.98.0.7") {
+            routed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = lab.apiserver_log();
+    assert!(routed, "Service created after the compaction never reached the client\nmanager:\n{}", lab.manager_log());
+    let lists_after = log.lines().filter(|l| l.contains("/api/v1/services") && !l.contains("watch")).count();
+    assert!(lists_after > lists_before, "the manager did not list Services again after 410 Gone:\n{log}");
+}

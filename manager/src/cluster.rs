@@ -6,9 +6,14 @@
 //! and the view is recomputed, debounced, after changes:
 //! - service CIDR: the smallest CIDR covering every ClusterIP, widened to at least /16
 //!   (IPv6: /112) so that new Services in the same range are covered too;
-//! - pod CIDRs: the nodes' `podCIDRs`;
+//! - pod CIDRs: the nodes' `podCIDRs`; when no node has them, the smallest CIDRs
+//!   covering the (non-host-network) pod IPs, widened like the service CIDR, from a watch
+//!   of Pods started only in that case;
 //! - cluster DNS: the ClusterIP of `kube-system/kube-dns` (or `coredns`);
 //! - flags add to all of it (`--cluster-cidr`) or override it (`--cluster-dns`).
+//!
+//! A second channel carries the [`Catalog`]: every namespace and Service, for clients'
+//! DNS and `tpvpn list`.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,11 +21,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ipnet::IpNet;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::Api;
 use tokio::sync::{watch, Notify};
-use tpvpn_tunnel::ClusterInfo;
+use tpvpn_tunnel::{ClusterInfo, Protocol, ServiceInfo, ServicePort};
 use tracing::{info, warn};
 
 /// Time to let a burst of watch events settle before recomputing.
@@ -43,8 +48,60 @@ fn covering(ips: &[IpAddr]) -> Option<IpNet> {
     Some(net)
 }
 
-/// The cluster view from the flags (`base`) and the watched objects.
-pub fn compute(base: &ClusterInfo, services: &[Arc<Service>], nodes: &[Arc<Node>]) -> ClusterInfo {
+/// Every namespace and Service, sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    pub namespaces: Vec<String>,
+    pub services: Vec<ServiceInfo>,
+}
+
+/// The catalog from the watched objects.
+pub fn catalog(namespaces: &[Arc<Namespace>], services: &[Arc<Service>]) -> Catalog {
+    let mut names: Vec<String> = namespaces.iter().filter_map(|n| n.metadata.name.clone()).collect();
+    names.sort();
+    let mut services: Vec<ServiceInfo> = services
+        .iter()
+        .filter_map(|s| {
+            let spec = s.spec.as_ref()?;
+            let cluster_ips = spec
+                .cluster_ips
+                .clone()
+                .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|ip| ip.parse().ok())
+                .collect();
+            let ports = spec
+                .ports
+                .iter()
+                .flatten()
+                .filter_map(|p| {
+                    Some(ServicePort {
+                        name: p.name.clone().unwrap_or_default(),
+                        protocol: match p.protocol.as_deref() {
+                            Some("UDP") => Protocol::Udp,
+                            Some("SCTP") => Protocol::Other(132),
+                            _ => Protocol::Tcp,
+                        },
+                        port: u16::try_from(p.port).ok()?,
+                    })
+                })
+                .collect();
+            Some(ServiceInfo {
+                namespace: s.metadata.namespace.clone()?,
+                name: s.metadata.name.clone()?,
+                cluster_ips,
+                ports,
+            })
+        })
+        .collect();
+    services.sort();
+    Catalog { namespaces: names, services }
+}
+
+/// The cluster view from the flags (`base`) and the watched objects. `pods` is empty
+/// unless no node reports `podCIDRs`.
+pub fn compute(base: &ClusterInfo, services: &[Arc<Service>], nodes: &[Arc<Node>], pods: &[Arc<Pod>]) -> ClusterInfo {
     let mut cidrs = base.cidrs.clone();
     let cluster_ips: Vec<IpAddr> = services
         .iter()
@@ -62,6 +119,16 @@ pub fn compute(base: &ClusterInfo, services: &[Arc<Service>], nodes: &[Arc<Node>
         let pod_cidrs = spec.pod_cidrs.clone().or_else(|| spec.pod_cidr.clone().map(|c| vec![c])).unwrap_or_default();
         cidrs.extend(pod_cidrs.iter().filter_map(|c| c.parse::<IpNet>().ok()).map(|n| n.trunc()));
     }
+    let pod_ips: Vec<IpAddr> = pods
+        .iter()
+        .filter(|p| !p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false))
+        .filter_map(|p| p.status.as_ref()?.pod_ips.clone())
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = pod_ips.iter().partition(|ip| ip.is_ipv4());
+    cidrs.extend(covering(&v4));
+    cidrs.extend(covering(&v6));
     let dns = base.dns.or_else(|| {
         services
             .iter()
@@ -73,43 +140,81 @@ pub fn compute(base: &ClusterInfo, services: &[Arc<Service>], nodes: &[Arc<Node>
     ClusterInfo { cidrs: IpNet::aggregate(&cidrs), dns, domain: base.domain.clone() }
 }
 
-/// A channel that always holds `info` (no Kubernetes).
-pub fn fixed(info: ClusterInfo) -> watch::Receiver<ClusterInfo> {
-    watch::channel(info).1
+/// What the manager publishes: the routing view and the catalog.
+#[derive(Debug, Clone)]
+
+pub struct Views {
+    pub cluster: watch::Receiver<ClusterInfo>,
+    pub catalog: watch::Receiver<Arc<Catalog>>,
 }
 
-/// Watches the cluster through `client` and publishes the view; returns the receiver
-/// once the first full view is known (or after `wait` if the API does not answer).
-pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> watch::Receiver<ClusterInfo> {
+/// Views that always hold `info` and an empty catalog (no Kubernetes).
+pub fn fixed(info: ClusterInfo) -> Views {
+    Views { cluster: watch::channel(info).1, catalog: watch::channel(Arc::default()).1 }
+}
+
+/// Publishes `value` if it differs from the current one; true if it did.
+fn publish<T: PartialEq>(tx: &watch::Sender<T>, value: T) -> bool {
+    tx.send_if_modified(|cur| {
+        if *cur == value {
+            return false;
+        }
+        *cur = value;
+        true
+    })
+}
+
+/// Watches the cluster through `client` and publishes the views; returns once the first
+/// full view is known (or after `wait` if the API does not answer).
+pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> Views {
     let (tx, rx) = watch::channel(base.clone());
+    let (catalog_tx, catalog_rx) = watch::channel(Arc::<Catalog>::default());
     let (svc_reader, svc_writer) = reflector::store::<Service>();
     let (node_reader, node_writer) = reflector::store::<Node>();
+    let (ns_reader, ns_writer) = reflector::store::<Namespace>();
+    let (pod_reader, pod_writer) = reflector::store::<Pod>();
     let changed = Arc::new(Notify::new());
-    let services = reflector(svc_writer, watcher(Api::<Service>::all(client.clone()), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    let nodes = reflector(node_writer, watcher(Api::<Node>::all(client), watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    tokio::spawn(drive("services", services, changed.clone()));
-    tokio::spawn(drive("nodes", nodes, changed.clone()));
-    let (svc_ready, node_ready) = (svc_reader.clone(), node_reader.clone());
+    let config = watcher::Config::default;
+    let services = reflector(svc_writer, watcher(Api::<Service>::all(client.clone()), config())).default_backoff();
+    let nodes = reflector(node_writer, watcher(Api::<Node>::all(client.clone()), config())).default_backoff();
+    let namespaces = reflector(ns_writer, watcher(Api::<Namespace>::all(client.clone()), config())).default_backoff();
+    tokio::spawn(drive("services", services.touched_objects(), changed.clone()));
+    tokio::spawn(drive("nodes", nodes.touched_objects(), changed.clone()));
+    tokio::spawn(drive("namespaces", namespaces.touched_objects(), changed.clone()));
+    // Pod IPs only matter when no node tells its pod CIDR: watch pods only then.
+    {
+        let (node_reader, changed) = (node_reader.clone(), changed.clone());
+        tokio::spawn(async move {
+            if node_reader.wait_until_ready().await.is_err() {
+                return;
+            }
+            let has_pod_cidrs = node_reader.state().iter().any(|n| {
+                n.spec
+                    .as_ref()
+                    .is_some_and(|s| s.pod_cidrs.as_ref().is_some_and(|c| !c.is_empty()) || s.pod_cidr.is_some())
+            });
+            if !has_pod_cidrs {
+                info!("no node reports podCIDRs: learning pod CIDRs from pod IPs");
+                let pods = reflector(pod_writer, watcher(Api::<Pod>::all(client), config())).default_backoff();
+                drive("pods", pods.touched_objects(), changed).await;
+            }
+        });
+    }
+    let (svc_ready, node_ready, ns_ready) = (svc_reader.clone(), node_reader.clone(), ns_reader.clone());
     tokio::spawn(async move {
         loop {
             changed.notified().await;
             tokio::time::sleep(DEBOUNCE).await;
-            let view = compute(&base, &svc_reader.state(), &node_reader.state());
-            let updated = tx.send_if_modified(|cur| {
-                if *cur == view {
-                    return false;
-                }
-                *cur = view.clone();
-                true
-            });
-            if updated {
+            let services = svc_reader.state();
+            let view = compute(&base, &services, &node_reader.state(), &pod_reader.state());
+            if publish(&tx, view.clone()) {
                 info!(cidrs = ?view.cidrs, dns = ?view.dns, "cluster view changed");
             }
-            if tx.is_closed() {
+            let cat = Arc::new(catalog(&ns_reader.state(), &services));
+            if publish(&catalog_tx, cat.clone()) {
+                info!(namespaces = cat.namespaces.len(), services = cat.services.len(), "catalog changed");
+            }
+            if tx.is_closed() && catalog_tx.is_closed() {
                 return;
             }
         }
@@ -118,12 +223,13 @@ pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> w
     let ready = async {
         let _ = svc_ready.wait_until_ready().await;
         let _ = node_ready.wait_until_ready().await;
+        let _ = ns_ready.wait_until_ready().await;
         tokio::time::sleep(DEBOUNCE * 2).await;
     };
     if tokio::time::timeout(wait, ready).await.is_err() {
         warn!("the Kubernetes API did not answer in time; serving the flags' view until it does");
     }
-    rx
+    Views { cluster: rx, catalog: catalog_rx }
 }
 
 async fn drive<S, K>(what: &'static str, stream: S, changed: Arc<Notify>)
@@ -171,7 +277,8 @@ mod tests {
             svc("default", "headless", "None"),
             svc("default", "v6", "fd00:10::5"),
         ];
-        let v = compute(&base, &services, &[node(&["10.244.1.0/24"]), node(&["10.244.2.0/24"])]);
+        let v = compute(&base, &services, &[node(&["10.244.1.0/24"]), node(&["10.244.2.0/24"])], &[]);
+
         let want: Vec<IpNet> = ["10.96.0.0/16", "10.244.1.0/24", "10.244.2.0/24", "fd00:10::/112"]
             .iter()
             .map(|s| s.parse().unwrap())
@@ -184,7 +291,7 @@ mod tests {
             dns: Some("10.0.0.10".parse().unwrap()),
             domain: "c".into(),
         };
-        let v = compute(&base, &[svc("a", "b", "10.96.0.1"), svc("a", "c", "10.100.0.1")], &[]);
+        let v = compute(&base, &[svc("a", "b", "10.96.0.1"), svc("a", "c", "10.100.0.1")], &[], &[]);
         assert!(
             v.cidrs.contains(&"10.96.0.0/13".parse().unwrap()) && v.cidrs.contains(&"192.0.2.0/24".parse().unwrap()),
             "{:?}",

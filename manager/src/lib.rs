@@ -46,7 +46,7 @@ pub struct Config {
     /// The token clients must present.
     pub token: Vec<u8>,
     /// What clients are told about the cluster; changes are pushed to them.
-    pub cluster: tokio::sync::watch::Receiver<ClusterInfo>,
+    pub views: cluster::Views,
     /// How long a TCP dial may take before the client is told "timed out".
     pub dial_timeout: Duration,
     /// A UDP flow without traffic for this long is closed.
@@ -60,14 +60,15 @@ pub struct Config {
 impl Config {
     /// A manager serving a fixed view of the cluster.
     pub fn new(token: Vec<u8>, cidrs: Vec<ipnet::IpNet>, dns: Option<IpAddr>, domain: String) -> Self {
-        Self::with_cluster(token, cluster::fixed(ClusterInfo { cidrs, dns, domain }))
+        Self::with_views(token, cluster::fixed(ClusterInfo { cidrs, dns, domain }))
     }
 
-    /// A manager serving the view published on `cluster`.
-    pub fn with_cluster(token: Vec<u8>, cluster: tokio::sync::watch::Receiver<ClusterInfo>) -> Self {
+    /// A manager serving the views published by [`cluster::watch`].
+    pub fn with_views(token: Vec<u8>, views: cluster::Views) -> Self {
         Config {
             token,
-            cluster,
+            views,
+
             dial_timeout: Duration::from_secs(10),
             udp_idle_timeout: Duration::from_secs(60),
             relay_buffer: 256 * 1024,

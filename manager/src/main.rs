@@ -93,7 +93,8 @@ fn run(args: Args) -> Result<()> {
         } else {
             tpvpn_manager::cluster::fixed(base)
         };
-        let mut config = tpvpn_manager::Config::with_cluster(token, cluster);
+        let mut config = tpvpn_manager::Config::with_views(token, cluster);
+
         config.dial_timeout = std::time::Duration::from_secs(args.dial_timeout);
         config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);
         let metrics = config.metrics.clone();

@@ -73,24 +73,45 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
         Some(other) => return Err(Error::BadHello(other.kind())),
         None => return Err(Error::BadHello("end of stream")),
     }
-    let mut cluster = config.cluster.clone();
+    let mut cluster = config.views.cluster.clone();
+    let mut catalog = config.views.catalog.clone();
     let view = cluster.borrow_and_update().clone();
     write_message(&mut send, &Message::ServerHello { version: PROTOCOL_VERSION, cluster: view }).await?;
+    let cat = catalog.borrow_and_update().clone();
+    write_catalog(&mut send, &cat).await?;
     info!("client authenticated");
     let _session_gauge = Gauge::new(&config.metrics.sessions, &config.metrics.sessions_total);
 
     let udp_flows: UdpFlows = Arc::default();
     let datagrams = tokio::spawn(route_datagrams(conn.clone(), udp_flows.clone()).in_current_span());
-    // The control stream stays open for the session: cluster changes are pushed on it.
+    // The control stream stays open for the session: changes are pushed on it.
     let push = tokio::spawn(
         async move {
             let _recv = recv;
-            while cluster.changed().await.is_ok() {
-                let view = cluster.borrow_and_update().clone();
-                if write_message(&mut send, &Message::ClusterUpdate { cluster: view }).await.is_err() {
+            let (mut cluster_open, mut catalog_open) = (true, true);
+            while cluster_open || catalog_open {
+                let sent = tokio::select! {
+                    r = cluster.changed(), if cluster_open => match r {
+                        Ok(()) => {
+                            let view = cluster.borrow_and_update().clone();
+                            write_message(&mut send, &Message::ClusterUpdate { cluster: view }).await
+                        }
+                        Err(_) => { cluster_open = false; Ok(()) }
+                    },
+                    r = catalog.changed(), if catalog_open => match r {
+                        Ok(()) => {
+                            let cat = catalog.borrow_and_update().clone();
+                            write_catalog(&mut send, &cat).await
+                        }
+                        Err(_) => { catalog_open = false; Ok(()) }
+                    },
+                };
+                if sent.is_err() {
                     return;
                 }
             }
+            // Nothing will change any more (a fixed view): keep the stream open.
+            std::future::pending::<()>().await
         }
         .in_current_span(),
     );
@@ -111,6 +132,12 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
     datagrams.abort();
     push.abort();
     result
+}
+
+/// Sends the namespaces and Services.
+async fn write_catalog(send: &mut quinn::SendStream, cat: &crate::cluster::Catalog) -> Result<(), tpvpn_tunnel::Error> {
+    write_message(send, &Message::Namespaces { names: cat.namespaces.clone() }).await?;
+    write_message(send, &Message::Services { services: cat.services.clone() }).await
 }
 
 async fn route_datagrams(conn: quinn::Connection, flows: UdpFlows) {

@@ -28,6 +28,8 @@ mod ty {
     pub const SERVER_HELLO: u8 = 0x02;
     pub const ERROR: u8 = 0x03;
     pub const CLUSTER_UPDATE: u8 = 0x04;
+    pub const NAMESPACES: u8 = 0x05;
+    pub const SERVICES: u8 = 0x06;
     pub const FLOW_OPEN: u8 = 0x10;
     pub const FLOW_REPLY: u8 = 0x11;
 }
@@ -75,7 +77,8 @@ impl<T: AsRef<[u8]>> Frame<T> {
 }
 
 /// Transport protocol of a flow. Unknown numbers are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+
 pub enum Protocol {
     Tcp,
     Udp,
@@ -193,6 +196,24 @@ pub struct ClusterInfo {
     pub domain: String,
 }
 
+/// One port of a Service.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A Service as clients need it: for DNS answers and `tpvpn list`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// ClusterIPs; empty for a headless Service.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
 /// A parsed frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -202,6 +223,10 @@ pub enum Message {
     ServerHello { version: u16, cluster: ClusterInfo },
     /// The manager's view of the cluster changed (pushed on the control stream).
     ClusterUpdate { cluster: ClusterInfo },
+    /// Every namespace of the cluster (pushed at connect and on change).
+    Namespaces { names: Vec<String> },
+    /// Every Service of the cluster (pushed at connect and on change).
+    Services { services: Vec<ServiceInfo> },
     /// The manager refuses the client or a request; `message` is for humans.
     Error { code: ErrorCode, version: u16, message: String },
     /// First frame of a flow stream.
@@ -219,6 +244,8 @@ impl Message {
             Message::ClientHello { .. } => "client-hello",
             Message::ServerHello { .. } => "server-hello",
             Message::ClusterUpdate { .. } => "cluster-update",
+            Message::Namespaces { .. } => "namespaces",
+            Message::Services { .. } => "services",
             Message::Error { .. } => "error",
             Message::FlowOpen { .. } => "flow-open",
             Message::FlowReply { .. } => "flow-reply",
@@ -240,6 +267,36 @@ impl Message {
                 Message::ServerHello { version, cluster: r.cluster()? }
             }
             ty::CLUSTER_UPDATE => Message::ClusterUpdate { cluster: r.cluster()? },
+            ty::NAMESPACES => {
+                let n = r.u32()?;
+                let mut names = Vec::with_capacity((n as usize).min(4096));
+                for _ in 0..n {
+                    names.push(r.string16("namespace name")?);
+                }
+                Message::Namespaces { names }
+            }
+            ty::SERVICES => {
+                let n = r.u32()?;
+                let mut services = Vec::with_capacity((n as usize).min(4096));
+                for _ in 0..n {
+                    let namespace = r.string16("service namespace")?;
+                    let name = r.string16("service name")?;
+                    let ips = r.u8()?;
+                    let mut cluster_ips = Vec::with_capacity(usize::from(ips));
+                    for _ in 0..ips {
+                        cluster_ips.push(r.ip()?);
+                    }
+                    let nports = r.u16()?;
+                    let mut ports = Vec::with_capacity(usize::from(nports).min(256));
+                    for _ in 0..nports {
+                        let name = r.string16("port name")?;
+                        let protocol = Protocol::from(r.u8()?);
+                        ports.push(ServicePort { name, protocol, port: r.u16()? });
+                    }
+                    services.push(ServiceInfo { namespace, name, cluster_ips, ports });
+                }
+                Message::Services { services }
+            }
             ty::ERROR => {
                 let code = ErrorCode::from(r.u16()?);
                 let version = r.u16()?;
@@ -295,6 +352,33 @@ impl Message {
             Message::ClusterUpdate { cluster } => {
                 put_cluster(out, cluster);
                 ty::CLUSTER_UPDATE
+            }
+            Message::Namespaces { names } => {
+                out.extend_from_slice(&(names.len() as u32).to_be_bytes());
+                for n in names {
+                    put_bytes16(out, n.as_bytes());
+                }
+                ty::NAMESPACES
+            }
+            Message::Services { services } => {
+                out.extend_from_slice(&(services.len() as u32).to_be_bytes());
+                for s in services {
+                    put_bytes16(out, s.namespace.as_bytes());
+                    put_bytes16(out, s.name.as_bytes());
+                    let ips = &s.cluster_ips[..s.cluster_ips.len().min(usize::from(u8::MAX))];
+                    out.push(ips.len() as u8);
+                    for ip in ips {
+                        put_ip(out, *ip);
+                    }
+                    let ports = &s.ports[..s.ports.len().min(usize::from(u16::MAX))];
+                    out.extend_from_slice(&(ports.len() as u16).to_be_bytes());
+                    for p in ports {
+                        put_bytes16(out, p.name.as_bytes());
+                        out.push(u8::from(p.protocol));
+                        out.extend_from_slice(&p.port.to_be_bytes());
+                    }
+                }
+                ty::SERVICES
             }
             Message::Error { code, version, message } => {
                 out.extend_from_slice(&u16::from(*code).to_be_bytes());
@@ -439,6 +523,11 @@ impl<'a> Reader<'a> {
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
+    fn u32(&mut self) -> Result<u32> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
     fn u64(&mut self) -> Result<u64> {
         let mut a = [0; 8];
         a.copy_from_slice(self.take(8)?);
@@ -519,6 +608,22 @@ mod tests {
             },
             Message::Error { code: ErrorCode::VersionMismatch, version: 2, message: "manager speaks 2".into() },
             Message::Error { code: ErrorCode::Other(999), version: 1, message: String::new() },
+            Message::Namespaces { names: vec!["default".into(), "rs".into(), String::new()] },
+            Message::Namespaces { names: vec![] },
+            Message::Services {
+                services: vec![
+                    ServiceInfo {
+                        namespace: "default".into(),
+                        name: "frontend".into(),
+                        cluster_ips: vec!["10.96.0.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+                        ports: vec![
+                            ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80 },
+                            ServicePort { name: "dns".into(), protocol: Protocol::Udp, port: 53 },
+                        ],
+                    },
+                    ServiceInfo { namespace: "x".into(), name: "headless".into(), cluster_ips: vec![], ports: vec![] },
+                ],
+            },
             Message::FlowOpen {
                 protocol: Protocol::Tcp,
                 flow_id: 0,

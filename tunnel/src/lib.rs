@@ -28,7 +28,8 @@ pub mod io;
 pub mod quic;
 
 pub use frame::{
-    ClusterInfo, ErrorCode, FlowStatus, Message, Protocol, UdpRecord, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD,
+    ClusterInfo, ErrorCode, FlowStatus, Message, Protocol, ServiceInfo, ServicePort, UdpRecord, FRAME_HEADER_LEN,
+    MAX_FRAME_PAYLOAD,
 };
 
 /// The protocol version this build speaks. A peer with another version is refused
