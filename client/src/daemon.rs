@@ -265,7 +265,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         ));
     }
 
-    let mut state = State { pid: std::process::id(), device: None, routes: vec![] };
+    let mut state = State { pid: std::process::id(), device: None, routes: vec![], resolv_conf: None };
     let listener = {
         let _ = std::fs::remove_file(paths.socket());
         UnixListener::bind(paths.socket())

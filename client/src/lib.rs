@@ -16,6 +16,8 @@ pub mod dataplane;
 pub mod discovery;
 pub mod install;
 pub mod kubeconfig;
+pub mod osdns;
+
 pub mod routes;
 pub mod state;
 

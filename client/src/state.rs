@@ -48,6 +48,16 @@ pub struct State {
     pub device: Option<String>,
     /// Routes added on the device.
     pub routes: Vec<IpNet>,
+    /// The resolv.conf tpvpn replaced, with its original bytes.
+    #[serde(default)]
+    pub resolv_conf: Option<ResolvBackup>,
+}
+
+/// A replaced resolv.conf and what it held before.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ResolvBackup {
+    pub path: PathBuf,
+    pub original: String,
 }
 
 impl State {
@@ -77,6 +87,12 @@ impl State {
     /// Undoes every recorded change. Best effort per item; returns the first error.
     pub fn undo(&self) -> Result<(), Error> {
         let mut first = None;
+        if let Some(b) = &self.resolv_conf {
+            if let Err(e) = crate::osdns::restore(&b.path, b.original.as_bytes()) {
+                first.get_or_insert(e);
+            }
+        }
+
         if let Some(dev) = &self.device {
             for r in &self.routes {
                 if let Err(e) = routes::remove(r, dev) {
@@ -146,7 +162,12 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("state.json");
         assert_eq!(State::load(&path).unwrap(), None);
-        let s = State { pid: 42, device: Some("tpvpn0".into()), routes: vec!["10.96.0.0/12".parse().unwrap()] };
+        let s = State {
+            pid: 42,
+            device: Some("tpvpn0".into()),
+            routes: vec!["10.96.0.0/12".parse().unwrap()],
+            resolv_conf: None,
+        };
         s.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), Some(s));
         std::fs::write(&path, b"{not json").unwrap();

@@ -68,7 +68,20 @@ pub const NO_LISTENER_IP: &str = "10.96.0.50";
 pub const FRONTEND_BODY: &str = "tpvpn lab frontend";
 
 /// All addresses put on the cluster's `kube0` dummy interface.
-const CLUSTER_IPS: &[&str] = &[FRONTEND_IP, FRONTEND_POD_IP, REDIS_IP, "10.96.0.30", TEST_SERVERS_IP, NO_LISTENER_IP];
+const CLUSTER_IPS: &[&str] =
+    &[FRONTEND_IP, FRONTEND_POD_IP, REDIS_IP, "10.96.0.30", TEST_SERVERS_IP, NO_LISTENER_IP, CLUSTER_DNS_IP];
+/// The cluster DNS (dnsmasq serving `cluster.local`), the ClusterIP of `kube-system/kube-dns`.
+pub const CLUSTER_DNS_IP: &str = "10.96.0.53";
+/// The internet namespace's DNS server: the laptop's original nameserver.
+pub const UPSTREAM_DNS_IP: &str = "10.250.2.1";
+/// What the internet DNS answers for `docs.rs` (and other internet names).
+pub const INTERNET_IP: &str = "10.250.2.1";
+/// Addresses of the headless-like name `big.default.svc.cluster.local`: enough A records
+/// to overflow a 512-byte UDP answer.
+pub const BIG_RECORDS: u8 = 60;
+
+/// The laptop's `resolv.conf` as the lab creates it (the internet DNS only).
+pub const LAPTOP_RESOLV_CONF: &str = "nameserver 10.250.2.1\noptions timeout:2 attempts:2\n";
 
 /// Default timeout of [`Lab::exec`].
 pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -95,6 +108,8 @@ pub struct Lab {
     exec_counter: AtomicU64,
     /// Whether this lab created `dir` (only then is it removed on drop).
     dir_created: bool,
+    /// `/etc/netns/<laptop>`, holding the laptop's own resolv.conf, once created.
+    netns_etc: Option<PathBuf>,
     /// Bearer tokens of the API server stand-in: admin, and no access to secrets.
     api_token: String,
     no_secrets_token: String,
@@ -189,6 +204,7 @@ impl Lab {
             used_tpvpn: AtomicBool::new(false),
             exec_counter: AtomicU64::new(0),
             dir_created: false,
+            netns_etc: None,
             api_token: random_token()?,
             no_secrets_token: random_token()?,
         };
@@ -206,6 +222,7 @@ impl Lab {
         self.build_network()?;
         self.write_tls_and_token()?;
         self.start_servers()?;
+        self.start_dns()?;
         self.start_apiserver()?;
         self.start_manager()?;
         Ok(())
@@ -216,6 +233,13 @@ impl Lab {
             ip(&["netns", "add", &ns])?;
             self.namespaces.push(ns);
         }
+        // The laptop's own resolv.conf: `ip netns exec` bind-mounts /etc/netns/<ns>/resolv.conf
+        // over /etc/resolv.conf, so tpvpn's DNS changes land in this file and never in the
+        // machine's. It exists before anything runs in the laptop namespace.
+        let etc = Path::new("/etc/netns").join(&self.laptop);
+        fs::create_dir_all(&etc).with_context(|| format!("create {}", etc.display()))?;
+        self.netns_etc = Some(etc.clone());
+        fs::write(etc.join("resolv.conf"), LAPTOP_RESOLV_CONF)?;
         let (l, c, i) = (self.laptop.as_str(), self.cluster.as_str(), self.inet.as_str());
         // veth pairs are created inside the lab namespaces, never in the root one.
         ip(&["-n", l, "link", "add", "to-cluster", "type", "veth", "peer", "name", "to-laptop", "netns", c])?;
@@ -310,11 +334,96 @@ impl Lab {
         self.wait_servers()
     }
 
+    /// The cluster DNS (dnsmasq: `cluster.local` records of the fixtures, NXDOMAIN for
+    /// other cluster names, TTL 30) and the internet DNS (dnsmasq: `docs.rs` and
+    /// friends), each in its namespace.
+    fn start_dns(&mut self) -> Result<()> {
+        let mut cluster = vec![
+            "no-resolv".to_string(),
+            "no-hosts".into(),
+            "bind-interfaces".into(),
+            format!("listen-address={CLUSTER_DNS_IP}"),
+            "local=/cluster.local/".into(),
+            "local-ttl=30".into(),
+        ];
+        let services = [
+            ("frontend.default", FRONTEND_IP),
+            ("redis-leader.default", REDIS_IP),
+            ("udp-echo.default", "10.96.0.30"),
+            ("test-servers.default", TEST_SERVERS_IP),
+            ("kube-dns.kube-system", CLUSTER_DNS_IP),
+            ("svc.rs", "10.96.0.60"),
+            ("tpvpn-manager.tpvpn", "10.96.0.70"),
+        ];
+        for (name, ip) in services {
+            cluster.push(format!("host-record={name}.svc.cluster.local,{ip}"));
+        }
+        cluster.push(
+            "srv-host=_http._tcp.frontend.default.svc.cluster.local,frontend.default.svc.cluster.local,80,0,100".into(),
+        );
+        cluster.push("srv-host=_redis._tcp.redis-leader.default.svc.cluster.local,redis-leader.default.svc.cluster.local,6379,0,100".into());
+        // A headless Service and a pod name: only the cluster DNS knows them.
+        cluster.push(format!("address=/web.default.svc.cluster.local/{FRONTEND_POD_IP}"));
+        cluster.push(format!("host-record=10-244-1-10.default.pod.cluster.local,{FRONTEND_POD_IP}"));
+        for i in 1..=BIG_RECORDS {
+            cluster.push(format!("address=/big.default.svc.cluster.local/10.244.3.{i}"));
+        }
+        let internet = [
+            "no-resolv".to_string(),
+            "no-hosts".into(),
+            "bind-interfaces".into(),
+            format!("listen-address={UPSTREAM_DNS_IP}"),
+            "local-ttl=60".into(),
+            format!("host-record=docs.rs,{INTERNET_IP}"),
+            format!("host-record=crates.dev,{INTERNET_IP}"),
+            format!("host-record=example.com,{INTERNET_IP}"),
+            format!("host-record=frontend.example.com,{INTERNET_IP}"),
+        ];
+        for (name, lines, ns) in
+            [("cluster-dns", cluster, self.cluster.clone()), ("internet-dns", internet.to_vec(), self.inet.clone())]
+        {
+            let conf = self.dir.join(format!("{name}.conf"));
+            fs::write(&conf, lines.join("\n") + "\n")?;
+            let conf = format!("--conf-file={}", conf.display());
+            let pid = format!("--pid-file={}/{name}.pid", self.dir.display());
+            self.spawn_in(&ns, name, &["dnsmasq", "--keep-in-foreground", "--user=root", &conf, &pid])?;
+        }
+        // Both answer before the lab is handed out (bounded: ~5 s).
+        for (ns, server, name) in [
+            (self.cluster.clone(), CLUSTER_DNS_IP, "frontend.default.svc.cluster.local"),
+            (self.inet.clone(), UPSTREAM_DNS_IP, "docs.rs"),
+        ] {
+            let at = format!("@{server}");
+            let ok = (0..50).any(|_| {
+                let out = self.exec_timeout(
+                    &ns,
+                    &["dig", "+short", "+time=1", "+tries=1", &at, name],
+                    Duration::from_secs(3),
+                );
+                let up = out.status.success() && !out.stdout.is_empty();
+                if !up {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                up
+            });
+            if !ok {
+                bail!("{server} does not answer {name}; see {}/*-dns.log", self.dir.display());
+            }
+        }
+        Ok(())
+    }
+
     /// Starts a long-running server in the cluster ns, output to `<dir>/<name>.log`.
     fn spawn_server(&mut self, name: &str, cmd: &[&str]) -> Result<()> {
+        let ns = self.cluster.clone();
+        self.spawn_in(&ns, name, cmd)
+    }
+
+    /// Starts a long-running server in namespace `ns`, output to `<dir>/<name>.log`.
+    fn spawn_in(&mut self, ns: &str, name: &str, cmd: &[&str]) -> Result<()> {
         let log = fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.cluster])
+            .args(["netns", "exec", ns])
             .args(cmd)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -548,6 +657,11 @@ impl Lab {
         &self.inet
     }
     /// The lab's temporary directory (certs, token, logs, `run/`).
+    /// The laptop's resolv.conf (what programs in the laptop namespace read).
+    pub fn laptop_resolv_conf(&self) -> PathBuf {
+        Path::new("/etc/netns").join(&self.laptop).join("resolv.conf")
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -764,6 +878,9 @@ impl Drop for Lab {
             if let Err(e) = ip(&["netns", "del", &ns]) {
                 eprintln!("tpvpn-lab: cannot delete namespace {ns}: {e:#}");
             }
+        }
+        if let Some(etc) = self.netns_etc.take() {
+            let _ = fs::remove_dir_all(etc);
         }
         if std::env::var_os("TPVPN_LAB_KEEP").is_some_and(|v| v == "1") {
             eprintln!("tpvpn-lab: keeping {} (TPVPN_LAB_KEEP=1)", self.dir.display());

@@ -12,6 +12,8 @@
 //! every connected client on its control stream.
 
 pub mod cluster;
+pub mod dns;
+
 pub mod metrics;
 mod session;
 mod tcp;

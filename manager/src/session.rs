@@ -173,6 +173,9 @@ async fn flow(
             return;
         }
     };
+    if let Message::DnsQuery { query } = open {
+        return crate::dns::answer(send, query, &config).await;
+    }
     let Message::FlowOpen { protocol, flow_id, src, dst } = open else {
         let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
         return;

@@ -32,6 +32,8 @@ mod ty {
     pub const SERVICES: u8 = 0x06;
     pub const FLOW_OPEN: u8 = 0x10;
     pub const FLOW_REPLY: u8 = 0x11;
+    pub const DNS_QUERY: u8 = 0x20;
+    pub const DNS_ANSWER: u8 = 0x21;
 }
 
 /// A zero-copy view of one frame.
@@ -233,6 +235,10 @@ pub enum Message {
     FlowOpen { protocol: Protocol, flow_id: u64, src: SocketAddr, dst: SocketAddr },
     /// The manager's answer to `FlowOpen`.
     FlowReply { status: FlowStatus, message: String },
+    /// First frame of a DNS stream: a DNS query (wire format) for the cluster DNS.
+    DnsQuery { query: Vec<u8> },
+    /// The cluster DNS's answer (wire format), passed through unchanged.
+    DnsAnswer { answer: Vec<u8> },
     /// A frame of a type this version does not know, kept whole.
     Unknown { frame_type: u8, payload: Vec<u8> },
 }
@@ -249,6 +255,8 @@ impl Message {
             Message::Error { .. } => "error",
             Message::FlowOpen { .. } => "flow-open",
             Message::FlowReply { .. } => "flow-reply",
+            Message::DnsQuery { .. } => "dns-query",
+            Message::DnsAnswer { .. } => "dns-answer",
             Message::Unknown { .. } => "unknown",
         }
     }
@@ -315,6 +323,8 @@ impl Message {
                 let message = r.string16("flow reply message")?;
                 Message::FlowReply { status, message }
             }
+            ty::DNS_QUERY => Message::DnsQuery { query: r.bytes16("dns query")?.to_vec() },
+            ty::DNS_ANSWER => Message::DnsAnswer { answer: r.bytes16("dns answer")?.to_vec() },
             other => return Ok(Message::Unknown { frame_type: other, payload: frame.payload().to_vec() }),
         };
         if !r.is_empty() {
@@ -397,6 +407,14 @@ impl Message {
                 out.push(u8::from(*status));
                 put_bytes16(out, message.as_bytes());
                 ty::FLOW_REPLY
+            }
+            Message::DnsQuery { query } => {
+                put_bytes16(out, query);
+                ty::DNS_QUERY
+            }
+            Message::DnsAnswer { answer } => {
+                put_bytes16(out, answer);
+                ty::DNS_ANSWER
             }
             Message::Unknown { frame_type, payload } => {
                 let n = payload.len().min(MAX_FRAME_PAYLOAD);
@@ -638,6 +656,8 @@ mod tests {
             },
             Message::FlowReply { status: FlowStatus::Refused, message: "refused".into() },
             Message::FlowReply { status: FlowStatus::Other(200), message: String::new() },
+            Message::DnsQuery { query: vec![0x12, 0x34, 1, 0, 0, 1] },
+            Message::DnsAnswer { answer: vec![0; 700] },
             Message::Unknown { frame_type: 0x7f, payload: vec![1, 2, 3] },
         ]
     }

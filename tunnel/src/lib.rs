@@ -17,7 +17,11 @@
 //!   datagrams prefixed with the flow id ([`datagram`]), or, when too large for a
 //!   datagram, as length-prefixed records on the flow's stream ([`UdpRecord`]).
 //!
+//! - a cluster DNS query is one more stream: [`Message::DnsQuery`] (client to manager),
+//!   [`Message::DnsAnswer`] back (or [`Message::Error`]), then both sides finish.
+//!
 //! The `quic` feature (on by default) adds [`quic`], the QUIC settings both sides use,
+
 //! and [`io`], the small async helpers that read and write frames on quinn streams.
 
 pub mod datagram;

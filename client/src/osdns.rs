@@ -1,0 +1,147 @@
+//! Pointing the operating system's resolver at tpvpn's DNS server.
+//!
+//! - `resolvconf`: tpvpn's server becomes the only nameserver of `/etc/resolv.conf`, with
+//!   the connected namespace's search path in front of the original one. The original
+//!   bytes are recorded in the state file before the file is touched and written back,
+//!   in place (the file may be a bind mount), by `down`, on signals and after a crash.
+//!   The original nameservers become tpvpn's upstream servers.
+//! - macOS: one `/etc/resolver/<domain>` file per routing domain ([`macos_resolver_files`];
+//!   built and unit-tested here, used only on macOS).
+//! - `resolved` (systemd-resolved over D-Bus) is not implemented yet.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use crate::Error;
+
+/// The first line of a resolv.conf written by tpvpn.
+pub const MARKER: &str = "# written by tpvpn: `tpvpn down` restores the original";
+
+/// The parts of a resolv.conf tpvpn uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvConf {
+    pub nameservers: Vec<IpAddr>,
+    pub search: Vec<String>,
+    pub options: Vec<String>,
+}
+
+/// Parses resolv.conf text; unknown lines are ignored, as the C library does.
+pub fn parse(text: &str) -> ResolvConf {
+    let mut r = ResolvConf::default();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("nameserver") => {
+                // Scoped IPv6 addresses (fe80::1%eth0) lose their scope: not supported.
+                if let Some(ip) = words.next().and_then(|w| w.split('%').next()).and_then(|w| w.parse().ok()) {
+                    r.nameservers.push(ip);
+                }
+            }
+            Some("search") | Some("domain") => r.search = words.map(str::to_string).collect(),
+            Some("options") => r.options.extend(words.map(str::to_string)),
+            _ => {}
+        }
+    }
+    r
+}
+
+/// The search path of a pod in `namespace`: `ns.svc.<domain> svc.<domain> <domain>`.
+pub fn cluster_search(namespace: &str, domain: &str) -> Vec<String> {
+    vec![format!("{namespace}.svc.{domain}"), format!("svc.{domain}"), domain.to_string()]
+}
+
+/// The resolv.conf tpvpn writes: its server, the cluster search path then the original
+/// one, the original options.
+pub fn render(server: IpAddr, search: &[String], original: &ResolvConf) -> String {
+    let mut out = format!("{MARKER}\nnameserver {server}\n");
+    let mut all: Vec<&str> = search.iter().map(String::as_str).collect();
+    for s in &original.search {
+        if !all.contains(&s.as_str()) {
+            all.push(s);
+        }
+    }
+    if !all.is_empty() {
+        out.push_str(&format!("search {}\n", all.join(" ")));
+    }
+    if !original.options.is_empty() {
+        out.push_str(&format!("options {}\n", original.options.join(" ")));
+    }
+    out
+}
+
+/// Upstream servers (port 53) from the original resolv.conf, excluding tpvpn's own.
+pub fn upstreams(original: &ResolvConf, ours: IpAddr) -> Vec<SocketAddr> {
+    original.nameservers.iter().filter(|ip| **ip != ours).map(|ip| SocketAddr::new(*ip, 53)).collect()
+}
+
+/// Writes `content` into `path` in place (truncate and write, no rename: the file may be
+/// a bind mount, and its inode must stay).
+pub fn write_in_place(path: &Path, content: &[u8]) -> Result<(), Error> {
+    std::fs::write(path, content).map_err(|e| Error::System(format!("cannot write {}: {e}", path.display())))
+}
+
+/// Puts back the original resolv.conf if the file is still the one tpvpn wrote (someone
+/// else's later change is left alone).
+pub fn restore(path: &Path, original: &[u8]) -> Result<(), Error> {
+    let current = std::fs::read(path).unwrap_or_default();
+    if current.starts_with(MARKER.as_bytes()) {
+        write_in_place(path, original)?;
+    }
+    Ok(())
+}
+
+/// The `/etc/resolver/<domain>` files macOS uses to send a domain's names to a server.
+pub fn macos_resolver_files(domains: &[String], server: IpAddr) -> Vec<(PathBuf, String)> {
+    domains
+        .iter()
+        .map(|d| (Path::new("/etc/resolver").join(d), format!("{MARKER}\nnameserver {server}\nport 53\n")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ORIGINAL: &str =
+        "# from dhcp\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nsearch corp.example\noptions edns0 timeout:2\n";
+
+    #[test]
+    fn parse_and_render() {
+        let r = parse(ORIGINAL);
+        assert_eq!(r.nameservers, vec!["192.0.2.53".parse::<IpAddr>().unwrap(), "fe80::1".parse().unwrap()]);
+        assert_eq!(r.search, vec!["corp.example"]);
+        assert_eq!(r.options, vec!["edns0", "timeout:2"]);
+        let ours: IpAddr = "198.18.0.2".parse().unwrap();
+        let text = render(ours, &cluster_search("default", "cluster.local"), &r);
+        assert_eq!(
+            text,
+            format!("{MARKER}\nnameserver 198.18.0.2\nsearch default.svc.cluster.local svc.cluster.local cluster.local corp.example\noptions edns0 timeout:2\n")
+        );
+        assert_eq!(parse(&text).nameservers, vec![ours]);
+        assert_eq!(upstreams(&r, ours).len(), 2);
+    }
+
+    #[test]
+    fn restore_only_our_file_and_byte_identical() {
+        let dir = std::env::temp_dir().join(format!("tpvpn-osdns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, ORIGINAL).unwrap();
+        let ours = render("198.18.0.2".parse().unwrap(), &[], &parse(ORIGINAL));
+        write_in_place(&path, ours.as_bytes()).unwrap();
+        restore(&path, ORIGINAL.as_bytes()).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), ORIGINAL.as_bytes());
+        // Someone else's file is not clobbered.
+        std::fs::write(&path, "nameserver 203.0.113.1\n").unwrap();
+        restore(&path, ORIGINAL.as_bytes()).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "nameserver 203.0.113.1\n");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn macos_files_one_per_domain() {
+        let files = macos_resolver_files(&["cluster.local".into(), "default".into()], "198.18.0.2".parse().unwrap());
+        assert_eq!(files[0].0, Path::new("/etc/resolver/cluster.local"));
+        assert!(files[1].1.contains("nameserver 198.18.0.2"));
+    }
+}
