@@ -42,7 +42,11 @@ pub struct Tun {
 pub struct Dns {
     pub server: Option<String>,
     pub mode: String,
+    /// Routing domains: names under them go to the cluster.
     pub domains: Vec<String>,
+    /// Namespaces that are not routing domains because they are public suffixes.
+    #[serde(default)]
+    pub filtered_namespaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use crate::connect::{connect, Target};
 use crate::control::{self, Dns, Reply, Request, Status, Tun};
 use crate::dataplane::Dataplane;
 use crate::state::{self, Paths, State};
-use crate::{discovery, kubeconfig};
+use crate::{discovery, kubeconfig, osdns};
 use crate::{routes, Error};
 
 /// Environment variable that marks the daemon child started by `tpvpn up`.
@@ -48,7 +48,10 @@ pub struct UpOptions {
     pub also_proxy: Vec<IpNet>,
     pub device: String,
     pub mtu: u16,
-    pub dns_mode: String,
+    pub dns_mode: DnsMode,
+    /// `--namespace`: the connected namespace (else the context's, else `default`).
+    pub namespace: Option<String>,
+
     /// Route CIDRs that overlap routes already on the machine.
     pub allow_route_conflicts: bool,
 }
@@ -179,6 +182,10 @@ struct Plan {
     context: Option<String>,
     never_proxy: Vec<IpNet>,
     also_proxy: Vec<IpNet>,
+    /// The connected namespace: short names search it.
+    namespace: String,
+    include_suffixes: Vec<String>,
+    exclude_suffixes: Vec<String>,
 }
 
 async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
@@ -188,6 +195,9 @@ async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
             context: None,
             never_proxy: opts.never_proxy.clone(),
             also_proxy: opts.also_proxy.clone(),
+            namespace: opts.namespace.clone().unwrap_or_else(|| "default".into()),
+            include_suffixes: vec![],
+            exclude_suffixes: vec![],
         }),
         Source::Kube { kubeconfig, context, manager, manager_namespace } => {
             let r = kubeconfig::resolve(kubeconfig.as_deref(), context.as_deref())?;
@@ -199,7 +209,15 @@ async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
             never.extend(d.api_server_ips.iter().map(|ip| routes::host(*ip)));
             let mut also = opts.also_proxy.clone();
             also.extend(r.extension.also_proxy.iter().copied());
-            Ok(Plan { target: d.target, context: Some(r.context), never_proxy: never, also_proxy: also })
+            Ok(Plan {
+                target: d.target,
+                context: Some(r.context),
+                never_proxy: never,
+                also_proxy: also,
+                namespace: opts.namespace.clone().or(r.namespace).unwrap_or_else(|| "default".into()),
+                include_suffixes: r.extension.include_suffixes,
+                exclude_suffixes: r.extension.exclude_suffixes,
+            })
         }
     }
 }
@@ -294,6 +312,12 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             allow_conflicts: opts.allow_route_conflicts,
         };
         let wanted = routing.apply(&session.cluster.cidrs)?;
+        let mut updates = cluster_updates(control_send, control_recv);
+        let initial = initial_updates(&mut updates).await;
+        let dns = match opts.dns_mode {
+            DnsMode::Off => None,
+            mode => Some(start_dns(mode, &plan, &session.cluster.domain, &session.conn, &initial, &mut routing).await?),
+        };
         let stack =
             tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(opts.mtu), ..Default::default() });
         let dataplane = Dataplane::new(stack, tun, session.conn.clone());
@@ -305,7 +329,10 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             tun: Some(Tun { name: opts.device.clone(), address: TUN_V4.to_string(), mtu: usize::from(opts.mtu) }),
             routes: wanted.iter().map(|r| r.to_string()).collect(),
             never_proxy: never.iter().map(|r| r.to_string()).collect(),
-            dns: Dns { server: None, mode: "off".into(), domains: vec![] },
+            dns: dns.as_ref().map_or_else(
+                || Dns { mode: "off".into(), ..Default::default() },
+                |(shared, mode)| dns_status(shared, mode),
+            ),
             flows: Default::default(),
             pid: Some(std::process::id()),
         };
@@ -316,8 +343,8 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             opts.device
         ));
         info!("up");
-        let updates = cluster_updates(control_send, control_recv);
-        let (why, down_reply) = serve(dataplane, handle, listener, status, updates, &mut routing).await;
+        let dns = dns.map(|(shared, _)| shared);
+        let (why, down_reply) = serve(dataplane, handle, listener, status, (initial, updates), &mut routing, dns).await;
         info!(%why, "shutting down");
         Ok::<_, Error>((why, down_reply))
     }
@@ -340,7 +367,164 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     }
 }
 
+/// The address of tpvpn's DNS server, on the TUN device.
+pub const DNS_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// The resolv.conf `resolvconf` mode replaces.
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// `--dns-mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsMode {
+    /// `resolvconf` unless systemd-resolved manages the resolver (not implemented: off).
+    Auto,
+    Resolvconf,
+    Off,
+}
+
+impl DnsMode {
+    /// What `auto` means on this machine.
+    fn pick(self) -> DnsMode {
+        if self != DnsMode::Auto {
+            return self;
+        }
+        let managed_by_resolved =
+            std::fs::read_link(RESOLV_CONF).is_ok_and(|target| target.to_string_lossy().contains("systemd/resolve"));
+        if managed_by_resolved {
+            warn!("systemd-resolved manages {RESOLV_CONF} and its integration is not implemented yet: DNS is not configured (the resolver still listens on {DNS_V4}); use --dns-mode resolvconf to replace {RESOLV_CONF}");
+            DnsMode::Off
+        } else {
+            DnsMode::Resolvconf
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            DnsMode::Auto => "auto",
+            DnsMode::Resolvconf => "resolvconf",
+            DnsMode::Off => "off",
+        }
+    }
+}
+
+/// Starts the DNS server on [`DNS_V4`] with the manager's first catalog, and (resolvconf
+/// mode) points the system resolver at it, recording the original first.
+async fn start_dns(
+    mode: DnsMode,
+    plan: &Plan,
+    cluster_domain: &str,
+    conn: &quinn::Connection,
+    initial: &[Update],
+    routing: &mut Routing<'_>,
+) -> Result<(Arc<crate::dns::Shared>, DnsMode), Error> {
+    let mode = mode.pick();
+    routes::add_address(&routing.device, &IpNet::from(IpAddr::V4(DNS_V4)))?;
+    let original = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+    let parsed = osdns::parse(&original);
+    let domain = if cluster_domain.is_empty() { "cluster.local".to_string() } else { cluster_domain.to_string() };
+    let config = tpvpn_resolver::Config {
+        cluster_domain: domain.clone(),
+        namespace: plan.namespace.clone(),
+        include_suffixes: plan.include_suffixes.clone(),
+        exclude_suffixes: plan.exclude_suffixes.clone(),
+        ..Default::default()
+    };
+    let shared = Arc::new(crate::dns::Shared {
+        resolver: std::sync::Mutex::new(tpvpn_resolver::Resolver::new(config, tpvpn_resolver::Psl::embedded())),
+        upstreams: osdns::upstreams(&parsed, IpAddr::V4(DNS_V4)),
+        conn: std::sync::Mutex::new(Some(conn.clone())),
+    });
+    for u in initial {
+        match u {
+            Update::Namespaces(names) => shared.resolver().set_namespaces(names.clone()),
+            Update::Services(services) => shared.resolver().set_services(services.clone()),
+            Update::Cluster(_) => {}
+        }
+    }
+    let addr = std::net::SocketAddr::new(IpAddr::V4(DNS_V4), 53);
+    let udp = tokio::net::UdpSocket::bind(addr)
+        .await
+        .map_err(|e| Error::System(format!("cannot listen for DNS on udp {addr}: {e}")))?;
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::System(format!("cannot listen for DNS on tcp {addr}: {e}")))?;
+    tokio::spawn(crate::dns::serve_udp(Arc::new(udp), shared.clone()));
+    tokio::spawn(crate::dns::serve_tcp(tcp, shared.clone()));
+    if mode == DnsMode::Resolvconf {
+        routing.state.resolv_conf = Some(state::ResolvBackup { path: RESOLV_CONF.into(), original: original.clone() });
+        routing.state.save(&routing.state_path)?;
+        let ours = osdns::render(IpAddr::V4(DNS_V4), &osdns::cluster_search(&plan.namespace, &domain), &parsed);
+        osdns::write_in_place(std::path::Path::new(RESOLV_CONF), ours.as_bytes())?;
+    }
+    Ok((shared, mode))
+}
+
+fn dns_status(shared: &crate::dns::Shared, mode: &DnsMode) -> Dns {
+    let r = shared.resolver();
+    Dns {
+        server: Some(DNS_V4.to_string()),
+        mode: mode.name().into(),
+        domains: r.routing_domains(),
+        filtered_namespaces: r.filtered_namespaces(),
+    }
+}
+
+/// Applies one push of the manager: routes, the listing, the resolver's tables.
+fn handle_update(
+    update: Update,
+    status: &mut Status,
+    listing: &mut control::Listing,
+    routing: &mut Routing<'_>,
+    dns: Option<&crate::dns::Shared>,
+) {
+    match update {
+        Update::Cluster(cluster) => match routing.apply(&cluster.cidrs) {
+            Ok(wanted) => {
+                info!(routes = ?wanted, "cluster changed: routes updated");
+                status.routes = wanted.iter().map(|r| r.to_string()).collect();
+            }
+            Err(e) => warn!(error = %e, "cluster changed but the routes could not be updated"),
+        },
+        Update::Namespaces(names) => {
+            if let Some(d) = dns {
+                d.resolver().set_namespaces(names.clone());
+            }
+            listing.namespaces = names;
+        }
+        Update::Services(services) => {
+            listing.services = services.iter().map(control::ServiceRow::from_info).collect();
+            if let Some(d) = dns {
+                d.resolver().set_services(services);
+            }
+        }
+    }
+    if let Some(d) = dns {
+        let r = d.resolver();
+        status.dns.domains = r.routing_domains();
+        status.dns.filtered_namespaces = r.filtered_namespaces();
+    }
+}
+
+/// The updates the manager sends right after the hello (namespaces and Services), read
+/// before the daemon reports ready so that DNS and `tpvpn list` know the cluster at once.
+async fn initial_updates(updates: &mut tokio::sync::mpsc::Receiver<Update>) -> Vec<Update> {
+    let mut got = Vec::new();
+    let (mut namespaces, mut services) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !(namespaces && services) {
+        match tokio::time::timeout_at(deadline, updates.recv()).await {
+            Ok(Some(u)) => {
+                namespaces |= matches!(u, Update::Namespaces(_));
+                services |= matches!(u, Update::Services(_));
+                got.push(u);
+            }
+            _ => break,
+        }
+    }
+    got
+}
+
 /// What the manager pushes on the control stream.
+#[derive(Debug)]
 enum Update {
     Cluster(tpvpn_tunnel::ClusterInfo),
     Namespaces(Vec<String>),
@@ -381,8 +565,9 @@ async fn serve(
     handle: crate::dataplane::Handle,
     listener: UnixListener,
     mut status: Status,
-    mut updates: tokio::sync::mpsc::Receiver<Update>,
+    (initial, mut updates): (Vec<Update>, tokio::sync::mpsc::Receiver<Update>),
     routing: &mut Routing<'_>,
+    dns: Option<Arc<crate::dns::Shared>>,
 ) -> (String, Option<tokio::net::UnixStream>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
@@ -391,25 +576,20 @@ async fn serve(
     let dp = tokio::spawn(dataplane.run());
     tokio::pin!(dp);
     let mut down_reply: Option<tokio::net::UnixStream> = None;
+    let mut dp_done = false;
     let mut listing = control::Listing::default();
+    for u in initial {
+        handle_update(u, &mut status, &mut listing, routing, dns.as_deref());
+    }
     let why = loop {
         tokio::select! {
-            r = &mut dp => break r.unwrap_or_else(|e| format!("data plane failed: {e}")),
+            r = &mut dp => {
+                dp_done = true;
+                break r.unwrap_or_else(|e| format!("data plane failed: {e}"));
+            }
             _ = term.recv() => break "signal SIGTERM".into(),
             _ = int.recv() => break "signal SIGINT".into(),
-            Some(update) = updates.recv() => match update {
-                Update::Cluster(cluster) => match routing.apply(&cluster.cidrs) {
-                    Ok(wanted) => {
-                        info!(routes = ?wanted, "cluster changed: routes updated");
-                        status.routes = wanted.iter().map(|r| r.to_string()).collect();
-                    }
-                    Err(e) => warn!(error = %e, "cluster changed but the routes could not be updated"),
-                },
-                Update::Namespaces(names) => listing.namespaces = names,
-                Update::Services(services) => {
-                    listing.services = services.iter().map(control::ServiceRow::from_info).collect();
-                }
-            },
+            Some(update) = updates.recv() => handle_update(update, &mut status, &mut listing, routing, dns.as_deref()),
             Ok((mut stream, _)) = listener.accept() => {
                 match control::read_request(&mut stream).await {
                     Some(Request::Status) => {
@@ -427,9 +607,12 @@ async fn serve(
             }
         }
     };
-    dp.abort();
-    // Wait until the data plane (and with it the TUN device) is gone.
-    let _ = dp.as_mut().await;
+    if !dp_done {
+        dp.abort();
+        // Wait until the data plane (and with it the TUN device) is gone.
+        let _ = dp.as_mut().await;
+    }
+
     (why, down_reply)
 }
 

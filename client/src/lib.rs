@@ -14,6 +14,8 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod discovery;
+pub mod dns;
+
 pub mod install;
 pub mod kubeconfig;
 pub mod osdns;

@@ -99,7 +99,10 @@ enum Cmd {
         /// Route cluster CIDRs even where they overlap routes already on this machine.
         #[arg(long)]
         allow_route_conflicts: bool,
-        /// How to configure the OS resolver (DNS is not implemented yet: only `off` works).
+        /// How to point the OS resolver at tpvpn's DNS server: `resolvconf` replaces
+        /// /etc/resolv.conf (restored on down); `auto` picks it unless systemd-resolved
+        /// manages the resolver (its integration is not implemented: then off); `off`
+        /// changes nothing (the server still listens on 198.18.0.2).
         #[arg(long, value_enum, default_value = "auto")]
         dns_mode: DnsMode,
         /// Stay in the foreground instead of leaving a daemon.
@@ -160,7 +163,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
         Cmd::Up {
             context,
             kubeconfig,
-            namespace: _,
+            namespace,
             manager,
             manager_namespace,
             manager_ca,
@@ -184,23 +187,20 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
                 }
                 (manager, _, _) => Source::Kube { kubeconfig, context, manager, manager_namespace },
             };
-            if !matches!(dns_mode, DnsMode::Auto | DnsMode::Off) {
-                return Err(Error::Config(
-                    "--dns-mode: only `off` is implemented yet (tpvpn does not change DNS settings)".into(),
-                ));
-            }
+            let dns_mode = match dns_mode {
+                DnsMode::Auto => daemon::DnsMode::Auto,
+                DnsMode::Resolvconf => daemon::DnsMode::Resolvconf,
+                DnsMode::Off => daemon::DnsMode::Off,
+                DnsMode::Resolved => return Err(Error::Config(
+                    "--dns-mode resolved: systemd-resolved integration is not implemented yet; use resolvconf or off"
+                        .into(),
+                )),
+            };
             if mtu < 1280 {
                 return Err(Error::Config("--mtu must be at least 1280".into()));
             }
-            let opts = UpOptions {
-                source,
-                never_proxy,
-                also_proxy,
-                device,
-                mtu,
-                dns_mode: "off".into(),
-                allow_route_conflicts,
-            };
+            let opts =
+                UpOptions { source, never_proxy, also_proxy, device, mtu, dns_mode, namespace, allow_route_conflicts };
             if foreground {
                 daemon::up_foreground(opts, paths)
             } else {

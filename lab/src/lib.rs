@@ -365,6 +365,9 @@ impl Lab {
         // A headless Service and a pod name: only the cluster DNS knows them.
         cluster.push(format!("address=/web.default.svc.cluster.local/{FRONTEND_POD_IP}"));
         cluster.push(format!("host-record=10-244-1-10.default.pod.cluster.local,{FRONTEND_POD_IP}"));
+        // Served by the cluster DNS for the include-suffixes test.
+        cluster.push("host-record=db.corp.internal,10.96.0.80".into());
+
         for i in 1..=BIG_RECORDS {
             cluster.push(format!("address=/big.default.svc.cluster.local/10.244.3.{i}"));
         }

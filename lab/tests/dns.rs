@@ -1,0 +1,193 @@
+//! End-to-end DNS tests: the laptop resolves cluster names as a pod in the connected
+//! namespace would, everything else goes to its original nameserver (the internet
+//! namespace's dnsmasq), and its resolv.conf comes back byte for byte. Root only; skip
+//! loudly otherwise.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use tpvpn_lab::{show, Lab};
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A lab with tpvpn up from the kubeconfig, connected to namespace `default`.
+fn lab_up(extra: &[&str]) -> Option<Lab> {
+    if !tpvpn_lab::require_root() {
+        return None;
+    }
+    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot build the lab: {e:#}"));
+    let kc = lab.kubeconfig().display().to_string();
+    let mut args = vec!["up", "--kubeconfig", &kc, "--namespace", "default"];
+    args.extend_from_slice(extra);
+    let out = lab.tpvpn(&args);
+    assert!(out.status.success(), "tpvpn up:\n{}\nmanager:\n{}", show(&out), lab.manager_log());
+    Some(lab)
+}
+
+/// `dig +short` from the laptop, through its resolv.conf.
+fn dig(lab: &Lab, args: &[&str]) -> String {
+    let mut cmd = vec!["dig", "+short", "+time=2", "+tries=1"];
+    cmd.extend_from_slice(args);
+    let out = lab.exec_timeout(lab.laptop(), &cmd, Duration::from_secs(10));
+    stdout(&out).trim().to_string()
+}
+
+/// The status line of a full `dig` answer (NOERROR, NXDOMAIN, SERVFAIL...).
+fn dig_status(lab: &Lab, name: &str) -> String {
+    let out = lab.exec_timeout(lab.laptop(), &["dig", "+time=2", "+tries=1", name], Duration::from_secs(10));
+    let text = stdout(&out);
+    text.lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|s| s.split(',').next().unwrap_or_default().to_string())
+        .unwrap_or_else(|| format!("no answer: {}", show(&out)))
+}
+
+#[test]
+fn service_names_resolve_in_every_form() {
+    let Some(lab) = lab_up(&[]) else { return };
+    for url in ["http://frontend.default/", "http://frontend.default.svc.cluster.local/", "http://frontend/"] {
+        let out = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", url]);
+        assert!(stdout(&out).contains(tpvpn_lab::FRONTEND_BODY), "{url}:\n{}", show(&out));
+    }
+    for name in ["frontend.default", "frontend.default.svc", "frontend.default.svc.cluster.local", "frontend"] {
+        let out = lab.exec(lab.laptop(), &["getent", "hosts", name]);
+        assert!(stdout(&out).starts_with("10.96.0.10"), "getent hosts {name}:\n{}", show(&out));
+    }
+}
+
+#[test]
+fn srv_ptr_headless_and_nxdomain_come_from_the_cluster() {
+    let Some(lab) = lab_up(&[]) else { return };
+    assert_eq!(
+        dig(&lab, &["SRV", "_http._tcp.frontend.default.svc.cluster.local"]),
+        "0 100 80 frontend.default.svc.cluster.local."
+    );
+    assert_eq!(dig(&lab, &["-x", "10.96.0.10"]), "frontend.default.svc.cluster.local.");
+    // Only the cluster DNS knows headless Services and pods; TTLs pass through (30 s).
+    assert_eq!(dig(&lab, &["web.default.svc.cluster.local"]), "10.244.1.10");
+    let out = lab.exec(lab.laptop(), &["dig", "+noall", "+answer", "web.default.svc.cluster.local"]);
+    let fields: Vec<String> = stdout(&out).split_whitespace().map(String::from).collect();
+    assert_eq!(fields, ["web.default.svc.cluster.local.", "30", "IN", "A", "10.244.1.10"], "{}", show(&out));
+    assert_eq!(dig(&lab, &["10-244-1-10.default.pod.cluster.local"]), "10.244.1.10");
+    assert_eq!(dig_status(&lab, "nope.default.svc.cluster.local"), "NXDOMAIN");
+    assert_eq!(dig_status(&lab, "nope.default"), "NXDOMAIN", "a missing cluster name must not fall through upstream");
+}
+
+#[test]
+fn namespaces_named_like_public_suffixes_do_not_capture_the_internet() {
+    let Some(lab) = lab_up(&[]) else { return };
+    // Namespaces `rs` and `dev` exist in the cluster.
+    assert_eq!(dig(&lab, &["docs.rs"]), tpvpn_lab::INTERNET_IP);
+    assert_eq!(dig(&lab, &["crates.dev"]), tpvpn_lab::INTERNET_IP);
+    assert_eq!(dig(&lab, &["svc.rs.svc.cluster.local"]), "10.96.0.60");
+    let st = lab.tpvpn(&["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&st)));
+    let filtered = v["dns"]["filtered_namespaces"].as_array().cloned().unwrap_or_default();
+    assert!(filtered.contains(&"rs".into()) && filtered.contains(&"dev".into()), "{v}");
+    let domains = v["dns"]["domains"].as_array().cloned().unwrap_or_default();
+    assert!(domains.contains(&"cluster.local".into()) && domains.contains(&"default".into()), "{v}");
+    assert!(!domains.contains(&"rs".into()), "{v}");
+    assert_eq!(v["dns"]["mode"], "resolvconf", "{v}");
+}
+
+#[test]
+fn include_and_exclude_suffixes() {
+    if !tpvpn_lab::require_root() {
+        return;
+    }
+    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot build the lab: {e:#}"));
+    let kc = std::fs::read_to_string(lab.kubeconfig()).unwrap();
+    let server = format!("    server: {}\n", lab.apiserver_url());
+    let ext = format!(
+        "{server}    extensions:\n    - name: tpvpn\n      extension:\n        dns:\n          include-suffixes: [corp.internal]\n          exclude-suffixes: [redis-leader.default]\n"
+    );
+    let path = lab.dir().join("kubeconfig-dns");
+    std::fs::write(&path, kc.replace(&server, &ext)).unwrap();
+    let p = path.display().to_string();
+    let out = lab.tpvpn(&["up", "--kubeconfig", &p, "--namespace", "default"]);
+    assert!(out.status.success(), "{}", show(&out));
+    // Under an included suffix: asked of the cluster DNS.
+    assert_eq!(dig(&lab, &["db.corp.internal"]), "10.96.0.80");
+    // Under an excluded suffix: upstream, which does not know it (the table would have
+    // answered 10.96.0.20).
+    assert_ne!(dig_status(&lab, "redis-leader.default"), "NOERROR");
+    assert_eq!(dig(&lab, &["frontend.default"]), "10.96.0.10");
+}
+
+#[test]
+fn a_namespace_created_while_connected_resolves() {
+    let Some(lab) = lab_up(&[]) else { return };
+    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}});
+    lab.kube_apply("POST", "/api/v1/namespaces", Some(&ns)).expect("namespace");
+    let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "app", "namespace": "late"},
+        "spec": {"clusterIP": "10.96.0.90", "ports": [{"name": "http", "port": 80}]}});
+    lab.kube_apply("POST", "/api/v1/namespaces/late/services", Some(&svc)).expect("service");
+    let start = Instant::now();
+    let mut got = String::new();
+    while start.elapsed() < Duration::from_secs(10) {
+        got = dig(&lab, &["app.late"]);
+        if got == "10.96.0.90" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(got, "10.96.0.90", "app.late did not resolve within 10 s");
+}
+
+#[test]
+fn tcp_queries_and_truncated_answers() {
+    let Some(lab) = lab_up(&[]) else { return };
+    assert_eq!(dig(&lab, &["+tcp", "frontend.default.svc.cluster.local"]), "10.96.0.10");
+    // 60 A records do not fit 512 bytes: UDP says TC, dig retries over TCP and gets all.
+    let out = lab.exec(lab.laptop(), &["dig", "+noedns", "+ignore", "big.default.svc.cluster.local"]);
+    assert!(stdout(&out).contains(" tc") || stdout(&out).contains("tc "), "no TC over UDP:\n{}", show(&out));
+    let all = dig(&lab, &["+noedns", "big.default.svc.cluster.local"]);
+    assert_eq!(all.lines().count(), usize::from(tpvpn_lab::BIG_RECORDS), "{all}");
+}
+
+#[test]
+fn without_the_manager_internet_names_still_resolve_and_cluster_names_fail_fast() {
+    let Some(mut lab) = lab_up(&[]) else { return };
+    lab.stop_manager();
+    // Losing the manager ends the daemon (reconnecting is not implemented), which undoes
+    // every change: the laptop's own resolver setup comes back at once.
+    let state = lab.runtime_dir().join("state.json");
+    let start = Instant::now();
+    while state.exists() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!state.exists(), "the daemon did not clean up after losing the manager");
+    assert_eq!(std::fs::read(lab.laptop_resolv_conf()).unwrap(), tpvpn_lab::LAPTOP_RESOLV_CONF.as_bytes());
+
+    assert_eq!(dig(&lab, &["docs.rs"]), tpvpn_lab::INTERNET_IP);
+    let start = Instant::now();
+    let status = dig_status(&lab, "frontend.default.svc.cluster.local");
+    assert!(start.elapsed() < Duration::from_secs(1), "a cluster name took {:?}", start.elapsed());
+    assert_ne!(status, "NOERROR", "a cluster name resolved without the manager");
+}
+
+#[test]
+fn resolv_conf_is_restored_byte_for_byte_also_after_a_crash() {
+    let Some(lab) = lab_up(&[]) else { return };
+    let path = lab.laptop_resolv_conf();
+    let during = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        during.contains("nameserver 198.18.0.2") && during.contains("search default.svc.cluster.local"),
+        "{during}"
+    );
+    let out = lab.tpvpn(&["down"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(std::fs::read(&path).unwrap(), tpvpn_lab::LAPTOP_RESOLV_CONF.as_bytes());
+    let kc = lab.kubeconfig().display().to_string();
+    let out = lab.tpvpn(&["up", "--kubeconfig", &kc]);
+    assert!(out.status.success(), "{}", show(&out));
+    let pid = std::fs::read_to_string(lab.runtime_dir().join("tpvpn.pid")).unwrap();
+    assert!(lab.exec(lab.laptop(), &["kill", "-9", pid.trim()]).status.success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(std::fs::read_to_string(&path).unwrap().contains("198.18.0.2"), "the crash left tpvpn's resolv.conf");
+    let out = lab.tpvpn(&["down"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(std::fs::read(&path).unwrap(), tpvpn_lab::LAPTOP_RESOLV_CONF.as_bytes());
+}
