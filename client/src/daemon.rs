@@ -277,6 +277,9 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     info!(manager = %session.manager, cidrs = ?session.cluster.cidrs, "connected to the manager");
     let mut never = plan.never_proxy.clone();
     never.push(routes::host(session.manager.ip()));
+    never.sort();
+    never.dedup();
+
     if routes::compute(&session.cluster.cidrs, &plan.also_proxy, &never).is_empty() {
         return Err(Error::Config(
             "nothing to route: the manager reported no cluster CIDRs outside --never-proxy".into(),

@@ -300,6 +300,13 @@ fn print_status(s: &tpvpn_client::control::Status) {
     }
     println!("  routes:      {}", s.routes.join(", "));
     println!("  never-proxy: {}", s.never_proxy.join(", "));
-    println!("  dns:         {}", s.dns.mode);
+    match &s.dns.server {
+        Some(server) => println!("  dns:         {} on {server}; domains: {}", s.dns.mode, s.dns.domains.join(", ")),
+        None => println!("  dns:         {}", s.dns.mode),
+    }
+    if !s.dns.filtered_namespaces.is_empty() {
+        println!("  not routed:  namespaces {} (public suffixes)", s.dns.filtered_namespaces.join(", "));
+    }
+
     println!("  flows:       {} tcp, {} udp", s.flows.tcp, s.flows.udp);
 }

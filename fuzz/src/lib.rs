@@ -2,7 +2,9 @@
 //! this crate's tests over a generated corpus (`cargo test --no-default-features`,
 //! stable). Each check asserts more than "no panic".
 
+use hickory_proto::op::{Message as DnsMessage, MessageType, OpCode};
 use tpvpn_netstack::{wire, Config, DialOutcome, Event, Instant, Stack};
+use tpvpn_resolver::{Action, Psl, Resolver, Transport};
 use tpvpn_tunnel::datagram::Datagram;
 use tpvpn_tunnel::{Message, UdpRecord};
 
@@ -69,6 +71,53 @@ pub fn netstack_packets(data: &[u8]) {
     }
 }
 
+thread_local! {
+    /// One resolver with a small table, built once (parsing the suffix list is slow).
+    static RESOLVER: std::cell::RefCell<Resolver> = std::cell::RefCell::new({
+        let mut r = Resolver::new(tpvpn_resolver::Config::default(), Psl::embedded());
+        r.set_namespaces(vec!["default".into(), "rs".into()]);
+        r.set_services(vec![tpvpn_tunnel::ServiceInfo {
+            namespace: "default".into(),
+            name: "frontend".into(),
+            cluster_ips: vec!["10.96.0.10".parse().expect("literal")],
+            ports: vec![tpvpn_tunnel::ServicePort { name: "http".into(), protocol: tpvpn_tunnel::Protocol::Tcp, port: 80 }],
+        }]);
+        r
+    });
+}
+
+/// DNS queries to the resolver's request path: every query that parses gets either a
+/// well-formed response with the same id and question, or is sent on (cluster, upstream)
+/// as a well-formed query; nothing parsable is dropped, and nothing panics.
+pub fn dns_queries(data: &[u8]) {
+    let parsed = DnsMessage::from_vec(data).ok();
+    for transport in [Transport::Udp, Transport::Tcp] {
+        let action = RESOLVER.with(|r| r.borrow_mut().query(data, transport, std::time::Instant::now()));
+        match action {
+            Action::Reply(bytes) => {
+                let reply = DnsMessage::from_vec(&bytes).expect("replies parse");
+                assert_eq!(reply.metadata.message_type, MessageType::Response);
+                if let Some(q) = &parsed {
+                    assert_eq!(reply.metadata.id, q.metadata.id, "same id");
+                    if q.queries.len() == 1 && reply.queries.len() == 1 {
+                        assert_eq!(reply.queries[0].name(), q.queries[0].name(), "same question");
+                    }
+                }
+            }
+            Action::Cluster { query, .. } => {
+                let q = DnsMessage::from_vec(&query).expect("cluster queries parse");
+                assert_eq!(q.queries.len(), 1);
+            }
+            Action::Upstream => assert!(parsed.is_some(), "only parsable queries go upstream"),
+            Action::Drop => {
+                if let Some(q) = &parsed {
+                    assert_eq!(q.metadata.message_type, MessageType::Response, "a parsable query was dropped");
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,7 +134,16 @@ mod tests {
     }
 
     fn seeds() -> Vec<Vec<u8>> {
+        let dns_query = |name: &str, ty: hickory_proto::rr::RecordType| {
+            let mut m = DnsMessage::new(0x4242, MessageType::Query, OpCode::Query);
+            m.metadata.recursion_desired = true;
+            m.add_query(hickory_proto::op::Query::query(name.parse().unwrap(), ty));
+            m.to_vec().unwrap()
+        };
         let mut v = vec![
+            dns_query("frontend.default.", hickory_proto::rr::RecordType::A),
+            dns_query("docs.rs.", hickory_proto::rr::RecordType::AAAA),
+            dns_query("web.default.svc.cluster.local.", hickory_proto::rr::RecordType::SRV),
             Message::ClientHello { version: 1, token: b"t".to_vec() }.to_vec(),
             Message::FlowOpen {
                 protocol: tpvpn_tunnel::Protocol::Tcp,
@@ -133,6 +191,7 @@ mod tests {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
             tunnel_frames(&data);
             netstack_packets(&data);
+            dns_queries(&data);
         }
     }
 
@@ -143,6 +202,7 @@ mod tests {
         for seed in &seeds {
             tunnel_frames(seed);
             netstack_packets(seed);
+            dns_queries(seed);
         }
         for i in 0..100_000 {
             let d = if i % 4 == 0 {
@@ -153,6 +213,7 @@ mod tests {
             };
             tunnel_frames(&d);
             netstack_packets(&d);
+            dns_queries(&d);
         }
     }
 }

@@ -122,29 +122,38 @@ fn demo() -> Result<()> {
     if !tpvpn_lab::require_root() {
         bail!("the demo needs root");
     }
-    println!("# building the lab (namespaces laptop/cluster/inet, nginx, redis, manager)...");
+    println!("# building the lab (namespaces laptop/cluster/inet; nginx, redis, dnsmasq, the Kubernetes API stand-in, the manager)...");
     let lab = Lab::new()?;
     println!("# lab ready in {}; laptop namespace {}", lab.dir().display(), lab.laptop());
     let mut failed = Vec::new();
     let ns = lab.laptop().to_string();
 
-    let up = lab.up_args();
-    let up: Vec<&str> = up.iter().map(String::as_str).collect();
-    if !step(&mut failed, "tpvpn", &up, |a| lab.tpvpn(a)) {
+    // As a user does it: only a kubeconfig (the lab's API stand-in plays the cluster).
+    let kc = lab.kubeconfig().display().to_string();
+    let with_kc = |a: &[&str]| lab.tpvpn_env(a, &[("KUBECONFIG", kc.as_str())], std::time::Duration::from_secs(60));
+    step(&mut failed, "KUBECONFIG=... tpvpn", &["manager", "install", "--namespace", "tpvpn-demo"], with_kc);
+    step(&mut failed, "KUBECONFIG=... tpvpn", &["manager", "uninstall", "--namespace", "tpvpn-demo"], with_kc);
+    if !step(&mut failed, "KUBECONFIG=... tpvpn", &["up", "--context", "lab"], with_kc) {
         bail!("tpvpn up failed; manager log:\n{}", lab.manager_log());
     }
     // Short timeout: redis-cli has no connect timeout of its own.
     let exec = |a: &[&str]| lab.exec_timeout(&ns, a, std::time::Duration::from_secs(15));
-    let frontend = format!("http://{}/", tpvpn_lab::FRONTEND_IP);
+    step(&mut failed, "", &["curl", "-sS", "--max-time", "10", "http://frontend.default/"], exec);
+    step(&mut failed, "", &["curl", "-sS", "--max-time", "10", "http://frontend.default.svc.cluster.local/"], exec);
+    step(&mut failed, "", &["curl", "-sS", "--max-time", "10", "http://frontend/"], exec);
     let pod = format!("http://{}/", tpvpn_lab::FRONTEND_POD_IP);
-    step(&mut failed, "", &["curl", "-sS", "--max-time", "10", &frontend], exec);
     step(&mut failed, "", &["curl", "-sS", "--max-time", "10", &pod], exec);
-    step(&mut failed, "", &["redis-cli", "-h", tpvpn_lab::REDIS_IP, "ping"], exec);
+    step(&mut failed, "", &["redis-cli", "-h", "redis-leader.default", "ping"], exec);
+    step(&mut failed, "", &["dig", "+short", "docs.rs"], exec);
+    step(&mut failed, "", &["dig", "+short", "SRV", "_http._tcp.frontend.default.svc.cluster.local"], exec);
     step(&mut failed, "tpvpn-lab", &["client", "udp", tpvpn_lab::UDP_ECHO_ADDR, "100"], |a| lab.lab_tool(&ns, a));
-    step(&mut failed, "tpvpn", &["status", "-o", "json"], |a| lab.tpvpn(a));
+    step(&mut failed, "tpvpn", &["status"], |a| lab.tpvpn(a));
+    step(&mut failed, "tpvpn", &["list"], |a| lab.tpvpn(a));
+    step(&mut failed, "", &["cat", "/etc/resolv.conf"], exec);
     step(&mut failed, "", &["ip", "route"], exec);
     step(&mut failed, "tpvpn", &["down"], |a| lab.tpvpn(a));
     step(&mut failed, "", &["ip", "route"], exec);
+    step(&mut failed, "", &["cat", "/etc/resolv.conf"], exec);
     drop(lab);
     println!("\n# lab torn down");
     if !failed.is_empty() {
