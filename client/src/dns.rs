@@ -10,9 +10,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 use tpvpn_resolver::{Action, Resolver, Transport};
+use tpvpn_tunnel::io::dns;
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::Message;
 use tracing::debug;
@@ -76,61 +76,17 @@ async fn through_tunnel(conn: &quinn::Connection, query: Vec<u8>) -> Option<Vec<
 /// Forwards `packet` to the first upstream that answers, unchanged both ways.
 async fn upstream(upstreams: &[SocketAddr], packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
     for server in upstreams {
-        let r = if tcp { upstream_tcp(*server, packet).await } else { upstream_udp(*server, packet).await };
+        let r = if tcp {
+            dns::over_tcp(*server, packet, QUERY_TIMEOUT).await
+        } else {
+            dns::over_udp(*server, packet, QUERY_TIMEOUT, 1).await
+        };
         match r {
             Ok(answer) => return Some(answer),
             Err(e) => debug!(%server, error = %e, "upstream dns failed"),
         }
     }
     None
-}
-
-async fn upstream_udp(server: SocketAddr, packet: &[u8]) -> std::io::Result<Vec<u8>> {
-    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal address");
-    let socket = UdpSocket::bind(bind).await?;
-    socket.connect(server).await?;
-    socket.send(packet).await?;
-    let mut buf = vec![0u8; 65_535];
-    let deadline = tokio::time::Instant::now() + QUERY_TIMEOUT;
-    loop {
-        let n = tokio::time::timeout_at(deadline, socket.recv(&mut buf))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))??;
-        if n >= 2 && packet.len() >= 2 && buf[..2] == packet[..2] {
-            return Ok(buf[..n].to_vec());
-        }
-    }
-}
-
-async fn upstream_tcp(server: SocketAddr, packet: &[u8]) -> std::io::Result<Vec<u8>> {
-    let exchange = async {
-        let mut s = TcpStream::connect(server).await?;
-        write_framed(&mut s, packet).await?;
-        read_framed(&mut s).await?.ok_or_else(|| std::io::Error::other("closed"))
-    };
-    tokio::time::timeout(QUERY_TIMEOUT, exchange)
-        .await
-        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer")))
-}
-
-async fn write_framed(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<()> {
-    let len = u16::try_from(msg.len()).map_err(|_| std::io::Error::other("message too long"))?;
-    let mut out = Vec::with_capacity(msg.len() + 2);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(msg);
-    s.write_all(&out).await
-}
-
-async fn read_framed(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
-    let mut len = [0u8; 2];
-    match s.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    s.read_exact(&mut msg).await?;
-    Ok(Some(msg))
 }
 
 /// Serves DNS over UDP on `socket`: one task per query.
@@ -155,11 +111,11 @@ pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             while let Ok(Ok(Some(query))) =
-                tokio::time::timeout(Duration::from_secs(10), read_framed(&mut stream)).await
+                tokio::time::timeout(Duration::from_secs(10), dns::read_framed(&mut stream)).await
             {
                 match handle(&shared, &query, true).await {
                     Some(reply) => {
-                        if write_framed(&mut stream, &reply).await.is_err() {
+                        if dns::write_framed(&mut stream, &reply).await.is_err() {
                             return;
                         }
                     }

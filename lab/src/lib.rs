@@ -154,6 +154,15 @@ pub fn bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// For tests: a new lab, or `None` (the test is skipped, loudly) when not root. A lab
+/// that cannot be built fails the test with the reason.
+pub fn lab_or_skip() -> Option<Lab> {
+    if !require_root() {
+        return None;
+    }
+    Some(Lab::new().unwrap_or_else(|e| panic!("cannot build the lab: {e:#}")))
+}
+
 /// Path of one of the workspace's binaries, or a clear error.
 fn find_bin(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);

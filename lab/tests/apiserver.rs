@@ -11,13 +11,7 @@ use serde_json::{json, Value};
 use tpvpn_lab::{show, Lab};
 
 fn lab() -> Option<Lab> {
-    if !tpvpn_lab::require_root() {
-        return None;
-    }
-    match Lab::new() {
-        Ok(lab) => Some(lab),
-        Err(e) => panic!("cannot build the lab: {e:#}"),
-    }
+    tpvpn_lab::lab_or_skip()
 }
 
 /// A request with the admin token; panics if curl itself fails.

@@ -7,15 +7,8 @@ use std::time::Duration;
 
 use tpvpn_lab::{show, Lab};
 
-/// Builds a lab, or returns `None` (test skipped) when not root.
 fn lab() -> Option<Lab> {
-    if !tpvpn_lab::require_root() {
-        return None;
-    }
-    match Lab::new() {
-        Ok(lab) => Some(lab),
-        Err(e) => panic!("cannot build the lab: {e:#}"),
-    }
+    tpvpn_lab::lab_or_skip()
 }
 
 /// Builds a lab and brings tpvpn up with `extra` flags.

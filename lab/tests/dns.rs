@@ -14,10 +14,7 @@ fn stdout(out: &Output) -> String {
 
 /// A lab with tpvpn up from the kubeconfig, connected to namespace `default`.
 fn lab_up(extra: &[&str]) -> Option<Lab> {
-    if !tpvpn_lab::require_root() {
-        return None;
-    }
-    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot build the lab: {e:#}"));
+    let lab = tpvpn_lab::lab_or_skip()?;
     let kc = lab.kubeconfig().display().to_string();
     let mut args = vec!["up", "--kubeconfig", &kc, "--namespace", "default"];
     args.extend_from_slice(extra);
@@ -94,10 +91,7 @@ fn namespaces_named_like_public_suffixes_do_not_capture_the_internet() {
 
 #[test]
 fn include_and_exclude_suffixes() {
-    if !tpvpn_lab::require_root() {
-        return;
-    }
-    let lab = Lab::new().unwrap_or_else(|e| panic!("cannot build the lab: {e:#}"));
+    let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
     let kc = std::fs::read_to_string(lab.kubeconfig()).unwrap();
     let server = format!("    server: {}\n", lab.apiserver_url());
     let ext = format!(

@@ -9,10 +9,7 @@ use std::time::Duration;
 use tpvpn_lab::{show, Lab};
 
 fn lab() -> Option<Lab> {
-    if !tpvpn_lab::require_root() {
-        return None;
-    }
-    Some(Lab::new().unwrap_or_else(|e| panic!("cannot build the lab: {e:#}")))
+    tpvpn_lab::lab_or_skip()
 }
 
 fn stdout(out: &Output) -> String {

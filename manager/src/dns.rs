@@ -5,8 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tpvpn_tunnel::io::dns::{over_tcp, over_udp, truncated};
 use tpvpn_tunnel::io::write_message;
 use tpvpn_tunnel::{ErrorCode, Message, PROTOCOL_VERSION};
 use tracing::debug;
@@ -16,54 +15,11 @@ use crate::Config;
 const UDP_TIMEOUT: Duration = Duration::from_millis(1500);
 const TCP_TIMEOUT: Duration = Duration::from_secs(3);
 
-fn same_id(query: &[u8], answer: &[u8]) -> bool {
-    query.len() >= 2 && answer.len() >= 12 && query[..2] == answer[..2]
-}
-
-fn truncated(answer: &[u8]) -> bool {
-    answer.get(2).is_some_and(|flags| flags & 0x02 != 0)
-}
-
-async fn over_udp(server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-    let bind: SocketAddr = if server.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal address");
-    let socket = UdpSocket::bind(bind).await?;
-    socket.connect(server).await?;
-    let mut buf = vec![0u8; 65_535];
-    for _ in 0..2 {
-        socket.send(query).await?;
-        let deadline = tokio::time::Instant::now() + UDP_TIMEOUT;
-        while let Ok(r) = tokio::time::timeout_at(deadline, socket.recv(&mut buf)).await {
-            let n = r?;
-            if same_id(query, &buf[..n]) {
-                return Ok(buf[..n].to_vec());
-            }
-        }
-    }
-    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer from {server}")))
-}
-
-async fn over_tcp(server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(server).await?;
-        let len = u16::try_from(query.len()).map_err(|_| std::io::Error::other("query too long"))?;
-        stream.write_all(&len.to_be_bytes()).await?;
-        stream.write_all(query).await?;
-        let mut len = [0u8; 2];
-        stream.read_exact(&mut len).await?;
-        let mut answer = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        stream.read_exact(&mut answer).await?;
-        Ok(answer)
-    };
-    tokio::time::timeout(TCP_TIMEOUT, exchange)
-        .await
-        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer from {server}"))))
-}
-
 /// Resolves `query` with the cluster DNS at `server`.
 pub async fn lookup(server: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-    let answer = over_udp(server, query).await?;
+    let answer = over_udp(server, query, UDP_TIMEOUT, 2).await?;
     if truncated(&answer) {
-        return over_tcp(server, query).await;
+        return over_tcp(server, query, TCP_TIMEOUT).await;
     }
     Ok(answer)
 }
@@ -89,6 +45,8 @@ pub(crate) async fn answer(mut send: quinn::SendStream, query: Vec<u8>, config: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UdpSocket;
 
     #[tokio::test]
     async fn truncated_udp_answers_are_retried_over_tcp() {

@@ -145,6 +145,13 @@ fn ip_repr(src: IpAddr, dst: IpAddr, proto: IpProtocol, payload_len: usize) -> R
     }
 }
 
+/// A packet buffer for `ip` with its header written; returns it and the header length.
+fn with_ip_header(ip: &IpRepr, caps: &ChecksumCapabilities) -> (Vec<u8>, usize) {
+    let mut buf = vec![0u8; ip.buffer_len()];
+    ip.emit(&mut buf[..], caps);
+    (buf, ip.header_len())
+}
+
 /// Builds the RST a host without a listener sends in answer to the segment `seg`
 /// (RFC 9293, 3.10.7.1): the reply goes from `seg`'s destination back to its source.
 pub fn tcp_reset_for(info: &PacketInfo, seg: &TcpInfo) -> Result<Vec<u8>, Error> {
@@ -168,10 +175,8 @@ pub fn tcp_reset_for(info: &PacketInfo, seg: &TcpInfo) -> Result<Vec<u8>, Error>
         payload: &[],
     };
     let ip = ip_repr(info.dst, info.src, IpProtocol::Tcp, tcp.buffer_len())?;
-    let mut buf = vec![0u8; ip.buffer_len()];
     let caps = ChecksumCapabilities::default();
-    ip.emit(&mut buf[..], &caps);
-    let hl = ip.header_len();
+    let (mut buf, hl) = with_ip_header(&ip, &caps);
     tcp.emit(
         &mut TcpPacket::new_unchecked(&mut buf[hl..]),
         &IpAddress::from(info.dst),
@@ -193,9 +198,7 @@ pub fn icmp_unreachable_for(packet: &[u8], info: &PacketInfo) -> Result<Vec<u8>,
             let data = &data[..data.len().min(8)];
             let icmp = Icmpv4Repr::DstUnreachable { reason: Icmpv4DstUnreachable::HostUnreachable, header, data };
             let ip = ip_repr(info.dst, info.src, IpProtocol::Icmp, icmp.buffer_len())?;
-            let mut buf = vec![0u8; ip.buffer_len()];
-            ip.emit(&mut buf[..], &caps);
-            let hl = ip.header_len();
+            let (mut buf, hl) = with_ip_header(&ip, &caps);
             icmp.emit(&mut Icmpv4Packet::new_unchecked(&mut buf[hl..]), &caps);
             Ok(buf)
         }
@@ -207,9 +210,7 @@ pub fn icmp_unreachable_for(packet: &[u8], info: &PacketInfo) -> Result<Vec<u8>,
             let data = &data[..data.len().min(1280 - 48 - 40)];
             let icmp = Icmpv6Repr::DstUnreachable { reason: Icmpv6DstUnreachable::AddrUnreachable, header, data };
             let ip = ip_repr(info.dst, info.src, IpProtocol::Icmpv6, icmp.buffer_len())?;
-            let mut buf = vec![0u8; ip.buffer_len()];
-            ip.emit(&mut buf[..], &caps);
-            let hl = ip.header_len();
+            let (mut buf, hl) = with_ip_header(&ip, &caps);
             icmp.emit(&d, &s, &mut Icmpv6Packet::new_unchecked(&mut buf[hl..]), &caps);
             Ok(buf)
         }
@@ -225,10 +226,8 @@ pub fn udp_packet(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Result<Ve
         return Err(Error::Unsupported("udp payload larger than 65527 bytes"));
     }
     let ip = ip_repr(src.ip(), dst.ip(), IpProtocol::Udp, udp_len)?;
-    let mut buf = vec![0u8; ip.buffer_len()];
     let caps = ChecksumCapabilities::default();
-    ip.emit(&mut buf[..], &caps);
-    let hl = ip.header_len();
+    let (mut buf, hl) = with_ip_header(&ip, &caps);
     udp.emit(
         &mut UdpPacket::new_unchecked(&mut buf[hl..]),
         &IpAddress::from(src.ip()),
@@ -284,10 +283,8 @@ pub(crate) mod tests {
                 payload: &self.payload,
             };
             let ip = ip_repr(self.src.ip(), self.dst.ip(), IpProtocol::Tcp, tcp.buffer_len()).unwrap();
-            let mut buf = vec![0u8; ip.buffer_len()];
             let caps = ChecksumCapabilities::default();
-            ip.emit(&mut buf[..], &caps);
-            let hl = ip.header_len();
+            let (mut buf, hl) = with_ip_header(&ip, &caps);
             tcp.emit(
                 &mut TcpPacket::new_unchecked(&mut buf[hl..]),
                 &IpAddress::from(self.src.ip()),
