@@ -265,3 +265,29 @@ fn manager_relists_after_its_watches_expire() {
     let lists_after = log.lines().filter(|l| l.contains("/api/v1/services") && !l.contains("watch")).count();
     assert!(lists_after > lists_before, "the manager did not list Services again after 410 Gone:\n{log}");
 }
+
+#[test]
+fn exec_plugin_credentials_work() {
+    let Some(lab) = lab() else { return };
+    // A kubeconfig whose user gets its token from an exec plugin, as cloud CLIs do.
+    let plugin = lab.dir().join("token-plugin.sh");
+    let cred = format!(
+        "{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{}\"}}}}",
+        lab.api_token()
+    );
+    std::fs::write(&plugin, format!("#!/bin/sh\necho '{cred}'\n")).unwrap();
+    std::fs::set_permissions(&plugin, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let kc = std::fs::read_to_string(lab.kubeconfig()).unwrap();
+    let token_line = format!("    token: {}\n", lab.api_token());
+    assert!(kc.contains(&token_line), "unexpected lab kubeconfig:\n{kc}");
+    let exec = format!(
+        "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: {}\n      interactiveMode: Never\n",
+        plugin.display()
+    );
+    let path = lab.dir().join("kubeconfig-exec");
+    std::fs::write(&path, kc.replacen(&token_line, &exec, 1)).unwrap();
+    let out = up_kube(&lab, &path, &["--context", "lab"]);
+    assert!(out.status.success(), "tpvpn up with an exec plugin:\n{}\napiserver:\n{}", show(&out), lab.apiserver_log());
+    let page = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", "http://frontend.default/"]);
+    assert!(stdout(&page).contains(tpvpn_lab::FRONTEND_BODY), "{}", show(&page));
+}
