@@ -323,8 +323,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         };
         let stack =
             tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(opts.mtu), ..Default::default() });
-        let dataplane = Dataplane::new(stack, tun, session.conn.clone());
-        let handle = dataplane.handle();
+        let dataplane = Dataplane::new(stack, tun.clone(), session.conn.clone());
         let status = Status {
             connected: true,
             context: plan.context.clone(),
@@ -347,18 +346,25 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         ));
         info!("up");
         let dns = dns.map(|(shared, _)| shared);
-        let (why, down_reply) = serve(dataplane, handle, listener, status, (initial, updates), &mut routing, dns).await;
+        let link = Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target: plan.target.clone() };
+        let running = Running { dataplane, tun, mtu: opts.mtu, link };
+        let (why, down_reply, link) = serve(running, listener, status, (initial, updates), &mut routing, dns).await;
+        link.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
         info!(%why, "shutting down");
-        Ok::<_, Error>((why, down_reply))
+        Ok::<_, Error>((why, down_reply, link.endpoint))
     }
     .await;
+    // (On the error paths before `serve`, this closes the first connection; `serve` closed
+    // the one it ended with.)
     session.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
     // Undo in reverse order of doing; the TUN device goes when its file descriptor closes
     // (the data plane is dropped by now), and `undo` deletes it if it is still there.
     let undo = state.undo();
     state::remove_files(paths);
     session.endpoint.wait_idle().await;
-    let (why, down_reply) = result?;
+    let (why, down_reply, last_endpoint) = result?;
+    last_endpoint.wait_idle().await;
+
     if let Some(mut stream) = down_reply {
         control::write_reply(&mut stream, &Reply::Done { ok: undo.is_ok() }).await;
     }
@@ -560,35 +566,97 @@ fn cluster_updates(send: quinn::SendStream, mut recv: quinn::RecvStream) -> toki
     rx
 }
 
-/// Runs the data plane and the control socket until `down`, a signal, or a failure,
-/// applying the manager's cluster updates to the routes meanwhile.
-/// Returns why, and the control connection of a `down` request to answer after cleanup.
-async fn serve(
+/// The connection to the manager in use, and how to make a new one.
+struct Link {
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+    target: Target,
+}
+
+/// What `serve` runs: the data plane of the current connection, the device (kept across
+/// reconnections), and the link.
+struct Running {
     dataplane: Dataplane,
-    handle: crate::dataplane::Handle,
+    tun: crate::dataplane::Tun,
+    mtu: u16,
+    link: Link,
+}
+
+/// Connects again until it works, with backoff (0.5 s doubling to 5 s).
+async fn reconnect(target: Target) -> crate::connect::Session {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match connect(&target).await {
+            Ok(session) => return session,
+            Err(e) => {
+                warn!(error = %e, "reconnecting to the manager failed; trying again in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Runs the data plane and the control socket until `down` or a signal, applying the
+/// manager's pushes meanwhile. When the connection to the manager is lost, the daemon
+/// stays up: routes and DNS stay in place (names that need the cluster get SERVFAIL at
+/// once, everything else resolves as usual), and it reconnects with backoff, then runs a
+/// new data plane on the same device. Returns why it ended, the control connection of a
+/// `down` request to answer after cleanup, and the link in use at the end.
+async fn serve(
+    running: Running,
     listener: UnixListener,
     mut status: Status,
     (initial, mut updates): (Vec<Update>, tokio::sync::mpsc::Receiver<Update>),
     routing: &mut Routing<'_>,
     dns: Option<Arc<crate::dns::Shared>>,
-) -> (String, Option<tokio::net::UnixStream>) {
+) -> (String, Option<tokio::net::UnixStream>, Link) {
     use tokio::signal::unix::{signal, SignalKind};
+    let Running { dataplane, tun, mtu, mut link } = running;
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return ("cannot install signal handlers".into(), None);
+        return ("cannot install signal handlers".into(), None, link);
     };
-    let dp = tokio::spawn(dataplane.run());
-    tokio::pin!(dp);
+    let mut handle = Some(dataplane.handle());
+    let mut dp = Some(tokio::spawn(dataplane.run()));
+    let mut reconnecting: Option<tokio::task::JoinHandle<crate::connect::Session>> = None;
     let mut down_reply: Option<tokio::net::UnixStream> = None;
-    let mut dp_done = false;
     let mut listing = control::Listing::default();
     for u in initial {
         handle_update(u, &mut status, &mut listing, routing, dns.as_deref());
     }
     let why = loop {
         tokio::select! {
-            r = &mut dp => {
-                dp_done = true;
-                break r.unwrap_or_else(|e| format!("data plane failed: {e}"));
+            r = async { dp.as_mut().expect("guarded by the branch condition").await }, if dp.is_some() => {
+                dp = None;
+                handle = None;
+                let why = r.unwrap_or_else(|e| format!("data plane failed: {e}"));
+                warn!(%why, "the tunnel is down; reconnecting");
+                status.connected = false;
+                if let Some(d) = &dns {
+                    *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                reconnecting = Some(tokio::spawn(reconnect(link.target.clone())));
+            }
+            r = async { reconnecting.as_mut().expect("guarded by the branch condition").await }, if reconnecting.is_some() => {
+                reconnecting = None;
+                let Ok(session) = r else { break "reconnecting failed".to_string() };
+                info!(manager = %session.manager, "reconnected to the manager");
+                let stack = tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(mtu), ..Default::default() });
+                let dataplane = Dataplane::new(stack, tun.clone(), session.conn.clone());
+                handle = Some(dataplane.handle());
+                dp = Some(tokio::spawn(dataplane.run()));
+                if let Some(d) = &dns {
+                    *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.conn.clone());
+                }
+                let target = link.target.clone();
+                let old = std::mem::replace(&mut link, Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target });
+
+                old.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"replaced");
+                let (send, recv) = session.control;
+                updates = cluster_updates(send, recv);
+                handle_update(Update::Cluster(session.cluster), &mut status, &mut listing, routing, dns.as_deref());
+                status.manager = Some(session.manager.to_string());
+                status.connected = true;
             }
             _ = term.recv() => break "signal SIGTERM".into(),
             _ = int.recv() => break "signal SIGINT".into(),
@@ -597,7 +665,9 @@ async fn serve(
                 match control::read_request(&mut stream).await {
                     Some(Request::Status) => {
                         let mut s = status.clone();
-                        s.flows = handle.flows().await;
+                        if let Some(h) = &handle {
+                            s.flows = h.flows().await;
+                        }
                         control::write_reply(&mut stream, &Reply::Status(Box::new(s))).await;
                     }
                     Some(Request::List) => control::write_reply(&mut stream, &Reply::List(listing.clone())).await,
@@ -610,13 +680,16 @@ async fn serve(
             }
         }
     };
-    if !dp_done {
-        dp.abort();
-        // Wait until the data plane (and with it the TUN device) is gone.
-        let _ = dp.as_mut().await;
+    if let Some(r) = reconnecting {
+        r.abort();
     }
-
-    (why, down_reply)
+    if let Some(dp) = dp {
+        dp.abort();
+        // Wait until the data plane is gone; with `tun` dropped below, so is the device.
+        let _ = dp.await;
+    }
+    drop(tun);
+    (why, down_reply, link)
 }
 
 /// `tpvpn down`.

@@ -141,25 +141,47 @@ fn tcp_queries_and_truncated_answers() {
     assert_eq!(all.lines().count(), usize::from(tpvpn_lab::BIG_RECORDS), "{all}");
 }
 
+/// `connected` from `tpvpn status -o json`.
+fn connected(lab: &Lab) -> Option<bool> {
+    let out = lab.tpvpn(&["status", "-o", "json"]);
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["connected"].as_bool()
+}
+
+/// Waits (bounded) until `connected` is `want`.
+fn wait_connected(lab: &Lab, want: bool, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if connected(lab) == Some(want) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
 #[test]
-fn without_the_manager_internet_names_still_resolve_and_cluster_names_fail_fast() {
+fn a_manager_outage_keeps_dns_up_and_tpvpn_reconnects() {
     let Some(mut lab) = lab_up(&[]) else { return };
     lab.stop_manager();
-    // Losing the manager ends the daemon (reconnecting is not implemented), which undoes
-    // every change: the laptop's own resolver setup comes back at once.
-    let state = lab.runtime_dir().join("state.json");
+    assert!(wait_connected(&lab, false, Duration::from_secs(10)), "status never said disconnected");
+    // Still in place: the laptop keeps using tpvpn's DNS server.
+    assert!(std::fs::read_to_string(lab.laptop_resolv_conf()).unwrap().contains("198.18.0.2"));
+    assert_eq!(dig(&lab, &["docs.rs"]), tpvpn_lab::INTERNET_IP, "internet names must keep resolving");
     let start = Instant::now();
-    while state.exists() && start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(!state.exists(), "the daemon did not clean up after losing the manager");
-    assert_eq!(std::fs::read(lab.laptop_resolv_conf()).unwrap(), tpvpn_lab::LAPTOP_RESOLV_CONF.as_bytes());
-
-    assert_eq!(dig(&lab, &["docs.rs"]), tpvpn_lab::INTERNET_IP);
-    let start = Instant::now();
-    let status = dig_status(&lab, "frontend.default.svc.cluster.local");
+    let status = dig_status(&lab, "web.default.svc.cluster.local");
     assert!(start.elapsed() < Duration::from_secs(1), "a cluster name took {:?}", start.elapsed());
-    assert_ne!(status, "NOERROR", "a cluster name resolved without the manager");
+    assert_eq!(status, "SERVFAIL", "a name only the cluster knows must fail fast while disconnected");
+
+    lab.start_manager().expect("restart the manager");
+    assert!(
+        wait_connected(&lab, true, Duration::from_secs(30)),
+        "did not reconnect
+{}",
+        lab.manager_log()
+    );
+    let page = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", "http://frontend.default/"]);
+    assert!(stdout(&page).contains(tpvpn_lab::FRONTEND_BODY), "after reconnecting:\n{}", show(&page));
+    assert_eq!(dig(&lab, &["web.default.svc.cluster.local"]), "10.244.1.10");
 }
 
 #[test]
