@@ -163,7 +163,10 @@ fn wait_connected(lab: &Lab, want: bool, limit: Duration) -> bool {
 fn a_manager_outage_keeps_dns_up_and_tpvpn_reconnects() {
     let Some(mut lab) = lab_up(&[]) else { return };
     lab.stop_manager();
-    assert!(wait_connected(&lab, false, Duration::from_secs(10)), "status never said disconnected");
+    // Normally at once (the manager closes the connection); if its close is lost, within
+    // QUIC's 30 s idle timeout.
+    assert!(wait_connected(&lab, false, Duration::from_secs(45)), "status never said disconnected");
+
     // Still in place: the laptop keeps using tpvpn's DNS server.
     assert!(std::fs::read_to_string(lab.laptop_resolv_conf()).unwrap().contains("198.18.0.2"));
     assert_eq!(dig(&lab, &["docs.rs"]), tpvpn_lab::INTERNET_IP, "internet names must keep resolving");
