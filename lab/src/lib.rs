@@ -154,6 +154,27 @@ pub fn bin_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// For tests: polls `cond` every 50 ms until it holds or `limit` has passed; whether it
+/// held. Waiting on a condition, never a fixed sleep.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// For tests: whether process `pid` has ended (no `/proc` entry, or a zombie).
+pub fn process_gone(pid: &str) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+    stat.is_empty() || stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
 /// For tests: a new lab, or `None` (the test is skipped, loudly) when not root. A lab
 /// that cannot be built fails the test with the reason.
 pub fn lab_or_skip() -> Option<Lab> {

@@ -196,12 +196,10 @@ fn down_cleans_up_also_after_kill_9() {
     let out = lab.exec(lab.laptop(), &["kill", "-9", pid]);
     assert_ok(&out, "kill -9 the tpvpn daemon");
     // Wait (bounded) until the daemon is gone before `down`.
-    for _ in 0..100 {
-        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(
+        tpvpn_lab::wait_until(Duration::from_secs(5), || tpvpn_lab::process_gone(pid)),
+        "daemon {pid} survived kill -9"
+    );
     let state = lab.runtime_dir().join("state.json");
     assert!(state.exists(), "the killed daemon's record of its changes is gone before down");
     let out = lab.tpvpn(&["down"]);
@@ -225,14 +223,8 @@ fn signal_daemon(lab: &Lab, signal: &str) {
     let pid = std::fs::read_to_string(&pid_file).unwrap_or_else(|e| panic!("cannot read {}: {e}", pid_file.display()));
     let pid = pid.trim().to_string();
     assert_ok(&lab.exec(lab.laptop(), &["kill", signal, &pid]), &format!("kill {signal}"));
-    for _ in 0..250 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.is_empty() || stat.contains(") Z") {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("tpvpn daemon {pid} still running 5 s after {signal}");
+    let gone = tpvpn_lab::wait_until(Duration::from_secs(5), || tpvpn_lab::process_gone(&pid));
+    assert!(gone, "tpvpn daemon {pid} still running 5 s after {signal}");
 }
 
 #[test]
@@ -269,16 +261,13 @@ fn status_json_has_the_contract_fields() {
         .expect("start curl");
     let mut flows = 0;
     let mut v = serde_json::Value::Null;
-    for _ in 0..100 {
+    tpvpn_lab::wait_until(Duration::from_secs(5), || {
         let out = lab.tpvpn(&["status", "-o", "json"]);
         assert_ok(&out, "tpvpn status -o json");
         v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("status is not json ({e}):\n{}", show(&out)));
         flows = v["flows"]["tcp"].as_u64().unwrap_or(0);
-        if flows >= 1 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        flows >= 1
+    });
     let _ = held.kill();
     let _ = held.wait();
     assert_eq!(v["connected"], true, "{v}");

@@ -118,15 +118,11 @@ fn a_namespace_created_while_connected_resolves() {
     let svc = serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "app", "namespace": "late"},
         "spec": {"clusterIP": "10.96.0.90", "ports": [{"name": "http", "port": 80}]}});
     lab.kube_apply("POST", "/api/v1/namespaces/late/services", Some(&svc)).expect("service");
-    let start = Instant::now();
     let mut got = String::new();
-    while start.elapsed() < Duration::from_secs(30) {
+    tpvpn_lab::wait_until(Duration::from_secs(30), || {
         got = dig(&lab, &["app.late"]);
-        if got == "10.96.0.90" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        got == "10.96.0.90"
+    });
     assert_eq!(got, "10.96.0.90", "app.late did not resolve within 30 s");
 }
 
@@ -149,14 +145,7 @@ fn connected(lab: &Lab) -> Option<bool> {
 
 /// Waits (bounded) until `connected` is `want`.
 fn wait_connected(lab: &Lab, want: bool, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if connected(lab) == Some(want) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
+    tpvpn_lab::wait_until(limit, || connected(lab) == Some(want))
 }
 
 #[test]
@@ -204,7 +193,7 @@ fn resolv_conf_is_restored_byte_for_byte_also_after_a_crash() {
     assert!(out.status.success(), "{}", show(&out));
     let pid = std::fs::read_to_string(lab.runtime_dir().join("tpvpn.pid")).unwrap();
     assert!(lab.exec(lab.laptop(), &["kill", "-9", pid.trim()]).status.success());
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(tpvpn_lab::wait_until(Duration::from_secs(5), || tpvpn_lab::process_gone(&pid)), "daemon survived kill -9");
     assert!(std::fs::read_to_string(&path).unwrap().contains("198.18.0.2"), "the crash left tpvpn's resolv.conf");
     let out = lab.tpvpn(&["down"]);
     assert!(out.status.success(), "{}", show(&out));

@@ -88,14 +88,7 @@ fn service_created_while_connected_becomes_routable() {
     // The Service's address exists in the cluster (no listener on port 80).
     let add = lab.exec(lab.cluster(), &["ip", "addr", "add", "10.97.0.5/32", "dev", "lo"]);
     assert!(add.status.success(), "{}", show(&add));
-    let mut routed = false;
-    for _ in 0..300 {
-        if routed_via_tun(&lab, "10.97.0.5") {
-            routed = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let routed = tpvpn_lab::wait_until(Duration::from_secs(30), || routed_via_tun(&lab, "10.97.0.5"));
     assert!(routed, "the new Service's address was not routed within 30 s\nmanager:\n{}", lab.manager_log());
     // Traffic reaches the cluster: the manager dials it and the cluster refuses.
     let out = lab.lab_tool(lab.laptop(), &["client", "connect", "10.97.0.5:80"]);
@@ -223,14 +216,9 @@ fn list_shows_namespaces_and_services_and_follows_changes() {
     // A namespace created while connected shows up without reconnecting.
     let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late-ns"}});
     lab.kube_apply("POST", "/api/v1/namespaces", Some(&ns)).expect("create namespace");
-    let mut seen = false;
-    for _ in 0..300 {
-        if list()["namespaces"].as_array().unwrap().iter().any(|n| n == "late-ns") {
-            seen = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let seen = tpvpn_lab::wait_until(Duration::from_secs(30), || {
+        list()["namespaces"].as_array().unwrap().iter().any(|n| n == "late-ns")
+    });
     assert!(seen, "late-ns not listed within 30 s");
     let text = lab.tpvpn(&["list"]);
     assert!(stdout(&text).contains("NAMESPACE") && stdout(&text).contains("redis-leader"), "{}", show(&text));
@@ -252,14 +240,7 @@ fn manager_relists_after_its_watches_expire() {
         "spec": {"clusterIP": "10.98.0.7", "ports": [{"port": 80}]}
     });
     lab.kube_apply("POST", "/api/v1/namespaces/default/services", Some(&svc)).expect("create Service");
-    let mut routed = false;
-    for _ in 0..300 {
-        if routed_via_tun(&lab, "10.98.0.7") {
-            routed = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let routed = tpvpn_lab::wait_until(Duration::from_secs(30), || routed_via_tun(&lab, "10.98.0.7"));
     let log = lab.apiserver_log();
     assert!(routed, "Service created after the compaction never reached the client\nmanager:\n{}", lab.manager_log());
     let lists_after = log.lines().filter(|l| l.contains("/api/v1/services") && !l.contains("watch")).count();
