@@ -106,27 +106,41 @@ pub enum Reply {
     Done { ok: bool },
 }
 
-/// Sends `req` to the daemon listening on `socket`. `Ok(None)` if no daemon listens.
+/// Whether an I/O error on the control socket means that no daemon is there to answer:
+/// no socket, nobody listening, or a daemon that died mid-exchange (a crash leaves the
+/// socket file behind, and a dying process resets connections to it).
+fn nobody_there(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(e.kind(), NotFound | ConnectionRefused | ConnectionReset | BrokenPipe)
+}
+
+/// Sends `req` to the daemon listening on `socket`. `Ok(None)` if no daemon answers (none
+/// listens, or it closed or reset the connection without a reply).
 pub async fn request(socket: &Path, req: Request, timeout: Duration) -> Result<Option<Reply>, Error> {
     let mut stream = match UnixStream::connect(socket).await {
         Ok(s) => s,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
-            return Ok(None)
-        }
+        Err(e) if nobody_there(&e) => return Ok(None),
         Err(e) => return Err(Error::System(format!("cannot connect to {}: {e}", socket.display()))),
     };
+    let io_error = |e: std::io::Error| Error::System(format!("talking to the daemon on {}: {e}", socket.display()));
     let exchange = async {
         let mut line = serde_json::to_vec(&req).map_err(|e| Error::System(e.to_string()))?;
         line.push(b'\n');
-        stream.write_all(&line).await.map_err(|e| Error::System(e.to_string()))?;
+        match stream.write_all(&line).await {
+            Err(e) if nobody_there(&e) => return Ok(None),
+            r => r.map_err(io_error)?,
+        }
         let mut reply = String::new();
-        BufReader::new(&mut stream).read_line(&mut reply).await.map_err(|e| Error::System(e.to_string()))?;
-        serde_json::from_str(&reply).map_err(|e| Error::Protocol(format!("bad reply from the daemon: {e}")))
+        match BufReader::new(&mut stream).read_line(&mut reply).await {
+            Ok(0) => return Ok(None),
+            Err(e) if nobody_there(&e) => return Ok(None),
+            r => r.map_err(io_error)?,
+        };
+        serde_json::from_str(&reply).map(Some).map_err(|e| Error::Protocol(format!("bad reply from the daemon: {e}")))
     };
     tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| Error::System(format!("the daemon on {} did not answer in time", socket.display())))?
-        .map(Some)
 }
 
 /// Reads one request from a control connection.
