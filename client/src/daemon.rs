@@ -634,6 +634,7 @@ async fn serve(
                 status.connected = false;
                 if let Some(d) = &dns {
                     *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    d.resolver().set_connected(false);
                 }
                 reconnecting = Some(tokio::spawn(reconnect(link.target.clone())));
             }
@@ -647,6 +648,7 @@ async fn serve(
                 dp = Some(tokio::spawn(dataplane.run()));
                 if let Some(d) = &dns {
                     *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.conn.clone());
+                    d.resolver().set_connected(true);
                 }
                 let target = link.target.clone();
                 let old = std::mem::replace(&mut link, Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target });

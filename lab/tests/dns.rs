@@ -163,6 +163,8 @@ fn a_manager_outage_keeps_dns_up_and_tpvpn_reconnects() {
     let status = dig_status(&lab, "web.default.svc.cluster.local");
     assert!(start.elapsed() < Duration::from_secs(1), "a cluster name took {:?}", start.elapsed());
     assert_eq!(status, "SERVFAIL", "a name only the cluster knows must fail fast while disconnected");
+    // A Service from the manager's table too: its address is unreachable while disconnected.
+    assert_eq!(dig_status(&lab, "frontend.default"), "SERVFAIL", "a known Service while disconnected");
 
     lab.start_manager().expect("restart the manager");
     assert!(

@@ -223,6 +223,8 @@ pub struct Resolver {
     by_ip: HashMap<IpAddr, (Vec<u8>, Vec<u8>)>,
     cache: Cache,
     rng: u64,
+    /// Whether the tunnel to the cluster is up; while it is not, cluster names fail fast.
+    connected: bool,
 }
 
 impl Resolver {
@@ -246,7 +248,19 @@ impl Resolver {
             cache: Cache::new(CACHE_CAPACITY),
             // xorshift needs a non-zero state.
             rng: seed | 1,
+            connected: true,
         }
+    }
+
+    /// Tells the resolver whether the tunnel is up. While it is down every name routed to
+    /// the cluster (table, cache and PTR answers included) gets SERVFAIL at once, since
+    /// nothing in the cluster is reachable; names that go upstream are unaffected. Going
+    /// down empties the cache: after a reconnect the cluster is asked afresh.
+    pub fn set_connected(&mut self, connected: bool) {
+        if !connected {
+            self.cache = Cache::new(CACHE_CAPACITY);
+        }
+        self.connected = connected;
     }
 
     /// The cluster's namespaces, as pushed by the manager; replaces the previous list.
@@ -350,6 +364,9 @@ impl Resolver {
         let labels = lower_labels(&q.name);
         match self.route(&labels, q.query_type, q.query_class) {
             Route::Upstream => Action::Upstream,
+            Route::Ptr(_) | Route::Cluster(_) if !self.connected => {
+                Action::Reply(reply(&client, Answer::error(ResponseCode::ServFail)))
+            }
             Route::Ptr(target) => {
                 let answer = match to_name(&target) {
                     Some(target) => Answer {

@@ -583,3 +583,24 @@ fn mutated_queries_never_panic() {
         }
     }
 }
+
+#[test]
+fn disconnected_cluster_names_fail_fast_and_others_go_upstream() {
+    let mut r = resolver();
+    r.set_connected(false);
+    for (name, rtype) in [
+        ("frontend.default", RecordType::A),
+        ("frontend", RecordType::A),
+        ("missing.default.svc.cluster.local", RecordType::A),
+        ("10.0.96.10.in-addr.arpa", RecordType::PTR),
+    ] {
+        let m = reply_msg(ask(&mut r, &q(name, rtype), now()));
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail, "{name}");
+        assert_eq!(m.metadata.id, ID);
+        assert!(m.answers.is_empty(), "{name}");
+    }
+    assert_eq!(ask(&mut r, &q("docs.rs", RecordType::A), now()), Action::Upstream);
+    r.set_connected(true);
+    let m = reply_msg(ask(&mut r, &q("frontend.default", RecordType::A), now()));
+    assert_eq!(a_ips(&m), vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))]);
+}
