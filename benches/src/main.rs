@@ -6,6 +6,8 @@
 //! Run it with `sudo ./scripts/bench.sh`. Traffic stays inside the lab's namespaces; every
 //! run is bounded by iperf3's duration.
 
+mod scale;
+
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -68,6 +70,21 @@ fn main() -> Result<()> {
                 }
             }
             rows.push(r);
+        }
+        let s = scale::run(&lab, || {
+            let _ = server.kill();
+            let _ = server.wait();
+            server = std::process::Command::new("ip")
+                .args(["netns", "exec", lab.cluster(), "iperf3", "-s", "-1"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .context("starting iperf3 -s")?;
+            std::thread::sleep(Duration::from_millis(300));
+            iperf(&lab, TEST_SERVERS_IP, false)
+        });
+        match s {
+            Ok(s) => s.print(),
+            Err(e) => eprintln!("scale run failed: {e:#}"),
         }
         Ok(rows)
     };

@@ -138,6 +138,7 @@ enum Cmd {
 }
 
 fn main() {
+    fix_mmap_threshold();
     let cli = Cli::parse();
     let foreground = matches!(cli.command, Cmd::Up { foreground: true, .. });
     tracing_subscriber::fmt()
@@ -310,3 +311,22 @@ fn print_status(s: &tpvpn_client::control::Status) {
 
     println!("  flows:       {} tcp, {} udp", s.flows.tcp, s.flows.udp);
 }
+
+/// Every TCP flow has 512 KiB socket buffers each way, of which an idle flow touches a
+/// page or two. glibc serves allocations above its mmap threshold with fresh anonymous
+/// mappings, resident only where written, but it raises that threshold after the first
+/// such block is freed; from then on the buffers come from the heap, where calloc zeroes
+/// them and every page becomes resident. A fixed threshold keeps idle flows small (scale
+/// benchmark, 10,000 idle flows: 32 KiB per flow before, 12 KiB after).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn fix_mmap_threshold() {
+    // SAFETY: mallopt only sets an allocator parameter; it is called first thing in main,
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fix_mmap_threshold() {}

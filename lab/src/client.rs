@@ -248,3 +248,44 @@ pub fn connect_probe(addr: SocketAddr) -> Result<Outcome> {
     };
     Ok(Outcome::ok(line))
 }
+
+/// Opens `n` connections (at most [`HOLD_IN_FLIGHT`] connecting at once), prints
+/// `established <ok> of <n>` as soon as every attempt finished, then keeps them open
+/// and idle until stdin reaches EOF or `hold_for` passes. Used by the scale benchmark.
+pub fn hold(addr: SocketAddr, n: usize, hold_for: Duration) -> Result<Outcome> {
+    crate::raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let streams = rt.block_on(async move {
+        let mut set = tokio::task::JoinSet::new();
+        let mut streams = Vec::with_capacity(n);
+        for _ in 0..n {
+            if set.len() >= HOLD_IN_FLIGHT {
+                if let Some(Ok(Ok(Ok(s)))) = set.join_next().await {
+                    streams.push(s);
+                }
+            }
+            set.spawn(tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr)));
+        }
+        while let Some(r) = set.join_next().await {
+            if let Ok(Ok(Ok(s))) = r {
+                streams.push(s);
+            }
+        }
+        streams
+    });
+    println!("established {} of {n}", streams.len());
+    std::io::stdout().flush()?;
+    // Wait for stdin to close, bounded by `hold_for`.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        let _ = tx.send(());
+    });
+    let _ = rx.recv_timeout(hold_for);
+    let held = streams.len();
+    drop(streams);
+    Ok(Outcome { line: format!("released {held}"), ok: held == n })
+}
+
+/// Connection attempts in flight at once in [`hold`].
+const HOLD_IN_FLIGHT: usize = 256;

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
@@ -68,6 +69,14 @@ enum ClientCmd {
     Udp { addr: SocketAddr, size: usize },
     /// One TCP connect (5 s timeout): prints refused/connected <ms>, timeout or error.
     Connect { addr: SocketAddr },
+    /// Open N idle connections, print `established <ok> of <n>`, hold them until stdin
+    /// closes (at most SECONDS), then close them all.
+    Hold {
+        addr: SocketAddr,
+        n: usize,
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -112,6 +121,7 @@ fn run_client(c: ClientCmd) -> Result<bool> {
         ClientCmd::Reset { addr } => client::reset(addr)?,
         ClientCmd::Udp { addr, size } => client::udp(addr, size)?,
         ClientCmd::Connect { addr } => client::connect_probe(addr)?,
+        ClientCmd::Hold { addr, n, seconds } => client::hold(addr, n, Duration::from_secs(seconds))?,
     };
     println!("{}", outcome.line);
     Ok(outcome.ok)
