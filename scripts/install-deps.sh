@@ -5,7 +5,7 @@
 # its own instances inside network namespaces.
 set -euo pipefail
 
-PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps)
+PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dbus-daemon systemd)
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -27,6 +27,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   trap '[ -n "$added_policy" ] && $SUDO rm -f /usr/sbin/policy-rc.d' EXIT
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# systemd-resolved for the lab's `--dns-mode resolved` test: Debian's package unpacked,
+# not installed (installing it would take over this machine's /etc/resolv.conf). The
+# lab runs it inside its laptop namespace only.
+RESOLVED_DIR=/var/cache/tpvpn-lab/systemd-resolved
+if [ ! -x /lib/systemd/systemd-resolved ] && [ ! -x "$RESOLVED_DIR/lib/systemd/systemd-resolved" ]; then
+  echo "unpacking systemd-resolved into $RESOLVED_DIR"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt-get download -qq systemd-resolved 2>/dev/null || { $SUDO apt-get update -qq && apt-get download -qq systemd-resolved; })
+  $SUDO mkdir -p "$RESOLVED_DIR"
+  $SUDO dpkg-deb -x "$tmp"/systemd-resolved_*.deb "$RESOLVED_DIR"
+  rm -rf "$tmp"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -286,7 +286,8 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         ));
     }
 
-    let mut state = State { pid: std::process::id(), device: None, routes: vec![], resolv_conf: None };
+    let mut state =
+        State { pid: std::process::id(), device: None, routes: vec![], resolv_conf: None, resolved_link: None };
     let listener = {
         let _ = std::fs::remove_file(paths.socket());
         UnixListener::bind(paths.socket())
@@ -384,8 +385,9 @@ const RESOLV_CONF: &str = "/etc/resolv.conf";
 /// `--dns-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DnsMode {
-    /// `resolvconf` unless systemd-resolved manages the resolver (not implemented: off).
+    /// `resolved` when systemd-resolved manages the resolver, else `resolvconf`.
     Auto,
+    Resolved,
     Resolvconf,
     Off,
 }
@@ -396,21 +398,31 @@ impl DnsMode {
         if self != DnsMode::Auto {
             return self;
         }
-        let managed_by_resolved =
+        let stub =
             std::fs::read_link(RESOLV_CONF).is_ok_and(|target| target.to_string_lossy().contains("systemd/resolve"));
-        if managed_by_resolved {
-            warn!("systemd-resolved manages {RESOLV_CONF} and its integration is not implemented yet: DNS is not configured (the resolver still listens on {DNS_V4}); use --dns-mode resolvconf to replace {RESOLV_CONF}");
-            DnsMode::Off
-        } else {
-            DnsMode::Resolvconf
-        }
+        auto_mode(stub, crate::resolved::available)
     }
 
     fn name(self) -> &'static str {
         match self {
             DnsMode::Auto => "auto",
+            DnsMode::Resolved => "resolved",
             DnsMode::Resolvconf => "resolvconf",
             DnsMode::Off => "off",
+        }
+    }
+}
+
+/// `auto`: systemd-resolved when it manages resolv.conf (`stub`) and answers on the bus;
+/// resolv.conf otherwise; nothing when resolv.conf belongs to a resolved that does not
+/// answer (rewriting it would fight resolved).
+fn auto_mode(stub: bool, resolved_available: impl FnOnce() -> bool) -> DnsMode {
+    match (stub, stub && resolved_available()) {
+        (false, _) => DnsMode::Resolvconf,
+        (true, true) => DnsMode::Resolved,
+        (true, false) => {
+            warn!("{RESOLV_CONF} belongs to systemd-resolved, which does not answer on the system bus: DNS is not configured (the resolver still listens on {DNS_V4}); use --dns-mode resolvconf to replace {RESOLV_CONF}");
+            DnsMode::Off
         }
     }
 }
@@ -430,6 +442,13 @@ async fn start_dns(
     let original = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
     let parsed = osdns::parse(&original);
     let domain = if cluster_domain.is_empty() { "cluster.local".to_string() } else { cluster_domain.to_string() };
+    let search = osdns::cluster_search(&plan.namespace, &domain);
+    let (upstreams, resolved) = if mode == DnsMode::Resolved {
+        let ifindex = crate::resolved::ifindex(&routing.device)?;
+        (crate::resolved::upstreams(ifindex)?, Some(crate::resolved::Link { ifindex, search: search.clone() }))
+    } else {
+        (osdns::upstreams(&parsed, IpAddr::V4(DNS_V4)), None)
+    };
     let config = tpvpn_resolver::Config {
         cluster_domain: domain.clone(),
         namespace: plan.namespace.clone(),
@@ -439,8 +458,9 @@ async fn start_dns(
     };
     let shared = Arc::new(crate::dns::Shared {
         resolver: std::sync::Mutex::new(tpvpn_resolver::Resolver::new(config, tpvpn_resolver::Psl::embedded())),
-        upstreams: osdns::upstreams(&parsed, IpAddr::V4(DNS_V4)),
+        upstreams,
         conn: std::sync::Mutex::new(Some(conn.clone())),
+        resolved,
     });
     for u in initial {
         match u {
@@ -461,8 +481,14 @@ async fn start_dns(
     if mode == DnsMode::Resolvconf {
         routing.state.resolv_conf = Some(state::ResolvBackup { path: RESOLV_CONF.into(), original: original.clone() });
         routing.state.save(&routing.state_path)?;
-        let ours = osdns::render(IpAddr::V4(DNS_V4), &osdns::cluster_search(&plan.namespace, &domain), &parsed);
+        let ours = osdns::render(IpAddr::V4(DNS_V4), &search, &parsed);
         osdns::write_in_place(std::path::Path::new(RESOLV_CONF), ours.as_bytes())?;
+    }
+    if let Some(link) = &shared.resolved {
+        routing.state.resolved_link = Some(link.ifindex);
+        routing.state.save(&routing.state_path)?;
+        let domains = shared.resolver().routing_domains();
+        crate::resolved::set_link(link, IpAddr::V4(DNS_V4), &domains)?;
     }
     Ok((shared, mode))
 }
@@ -508,7 +534,16 @@ fn handle_update(
     }
     if let Some(d) = dns {
         let r = d.resolver();
-        status.dns.domains = r.routing_domains();
+        let domains = r.routing_domains();
+        if let Some(link) = d.resolved.clone().filter(|_| domains != status.dns.domains) {
+            let routing = domains.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = link.set_domains(&routing) {
+                    warn!(error = %e, "routing domains changed but systemd-resolved was not updated");
+                }
+            });
+        }
+        status.dns.domains = domains;
         status.dns.filtered_namespaces = r.filtered_namespaces();
     }
 }
@@ -748,4 +783,16 @@ pub fn status(paths: &Paths) -> Result<Status, Error> {
 /// The runtime paths from the environment.
 pub fn paths() -> Paths {
     Paths::new(state::runtime_dir())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_resolved_only_when_it_owns_resolv_conf_and_answers() {
+        assert_eq!(auto_mode(false, || panic!("not asked when resolv.conf is a plain file")), DnsMode::Resolvconf);
+        assert_eq!(auto_mode(true, || true), DnsMode::Resolved);
+        assert_eq!(auto_mode(true, || false), DnsMode::Off);
+    }
 }

@@ -26,6 +26,8 @@ pub struct Shared {
     pub upstreams: Vec<SocketAddr>,
     /// The tunnel, while connected.
     pub conn: Mutex<Option<quinn::Connection>>,
+    /// `--dns-mode resolved`: the link configured in systemd-resolved.
+    pub resolved: Option<crate::resolved::Link>,
 }
 
 impl Shared {

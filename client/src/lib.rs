@@ -19,6 +19,7 @@ pub mod dns;
 pub mod install;
 pub mod kubeconfig;
 pub mod osdns;
+pub mod resolved;
 
 pub mod routes;
 pub mod state;

@@ -192,10 +192,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
                 DnsMode::Auto => daemon::DnsMode::Auto,
                 DnsMode::Resolvconf => daemon::DnsMode::Resolvconf,
                 DnsMode::Off => daemon::DnsMode::Off,
-                DnsMode::Resolved => return Err(Error::Config(
-                    "--dns-mode resolved: systemd-resolved integration is not implemented yet; use resolvconf or off"
-                        .into(),
-                )),
+                DnsMode::Resolved => daemon::DnsMode::Resolved,
             };
             if mtu < 1280 {
                 return Err(Error::Config("--mtu must be at least 1280".into()));

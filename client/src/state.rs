@@ -51,6 +51,9 @@ pub struct State {
     /// The resolv.conf tpvpn replaced, with its original bytes.
     #[serde(default)]
     pub resolv_conf: Option<ResolvBackup>,
+    /// The link tpvpn configured in systemd-resolved (its interface index).
+    #[serde(default)]
+    pub resolved_link: Option<u32>,
 }
 
 /// A replaced resolv.conf and what it held before.
@@ -87,6 +90,13 @@ impl State {
     /// Undoes every recorded change. Best effort per item; returns the first error.
     pub fn undo(&self) -> Result<(), Error> {
         let mut first = None;
+        if let Some(ifindex) = self.resolved_link {
+            // After a crash the link may be gone already, and resolved with it forgot
+            // its settings: nothing to undo then.
+            if let Err(e) = crate::resolved::revert(ifindex) {
+                tracing::debug!(error = %e, "systemd-resolved link not reverted");
+            }
+        }
         if let Some(b) = &self.resolv_conf {
             if let Err(e) = crate::osdns::restore(&b.path, b.original.as_bytes()) {
                 first.get_or_insert(e);
@@ -167,6 +177,7 @@ mod tests {
             device: Some("tpvpn0".into()),
             routes: vec!["10.96.0.0/12".parse().unwrap()],
             resolv_conf: None,
+            resolved_link: Some(7),
         };
         s.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), Some(s));

@@ -28,6 +28,7 @@
 pub mod apiserver;
 pub mod client;
 pub mod data;
+pub mod resolved;
 pub mod serve;
 
 use std::fs;
@@ -678,6 +679,11 @@ impl Lab {
     }
 
     /// Network namespace of the laptop.
+    /// The running manager's pid.
+    pub fn manager_pid(&self) -> Option<u32> {
+        self.manager.as_ref().map(Child::id)
+    }
+
     pub fn laptop(&self) -> &str {
         &self.laptop
     }

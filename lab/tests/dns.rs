@@ -201,3 +201,97 @@ fn resolv_conf_is_restored_byte_for_byte_also_after_a_crash() {
     assert!(out.status.success(), "{}", show(&out));
     assert_eq!(std::fs::read(&path).unwrap(), tpvpn_lab::LAPTOP_RESOLV_CONF.as_bytes());
 }
+
+/// `busctl --system` against the lab's private bus; stdout.
+fn busctl(lab: &Lab, args: &[&str]) -> String {
+    let out = std::process::Command::new("busctl")
+        .args(["--system", "--timeout=5"])
+        .args(args)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", lab.resolved_bus())
+        .output()
+        .expect("busctl");
+    assert!(out.status.success(), "busctl {args:?}: {}", show(&out));
+    stdout(&out)
+}
+
+/// systemd-resolved's `Domains` for link `ifindex`: (domain, routing only).
+fn resolved_domains(lab: &Lab, ifindex: u64) -> Vec<(String, bool)> {
+    let m = "org.freedesktop.resolve1.Manager";
+    let json = busctl(
+        lab,
+        &["--json=short", "get-property", "org.freedesktop.resolve1", "/org/freedesktop/resolve1", m, "Domains"],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e[0].as_u64() == Some(ifindex))
+        .map(|e| (e[1].as_str().unwrap().to_string(), e[2].as_bool().unwrap()))
+        .collect()
+}
+
+#[test]
+fn resolved_mode_sends_only_cluster_domains_to_tpvpn() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    lab.start_resolved().expect("systemd-resolved in the laptop namespace");
+    let bus = lab.resolved_bus();
+    let env = [("DBUS_SYSTEM_BUS_ADDRESS", bus.as_str())];
+    let kc = lab.kubeconfig().display().to_string();
+    let up = ["up", "--kubeconfig", &kc, "--namespace", "default", "--dns-mode", "resolved"];
+    let out = lab.tpvpn_env(&up, &env, tpvpn_lab::EXEC_TIMEOUT);
+    assert!(out.status.success(), "tpvpn up:\n{}", show(&out));
+    assert_eq!(std::fs::read_to_string(lab.laptop_resolv_conf()).unwrap(), tpvpn_lab::LAPTOP_RESOLV_CONF);
+    let status: serde_json::Value = serde_json::from_slice(&lab.tpvpn(&["status", "-o", "json"]).stdout).unwrap();
+    assert_eq!(status["dns"]["mode"], "resolved", "{status}");
+    let device = status["tun"]["name"].as_str().unwrap().to_string();
+    let ifindex: u64 =
+        stdout(&lab.exec(lab.laptop(), &["cat", &format!("/sys/class/net/{device}/ifindex")])).trim().parse().unwrap();
+
+    // resolved's view of tpvpn's link: its server, the search path, routing-only
+    // namespaces (never a public suffix), and no default route.
+    let m = "org.freedesktop.resolve1.Manager";
+    assert!(busctl(&lab, &["get-property", "org.freedesktop.resolve1", "/org/freedesktop/resolve1", m, "DNS"])
+        .contains(&format!("{ifindex} 2 4 198 18 0 2")));
+    let domains = resolved_domains(&lab, ifindex);
+    for want in
+        [("default.svc.cluster.local", false), ("cluster.local", false), ("default", true), ("kube-system", true)]
+    {
+        assert!(domains.contains(&(want.0.to_string(), want.1)), "{want:?} missing in {domains:?}");
+    }
+    assert!(!domains.iter().any(|(d, _)| d == "rs" || d == "dev"), "public suffixes routed: {domains:?}");
+    let link = busctl(
+        &lab,
+        &["call", "org.freedesktop.resolve1", "/org/freedesktop/resolve1", m, "GetLink", "i", &ifindex.to_string()],
+    );
+    let path = link.trim().trim_start_matches("o ").trim_matches('"').to_string();
+    let default_route = busctl(
+        &lab,
+        &["get-property", "org.freedesktop.resolve1", &path, "org.freedesktop.resolve1.Link", "DefaultRoute"],
+    );
+    assert_eq!(default_route.trim(), "b false");
+
+    // Through resolved's stub, as the laptop's applications would ask.
+    let stub = |name: &str| dig(&lab, &["@127.0.0.53", name]);
+    assert_eq!(stub("frontend.default.svc.cluster.local"), "10.96.0.10");
+    assert_eq!(stub("frontend.default"), "10.96.0.10");
+    assert_eq!(stub("web.default.svc.cluster.local"), "10.244.1.10", "a name only the cluster DNS knows");
+    assert_eq!(stub("docs.rs"), tpvpn_lab::INTERNET_IP, "the internet still resolves");
+
+    // A namespace created while connected becomes a routing domain in resolved.
+    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}});
+    lab.kube_apply("POST", "/api/v1/namespaces", Some(&ns)).expect("namespace");
+    assert!(
+        tpvpn_lab::wait_until(Duration::from_secs(30), || resolved_domains(&lab, ifindex)
+            .contains(&("late".into(), true))),
+        "namespace late never reached resolved: {:?}",
+        resolved_domains(&lab, ifindex)
+    );
+
+    let out = lab.tpvpn_env(&["down"], &env, tpvpn_lab::EXEC_TIMEOUT);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(resolved_domains(&lab, ifindex).is_empty(), "resolved still routes to tpvpn after down");
+    assert!(!busctl(&lab, &["get-property", "org.freedesktop.resolve1", "/org/freedesktop/resolve1", m, "DNS"])
+        .contains("198 18 0 2"));
+    assert_eq!(stub("docs.rs"), tpvpn_lab::INTERNET_IP);
+}
