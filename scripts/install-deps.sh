@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Installs what the demo, the tests and the benchmarks need on a Debian machine:
 # Debian packages (real servers and clients for the lab) and cargo-nextest.
+# With --bench, for the benchmark: also the peers it compares tpvpn with (wireguard-go,
+# and wireguard-tools to configure it; scripts/bench.sh installs boringtun-cli itself),
+# and no cargo-nextest.
 # Package installs do not start their services (nginx, redis, dnsmasq): the lab runs
 # its own instances inside network namespaces.
 set -euo pipefail
 
 PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps)
+BENCH=""
+case "${1:-}" in
+  "") ;;
+  --bench) BENCH=1; PKGS+=(wireguard-go wireguard-tools) ;;
+  *) echo "usage: $0 [--bench]" >&2; exit 2 ;;
+esac
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -29,6 +38,6 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-if ! cargo nextest --version >/dev/null 2>&1; then
+if [ -z "$BENCH" ] && ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
