@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
 # Installs what the demo, the tests and the benchmarks need on a Debian machine:
 # Debian packages (real servers and clients for the lab) and cargo-nextest.
+# With --bench, for the benchmark: also the peers it compares tpvpn with (wireguard-go,
+# and wireguard-tools to configure it; scripts/bench.sh installs boringtun-cli itself),
+# and no cargo-nextest.
 # Package installs do not start their services (nginx, redis, dnsmasq): the lab runs
 # its own instances inside network namespaces.
 set -euo pipefail
 
 PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dbus-daemon systemd)
+BENCH=""
+case "${1:-}" in
+  "") ;;
+  --bench) BENCH=1; PKGS+=(wireguard-go wireguard-tools) ;;
+  *) echo "usage: $0 [--bench]" >&2; exit 2 ;;
+esac
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -33,7 +42,7 @@ fi
 # not installed (installing it would take over this machine's /etc/resolv.conf). The
 # lab runs it inside its laptop namespace only.
 RESOLVED_DIR=/var/cache/tpvpn-lab/systemd-resolved
-if [ ! -x /lib/systemd/systemd-resolved ] && [ ! -x "$RESOLVED_DIR/lib/systemd/systemd-resolved" ]; then
+if [ -z "$BENCH" ] && [ ! -x /lib/systemd/systemd-resolved ] && [ ! -x "$RESOLVED_DIR/lib/systemd/systemd-resolved" ]; then
   echo "unpacking systemd-resolved into $RESOLVED_DIR"
   tmp=$(mktemp -d)
   (cd "$tmp" && apt-get download -qq systemd-resolved 2>/dev/null || { $SUDO apt-get update -qq && apt-get download -qq systemd-resolved; })
@@ -42,6 +51,6 @@ if [ ! -x /lib/systemd/systemd-resolved ] && [ ! -x "$RESOLVED_DIR/lib/systemd/s
   rm -rf "$tmp"
 fi
 
-if ! cargo nextest --version >/dev/null 2>&1; then
+if [ -z "$BENCH" ] && ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi

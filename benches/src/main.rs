@@ -1,111 +1,55 @@
-//! `tpvpn-bench`: the end-to-end benchmark. Builds a lab, runs iperf3 (Debian package)
-//! from the laptop namespace to an iperf3 server in the cluster namespace, once over the
-//! direct veth path (the cluster node's address) and once through tpvpn (a ClusterIP),
-//! in each direction, in the same run, and prints one table.
+//! `tpvpn-bench`: the end-to-end benchmark. Prints the machine, builds a lab, runs
+//! `tpvpn up` in its laptop namespace and runs each section in turn; each measures and
+//! prints its own markdown table (see the section modules). Traffic stays inside the
+//! lab's namespaces; every measurement is bounded in count and time.
 //!
-//! Run it with `sudo ./scripts/bench.sh`. Traffic stays inside the lab's namespaces; every
-//! run is bounded by iperf3's duration.
+//! Run it with `sudo ./scripts/bench.sh`. The subcommands `pingpong-server` and
+//! `pingpong` are the latency tools the benchmark runs inside the namespaces
+//! ([`latency`]).
 
+mod daemon;
+mod iperf;
+mod latency;
+mod machine;
+mod paths;
+mod peers;
 mod scale;
 
-use std::time::Duration;
+use anyhow::{bail, Result};
+use tpvpn_lab::{require_root, Lab};
 
-use anyhow::{bail, Context, Result};
-use tpvpn_lab::{require_root, show, Lab, TEST_SERVERS_IP};
-
-/// Seconds per iperf3 run.
-const SECONDS: &str = "5";
 /// The cluster node's address on the laptop-cluster veth: the direct path.
 const NODE_IP: &str = "10.250.1.1";
 
-struct Row {
-    path: &'static str,
-    up: f64,
-    down: f64,
-}
+/// A section: measures with the lab (tpvpn up) and prints its own table.
+type Section = fn(&Lab) -> Result<()>;
 
-fn iperf(lab: &Lab, server: &str, reverse: bool) -> Result<f64> {
-    let mut args = vec!["iperf3", "-c", server, "-t", SECONDS, "-J"];
-    if reverse {
-        args.push("-R");
-    }
-    let out = lab.exec_timeout(lab.laptop(), &args, Duration::from_secs(60));
-    if !out.status.success() {
-        bail!("iperf3 to {server} failed: {}", show(&out));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 json")?;
-    v["end"]["sum_received"]["bits_per_second"].as_f64().context("no sum_received in iperf3 output")
-}
+/// The benchmark's sections, in the order they run.
+const SECTIONS: &[(&str, Section)] = &[("paths", paths::section), ("scale", scale::section)];
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("pingpong-server") => return latency::server_cmd(&args[1..]),
+        Some("pingpong") => return latency::client_cmd(&args[1..]),
+        Some(other) => bail!("unknown subcommand {other:?} (none runs the benchmark; or pingpong-server, pingpong)"),
+        None => {}
+    }
     if !require_root() {
         bail!("the benchmark needs root (network namespaces): run sudo ./scripts/bench.sh");
     }
+    println!("{}", machine::header());
     let lab = Lab::new()?;
-    let mut server = std::process::Command::new("ip")
-        .args(["netns", "exec", lab.cluster(), "iperf3", "-s", "-1"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("starting iperf3 -s")?;
-    let mut run = || -> Result<Vec<Row>> {
-        lab.up(&[])?;
-        let mut rows = Vec::new();
-        for (path, ip) in [("direct veth", NODE_IP), ("tpvpn", TEST_SERVERS_IP)] {
-            let mut r = Row { path, up: 0.0, down: 0.0 };
-            for reverse in [false, true] {
-                // iperf3 -s -1 serves one client; restart it for each run.
-                let _ = server.kill();
-                let _ = server.wait();
-                server = std::process::Command::new("ip")
-                    .args(["netns", "exec", lab.cluster(), "iperf3", "-s", "-1"])
-                    .stdout(std::process::Stdio::null())
-                    .spawn()
-                    .context("starting iperf3 -s")?;
-                std::thread::sleep(Duration::from_millis(300));
-                let bps = iperf(&lab, ip, reverse)?;
-                if reverse {
-                    r.down = bps;
-                } else {
-                    r.up = bps;
-                }
-            }
-            rows.push(r);
+    lab.up(&[])?;
+    let mut failed = Vec::new();
+    for (name, section) in SECTIONS {
+        if let Err(e) = section(&lab) {
+            eprintln!("section {name} failed: {e:#}");
+            failed.push(*name);
         }
-        let s = scale::run(&lab, || {
-            let _ = server.kill();
-            let _ = server.wait();
-            server = std::process::Command::new("ip")
-                .args(["netns", "exec", lab.cluster(), "iperf3", "-s", "-1"])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .context("starting iperf3 -s")?;
-            std::thread::sleep(Duration::from_millis(300));
-            iperf(&lab, TEST_SERVERS_IP, false)
-        });
-        match s {
-            Ok(s) => s.print(),
-            Err(e) => eprintln!("scale run failed: {e:#}"),
-        }
-        Ok(rows)
-    };
-    let rows = run();
-    let _ = server.kill();
-    let _ = server.wait();
-    let rows = rows?;
-    let direct = &rows[0];
-    println!("one TCP stream, iperf3 -t {SECONDS}, laptop namespace -> cluster namespace");
-    println!();
-    println!("| path | laptop→cluster | cluster→laptop | ratio to direct (→ / ←) |");
-    println!("| --- | --- | --- | --- |");
-    for r in &rows {
-        println!(
-            "| {} | {:.2} Gbit/s | {:.2} Gbit/s | {:.3} / {:.3} |",
-            r.path,
-            r.up / 1e9,
-            r.down / 1e9,
-            r.up / direct.up,
-            r.down / direct.down
-        );
+    }
+    if !failed.is_empty() {
+        bail!("sections failed: {}", failed.join(", "));
     }
     Ok(())
 }

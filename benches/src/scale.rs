@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tpvpn_lab::{Lab, SINK_ADDR};
+use tpvpn_lab::{Lab, SINK_ADDR, TEST_SERVERS_IP};
 
 /// Idle connections held open during the run.
 pub const FLOWS: usize = 10_000;
@@ -80,8 +80,13 @@ fn client_tcp_flows(lab: &Lab) -> usize {
         .map_or(0, |n| n as usize)
 }
 
-/// Runs the scale case; `bulk` measures one laptop→cluster stream through tpvpn.
-pub fn run(lab: &Lab, mut bulk: impl FnMut() -> Result<f64>) -> Result<Scale> {
+/// The scale section: runs the case and prints its table.
+pub fn section(lab: &Lab) -> Result<()> {
+    run(lab).map(|s| s.print())
+}
+
+fn run(lab: &Lab) -> Result<Scale> {
+    let bulk = || crate::iperf::one_stream(lab, TEST_SERVERS_IP, false);
     let bulk_alone = bulk()?;
     let rss_before = daemon_rss(lab)?;
     let bin = tpvpn_lab::bin_dir()?.join("tpvpn-lab");
