@@ -32,6 +32,10 @@ const CHUNK: usize = 64 * 1024;
 const UP_QUEUE: usize = 16;
 /// Bytes a flow task may hand the stack before they enter the smoltcp socket.
 const DOWN_BUDGET: usize = 1 << 20;
+/// Most stream chunks (typically one QUIC STREAM frame each) read from a stream at once.
+const DOWN_CHUNKS: usize = 64;
+/// Most bytes from the cluster handed to the stack in one message.
+const DOWN_GROUP: usize = DOWN_BUDGET / 4;
 /// UDP datagrams that may wait for a flow's stream to open.
 const UDP_QUEUE: usize = 256;
 
@@ -41,10 +45,11 @@ enum Cmd {
         id: FlowId,
         outcome: DialOutcome,
     },
-    /// Bytes from the cluster for a TCP flow.
+    /// Bytes from the cluster for a TCP flow: every chunk the stream had ready, so that
+    /// the stack sends them as one segment.
     Data {
         id: FlowId,
-        bytes: Bytes,
+        chunks: Vec<Bytes>,
     },
     /// The cluster side finished sending (FIN).
     Fin {
@@ -276,9 +281,9 @@ impl Dataplane {
                     self.tcp.remove(&id);
                 }
             }
-            Cmd::Data { id, bytes } => {
+            Cmd::Data { id, chunks } => {
                 if let Some(ctl) = self.tcp.get_mut(&id) {
-                    ctl.pending.push_back(bytes);
+                    ctl.pending.extend(chunks);
                     self.service_tcp(id);
                 }
             }
@@ -482,12 +487,29 @@ impl TcpTask {
             }
         };
         let down = async {
+            let mut chunks = vec![Bytes::new(); DOWN_CHUNKS];
             loop {
-                match recv.read_chunk(CHUNK, true).await {
-                    Ok(Some(chunk)) => {
-                        let Ok(permit) = budget.acquire_many(chunk.bytes.len() as u32).await else { return };
-                        permit.forget();
-                        if cmd.send(Cmd::Data { id, bytes: chunk.bytes }).is_err() {
+                match recv.read_chunks(&mut chunks).await {
+                    Ok(Some(n)) => {
+                        // Handed over in groups of at most DOWN_GROUP bytes, well under
+                        // the budget, so that acquiring a group always succeeds (quinn
+                        // may coalesce buffered data into chunks of any size).
+                        let mut group = Vec::new();
+                        let mut len = 0;
+                        for mut chunk in chunks[..n].iter_mut().map(std::mem::take) {
+                            while !chunk.is_empty() {
+                                let piece = chunk.split_to(chunk.len().min(DOWN_GROUP - len));
+                                len += piece.len();
+                                group.push(piece);
+                                if len == DOWN_GROUP {
+                                    if !hand_over(&budget, &cmd, id, std::mem::take(&mut group), len).await {
+                                        return;
+                                    }
+                                    len = 0;
+                                }
+                            }
+                        }
+                        if len > 0 && !hand_over(&budget, &cmd, id, group, len).await {
                             return;
                         }
                     }
@@ -507,6 +529,20 @@ impl TcpTask {
             let _ = recv.stop(RESET_CODE.into());
         }
     }
+}
+
+/// Takes `len` bytes of budget, then gives `chunks` to the stack; false once the stack
+/// no longer takes this flow's bytes.
+async fn hand_over(
+    budget: &Semaphore,
+    cmd: &mpsc::UnboundedSender<Cmd>,
+    id: FlowId,
+    chunks: Vec<Bytes>,
+    len: usize,
+) -> bool {
+    let Ok(permit) = budget.acquire_many(len as u32).await else { return false };
+    permit.forget();
+    cmd.send(Cmd::Data { id, chunks }).is_ok()
 }
 
 async fn udp_task(

@@ -5,7 +5,10 @@
 //! [`Stack::input`], drives its timers with [`Stack::poll_timeout`] and
 //! [`Stack::handle_timeout`] (time is always an argument), takes packets to write to the
 //! TUN device from [`Stack::transmit`] and flow events from [`Stack::poll_event`], and
-//! moves flow payload with the `tcp_*` and `udp_*` methods.
+//! moves flow payload with the `tcp_*` and `udp_*` methods. What `input`, `tcp_send`,
+//! `tcp_recv` and `tcp_close` make TCP send (data, ACKs, window updates, FIN) leaves at
+//! the next [`Stack::transmit`], one poll per flow, so work done between two transmits
+//! goes out in as few segments as possible.
 //!
 //! TCP is terminated in smoltcp, one socket per flow, each in its own small smoltcp
 //! `Interface` whose only address is the flow's destination. Packets reach their flow
@@ -144,6 +147,12 @@ pub struct Stack {
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     events: VecDeque<Event>,
     out: VecDeque<Vec<u8>>,
+    /// TCP flows whose socket the caller changed (send, recv, close) since their last
+    /// poll; each is polled once before the next [`Stack::transmit`], so a burst of
+    /// sends becomes one segment rather than one per call.
+    dirty: Vec<FlowId>,
+    /// The latest `now` the caller passed, for the deferred polls.
+    now: Instant,
     counters: Counters,
 }
 
@@ -157,6 +166,8 @@ impl Stack {
             timers: BinaryHeap::new(),
             events: VecDeque::new(),
             out: VecDeque::new(),
+            dirty: Vec::new(),
+            now: Instant::ZERO,
             counters: Counters::default(),
         }
     }
@@ -208,6 +219,7 @@ impl Stack {
                         }
                         flow.input(packet, now, &mut self.out);
                         self.after_tcp_poll(id, now);
+                        self.mark_dirty(id, now);
                     }
                 } else if seg.syn && !seg.ack && !seg.rst {
                     let id = self.alloc_id();
@@ -264,6 +276,7 @@ impl Stack {
             DialOutcome::Connected => {
                 flow.accept(&syn, now, id, &mut self.out);
                 self.after_tcp_poll(id, now);
+                self.mark_dirty(id, now);
             }
             DialOutcome::Refused | DialOutcome::Unreachable => {
                 let info = wire::parse(&syn)?;
@@ -292,28 +305,31 @@ impl Stack {
 
     /// Reads bytes the laptop application sent on a TCP flow.
     pub fn tcp_recv(&mut self, id: FlowId, buf: &mut [u8], now: Instant) -> Result<TcpRead, Error> {
-        let r = tcp_flow(&mut self.flows, id)?.recv(buf, now, &mut self.out);
-        self.reschedule(id, now);
+        let r = tcp_flow(&mut self.flows, id)?.recv(buf);
+        self.mark_dirty(id, now);
         Ok(r)
     }
 
     /// Queues bytes toward the laptop application; returns how many fit.
     pub fn tcp_send(&mut self, id: FlowId, data: &[u8], now: Instant) -> Result<usize, Error> {
-        let n = tcp_flow(&mut self.flows, id)?.send(data, now, &mut self.out);
-        self.reschedule(id, now);
+        let n = tcp_flow(&mut self.flows, id)?.send(data);
+        self.mark_dirty(id, now);
         Ok(n)
     }
 
     /// Closes the cluster-to-laptop direction (FIN once queued data is sent).
     pub fn tcp_close(&mut self, id: FlowId, now: Instant) -> Result<(), Error> {
-        tcp_flow(&mut self.flows, id)?.close(now, &mut self.out);
-        self.reschedule(id, now);
+        tcp_flow(&mut self.flows, id)?.close();
+        self.mark_dirty(id, now);
         Ok(())
     }
 
     /// Resets the flow toward the laptop (RST) and forgets it.
     pub fn tcp_abort(&mut self, id: FlowId, now: Instant) -> Result<(), Error> {
-        tcp_flow(&mut self.flows, id)?.abort(now, &mut self.out);
+        let flow = tcp_flow(&mut self.flows, id)?;
+        // Bytes queued before the reset still go out first, as they would have.
+        flow.poll(now, &mut self.out);
+        flow.abort(now, &mut self.out);
         self.remove(id);
         Ok(())
     }
@@ -333,6 +349,28 @@ impl Stack {
     pub fn remove(&mut self, id: FlowId) {
         if let Some(flow) = self.flows.remove(&id) {
             self.by_key.remove(&flow.key());
+        }
+    }
+
+    /// Remembers that a TCP flow needs a poll before the next transmit.
+    fn mark_dirty(&mut self, id: FlowId, now: Instant) {
+        self.now = self.now.max(now);
+        if let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) {
+            if flow.mark_dirty() {
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    /// Polls every flow the caller changed since the last transmit, once each.
+    fn poll_dirty(&mut self) {
+        let now = self.now;
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(Flow::Tcp(flow)) = self.flows.get_mut(&id) {
+                flow.clear_dirty();
+                flow.poll(now, &mut self.out);
+                self.reschedule(id, now);
+            }
         }
     }
 
@@ -357,11 +395,16 @@ impl Stack {
 
     /// The next instant [`Stack::handle_timeout`] should be called, if any.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.dirty.is_empty() {
+            return Some(self.now);
+        }
         self.timers.peek().map(|Reverse((at, _))| *at)
     }
 
     /// Runs the timers that are due: TCP retransmissions, UDP idle expiry.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+        self.poll_dirty();
         while let Some(&Reverse((at, id))) = self.timers.peek() {
             if at > now {
                 break;
@@ -401,8 +444,13 @@ impl Stack {
         Some(ev)
     }
 
-    /// The next packet to write to the TUN device.
+    /// The next packet to write to the TUN device. What `tcp_send`, `tcp_recv` and
+    /// `tcp_close` queued since the last call (data, window updates, FIN) is sent here,
+    /// one poll per flow.
     pub fn transmit(&mut self) -> Option<Vec<u8>> {
+        if !self.dirty.is_empty() {
+            self.poll_dirty();
+        }
         let p = self.out.pop_front()?;
         self.counters.packets_out += 1;
         Some(p)

@@ -60,6 +60,8 @@ pub(crate) struct TcpFlow {
     scheduled: Option<Instant>,
     /// An activity event is queued and not yet taken.
     notified: bool,
+    /// In the stack's list of flows to poll before the next transmit.
+    dirty: bool,
     we_closed: bool,
     remote_fin_seen: bool,
 }
@@ -76,6 +78,7 @@ impl TcpFlow {
             tx_buffer: config.tcp_tx_buffer,
             scheduled: None,
             notified: false,
+            dirty: false,
             we_closed: false,
             remote_fin_seen: false,
         }
@@ -129,23 +132,40 @@ impl TcpFlow {
         let r = f(conn.sockets.get_mut::<tcp::Socket>(conn.handle));
         let mut dev = Dev { rx, out, mtu: self.mtu };
         conn.iface.poll(now, &mut dev, &mut conn.sockets);
+        self.note_remote_fin();
+        Some(r)
+    }
+
+    fn note_remote_fin(&mut self) {
+        let Some(conn) = &self.conn else { return };
         let state = conn.sockets.get::<tcp::Socket>(conn.handle).state();
         if matches!(state, State::CloseWait | State::LastAck | State::Closing | State::TimeWait) {
             self.remote_fin_seen = true;
         }
-        Some(r)
     }
 
+    /// Processes one packet from the laptop, sending only what smoltcp answers at once
+    /// (e.g. a reset); data and acknowledgements wait for the next poll, so the driver can
+    /// first refill the send buffer and one segment carries both.
     pub(crate) fn input(&mut self, packet: &[u8], now: Instant, out: &mut VecDeque<Vec<u8>>) {
-        self.with_conn(Some(packet), now, out, |_| ());
+        let Some(conn) = self.conn.as_mut() else { return };
+        let mut dev = Dev { rx: Some(packet), out, mtu: self.mtu };
+        conn.iface.poll_ingress_single(now, &mut dev, &mut conn.sockets);
+        self.note_remote_fin();
     }
 
     pub(crate) fn poll(&mut self, now: Instant, out: &mut VecDeque<Vec<u8>>) {
         self.with_conn(None, now, out, |_| ());
     }
 
-    pub(crate) fn recv(&mut self, buf: &mut [u8], now: Instant, out: &mut VecDeque<Vec<u8>>) -> TcpRead {
-        self.with_conn(None, now, out, |s| match s.recv_slice(buf) {
+    /// Runs `f` on the socket without polling: what it queued goes out at the next poll.
+    fn with_socket<R>(&mut self, f: impl FnOnce(&mut tcp::Socket<'static>) -> R) -> Option<R> {
+        let conn = self.conn.as_mut()?;
+        Some(f(conn.sockets.get_mut::<tcp::Socket>(conn.handle)))
+    }
+
+    pub(crate) fn recv(&mut self, buf: &mut [u8]) -> TcpRead {
+        self.with_socket(|s| match s.recv_slice(buf) {
             Ok(0) => TcpRead::WouldBlock,
             Ok(n) => TcpRead::Data(n),
             Err(RecvError::Finished) => TcpRead::Fin,
@@ -154,13 +174,22 @@ impl TcpFlow {
         .unwrap_or(TcpRead::WouldBlock)
     }
 
-    pub(crate) fn send(&mut self, data: &[u8], now: Instant, out: &mut VecDeque<Vec<u8>>) -> usize {
-        self.with_conn(None, now, out, |s| s.send_slice(data).unwrap_or(0)).unwrap_or(0)
+    pub(crate) fn send(&mut self, data: &[u8]) -> usize {
+        self.with_socket(|s| s.send_slice(data).unwrap_or(0)).unwrap_or(0)
     }
 
-    pub(crate) fn close(&mut self, now: Instant, out: &mut VecDeque<Vec<u8>>) {
+    pub(crate) fn close(&mut self) {
         self.we_closed = true;
-        self.with_conn(None, now, out, |s| s.close());
+        self.with_socket(|s| s.close());
+    }
+
+    /// Marks the flow as needing a poll; false if it already was marked.
+    pub(crate) fn mark_dirty(&mut self) -> bool {
+        !std::mem::replace(&mut self.dirty, true)
+    }
+
+    pub(crate) fn clear_dirty(&mut self) {
+        self.dirty = false;
     }
 
     pub(crate) fn abort(&mut self, now: Instant, out: &mut VecDeque<Vec<u8>>) {

@@ -201,3 +201,20 @@ fn tcp_to_multicast_or_broadcast_is_refused_without_a_flow() {
     assert_eq!(s.flow_counts(), (0, 0));
     assert!(s.poll_event().is_none());
 }
+
+#[test]
+fn sends_between_transmits_leave_as_one_segment_with_the_ack() {
+    let (mut s, id, seq, ack) = established();
+    s.input(&data_seg(seq, ack, b"request", TcpControl::Psh), t(3)).unwrap();
+    let mut buf = [0u8; 100];
+    assert_eq!(s.tcp_recv(id, &mut buf, t(3)).unwrap(), TcpRead::Data(7));
+    for part in [&b"first "[..], b"second ", b"third"] {
+        assert_eq!(s.tcp_send(id, part, t(3)).unwrap(), part.len());
+    }
+    assert_eq!(s.poll_timeout(), Some(t(3)), "queued bytes ask for an immediate poll");
+    let out = s.transmit().expect("one segment");
+    let seg = tcp_of(&out);
+    assert_eq!(tcp_payload(&out), b"first second third");
+    assert_eq!(seg.ack_number, seq + 7, "the segment also acknowledges the request");
+    assert!(s.transmit().is_none(), "nothing else: no separate ACK, no segment per send");
+}
