@@ -29,6 +29,9 @@ pub struct Status {
     pub dns: Dns,
     pub flows: Flows,
     pub pid: Option<u32>,
+    /// The QUIC connection's smoothed round-trip time to the manager, µs (while connected).
+    #[serde(default)]
+    pub tunnel_rtt_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

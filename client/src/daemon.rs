@@ -338,6 +338,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             ),
             flows: Default::default(),
             pid: Some(std::process::id()),
+            tunnel_rtt_us: None,
         };
         ready.send(&format!(
             "ok connected to {}; routing {} through {}",
@@ -704,6 +705,7 @@ async fn serve(
                         let mut s = status.clone();
                         if let Some(h) = &handle {
                             s.flows = h.flows().await;
+                            s.tunnel_rtt_us = Some(link.conn.rtt().as_micros() as u64);
                         }
                         control::write_reply(&mut stream, &Reply::Status(Box::new(s))).await;
                     }

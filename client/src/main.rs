@@ -307,6 +307,9 @@ fn print_status(s: &tpvpn_client::control::Status) {
     }
 
     println!("  flows:       {} tcp, {} udp", s.flows.tcp, s.flows.udp);
+    if let Some(rtt) = s.tunnel_rtt_us {
+        println!("  tunnel rtt:  {rtt} µs");
+    }
 }
 
 /// Every TCP flow has 512 KiB socket buffers each way, of which an idle flow touches a
