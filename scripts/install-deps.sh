@@ -5,7 +5,7 @@
 # its own instances inside network namespaces.
 set -euo pipefail
 
-PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps)
+PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dnsperf)
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -3,13 +3,20 @@
 //! direct veth path (the cluster node's address) and once through tpvpn (a ClusterIP),
 //! in each direction, in the same run, and prints one table.
 //!
+//! Then the WAN rows ([`wan`]: an emulated 20 ms RTT link at 0% and 1% loss) and the DNS
+//! rows ([`dns`]: dnsperf against tpvpn's resolver and dnsmasq).
+//!
 //! Run it with `sudo ./scripts/bench.sh`. Traffic stays inside the lab's namespaces; every
-//! run is bounded by iperf3's duration.
+//! run is bounded by iperf3's duration. `tpvpn-bench [veth] [wan] [dns]` runs only the
+//! sections named (all without arguments).
 
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use tpvpn_lab::{require_root, show, Lab, TEST_SERVERS_IP};
+
+mod dns;
+mod wan;
 
 /// Seconds per iperf3 run.
 const SECONDS: &str = "5";
@@ -39,7 +46,34 @@ fn main() -> Result<()> {
     if !require_root() {
         bail!("the benchmark needs root (network namespaces): run sudo ./scripts/bench.sh");
     }
-    let lab = Lab::new()?;
+    let sections: Vec<String> = std::env::args().skip(1).collect();
+    let want = |s: &str| sections.is_empty() || sections.iter().any(|a| a == s);
+    let mut lab = Lab::new()?;
+    if want("veth") {
+        veth(&lab)?;
+    }
+    let mut failed = Vec::new();
+    type Section = fn(&mut Lab) -> Result<String>;
+    let extra: [(&str, Section); 2] = [("wan", wan::run), ("dns", dns::run)];
+    for (name, run) in extra {
+        if want(name) {
+            match run(&mut lab) {
+                Ok(table) => println!("\n{table}"),
+                Err(e) => {
+                    eprintln!("tpvpn-bench: section {name} failed: {e:#}");
+                    failed.push(name);
+                }
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("failed sections: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// One TCP stream over the direct veth path and through tpvpn, both directions.
+fn veth(lab: &Lab) -> Result<()> {
     let mut server = std::process::Command::new("ip")
         .args(["netns", "exec", lab.cluster(), "iperf3", "-s", "-1"])
         .stdout(std::process::Stdio::null())
@@ -60,7 +94,7 @@ fn main() -> Result<()> {
                     .spawn()
                     .context("starting iperf3 -s")?;
                 std::thread::sleep(Duration::from_millis(300));
-                let bps = iperf(&lab, ip, reverse)?;
+                let bps = iperf(lab, ip, reverse)?;
                 if reverse {
                     r.down = bps;
                 } else {
