@@ -12,7 +12,7 @@ PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base 
 BENCH=""
 case "${1:-}" in
   "") ;;
-  --bench) BENCH=1; PKGS+=(wireguard-go wireguard-tools) ;;
+  --bench) BENCH=1; PKGS+=(wireguard-go wireguard-tools dnsperf) ;;
   *) echo "usage: $0 [--bench]" >&2; exit 2 ;;
 esac
 

@@ -3,17 +3,24 @@
 //! prints its own markdown table (see the section modules). Traffic stays inside the
 //! lab's namespaces; every measurement is bounded in count and time.
 //!
-//! Run it with `sudo ./scripts/bench.sh`. The subcommands `pingpong-server` and
-//! `pingpong` are the latency tools the benchmark runs inside the namespaces
-//! ([`latency`]).
+//! Sections: [`paths`] (direct veth, wireguard-go, boringtun and tpvpn: throughput,
+//! ping-pong, connect), [`scale`] (10,000 idle flows beside a bulk stream), [`wan`] (an
+//! emulated 20 ms RTT link at 0% and 1% loss) and [`dns`] (dnsperf against tpvpn's table
+//! and dnsmasq).
+//!
+//! Run it with `sudo ./scripts/bench.sh`; `tpvpn-bench [paths] [scale] [wan] [dns]` runs
+//! only the sections named. The subcommands `pingpong-server` and `pingpong` are the
+//! latency tools the benchmark runs inside the namespaces ([`latency`]).
 
 mod daemon;
+mod dns;
 mod iperf;
 mod latency;
 mod machine;
 mod paths;
 mod peers;
 mod scale;
+mod wan;
 
 use anyhow::{bail, Result};
 use tpvpn_lab::{require_root, Lab};
@@ -21,29 +28,40 @@ use tpvpn_lab::{require_root, Lab};
 /// The cluster node's address on the laptop-cluster veth: the direct path.
 const NODE_IP: &str = "10.250.1.1";
 
-/// A section: measures with the lab (tpvpn up) and prints its own table.
-type Section = fn(&Lab) -> Result<()>;
+/// A section: measures with the lab (tpvpn up when it starts) and prints its own table.
+type Section = fn(&mut Lab) -> Result<()>;
 
 /// The benchmark's sections, in the order they run.
-const SECTIONS: &[(&str, Section)] = &[("paths", paths::section), ("scale", scale::section)];
+const SECTIONS: &[(&str, Section)] = &[
+    ("paths", |lab| paths::section(lab)),
+    ("scale", |lab| scale::section(lab)),
+    ("wan", |lab| wan::run(lab).map(|table| println!("{table}"))),
+    ("dns", |lab| dns::run(lab).map(|table| println!("{table}"))),
+];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("pingpong-server") => return latency::server_cmd(&args[1..]),
         Some("pingpong") => return latency::client_cmd(&args[1..]),
-        Some(other) => bail!("unknown subcommand {other:?} (none runs the benchmark; or pingpong-server, pingpong)"),
-        None => {}
+        Some(s) if !SECTIONS.iter().any(|(name, _)| *name == s) => {
+            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns; tools are pingpong-server, pingpong")
+        }
+        _ => {}
     }
+    let want = |s: &str| args.is_empty() || args.iter().any(|a| a == s);
     if !require_root() {
         bail!("the benchmark needs root (network namespaces): run sudo ./scripts/bench.sh");
     }
     println!("{}", machine::header());
-    let lab = Lab::new()?;
+    let mut lab = Lab::new()?;
     lab.up(&[])?;
     let mut failed = Vec::new();
-    for (name, section) in SECTIONS {
-        if let Err(e) = section(&lab) {
+    for (name, section) in SECTIONS.iter().filter(|(name, _)| want(name)) {
+        if !wan::tpvpn_connected(&lab) {
+            lab.up(&[])?;
+        }
+        if let Err(e) = section(&mut lab) {
             eprintln!("section {name} failed: {e:#}");
             failed.push(*name);
         }

@@ -30,6 +30,7 @@ pub mod client;
 pub mod data;
 pub mod resolved;
 pub mod serve;
+pub mod wan;
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -104,6 +105,8 @@ pub struct Lab {
     /// Servers started in the cluster namespace: (name, process).
     children: Vec<(String, Child)>,
     manager: Option<Child>,
+    /// The manager's `--listen` address ([`MANAGER_ADDR`] unless changed).
+    manager_listen: String,
     /// Whether `tpvpn` was ever run (then drop runs `tpvpn down`).
     used_tpvpn: AtomicBool,
     exec_counter: AtomicU64,
@@ -232,6 +235,7 @@ impl Lab {
             namespaces: Vec::new(),
             children: Vec::new(),
             manager: None,
+            manager_listen: MANAGER_ADDR.to_string(),
             used_tpvpn: AtomicBool::new(false),
             exec_counter: AtomicU64::new(0),
             dir_created: false,
@@ -846,6 +850,13 @@ impl Lab {
         self.start_manager_with_token(&token)
     }
 
+    /// Restarts the manager listening on `listen` (say `0.0.0.0:4443`, to be reachable
+    /// over the WAN emulator's link too) with the lab's token file.
+    pub fn restart_manager_listening(&mut self, listen: &str) -> Result<()> {
+        self.manager_listen = listen.to_string();
+        self.start_manager()
+    }
+
     /// Starts the manager with `token_file`, waits (≤ 10 s) until it logs ready.
     pub fn start_manager_with_token(&mut self, token_file: &Path) -> Result<()> {
         self.stop_manager();
@@ -861,7 +872,7 @@ impl Lab {
             .arg(&bin)
             .args([
                 "--listen",
-                MANAGER_ADDR,
+                &self.manager_listen,
                 "--tls-cert",
                 &format!("{d}/manager.crt"),
                 "--tls-key",

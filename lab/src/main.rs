@@ -53,6 +53,9 @@ enum Cmd {
     Cleanup,
     /// Build a lab, bring tpvpn up, show what a user sees, bring it down, tear down.
     Demo,
+    /// The WAN emulator (delay, loss) between the laptop namespace, where it runs, and
+    /// `--peer-netns`; see `tpvpn_lab::wan`.
+    Wan(tpvpn_lab::wan::EmulatorArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
         }
         Cmd::Client(c) => run_client(c),
         Cmd::Demo => demo().map(|()| true),
+        Cmd::Wan(a) => tpvpn_lab::wan::run_emulator(&a).map(|()| true),
         Cmd::Cleanup => tpvpn_lab::cleanup_stale().map(|removed| {
             for r in &removed {
                 println!("removed {r}");
