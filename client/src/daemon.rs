@@ -163,7 +163,7 @@ pub fn up_foreground(opts: UpOptions, paths: Paths) -> Result<(), Error> {
             refuse_if_running(&paths)?;
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(RUNTIME_WORKERS)
             .enable_all()
             .build()
             .map_err(|e| Error::System(e.to_string()))?;
@@ -378,6 +378,9 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     }
 }
 
+/// Worker threads of the daemon's runtime.
+const RUNTIME_WORKERS: usize = 2;
+
 /// The address of tpvpn's DNS server, on the TUN device.
 pub const DNS_V4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 /// The resolv.conf `resolvconf` mode replaces.
@@ -477,7 +480,11 @@ async fn start_dns(
     let tcp = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::System(format!("cannot listen for DNS on tcp {addr}: {e}")))?;
-    tokio::spawn(crate::dns::serve_udp(Arc::new(udp), shared.clone()));
+    // One receive loop per runtime worker: local answers are computed in the loop.
+    let udp = Arc::new(udp);
+    for _ in 0..RUNTIME_WORKERS {
+        tokio::spawn(crate::dns::serve_udp(udp.clone(), shared.clone()));
+    }
     tokio::spawn(crate::dns::serve_tcp(tcp, shared.clone()));
     if mode == DnsMode::Resolvconf {
         routing.state.resolv_conf = Some(state::ResolvBackup { path: RESOLV_CONF.into(), original: original.clone() });

@@ -42,7 +42,11 @@ impl Shared {
 pub async fn handle(shared: &Shared, packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
     let transport = if tcp { Transport::Tcp } else { Transport::Udp };
     let action = shared.resolver().query(packet, transport, Instant::now());
+    finish(shared, action, packet, tcp).await
+}
 
+/// Carries out the resolver's `action` for `packet`; `None` means no reply.
+async fn finish(shared: &Shared, action: Action, packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
     match action {
         Action::Reply(bytes) => Some(bytes),
         Action::Drop => None,
@@ -91,18 +95,28 @@ async fn upstream(upstreams: &[SocketAddr], packet: &[u8], tcp: bool) -> Option<
     None
 }
 
-/// Serves DNS over UDP on `socket`: one task per query.
+/// Serves DNS over UDP on `socket`: answers from the table and cache are sent at once;
+/// a query that needs the cluster or the upstream servers gets a task of its own.
 pub async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>) {
     let mut buf = vec![0u8; 65_535];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else { continue };
-        let packet = buf[..n].to_vec();
-        let (socket, shared) = (socket.clone(), shared.clone());
-        tokio::spawn(async move {
-            if let Some(reply) = handle(&shared, &packet, false).await {
+        let action = shared.resolver().query(&buf[..n], Transport::Udp, Instant::now());
+        match action {
+            Action::Reply(reply) => {
                 let _ = socket.send_to(&reply, from).await;
             }
-        });
+            Action::Drop => {}
+            action => {
+                let packet = buf[..n].to_vec();
+                let (socket, shared) = (socket.clone(), shared.clone());
+                tokio::spawn(async move {
+                    if let Some(reply) = finish(&shared, action, &packet, false).await {
+                        let _ = socket.send_to(&reply, from).await;
+                    }
+                });
+            }
+        }
     }
 }
 
