@@ -5,11 +5,11 @@
 //! (`tpvpn_lab::wan`, two TUN devices, 10 ms each way, seeded random loss) carries the
 //! pair 10.250.3.2 (laptop) ⇄ 10.250.3.1 (cluster). The manager is restarted listening on
 //! `0.0.0.0:4443` and `tpvpn up --manager 10.250.3.1:4443` connects over the emulated
-//! link, so the QUIC connection sees the delay and the loss while the laptop's inner TCP
-//! (to smoltcp) and the manager's (to the server) do not. Per scenario ([`SCENARIOS`]: 0%
+//! link (afresh for each scenario), so the QUIC connection sees the delay and the loss
+//! while the laptop's inner TCP (to smoltcp) and the manager's (to the server) do not. Per scenario ([`SCENARIOS`]: 0%
 //! and 1% random loss on an unlimited link, and a 200 Mbit/s bottleneck with a buffer of
-//! one bandwidth-delay product, which shows how the congestion controller copes with a
-//! real queue): iperf3, one TCP stream for [`SECONDS`] s each direction, to the cluster
+//! one and of 0.1 bandwidth-delay product, which show how the congestion controller copes
+//! with a real queue: the emulator's drop rate is the loss it inflicts): iperf3, one TCP stream for [`SECONDS`] s each direction, to the cluster
 //! node's WAN address (direct) and to a ClusterIP (tpvpn); and a 1-byte TCP ping-pong (p50
 //! of [`PINGS`] round trips). First, the emulator's own ceiling at zero delay and loss.
 //!
@@ -54,20 +54,29 @@ pub struct Scenario {
     pub loss: f64,
     /// Bottleneck rate in bits per second (None: as fast as the emulator forwards).
     pub rate_bps: Option<u64>,
+    /// With a bottleneck: its buffer, in bandwidth-delay products (one round trip at the
+    /// bottleneck rate), besides the packets in the delay line.
+    pub buffer_bdp: f64,
 }
 
 /// The link conditions measured, in order.
-pub const SCENARIOS: [Scenario; 3] = [
-    Scenario { loss: 0.0, rate_bps: None },
-    Scenario { loss: 0.01, rate_bps: None },
-    Scenario { loss: 0.0, rate_bps: Some(200_000_000) },
+pub const SCENARIOS: [Scenario; 4] = [
+    Scenario { loss: 0.0, rate_bps: None, buffer_bdp: 0.0 },
+    Scenario { loss: 0.01, rate_bps: None, buffer_bdp: 0.0 },
+    Scenario { loss: 0.0, rate_bps: Some(200_000_000), buffer_bdp: 1.0 },
+    Scenario { loss: 0.0, rate_bps: Some(200_000_000), buffer_bdp: 0.1 },
 ];
 
 impl Scenario {
     fn label(&self) -> String {
         match self.rate_bps {
             None => format!("{:.0}% loss", self.loss * 100.0),
-            Some(r) => format!("{:.0}% loss, {} Mbit/s bottleneck, 1 BDP buffer", self.loss * 100.0, r / 1_000_000),
+            Some(r) => format!(
+                "{:.0}% loss, {} Mbit/s bottleneck, {} BDP buffer",
+                self.loss * 100.0,
+                r / 1_000_000,
+                self.buffer_bdp
+            ),
         }
     }
 
@@ -75,10 +84,15 @@ impl Scenario {
         match self.rate_bps {
             None => wan.set(ONE_WAY, self.loss),
             Some(rate) => {
-                // Packets of 1500 bytes: those in the delay line plus one round trip's worth
-                // queued at the bottleneck.
-                let in_flight = |d: Duration| (rate as f64 * d.as_secs_f64() / 8.0 / 1500.0).ceil() as usize;
-                wan.set_bottleneck(ONE_WAY, self.loss, rate, in_flight(ONE_WAY) + in_flight(2 * ONE_WAY))
+                // Packets of 1500 bytes: those in the delay line plus the buffer at the
+                // bottleneck.
+                let packets = |d: Duration| (rate as f64 * d.as_secs_f64() / 8.0 / 1500.0).ceil() as usize;
+                wan.set_bottleneck(
+                    ONE_WAY,
+                    self.loss,
+                    rate,
+                    packets(ONE_WAY) + packets((2 * ONE_WAY).mul_f64(self.buffer_bdp)),
+                )
             }
         }
     }
@@ -113,23 +127,39 @@ pub fn run(lab: &mut Lab) -> Result<String> {
         let mut wan = lab.start_wan(&cfg)?;
         let server = EchoServer::start(lab.cluster())?;
         let ceiling = measure_ceiling(lab, &mut wan)?;
-        wan.set(ONE_WAY, 0.0)?;
-        up_over_wan(lab)?;
         let rows = (|| -> Result<Vec<Row>> {
             let mut rows = Vec::new();
             for (scenario, sc) in SCENARIOS.iter().enumerate() {
-                sc.apply(&mut wan)?;
                 for (path, ip, cc) in PATHS {
                     eprintln!("wan: {path}, {}", sc.label());
+                    let tunnel = ip == TEST_SERVERS_IP;
+                    if tunnel {
+                        // A fresh QUIC connection per scenario, as each direct row is a fresh
+                        // TCP connection: no window carried over from another link (connected
+                        // on a loss-free link, then the scenario applies).
+                        wan.set(ONE_WAY, 0.0)?;
+                        up_over_wan(lab)?;
+                    }
+                    sc.apply(&mut wan)?;
                     let before = wan.stats()?;
                     let secs = SECONDS.to_string();
                     let mut args = vec!["-t", secs.as_str()];
                     args.extend_from_slice(cc);
-                    let up = iperf(lab, ip, false, &args)?;
-                    let down = iperf(lab, ip, true, &args)?;
+                    let to_cluster = iperf(lab, ip, false, &args)?;
+                    let to_laptop = iperf(lab, ip, true, &args)?;
                     let pings = pingpong(lab.laptop(), SocketAddr::new(ip.parse()?, server.port), PINGS)?;
                     let dropped = wan.stats()?.since(&before).drop_ratio();
-                    rows.push(Row { scenario, path, up: up.bps, down: down.bps, p50: percentile(&pings, 50), dropped });
+                    rows.push(Row {
+                        scenario,
+                        path,
+                        up: to_cluster.bps,
+                        down: to_laptop.bps,
+                        p50: percentile(&pings, 50),
+                        dropped,
+                    });
+                    if tunnel {
+                        down(lab)?;
+                    }
                 }
                 // HOOK(bench-peers): wireguard-go (and boringtun) over the same emulated link
                 // go here once `benches/src/peers.rs` can set them up between the laptop and
@@ -137,7 +167,9 @@ pub fn run(lab: &mut Lab) -> Result<String> {
             }
             Ok(rows)
         })();
-        let _ = down(lab);
+        if tpvpn_connected(lab) {
+            let _ = down(lab);
+        }
         drop(server);
         drop(wan);
         Ok(render(&ceiling, &rows?, &tcp_cc(lab)))

@@ -24,6 +24,8 @@
 
 //! and [`io`], the small async helpers that read and write frames on quinn streams.
 
+#[cfg(feature = "quic")]
+pub mod cc;
 pub mod datagram;
 pub mod frame;
 #[cfg(feature = "quic")]

@@ -49,7 +49,9 @@ pub fn transport_config() -> TransportConfig {
         .send_window(u64::from(CONNECTION_WINDOW))
         .datagram_receive_buffer_size(Some(SOCKET_BUFFER))
         .datagram_send_buffer_size(SOCKET_BUFFER)
-        .keep_alive_interval(Some(KEEP_ALIVE));
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        // Cubic that shrugs off light random loss (see `cc`).
+        .congestion_controller_factory(Arc::new(crate::cc::LossTolerantCubicConfig::default()));
     // Invariant: 30 s is far below the varint limit of an idle timeout.
     t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("30 s fits an idle timeout")));
     t
