@@ -24,7 +24,6 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -32,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use tpvpn_lab::wan::{WanConfig, WanLink, WAN_CLUSTER_IP};
-use tpvpn_lab::{show, wait_until, Lab, MANAGER_ADDR, TEST_SERVERS_IP};
+use tpvpn_lab::{show, Lab, MANAGER_ADDR, TEST_SERVERS_IP};
 
 /// Seconds per iperf3 run over the emulated link.
 pub const SECONDS: u32 = 10;
@@ -294,52 +293,17 @@ struct Iperf {
 /// One iperf3 run from the laptop namespace to a fresh `iperf3 -s -1` in the cluster
 /// namespace (cluster→laptop with `reverse`); `extra` are more client arguments.
 fn iperf(lab: &Lab, server_ip: &str, reverse: bool, extra: &[&str]) -> Result<Iperf> {
-    let log = File::create(lab.dir().join("wan-iperf3-server.log"))?;
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", lab.cluster(), "iperf3", "-s", "-1"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting iperf3 -s")?;
-    let result = (|| -> Result<Iperf> {
-        let listening = wait_until(IO_TIMEOUT, || {
-            let out = lab.exec_timeout(lab.cluster(), &["ss", "-Hltn", "sport = :5201"], IO_TIMEOUT);
-            !out.stdout.is_empty()
-        });
-        if !listening {
-            bail!("iperf3 -s not listening after {IO_TIMEOUT:?}");
-        }
-        let mut args = vec!["iperf3", "-c", server_ip, "-J", "--connect-timeout", "5000"];
-        args.extend_from_slice(extra);
-        if reverse {
-            args.push("-R");
-        }
-        let out = lab.exec_timeout(lab.laptop(), &args, Duration::from_secs(60));
-        if !out.status.success() {
-            bail!("iperf3 {args:?} failed: {}", show(&out));
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 json")?;
-        if extra.contains(&"-u") {
-            // UDP: the server's view, what arrived.
-            let sum = &v["end"]["sum_received"];
-            let sum = if sum.is_null() { &v["end"]["sum"] } else { sum };
-            let bps = sum["bits_per_second"].as_f64().context("no UDP sum in iperf3 output")?;
-            Ok(Iperf { bps, lost_percent: sum["lost_percent"].as_f64().unwrap_or(0.0) })
-        } else {
-            let bps =
-                v["end"]["sum_received"]["bits_per_second"].as_f64().context("no sum_received in iperf3 output")?;
-            Ok(Iperf { bps, lost_percent: 0.0 })
-        }
-    })();
-    stop(&mut server);
-    result
-}
-
-/// Kills a process we started (by its pid, through `Child`) and reaps it.
-fn stop(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+    let v = crate::iperf::run(lab, server_ip, reverse, extra)?;
+    if extra.contains(&"-u") {
+        // UDP: the server's view, what arrived.
+        let sum = &v["end"]["sum_received"];
+        let sum = if sum.is_null() { &v["end"]["sum"] } else { sum };
+        let bps = sum["bits_per_second"].as_f64().context("no UDP sum in iperf3 output")?;
+        Ok(Iperf { bps, lost_percent: sum["lost_percent"].as_f64().unwrap_or(0.0) })
+    } else {
+        let bps = v["end"]["sum_received"]["bits_per_second"].as_f64().context("no sum_received in iperf3 output")?;
+        Ok(Iperf { bps, lost_percent: 0.0 })
+    }
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns` (`/run/netns/<ns>`): the
