@@ -1760,18 +1760,23 @@ mod tests {
         assert_eq!(pct_decode("%41", false), "A");
     }
 
+    /// Starts the stand-in on a free loopback port (admin token `t`); returns its address.
+    async fn serve_on_loopback() -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = Config { admin_token: "t".into(), no_secrets_token: None, bookmark_interval: Duration::from_secs(5) };
+        let srv = ApiServer::new(store(), cfg, addr.to_string());
+        tokio::spawn(srv.serve(listener));
+        addr
+    }
+
     /// Raw HTTP/1.1 on loopback: keep-alive, errors as Status, a chunked watch.
     #[test]
     fn http_keep_alive_and_chunked_watch() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let cfg =
-                Config { admin_token: "t".into(), no_secrets_token: None, bookmark_interval: Duration::from_secs(5) };
-            let srv = ApiServer::new(store(), cfg, addr.to_string());
-            tokio::spawn(srv.clone().serve(listener));
+            let addr = serve_on_loopback().await;
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
             let req = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n");
             // Two requests on one connection, then a watch that times out after 1 s.
@@ -1960,12 +1965,7 @@ mod tests {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
-            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let cfg =
-                Config { admin_token: "t".into(), no_secrets_token: None, bookmark_interval: Duration::from_secs(5) };
-            let srv = ApiServer::new(store(), cfg, addr.to_string());
-            tokio::spawn(srv.clone().serve(listener));
+            let addr = serve_on_loopback().await;
             // One request per connection (Connection: close), response read to the end.
             let call = |method: &'static str, path: String, ctype: &'static str, body: String| async move {
                 let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
