@@ -88,11 +88,27 @@ thread_local! {
 
 /// DNS queries to the resolver's request path: every query that parses gets either a
 /// well-formed response with the same id and question, or is sent on (cluster, upstream)
-/// as a well-formed query; nothing parsable is dropped, and nothing panics.
+/// as a well-formed query; nothing parsable is dropped, and nothing panics. The same
+/// query again under another id (answered from the remembered table replies) gets the
+/// same reply with that id.
 pub fn dns_queries(data: &[u8]) {
     let parsed = DnsMessage::from_vec(data).ok();
+    let ask = |packet: &[u8], transport| {
+        RESOLVER.with(|r| r.borrow_mut().query(packet, transport, std::time::Instant::now()))
+    };
     for transport in [Transport::Udp, Transport::Tcp] {
-        let action = RESOLVER.with(|r| r.borrow_mut().query(data, transport, std::time::Instant::now()));
+        let action = ask(data, transport);
+        if let (Action::Reply(first), Some(id)) = (&action, data.get(..2)) {
+            let mut again = data.to_vec();
+            again[..2].copy_from_slice(&(!u16::from_be_bytes([id[0], id[1]])).to_be_bytes());
+            match ask(&again, transport) {
+                Action::Reply(second) => {
+                    assert_eq!(second.get(2..), first.get(2..), "a repeated query gets the same reply");
+                    assert_eq!(second.get(..2), Some(&again[..2]), "under its own id");
+                }
+                other => panic!("a repeated query got {other:?} instead of a reply"),
+            }
+        }
         match action {
             Action::Reply(bytes) => {
                 let reply = DnsMessage::from_vec(&bytes).expect("replies parse");
@@ -156,7 +172,8 @@ mod tests {
             wire::udp_packet("[fd00::1]:5".parse().unwrap(), "[fd00::2]:53".parse().unwrap(), b"q6").unwrap(),
         ];
         // A TCP SYN built by the netstack's own RST builder's inverse: take a RST and flip flags.
-        let syn_src = wire::udp_packet("10.0.0.1:5".parse().unwrap(), "10.96.0.1:80".parse().unwrap(), &[0; 20]).unwrap();
+        let syn_src =
+            wire::udp_packet("10.0.0.1:5".parse().unwrap(), "10.96.0.1:80".parse().unwrap(), &[0; 20]).unwrap();
         let mut tcp = syn_src.clone();
         tcp[9] = 6; // protocol TCP; checksum is not verified on input
         tcp[20 + 12] = 0x50; // data offset 5 words

@@ -19,6 +19,7 @@
 
 mod cache;
 mod psl;
+mod replies;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
@@ -34,6 +35,7 @@ use tpvpn_tunnel::{Protocol, ServiceInfo};
 pub use psl::Psl;
 
 use cache::{Cache, Entry, Key};
+use replies::Replies;
 
 /// EDNS UDP payload size this resolver advertises and asks the cluster DNS for.
 pub const EDNS_PAYLOAD: u16 = 1232;
@@ -222,6 +224,8 @@ pub struct Resolver {
     services: HashMap<(Vec<u8>, Vec<u8>), Service>,
     by_ip: HashMap<IpAddr, (Vec<u8>, Vec<u8>)>,
     cache: Cache,
+    /// Table replies by query bytes; emptied whenever what they were built from changes.
+    replies: Replies,
     rng: u64,
     /// Whether the tunnel to the cluster is up; while it is not, cluster names fail fast.
     connected: bool,
@@ -246,6 +250,7 @@ impl Resolver {
             services: HashMap::new(),
             by_ip: HashMap::new(),
             cache: Cache::new(CACHE_CAPACITY),
+            replies: Replies::default(),
             // xorshift needs a non-zero state.
             rng: seed | 1,
             connected: true,
@@ -260,12 +265,14 @@ impl Resolver {
         if !connected {
             self.cache = Cache::new(CACHE_CAPACITY);
         }
+        self.replies.clear();
         self.connected = connected;
     }
 
     /// The cluster's namespaces, as pushed by the manager; replaces the previous list.
     /// Names that are ICANN public suffixes are kept out of routing ([`Self::filtered_namespaces`]).
     pub fn set_namespaces(&mut self, names: Vec<String>) {
+        self.replies.clear();
         self.namespaces.clear();
         let mut filtered = Vec::new();
         for name in names {
@@ -287,6 +294,7 @@ impl Resolver {
 
     /// The cluster's Services, as pushed by the manager; replaces the previous table.
     pub fn set_services(&mut self, services: Vec<ServiceInfo>) {
+        self.replies.clear();
         self.services.clear();
         self.by_ip.clear();
         for s in services {
@@ -326,6 +334,9 @@ impl Resolver {
 
     /// Decides what to do with one DNS query (the client's wire bytes).
     pub fn query(&mut self, packet: &[u8], transport: Transport, now: Instant) -> Action {
+        if let Some(reply) = self.replies.get(packet, transport) {
+            return Action::Reply(reply);
+        }
         let Some(header) = packet.get(..4) else { return Action::Drop };
         let id = u16::from_be_bytes([header[0], header[1]]);
         if header[2] & 0x80 != 0 {
@@ -380,7 +391,7 @@ impl Resolver {
                     },
                     None => Answer::error(ResponseCode::ServFail),
                 };
-                Action::Reply(reply(&client, answer))
+                Action::Reply(self.table_reply(packet, &client, answer))
             }
             Route::Cluster(fqdn) => {
                 let Some(fqdn_name) = to_name(&fqdn) else {
@@ -389,7 +400,7 @@ impl Resolver {
                     return Action::Reply(reply(&client, answer));
                 };
                 if let Some(answer) = self.local(&fqdn, q) {
-                    return Action::Reply(reply(&client, answer));
+                    return Action::Reply(self.table_reply(packet, &client, answer));
                 }
                 let key = Key { name: fqdn_name.to_ascii(), rtype: q.query_type, class: q.query_class };
                 if let Some(entry) = self.cache.get(&key, now) {
@@ -449,6 +460,13 @@ impl Resolver {
     /// The SERVFAIL reply for a query the cluster DNS did not answer (tunnel down, timeout).
     pub fn cluster_failed(&self, pending: &Pending) -> Vec<u8> {
         reply(&pending.client, Answer::error(ResponseCode::ServFail))
+    }
+
+    /// The reply to `packet` from the Service table, remembered for the same query bytes.
+    fn table_reply(&mut self, packet: &[u8], client: &Client, answer: Answer) -> Vec<u8> {
+        let bytes = reply(client, answer);
+        self.replies.insert(packet, client.transport, &bytes);
+        bytes
     }
 
     fn next_id(&mut self) -> u16 {

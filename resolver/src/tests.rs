@@ -604,3 +604,46 @@ fn disconnected_cluster_names_fail_fast_and_others_go_upstream() {
     let m = reply_msg(ask(&mut r, &q("frontend.default", RecordType::A), now()));
     assert_eq!(a_ips(&m), vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))]);
 }
+
+#[test]
+fn remembered_table_replies_equal_fresh_ones_and_follow_the_table() {
+    let with_id = |mut packet: Vec<u8>, id: u16| {
+        packet[..2].copy_from_slice(&id.to_be_bytes());
+        packet
+    };
+    let queries = [
+        (q("frontend.default", RecordType::A), Transport::Udp),
+        (q("FrontEnd.Default.svc.cluster.local", RecordType::AAAA), Transport::Udp),
+        (q_edns("frontend", RecordType::A, 4096), Transport::Udp),
+        (q("_http._tcp.frontend.default.svc.cluster.local", RecordType::SRV), Transport::Udp),
+        (q("10.0.96.10.in-addr.arpa", RecordType::PTR), Transport::Udp),
+        (q("v4only.default", RecordType::AAAA), Transport::Udp),
+        (q("many.default", RecordType::A), Transport::Udp),
+        (q("many.default", RecordType::A), Transport::Tcp),
+    ];
+    let mut r = resolver();
+    for (packet, transport) in &queries {
+        r.query(&with_id(packet.clone(), 1), *transport, now());
+    }
+    assert_eq!(r.replies.len(), queries.len(), "every table reply is remembered");
+    for (packet, transport) in &queries {
+        let remembered = r.query(&with_id(packet.clone(), 0xbeef), *transport, now());
+        let fresh = resolver().query(&with_id(packet.clone(), 0xbeef), *transport, now());
+        assert_eq!(remembered, fresh, "{:?}", Message::from_vec(packet).unwrap().queries);
+    }
+    // Udp and Tcp replies differ (truncation) and are kept apart.
+    let udp = reply_msg(r.query(&q("many.default", RecordType::A), Transport::Udp, now()));
+    assert!(udp.metadata.truncation);
+
+    // Every change of state is seen at once.
+    r.set_services(vec![svc("default", "frontend", &["10.96.0.99"])]);
+    let m = reply_msg(r.query(&queries[0].0, Transport::Udp, now()));
+    assert_eq!(a_ips(&m), vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 99))]);
+    r.set_connected(false);
+    let m = reply_msg(r.query(&queries[0].0, Transport::Udp, now()));
+    assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    r.set_connected(true);
+    reply_msg(r.query(&queries[0].0, Transport::Udp, now()));
+    r.set_namespaces(vec!["kube-system".into()]);
+    assert_eq!(r.query(&queries[0].0, Transport::Udp, now()), Action::Upstream);
+}
