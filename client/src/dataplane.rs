@@ -135,7 +135,6 @@ pub struct Dataplane {
     tcp: HashMap<FlowId, TcpCtl>,
     udp: HashMap<FlowId, UdpCtl>,
     epoch: StdInstant,
-    scratch: Vec<u8>,
 }
 
 impl Dataplane {
@@ -150,7 +149,6 @@ impl Dataplane {
             tcp: HashMap::new(),
             udp: HashMap::new(),
             epoch: StdInstant::now(),
-            scratch: vec![0u8; CHUNK],
         }
     }
 
@@ -343,8 +341,9 @@ impl Dataplane {
                 }
                 Err(mpsc::error::TrySendError::Closed(())) => break,
             };
-            match self.stack.tcp_recv(id, &mut self.scratch, now) {
-                Ok(TcpRead::Data(n)) => permit.send(Up::Data(Bytes::copy_from_slice(&self.scratch[..n]))),
+            let mut chunk = Bytes::new();
+            match self.stack.tcp_recv_with(id, CHUNK, now, |data| chunk = Bytes::copy_from_slice(data)) {
+                Ok(TcpRead::Data(_)) => permit.send(Up::Data(chunk)),
                 Ok(TcpRead::Fin) => {
                     permit.send(Up::Fin);
                     ctl.fin_sent_up = true;

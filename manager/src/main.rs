@@ -50,6 +50,11 @@ struct Args {
     /// Seconds an idle UDP flow is kept.
     #[arg(long, default_value_t = 60)]
     udp_idle_timeout: u64,
+    /// Worker threads. One is fastest where measured (quinn drives the endpoint and each
+    /// connection from a single task, and a second worker mostly adds wake-ups between
+    /// threads); more may help many clients with many busy flows.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: u16,
 }
 
 fn main() -> Result<()> {
@@ -85,7 +90,8 @@ fn run(args: Args) -> Result<()> {
     let base =
         tpvpn_tunnel::ClusterInfo { cidrs: args.cluster_cidrs, dns: args.cluster_dns, domain: args.cluster_domain };
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.workers)).enable_all().build()?;
     rt.block_on(async move {
         let cluster = if use_kubernetes {
             let client = kube_client(args.kubeconfig.as_deref()).await?;

@@ -303,9 +303,22 @@ impl Stack {
         }
     }
 
-    /// Reads bytes the laptop application sent on a TCP flow.
+    /// Reads bytes the laptop application sent on a TCP flow into `buf`.
     pub fn tcp_recv(&mut self, id: FlowId, buf: &mut [u8], now: Instant) -> Result<TcpRead, Error> {
-        let r = tcp_flow(&mut self.flows, id)?.recv(buf);
+        self.tcp_recv_with(id, buf.len(), now, |data| buf[..data.len()].copy_from_slice(data))
+    }
+
+    /// Reads bytes the laptop application sent on a TCP flow without a copy of its own:
+    /// `f` sees the next contiguous run of them in the socket's buffer (at most `max`),
+    /// and they count as read. Call again for more (the buffer is a ring).
+    pub fn tcp_recv_with(
+        &mut self,
+        id: FlowId,
+        max: usize,
+        now: Instant,
+        f: impl FnOnce(&[u8]),
+    ) -> Result<TcpRead, Error> {
+        let r = tcp_flow(&mut self.flows, id)?.recv_with(max, f);
         self.mark_dirty(id, now);
         Ok(r)
     }

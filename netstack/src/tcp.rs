@@ -164,12 +164,21 @@ impl TcpFlow {
         Some(f(conn.sockets.get_mut::<tcp::Socket>(conn.handle)))
     }
 
-    pub(crate) fn recv(&mut self, buf: &mut [u8]) -> TcpRead {
-        self.with_socket(|s| match s.recv_slice(buf) {
-            Ok(0) => TcpRead::WouldBlock,
-            Ok(n) => TcpRead::Data(n),
-            Err(RecvError::Finished) => TcpRead::Fin,
-            Err(RecvError::InvalidState) => TcpRead::WouldBlock,
+    /// Consumes the next contiguous received bytes (at most `max`), shown to `f`.
+    pub(crate) fn recv_with(&mut self, max: usize, f: impl FnOnce(&[u8])) -> TcpRead {
+        self.with_socket(|s| {
+            match s.recv(|data| {
+                let n = data.len().min(max);
+                if n > 0 {
+                    f(&data[..n]);
+                }
+                (n, n)
+            }) {
+                Ok(0) => TcpRead::WouldBlock,
+                Ok(n) => TcpRead::Data(n),
+                Err(RecvError::Finished) => TcpRead::Fin,
+                Err(RecvError::InvalidState) => TcpRead::WouldBlock,
+            }
         })
         .unwrap_or(TcpRead::WouldBlock)
     }
