@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use tokio::net::UnixListener;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::connect::{connect, Target};
 use crate::control::{self, Dns, Reply, Request, Status, Tun};
@@ -186,6 +186,26 @@ struct Plan {
     namespace: String,
     include_suffixes: Vec<String>,
     exclude_suffixes: Vec<String>,
+    /// Where the credentials came from, when from the cluster.
+    rediscover: Option<Rediscover>,
+}
+
+/// How to read the manager's credentials from the cluster again (kubeconfig mode).
+#[derive(Debug, Clone)]
+struct Rediscover {
+    resolved: kubeconfig::Resolved,
+    manager_flag: Option<String>,
+    namespace: String,
+}
+
+impl Rediscover {
+    /// `target` with the CA and token the cluster holds now (the manager may have been
+    /// reinstalled since). The address is kept: the routes keep exactly that address out
+    /// of the tunnel.
+    async fn refresh(&self, target: &Target) -> Result<Target, Error> {
+        let d = discovery::discover(&self.resolved, self.manager_flag.clone(), &self.namespace).await?;
+        Ok(Target { manager: target.manager.clone(), ..d.target })
+    }
 }
 
 async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
@@ -198,6 +218,7 @@ async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
             namespace: opts.namespace.clone().unwrap_or_else(|| "default".into()),
             include_suffixes: vec![],
             exclude_suffixes: vec![],
+            rediscover: None,
         }),
         Source::Kube { kubeconfig, context, manager, manager_namespace } => {
             let r = kubeconfig::resolve(kubeconfig.as_deref(), context.as_deref())?;
@@ -209,8 +230,11 @@ async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
             never.extend(d.api_server_ips.iter().map(|ip| routes::host(*ip)));
             let mut also = opts.also_proxy.clone();
             also.extend(r.extension.also_proxy.iter().copied());
+            let rediscover =
+                Rediscover { resolved: r.clone(), manager_flag: manager.clone(), namespace: manager_namespace.clone() };
             Ok(Plan {
                 target: d.target,
+                rediscover: Some(rediscover),
                 context: Some(r.context),
                 never_proxy: never,
                 also_proxy: also,
@@ -348,7 +372,12 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         ));
         info!("up");
         let dns = dns.map(|(shared, _)| shared);
-        let link = Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target: plan.target.clone() };
+        let link = Link {
+            conn: session.conn.clone(),
+            endpoint: session.endpoint.clone(),
+            target: plan.target.clone(),
+            rediscover: plan.rediscover.clone(),
+        };
         let running = Running { dataplane, tun, mtu: opts.mtu, link };
         let (why, down_reply, link) = serve(running, listener, status, (initial, updates), &mut routing, dns).await;
         link.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
@@ -617,6 +646,7 @@ struct Link {
     conn: quinn::Connection,
     endpoint: quinn::Endpoint,
     target: Target,
+    rediscover: Option<Rediscover>,
 }
 
 /// What `serve` runs: the data plane of the current connection, the device (kept across
@@ -628,16 +658,29 @@ struct Running {
     link: Link,
 }
 
-/// Connects again until it works, with backoff (0.5 s doubling to 5 s).
-async fn reconnect(target: Target) -> crate::connect::Session {
+/// Connects again until it works, with backoff (0.5 s doubling to 5 s). In kubeconfig
+/// mode each failed attempt reads the credentials from the cluster again, so a manager
+/// reinstalled with a new certificate or token is reached too. Returns the session and
+/// the target it was made with.
+async fn reconnect(mut target: Target, rediscover: Option<Rediscover>) -> (crate::connect::Session, Target) {
     let mut backoff = Duration::from_millis(500);
     loop {
         match connect(&target).await {
-            Ok(session) => return session,
+            Ok(session) => return (session, target),
             Err(e) => {
                 warn!(error = %e, "reconnecting to the manager failed; trying again in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                if let Some(r) = &rediscover {
+                    match r.refresh(&target).await {
+                        Ok(fresh) if fresh.ca_pem != target.ca_pem || fresh.token != target.token => {
+                            info!(source = %fresh.token_source, "the manager's credentials changed; using the new ones");
+                            target = fresh;
+                        }
+                        Ok(_) => {}
+                        Err(e) => debug!(error = %e, "cannot read the manager's credentials again"),
+                    }
+                }
             }
         }
     }
@@ -664,7 +707,7 @@ async fn serve(
     };
     let mut handle = Some(dataplane.handle());
     let mut dp = Some(tokio::spawn(dataplane.run()));
-    let mut reconnecting: Option<tokio::task::JoinHandle<crate::connect::Session>> = None;
+    let mut reconnecting: Option<tokio::task::JoinHandle<(crate::connect::Session, Target)>> = None;
     let mut down_reply: Option<tokio::net::UnixStream> = None;
     let mut listing = control::Listing::default();
     for u in initial {
@@ -682,11 +725,11 @@ async fn serve(
                     *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
                     d.resolver().set_connected(false);
                 }
-                reconnecting = Some(tokio::spawn(reconnect(link.target.clone())));
+                reconnecting = Some(tokio::spawn(reconnect(link.target.clone(), link.rediscover.clone())));
             }
             r = async { reconnecting.as_mut().expect("guarded by the branch condition").await }, if reconnecting.is_some() => {
                 reconnecting = None;
-                let Ok(session) = r else { break "reconnecting failed".to_string() };
+                let Ok((session, target)) = r else { break "reconnecting failed".to_string() };
                 info!(manager = %session.manager, "reconnected to the manager");
                 let stack = tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(mtu), ..Default::default() });
                 let dataplane = Dataplane::new(stack, tun.clone(), session.conn.clone());
@@ -696,8 +739,11 @@ async fn serve(
                     *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.conn.clone());
                     d.resolver().set_connected(true);
                 }
-                let target = link.target.clone();
-                let old = std::mem::replace(&mut link, Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target });
+                let rediscover = link.rediscover.clone();
+                let old = std::mem::replace(
+                    &mut link,
+                    Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target, rediscover },
+                );
 
                 old.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"replaced");
                 let (send, recv) = session.control;

@@ -272,3 +272,36 @@ fn exec_plugin_credentials_work() {
     let page = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", "http://frontend.default/"]);
     assert!(stdout(&page).contains(tpvpn_lab::FRONTEND_BODY), "{}", show(&page));
 }
+
+#[test]
+fn a_manager_reinstalled_with_a_new_token_is_found_again() {
+    use base64::Engine;
+    let Some(mut lab) = lab() else { return };
+    let out = up_kube(&lab, &lab.kubeconfig(), &[]);
+    assert!(out.status.success(), "tpvpn up:\n{}", show(&out));
+    // What `tpvpn manager install` after an uninstall amounts to: a new token in the
+    // Secret, and a manager that accepts only the new one.
+    let token = lab.dir().join("token-reinstalled");
+    std::fs::write(&token, "a-token-from-the-reinstall\n").unwrap();
+    let path = "/api/v1/namespaces/tpvpn/secrets/tpvpn-client";
+    let mut secret = get(&lab, path).expect("the client Secret");
+    secret["data"]["token"] = base64::engine::general_purpose::STANDARD.encode("a-token-from-the-reinstall\n").into();
+    lab.kube_apply("PUT", path, Some(&secret)).expect("update the Secret");
+    lab.start_manager_with_token(&token).expect("manager with the new token");
+
+    let log = || std::fs::read_to_string(lab.runtime_dir().join("tpvpn.log")).unwrap_or_default();
+    // The old token is refused; the next attempt reads the Secret again and gets in.
+    let reconnected = || {
+        let st = lab.tpvpn(&["status", "-o", "json"]);
+        log().contains("the manager's credentials changed")
+            && serde_json::from_slice::<serde_json::Value>(&st.stdout).is_ok_and(|v| v["connected"] == true)
+    };
+    assert!(
+        tpvpn_lab::wait_until(Duration::from_secs(20), reconnected),
+        "not reconnected with the new token; client log:\n{}\nmanager:\n{}",
+        log(),
+        lab.manager_log()
+    );
+    let page = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", "http://10.96.0.10/"]);
+    assert!(stdout(&page).contains(tpvpn_lab::FRONTEND_BODY), "{}", show(&page));
+}
