@@ -29,7 +29,7 @@ pub const LATENCY_SECONDS: u32 = 5;
 pub const OUTSTANDING: u32 = 100;
 /// Upper bound of the fixed rate of the latency run.
 pub const MAX_FIXED_QPS: f64 = 20_000.0;
-/// Names asked, type A: every Service of the lab's fixtures in a routed namespace (the
+/// Names asked, type A: every IPv4 Service of the lab's fixtures in a routed namespace (the
 /// `rs` namespace is a public suffix, never a routing domain, so `svc.rs` is left out).
 pub const NAMES: &[&str] = &[
     "frontend.default.svc.cluster.local",

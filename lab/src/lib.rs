@@ -48,6 +48,8 @@ pub const MANAGER_ADDR: &str = "10.250.1.1:4443";
 pub const LAPTOP_NODE_IP: &str = "10.250.1.2";
 /// The frontend Service ClusterIP (nginx on :80).
 pub const FRONTEND_IP: &str = "10.96.0.10";
+/// The IPv6-only Service `default/frontend6` (the same nginx, :80).
+pub const FRONTEND6_IP: &str = "fd00:96::10";
 /// The frontend pod IP (same nginx, :80).
 pub const FRONTEND_POD_IP: &str = "10.244.1.10";
 /// The redis Service ClusterIP (:6379).
@@ -300,6 +302,8 @@ impl Lab {
         for a in CLUSTER_IPS {
             ip(&["-n", c, "addr", "add", &format!("{a}/32"), "dev", dev])?;
         }
+        // `nodad`: usable at once, without duplicate address detection.
+        ip(&["-n", c, "-6", "addr", "add", &format!("{FRONTEND6_IP}/128"), "dev", dev, "nodad"])?;
         Ok(())
     }
 
@@ -323,7 +327,7 @@ impl Lab {
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/nginx-tmp/body;\n  proxy_temp_path {d}/nginx-tmp/proxy;\n  \
              fastcgi_temp_path {d}/nginx-tmp/fastcgi;\n  uwsgi_temp_path {d}/nginx-tmp/uwsgi;\n  scgi_temp_path {d}/nginx-tmp/scgi;\n  \
-             server {{\n    listen {FRONTEND_IP}:80;\n    listen {FRONTEND_POD_IP}:80;\n    root {d}/www;\n    index index.html;\n  }}\n}}\n"
+             server {{\n    listen {FRONTEND_IP}:80;\n    listen {FRONTEND_POD_IP}:80;\n    listen [{FRONTEND6_IP}]:80;\n    root {d}/www;\n    index index.html;\n  }}\n}}\n"
         );
         let conf_path = self.dir.join("nginx.conf");
         fs::write(&conf_path, conf)?;
@@ -474,7 +478,9 @@ impl Lab {
 
     /// Polls `ss` in the cluster ns until every server listens (bounded: ~10 s).
     fn wait_servers(&mut self) -> Result<()> {
-        let tcp = ["10.96.0.10:80", "10.244.1.10:80", "10.96.0.20:6379", RESET_ADDR, SINK_ADDR, SOURCE_ADDR];
+        let frontend6 = format!("[{FRONTEND6_IP}]:80");
+        let tcp =
+            ["10.96.0.10:80", "10.244.1.10:80", &frontend6, "10.96.0.20:6379", RESET_ADDR, SINK_ADDR, SOURCE_ADDR];
         let mut missing = Vec::new();
         for _ in 0..100 {
             for (name, child) in &mut self.children {
@@ -532,6 +538,9 @@ impl Lab {
             svc("kube-system", "kube-dns", "10.96.0.53", vec![port("dns", 53, "UDP"), port("dns-tcp", 53, "TCP")]),
             svc("rs", "svc", "10.96.0.60", vec![port("http", 80, "TCP")]),
         ]);
+        let mut frontend6 = svc("default", "frontend6", FRONTEND6_IP, vec![port("http", 80, "TCP")]);
+        frontend6["spec"]["ipFamilies"] = json!(["IPv6"]);
+        objs.push(frontend6);
         let mut mgr = svc("tpvpn", "tpvpn-manager", "10.96.0.70", vec![port("quic", 4443, "UDP")]);
         mgr["spec"]["type"] = json!("NodePort");
         mgr["spec"]["ports"][0]["nodePort"] = json!(4443);

@@ -154,10 +154,10 @@ fn lists_gets_and_errors() {
     assert_eq!(rv_of(&svcs), rv, "nothing changed, same resourceVersion");
     assert_eq!(
         names(&svcs),
-        ["frontend", "redis-leader", "test-servers", "udp-echo", "kube-dns", "svc", "tpvpn-manager"]
+        ["frontend", "frontend6", "redis-leader", "test-servers", "udp-echo", "kube-dns", "svc", "tpvpn-manager"]
     );
     let (_, def) = get(&lab, "/api/v1/namespaces/default/services");
-    assert_eq!(names(&def), ["frontend", "redis-leader", "test-servers", "udp-echo"]);
+    assert_eq!(names(&def), ["frontend", "frontend6", "redis-leader", "test-servers", "udp-echo"]);
     let (_, one) = get(&lab, "/api/v1/services?fieldSelector=metadata.name%3Dkube-dns");
     assert_eq!(
         one["items"][0]["spec"]["ports"],
@@ -254,10 +254,11 @@ fn watch_replays_and_streams_changes() {
     let rv0 = rv_of(&list);
     let w =
         Watch::start(&lab, "/api/v1/namespaces/default/services?watch=true&resourceVersion=0&timeoutSeconds=30", 40);
-    let initial = w.wait_until("4 initial ADDED", |ev| ev.len() >= 4);
+    let initial = w.wait_until("5 initial ADDED", |ev| ev.len() >= 5);
     assert_eq!(
         summary(&initial),
-        ["frontend", "redis-leader", "test-servers", "udp-echo"].map(|n| ("ADDED".to_string(), n.to_string()))
+        ["frontend", "frontend6", "redis-leader", "test-servers", "udp-echo"]
+            .map(|n| ("ADDED".to_string(), n.to_string()))
     );
     let headers = fs::read_to_string(&w.headers).unwrap().to_ascii_lowercase();
     assert!(
@@ -280,7 +281,7 @@ fn watch_replays_and_streams_changes() {
     assert!(ip.starts_with("10.96.100."), "{created}");
     assert!(rv_of(&created) > rv0);
     let ev = w.wait_until("ADDED w1", |ev| has(ev, "ADDED", "w1"));
-    assert_eq!(ev[4]["object"]["spec"]["clusterIP"], ip);
+    assert_eq!(ev[initial.len()]["object"]["spec"]["clusterIP"], ip);
     let e = lab.kube_apply("POST", "/api/v1/namespaces/default/services", Some(&created)).unwrap_err();
     assert!(format!("{e:#}").contains("HTTP 409") && format!("{e:#}").contains("AlreadyExists"), "{e:#}");
 
@@ -297,7 +298,7 @@ fn watch_replays_and_streams_changes() {
     lab.kube_apply("DELETE", "/api/v1/namespaces/default/services/w1", None).unwrap();
     let ev = w.wait_until("DELETED w1", |ev| has(ev, "DELETED", "w1"));
     assert_eq!(
-        summary(&ev[4..]),
+        summary(&ev[initial.len()..]),
         [("ADDED", "w1"), ("MODIFIED", "w1"), ("DELETED", "w1")].map(|(a, b)| (a.into(), b.into()))
     );
     let (code, _) =
@@ -314,7 +315,7 @@ fn watch_replays_and_streams_changes() {
         10,
     );
     assert!(replay.wait_exit(), "the watch did not end cleanly after timeoutSeconds");
-    assert_eq!(summary(&replay.events()), summary(&w.events()[4..]));
+    assert_eq!(summary(&replay.events()), summary(&w.events()[initial.len()..]));
     assert!(lab.apiserver_log().contains("watch=true"), "{}", lab.apiserver_log());
 }
 

@@ -332,3 +332,35 @@ fn manager_health_and_metrics_count_real_traffic() {
     assert!(value("tpvpn_manager_dial_failures_total{reason=\"refused\"} ") >= 1, "{text}");
     assert!(value("tpvpn_manager_bytes_total{direction=\"from_cluster\"} ") > 100, "{text}");
 }
+
+#[test]
+fn ipv6_services_resolve_and_carry_tcp() {
+    let Some(lab) = lab_up(&[]) else { return };
+    let ip6 = tpvpn_lab::FRONTEND6_IP;
+    let st = lab.tpvpn(&["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&st)));
+    let routes: Vec<&str> = v["routes"].as_array().expect("routes").iter().filter_map(|r| r.as_str()).collect();
+    assert!(routes.contains(&"fd00:96::/112"), "the IPv6 Service range is routed: {v}");
+    let route = lab.exec(lab.laptop(), &["ip", "-6", "route", "get", ip6]);
+    assert!(stdout(&route).contains("tpvpn0"), "{}", show(&route));
+    // AAAA from the local table.
+    let dig = lab.exec(lab.laptop(), &["dig", "+short", "+time=2", "+tries=1", "frontend6.default", "AAAA"]);
+    assert_eq!(stdout(&dig).trim(), ip6, "{}", show(&dig));
+    // TCP over IPv6 through the netstack and the tunnel, by address and by name.
+    let url = format!("http://[{ip6}]/");
+    for target in [url.as_str(), "http://frontend6.default/"] {
+        let page = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", target]);
+        assert!(stdout(&page).contains(tpvpn_lab::FRONTEND_BODY), "{target}: {}", show(&page));
+    }
+    // 16 MiB over IPv6, byte for byte (nginx serves a file of the lab's web root).
+    let body: Vec<u8> = (0..16u32 << 20).map(|i| (i.wrapping_mul(31) % 251) as u8).collect();
+    std::fs::write(lab.dir().join("www/big.bin"), &body).unwrap();
+    let out = lab.dir().join("out/big6.bin");
+    let got = lab.exec_timeout(
+        lab.laptop(),
+        &["curl", "-sS", "--max-time", "30", "-o", &out.display().to_string(), &format!("{url}big.bin")],
+        Duration::from_secs(40),
+    );
+    assert_ok(&got, "curl of 16 MiB over IPv6");
+    assert!(std::fs::read(&out).unwrap() == body, "the 16 MiB body differs");
+}

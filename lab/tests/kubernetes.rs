@@ -47,7 +47,7 @@ fn up_with_only_a_kubeconfig_finds_the_manager_and_works() {
     assert_eq!(v["manager"], tpvpn_lab::MANAGER_ADDR, "found through the Service's NodePort on the API host: {v}");
     // Learned by the manager from the stand-in's Services and Nodes, not from flags.
     let routes: Vec<&str> = v["routes"].as_array().unwrap().iter().filter_map(|r| r.as_str()).collect();
-    assert_eq!(routes, ["10.96.0.0/16", "10.244.0.0/16"], "{v}");
+    assert_eq!(routes, ["10.96.0.0/16", "10.244.0.0/16", "fd00:96::/112"], "{v}");
     let never: Vec<&str> = v["never_proxy"].as_array().unwrap().iter().filter_map(|r| r.as_str()).collect();
     assert!(never.contains(&"10.250.1.1/32"), "the API server's address is never routed: {v}");
 }
