@@ -668,19 +668,22 @@ async fn reconnect(mut target: Target, rediscover: Option<Rediscover>) -> (crate
         match connect(&target).await {
             Ok(session) => return (session, target),
             Err(e) => {
-                warn!(error = %e, "reconnecting to the manager failed; trying again in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                warn!(error = %e, "reconnecting to the manager failed");
                 if let Some(r) = &rediscover {
                     match r.refresh(&target).await {
                         Ok(fresh) if fresh.ca_pem != target.ca_pem || fresh.token != target.token => {
                             info!(source = %fresh.token_source, "the manager's credentials changed; using the new ones");
                             target = fresh;
+                            // New credentials deserve a try at once.
+                            continue;
                         }
                         Ok(_) => {}
                         Err(e) => debug!(error = %e, "cannot read the manager's credentials again"),
                     }
                 }
+                debug!("trying again in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
