@@ -323,12 +323,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     let result = async {
         state.device = Some(opts.device.clone());
         state.save(&paths.state())?;
-        let tun = tun_rs::DeviceBuilder::new()
-            .name(&opts.device)
-            .ipv4(TUN_V4, 32u8, None)
-            .mtu(opts.mtu)
-            .build_async()
-            .map_err(|e| Error::System(format!("cannot create TUN device {}: {e}", opts.device)))?;
+        let (tun, checksum_offload) = open_tun(&opts.device, opts.mtu)?;
         let tun = Arc::new(tun);
         let mut routing = Routing {
             device: opts.device.clone(),
@@ -346,9 +341,9 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             DnsMode::Off => None,
             mode => Some(start_dns(mode, &plan, &session.cluster.domain, &session.conn, &initial, &mut routing).await?),
         };
-        let stack =
-            tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(opts.mtu), ..Default::default() });
-        let dataplane = Dataplane::new(stack, tun.clone(), session.conn.clone());
+        let stack_config =
+            tpvpn_netstack::Config { mtu: usize::from(opts.mtu), checksum_offload, ..Default::default() };
+        let dataplane = Dataplane::new(tpvpn_netstack::Stack::new(stack_config.clone()), tun.clone(), session.conn.clone());
         let status = Status {
             connected: true,
             context: plan.context.clone(),
@@ -378,7 +373,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             target: plan.target.clone(),
             rediscover: plan.rediscover.clone(),
         };
-        let running = Running { dataplane, tun, mtu: opts.mtu, link };
+        let running = Running { dataplane, tun, stack_config, link };
         let (why, down_reply, link) = serve(running, listener, status, (initial, updates), &mut routing, dns).await;
         link.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
         info!(%why, "shutting down");
@@ -651,10 +646,41 @@ struct Link {
 
 /// What `serve` runs: the data plane of the current connection, the device (kept across
 /// reconnections), and the link.
+/// Creates the TUN device, with checksum offload where the kernel allows it (the bool):
+/// then the kernel neither computes the checksums of what the laptop sends into the
+/// device nor verifies those of what the stack writes, and the stack writes TCP with
+/// only its pseudo-header sum.
+fn open_tun(name: &str, mtu: u16) -> Result<(tun_rs::AsyncDevice, bool), Error> {
+    let build = |offload: bool| {
+        tun_rs::DeviceBuilder::new().name(name).ipv4(TUN_V4, 32u8, None).mtu(mtu).offload(offload).build_async()
+    };
+    match build(true).and_then(|tun| checksum_offload_only(&tun).map(|()| tun)) {
+        Ok(tun) => return Ok((tun, true)),
+        // The device created above is gone with its descriptor.
+        Err(e) => warn!(device = name, "no checksum offload on the TUN device ({e}); checksums are computed"),
+    }
+    build(false).map(|tun| (tun, false)).map_err(|e| Error::System(format!("cannot create TUN device {name}: {e}")))
+}
+
+/// Leaves only checksum offload on (tun-rs's `offload` also turns on TCP and UDP
+/// segmentation offload), so that every packet read is one packet within the MTU.
+#[allow(unsafe_code)]
+fn checksum_offload_only(tun: &tun_rs::AsyncDevice) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETOFFLOAD takes its flags by value, and the descriptor is the live TUN
+    // device `tun` owns.
+    let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETOFFLOAD, libc::c_ulong::from(libc::TUN_F_CSUM)) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 struct Running {
     dataplane: Dataplane,
     tun: crate::dataplane::Tun,
-    mtu: u16,
+    /// For the stack of each new connection.
+    stack_config: tpvpn_netstack::Config,
     link: Link,
 }
 
@@ -704,7 +730,7 @@ async fn serve(
     dns: Option<Arc<crate::dns::Shared>>,
 ) -> (String, Option<tokio::net::UnixStream>, Link) {
     use tokio::signal::unix::{signal, SignalKind};
-    let Running { dataplane, tun, mtu, mut link } = running;
+    let Running { dataplane, tun, stack_config, mut link } = running;
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return ("cannot install signal handlers".into(), None, link);
     };
@@ -734,7 +760,7 @@ async fn serve(
                 reconnecting = None;
                 let Ok((session, target)) = r else { break "reconnecting failed".to_string() };
                 info!(manager = %session.manager, "reconnected to the manager");
-                let stack = tpvpn_netstack::Stack::new(tpvpn_netstack::Config { mtu: usize::from(mtu), ..Default::default() });
+                let stack = tpvpn_netstack::Stack::new(stack_config.clone());
                 let dataplane = Dataplane::new(stack, tun.clone(), session.conn.clone());
                 handle = Some(dataplane.handle());
                 dp = Some(tokio::spawn(dataplane.run()));

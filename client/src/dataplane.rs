@@ -11,14 +11,15 @@
 //!   task refills only as bytes enter the smoltcp socket, so QUIC flow control pushes
 //!   back on the manager when the laptop application reads slowly.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant as StdInstant;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tpvpn_netstack::{DialOutcome, Event, FlowId, Instant, Stack, TcpRead};
+use tpvpn_netstack::{wire, DialOutcome, Event, FlowId, FlowMap, Instant, Stack, TcpRead};
 use tpvpn_tunnel::datagram::Datagram;
 use tpvpn_tunnel::io::{read_message, read_udp_record, write_message, write_udp_record};
 use tpvpn_tunnel::{FlowStatus, Message, Protocol, RESET_CODE};
@@ -132,8 +133,8 @@ pub struct Dataplane {
     conn: quinn::Connection,
     cmd_tx: mpsc::UnboundedSender<Cmd>,
     cmd_rx: mpsc::UnboundedReceiver<Cmd>,
-    tcp: HashMap<FlowId, TcpCtl>,
-    udp: HashMap<FlowId, UdpCtl>,
+    tcp: FlowMap<TcpCtl>,
+    udp: FlowMap<UdpCtl>,
     epoch: StdInstant,
 }
 
@@ -146,8 +147,8 @@ impl Dataplane {
             conn,
             cmd_tx,
             cmd_rx,
-            tcp: HashMap::new(),
-            udp: HashMap::new(),
+            tcp: FlowMap::default(),
+            udp: FlowMap::default(),
             epoch: StdInstant::now(),
         }
     }
@@ -164,7 +165,9 @@ impl Dataplane {
     pub async fn run(mut self) -> String {
         tokio::spawn(route_datagrams(self.conn.clone(), self.cmd_tx.clone()));
         let mtu = self.stack.config().mtu;
-        let mut buf = vec![0u8; mtu + 64];
+        // With checksum offload every packet comes and goes behind a virtio header.
+        let vnet = if self.stack.config().checksum_offload { wire::VNET_HDR_LEN } else { 0 };
+        let mut buf = vec![0u8; vnet + mtu + 64];
         loop {
             if let Err(e) = self.flush().await {
                 return format!("writing to the TUN device failed: {e}");
@@ -178,11 +181,11 @@ impl Dataplane {
                 r = self.tun.recv(&mut buf) => match r {
                     Ok(n) => {
                         let now = self.now();
-                        let _ = self.stack.input(&buf[..n], now);
+                        let _ = self.stack.input(buf.get(vnet..n).unwrap_or_default(), now);
                         // Drain what else is ready without waiting, to batch work.
                         for _ in 0..64 {
                             match self.tun.try_recv(&mut buf) {
-                                Ok(n) => { let _ = self.stack.input(&buf[..n], now); }
+                                Ok(n) => { let _ = self.stack.input(buf.get(vnet..n).unwrap_or_default(), now); }
                                 Err(_) => break,
                             }
                         }
@@ -217,7 +220,13 @@ impl Dataplane {
             }
             while let Some(p) = self.stack.transmit() {
                 idle = false;
-                self.tun.send(&p).await?;
+                if self.stack.config().checksum_offload {
+                    let header = wire::vnet_header(&p);
+                    self.tun.send_vectored(&[IoSlice::new(&header), IoSlice::new(&p)]).await?;
+                } else {
+                    self.tun.send(&p).await?;
+                }
+                self.stack.recycle(p);
             }
             if idle {
                 return Ok(());
@@ -316,14 +325,18 @@ impl Dataplane {
         let now = self.now();
         let Some(ctl) = self.tcp.get_mut(&id) else { return };
         // Cluster to laptop.
-        while let Some(front) = ctl.pending.front_mut() {
-            let Ok(n) = self.stack.tcp_send(id, front, now) else { break };
-            if n == 0 {
-                break;
+        if !ctl.pending.is_empty() {
+            let sent = self.stack.tcp_send_all(id, ctl.pending.iter().map(|b| &b[..]), now).unwrap_or(0);
+            if sent > 0 {
+                ctl.budget.add_permits(sent);
             }
-            ctl.budget.add_permits(n);
-            let _ = front.split_to(n);
-            if front.is_empty() {
+            let mut left = sent;
+            while let Some(front) = ctl.pending.front_mut() {
+                if left < front.len() {
+                    let _ = front.split_to(left);
+                    break;
+                }
+                left -= front.len();
                 ctl.pending.pop_front();
             }
         }

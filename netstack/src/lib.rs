@@ -23,14 +23,17 @@
 
 pub mod wire;
 
+mod outbox;
 mod tcp;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::SocketAddr;
 
 pub use smoltcp::time::{Duration, Instant};
 
+use outbox::Outbox;
 use tcp::TcpFlow;
 pub use tcp::{TcpRead, TcpStatus};
 use wire::Transport;
@@ -51,6 +54,31 @@ pub enum Error {
 /// Identifies a flow for the life of the [`Stack`]; never reused.
 pub type FlowId = u64;
 
+/// A map keyed by [`FlowId`]. Ids are handed out by the stack, never taken from the
+/// network, so a multiplicative hash is enough (SipHash showed in profiles).
+pub type FlowMap<V> = HashMap<FlowId, V, BuildHasherDefault<FlowIdHasher>>;
+
+/// Fibonacci hashing of a [`FlowId`]: spreads sequential ids over the high bits that
+/// the hash map's tags use.
+#[derive(Default)]
+pub struct FlowIdHasher(u64);
+
+impl Hasher for FlowIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 /// Tunables of the stack.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -62,6 +90,10 @@ pub struct Config {
     pub tcp_tx_buffer: usize,
     /// A UDP flow without traffic for this long is forgotten.
     pub udp_idle_timeout: Duration,
+    /// The device completes TCP checksums (a TUN device with `IFF_VNET_HDR` and
+    /// `TUN_F_CSUM`): every TCP packet from [`Stack::transmit`] then carries only its
+    /// pseudo-header sum, to be written after [`wire::vnet_header`].
+    pub checksum_offload: bool,
 }
 
 impl Default for Config {
@@ -70,6 +102,7 @@ impl Default for Config {
             mtu: 65_000,
             tcp_rx_buffer: 512 * 1024,
             tcp_tx_buffer: 512 * 1024,
+            checksum_offload: false,
             udp_idle_timeout: Duration::from_secs(60),
         }
     }
@@ -141,12 +174,12 @@ impl Flow {
 pub struct Stack {
     config: Config,
     by_key: HashMap<FlowKey, FlowId>,
-    flows: HashMap<FlowId, Flow>,
+    flows: FlowMap<Flow>,
     next_id: FlowId,
     /// Timer heap of (deadline, flow); stale entries are skipped when popped.
     timers: BinaryHeap<Reverse<(Instant, FlowId)>>,
     events: VecDeque<Event>,
-    out: VecDeque<Vec<u8>>,
+    out: Outbox,
     /// TCP flows whose socket the caller changed (send, recv, close) since their last
     /// poll; each is polled once before the next [`Stack::transmit`], so a burst of
     /// sends becomes one segment rather than one per call.
@@ -158,14 +191,15 @@ pub struct Stack {
 
 impl Stack {
     pub fn new(config: Config) -> Self {
+        let out = Outbox::new(config.checksum_offload);
         Stack {
             config,
             by_key: HashMap::new(),
-            flows: HashMap::new(),
+            flows: FlowMap::default(),
             next_id: 1,
             timers: BinaryHeap::new(),
             events: VecDeque::new(),
-            out: VecDeque::new(),
+            out,
             dirty: Vec::new(),
             now: Instant::ZERO,
             counters: Counters::default(),
@@ -229,7 +263,7 @@ impl Stack {
                     self.events.push_back(Event::TcpConnect { id, src, dst });
                 } else if !seg.rst {
                     // A segment of no flow we know (say, after a restart): a closed port.
-                    self.out.push_back(wire::tcp_reset_for(&info, &seg)?);
+                    self.out.push(wire::tcp_reset_for(&info, &seg)?);
                 }
             }
             Transport::Udp { payload, .. } => {
@@ -287,7 +321,7 @@ impl Stack {
                     }
                     _ => wire::icmp_unreachable_for(&syn, &info)?,
                 };
-                self.out.push_back(reply);
+                self.out.push(reply);
                 self.remove(id);
             }
             DialOutcome::TimedOut => self.remove(id),
@@ -325,9 +359,29 @@ impl Stack {
 
     /// Queues bytes toward the laptop application; returns how many fit.
     pub fn tcp_send(&mut self, id: FlowId, data: &[u8], now: Instant) -> Result<usize, Error> {
-        let n = tcp_flow(&mut self.flows, id)?.send(data);
+        self.tcp_send_all(id, [data], now)
+    }
+
+    /// Queues `chunks` in order toward the laptop application, up to the first that
+    /// does not fit whole; returns how many bytes fit in all (a prefix of their
+    /// concatenation).
+    pub fn tcp_send_all<'a>(
+        &mut self,
+        id: FlowId,
+        chunks: impl IntoIterator<Item = &'a [u8]>,
+        now: Instant,
+    ) -> Result<usize, Error> {
+        let flow = tcp_flow(&mut self.flows, id)?;
+        let mut sent = 0;
+        for chunk in chunks {
+            let n = flow.send(chunk);
+            sent += n;
+            if n < chunk.len() {
+                break;
+            }
+        }
         self.mark_dirty(id, now);
-        Ok(n)
+        Ok(sent)
     }
 
     /// Closes the cluster-to-laptop direction (FIN once queued data is sent).
@@ -354,7 +408,7 @@ impl Stack {
         };
         u.last_active = now;
         let pkt = wire::udp_packet(u.dst, u.src, payload)?;
-        self.out.push_back(pkt);
+        self.out.push(pkt);
         Ok(())
     }
 
@@ -464,9 +518,15 @@ impl Stack {
         if !self.dirty.is_empty() {
             self.poll_dirty();
         }
-        let p = self.out.pop_front()?;
+        let p = self.out.pop()?;
         self.counters.packets_out += 1;
         Some(p)
+    }
+
+    /// Hands back a packet from [`Stack::transmit`] once written, so that its buffer
+    /// carries a later packet.
+    pub fn recycle(&mut self, packet: Vec<u8>) {
+        self.out.recycle(packet);
     }
 }
 
@@ -475,7 +535,7 @@ fn is_unicast(ip: std::net::IpAddr) -> bool {
     smoltcp::wire::IpAddress::from(ip).is_unicast()
 }
 
-fn tcp_flow(flows: &mut HashMap<FlowId, Flow>, id: FlowId) -> Result<&mut TcpFlow, Error> {
+fn tcp_flow(flows: &mut FlowMap<Flow>, id: FlowId) -> Result<&mut TcpFlow, Error> {
     match flows.get_mut(&id) {
         Some(Flow::Tcp(f)) => Ok(f),
         _ => Err(Error::NoFlow(id)),

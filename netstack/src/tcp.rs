@@ -1,7 +1,6 @@
 //! One terminated TCP flow: a smoltcp socket in its own smoltcp `Interface`, fed only
 //! the packets of this flow, so polling it costs the same whatever the number of flows.
 
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
@@ -10,6 +9,7 @@ use smoltcp::socket::tcp::{self, RecvError, State};
 use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
 
+use crate::outbox::Outbox;
 use crate::{Config, FlowId};
 
 /// Result of reading a TCP flow.
@@ -93,7 +93,7 @@ impl TcpFlow {
     }
 
     /// Creates the socket listening on the destination and feeds it the SYN.
-    pub(crate) fn accept(&mut self, syn: &[u8], now: Instant, id: FlowId, out: &mut VecDeque<Vec<u8>>) {
+    pub(crate) fn accept(&mut self, syn: &[u8], now: Instant, id: FlowId, out: &mut Outbox) {
         let mut dev = Dev { rx: None, out, mtu: self.mtu };
         let mut cfg = IfaceConfig::new(HardwareAddress::Ip);
         cfg.random_seed = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now.total_micros() as u64;
@@ -125,7 +125,7 @@ impl TcpFlow {
         &mut self,
         rx: Option<&[u8]>,
         now: Instant,
-        out: &mut VecDeque<Vec<u8>>,
+        out: &mut Outbox,
         f: impl FnOnce(&mut tcp::Socket<'static>) -> R,
     ) -> Option<R> {
         let conn = self.conn.as_mut()?;
@@ -147,14 +147,14 @@ impl TcpFlow {
     /// Processes one packet from the laptop, sending only what smoltcp answers at once
     /// (e.g. a reset); data and acknowledgements wait for the next poll, so the driver can
     /// first refill the send buffer and one segment carries both.
-    pub(crate) fn input(&mut self, packet: &[u8], now: Instant, out: &mut VecDeque<Vec<u8>>) {
+    pub(crate) fn input(&mut self, packet: &[u8], now: Instant, out: &mut Outbox) {
         let Some(conn) = self.conn.as_mut() else { return };
         let mut dev = Dev { rx: Some(packet), out, mtu: self.mtu };
         conn.iface.poll_ingress_single(now, &mut dev, &mut conn.sockets);
         self.note_remote_fin();
     }
 
-    pub(crate) fn poll(&mut self, now: Instant, out: &mut VecDeque<Vec<u8>>) {
+    pub(crate) fn poll(&mut self, now: Instant, out: &mut Outbox) {
         self.with_conn(None, now, out, |_| ());
     }
 
@@ -201,7 +201,7 @@ impl TcpFlow {
         self.dirty = false;
     }
 
-    pub(crate) fn abort(&mut self, now: Instant, out: &mut VecDeque<Vec<u8>>) {
+    pub(crate) fn abort(&mut self, now: Instant, out: &mut Outbox) {
         self.with_conn(None, now, out, |s| s.abort());
     }
 
@@ -265,12 +265,12 @@ impl TcpFlow {
 /// A smoltcp device over one optional input packet and the stack's output queue.
 struct Dev<'a> {
     rx: Option<&'a [u8]>,
-    out: &'a mut VecDeque<Vec<u8>>,
+    out: &'a mut Outbox,
     mtu: usize,
 }
 
 struct RxTok<'a>(&'a [u8]);
-struct TxTok<'a>(&'a mut VecDeque<Vec<u8>>);
+struct TxTok<'a>(&'a mut Outbox);
 
 impl smoltcp::phy::RxToken for RxTok<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -280,9 +280,9 @@ impl smoltcp::phy::RxToken for RxTok<'_> {
 
 impl smoltcp::phy::TxToken for TxTok<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut buf = vec![0u8; len];
+        let mut buf = self.0.buffer(len);
         let r = f(&mut buf);
-        self.0.push_back(buf);
+        self.0.push(buf);
         r
     }
 }
@@ -311,9 +311,9 @@ impl Device for Dev<'_> {
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.mtu;
         // Packets come from the local kernel, which checksummed them: verify nothing on
-        // input, compute everything on output.
+        // input, compute everything on output but what the device completes.
         caps.checksum.ipv4 = Checksum::Tx;
-        caps.checksum.tcp = Checksum::Tx;
+        caps.checksum.tcp = if self.out.partial_tcp { Checksum::None } else { Checksum::Tx };
         caps.checksum.udp = Checksum::Tx;
         caps
     }

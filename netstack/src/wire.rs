@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::wire::{
-    Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpAddress,
+    checksum, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6DstUnreachable, Icmpv6Packet, Icmpv6Repr, IpAddress,
     IpProtocol, IpRepr, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
     UdpPacket, UdpRepr,
 };
@@ -19,6 +19,14 @@ pub const UDP: u8 = 17;
 
 /// Hop limit of packets the netstack builds.
 const HOP_LIMIT: u8 = 64;
+
+/// Length of the `virtio_net_hdr` before every packet on a TUN device opened with
+/// `IFF_VNET_HDR`.
+pub const VNET_HDR_LEN: usize = 10;
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the device completes the checksum.
+const VNET_NEEDS_CSUM: u8 = 1;
+/// Offset of the checksum field in a TCP header.
+const TCP_CHECKSUM_AT: usize = 16;
 
 /// What the netstack needs to know about a packet from the TUN device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,6 +131,51 @@ pub fn parse(packet: &[u8]) -> Result<PacketInfo, Error> {
         _ => Transport::Other,
     };
     Ok(PacketInfo { src, dst, protocol, transport })
+}
+
+/// Where the TCP header of `packet` starts and the sum of its pseudo-header, if
+/// `packet` is a whole, unfragmented TCP packet.
+fn tcp_segment(packet: &[u8]) -> Option<(usize, u16)> {
+    let info = parse(packet).ok()?;
+    if !matches!(info.transport, Transport::Tcp(_)) {
+        return None;
+    }
+    // `parse` checked both headers and the lengths.
+    let length = |at: usize| usize::from(u16::from_be_bytes([packet[at], packet[at + 1]]));
+    let (start, len) = match info.src {
+        IpAddr::V4(_) => {
+            let hl = usize::from(packet[0] & 0x0f) * 4;
+            (hl, length(2) - hl)
+        }
+        IpAddr::V6(_) => (smoltcp::wire::IPV6_HEADER_LEN, length(4)),
+    };
+    let sum = checksum::pseudo_header(&info.src.into(), &info.dst.into(), IpProtocol::Tcp, len as u32);
+    Some((start, sum))
+}
+
+/// Replaces the checksum of a TCP packet with the sum of its pseudo-header alone, which
+/// a device with checksum offload completes (Linux's `CHECKSUM_PARTIAL`). Any other
+/// packet is left as it is.
+pub fn set_partial_tcp_checksum(packet: &mut [u8]) {
+    if let Some((start, sum)) = tcp_segment(packet) {
+        packet[start + TCP_CHECKSUM_AT..start + TCP_CHECKSUM_AT + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+}
+
+/// The `virtio_net_hdr` to write before `packet` on a TUN device with checksum offload:
+/// for TCP (which then carries its pseudo-header sum, see [`set_partial_tcp_checksum`])
+/// "needs checksum" at the TCP checksum field; for anything else all zero, for a packet
+/// whose checksums are complete. Fields are in host byte order (legacy virtio header).
+pub fn vnet_header(packet: &[u8]) -> [u8; VNET_HDR_LEN] {
+    let mut h = [0u8; VNET_HDR_LEN];
+    if let Some((start, _)) = tcp_segment(packet) {
+        // flags, gso_type (none), hdr_len, gso_size, csum_start, csum_offset.
+        h[0] = VNET_NEEDS_CSUM;
+        h[2..4].copy_from_slice(&((start + TCP_CHECKSUM_AT + 2) as u16).to_ne_bytes());
+        h[6..8].copy_from_slice(&(start as u16).to_ne_bytes());
+        h[8..10].copy_from_slice(&(TCP_CHECKSUM_AT as u16).to_ne_bytes());
+    }
+    h
 }
 
 fn ip_repr(src: IpAddr, dst: IpAddr, proto: IpProtocol, payload_len: usize) -> Result<IpRepr, Error> {
@@ -293,6 +346,43 @@ pub(crate) mod tests {
             );
             buf
         }
+    }
+
+    #[test]
+    fn partial_tcp_checksums_are_completed_as_a_device_would() {
+        for (s, d) in [("10.0.0.1:1234", "10.96.0.1:80"), ("[fd00::1]:1234", "[fd00::2]:80")] {
+            for len in [0usize, 1, 2, 1399, 60_001] {
+                let mut seg = Seg::syn(s, d);
+                seg.control = TcpControl::Psh;
+                seg.ack = Some(7);
+                seg.payload = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+                let full = seg.build();
+                let mut pkt = full.clone();
+                set_partial_tcp_checksum(&mut pkt);
+                let h = vnet_header(&pkt);
+                assert_eq!(h[0], VNET_NEEDS_CSUM);
+                let field = |h: &[u8], i: usize| usize::from(u16::from_ne_bytes([h[i], h[i + 1]]));
+                let (start, offset) = (field(&h, 6), field(&h, 8));
+                // What the kernel does for CHECKSUM_PARTIAL: sum from csum_start to the end,
+                // complement, store at csum_start + csum_offset.
+                let done = !checksum::data(&pkt[start..]);
+                pkt[start + offset..start + offset + 2].copy_from_slice(&done.to_be_bytes());
+                assert_eq!(pkt, full, "{s} -> {d}, {len} bytes");
+                assert!(field(&h, 2) >= start + offset + 2, "hdr_len covers the checksum field");
+            }
+        }
+    }
+
+    #[test]
+    fn only_tcp_gets_a_partial_checksum() {
+        let udp = udp_packet("10.0.0.1:53".parse().unwrap(), "10.0.0.2:9".parse().unwrap(), b"hi").unwrap();
+        let mut pkt = udp.clone();
+        set_partial_tcp_checksum(&mut pkt);
+        assert_eq!(pkt, udp);
+        assert_eq!(vnet_header(&udp), [0; VNET_HDR_LEN]);
+        let mut junk = vec![0x45, 0, 0, 20];
+        set_partial_tcp_checksum(&mut junk);
+        assert_eq!(vnet_header(&junk), [0; VNET_HDR_LEN]);
     }
 
     #[test]
