@@ -102,7 +102,7 @@ fn netstack_dispatch(c: &mut Criterion) {
                 while stack.poll_event().is_some() {}
                 while let Ok(TcpRead::Data(_)) = stack.tcp_recv(id, &mut buf, Instant::from_millis(now)) {}
                 while let Some(p) = stack.transmit() {
-                    black_box(p);
+                    stack.recycle(black_box(p));
                 }
             })
         });
