@@ -343,7 +343,8 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         };
         let stack_config =
             tpvpn_netstack::Config { mtu: usize::from(opts.mtu), checksum_offload, ..Default::default() };
-        let dataplane = Dataplane::new(tpvpn_netstack::Stack::new(stack_config.clone()), tun.clone(), session.conn.clone());
+        let dataplane =
+            Dataplane::new(tpvpn_netstack::Stack::new(stack_config.clone()), tun.clone(), session.conn.clone());
         let status = Status {
             connected: true,
             context: plan.context.clone(),
@@ -644,8 +645,6 @@ struct Link {
     rediscover: Option<Rediscover>,
 }
 
-/// What `serve` runs: the data plane of the current connection, the device (kept across
-/// reconnections), and the link.
 /// Creates the TUN device, with checksum offload where the kernel allows it (the bool):
 /// then the kernel neither computes the checksums of what the laptop sends into the
 /// device nor verifies those of what the stack writes, and the stack writes TCP with
@@ -676,6 +675,8 @@ fn checksum_offload_only(tun: &tun_rs::AsyncDevice) -> std::io::Result<()> {
     Ok(())
 }
 
+/// What `serve` runs: the data plane of the current connection, the device (kept across
+/// reconnections), and the link.
 struct Running {
     dataplane: Dataplane,
     tun: crate::dataplane::Tun,
