@@ -2,7 +2,7 @@
 //! this crate's tests over a generated corpus (`cargo test --no-default-features`,
 //! stable). Each check asserts more than "no panic".
 
-use hickory_proto::op::{Message as DnsMessage, MessageType, OpCode};
+use hickory_proto::op::{Message as DnsMessage, MessageType};
 use tpvpn_netstack::{wire, Config, DialOutcome, Event, Instant, Stack};
 use tpvpn_resolver::{Action, Psl, Resolver, Transport};
 use tpvpn_tunnel::datagram::Datagram;
@@ -157,6 +157,7 @@ pub fn dns_queries(data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hickory_proto::op::OpCode;
 
     /// A small deterministic generator, so the corpus is the same on every run.
     struct Rng(u64);
