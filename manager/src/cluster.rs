@@ -181,13 +181,18 @@ pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> V
     tokio::spawn(drive("services", services.touched_objects(), changed.clone()));
     tokio::spawn(drive("nodes", nodes.touched_objects(), changed.clone()));
     tokio::spawn(drive("namespaces", namespaces.touched_objects(), changed.clone()));
-    // Pod IPs only matter when no node tells its pod CIDR: watch pods only then.
+    // One task waits for the first lists, and nothing else waits on these stores:
+    // kube-runtime wakes only the last task that waited on a store's readiness, so a
+    // second waiter could sleep through it.
+    let (listed_tx, listed) = tokio::sync::oneshot::channel::<()>();
     {
-        let (node_reader, changed) = (node_reader.clone(), changed.clone());
+        let (svc_reader, node_reader, ns_reader, changed) =
+            (svc_reader.clone(), node_reader.clone(), ns_reader.clone(), changed.clone());
         tokio::spawn(async move {
             if node_reader.wait_until_ready().await.is_err() {
                 return;
             }
+            // Pod IPs only matter when no node tells its pod CIDR: watch pods only then.
             let has_pod_cidrs = node_reader.state().iter().any(|n| {
                 n.spec
                     .as_ref()
@@ -196,11 +201,13 @@ pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> V
             if !has_pod_cidrs {
                 info!("no node reports podCIDRs: learning pod CIDRs from pod IPs");
                 let pods = reflector(pod_writer, watcher(Api::<Pod>::all(client), config())).default_backoff();
-                drive("pods", pods.touched_objects(), changed).await;
+                tokio::spawn(drive("pods", pods.touched_objects(), changed));
+            }
+            if svc_reader.wait_until_ready().await.is_ok() && ns_reader.wait_until_ready().await.is_ok() {
+                let _ = listed_tx.send(());
             }
         });
     }
-    let (svc_ready, node_ready, ns_ready) = (svc_reader.clone(), node_reader.clone(), ns_reader.clone());
     tokio::spawn(async move {
         loop {
             changed.notified().await;
@@ -221,10 +228,9 @@ pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> V
     });
     // Serve clients with the listed view, not with the flags alone, when the API answers.
     let ready = async {
-        let _ = svc_ready.wait_until_ready().await;
-        let _ = node_ready.wait_until_ready().await;
-        let _ = ns_ready.wait_until_ready().await;
-        tokio::time::sleep(DEBOUNCE * 2).await;
+        if listed.await.is_ok() {
+            tokio::time::sleep(DEBOUNCE * 2).await;
+        }
     };
     if tokio::time::timeout(wait, ready).await.is_err() {
         warn!("the Kubernetes API did not answer in time; serving the flags' view until it does");
