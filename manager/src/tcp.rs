@@ -5,6 +5,7 @@ use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tpvpn_tunnel::io::write_message;
@@ -96,17 +97,21 @@ pub(crate) async fn relay(mut send: quinn::SendStream, mut recv: quinn::RecvStre
             }
         };
         let down = async {
-            // destination -> client
-            let mut buf = vec![0u8; buf_len];
+            // destination -> client: what is read goes to quinn as it is, not copied;
+            // reads fill the rest of one allocation until a quarter of it is left.
+            let mut buf = BytesMut::new();
             loop {
-                match tcp_r.read(&mut buf).await {
+                if buf.capacity() < buf_len / 4 {
+                    buf = BytesMut::with_capacity(buf_len);
+                }
+                match tcp_r.read_buf(&mut buf).await {
                     Ok(0) => {
                         let _ = send.finish();
                         return End::Finished;
                     }
                     Ok(n) => {
                         add(&m.bytes_from_cluster, n);
-                        if send.write_all(&buf[..n]).await.is_err() {
+                        if send.write_chunk(buf.split().freeze()).await.is_err() {
                             return End::ClientReset;
                         }
                     }
