@@ -866,7 +866,8 @@ impl Lab {
         self.start_manager()
     }
 
-    /// Starts the manager with `token_file`, waits (≤ 10 s) until it logs ready.
+    /// Starts the manager with `token_file`, waits (≤ 20 s) until it logs ready: longer
+    /// than the manager's own 10 s wait for the API, so a slow API shows as its warning.
     pub fn start_manager_with_token(&mut self, token_file: &Path) -> Result<()> {
         self.stop_manager();
         let bin = find_bin(&self.bin_dir, "tpvpn-manager")?;
@@ -901,7 +902,7 @@ impl Lab {
             .spawn()
             .context("starting tpvpn-manager")?;
         self.manager = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if self.manager_log().matches(READY).count() > ready_before {
                 return Ok(());
@@ -912,7 +913,7 @@ impl Lab {
             }
             if Instant::now() >= deadline {
                 self.stop_manager();
-                bail!("tpvpn-manager not ready after 10 s; log:\n{}", self.manager_log());
+                bail!("tpvpn-manager not ready after 20 s; log:\n{}", self.manager_log());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
