@@ -25,7 +25,13 @@ use std::time::Duration;
 
 use tpvpn_tunnel::ClusterInfo;
 
-pub use session::serve;
+pub use session::{serve, ConnectionLimits};
+
+/// A client must open its control stream and send an acceptable hello within this
+/// long after the TLS handshake, or it is closed.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest hello payload accepted (a token is 64 hex digits).
+pub const MAX_HELLO: usize = 16 * 1024;
 
 /// Errors of the manager library.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +40,7 @@ pub enum Error {
     Tunnel(#[from] tpvpn_tunnel::Error),
     #[error("quic: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    #[error("client did not open its control stream in time")]
+    #[error("client did not complete its hello within {HELLO_TIMEOUT:?}")]
     HandshakeTimeout,
     #[error("client sent {0} where a hello was expected")]
     BadHello(&'static str),
@@ -57,6 +63,8 @@ pub struct Config {
     pub relay_buffer: usize,
     /// Health and Prometheus metrics.
     pub metrics: Arc<metrics::Metrics>,
+    /// Caps on connections, before and after authentication.
+    pub limits: ConnectionLimits,
 }
 
 impl Config {
@@ -75,6 +83,7 @@ impl Config {
             udp_idle_timeout: Duration::from_secs(60),
             relay_buffer: 256 * 1024,
             metrics: Arc::default(),
+            limits: ConnectionLimits::default(),
         }
     }
 }

@@ -50,6 +50,14 @@ struct Args {
     /// Seconds an idle UDP flow is kept.
     #[arg(long, default_value_t = 60)]
     udp_idle_timeout: u64,
+    /// Connections at once (authenticated or not); more are refused.
+    #[arg(long, default_value_t = tpvpn_manager::ConnectionLimits::default().max_connections)]
+    max_connections: usize,
+    /// Connections from one source address that have not yet authenticated; more are
+    /// refused. (Every client behind one NAT, or through the API server's port-forward,
+    /// shares one source address: this counts only connections still in their hello.)
+    #[arg(long, default_value_t = tpvpn_manager::ConnectionLimits::default().max_unauthenticated_per_source)]
+    max_unauthenticated_per_source: usize,
     /// Worker threads. One is fastest where measured (quinn drives the endpoint and each
     /// connection from a single task, and a second worker mostly adds wake-ups between
     /// threads); more may help many clients with many busy flows.
@@ -103,6 +111,8 @@ fn run(args: Args) -> Result<()> {
 
         config.dial_timeout = std::time::Duration::from_secs(args.dial_timeout);
         config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);
+        config.limits.max_connections = args.max_connections;
+        config.limits.max_unauthenticated_per_source = args.max_unauthenticated_per_source;
         let metrics = config.metrics.clone();
         let health = tokio::net::TcpListener::bind(args.metrics_listen)
             .await

@@ -2,33 +2,54 @@
 //! and one task that routes QUIC datagrams to UDP flows.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tpvpn_tunnel::datagram::Datagram;
-use tpvpn_tunnel::io::{read_message, write_message};
+use tpvpn_tunnel::io::{read_message, read_message_max, write_message};
 use tpvpn_tunnel::{ErrorCode, FlowStatus, Message, Protocol, CLOSE_REFUSED, PROTOCOL_VERSION};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::metrics::{self, Gauge};
-use crate::{token_matches, Error, Shared};
+use crate::{token_matches, Config, Error, Shared, HELLO_TIMEOUT, MAX_HELLO};
 
 /// UDP flows of one session, by flow id: where their datagrams go.
 pub(crate) type UdpFlows = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
 
-/// Accepts clients on `endpoint` until it is closed.
+/// Accepts clients on `endpoint` until it is closed. Connections are admitted by
+/// [`Admission`]: a cap on all connections, a cap on those not yet authenticated (per
+/// source address and in all), and QUIC address validation (Retry) for new ones while
+/// many are unauthenticated.
 pub async fn serve(endpoint: quinn::Endpoint, config: crate::Config) {
     let config: Shared = Arc::new(config);
+    let admission = Arc::new(Admission::new(config.limits.clone()));
     while let Some(incoming) = endpoint.accept().await {
-        let config = config.clone();
         let remote = incoming.remote_address();
+        let ticket = match admission.admit(remote.ip(), incoming.remote_address_validated()) {
+            Admit::Yes(ticket) => ticket,
+            Admit::Retry => {
+                debug!(client = %remote, "many unauthenticated connections: asking for address validation");
+                if incoming.retry().is_err() {
+                    debug!(client = %remote, "retry not possible; refusing");
+                }
+                continue;
+            }
+            Admit::No(why) => {
+                metrics::add(&config.metrics.refused_total, 1);
+                debug!(client = %remote, why, "connection refused");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let config = config.clone();
         let span = info_span!("session", client = %remote);
         tokio::spawn(
             async move {
                 match incoming.await {
-                    Ok(conn) => match session(conn, config).await {
+                    Ok(conn) => match session(conn, config, ticket).await {
                         Ok(()) => info!("client disconnected"),
                         Err(e) => info!(error = %e, "session ended"),
                     },
@@ -37,6 +58,116 @@ pub async fn serve(endpoint: quinn::Endpoint, config: crate::Config) {
             }
             .instrument(span),
         );
+    }
+}
+
+/// Limits on connections, before and after authentication.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// Connections at once, authenticated or not.
+    pub max_connections: usize,
+    /// Connections not yet authenticated, in all...
+    pub max_unauthenticated: usize,
+    /// ...and from one source address.
+    pub max_unauthenticated_per_source: usize,
+    /// Above this many unauthenticated connections, a new one must first prove its
+    /// address (QUIC Retry).
+    pub retry_above: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 4096,
+            max_unauthenticated: 256,
+            max_unauthenticated_per_source: 16,
+            retry_above: 32,
+        }
+    }
+}
+
+/// Counts connections for admission; a [`Ticket`] held by each connection gives its
+/// counts back when it is dropped.
+struct Admission {
+    limits: ConnectionLimits,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    connections: usize,
+    unauthenticated: usize,
+    by_source: HashMap<IpAddr, usize>,
+}
+
+enum Admit {
+    Yes(Ticket),
+    Retry,
+    No(&'static str),
+}
+
+/// One admitted connection. Unauthenticated until [`Ticket::authenticated`].
+struct Ticket {
+    admission: Arc<Admission>,
+    source: IpAddr,
+    unauthenticated: bool,
+}
+
+impl Admission {
+    fn new(limits: ConnectionLimits) -> Self {
+        Admission { limits, counts: Mutex::default() }
+    }
+
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn admit(self: &Arc<Self>, source: IpAddr, validated: bool) -> Admit {
+        let mut c = self.counts();
+        let l = &self.limits;
+        if c.connections >= l.max_connections {
+            return Admit::No("too many connections");
+        }
+        let from_source = c.by_source.get(&source).copied().unwrap_or(0);
+        if c.unauthenticated >= l.max_unauthenticated || from_source >= l.max_unauthenticated_per_source {
+            return Admit::No("too many unauthenticated connections");
+        }
+        if c.unauthenticated >= l.retry_above && !validated {
+            return Admit::Retry;
+        }
+        c.connections += 1;
+        c.unauthenticated += 1;
+        *c.by_source.entry(source).or_default() += 1;
+        Admit::Yes(Ticket { admission: self.clone(), source, unauthenticated: true })
+    }
+}
+
+impl Ticket {
+    /// The connection's token was accepted: it no longer counts as unauthenticated.
+    fn authenticated(&mut self) {
+        if std::mem::take(&mut self.unauthenticated) {
+            self.admission.release_unauthenticated(self.source);
+        }
+    }
+}
+
+impl Admission {
+    fn release_unauthenticated(&self, source: IpAddr) {
+        let mut c = self.counts();
+        c.unauthenticated -= 1;
+        if let Some(n) = c.by_source.get_mut(&source) {
+            *n -= 1;
+            if *n == 0 {
+                c.by_source.remove(&source);
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.authenticated();
+        self.admission.counts().connections -= 1;
     }
 }
 
@@ -49,30 +180,66 @@ async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, code: Er
     conn.close(CLOSE_REFUSED.into(), message.as_bytes());
 }
 
-async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
-    let (mut send, mut recv) = tokio::time::timeout(Duration::from_secs(10), conn.accept_bi())
-        .await
-        .map_err(|_| Error::HandshakeTimeout)??;
-    let hello = read_message(&mut recv).await?;
-    match hello {
+/// Reads and checks the hello: `Ok(true)` when the client is accepted (the reply is the
+/// caller's to send), `Ok(false)` when it was refused (already told).
+async fn hello(
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    config: &Config,
+) -> Result<bool, Error> {
+    match read_message_max(recv, MAX_HELLO).await? {
         Some(Message::ClientHello { version, token }) => {
             if version != PROTOCOL_VERSION {
                 let msg = format!(
                     "protocol version mismatch: the manager speaks tpvpn protocol v{PROTOCOL_VERSION}, the client v{version}"
                 );
                 metrics::add(&config.metrics.refused_total, 1);
-                refuse(&conn, &mut send, ErrorCode::VersionMismatch, msg).await;
-                return Ok(());
+                refuse(conn, send, ErrorCode::VersionMismatch, msg).await;
+                return Ok(false);
             }
             if !token_matches(&token, &config.token) {
                 metrics::add(&config.metrics.refused_total, 1);
-                refuse(&conn, &mut send, ErrorCode::Unauthorized, "the client token is not valid".into()).await;
-                return Ok(());
+                refuse(conn, send, ErrorCode::Unauthorized, "the client token is not valid".into()).await;
+                return Ok(false);
             }
+            Ok(true)
         }
-        Some(other) => return Err(Error::BadHello(other.kind())),
-        None => return Err(Error::BadHello("end of stream")),
+        Some(other) => Err(Error::BadHello(other.kind())),
+        None => Err(Error::BadHello("end of stream")),
     }
+}
+
+async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket) -> Result<(), Error> {
+    // The whole hello, from accepting its stream to the token check, has one deadline.
+    let greeting = async {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let accepted = hello(&conn, &mut send, &mut recv, &config).await?;
+        Ok::<_, Error>(accepted.then_some((send, recv)))
+    };
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(HELLO_TIMEOUT, greeting) => r,
+        // A client sends datagrams only for UDP flows, after the hello: one before it is
+        // not a client, and quinn would buffer its packets at the rate it sends them.
+        _ = conn.read_datagram() => {
+            conn.close(CLOSE_REFUSED.into(), b"datagram before the hello");
+            return Err(Error::BadHello("a datagram"));
+        }
+    };
+    let (mut send, recv) = match outcome {
+        Err(_) => {
+            conn.close(CLOSE_REFUSED.into(), b"no hello in time");
+            return Err(Error::HandshakeTimeout);
+        }
+        Ok(Err(e)) => {
+            conn.close(CLOSE_REFUSED.into(), b"bad hello");
+            return Err(e);
+        }
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(streams))) => streams,
+    };
+    ticket.authenticated();
+    tpvpn_tunnel::quic::grant_full_limits(&conn);
     let mut cluster = config.views.cluster.clone();
     let mut catalog = config.views.catalog.clone();
     let view = cluster.borrow_and_update().clone();
@@ -83,9 +250,9 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
     let _session_gauge = Gauge::new(&config.metrics.sessions, &config.metrics.sessions_total);
 
     let udp_flows: UdpFlows = Arc::default();
-    let datagrams = tokio::spawn(route_datagrams(conn.clone(), udp_flows.clone()).in_current_span());
+    let _datagrams = AbortOnDrop(tokio::spawn(route_datagrams(conn.clone(), udp_flows.clone()).in_current_span()));
     // The control stream stays open for the session: changes are pushed on it.
-    let push = tokio::spawn(
+    let _push = AbortOnDrop(tokio::spawn(
         async move {
             let _recv = recv;
             let (mut cluster_open, mut catalog_open) = (true, true);
@@ -114,7 +281,7 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
             std::future::pending::<()>().await
         }
         .in_current_span(),
-    );
+    ));
     let result = loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
@@ -129,9 +296,16 @@ async fn session(conn: quinn::Connection, config: Shared) -> Result<(), Error> {
             Err(e) => break Err(e.into()),
         }
     };
-    datagrams.abort();
-    push.abort();
     result
+}
+
+/// Aborts a task when dropped, so that it ends with its owner on every path.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Sends the namespaces and Services.
@@ -203,4 +377,35 @@ async fn flow(
     }
     .instrument(span)
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ConnectionLimits {
+        ConnectionLimits { max_connections: 4, max_unauthenticated: 3, max_unauthenticated_per_source: 2, retry_above: 1 }
+    }
+
+    #[test]
+    fn admission_caps_unauthenticated_per_source_and_in_all_and_asks_for_retry_under_load() {
+        let a = Arc::new(Admission::new(limits()));
+        let (x, y): (IpAddr, IpAddr) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let Admit::Yes(mut t1) = a.admit(x, false) else { panic!("first connection admitted") };
+        // One connection is in its hello: a new unvalidated address must prove itself.
+        assert!(matches!(a.admit(y, false), Admit::Retry));
+        let Admit::Yes(_t2) = a.admit(x, true) else { panic!("validated connection admitted") };
+        assert!(matches!(a.admit(x, true), Admit::No(_)), "a third unauthenticated connection from one source");
+        let Admit::Yes(_t3) = a.admit(y, true) else { panic!("another source admitted") };
+        assert!(matches!(a.admit(y, true), Admit::No(_)), "over the unauthenticated total");
+        // Authenticating frees its unauthenticated slot but keeps counting it.
+        t1.authenticated();
+        let Admit::Yes(t4) = a.admit(x, true) else { panic!("slot given back by authentication") };
+        assert!(matches!(a.admit(y, true), Admit::No("too many connections")));
+        drop(t4);
+        drop(t1);
+        let c = a.counts();
+        assert_eq!((c.connections, c.unauthenticated), (2, 2));
+        assert_eq!(c.by_source.get(&x), Some(&1));
+    }
 }

@@ -19,21 +19,37 @@ async fn read_exact_or_end(recv: &mut RecvStream, buf: &mut [u8]) -> Result<bool
 
 /// Reads one frame; `Ok(None)` when the stream ends cleanly before it.
 pub async fn read_message(recv: &mut RecvStream) -> Result<Option<Message>> {
+    read_message_max(recv, MAX_FRAME_PAYLOAD).await
+}
+
+/// [`read_message`] for a frame whose payload may be at most `max` bytes (a hello from
+/// a peer not yet authenticated). Memory grows with the bytes that arrive, never with
+/// the length a header claims.
+pub async fn read_message_max(recv: &mut RecvStream, max: usize) -> Result<Option<Message>> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     if !read_exact_or_end(recv, &mut header).await? {
         return Ok(None);
     }
     let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len > MAX_FRAME_PAYLOAD {
+    if len > max.min(MAX_FRAME_PAYLOAD) {
         return Err(Error::TooLong(len));
     }
-    let mut buf = vec![0u8; FRAME_HEADER_LEN + len];
-    buf[..FRAME_HEADER_LEN].copy_from_slice(&header);
-    if len > 0 && !read_exact_or_end(recv, &mut buf[FRAME_HEADER_LEN..]).await? {
-        return Err(Error::UnexpectedEnd);
+    let total = FRAME_HEADER_LEN + len;
+    let mut buf = Vec::with_capacity(total.min(READ_STEP));
+    buf.extend_from_slice(&header);
+    while buf.len() < total {
+        match recv.read_chunk(total - buf.len(), true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(Error::UnexpectedEnd),
+            Err(quinn::ReadError::Reset(code)) => return Err(Error::Reset(code.into_inner())),
+            Err(e) => return Err(Error::Stream(e.to_string())),
+        }
     }
     Message::parse(&Frame::new_checked(&buf[..])?).map(Some)
 }
+
+/// What a frame's buffer starts with before its bytes arrive.
+const READ_STEP: usize = 16 * 1024;
 
 /// Writes one frame.
 pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<()> {

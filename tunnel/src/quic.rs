@@ -34,6 +34,16 @@ pub const SOCKET_BUFFER: usize = 8 << 20;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Keep-alive interval.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// Until its token is accepted a client may open this many bidirectional streams (the
+/// control stream)...
+pub const PREAUTH_STREAMS: u32 = 1;
+/// ...and send this many bytes in all: room for a hello, nothing more. The full limits
+/// are granted with [`grant_full_limits`] once the token is accepted.
+pub const PREAUTH_WINDOW: u32 = 32 * 1024;
+/// Bytes the server buffers for one connection whose handshake has not completed, and
+/// for all of them together (quinn's defaults are 10 MiB and 100 MiB).
+const INCOMING_BUFFER: u64 = 64 * 1024;
+const INCOMING_BUFFER_TOTAL: u64 = 8 << 20;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -55,6 +65,21 @@ pub fn transport_config() -> TransportConfig {
     // Invariant: 30 s is far below the varint limit of an idle timeout.
     t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("30 s fits an idle timeout")));
     t
+}
+
+/// The server's transport parameters: those of [`transport_config`], except that a new
+/// connection may open only [`PREAUTH_STREAMS`] stream and send [`PREAUTH_WINDOW`] bytes
+/// until [`grant_full_limits`] is called for it.
+fn server_transport_config() -> TransportConfig {
+    let mut t = transport_config();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(PREAUTH_STREAMS)).receive_window(VarInt::from_u32(PREAUTH_WINDOW));
+    t
+}
+
+/// Raises an authenticated connection's limits to those of [`transport_config`].
+pub fn grant_full_limits(conn: &quinn::Connection) {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS));
+    conn.set_receive_window(VarInt::from_u32(CONNECTION_WINDOW));
 }
 
 /// Reads all PEM certificates of `path`.
@@ -99,7 +124,9 @@ pub fn server_config(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'st
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| Error::Stream(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config()));
+    cfg.transport_config(Arc::new(server_transport_config()))
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
 }
 
