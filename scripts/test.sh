@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, end-to-end tests in the network-namespace lab
-# (they need root; run with sudo), the fuzz targets' invariants over a generated
-# corpus, and clippy. Installs what it needs first.
+# (they need root; run with sudo), version-skew tests against the previous release
+# (built from this repository's history), the fuzz targets' invariants over a
+# generated corpus, and clippy. Installs what it needs first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 cargo build --workspace --all-targets --locked
+# The previous release's binaries (protocol v1), for the version-skew tests.
+./scripts/build-compat.sh
 cargo clippy --workspace --all-targets --locked -- -D warnings
 (cd fuzz && cargo test --locked --no-default-features)
 cargo nextest run --workspace --locked

@@ -204,7 +204,7 @@ impl Rediscover {
     /// of the tunnel.
     async fn refresh(&self, target: &Target) -> Result<Target, Error> {
         let d = discovery::discover(&self.resolved, self.manager_flag.clone(), &self.namespace).await?;
-        Ok(Target { manager: target.manager.clone(), ..d.target })
+        Ok(Target { manager: target.manager.clone(), identity: target.identity.clone(), ..d.target })
     }
 }
 
@@ -296,7 +296,8 @@ impl Routing<'_> {
 }
 
 async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Error> {
-    let plan = plan(&opts).await?;
+    let mut plan = plan(&opts).await?;
+    plan.target.identity = crate::connect::Identity::of_this_machine(paths.load_or_create_client_id()?);
     let session = connect(&plan.target).await?;
     info!(manager = %session.manager, cidrs = ?session.cluster.cidrs, "connected to the manager");
     let mut never = plan.never_proxy.clone();

@@ -123,7 +123,14 @@ pub async fn discover(r: &Resolved, manager_flag: Option<String>, namespace: &st
     };
     let source = format!("{secret_name} (context `{}`)", r.context);
     Ok(Discovered {
-        target: Target { manager, ca_pem, ca_source: source.clone(), token, token_source: source },
+        target: Target {
+            manager,
+            ca_pem,
+            ca_source: source.clone(),
+            token,
+            token_source: source,
+            identity: Default::default(),
+        },
         api_server_ips,
     })
 }

@@ -38,6 +38,39 @@ impl Paths {
     pub fn log(&self) -> PathBuf {
         self.dir.join("tpvpn.log")
     }
+    /// This machine's client id (hex), kept across daemons so that one started after a
+    /// crash re-claims the intercepts of the one before.
+    pub fn client_id(&self) -> PathBuf {
+        self.dir.join("client-id")
+    }
+
+    /// The client id, created (16 random bytes) when missing or unreadable.
+    pub fn load_or_create_client_id(&self) -> Result<Vec<u8>, Error> {
+        let path = self.client_id();
+        if let Some(id) = std::fs::read_to_string(&path).ok().and_then(|s| parse_hex(s.trim())) {
+            if id.len() == 16 {
+                return Ok(id);
+            }
+        }
+        let mut id = vec![0u8; 16];
+        {
+            use std::io::Read;
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut id))
+                .map_err(|e| Error::System(format!("cannot read /dev/urandom: {e}")))?;
+        }
+        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&path, hex + "\n")
+            .map_err(|e| Error::System(format!("cannot write {}: {e}", path.display())))?;
+        Ok(id)
+    }
+}
+
+fn parse_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect()
 }
 
 /// Every system change of a running daemon.
@@ -159,6 +192,20 @@ pub fn remove_files(paths: &Paths) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn client_id_is_created_once_and_kept() {
+        let dir = std::env::temp_dir().join(format!("tpvpn-client-id-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let paths = Paths::new(dir.clone());
+        let a = paths.load_or_create_client_id().unwrap();
+        assert_eq!(a.len(), 16);
+        assert_eq!(paths.load_or_create_client_id().unwrap(), a);
+        std::fs::write(paths.client_id(), "zz\n").unwrap();
+        let b = paths.load_or_create_client_id().unwrap();
+        assert_ne!(b, a, "an unreadable id is replaced");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn liveness() {

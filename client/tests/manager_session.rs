@@ -65,6 +65,7 @@ async fn good_token_gets_the_cluster_and_bad_inputs_get_clear_errors() {
     let s = connect(&target(&f, "manager.crt", "token")).await.expect("connects");
     assert_eq!(s.cluster.cidrs, vec!["10.96.0.0/12".parse().unwrap()]);
     assert_eq!(s.cluster.domain, "cluster.local");
+    assert_eq!(s.version, tpvpn_tunnel::PROTOCOL_VERSION, "both speak the newest version");
 
     let e = connect(&target(&f, "manager.crt", "bad-token")).await.err().expect("bad token refused");
     assert!(matches!(e, Error::BadToken(_)), "{e}");
@@ -77,7 +78,7 @@ async fn good_token_gets_the_cluster_and_bad_inputs_get_clear_errors() {
 }
 
 #[tokio::test]
-async fn wrong_protocol_version_is_refused_naming_both_versions() {
+async fn a_client_too_new_is_refused_naming_both_versions() {
     let f = start_manager("version").await;
     let s = connect(&target(&f, "manager.crt", "token")).await.unwrap();
     // Speak as a future client on a fresh connection with the same settings.
@@ -86,12 +87,30 @@ async fn wrong_protocol_version_is_refused_naming_both_versions() {
     let conn = s.endpoint.connect_with(cfg, f.addr, "tpvpn-manager").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_message(&mut send, &Message::ClientHello { version: 99, token: b"good-token".to_vec() }).await.unwrap();
+    let info = Message::ClientInfo {
+        min_version: 98,
+        role: tpvpn_tunnel::Role::Client,
+        user: "future".into(),
+        host: "laptop".into(),
+        client_id: vec![],
+        features: 0,
+    };
+    write_message(&mut send, &info).await.unwrap();
     match read_message(&mut recv).await.unwrap() {
-        Some(Message::Error { message, .. }) => {
-            assert!(message.contains("v1") && message.contains("v99"), "{message}")
+        Some(Message::Error { code, version, message }) => {
+            assert_eq!(code, tpvpn_tunnel::ErrorCode::VersionMismatch);
+            assert_eq!(version, tpvpn_tunnel::PROTOCOL_VERSION, "the manager names its newest version");
+            assert!(
+                message.contains("v2") && message.contains("v98") && message.contains("upgrade the manager"),
+                "{message}"
+            )
         }
         other => panic!("expected an error, got {other:?}"),
     }
+    // The close code carries the refusal too.
+    let closed = conn.closed().await;
+    let quinn::ConnectionError::ApplicationClosed(c) = closed else { panic!("{closed:?}") };
+    assert_eq!(tpvpn_tunnel::refusal_code(c.error_code.into_inner()), Some(tpvpn_tunnel::ErrorCode::VersionMismatch));
 }
 
 #[tokio::test]

@@ -792,10 +792,15 @@ impl Lab {
     /// Runs `tpvpn` in the laptop namespace with extra environment variables (say,
     /// `KUBECONFIG`) besides `TPVPN_RUNTIME_DIR`.
     pub fn tpvpn_env(&self, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
-        let bin = match find_bin(&self.bin_dir, "tpvpn") {
-            Ok(b) => b.display().to_string(),
-            Err(e) => return failed_output(&format!("{e:#}")),
-        };
+        match find_bin(&self.bin_dir, "tpvpn") {
+            Ok(bin) => self.tpvpn_bin(&bin, args, env, timeout),
+            Err(e) => failed_output(&format!("{e:#}")),
+        }
+    }
+
+    /// Runs another `tpvpn` binary (say, an older release's) like [`Lab::tpvpn_env`].
+    pub fn tpvpn_bin(&self, bin: &Path, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+        let bin = bin.display().to_string();
         self.used_tpvpn.store(true, Ordering::Relaxed);
         let mut cmd = vec![bin.as_str()];
         cmd.extend_from_slice(args);

@@ -23,6 +23,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tpvpn_tunnel::handshake::TokenKind;
 use tpvpn_tunnel::ClusterInfo;
 
 pub use session::{serve, ConnectionLimits};
@@ -42,8 +43,8 @@ pub enum Error {
     Connection(#[from] quinn::ConnectionError),
     #[error("client did not complete its hello within {HELLO_TIMEOUT:?}")]
     HandshakeTimeout,
-    #[error("client sent {0} where a hello was expected")]
-    BadHello(&'static str),
+    #[error("bad hello: {0}")]
+    BadHello(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -53,6 +54,9 @@ pub enum Error {
 pub struct Config {
     /// The token clients must present.
     pub token: Vec<u8>,
+    /// The token node agents present (`--agent-token-file`); without it no agent can
+    /// connect.
+    pub agent_token: Option<Vec<u8>>,
     /// What clients are told about the cluster; changes are pushed to them.
     pub views: cluster::Views,
     /// How long a TCP dial may take before the client is told "timed out".
@@ -77,6 +81,7 @@ impl Config {
     pub fn with_views(token: Vec<u8>, views: cluster::Views) -> Self {
         Config {
             token,
+            agent_token: None,
             views,
 
             dial_timeout: Duration::from_secs(10),
@@ -85,6 +90,23 @@ impl Config {
             metrics: Arc::default(),
             limits: ConnectionLimits::default(),
         }
+    }
+}
+
+impl Config {
+    /// Which token `given` is, compared in constant time.
+    pub(crate) fn token_kind(&self, given: &[u8]) -> Option<TokenKind> {
+        let agent = self.agent_token.as_deref().is_some_and(|t| token_matches(given, t));
+        match (token_matches(given, &self.token), agent) {
+            (true, _) => Some(TokenKind::Client),
+            (false, true) => Some(TokenKind::Agent),
+            _ => None,
+        }
+    }
+
+    /// The features this manager offers in its hello.
+    pub(crate) fn features(&self) -> u64 {
+        tpvpn_tunnel::handshake::FEATURE_INTERCEPTS
     }
 }
 

@@ -9,12 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tpvpn_tunnel::datagram::Datagram;
+use tpvpn_tunnel::handshake::{Peer, ServerHandshake, ServerStep};
 use tpvpn_tunnel::io::{read_message, read_message_max, write_message};
-use tpvpn_tunnel::{ErrorCode, FlowStatus, Message, Protocol, CLOSE_REFUSED, PROTOCOL_VERSION};
+use tpvpn_tunnel::{FlowStatus, Message, Protocol, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::metrics::{self, Gauge};
-use crate::{token_matches, Config, Error, Shared, HELLO_TIMEOUT, MAX_HELLO};
+use crate::{Config, Error, Shared, HELLO_TIMEOUT, MAX_HELLO};
 
 /// UDP flows of one session, by flow id: where their datagrams go.
 pub(crate) type UdpFlows = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
@@ -171,42 +172,41 @@ impl Drop for Ticket {
     }
 }
 
-async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, code: ErrorCode, message: String) {
+async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, reply: Message) {
+    let Message::Error { code, message, .. } = &reply else { return };
     warn!(%message, "refusing client");
-    let _ = write_message(send, &Message::Error { code, version: PROTOCOL_VERSION, message: message.clone() }).await;
+    let close = tpvpn_tunnel::refusal_close_code(*code);
+    let reason = message.clone();
+    let _ = write_message(send, &reply).await;
     let _ = send.finish();
-    // Give the error frame a moment to arrive; the close reason repeats it anyway.
+    // Give the error frame a moment to arrive; the close code and reason repeat it.
     let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-    conn.close(CLOSE_REFUSED.into(), message.as_bytes());
+    conn.close(close.into(), reason.as_bytes());
 }
 
-/// Reads and checks the hello: `Ok(true)` when the client is accepted (the reply is the
-/// caller's to send), `Ok(false)` when it was refused (already told).
+/// Reads and checks the hello (the sans-IO [`ServerHandshake`]): the accepted peer with
+/// the handshake (for its reply), or `None` when it was refused (already told).
 async fn hello(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     config: &Config,
-) -> Result<bool, Error> {
-    match read_message_max(recv, MAX_HELLO).await? {
-        Some(Message::ClientHello { version, token }) => {
-            if version != PROTOCOL_VERSION {
-                let msg = format!(
-                    "protocol version mismatch: the manager speaks tpvpn protocol v{PROTOCOL_VERSION}, the client v{version}"
-                );
+) -> Result<Option<(Peer, ServerHandshake)>, Error> {
+    let mut handshake = ServerHandshake::new((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), config.features());
+    loop {
+        let Some(msg) = read_message_max(recv, MAX_HELLO).await? else {
+            return Err(Error::BadHello("end of stream".into()));
+        };
+        match handshake.on_message(msg, |t| config.token_kind(t)) {
+            ServerStep::NeedMore => continue,
+            ServerStep::Accept(peer) => return Ok(Some((peer, handshake))),
+            ServerStep::Refuse { reply } => {
                 metrics::add(&config.metrics.refused_total, 1);
-                refuse(conn, send, ErrorCode::VersionMismatch, msg).await;
-                return Ok(false);
+                refuse(conn, send, reply).await;
+                return Ok(None);
             }
-            if !token_matches(&token, &config.token) {
-                metrics::add(&config.metrics.refused_total, 1);
-                refuse(conn, send, ErrorCode::Unauthorized, "the client token is not valid".into()).await;
-                return Ok(false);
-            }
-            Ok(true)
+            ServerStep::Invalid(why) => return Err(Error::BadHello(why)),
         }
-        Some(other) => Err(Error::BadHello(other.kind())),
-        None => Err(Error::BadHello("end of stream")),
     }
 }
 
@@ -215,7 +215,7 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket) ->
     let greeting = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
         let accepted = hello(&conn, &mut send, &mut recv, &config).await?;
-        Ok::<_, Error>(accepted.then_some((send, recv)))
+        Ok::<_, Error>(accepted.map(|(peer, handshake)| (send, recv, peer, handshake)))
     };
     let outcome = tokio::select! {
         r = tokio::time::timeout(HELLO_TIMEOUT, greeting) => r,
@@ -223,10 +223,10 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket) ->
         // not a client, and quinn would buffer its packets at the rate it sends them.
         _ = conn.read_datagram() => {
             conn.close(CLOSE_REFUSED.into(), b"datagram before the hello");
-            return Err(Error::BadHello("a datagram"));
+            return Err(Error::BadHello("a datagram".into()));
         }
     };
-    let (mut send, recv) = match outcome {
+    let (mut send, recv, peer, handshake) = match outcome {
         Err(_) => {
             conn.close(CLOSE_REFUSED.into(), b"no hello in time");
             return Err(Error::HandshakeTimeout);
@@ -236,17 +236,19 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket) ->
             return Err(e);
         }
         Ok(Ok(None)) => return Ok(()),
-        Ok(Ok(Some(streams))) => streams,
+        Ok(Ok(Some(accepted))) => accepted,
     };
     ticket.authenticated();
     tpvpn_tunnel::quic::grant_full_limits(&conn);
     let mut cluster = config.views.cluster.clone();
     let mut catalog = config.views.catalog.clone();
     let view = cluster.borrow_and_update().clone();
-    write_message(&mut send, &Message::ServerHello { version: PROTOCOL_VERSION, cluster: view }).await?;
+    for frame in handshake.accept_frames(peer.version, view) {
+        write_message(&mut send, &frame).await?;
+    }
     let cat = catalog.borrow_and_update().clone();
     write_catalog(&mut send, &cat).await?;
-    info!("client authenticated");
+    info!(version = peer.version, user = %peer.user, host = %peer.host, "client authenticated");
     let _session_gauge = Gauge::new(&config.metrics.sessions, &config.metrics.sessions_total);
 
     let udp_flows: UdpFlows = Arc::default();
@@ -384,7 +386,12 @@ mod tests {
     use super::*;
 
     fn limits() -> ConnectionLimits {
-        ConnectionLimits { max_connections: 4, max_unauthenticated: 3, max_unauthenticated_per_source: 2, retry_above: 1 }
+        ConnectionLimits {
+            max_connections: 4,
+            max_unauthenticated: 3,
+            max_unauthenticated_per_source: 2,
+            retry_above: 1,
+        }
     }
 
     #[test]

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::{Message, PROTOCOL_VERSION};
+use tpvpn_tunnel::handshake::{ClientHandshake, ClientStep, Hello};
+use tpvpn_tunnel::{Role, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// The manager's deadline for the whole hello (`tpvpn_manager::HELLO_TIMEOUT`), plus
 /// slack for a loaded machine.
@@ -96,10 +97,29 @@ async fn connect(m: &Manager) -> quinn::Connection {
 async fn honest_client(m: &Manager) {
     let conn = connect(m).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hello = Message::ClientHello { version: PROTOCOL_VERSION, token: b"preauth-test-token".to_vec() };
-    write_message(&mut send, &hello).await.unwrap();
-    let reply = tokio::time::timeout(Duration::from_secs(5), read_message(&mut recv)).await.expect("hello answered");
-    assert!(matches!(reply, Ok(Some(Message::ServerHello { .. }))), "{reply:?}");
+    let mut hs = ClientHandshake::new(Hello {
+        token: b"preauth-test-token".to_vec(),
+        role: Role::Client,
+        user: "honest".into(),
+        host: "test".into(),
+        client_id: vec![],
+        features: 0,
+        versions: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+    });
+    for frame in hs.hello_frames() {
+        write_message(&mut send, &frame).await.unwrap();
+    }
+    let accepted = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match hs.on_message(read_message(&mut recv).await.unwrap().unwrap()) {
+                ClientStep::NeedMore => continue,
+                step => return step,
+            }
+        }
+    })
+    .await
+    .expect("hello answered");
+    assert!(matches!(accepted, ClientStep::Accepted(_)), "{accepted:?}");
     conn.close(0u32.into(), b"done");
 }
 

@@ -30,10 +30,22 @@ mod ty {
     pub const CLUSTER_UPDATE: u8 = 0x04;
     pub const NAMESPACES: u8 = 0x05;
     pub const SERVICES: u8 = 0x06;
+    pub const CLIENT_INFO: u8 = 0x07;
+    pub const SERVER_INFO: u8 = 0x08;
     pub const FLOW_OPEN: u8 = 0x10;
     pub const FLOW_REPLY: u8 = 0x11;
     pub const DNS_QUERY: u8 = 0x20;
     pub const DNS_ANSWER: u8 = 0x21;
+    pub const INTERCEPT_REQUEST: u8 = 0x30;
+    pub const INTERCEPT_REPLY: u8 = 0x31;
+    pub const LEAVE: u8 = 0x32;
+    pub const ACK: u8 = 0x33;
+    pub const INTERCEPT_OPEN: u8 = 0x34;
+    pub const INTERCEPT_LIST: u8 = 0x35;
+    pub const INTERCEPT_TABLE: u8 = 0x36;
+    pub const CAPTURE: u8 = 0x40;
+    pub const RELEASE: u8 = 0x41;
+    pub const CAPTURE_STATUS: u8 = 0x42;
 }
 
 /// A zero-copy view of one frame.
@@ -160,6 +172,15 @@ pub enum ErrorCode {
     Limit,
     /// The request was malformed.
     Protocol,
+    /// What was asked for is held by someone else (an intercept of the same port).
+    Conflict,
+    /// What was asked for does not exist (a Service, a port, an intercept).
+    NotFound,
+    /// The other side's protocol version lacks the feature; `message` says which side to
+    /// upgrade.
+    Unsupported,
+    /// It exists but cannot be served now (no ready pods, no agent on a pod's node).
+    Unavailable,
     Other(u16),
 }
 
@@ -170,6 +191,10 @@ impl From<u16> for ErrorCode {
             2 => ErrorCode::VersionMismatch,
             3 => ErrorCode::Limit,
             4 => ErrorCode::Protocol,
+            5 => ErrorCode::Conflict,
+            6 => ErrorCode::NotFound,
+            7 => ErrorCode::Unsupported,
+            8 => ErrorCode::Unavailable,
             o => ErrorCode::Other(o),
         }
     }
@@ -182,6 +207,10 @@ impl From<ErrorCode> for u16 {
             ErrorCode::VersionMismatch => 2,
             ErrorCode::Limit => 3,
             ErrorCode::Protocol => 4,
+            ErrorCode::Conflict => 5,
+            ErrorCode::NotFound => 6,
+            ErrorCode::Unsupported => 7,
+            ErrorCode::Unavailable => 8,
             ErrorCode::Other(o) => o,
         }
     }
@@ -216,6 +245,81 @@ pub struct ServiceInfo {
     pub ports: Vec<ServicePort>,
 }
 
+/// Who is on the other end of a connection to the manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A laptop's daemon.
+    Client,
+    /// The node agent of `node`.
+    Agent { node: String },
+    /// A role this version does not know, kept.
+    Other(u8),
+}
+
+/// One pod an intercept captures, as `intercept` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterceptTarget {
+    pub pod: String,
+    /// The pod's IP and the container port captured there.
+    pub addr: SocketAddr,
+    /// Whether capture is at the plaintext hop behind a mesh sidecar.
+    pub meshed: bool,
+}
+
+/// One Service's intercept state, for `tpvpn list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InterceptRow {
+    pub namespace: String,
+    pub service: String,
+    pub state: InterceptState,
+    /// Who holds it (`user@host`), when intercepted.
+    pub holder: String,
+    /// The Service port intercepted, when intercepted.
+    pub port: u16,
+    /// Seconds since the Unix epoch when it was claimed, when intercepted.
+    pub since: u64,
+    /// Whether the asking client holds it.
+    pub mine: bool,
+}
+
+/// Whether a Service can be intercepted. Unknown values are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterceptState {
+    /// Every ready pod sits on a node with an agent.
+    Ready,
+    /// Intercepted (see the row's holder).
+    Intercepted,
+    /// A ready pod's node has no agent.
+    NoAgent,
+    /// No ready pod selected (or no selector).
+    NoPods,
+    Other(u8),
+}
+
+impl From<u8> for InterceptState {
+    fn from(v: u8) -> Self {
+        match v {
+            0 => InterceptState::Ready,
+            1 => InterceptState::Intercepted,
+            2 => InterceptState::NoAgent,
+            3 => InterceptState::NoPods,
+            o => InterceptState::Other(o),
+        }
+    }
+}
+
+impl From<InterceptState> for u8 {
+    fn from(s: InterceptState) -> u8 {
+        match s {
+            InterceptState::Ready => 0,
+            InterceptState::Intercepted => 1,
+            InterceptState::NoAgent => 2,
+            InterceptState::NoPods => 3,
+            InterceptState::Other(o) => o,
+        }
+    }
+}
+
 /// A parsed frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
@@ -239,6 +343,56 @@ pub enum Message {
     DnsQuery { query: Vec<u8> },
     /// The cluster DNS's answer (wire format), passed through unchanged.
     DnsAnswer { answer: Vec<u8> },
+    /// Right after a [`Message::ClientHello`] whose version is 2 or more: the oldest
+    /// version the peer speaks, who it is and what it supports. `user` and `host` are
+    /// what the peer declares (not authenticated); `client_id` lets a daemon that
+    /// reconnects re-claim its intercepts.
+    ClientInfo { min_version: u16, role: Role, user: String, host: String, client_id: Vec<u8>, features: u64 },
+    /// Right after a [`Message::ServerHello`] of version 2 or more: the manager's range
+    /// and features.
+    ServerInfo { min_version: u16, max_version: u16, features: u64 },
+    /// First frame of a stream a client opens to intercept a Service port. `port` is a
+    /// port name or number, or empty for a Service's only port.
+    InterceptRequest { namespace: String, service: String, port: String, local_port: u16, container: String },
+    /// The manager's answer: capture is in place on every target.
+    InterceptReply {
+        id: u64,
+        service_port: u16,
+        targets: Vec<InterceptTarget>,
+        env: Vec<(String, String)>,
+        warnings: Vec<String>,
+    },
+    /// First frame of a stream a client opens to end its intercept of a Service.
+    Leave { namespace: String, service: String },
+    /// A request was done; `message` is for humans.
+    Ack { message: String },
+    /// First frame of a stream carrying one captured connection: from the agent to the
+    /// manager (`id` is the capture's) and from the manager to the owning client (`id`
+    /// is the intercept's). `src` is the caller, `dst` the pod address it dialed.
+    InterceptOpen { id: u64, src: SocketAddr, dst: SocketAddr },
+    /// First frame of a stream asking for every Service's intercept state.
+    InterceptList,
+    /// The answer to [`Message::InterceptList`].
+    InterceptTable { rows: Vec<InterceptRow> },
+    /// Manager to agent: capture `port` of the pod at `pod_ip` for intercept capture `id`.
+    Capture {
+        id: u64,
+        pod_namespace: String,
+        pod_name: String,
+        pod_ip: IpAddr,
+        port: u16,
+        /// The node's address toward its pods as the Pod reports it (`status.hostIP`):
+        /// kubelet probes come from the node and are never captured.
+        host_ip: Option<IpAddr>,
+        /// The container serving the port and its runtime id (`containerd://...`), for
+        /// its environment.
+        container: String,
+        container_id: String,
+    },
+    /// Manager to agent: stop capture `id`.
+    Release { id: u64 },
+    /// Agent to manager: capture `id` is in place (`ok`) or why not.
+    CaptureStatus { id: u64, ok: bool, message: String, meshed: bool, env: Vec<(String, String)> },
     /// A frame of a type this version does not know, kept whole.
     Unknown { frame_type: u8, payload: Vec<u8> },
 }
@@ -257,6 +411,18 @@ impl Message {
             Message::FlowReply { .. } => "flow-reply",
             Message::DnsQuery { .. } => "dns-query",
             Message::DnsAnswer { .. } => "dns-answer",
+            Message::ClientInfo { .. } => "client-info",
+            Message::ServerInfo { .. } => "server-info",
+            Message::InterceptRequest { .. } => "intercept-request",
+            Message::InterceptReply { .. } => "intercept-reply",
+            Message::Leave { .. } => "leave",
+            Message::Ack { .. } => "ack",
+            Message::InterceptOpen { .. } => "intercept-open",
+            Message::InterceptList => "intercept-list",
+            Message::InterceptTable { .. } => "intercept-table",
+            Message::Capture { .. } => "capture",
+            Message::Release { .. } => "release",
+            Message::CaptureStatus { .. } => "capture-status",
             Message::Unknown { .. } => "unknown",
         }
     }
@@ -325,6 +491,91 @@ impl Message {
             }
             ty::DNS_QUERY => Message::DnsQuery { query: r.bytes16("dns query")?.to_vec() },
             ty::DNS_ANSWER => Message::DnsAnswer { answer: r.bytes16("dns answer")?.to_vec() },
+            ty::CLIENT_INFO => {
+                let min_version = r.u16()?;
+                let role = match r.u8()? {
+                    0 => Role::Client,
+                    1 => Role::Agent { node: r.string16("agent node")? },
+                    o => Role::Other(o),
+                };
+                Message::ClientInfo {
+                    min_version,
+                    role,
+                    user: r.string16("user")?,
+                    host: r.string16("host")?,
+                    client_id: r.bytes16("client id")?.to_vec(),
+                    features: r.u64()?,
+                }
+            }
+            ty::SERVER_INFO => Message::ServerInfo { min_version: r.u16()?, max_version: r.u16()?, features: r.u64()? },
+            ty::INTERCEPT_REQUEST => Message::InterceptRequest {
+                namespace: r.string16("namespace")?,
+                service: r.string16("service")?,
+                port: r.string16("port")?,
+                local_port: r.u16()?,
+                container: r.string16("container")?,
+            },
+            ty::INTERCEPT_REPLY => {
+                let id = r.u64()?;
+                let service_port = r.u16()?;
+                let n = r.u16()?;
+                let mut targets = Vec::with_capacity(usize::from(n).min(256));
+                for _ in 0..n {
+                    let pod = r.string16("pod")?;
+                    let addr = r.socket_addr()?;
+                    let meshed = r.flag("meshed")?;
+                    targets.push(InterceptTarget { pod, addr, meshed });
+                }
+                Message::InterceptReply {
+                    id,
+                    service_port,
+                    targets,
+                    env: r.pairs("env")?,
+                    warnings: r.strings("warning")?,
+                }
+            }
+            ty::LEAVE => Message::Leave { namespace: r.string16("namespace")?, service: r.string16("service")? },
+            ty::ACK => Message::Ack { message: r.string16("ack message")? },
+            ty::INTERCEPT_OPEN => Message::InterceptOpen { id: r.u64()?, src: r.socket_addr()?, dst: r.socket_addr()? },
+            ty::INTERCEPT_LIST => Message::InterceptList,
+            ty::INTERCEPT_TABLE => {
+                let n = r.u32()?;
+                let mut rows = Vec::with_capacity((n as usize).min(4096));
+                for _ in 0..n {
+                    rows.push(InterceptRow {
+                        namespace: r.string16("namespace")?,
+                        service: r.string16("service")?,
+                        state: InterceptState::from(r.u8()?),
+                        holder: r.string16("holder")?,
+                        port: r.u16()?,
+                        since: r.u64()?,
+                        mine: r.flag("mine")?,
+                    });
+                }
+                Message::InterceptTable { rows }
+            }
+            ty::CAPTURE => Message::Capture {
+                id: r.u64()?,
+                pod_namespace: r.string16("pod namespace")?,
+                pod_name: r.string16("pod name")?,
+                pod_ip: r.ip()?,
+                port: r.u16()?,
+                host_ip: match r.u8()? {
+                    0 => None,
+                    1 => Some(r.ip()?),
+                    _ => return Err(Error::Malformed { what: "capture: host ip flag" }),
+                },
+                container: r.string16("container")?,
+                container_id: r.string16("container id")?,
+            },
+            ty::RELEASE => Message::Release { id: r.u64()? },
+            ty::CAPTURE_STATUS => Message::CaptureStatus {
+                id: r.u64()?,
+                ok: r.flag("capture ok")?,
+                message: r.string16("capture message")?,
+                meshed: r.flag("meshed")?,
+                env: r.pairs("env")?,
+            },
             other => return Ok(Message::Unknown { frame_type: other, payload: frame.payload().to_vec() }),
         };
         if !r.is_empty() {
@@ -416,6 +667,108 @@ impl Message {
                 put_bytes16(out, answer);
                 ty::DNS_ANSWER
             }
+            Message::ClientInfo { min_version, role, user, host, client_id, features } => {
+                out.extend_from_slice(&min_version.to_be_bytes());
+                match role {
+                    Role::Client => out.push(0),
+                    Role::Agent { node } => {
+                        out.push(1);
+                        put_bytes16(out, node.as_bytes());
+                    }
+                    Role::Other(o) => out.push(*o),
+                }
+                put_bytes16(out, user.as_bytes());
+                put_bytes16(out, host.as_bytes());
+                put_bytes16(out, client_id);
+                out.extend_from_slice(&features.to_be_bytes());
+                ty::CLIENT_INFO
+            }
+            Message::ServerInfo { min_version, max_version, features } => {
+                out.extend_from_slice(&min_version.to_be_bytes());
+                out.extend_from_slice(&max_version.to_be_bytes());
+                out.extend_from_slice(&features.to_be_bytes());
+                ty::SERVER_INFO
+            }
+            Message::InterceptRequest { namespace, service, port, local_port, container } => {
+                put_bytes16(out, namespace.as_bytes());
+                put_bytes16(out, service.as_bytes());
+                put_bytes16(out, port.as_bytes());
+                out.extend_from_slice(&local_port.to_be_bytes());
+                put_bytes16(out, container.as_bytes());
+                ty::INTERCEPT_REQUEST
+            }
+            Message::InterceptReply { id, service_port, targets, env, warnings } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&service_port.to_be_bytes());
+                let targets = &targets[..targets.len().min(usize::from(u16::MAX))];
+                out.extend_from_slice(&(targets.len() as u16).to_be_bytes());
+                for t in targets {
+                    put_bytes16(out, t.pod.as_bytes());
+                    put_socket_addr(out, t.addr);
+                    out.push(u8::from(t.meshed));
+                }
+                put_pairs(out, env);
+                put_strings(out, warnings);
+                ty::INTERCEPT_REPLY
+            }
+            Message::Leave { namespace, service } => {
+                put_bytes16(out, namespace.as_bytes());
+                put_bytes16(out, service.as_bytes());
+                ty::LEAVE
+            }
+            Message::Ack { message } => {
+                put_bytes16(out, message.as_bytes());
+                ty::ACK
+            }
+            Message::InterceptOpen { id, src, dst } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                put_socket_addr(out, *src);
+                put_socket_addr(out, *dst);
+                ty::INTERCEPT_OPEN
+            }
+            Message::InterceptList => ty::INTERCEPT_LIST,
+            Message::InterceptTable { rows } => {
+                out.extend_from_slice(&(rows.len() as u32).to_be_bytes());
+                for row in rows {
+                    put_bytes16(out, row.namespace.as_bytes());
+                    put_bytes16(out, row.service.as_bytes());
+                    out.push(u8::from(row.state));
+                    put_bytes16(out, row.holder.as_bytes());
+                    out.extend_from_slice(&row.port.to_be_bytes());
+                    out.extend_from_slice(&row.since.to_be_bytes());
+                    out.push(u8::from(row.mine));
+                }
+                ty::INTERCEPT_TABLE
+            }
+            Message::Capture { id, pod_namespace, pod_name, pod_ip, port, host_ip, container, container_id } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                put_bytes16(out, pod_namespace.as_bytes());
+                put_bytes16(out, pod_name.as_bytes());
+                put_ip(out, *pod_ip);
+                out.extend_from_slice(&port.to_be_bytes());
+                match host_ip {
+                    None => out.push(0),
+                    Some(ip) => {
+                        out.push(1);
+                        put_ip(out, *ip);
+                    }
+                }
+                put_bytes16(out, container.as_bytes());
+                put_bytes16(out, container_id.as_bytes());
+                ty::CAPTURE
+            }
+            Message::Release { id } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                ty::RELEASE
+            }
+            Message::CaptureStatus { id, ok, message, meshed, env } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                out.push(u8::from(*ok));
+                put_bytes16(out, message.as_bytes());
+                out.push(u8::from(*meshed));
+                put_pairs(out, env);
+                ty::CAPTURE_STATUS
+            }
             Message::Unknown { frame_type, payload } => {
                 let n = payload.len().min(MAX_FRAME_PAYLOAD);
                 out.extend_from_slice(&payload[..n]);
@@ -469,6 +822,25 @@ fn put_bytes16(out: &mut Vec<u8>, b: &[u8]) {
     let n = b.len().min(usize::from(u16::MAX));
     out.extend_from_slice(&(n as u16).to_be_bytes());
     out.extend_from_slice(&b[..n]);
+}
+
+/// A u16 count of strings (at most 65535 kept), each with a u16 length.
+fn put_strings(out: &mut Vec<u8>, items: &[String]) {
+    let items = &items[..items.len().min(usize::from(u16::MAX))];
+    out.extend_from_slice(&(items.len() as u16).to_be_bytes());
+    for s in items {
+        put_bytes16(out, s.as_bytes());
+    }
+}
+
+/// A u16 count of name/value pairs (an environment), each a pair of u16-length strings.
+fn put_pairs(out: &mut Vec<u8>, pairs: &[(String, String)]) {
+    let pairs = &pairs[..pairs.len().min(usize::from(u16::MAX))];
+    out.extend_from_slice(&(pairs.len() as u16).to_be_bytes());
+    for (k, v) in pairs {
+        put_bytes16(out, k.as_bytes());
+        put_bytes16(out, v.as_bytes());
+    }
 }
 
 fn put_cluster(out: &mut Vec<u8>, cluster: &ClusterInfo) {
@@ -560,6 +932,32 @@ impl<'a> Reader<'a> {
     fn string16(&mut self, what: &'static str) -> Result<String> {
         let b = self.bytes16(what)?;
         String::from_utf8(b.to_vec()).map_err(|_| Error::NotUtf8 { what })
+    }
+
+    fn flag(&mut self, what: &'static str) -> Result<bool> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(Error::Malformed { what }),
+        }
+    }
+
+    fn strings(&mut self, what: &'static str) -> Result<Vec<String>> {
+        let n = self.u16()?;
+        let mut v = Vec::with_capacity(usize::from(n).min(256));
+        for _ in 0..n {
+            v.push(self.string16(what)?);
+        }
+        Ok(v)
+    }
+
+    fn pairs(&mut self, what: &'static str) -> Result<Vec<(String, String)>> {
+        let n = self.u16()?;
+        let mut v = Vec::with_capacity(usize::from(n).min(256));
+        for _ in 0..n {
+            v.push((self.string16(what)?, self.string16(what)?));
+        }
+        Ok(v)
     }
 
     fn ip(&mut self) -> Result<IpAddr> {
@@ -659,6 +1057,107 @@ mod tests {
             Message::DnsQuery { query: vec![0x12, 0x34, 1, 0, 0, 1] },
             Message::DnsAnswer { answer: vec![0; 700] },
             Message::Unknown { frame_type: 0x7f, payload: vec![1, 2, 3] },
+            Message::ClientInfo {
+                min_version: 1,
+                role: Role::Client,
+                user: "alice".into(),
+                host: "laptop".into(),
+                client_id: vec![7; 16],
+                features: 1,
+            },
+            Message::ClientInfo {
+                min_version: 2,
+                role: Role::Agent { node: "node-1".into() },
+                user: String::new(),
+                host: "node-1".into(),
+                client_id: vec![],
+                features: u64::MAX,
+            },
+            Message::ClientInfo {
+                min_version: 9,
+                role: Role::Other(200),
+                user: "u".into(),
+                host: "h".into(),
+                client_id: vec![1],
+                features: 0,
+            },
+            Message::ServerInfo { min_version: 1, max_version: 2, features: 1 },
+            Message::InterceptRequest {
+                namespace: "default".into(),
+                service: "web".into(),
+                port: "http".into(),
+                local_port: 18888,
+                container: String::new(),
+            },
+            Message::InterceptReply {
+                id: 42,
+                service_port: 80,
+                targets: vec![
+                    InterceptTarget { pod: "web-0".into(), addr: "10.244.2.10:8080".parse().unwrap(), meshed: false },
+                    InterceptTarget { pod: "web-1".into(), addr: "[fd00::1]:8080".parse().unwrap(), meshed: true },
+                ],
+                env: vec![("GREETING".into(), "hello world".into()), ("EMPTY".into(), String::new())],
+                warnings: vec!["port looks like TLS".into()],
+            },
+            Message::Leave { namespace: "default".into(), service: "web".into() },
+            Message::Ack { message: "left".into() },
+            Message::InterceptOpen {
+                id: 3,
+                src: "10.244.2.20:40000".parse().unwrap(),
+                dst: "10.244.2.10:8080".parse().unwrap(),
+            },
+            Message::InterceptList,
+            Message::InterceptTable {
+                rows: vec![
+                    InterceptRow {
+                        namespace: "default".into(),
+                        service: "web".into(),
+                        state: InterceptState::Intercepted,
+                        holder: "alice@laptop".into(),
+                        port: 80,
+                        since: 1_780_000_000,
+                        mine: true,
+                    },
+                    InterceptRow {
+                        namespace: "x".into(),
+                        service: "y".into(),
+                        state: InterceptState::Other(99),
+                        holder: String::new(),
+                        port: 0,
+                        since: 0,
+                        mine: false,
+                    },
+                ],
+            },
+            Message::Capture {
+                id: 5,
+                pod_namespace: "default".into(),
+                pod_name: "web-0".into(),
+                pod_ip: "10.244.2.10".parse().unwrap(),
+                port: 8080,
+                host_ip: Some("10.250.1.1".parse().unwrap()),
+                container: "nginx".into(),
+                container_id: "containerd://abc".into(),
+            },
+            Message::Capture {
+                id: 6,
+                pod_namespace: "n".into(),
+                pod_name: "p".into(),
+                pod_ip: "fd00::2".parse().unwrap(),
+                port: 1,
+                host_ip: None,
+                container: String::new(),
+                container_id: String::new(),
+            },
+            Message::Release { id: 5 },
+            Message::CaptureStatus {
+                id: 5,
+                ok: true,
+                message: String::new(),
+                meshed: true,
+                env: vec![("A".into(), "1".into())],
+            },
+            Message::CaptureStatus { id: 6, ok: false, message: "no such pod".into(), meshed: false, env: vec![] },
         ]
     }
 

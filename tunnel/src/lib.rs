@@ -7,8 +7,10 @@
 //!
 //! Layout of a connection:
 //! - the client opens the first bidirectional stream as the *control stream* and sends
-//!   [`Message::ClientHello`]; the manager answers [`Message::ServerHello`] or
-//!   [`Message::Error`] (wrong token, protocol version mismatch);
+//!   [`Message::ClientHello`] (and, from protocol v2, [`Message::ClientInfo`]); the
+//!   manager answers [`Message::ServerHello`] (and [`Message::ServerInfo`]) or
+//!   [`Message::Error`] (wrong token, protocol version mismatch). The version is
+//!   negotiated as a range by the sans-IO [`handshake`];
 //! - every TCP flow is one further bidirectional stream that starts with
 //!   [`Message::FlowOpen`] (client to manager) and [`Message::FlowReply`] (back); the
 //!   bytes after them are the flow's payload, a stream FIN is a TCP FIN and a stream
@@ -28,19 +30,17 @@
 pub mod cc;
 pub mod datagram;
 pub mod frame;
+pub mod handshake;
 #[cfg(feature = "quic")]
 pub mod io;
 #[cfg(feature = "quic")]
 pub mod quic;
 
 pub use frame::{
-    ClusterInfo, ErrorCode, FlowStatus, Message, Protocol, ServiceInfo, ServicePort, UdpRecord, FRAME_HEADER_LEN,
-    MAX_FRAME_PAYLOAD,
+    ClusterInfo, ErrorCode, FlowStatus, InterceptRow, InterceptState, InterceptTarget, Message, Protocol, Role,
+    ServiceInfo, ServicePort, UdpRecord, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD,
 };
-
-/// The protocol version this build speaks. A peer with another version is refused
-/// with an error naming both.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// ALPN identifier of the tpvpn tunnel protocol.
 pub const ALPN: &[u8] = b"tpvpn/1";
@@ -48,12 +48,29 @@ pub const ALPN: &[u8] = b"tpvpn/1";
 /// QUIC application error code used to reset a flow stream: a TCP RST.
 pub const RESET_CODE: u32 = 1;
 
-/// QUIC application error code used to close the connection: the peer is refused
-/// (token, version). The reason phrase carries the human-readable message.
+/// QUIC application error code a version-1 manager closes a refused connection with
+/// (token, version); the reason phrase carries the human-readable message. Newer
+/// managers use [`refusal_close_code`]; clients still read this one from old managers.
 pub const CLOSE_REFUSED: u32 = 2;
 
 /// QUIC application error code used when a side closes the connection normally.
 pub const CLOSE_NORMAL: u32 = 0;
+
+/// From protocol version 2 the manager closes a refused connection with a code that
+/// carries the refusal's [`ErrorCode`] (this base plus the code), so that a client that
+/// misses the `Error` frame still knows why, without reading words.
+pub const CLOSE_REFUSED_BASE: u32 = 0x100;
+
+/// The QUIC close code for a refusal with `code`.
+pub fn refusal_close_code(code: ErrorCode) -> u32 {
+    CLOSE_REFUSED_BASE + u32::from(u16::from(code))
+}
+
+/// The refusal a close code carries, if it is one of [`refusal_close_code`]'s.
+pub fn refusal_code(close: u64) -> Option<ErrorCode> {
+    let c = close.checked_sub(u64::from(CLOSE_REFUSED_BASE))?;
+    u16::try_from(c).ok().map(ErrorCode::from)
+}
 
 /// Errors of the tunnel layer.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
