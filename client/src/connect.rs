@@ -49,6 +49,7 @@ impl Identity {
         let user = ["SUDO_USER", "USER", "LOGNAME"]
             .iter()
             .find_map(|v| std::env::var(v).ok().filter(|u| !u.is_empty()))
+            .or_else(|| nix::unistd::User::from_uid(nix::unistd::getuid()).ok().flatten().map(|u| u.name))
             .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()));
         let host = nix::unistd::gethostname()
             .ok()

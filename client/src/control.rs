@@ -9,12 +9,14 @@ use tokio::net::UnixStream;
 
 use crate::Error;
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 pub enum Request {
     Status,
     Down,
     List,
+    Intercept(crate::intercept::Spec),
+    Leave { namespace: String, service: String },
 }
 
 /// `tpvpn status -o json`: the contract of the design brief, section 3.
@@ -32,6 +34,15 @@ pub struct Status {
     /// The QUIC connection's smoothed round-trip time to the manager, µs (while connected).
     #[serde(default)]
     pub tunnel_rtt_us: Option<u64>,
+    /// The connected namespace (short names and `intercept`/`leave` default to it).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The tunnel protocol version spoken with the manager.
+    #[serde(default)]
+    pub protocol: Option<u16>,
+    /// The intercepts this daemon holds.
+    #[serde(default)]
+    pub intercepts: Vec<crate::intercept::Held>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -72,6 +83,10 @@ pub struct ServiceRow {
     pub cluster_ips: Vec<String>,
     /// `80/TCP (http)` style.
     pub ports: Vec<String>,
+    /// `ready`, `intercepted by alice@laptop (you), port 80`, `no agent`, `no pods`; absent
+    /// when the manager does not say (an older manager).
+    #[serde(default)]
+    pub intercept: Option<String>,
 }
 
 impl ServiceRow {
@@ -97,6 +112,7 @@ impl ServiceRow {
                     }
                 })
                 .collect(),
+            intercept: None,
         }
     }
 }
@@ -107,6 +123,9 @@ pub enum Reply {
     Status(Box<Status>),
     List(Listing),
     Done { ok: bool },
+    Intercepted { intercepted: crate::intercept::Outcome },
+    Left { left: String },
+    Failed { error: String },
 }
 
 /// Whether an I/O error on the control socket means that no daemon is there to answer:

@@ -20,6 +20,7 @@ use tracing::{debug, info, warn};
 use crate::connect::{connect, Target};
 use crate::control::{self, Dns, Reply, Request, Status, Tun};
 use crate::dataplane::Dataplane;
+use crate::intercept::Intercepts;
 use crate::state::{self, Paths, State};
 use crate::{discovery, kubeconfig, osdns};
 use crate::{routes, Error};
@@ -298,6 +299,8 @@ impl Routing<'_> {
 async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Error> {
     let mut plan = plan(&opts).await?;
     plan.target.identity = crate::connect::Identity::of_this_machine(paths.load_or_create_client_id()?);
+    // What an earlier daemon held, if it did not exit cleanly: re-claimed once connected.
+    let intercepts = Intercepts::load(paths.intercepts());
     let session = connect(&plan.target).await?;
     info!(manager = %session.manager, cidrs = ?session.cluster.cidrs, "connected to the manager");
     let mut never = plan.never_proxy.clone();
@@ -360,6 +363,9 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             flows: Default::default(),
             pid: Some(std::process::id()),
             tunnel_rtt_us: None,
+            protocol: Some(session.version),
+            intercepts: vec![],
+            namespace: Some(plan.namespace.clone()),
         };
         ready.send(&format!(
             "ok connected to {}; routing {} through {}",
@@ -374,9 +380,13 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             endpoint: session.endpoint.clone(),
             target: plan.target.clone(),
             rediscover: plan.rediscover.clone(),
+            version: session.version,
         };
         let running = Running { dataplane, tun, stack_config, link };
-        let (why, down_reply, link) = serve(running, listener, status, (initial, updates), &mut routing, dns).await;
+        let (why, down_reply, link) =
+            serve(running, listener, status, (initial, updates), &mut routing, dns, intercepts.clone()).await;
+        // Intercepts end first, so that the cluster's traffic goes back to the pods at once.
+        intercepts.leave_all(&link.conn, link.version).await;
         link.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
         info!(%why, "shutting down");
         Ok::<_, Error>((why, down_reply, link.endpoint))
@@ -644,6 +654,8 @@ struct Link {
     endpoint: quinn::Endpoint,
     target: Target,
     rediscover: Option<Rediscover>,
+    /// The protocol version spoken on `conn`.
+    version: u16,
 }
 
 /// Creates the TUN device, with checksum offload where the kernel allows it (the bool):
@@ -730,9 +742,21 @@ async fn serve(
     (initial, mut updates): (Vec<Update>, tokio::sync::mpsc::Receiver<Update>),
     routing: &mut Routing<'_>,
     dns: Option<Arc<crate::dns::Shared>>,
+    intercepts: Arc<Intercepts>,
 ) -> (String, Option<tokio::net::UnixStream>, Link) {
     use tokio::signal::unix::{signal, SignalKind};
     let Running { dataplane, tun, stack_config, mut link } = running;
+    // Connections the manager opens toward this client (intercepts), and re-claiming
+    // what this daemon (or a crashed one before it) held: per connection.
+    let start_intercepts = |link: &Link| {
+        let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+        tokio::spawn(async move {
+            let serving = tokio::spawn(i.clone().serve(conn.clone()));
+            i.reclaim(&conn, version).await;
+            let _ = serving.await;
+        })
+    };
+    let mut intercept_task = start_intercepts(&link);
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return ("cannot install signal handlers".into(), None, link);
     };
@@ -773,8 +797,11 @@ async fn serve(
                 let rediscover = link.rediscover.clone();
                 let old = std::mem::replace(
                     &mut link,
-                    Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target, rediscover },
+                    Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target, rediscover, version: session.version },
                 );
+                intercept_task.abort();
+                intercept_task = start_intercepts(&link);
+                status.protocol = Some(session.version);
 
                 old.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"replaced");
                 let (send, recv) = session.control;
@@ -794,9 +821,49 @@ async fn serve(
                             s.flows = h.flows().await;
                             s.tunnel_rtt_us = Some(link.conn.rtt().as_micros() as u64);
                         }
+                        s.intercepts = intercepts.list();
                         control::write_reply(&mut stream, &Reply::Status(Box::new(s))).await;
                     }
-                    Some(Request::List) => control::write_reply(&mut stream, &Reply::List(listing.clone())).await,
+                    // These wait for the manager: answered by a task of their own.
+                    Some(Request::List) => {
+                        let (mut listing, conn, version) = (listing.clone(), link.conn.clone(), link.version);
+                        let connected = status.connected;
+                        tokio::spawn(async move {
+                            if connected {
+                                match Intercepts::table(&conn, version).await {
+                                    Ok(rows) => annotate(&mut listing, &rows),
+                                    Err(e) => debug!(error = %e, "no intercept states for the listing"),
+                                }
+                            }
+                            control::write_reply(&mut stream, &Reply::List(listing)).await;
+                        });
+                    }
+                    Some(Request::Intercept(mut spec)) => {
+                        if spec.namespace.is_empty() {
+                            spec.namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
+                        }
+                        let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+                        tokio::spawn(async move {
+                            let reply = match i.request(&conn, version, spec).await {
+                                Ok(intercepted) => Reply::Intercepted { intercepted },
+                                Err(e) => Reply::Failed { error: e.to_string() },
+                            };
+                            control::write_reply(&mut stream, &reply).await;
+                        });
+                    }
+                    Some(Request::Leave { mut namespace, service }) => {
+                        if namespace.is_empty() {
+                            namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
+                        }
+                        let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+                        tokio::spawn(async move {
+                            let reply = match i.leave(&conn, version, &namespace, &service).await {
+                                Ok(left) => Reply::Left { left },
+                                Err(e) => Reply::Failed { error: e.to_string() },
+                            };
+                            control::write_reply(&mut stream, &reply).await;
+                        });
+                    }
                     Some(Request::Down) => {
                         down_reply = Some(stream);
                         break "down requested".into();
@@ -809,6 +876,7 @@ async fn serve(
     if let Some(r) = reconnecting {
         r.abort();
     }
+    intercept_task.abort();
     if let Some(dp) = dp {
         dp.abort();
         // Wait until the data plane is gone; with `tun` dropped below, so is the device.
@@ -816,6 +884,31 @@ async fn serve(
     }
     drop(tun);
     (why, down_reply, link)
+}
+
+/// Adds each Service's intercept state to the listing.
+fn annotate(listing: &mut control::Listing, rows: &[tpvpn_tunnel::InterceptRow]) {
+    for s in &mut listing.services {
+        let states: Vec<String> = rows
+            .iter()
+            .filter(|r| r.namespace == s.namespace && r.service == s.name)
+            .map(crate::intercept::state_text)
+            .collect();
+        if !states.is_empty() {
+            s.intercept = Some(states.join("; "));
+        }
+    }
+}
+
+/// `tpvpn intercept` and `tpvpn leave`: one request to the daemon (which may wait for the
+/// manager and its agents).
+pub fn intercept_request(paths: &Paths, req: Request) -> Result<Reply, Error> {
+    let rt = current_thread()?;
+    match rt.block_on(control::request(&paths.socket(), req, Duration::from_secs(30)))? {
+        Some(Reply::Failed { error }) => Err(Error::Refused(error)),
+        Some(r) => Ok(r),
+        None => Err(Error::Config("not connected: run tpvpn up first".into())),
+    }
 }
 
 /// `tpvpn down`.

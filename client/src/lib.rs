@@ -17,6 +17,7 @@ pub mod discovery;
 pub mod dns;
 
 pub mod install;
+pub mod intercept;
 pub mod kubeconfig;
 pub mod osdns;
 pub mod resolved;
@@ -51,4 +52,7 @@ pub enum Error {
     System(String),
     #[error(transparent)]
     Tunnel(#[from] tpvpn_tunnel::Error),
+    /// The manager refused a request; its words.
+    #[error("{0}")]
+    Refused(String),
 }

@@ -128,6 +128,37 @@ enum Cmd {
         output: Output,
     },
 
+    /// Send a Service's traffic in the cluster to a port on this machine: every
+    /// connection to the Service's pods on that port reaches 127.0.0.1:LOCAL instead,
+    /// until `tpvpn leave` (or `down`).
+    Intercept {
+        /// The Service to intercept.
+        service: String,
+        /// LOCAL[:SERVICE_PORT]: this machine's port, and the Service's port (name or
+        /// number; may be left out when the Service has one port).
+        #[arg(long, value_name = "LOCAL[:SERVICE_PORT]")]
+        port: String,
+        /// The Service's namespace (default: the connected namespace).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+        /// Write the environment of the container serving the port here (docker
+        /// env-file syntax).
+        #[arg(long)]
+        env_file: Option<PathBuf>,
+        /// Write that environment here as a JSON object.
+        #[arg(long)]
+        env_json: Option<PathBuf>,
+        /// The container whose environment to take, when the pods have several.
+        #[arg(long)]
+        container: Option<String>,
+    },
+    /// End an intercept: the Service's pods get their traffic again.
+    Leave {
+        service: String,
+        /// The Service's namespace (default: the connected namespace).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
     /// Install, update or remove the in-cluster manager.
     Manager {
         #[command(subcommand)]
@@ -234,6 +265,44 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             }
             Ok(())
         }
+        Cmd::Intercept { service, port, namespace, env_file, env_json, container } => {
+            let (local, service_port) = match port.split_once(':') {
+                Some((l, p)) => (l, p.to_string()),
+                None => (port.as_str(), String::new()),
+            };
+            let local_port: u16 = local
+                .parse()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| Error::Config(format!("--port {port}: LOCAL must be a port number (1-65535)")))?;
+            let spec = tpvpn_client::intercept::Spec {
+                namespace: namespace.unwrap_or_default(),
+                service,
+                port: service_port,
+                local_port,
+                container: container.unwrap_or_default(),
+            };
+            let reply = daemon::intercept_request(&paths, tpvpn_client::control::Request::Intercept(spec))?;
+            let tpvpn_client::control::Reply::Intercepted { intercepted } = reply else {
+                return Err(Error::Protocol("unexpected reply from the daemon".into()));
+            };
+            print_intercepted(&intercepted);
+            if let Some(path) = env_file {
+                write_env(&path, &intercepted.env, false)?;
+            }
+            if let Some(path) = env_json {
+                write_env(&path, &intercepted.env, true)?;
+            }
+            Ok(())
+        }
+        Cmd::Leave { service, namespace } => {
+            let req = tpvpn_client::control::Request::Leave { namespace: namespace.unwrap_or_default(), service };
+            match daemon::intercept_request(&paths, req)? {
+                tpvpn_client::control::Reply::Left { left } => println!("{left}"),
+                _ => return Err(Error::Protocol("unexpected reply from the daemon".into())),
+            }
+            Ok(())
+        }
         Cmd::Manager { action } => {
             let (cluster, opts, uninstall) = match action {
                 ManagerCmd::Install { cluster, image, service_type } => {
@@ -270,20 +339,69 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
 
 fn print_listing(l: &tpvpn_client::control::Listing) {
     println!("namespaces: {}", l.namespaces.join(", "));
-    let rows: Vec<[String; 4]> = l
+    let rows: Vec<[String; 5]> = l
         .services
         .iter()
         .map(|s| {
             let ips = if s.cluster_ips.is_empty() { "None".to_string() } else { s.cluster_ips.join(",") };
-            [s.namespace.clone(), s.name.clone(), ips, s.ports.join(", ")]
+            let intercept = s.intercept.clone().unwrap_or_else(|| "-".into());
+            [s.namespace.clone(), s.name.clone(), ips, s.ports.join(", "), intercept]
         })
         .collect();
-    let header = ["NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS"].map(String::from);
+    let header = ["NAMESPACE", "SERVICE", "CLUSTER-IP", "PORTS", "INTERCEPT"].map(String::from);
     let width = |i: usize| rows.iter().chain([&header]).map(|r| r[i].len()).max().unwrap_or(0);
-    let (w0, w1, w2) = (width(0), width(1), width(2));
+    let (w0, w1, w2, w3) = (width(0), width(1), width(2), width(3));
     for r in [&header].into_iter().chain(&rows) {
-        println!("{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3]);
+        println!("{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}", r[0], r[1], r[2], r[3], r[4]);
     }
+}
+
+fn print_intercepted(o: &tpvpn_client::intercept::Outcome) {
+    let h = &o.held;
+    let pods: Vec<String> = h
+        .targets
+        .iter()
+        .map(|t| format!("{} ({}{})", t.pod, t.addr, if t.meshed { ", behind its mesh sidecar" } else { "" }))
+        .collect();
+    println!(
+        "intercepting {}/{} port {}: pods {} -> 127.0.0.1:{}",
+        h.spec.namespace,
+        h.spec.service,
+        h.service_port,
+        pods.join(", "),
+        h.spec.local_port
+    );
+    for w in &o.warnings {
+        println!("note: {w}");
+    }
+}
+
+/// Writes an environment as a docker env-file (`NAME=VALUE` lines, taken literally) or
+/// as a JSON object. A value with a newline cannot be written as an env-file line: it
+/// is left out with a warning (the JSON form has it).
+fn write_env(path: &std::path::Path, env: &[(String, String)], json: bool) -> Result<(), tpvpn_client::Error> {
+    let text = if json {
+        let map: serde_json::Map<String, serde_json::Value> =
+            env.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+        serde_json::to_string_pretty(&map).map_err(|e| tpvpn_client::Error::System(e.to_string()))? + "\n"
+    } else {
+        let mut out = String::new();
+        for (k, v) in env {
+            if v.contains('\n') || k.contains('\n') {
+                eprintln!(
+                    "tpvpn: {k} has a multi-line value, which an env-file cannot hold: left out of {}",
+                    path.display()
+                );
+                continue;
+            }
+            out.push_str(&format!("{k}={v}\n"));
+        }
+        out
+    };
+    std::fs::write(path, text)
+        .map_err(|e| tpvpn_client::Error::System(format!("cannot write {}: {e}", path.display())))?;
+    println!("environment ({} variables) written to {}", env.len(), path.display());
+    Ok(())
 }
 
 fn print_status(s: &tpvpn_client::control::Status) {
@@ -307,6 +425,16 @@ fn print_status(s: &tpvpn_client::control::Status) {
     }
 
     println!("  flows:       {} tcp, {} udp", s.flows.tcp, s.flows.udp);
+    for h in &s.intercepts {
+        println!(
+            "  intercept:   {}/{} port {} -> 127.0.0.1:{} ({} pods)",
+            h.spec.namespace,
+            h.spec.service,
+            h.service_port,
+            h.spec.local_port,
+            h.targets.len()
+        );
+    }
     if let Some(rtt) = s.tunnel_rtt_us {
         println!("  tunnel rtt:  {rtt} µs");
     }

@@ -38,6 +38,11 @@ impl Paths {
     pub fn log(&self) -> PathBuf {
         self.dir.join("tpvpn.log")
     }
+    /// The intercepts the daemon holds, kept so that one started after a crash
+    /// re-claims them.
+    pub fn intercepts(&self) -> PathBuf {
+        self.dir.join("intercepts.json")
+    }
     /// This machine's client id (hex), kept across daemons so that one started after a
     /// crash re-claims the intercepts of the one before.
     pub fn client_id(&self) -> PathBuf {

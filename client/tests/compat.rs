@@ -109,3 +109,22 @@ async fn this_client_connects_to_a_v1_manager_and_carries_flows() {
     let e = connect(&bad).await.err().expect("bad token refused");
     assert!(matches!(e, tpvpn_client::Error::BadToken(_)), "{e}");
 }
+
+#[tokio::test]
+async fn intercepts_against_a_v1_manager_are_refused_naming_the_manager() {
+    let m = start_old_manager();
+    let t = Target::from_files(m.addr.to_string(), &m.dir.join("manager.crt"), &m.dir.join("token")).unwrap();
+    let s = connect(&t).await.expect("connects to the v1 manager");
+    let held = tpvpn_client::intercept::Intercepts::load(m.dir.join("intercepts.json"));
+    let spec = tpvpn_client::intercept::Spec {
+        namespace: "default".into(),
+        service: "web".into(),
+        port: String::new(),
+        local_port: 18888,
+        container: String::new(),
+    };
+    let e = held.request(&s.conn, s.version, spec).await.err().expect("no intercepts in v1");
+    let line = e.to_string();
+    assert!(line.contains("protocol v1") && line.contains("upgrade the manager"), "{line}");
+    assert!(held.list().is_empty());
+}

@@ -28,6 +28,7 @@
 pub mod apiserver;
 pub mod client;
 pub mod data;
+pub mod pods;
 pub mod resolved;
 pub mod serve;
 pub mod wan;
@@ -107,6 +108,14 @@ pub struct Lab {
     /// Servers started in the cluster namespace: (name, process).
     children: Vec<(String, Child)>,
     manager: Option<Child>,
+    /// The node agent, once started ([`Lab::start_pods`]).
+    agent: Option<Child>,
+    /// Pods started by [`Lab::start_pods`] / [`Lab::add_pod`].
+    pods: Vec<pods::RunningPod>,
+    /// The caller pod's namespace (empty until [`Lab::start_pods`]).
+    caller_ns: String,
+    /// A second laptop's namespace, once added ([`Lab::add_second_laptop`]).
+    laptop2: Option<String>,
     /// The manager's `--listen` address ([`MANAGER_ADDR`] unless changed).
     manager_listen: String,
     /// Whether `tpvpn` was ever run (then drop runs `tpvpn down`).
@@ -237,6 +246,10 @@ impl Lab {
             namespaces: Vec::new(),
             children: Vec::new(),
             manager: None,
+            agent: None,
+            pods: Vec::new(),
+            caller_ns: String::new(),
+            laptop2: None,
             manager_listen: MANAGER_ADDR.to_string(),
             used_tpvpn: AtomicBool::new(false),
             exec_counter: AtomicU64::new(0),
@@ -313,6 +326,7 @@ impl Lab {
         fs::write(self.dir.join("manager.crt"), ck.cert.pem())?;
         fs::write(self.dir.join("manager.key"), ck.signing_key.serialize_pem())?;
         fs::write(self.dir.join("token"), random_token()? + "\n")?;
+        fs::write(self.dir.join("agent-token"), random_token()? + "\n")?;
         Ok(())
     }
 
@@ -810,6 +824,50 @@ impl Lab {
         self.exec_env(&self.laptop, &cmd, &all, timeout)
     }
 
+    /// Adds a second laptop (namespace `laptop2`, joined to the node network by its own
+    /// veth, its own runtime directory) for tests with two developers.
+    pub fn add_second_laptop(&mut self) -> Result<()> {
+        let ns = format!("tpvpn-{}-laptop2", self.id);
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        let c = self.cluster.clone();
+        ip(&["-n", &ns, "link", "add", "to-cluster", "type", "veth", "peer", "name", "to-laptop2", "netns", &c])?;
+        ip(&["-n", &ns, "addr", "add", "10.250.4.2/24", "dev", "to-cluster"])?;
+        ip(&["-n", &c, "addr", "add", "10.250.4.1/24", "dev", "to-laptop2"])?;
+        for (n, dev) in [(ns.as_str(), "lo"), (ns.as_str(), "to-cluster"), (c.as_str(), "to-laptop2")] {
+            ip(&["-n", n, "link", "set", dev, "up"])?;
+        }
+        ip(&["-n", &ns, "route", "add", "10.250.1.0/24", "via", "10.250.4.1"])?;
+        fs::create_dir_all(self.dir.join("run2"))?;
+        self.laptop2 = Some(ns);
+        Ok(())
+    }
+
+    /// Runs `tpvpn` on the second laptop, as user `bob`.
+    pub fn tpvpn2(&self, args: &[&str]) -> Output {
+        let (Some(ns), Ok(bin)) = (&self.laptop2, find_bin(&self.bin_dir, "tpvpn")) else {
+            return failed_output("no second laptop, or no tpvpn binary");
+        };
+        let bin = bin.display().to_string();
+        let rt = self.dir.join("run2").display().to_string();
+        let mut cmd = vec![bin.as_str()];
+        cmd.extend_from_slice(args);
+        self.exec_env(
+            ns,
+            &cmd,
+            &[("TPVPN_RUNTIME_DIR", rt.as_str()), ("USER", "bob"), ("SUDO_USER", "bob")],
+            EXEC_TIMEOUT,
+        )
+    }
+
+    /// `tpvpn up` on the second laptop (direct mode, DNS off).
+    pub fn tpvpn2_up(&self) -> Result<Output> {
+        let base = self.up_args();
+        let mut args: Vec<&str> = base.iter().map(String::as_str).collect();
+        args.extend_from_slice(&["--dns-mode", "off"]);
+        Ok(self.tpvpn2(&args))
+    }
+
     /// The direct-mode arguments of `tpvpn up` (manager address, CA, token file).
     pub fn up_args(&self) -> Vec<String> {
         vec![
@@ -895,6 +953,8 @@ impl Lab {
             ])
             .arg("--token-file")
             .arg(token_file)
+            .arg("--agent-token-file")
+            .arg(self.agent_token_file())
             // The manager learns CIDRs and DNS from the API stand-in, as in a cluster.
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
@@ -931,7 +991,12 @@ impl Drop for Lab {
         // running inside our namespaces, the namespaces, the directory.
         if self.used_tpvpn.load(Ordering::Relaxed) && self.namespaces.contains(&self.laptop) {
             let _ = self.tpvpn_timeout(&["down"], Duration::from_secs(20));
+            if self.laptop2.is_some() {
+                let _ = self.tpvpn2(&["down"]);
+            }
         }
+        // The agent first: it removes its capture tables from the pods on SIGTERM.
+        self.stop_agent();
         self.stop_manager();
         while let Some((_, child)) = self.children.pop() {
             terminate(child);
@@ -971,7 +1036,9 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         };
         let parts: Vec<&str> = rest.split('-').collect();
         let [pid, n, role] = parts[..] else { continue };
-        if !["laptop", "cluster", "inet"].contains(&role) || n.parse::<u64>().is_err() {
+        let lab_role = ["laptop", "laptop2", "cluster", "inet", "caller"].contains(&role)
+            || role.strip_prefix("pod").is_some_and(|i| i.parse::<u32>().is_ok());
+        if !lab_role || n.parse::<u64>().is_err() {
             continue;
         }
         let Ok(pid) = pid.parse::<u32>() else {

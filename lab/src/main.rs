@@ -18,16 +18,22 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run the lab's servers (UDP echo, reset, sink, source) until killed.
+    /// Run the lab's servers (UDP echo, reset, sink, source; those given) until killed.
     Serve {
-        #[arg(long, default_value = tpvpn_lab::UDP_ECHO_ADDR)]
-        udp_echo: SocketAddr,
-        #[arg(long, default_value = tpvpn_lab::RESET_ADDR)]
-        reset: SocketAddr,
-        #[arg(long, default_value = tpvpn_lab::SINK_ADDR)]
-        sink: SocketAddr,
-        #[arg(long, default_value = tpvpn_lab::SOURCE_ADDR)]
-        source: SocketAddr,
+        #[arg(long)]
+        udp_echo: Option<SocketAddr>,
+        #[arg(long)]
+        reset: Option<SocketAddr>,
+        #[arg(long)]
+        sink: Option<SocketAddr>,
+        #[arg(long)]
+        source: Option<SocketAddr>,
+    },
+    /// Stand-in for a mesh sidecar's inbound proxy: relays connections redirected to
+    /// LISTEN to their original port on the pod's loopback.
+    Sidecar {
+        #[arg(long, default_value = "0.0.0.0:15006")]
+        listen: SocketAddr,
     },
     /// Run the Kubernetes API server stand-in (in-memory, plain HTTP/1.1) until killed.
     Apiserver {
@@ -96,6 +102,7 @@ fn main() -> ExitCode {
             };
             apiserver::run(listen, &fixtures, cfg).map(|()| true)
         }
+        Cmd::Sidecar { listen } => serve::sidecar(listen).map(|()| true),
         Cmd::Client(c) => run_client(c),
         Cmd::Demo => demo().map(|()| true),
         Cmd::Wan(a) => tpvpn_lab::wan::run_emulator(&a).map(|()| true),

@@ -8,13 +8,13 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::data::{DataStream, Fnv1a};
 
-/// Where each server listens.
-#[derive(Debug, Clone)]
+/// Where each server listens; the servers not given are not run.
+#[derive(Debug, Clone, Default)]
 pub struct ServeAddrs {
-    pub udp_echo: SocketAddr,
-    pub reset: SocketAddr,
-    pub sink: SocketAddr,
-    pub source: SocketAddr,
+    pub udp_echo: Option<SocketAddr>,
+    pub reset: Option<SocketAddr>,
+    pub sink: Option<SocketAddr>,
+    pub source: Option<SocketAddr>,
 }
 
 /// Binds every server, then serves until the process is killed.
@@ -22,18 +22,64 @@ pub fn run(addrs: ServeAddrs) -> Result<()> {
     crate::raise_nofile_limit();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let udp = UdpSocket::bind(addrs.udp_echo).await.with_context(|| format!("bind udp {}", addrs.udp_echo))?;
-        let reset = bind_tcp(addrs.reset).await?;
-        let sink = bind_tcp(addrs.sink).await?;
-        let source = bind_tcp(addrs.source).await?;
+        let mut servers = tokio::task::JoinSet::new();
+        if let Some(a) = addrs.udp_echo {
+            servers.spawn(udp_echo(UdpSocket::bind(a).await.with_context(|| format!("bind udp {a}"))?));
+        }
+        if let Some(a) = addrs.reset {
+            servers.spawn(accept_loop(bind_tcp(a).await?, reset_conn));
+        }
+        if let Some(a) = addrs.sink {
+            servers.spawn(accept_loop(bind_tcp(a).await?, sink_conn));
+        }
+        if let Some(a) = addrs.source {
+            servers.spawn(accept_loop(bind_tcp(a).await?, source_conn));
+        }
         eprintln!("tpvpn-lab serve: ready {addrs:?}");
-        tokio::try_join!(
-            udp_echo(udp),
-            accept_loop(reset, reset_conn),
-            accept_loop(sink, sink_conn),
-            accept_loop(source, source_conn),
-        )?;
+        // Runs until one fails.
+        while let Some(r) = servers.join_next().await {
+            r??;
+        }
         Ok(())
+    })
+}
+
+/// A stand-in for a service mesh's inbound sidecar (what istio-init and Envoy do to a
+/// pod, reduced to the part that matters here): the lab's nat REDIRECT sends the pod's
+/// inbound TCP to `listen`; each connection is relayed to its original destination port
+/// on the pod's loopback, as the mesh proxy does after it has handled mTLS. Prints one
+/// line per connection relayed, so that tests see the traffic pass through it.
+pub fn sidecar(listen: SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = bind_tcp(listen).await?;
+        eprintln!("tpvpn-lab sidecar: ready on {listen}");
+        loop {
+            let (inbound, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                let original = socket2::SockRef::from(&inbound).original_dst_v4().ok().and_then(|a| a.as_socket());
+                let Some(original) = original else {
+                    eprintln!("sidecar: no original destination for {peer}");
+                    return;
+                };
+                let app = SocketAddr::from(([127, 0, 0, 1], original.port()));
+                println!("sidecar: {peer} -> {original} via {app}");
+                match TcpStream::connect(app).await {
+                    Ok(mut app_conn) => {
+                        let mut inbound = inbound;
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut app_conn).await;
+                    }
+                    Err(e) => eprintln!("sidecar: {app}: {e}"),
+                }
+            });
+        }
     })
 }
 

@@ -7,8 +7,8 @@
 //! - service CIDR: the smallest CIDR covering every ClusterIP, widened to at least /16
 //!   (IPv6: /112) so that new Services in the same range are covered too;
 //! - pod CIDRs: the nodes' `podCIDRs`; when no node has them, the smallest CIDRs
-//!   covering the (non-host-network) pod IPs, widened like the service CIDR, from a watch
-//!   of Pods started only in that case;
+//!   covering the (non-host-network) pod IPs, widened like the service CIDR (Pods are
+//!   watched anyway: they are what intercepts capture);
 //! - cluster DNS: the ClusterIP of `kube-system/kube-dns` (or `coredns`);
 //! - flags add to all of it (`--cluster-cidr`) or override it (`--cluster-dns`).
 //!
@@ -140,17 +140,31 @@ pub fn compute(base: &ClusterInfo, services: &[Arc<Service>], nodes: &[Arc<Node>
     ClusterInfo { cidrs: IpNet::aggregate(&cidrs), dns, domain: base.domain.clone() }
 }
 
-/// What the manager publishes: the routing view and the catalog.
-#[derive(Debug, Clone)]
-
+/// What the manager publishes: the routing view and the catalog, and (with
+/// Kubernetes) the Services and Pods intercepts are resolved against.
+#[derive(Clone)]
 pub struct Views {
     pub cluster: watch::Receiver<ClusterInfo>,
     pub catalog: watch::Receiver<Arc<Catalog>>,
+    pub objects: Option<crate::intercepts::Objects>,
+}
+
+impl std::fmt::Debug for Views {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Views").field("cluster", &*self.cluster.borrow()).finish_non_exhaustive()
+    }
 }
 
 /// Views that always hold `info` and an empty catalog (no Kubernetes).
 pub fn fixed(info: ClusterInfo) -> Views {
-    Views { cluster: watch::channel(info).1, catalog: watch::channel(Arc::default()).1 }
+    Views { cluster: watch::channel(info).1, catalog: watch::channel(Arc::default()).1, objects: None }
+}
+
+/// Whether some node reports its pod CIDR (else pod CIDRs are learned from pod IPs).
+fn nodes_have_pod_cidrs(nodes: &[Arc<Node>]) -> bool {
+    nodes.iter().any(|n| {
+        n.spec.as_ref().is_some_and(|s| s.pod_cidrs.as_ref().is_some_and(|c| !c.is_empty()) || s.pod_cidr.is_some())
+    })
 }
 
 /// Publishes `value` if it differs from the current one; true if it did.
@@ -169,6 +183,7 @@ fn publish<T: PartialEq>(tx: &watch::Sender<T>, value: T) -> bool {
 pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> Views {
     let (tx, rx) = watch::channel(base.clone());
     let (catalog_tx, catalog_rx) = watch::channel(Arc::<Catalog>::default());
+    let (objects_tx, objects_rx) = watch::channel(0u64);
     let (svc_reader, svc_writer) = reflector::store::<Service>();
     let (node_reader, node_writer) = reflector::store::<Node>();
     let (ns_reader, ns_writer) = reflector::store::<Namespace>();
@@ -178,42 +193,46 @@ pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> V
     let services = reflector(svc_writer, watcher(Api::<Service>::all(client.clone()), config())).default_backoff();
     let nodes = reflector(node_writer, watcher(Api::<Node>::all(client.clone()), config())).default_backoff();
     let namespaces = reflector(ns_writer, watcher(Api::<Namespace>::all(client.clone()), config())).default_backoff();
+    // Pods: the targets of intercepts, and the pod CIDRs when no node reports them.
+    let pods = reflector(pod_writer, watcher(Api::<Pod>::all(client), config())).default_backoff();
     tokio::spawn(drive("services", services.touched_objects(), changed.clone()));
     tokio::spawn(drive("nodes", nodes.touched_objects(), changed.clone()));
     tokio::spawn(drive("namespaces", namespaces.touched_objects(), changed.clone()));
+    tokio::spawn(drive("pods", pods.touched_objects(), changed.clone()));
     // One task waits for the first lists, and nothing else waits on these stores:
     // kube-runtime wakes only the last task that waited on a store's readiness, so a
     // second waiter could sleep through it.
     let (listed_tx, listed) = tokio::sync::oneshot::channel::<()>();
     {
-        let (svc_reader, node_reader, ns_reader, changed) =
-            (svc_reader.clone(), node_reader.clone(), ns_reader.clone(), changed.clone());
+        let (svc_reader, node_reader, ns_reader, pod_reader) =
+            (svc_reader.clone(), node_reader.clone(), ns_reader.clone(), pod_reader.clone());
         tokio::spawn(async move {
-            if node_reader.wait_until_ready().await.is_err() {
-                return;
-            }
-            // Pod IPs only matter when no node tells its pod CIDR: watch pods only then.
-            let has_pod_cidrs = node_reader.state().iter().any(|n| {
-                n.spec
-                    .as_ref()
-                    .is_some_and(|s| s.pod_cidrs.as_ref().is_some_and(|c| !c.is_empty()) || s.pod_cidr.is_some())
-            });
-            if !has_pod_cidrs {
-                info!("no node reports podCIDRs: learning pod CIDRs from pod IPs");
-                let pods = reflector(pod_writer, watcher(Api::<Pod>::all(client), config())).default_backoff();
-                tokio::spawn(drive("pods", pods.touched_objects(), changed));
-            }
-            if svc_reader.wait_until_ready().await.is_ok() && ns_reader.wait_until_ready().await.is_ok() {
+            let listed = node_reader.wait_until_ready().await.is_ok()
+                && svc_reader.wait_until_ready().await.is_ok()
+                && ns_reader.wait_until_ready().await.is_ok()
+                && pod_reader.wait_until_ready().await.is_ok();
+            if listed {
                 let _ = listed_tx.send(());
             }
         });
     }
+    let objects =
+        crate::intercepts::Objects { services: svc_reader.clone(), pods: pod_reader.clone(), changed: objects_rx };
+    let mut learning_pods = false;
     tokio::spawn(async move {
         loop {
             changed.notified().await;
             tokio::time::sleep(DEBOUNCE).await;
             let services = svc_reader.state();
-            let view = compute(&base, &services, &node_reader.state(), &pod_reader.state());
+            let nodes = node_reader.state();
+            // Pod IPs only matter when no node tells its pod CIDR.
+            let from_pods = !nodes_have_pod_cidrs(&nodes);
+            if from_pods && !nodes.is_empty() && !learning_pods {
+                learning_pods = true;
+                info!("no node reports podCIDRs: learning pod CIDRs from pod IPs");
+            }
+            let pods = if from_pods { pod_reader.state() } else { vec![] };
+            let view = compute(&base, &services, &nodes, &pods);
             if publish(&tx, view.clone()) {
                 info!(cidrs = ?view.cidrs, dns = ?view.dns, "cluster view changed");
             }
@@ -221,7 +240,8 @@ pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> V
             if publish(&catalog_tx, cat.clone()) {
                 info!(namespaces = cat.namespaces.len(), services = cat.services.len(), "catalog changed");
             }
-            if tx.is_closed() && catalog_tx.is_closed() {
+            objects_tx.send_modify(|n| *n += 1);
+            if tx.is_closed() && catalog_tx.is_closed() && objects_tx.is_closed() {
                 return;
             }
         }
@@ -235,7 +255,7 @@ pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> V
     if tokio::time::timeout(wait, ready).await.is_err() {
         warn!("the Kubernetes API did not answer in time; serving the flags' view until it does");
     }
-    Views { cluster: rx, catalog: catalog_rx }
+    Views { cluster: rx, catalog: catalog_rx, objects: Some(objects) }
 }
 
 async fn drive<S, K>(what: &'static str, stream: S, changed: Arc<Notify>)

@@ -13,9 +13,11 @@
 
 pub mod cluster;
 pub mod dns;
+pub mod intercepts;
 
 pub mod metrics;
 mod session;
+pub mod targets;
 mod tcp;
 mod udp;
 

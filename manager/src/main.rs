@@ -22,6 +22,10 @@ struct Args {
     /// File holding the token clients must present.
     #[arg(long)]
     token_file: PathBuf,
+    /// File holding the token node agents present (Secret `tpvpn-agent`); without it no
+    /// agent can connect, and intercepts are refused for want of one.
+    #[arg(long)]
+    agent_token_file: Option<PathBuf>,
     /// Kubeconfig to watch the cluster with when running outside it (its current context).
     /// In a pod the in-cluster configuration is used.
     #[arg(long)]
@@ -84,13 +88,10 @@ fn run(args: Args) -> Result<()> {
     if !use_kubernetes && args.cluster_cidrs.is_empty() {
         bail!("no cluster CIDRs: give --cluster-cidr (the service and pod CIDRs), or --kubeconfig to learn them from the cluster");
     }
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("cannot read token file {}", args.token_file.display()))?
-        .trim()
-        .as_bytes()
-        .to_vec();
-    if token.is_empty() {
-        bail!("token file {} is empty", args.token_file.display());
+    let token = read_token(&args.token_file)?;
+    let agent_token = args.agent_token_file.as_deref().map(read_token).transpose()?;
+    if agent_token.as_ref() == Some(&token) {
+        bail!("--agent-token-file holds the client token: agents need a token of their own");
     }
     let certs = tpvpn_tunnel::quic::load_certs(&args.tls_cert)?;
     let key = tpvpn_tunnel::quic::load_key(&args.tls_key)?;
@@ -108,6 +109,7 @@ fn run(args: Args) -> Result<()> {
             tpvpn_manager::cluster::fixed(base)
         };
         let mut config = tpvpn_manager::Config::with_views(token, cluster);
+        config.agent_token = agent_token;
 
         config.dial_timeout = std::time::Duration::from_secs(args.dial_timeout);
         config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);
@@ -133,6 +135,18 @@ fn run(args: Args) -> Result<()> {
         }
         Ok(())
     })
+}
+
+fn read_token(path: &std::path::Path) -> Result<Vec<u8>> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?
+        .trim()
+        .as_bytes()
+        .to_vec();
+    if token.is_empty() {
+        bail!("token file {} is empty", path.display());
+    }
+    Ok(token)
 }
 
 /// A Kubernetes client from `--kubeconfig` (its current context), else in-cluster.

@@ -1,5 +1,7 @@
-//! One client session: the hello on the control stream, then a task per flow stream
-//! and one task that routes QUIC datagrams to UDP flows.
+//! One session: the hello on the control stream, then, for a client, a task per stream
+//! (flows, DNS queries, intercept requests) and one task that routes QUIC datagrams to
+//! UDP flows; for a node agent, its captures ([`crate::intercepts`]) and a task per
+//! connection it captured. A session's tasks end with it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,11 +11,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tpvpn_tunnel::datagram::Datagram;
-use tpvpn_tunnel::handshake::{Peer, ServerHandshake, ServerStep};
+use tpvpn_tunnel::handshake::{Peer, ServerHandshake, ServerStep, INTERCEPT_VERSION};
 use tpvpn_tunnel::io::{read_message, read_message_max, write_message};
-use tpvpn_tunnel::{FlowStatus, Message, Protocol, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use tpvpn_tunnel::{
+    relay, ErrorCode, FlowStatus, Message, Protocol, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::intercepts::Hub;
 use crate::metrics::{self, Gauge};
 use crate::{Config, Error, Shared, HELLO_TIMEOUT, MAX_HELLO};
 
@@ -26,6 +31,7 @@ pub(crate) type UdpFlows = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
 /// many are unauthenticated.
 pub async fn serve(endpoint: quinn::Endpoint, config: crate::Config) {
     let config: Shared = Arc::new(config);
+    let hub = Hub::new(config.views.objects.clone());
     let admission = Arc::new(Admission::new(config.limits.clone()));
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
@@ -45,12 +51,12 @@ pub async fn serve(endpoint: quinn::Endpoint, config: crate::Config) {
                 continue;
             }
         };
-        let config = config.clone();
+        let (config, hub) = (config.clone(), hub.clone());
         let span = info_span!("session", client = %remote);
         tokio::spawn(
             async move {
                 match incoming.await {
-                    Ok(conn) => match session(conn, config, ticket).await {
+                    Ok(conn) => match session(conn, config, ticket, hub).await {
                         Ok(()) => info!("client disconnected"),
                         Err(e) => info!(error = %e, "session ended"),
                     },
@@ -210,7 +216,7 @@ async fn hello(
     }
 }
 
-async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket) -> Result<(), Error> {
+async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hub: Arc<Hub>) -> Result<(), Error> {
     // The whole hello, from accepting its stream to the token check, has one deadline.
     let greeting = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
@@ -241,15 +247,27 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket) ->
     ticket.authenticated();
     tpvpn_tunnel::quic::grant_full_limits(&conn);
     let mut cluster = config.views.cluster.clone();
-    let mut catalog = config.views.catalog.clone();
     let view = cluster.borrow_and_update().clone();
     for frame in handshake.accept_frames(peer.version, view) {
         write_message(&mut send, &frame).await?;
     }
+    let id = hub.session_id();
+    if let Role::Agent { node } = &peer.role {
+        info!(version = peer.version, %node, "agent authenticated");
+        return agent_session(conn, id, node.clone(), (send, recv), hub).await;
+    }
+    let mut catalog = config.views.catalog.clone();
     let cat = catalog.borrow_and_update().clone();
     write_catalog(&mut send, &cat).await?;
     info!(version = peer.version, user = %peer.user, host = %peer.host, "client authenticated");
     let _session_gauge = Gauge::new(&config.metrics.sessions, &config.metrics.sessions_total);
+    let who = if peer.user.is_empty() && peer.host.is_empty() {
+        conn.remote_address().to_string()
+    } else {
+        format!("{}@{}", peer.user, peer.host)
+    };
+    hub.client_connected(id, conn.clone(), &peer.client_id, who);
+    let _registered = OnDrop(|| hub.client_gone(id));
 
     let udp_flows: UdpFlows = Arc::default();
     let _datagrams = AbortOnDrop(tokio::spawn(route_datagrams(conn.clone(), udp_flows.clone()).in_current_span()));
@@ -284,21 +302,149 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket) ->
         }
         .in_current_span(),
     ));
+    // Every flow is the session's: when it ends, the JoinSet aborts them all, and their
+    // sockets close.
+    let mut flows = tokio::task::JoinSet::new();
+    let ctx = Arc::new(Ctx {
+        conn: conn.clone(),
+        config: config.clone(),
+        udp_flows,
+        hub: hub.clone(),
+        session: id,
+        version: peer.version,
+    });
     let result = loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                let config = config.clone();
-                let conn = conn.clone();
-                let udp_flows = udp_flows.clone();
-                tokio::spawn(async move { flow(conn, send, recv, config, udp_flows).await }.in_current_span());
-            }
-            Err(quinn::ConnectionError::ApplicationClosed(_)) | Err(quinn::ConnectionError::LocallyClosed) => {
-                break Ok(())
-            }
-            Err(e) => break Err(e.into()),
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    flows.spawn(stream(ctx.clone(), send, recv).in_current_span());
+                }
+                Err(quinn::ConnectionError::ApplicationClosed(_)) | Err(quinn::ConnectionError::LocallyClosed) => {
+                    break Ok(())
+                }
+                Err(e) => break Err(e.into()),
+            },
+            // Reap finished flows so that the set holds only live ones.
+            Some(_) = flows.join_next(), if !flows.is_empty() => {}
         }
     };
     result
+}
+
+/// What every stream task of a client session shares.
+struct Ctx {
+    conn: quinn::Connection,
+    config: Shared,
+    udp_flows: UdpFlows,
+    hub: Arc<Hub>,
+    session: u64,
+    version: u16,
+}
+
+/// Runs a closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
+/// A node agent's session: its control stream carries `Capture`/`Release` to it and
+/// `CaptureStatus` back; each stream it opens is one connection it captured.
+async fn agent_session(
+    conn: quinn::Connection,
+    id: u64,
+    node: String,
+    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    hub: Arc<Hub>,
+) -> Result<(), Error> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    hub.agent_connected(&node, id, tx);
+    let _registered = OnDrop(|| hub.agent_gone(&node, id));
+    let _writer = AbortOnDrop(tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if write_message(&mut send, &m).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let mut captured = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            msg = read_message(&mut recv) => match msg {
+                Ok(Some(Message::CaptureStatus { id: capture, ok, message, meshed, env })) => {
+                    hub.capture_status(&node, capture, ok, message, meshed, env);
+                }
+                Ok(Some(other)) => warn!(kind = other.kind(), "unexpected message from the agent"),
+                Ok(None) | Err(_) => return Ok(()),
+            },
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    captured.spawn(intercepted(hub.clone(), node.clone(), send, recv).in_current_span());
+                }
+                Err(quinn::ConnectionError::ApplicationClosed(_)) | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            },
+            Some(_) = captured.join_next(), if !captured.is_empty() => {}
+        }
+    }
+}
+
+/// How long the owner of an intercept may take to answer for a captured connection.
+const OWNER_ANSWER: Duration = Duration::from_secs(3);
+
+/// One connection an agent captured: to the intercept's owner, whose `FlowReply` (its
+/// dial of the laptop's port) goes back to the agent, then the two streams are joined.
+/// Without an owner the agent is told `Denied` and hands the connection to the pod.
+async fn intercepted(
+    hub: Arc<Hub>,
+    node: String,
+    mut agent_send: quinn::SendStream,
+    mut agent_recv: quinn::RecvStream,
+) {
+    let Ok(Some(Message::InterceptOpen { id, src, dst })) = read_message(&mut agent_recv).await else {
+        let _ = agent_send.reset(tpvpn_tunnel::RESET_CODE.into());
+        return;
+    };
+    let span = info_span!("intercepted", capture = id, %src, %dst);
+    async move {
+        let deny = |message: &str| Message::FlowReply { status: FlowStatus::Denied, message: message.to_string() };
+        let Some((intercept, owner)) = hub.route(&node, id) else {
+            let _ = write_message(&mut agent_send, &deny("the intercept has no owner")).await;
+            let _ = agent_send.finish();
+            return;
+        };
+        let toward_client = async {
+            let (mut send, mut recv) = owner.open_bi().await?;
+            write_message(&mut send, &Message::InterceptOpen { id: intercept, src, dst }).await?;
+            let reply = read_message(&mut recv).await?;
+            Ok::<_, Error>((send, recv, reply))
+        };
+        // A live client answers at once (its dial is on its own loopback); one that does not
+        // may be gone without the connection knowing yet: the caller goes to the pod.
+        match tokio::time::timeout(OWNER_ANSWER, toward_client).await {
+            Ok(Ok((send, recv, Some(reply @ Message::FlowReply { .. })))) => {
+                let ok = matches!(reply, Message::FlowReply { status: FlowStatus::Ok, .. });
+                if write_message(&mut agent_send, &reply).await.is_err() {
+                    return;
+                }
+                if ok {
+                    let end = relay::streams((agent_send, agent_recv), (send, recv)).await;
+                    debug!(?end, "intercepted connection ended");
+                } else {
+                    let _ = agent_send.finish();
+                }
+            }
+            other => {
+                debug!(?other, "the owner did not answer");
+                let _ = write_message(&mut agent_send, &deny("the owner did not answer")).await;
+                let _ = agent_send.finish();
+            }
+        }
+    }
+    .instrument(span)
+    .await
 }
 
 /// Aborts a task when dropped, so that it ends with its owner on every path.
@@ -333,52 +479,82 @@ async fn route_datagrams(conn: quinn::Connection, flows: UdpFlows) {
     }
 }
 
-async fn flow(
-    conn: quinn::Connection,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    config: Shared,
-    udp_flows: UdpFlows,
-) {
+/// One stream a client opened: a flow, a DNS query, or an intercept request.
+async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let open = match read_message(&mut recv).await {
         Ok(Some(m)) => m,
         Ok(None) => return,
         Err(e) => {
-            debug!(error = %e, "bad flow header");
+            debug!(error = %e, "bad stream header");
             let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
             return;
         }
     };
-    if let Message::DnsQuery { query } = open {
-        return crate::dns::answer(send, query, &config).await;
-    }
-    let Message::FlowOpen { protocol, flow_id, src, dst } = open else {
-        let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
-        return;
-    };
-    let span = info_span!("flow", proto = ?protocol, %src, %dst, id = flow_id);
-    async move {
-        match protocol {
-            Protocol::Tcp => {
-                let _g = Gauge::new(&config.metrics.tcp_flows, &config.metrics.tcp_flows_total);
-                crate::tcp::relay(send, recv, dst, &config).await
-            }
-            Protocol::Udp => {
-                let _g = Gauge::new(&config.metrics.udp_flows, &config.metrics.udp_flows_total);
-                crate::udp::relay(conn, send, recv, flow_id, dst, &config, udp_flows).await
-            }
-            Protocol::Other(p) => {
-                let reply = Message::FlowReply {
-                    status: FlowStatus::Denied,
-                    message: format!("protocol {p} is not supported"),
-                };
-                let _ = write_message(&mut send, &reply).await;
-                let _ = send.finish();
-            }
+    let config = &ctx.config;
+    match open {
+        Message::DnsQuery { query } => crate::dns::answer(send, query, config).await,
+        Message::FlowOpen { protocol, flow_id, src, dst } => {
+            let span = info_span!("flow", proto = ?protocol, %src, %dst, id = flow_id);
+            flow(&ctx, send, recv, protocol, flow_id, dst).instrument(span).await
+        }
+        request @ (Message::InterceptRequest { .. } | Message::Leave { .. } | Message::InterceptList) => {
+            let reply = if ctx.version < INTERCEPT_VERSION {
+                Err(crate::intercepts::Refusal {
+                    code: ErrorCode::Unsupported,
+                    message: "intercepts need tpvpn protocol v2: upgrade the client".into(),
+                })
+            } else {
+                intercept_request(&ctx, request).await
+            };
+            let reply =
+                reply.unwrap_or_else(|r| Message::Error { code: r.code, version: ctx.version, message: r.message });
+            let _ = write_message(&mut send, &reply).await;
+            let _ = send.finish();
+        }
+        _ => {
+            let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
         }
     }
-    .instrument(span)
-    .await
+}
+
+async fn intercept_request(ctx: &Ctx, request: Message) -> Result<Message, crate::intercepts::Refusal> {
+    match request {
+        Message::InterceptRequest { namespace, service, port, local_port, container } => {
+            let req = crate::intercepts::Request { namespace, service, port, local_port, container };
+            ctx.hub.intercept(ctx.session, req).await
+        }
+        Message::Leave { namespace, service } => {
+            ctx.hub.leave(ctx.session, &namespace, &service).map(|message| Message::Ack { message })
+        }
+        _ => ctx.hub.table(ctx.session).map(|rows| Message::InterceptTable { rows }),
+    }
+}
+
+async fn flow(
+    ctx: &Ctx,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    protocol: Protocol,
+    flow_id: u64,
+    dst: std::net::SocketAddr,
+) {
+    let config = &ctx.config;
+    match protocol {
+        Protocol::Tcp => {
+            let _g = Gauge::new(&config.metrics.tcp_flows, &config.metrics.tcp_flows_total);
+            crate::tcp::relay(send, recv, dst, config).await
+        }
+        Protocol::Udp => {
+            let _g = Gauge::new(&config.metrics.udp_flows, &config.metrics.udp_flows_total);
+            crate::udp::relay(ctx.conn.clone(), send, recv, flow_id, dst, config, ctx.udp_flows.clone()).await
+        }
+        Protocol::Other(p) => {
+            let reply =
+                Message::FlowReply { status: FlowStatus::Denied, message: format!("protocol {p} is not supported") };
+            let _ = write_message(&mut send, &reply).await;
+            let _ = send.finish();
+        }
+    }
 }
 
 #[cfg(test)]

@@ -15,8 +15,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::handshake::{ClientHandshake, ClientStep, Hello};
+use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::{Role, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// The manager's deadline for the whole hello (`tpvpn_manager::HELLO_TIMEOUT`), plus

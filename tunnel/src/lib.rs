@@ -35,6 +35,8 @@ pub mod handshake;
 pub mod io;
 #[cfg(feature = "quic")]
 pub mod quic;
+#[cfg(feature = "quic")]
+pub mod relay;
 
 pub use frame::{
     ClusterInfo, ErrorCode, FlowStatus, InterceptRow, InterceptState, InterceptTarget, Message, Protocol, Role,

@@ -1,0 +1,285 @@
+//! One capture: a pod port taken over in the pod's network namespace, and the
+//! connections it catches handed to the manager.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::task::JoinHandle;
+use tpvpn_tunnel::io::{read_message, write_message};
+use tpvpn_tunnel::{relay, FlowStatus, Message};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::nft::{self, CaptureRules, AGENT_MARK};
+use crate::runtime::{self, Bundle};
+use crate::{netns, Error, Result};
+
+/// Relay buffer per direction of a captured connection.
+const RELAY_BUFFER: usize = 256 * 1024;
+
+/// Where the agent looks on its node.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// The node's `/proc` (the agent runs with `hostPID`).
+    pub proc_root: PathBuf,
+    /// Where the container runtime keeps its bundles.
+    pub runtime_roots: Vec<PathBuf>,
+}
+
+/// What the manager asks to capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub id: u64,
+    pub pod: String,
+    pub pod_ip: IpAddr,
+    pub port: u16,
+    pub host_ip: Option<IpAddr>,
+    pub container_id: String,
+}
+
+/// A pod's network namespace, and where its environment comes from.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub ns: PathBuf,
+    pub pid: u32,
+    pub bundle: Option<Bundle>,
+}
+
+/// Finds the network namespace of the pod at `pod_ip`: from the runtime bundle of
+/// `container_id`, the pid of its first process, `/proc/PID/ns/net`, checked to hold
+/// `pod_ip`; without a bundle, the one namespace on the node that holds `pod_ip`.
+pub fn locate(node: &Node, pod_ip: IpAddr, container_id: &str) -> Result<Located> {
+    if let Some(bundle) = runtime::find(&node.runtime_roots, container_id) {
+        let pid = bundle.pid()?;
+        let ns = netns::of_pid(&node.proc_root, pid);
+        if !netns::holds(&ns, pod_ip)? {
+            return Err(Error::Locate(format!(
+                "container {container_id} (pid {pid}) is not in a network namespace holding {pod_ip}"
+            )));
+        }
+        return Ok(Located { ns, pid, bundle: Some(bundle) });
+    }
+    let ns = netns::find_by_ip(&node.proc_root, pod_ip)?;
+    let pid = ns
+        .parent()
+        .and_then(Path::parent)
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| Error::Locate(format!("no pid in {}", ns.display())))?;
+    Ok(Located { ns, pid, bundle: None })
+}
+
+/// A capture in place.
+pub struct Capture {
+    pub id: u64,
+    ns: PathBuf,
+    table: String,
+    accept: JoinHandle<()>,
+}
+
+/// What [`start`] reports to the manager.
+pub struct Started {
+    pub capture: Capture,
+    pub meshed: bool,
+    pub env: Vec<(String, String)>,
+}
+
+/// Captures `req.port` in the pod's namespace and hands each connection to the manager
+/// over `conn`.
+pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result<Started> {
+    let located = {
+        let (node, ip, cid) = (node.clone(), req.pod_ip, req.container_id.clone());
+        blocking(move || locate(&node, ip, &cid)).await?
+    };
+    let env = match &located.bundle {
+        Some(b) => b.env()?,
+        None => {
+            warn!(pod = %req.pod, "no container runtime bundle found: environment read from /proc/{}/environ, which a process that sets its title (nginx) overwrites", located.pid);
+            runtime::proc_environ(&node.proc_root, located.pid)?
+        }
+    };
+    let ns = located.ns.clone();
+    let (listener, meshed) = {
+        let req = req.clone();
+        blocking(move || {
+            netns::run_in(&ns, move || {
+                let meshed = nft::redirects_inbound(&nft::ruleset()?);
+                let listener = transparent_listener(req.pod_ip)?;
+                let rules = CaptureRules {
+                    id: req.id,
+                    pod_ip: req.pod_ip,
+                    port: req.port,
+                    listener_port: listener.local_addr()?.port(),
+                    exempt: req.host_ip.into_iter().collect(),
+                    loopback_only: meshed,
+                };
+                nft::apply(&nft::capture_document(&rules))?;
+                Ok((listener, meshed))
+            })
+        })
+        .await?
+    };
+    let table = nft::table_name(req.id);
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            remove_table(located.ns.clone(), table).await;
+            return Err(e.into());
+        }
+    };
+    info!(pod = %req.pod, ip = %req.pod_ip, port = req.port, meshed, "capturing");
+    let span = info_span!("capture", id = req.id, pod = %req.pod, port = req.port);
+    let accept = tokio::spawn(accept_loop(listener, conn, req.id, located.ns.clone()).instrument(span));
+    Ok(Started { capture: Capture { id: req.id, ns: located.ns, table, accept }, meshed, env })
+}
+
+impl Capture {
+    /// Stops capturing: new connections reach the app again. Connections captured so
+    /// far go on until they end.
+    pub async fn stop(self) {
+        self.accept.abort();
+        remove_table(self.ns, self.table).await;
+    }
+}
+
+async fn remove_table(ns: PathBuf, table: String) {
+    let shown = ns.display().to_string();
+    let result = blocking(move || netns::run_in(&ns, move || nft::apply(&nft::delete_document(&table)))).await;
+    if let Err(e) = result {
+        // The pod may be gone, and its namespace with it.
+        debug!(ns = %shown, error = %e, "capture table not removed");
+    }
+}
+
+/// Removes every tpvpn table in the namespaces of the node's containers: what an agent
+/// that did not exit cleanly left. Returns the tables removed.
+pub fn remove_stale(node: &Node) -> Vec<String> {
+    let mut namespaces: Vec<PathBuf> = runtime::all(&node.runtime_roots)
+        .iter()
+        .filter_map(|b| b.pid().ok())
+        .map(|pid| netns::of_pid(&node.proc_root, pid))
+        .collect();
+    namespaces.sort();
+    namespaces.dedup();
+    let mut removed = Vec::new();
+    for ns in namespaces {
+        let shown = ns.display().to_string();
+        let result = netns::run_in(&ns, || {
+            let tables = nft::tpvpn_tables(&nft::ruleset()?);
+            for t in &tables {
+                nft::apply(&nft::delete_document(t))?;
+            }
+            Ok(tables)
+        });
+        match result {
+            Ok(tables) => removed.extend(tables.into_iter().map(|t| format!("{t} in {shown}"))),
+            Err(e) => debug!(ns = %shown, error = %e, "not cleaned"),
+        }
+    }
+    removed
+}
+
+/// A listening socket in the calling thread's namespace that `tproxy` may hand
+/// connections to (`IP_TRANSPARENT`), on a port the kernel picks.
+fn transparent_listener(pod_ip: IpAddr) -> Result<std::net::TcpListener> {
+    let (domain, any): (Domain, SocketAddr) =
+        if pod_ip.is_ipv4() { (Domain::IPV4, ([0, 0, 0, 0], 0).into()) } else { (Domain::IPV6, ([0u16; 8], 0).into()) };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    if pod_ip.is_ipv4() {
+        s.set_ip_transparent_v4(true)?;
+    } else {
+        s.set_only_v6(true)?;
+        s.set_ip_transparent_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&any.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+async fn accept_loop(listener: TcpListener, conn: quinn::Connection, id: u64, ns: PathBuf) {
+    loop {
+        match listener.accept().await {
+            Ok((caller, src)) => {
+                let dst = match caller.local_addr() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                };
+                let span = info_span!("conn", %src, %dst);
+                tokio::spawn(handle(conn.clone(), id, caller, src, dst, ns.clone()).instrument(span));
+            }
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One captured connection: to the laptop through the manager, or, when the intercept
+/// has no owner, on to the app.
+async fn handle(conn: quinn::Connection, id: u64, caller: TcpStream, src: SocketAddr, dst: SocketAddr, ns: PathBuf) {
+    let opened = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await?;
+        let reply = read_message(&mut recv).await?;
+        Ok::<_, Error>((send, recv, reply))
+    };
+    match opened.await {
+        Ok((send, recv, Some(Message::FlowReply { status: FlowStatus::Ok, .. }))) => {
+            let end = relay::tcp(caller, send, recv, RELAY_BUFFER, |_, _| {}).await;
+            debug!(?end, "captured connection ended");
+        }
+        Ok((_, _, Some(Message::FlowReply { status: FlowStatus::Denied, message }))) => {
+            debug!(%message, "no owner: on to the app");
+            pass_through(caller, dst, ns).await;
+        }
+        Ok((_, _, Some(Message::FlowReply { status, message }))) => {
+            debug!(?status, %message, "the laptop did not take it: reset");
+            relay::reset(caller);
+        }
+        Ok((_, _, other)) => {
+            warn!(reply = ?other.as_ref().map(Message::kind), "unexpected reply from the manager: reset");
+            relay::reset(caller);
+        }
+        Err(e) => {
+            debug!(error = %e, "the manager is not reachable: on to the app");
+            pass_through(caller, dst, ns).await;
+        }
+    }
+}
+
+/// Connects to the app at `dst` from a socket in the pod's namespace that capture lets
+/// through ([`AGENT_MARK`]), and joins the two connections.
+async fn pass_through(mut caller: TcpStream, dst: SocketAddr, ns: PathBuf) {
+    let socket = blocking(move || {
+        netns::run_in(&ns, move || {
+            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_mark(AGENT_MARK)?;
+            s.set_nonblocking(true)?;
+            Ok(std::net::TcpStream::from(s))
+        })
+    })
+    .await;
+    let app = match socket {
+        Ok(s) => TcpSocket::from_std_stream(s).connect(dst).await,
+        Err(e) => Err(std::io::Error::other(e.to_string())),
+    };
+    match app {
+        Ok(mut app) => {
+            let _ = tokio::io::copy_bidirectional(&mut caller, &mut app).await;
+        }
+        Err(e) => {
+            debug!(error = %e, "the app did not answer: reset");
+            relay::reset(caller);
+        }
+    }
+}
+
+/// Runs blocking namespace work off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Netns(format!("task failed: {e}")))?
+}

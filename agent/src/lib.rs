@@ -1,0 +1,46 @@
+//! tpvpn-agent: the node agent of intercepts.
+//!
+//! Layer and I/O contract: one agent per node (DaemonSet `tpvpn-agent`, privileged,
+//! `hostPID`, host network), never inside a workload. It connects to the manager as
+//! [`Role::Agent`](tpvpn_tunnel::Role) with the agent token, and for each `Capture` the
+//! manager sends it finds the pod's network namespace ([`netns`], from the container
+//! runtime's files, [`runtime`]), captures the pod port there with an nftables `tproxy`
+//! table of its own ([`nft`]; fails open: without the agent's listening socket the rule
+//! does nothing), reads the serving container's environment, and answers
+//! `CaptureStatus`. Every connection captured becomes a stream to the manager
+//! ([`capture`]): `InterceptOpen`, the manager's `FlowReply` (the laptop's dial), then
+//! the bytes with TCP's FIN and RST kept ([`tpvpn_tunnel::relay`]); a connection whose
+//! intercept has no owner any more goes on to the pod's own server. When the manager is
+//! lost, or the agent stops, every table it made is removed; a new agent first removes
+//! tables an earlier one left.
+
+pub mod capture;
+pub mod netns;
+pub mod nft;
+pub mod runtime;
+pub mod session;
+
+/// Errors of the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("network namespace: {0}")]
+    Netns(String),
+    #[error("nft: {0}")]
+    Nft(String),
+    #[error("{0}")]
+    Locate(String),
+    #[error("environment: {0}")]
+    Env(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("manager: {0}")]
+    Manager(String),
+    #[error(transparent)]
+    Tunnel(#[from] tpvpn_tunnel::Error),
+    #[error("quic: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,86 @@
+//! `tpvpn-agent`: the node agent of intercepts (see the library's documentation).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tpvpn_agent::capture::Node;
+use tpvpn_agent::session;
+
+#[derive(Debug, Parser)]
+#[command(name = "tpvpn-agent", version, about = "tpvpn's node agent: captures intercepted pod ports")]
+struct Args {
+    /// The manager's address, HOST:PORT.
+    #[arg(long, env = "TPVPN_MANAGER")]
+    manager: String,
+    /// The manager's certificate (PEM), pinned.
+    #[arg(long, env = "TPVPN_MANAGER_CA", default_value = "/var/run/secrets/tpvpn/ca.crt")]
+    manager_ca: PathBuf,
+    /// File holding the agent token (Secret `tpvpn-agent`).
+    #[arg(long, env = "TPVPN_AGENT_TOKEN_FILE", default_value = "/var/run/secrets/tpvpn-agent/token")]
+    token_file: PathBuf,
+    /// The name of the node this agent runs on (the DaemonSet sets it from `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    node: String,
+    /// The node's /proc (the agent runs with hostPID).
+    #[arg(long, default_value = "/proc")]
+    proc_root: PathBuf,
+    /// Where the container runtime keeps its bundles (repeatable; default: containerd's,
+    /// CRI-O's and Docker's places under /run).
+    #[arg(long = "runtime-root", value_name = "DIR")]
+    runtime_roots: Vec<PathBuf>,
+}
+
+fn main() {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(args) {
+        eprintln!("tpvpn-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("tpvpn-agent needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN) to enter pod network namespaces");
+    }
+    let ca_pem = std::fs::read(&args.manager_ca)
+        .with_context(|| format!("cannot read --manager-ca {}", args.manager_ca.display()))?;
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("cannot read --token-file {}", args.token_file.display()))?
+        .trim()
+        .as_bytes()
+        .to_vec();
+    if token.is_empty() {
+        bail!("token file {} is empty", args.token_file.display());
+    }
+    let runtime_roots = if args.runtime_roots.is_empty() {
+        tpvpn_agent::runtime::DEFAULT_ROOTS.iter().map(PathBuf::from).collect()
+    } else {
+        args.runtime_roots
+    };
+    let config = session::Config {
+        manager: args.manager,
+        ca_pem,
+        token,
+        node_name: args.node,
+        node: Node { proc_root: args.proc_root, runtime_roots },
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    rt.block_on(session::run(config, shutdown_signal()));
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,154 @@
+//! The container runtime's files on the node: where a container's OCI bundle lives (its
+//! `config.json` and the pid of its first process), from the id in the Pod's
+//! `status.containerStatuses[].containerID` (`containerd://ID`, `cri-o://ID`,
+//! `docker://ID`).
+//!
+//! The bundle's `config.json` holds `process.env` exactly as the kubelet resolved it
+//! (`valueFrom` read, `$(VAR)` expanded) and as the runtime started the process with,
+//! which `/proc/PID/environ` does not always keep: a process that sets its title (nginx)
+//! overwrites its own environ. So the environment comes from `config.json`, and
+//! `/proc/PID/environ` only when no bundle is found.
+//!
+//! Layouts read under each runtime root (`--runtime-root`):
+//! - containerd: `io.containerd.runtime.v2.task/k8s.io/ID/{config.json,init.pid}`
+//!   (roots `/run/containerd`, and `/run/docker/containerd/daemon` with namespace `moby`);
+//! - CRI-O: `overlay-containers/ID/userdata/{config.json,pidfile}` (root
+//!   `/run/containers/storage`).
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// The default runtime roots of a node.
+pub const DEFAULT_ROOTS: &[&str] = &["/run/containerd", "/run/containers/storage", "/run/docker/containerd/daemon"];
+
+/// One container's bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub pid_file: PathBuf,
+}
+
+/// The container id without its runtime scheme.
+pub fn bare_id(container_id: &str) -> &str {
+    container_id.split_once("://").map_or(container_id, |(_, id)| id)
+}
+
+/// Bundle directories to try for `id` under `root`, with their pid files.
+fn candidates(root: &Path, id: &str) -> Vec<Bundle> {
+    let mut out = Vec::new();
+    for ns in ["k8s.io", "moby"] {
+        let dir = root.join("io.containerd.runtime.v2.task").join(ns).join(id);
+        out.push(Bundle { pid_file: dir.join("init.pid"), dir });
+    }
+    let dir = root.join("overlay-containers").join(id).join("userdata");
+    out.push(Bundle { pid_file: dir.join("pidfile"), dir });
+    out
+}
+
+/// The bundle of container `container_id` under the first root that has it.
+pub fn find(roots: &[PathBuf], container_id: &str) -> Option<Bundle> {
+    let id = bare_id(container_id);
+    if id.is_empty() || id.contains('/') || id.contains("..") {
+        return None;
+    }
+    roots.iter().flat_map(|r| candidates(r, id)).find(|b| b.dir.join("config.json").is_file())
+}
+
+/// Every container bundle under `roots` (for removing what an earlier agent left).
+pub fn all(roots: &[PathBuf]) -> Vec<Bundle> {
+    let mut out = Vec::new();
+    for root in roots {
+        for (parent, pid_name, userdata) in [
+            (root.join("io.containerd.runtime.v2.task/k8s.io"), "init.pid", false),
+            (root.join("io.containerd.runtime.v2.task/moby"), "init.pid", false),
+            (root.join("overlay-containers"), "pidfile", true),
+        ] {
+            let Ok(dir) = std::fs::read_dir(&parent) else { continue };
+            for e in dir.flatten() {
+                let dir = if userdata { e.path().join("userdata") } else { e.path() };
+                if dir.join("config.json").is_file() {
+                    out.push(Bundle { pid_file: dir.join(pid_name), dir });
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Bundle {
+    /// The pid of the container's first process.
+    pub fn pid(&self) -> Result<u32> {
+        let text = std::fs::read_to_string(&self.pid_file)
+            .map_err(|e| Error::Locate(format!("cannot read {}: {e}", self.pid_file.display())))?;
+        text.trim().parse().map_err(|_| Error::Locate(format!("{} holds no pid", self.pid_file.display())))
+    }
+
+    /// `process.env` of the bundle's `config.json`.
+    pub fn env(&self) -> Result<Vec<(String, String)>> {
+        let path = self.dir.join("config.json");
+        let text = std::fs::read(&path).map_err(|e| Error::Env(format!("cannot read {}: {e}", path.display())))?;
+        let config: Value =
+            serde_json::from_slice(&text).map_err(|e| Error::Env(format!("{} is not JSON: {e}", path.display())))?;
+        let env = config
+            .pointer("/process/env")
+            .and_then(Value::as_array)
+            .ok_or_else(|| Error::Env(format!("{} has no process.env", path.display())))?;
+        Ok(env.iter().filter_map(Value::as_str).filter_map(split_var).collect())
+    }
+}
+
+/// `NAME=VALUE` into its parts (a value may contain `=`).
+fn split_var(var: &str) -> Option<(String, String)> {
+    let (k, v) = var.split_once('=')?;
+    (!k.is_empty()).then(|| (k.to_string(), v.to_string()))
+}
+
+/// The environment of process `pid` from `/proc/PID/environ` (incomplete for processes
+/// that rewrite their title).
+pub fn proc_environ(proc_root: &Path, pid: u32) -> Result<Vec<(String, String)>> {
+    let path = proc_root.join(pid.to_string()).join("environ");
+    let bytes = std::fs::read(&path).map_err(|e| Error::Env(format!("cannot read {}: {e}", path.display())))?;
+    Ok(bytes.split(|b| *b == 0).filter_map(|v| std::str::from_utf8(v).ok()).filter_map(split_var).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bundles_are_found_by_container_id_and_read() {
+        let root = std::env::temp_dir().join(format!("tpvpn-agent-runtime-{}", std::process::id()));
+        let dir = root.join("io.containerd.runtime.v2.task/k8s.io/abc123");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("init.pid"), "4242\n").unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"ociVersion":"1.1.0","process":{"env":["PATH=/usr/bin","GREETING=hello world","URL=http://a/?x=1","=bad","NOEQUALS"]}}"#,
+        )
+        .unwrap();
+        let roots = vec![PathBuf::from("/nonexistent"), root.clone()];
+        let b = find(&roots, "containerd://abc123").expect("found");
+        assert_eq!(b.pid().unwrap(), 4242);
+        assert_eq!(
+            b.env().unwrap(),
+            vec![
+                ("PATH".to_string(), "/usr/bin".to_string()),
+                ("GREETING".into(), "hello world".into()),
+                ("URL".into(), "http://a/?x=1".into())
+            ]
+        );
+        assert!(find(&roots, "containerd://other").is_none());
+        assert!(find(&roots, "containerd://../k8s.io/abc123").is_none(), "no path tricks");
+        assert_eq!(all(&roots), vec![b]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn environ_of_this_process() {
+        let env = proc_environ(Path::new("/proc"), std::process::id()).unwrap();
+        assert!(env.iter().any(|(k, _)| k == "PATH"), "{env:?}");
+    }
+}

@@ -1,0 +1,356 @@
+//! The laptop's side of intercepts (portable code: it runs wherever the client does).
+//!
+//! The daemon asks the manager for an intercept on a stream of its own
+//! (`InterceptRequest`, answered by `InterceptReply` once every pod is captured, or an
+//! `Error`), remembers what it holds in `TPVPN_RUNTIME_DIR/intercepts.json` (so that a
+//! daemon started after a crash re-claims them, as one that reconnects does), and
+//! serves the connections the manager opens toward it: `InterceptOpen`, a dial of
+//! `127.0.0.1:LOCAL`, the `FlowReply` that tells the cluster caller what happened
+//! (refused here = reset there), then the bytes with TCP's FIN and RST kept.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tpvpn_tunnel::handshake::INTERCEPT_VERSION;
+use tpvpn_tunnel::io::{read_message, write_message};
+use tpvpn_tunnel::{relay, ErrorCode, FlowStatus, InterceptRow, InterceptState, Message};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::Error;
+
+/// How long a request to the manager may take (it waits for the agents).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long dialing the laptop's server may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Relay buffer per direction of an intercepted connection.
+const RELAY_BUFFER: usize = 256 * 1024;
+
+/// What `tpvpn intercept` asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spec {
+    pub namespace: String,
+    pub service: String,
+    /// A Service port name or number; empty for its only port.
+    pub port: String,
+    pub local_port: u16,
+    #[serde(default)]
+    pub container: String,
+}
+
+/// An intercept this daemon holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub spec: Spec,
+    /// The manager's id of it (captured connections carry it).
+    pub id: u64,
+    pub service_port: u16,
+    pub targets: Vec<Target>,
+}
+
+/// One pod captured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub pod: String,
+    pub addr: String,
+    pub meshed: bool,
+}
+
+/// The answer to `tpvpn intercept`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub held: Held,
+    pub env: Vec<(String, String)>,
+    pub warnings: Vec<String>,
+}
+
+/// The intercepts of this daemon.
+pub struct Intercepts {
+    path: PathBuf,
+    held: Mutex<Vec<Held>>,
+}
+
+impl Intercepts {
+    /// What `path` records (left by an earlier daemon that did not exit cleanly), or
+    /// nothing.
+    pub fn load(path: PathBuf) -> Arc<Intercepts> {
+        let held = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        Arc::new(Intercepts { path, held: Mutex::new(held) })
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, Vec<Held>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every intercept held.
+    pub fn list(&self) -> Vec<Held> {
+        self.held().clone()
+    }
+
+    fn save(&self) {
+        let held = self.held().clone();
+        if held.is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+            return;
+        }
+        let tmp = self.path.with_extension("tmp");
+        let written = serde_json::to_vec_pretty(&held)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            warn!(path = %self.path.display(), error = %e, "cannot record the intercepts");
+        }
+    }
+
+    fn local_port(&self, id: u64) -> Option<u16> {
+        self.held().iter().find(|h| h.id == id).map(|h| h.spec.local_port)
+    }
+
+    /// Asks the manager (protocol `version`) to intercept `spec`.
+    pub async fn request(&self, conn: &quinn::Connection, version: u16, spec: Spec) -> Result<Outcome, Error> {
+        supported(version)?;
+        let req = Message::InterceptRequest {
+            namespace: spec.namespace.clone(),
+            service: spec.service.clone(),
+            port: spec.port.clone(),
+            local_port: spec.local_port,
+            container: spec.container.clone(),
+        };
+        match exchange(conn, &req).await? {
+            Message::InterceptReply { id, service_port, targets, env, warnings } => {
+                let held = Held {
+                    spec,
+                    id,
+                    service_port,
+                    targets: targets
+                        .iter()
+                        .map(|t| Target { pod: t.pod.clone(), addr: t.addr.to_string(), meshed: t.meshed })
+                        .collect(),
+                };
+                {
+                    let mut all = self.held();
+                    all.retain(|h| {
+                        !(h.spec.namespace == held.spec.namespace
+                            && h.spec.service == held.spec.service
+                            && h.service_port == held.service_port)
+                    });
+                    all.push(held.clone());
+                }
+                self.save();
+                Ok(Outcome { held, env, warnings })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Ends the intercepts of a Service.
+    pub async fn leave(
+        &self,
+        conn: &quinn::Connection,
+        version: u16,
+        namespace: &str,
+        service: &str,
+    ) -> Result<String, Error> {
+        supported(version)?;
+        let req = Message::Leave { namespace: namespace.into(), service: service.into() };
+        let result = match exchange(conn, &req).await {
+            Ok(Message::Ack { message }) => Ok(message),
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(e),
+        };
+        // Held or not by the manager's account, this daemon no longer serves it.
+        let known = {
+            let mut all = self.held();
+            let before = all.len();
+            all.retain(|h| !(h.spec.namespace == namespace && h.spec.service == service));
+            before != all.len()
+        };
+        self.save();
+        match result {
+            Err(Error::Refused(m)) if known => Ok(format!("left {namespace}/{service} ({m})")),
+            r => r,
+        }
+    }
+
+    /// Leaves every intercept (on `down`), bounded in time; forgets them all.
+    pub async fn leave_all(&self, conn: &quinn::Connection, version: u16) {
+        let services: Vec<(String, String)> =
+            self.list().into_iter().map(|h| (h.spec.namespace, h.spec.service)).collect();
+        for (ns, svc) in services {
+            match tokio::time::timeout(Duration::from_secs(3), self.leave(conn, version, &ns, &svc)).await {
+                Ok(Ok(m)) => info!("{m}"),
+                Ok(Err(e)) => warn!(service = %format!("{ns}/{svc}"), error = %e, "leave failed"),
+                Err(_) => warn!(service = %format!("{ns}/{svc}"), "leave timed out"),
+            }
+        }
+        self.held().clear();
+        self.save();
+    }
+
+    /// After (re)connecting: asks again for every intercept held, which the manager keeps
+    /// for this client for a while after a disconnect.
+    pub async fn reclaim(&self, conn: &quinn::Connection, version: u16) {
+        for h in self.list() {
+            let name = format!("{}/{}", h.spec.namespace, h.spec.service);
+            match self.request(conn, version, h.spec.clone()).await {
+                Ok(o) => info!(service = %name, port = o.held.service_port, "intercept re-claimed"),
+                Err(e) => {
+                    warn!(service = %name, error = %e, "intercept not re-claimed; it is gone");
+                    self.held().retain(|x| x.id != h.id);
+                    self.save();
+                }
+            }
+        }
+    }
+
+    /// Every Service's intercept state, for `tpvpn list`.
+    pub async fn table(conn: &quinn::Connection, version: u16) -> Result<Vec<InterceptRow>, Error> {
+        supported(version)?;
+        match exchange(conn, &Message::InterceptList).await? {
+            Message::InterceptTable { rows } => Ok(rows),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Serves the connections the manager opens toward this client on `conn`, until the
+    /// connection ends.
+    pub async fn serve(self: Arc<Self>, conn: quinn::Connection) {
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let this = self.clone();
+            tokio::spawn(async move { this.connection(send, recv).await });
+        }
+    }
+
+    async fn connection(&self, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let Ok(Some(Message::InterceptOpen { id, src, dst })) = read_message(&mut recv).await else {
+            let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
+            return;
+        };
+        let span = info_span!("intercepted", id, %src, %dst);
+        async move {
+            let reply = |status, message: String| Message::FlowReply { status, message };
+            let Some(port) = self.local_port(id) else {
+                let _ = write_message(&mut send, &reply(FlowStatus::Denied, "no such intercept here".into())).await;
+                let _ = send.finish();
+                return;
+            };
+            match dial_local(port).await {
+                Ok(stream) => {
+                    if write_message(&mut send, &reply(FlowStatus::Ok, String::new())).await.is_ok() {
+                        let end = relay::tcp(stream, send, recv, RELAY_BUFFER, |_, _| {}).await;
+                        debug!(?end, "intercepted connection ended");
+                    }
+                }
+                Err(e) => {
+                    let status = match e.kind() {
+                        std::io::ErrorKind::ConnectionRefused => FlowStatus::Refused,
+                        std::io::ErrorKind::TimedOut => FlowStatus::TimedOut,
+                        _ => FlowStatus::Unreachable,
+                    };
+                    debug!(?status, error = %e, local_port = port, "the local server did not take it");
+                    let _ = write_message(&mut send, &reply(status, e.to_string())).await;
+                    let _ = send.finish();
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+/// Dials the laptop's server: `127.0.0.1:PORT`, else `[::1]:PORT`.
+async fn dial_local(port: u16) -> std::io::Result<TcpStream> {
+    let v4 = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    let dial = |a| async move {
+        tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(a))
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{a} did not answer"))))
+    };
+    match dial(v4).await {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => dial(v6).await.map_err(|_| e),
+        r => r,
+    }
+}
+
+fn supported(version: u16) -> Result<(), Error> {
+    if version < INTERCEPT_VERSION {
+        return Err(Error::Config(format!(
+            "the manager speaks tpvpn protocol v{version}, which has no intercepts: upgrade the manager (tpvpn manager install)"
+        )));
+    }
+    Ok(())
+}
+
+/// One request on its own stream, one answer.
+async fn exchange(conn: &quinn::Connection, req: &Message) -> Result<Message, Error> {
+    let run = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_message(&mut send, req).await?;
+        let _ = send.finish();
+        read_message(&mut recv).await?.ok_or_else(|| Error::Protocol("the manager closed the request".into()))
+    };
+    match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
+        Err(_) => Err(Error::System(format!("the manager did not answer within {REQUEST_TIMEOUT:?}"))),
+        Ok(Ok(Message::Error { code, message, .. })) => Err(refusal(code, message)),
+        Ok(r) => r,
+    }
+}
+
+fn refusal(_code: ErrorCode, message: String) -> Error {
+    Error::Refused(message)
+}
+
+fn unexpected(m: Message) -> Error {
+    Error::Protocol(format!("the manager answered {}", m.kind()))
+}
+
+/// A row's state in words, for `tpvpn list`.
+pub fn state_text(row: &InterceptRow) -> String {
+    match row.state {
+        InterceptState::Intercepted if row.mine => format!("intercepted by {} (you), port {}", row.holder, row.port),
+        InterceptState::Intercepted => format!("intercepted by {}, port {}", row.holder, row.port),
+        InterceptState::Ready => "ready".into(),
+        InterceptState::NoAgent => "no agent".into(),
+        InterceptState::NoPods => "no pods".into(),
+        InterceptState::Other(n) => format!("unknown state {n}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_intercepts_survive_in_the_runtime_dir() {
+        let dir = std::env::temp_dir().join(format!("tpvpn-intercepts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("intercepts.json");
+        let i = Intercepts::load(path.clone());
+        assert!(i.list().is_empty());
+        let h = Held {
+            spec: Spec {
+                namespace: "default".into(),
+                service: "web".into(),
+                port: "http".into(),
+                local_port: 18888,
+                container: String::new(),
+            },
+            id: 3,
+            service_port: 80,
+            targets: vec![Target { pod: "web-0".into(), addr: "10.244.2.10:8080".into(), meshed: false }],
+        };
+        i.held().push(h.clone());
+        i.save();
+        assert_eq!(Intercepts::load(path.clone()).list(), vec![h]);
+        assert_eq!(i.local_port(3), Some(18888));
+        i.held().clear();
+        i.save();
+        assert!(!path.exists(), "an empty record is removed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

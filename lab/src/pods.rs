@@ -1,0 +1,444 @@
+//! Real pods for intercepts, and what a node has around them.
+//!
+//! Each pod is its own network namespace with its pod IP, joined to the cluster
+//! namespace (the node, `lab-node`) by a veth, running nginx with a known environment,
+//! and registered in the API stand-in as a Pod (labels, `spec.nodeName`,
+//! `status.podIP`, Ready, a `containerID`) selected by a Service. Stand-ins, for what a
+//! node would have and this machine does not run:
+//! - **the kubelet's part**: the lab resolves the container's `env` as the kubelet does
+//!   (`valueFrom.fieldRef`, `$(VAR)`) and starts nginx with exactly that environment;
+//! - **the container runtime's files**: the OCI bundle containerd keeps per container,
+//!   `RUNTIME/io.containerd.runtime.v2.task/k8s.io/ID/{config.json,init.pid}`, with the
+//!   resolved `process.env` and the pid, as containerd writes them;
+//! - **kube-proxy**: nft DNAT of the Services' ClusterIPs to their pods, in the node;
+//! - **a mesh sidecar** (pod `mesh-0`): istio-init's nat REDIRECT of inbound TCP to
+//!   15006, where `tpvpn-lab sidecar` relays each connection to the app over loopback.
+//!
+//! The agent runs in the node namespace, as the DaemonSet's pod would (host network,
+//! the node's `/proc`), pointed at the runtime stand-in with `--runtime-root`.
+//! A caller pod (namespace only, [`CALLER_IP`]) makes requests as another pod would.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::{find_bin, ip, Lab, MANAGER_ADDR};
+
+/// The node every lab pod runs on, and its address (`status.hostIP`).
+pub const NODE_NAME: &str = "lab-node";
+pub const NODE_IP: &str = "10.250.1.1";
+/// The caller pod's IP.
+pub const CALLER_IP: &str = "10.244.2.20";
+/// Service `default/web` (two pods) and `default/mesh` (one meshed pod).
+pub const WEB_IP: &str = "10.96.0.90";
+pub const MESH_IP: &str = "10.96.0.91";
+/// nginx in every pod: the named port `http`, and a second port only by number.
+pub const HTTP_PORT: u16 = 8080;
+pub const ALT_PORT: u16 = 8081;
+/// The value of `GREETING` in the pods' environment.
+pub const GREETING: &str = "hello from the web pods";
+
+/// One lab pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    pub name: String,
+    pub ip: String,
+    pub app: String,
+    pub meshed: bool,
+}
+
+/// The pods [`Lab::start_pods`] creates.
+pub fn initial_pods() -> Vec<PodSpec> {
+    let pod =
+        |name: &str, ip: &str, app: &str, meshed| PodSpec { name: name.into(), ip: ip.into(), app: app.into(), meshed };
+    vec![
+        pod("web-0", "10.244.2.10", "web", false),
+        pod("web-1", "10.244.2.11", "web", false),
+        pod("mesh-0", "10.244.2.30", "mesh", true),
+    ]
+}
+
+/// The container env as the Pod spec has it (unresolved).
+fn env_spec() -> Value {
+    json!([
+        {"name": "GREETING", "value": GREETING},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "SELF_URL", "value": "http://$(POD_NAME):8080/"},
+    ])
+}
+
+/// The environment the kubelet stand-in resolves for `pod` (what the runtime starts
+/// the container with): the image's, then the container's in order, `valueFrom` read
+/// and `$(VAR)` expanded from the variables before it.
+pub fn resolved_env(pod: &str) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        ("HOSTNAME".into(), pod.into()),
+    ];
+    for e in env_spec().as_array().into_iter().flatten() {
+        let name = e["name"].as_str().unwrap_or_default().to_string();
+        let value = if e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" {
+            pod.to_string()
+        } else {
+            let mut v = e["value"].as_str().unwrap_or_default().to_string();
+            for (k, val) in &env {
+                v = v.replace(&format!("$({k})"), val);
+            }
+            v
+        };
+        env.push((name, value));
+    }
+    env
+}
+
+/// A running lab pod.
+pub(crate) struct RunningPod {
+    pub spec: PodSpec,
+    pub ns: String,
+}
+
+impl Lab {
+    /// Adds the pods, the Services `web` and `mesh`, the caller pod, kube-proxy's DNAT,
+    /// and the agent.
+    pub fn start_pods(&mut self) -> Result<()> {
+        let c = self.cluster.clone();
+        ip(&["netns", "exec", &c, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        for spec in initial_pods() {
+            self.add_pod(&spec)?;
+        }
+        self.add_caller()?;
+        let svc = |name: &str, ip: &str, ports: Value| {
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "default"},
+                   "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "selector": {"app": name}, "ports": ports}})
+        };
+        self.kube_apply(
+            "POST",
+            "/api/v1/namespaces/default/services",
+            Some(&svc(
+                "web",
+                WEB_IP,
+                json!([
+                    {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
+                    {"name": "alt", "port": 81, "protocol": "TCP", "targetPort": ALT_PORT},
+                ]),
+            )),
+        )?;
+        self.kube_apply(
+            "POST",
+            "/api/v1/namespaces/default/services",
+            Some(&svc(
+                "mesh",
+                MESH_IP,
+                json!([
+                    {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
+                ]),
+            )),
+        )?;
+        self.kube_proxy()?;
+        self.start_agent()
+    }
+
+    /// The caller pod's namespace.
+    pub fn caller(&self) -> &str {
+        &self.caller_ns
+    }
+
+    /// Starts nginx in the laptop namespace on `127.0.0.1:PORT`, answering `body` (the
+    /// developer's local server an intercept sends to).
+    pub fn start_laptop_web(&mut self, port: u16, body: &str) -> Result<()> {
+        let dir = self.dir.join(format!("laptop-web-{port}"));
+        fs::create_dir_all(dir.join("www"))?;
+        fs::create_dir_all(dir.join("tmp"))?;
+        fs::write(dir.join("www/index.html"), body)?;
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
+             fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  \
+             server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n    index index.html;\n  }}\n}}\n"
+        );
+        fs::write(dir.join("nginx.conf"), conf)?;
+        let (c, e) = (dir.join("nginx.conf").display().to_string(), format!("{d}/nginx.err"));
+        let laptop = self.laptop.clone();
+        self.spawn_in(&laptop, &format!("laptop-web-{port}"), &["nginx", "-c", &c, "-p", &d.to_string(), "-e", &e])?;
+        self.wait_listening(&laptop, port)
+    }
+
+    /// Starts the lab's sink and source servers in the laptop namespace on loopback.
+    pub fn start_laptop_servers(&mut self, sink: u16, source: u16) -> Result<()> {
+        let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
+        let (si, so) = (format!("127.0.0.1:{sink}"), format!("127.0.0.1:{source}"));
+        let laptop = self.laptop.clone();
+        self.spawn_in(&laptop, "laptop-servers", &[&lab_bin, "serve", "--sink", &si, "--source", &so])?;
+        self.wait_listening(&laptop, sink)?;
+        self.wait_listening(&laptop, source)
+    }
+
+    /// The namespace of pod `name`.
+    pub fn pod_ns(&self, name: &str) -> Option<&str> {
+        self.pods.iter().find(|p| p.spec.name == name).map(|p| p.ns.as_str())
+    }
+
+    fn pod_veth(&mut self, ns_role: &str, ip_addr: &str) -> Result<String> {
+        let ns = format!("tpvpn-{}-{ns_role}", self.id);
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        let c = self.cluster.clone();
+        let host_side = format!("v{ns_role}");
+        ip(&["-n", &c, "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&["-n", &c, "link", "set", &host_side, "up"])?;
+        ip(&["-n", &c, "route", "add", &format!("{ip_addr}/32"), "dev", &host_side, "src", NODE_IP])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{ip_addr}/32"), "dev", "eth0"])?;
+        for dev in ["lo", "eth0"] {
+            ip(&["-n", &ns, "link", "set", dev, "up"])?;
+        }
+        // Point-to-point to the node, as many CNIs do.
+        ip(&["-n", &ns, "route", "add", &format!("{NODE_IP}/32"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "route", "add", "default", "via", NODE_IP, "dev", "eth0", "onlink"])?;
+        Ok(ns)
+    }
+
+    fn add_caller(&mut self) -> Result<()> {
+        self.caller_ns = self.pod_veth("caller", CALLER_IP)?;
+        Ok(())
+    }
+
+    /// Adds one pod: namespace, nginx with the kubelet-resolved environment, the
+    /// runtime's bundle, the Pod object (Ready).
+    pub fn add_pod(&mut self, spec: &PodSpec) -> Result<()> {
+        let role = format!("pod{}", self.pods.len());
+        let ns = self.pod_veth(&role, &spec.ip)?;
+        let dir = self.dir.join("pods").join(&spec.name);
+        fs::create_dir_all(dir.join("www"))?;
+        fs::create_dir_all(dir.join("tmp"))?;
+        fs::write(dir.join("www/index.html"), format!("pod {}\n", spec.name))?;
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
+             fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  \
+             server {{\n    listen {HTTP_PORT};\n    listen {ALT_PORT};\n    root {d}/www;\n    index index.html;\n  }}\n}}\n"
+        );
+        fs::write(dir.join("nginx.conf"), conf)?;
+        let env = resolved_env(&spec.name);
+        let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut cmd: Vec<String> = vec!["env".into(), "-i".into()];
+        cmd.extend(vars.iter().cloned());
+        cmd.extend(["nginx", "-c"].map(String::from));
+        cmd.push(dir.join("nginx.conf").display().to_string());
+        cmd.extend(["-p".to_string(), d.to_string(), "-e".into(), format!("{d}/nginx.err")]);
+        let argv: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        self.spawn_in(&ns, &format!("nginx-{}", spec.name), &argv)?;
+        let pid = self.children.last().map(|(_, c)| c.id()).context("nginx child")?;
+        self.wait_listening(&ns, HTTP_PORT)?;
+        if spec.meshed {
+            self.mesh_sidecar(&ns, &spec.name)?;
+        }
+        // The container runtime's bundle (stand-in), as containerd keeps it.
+        let container_id = crate::random_token()? + &crate::random_token()?;
+        let bundle = self.runtime_root().join("io.containerd.runtime.v2.task/k8s.io").join(&container_id);
+        fs::create_dir_all(&bundle)?;
+        fs::write(bundle.join("init.pid"), pid.to_string())?;
+        let config = json!({"ociVersion": "1.1.0", "process": {"args": ["nginx"], "env": vars, "cwd": "/"},
+            "hostname": spec.name,
+            "linux": {"namespaces": [{"type": "network", "path": format!("/proc/{pid}/ns/net")}]},
+            "annotations": {"io.kubernetes.cri.container-name": "nginx", "io.kubernetes.cri.sandbox-name": spec.name}});
+        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": spec.name, "namespace": "default", "labels": {"app": spec.app}},
+            "spec": {"nodeName": NODE_NAME, "containers": [{"name": "nginx", "image": "nginx:1.22",
+                "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+                          {"containerPort": ALT_PORT, "protocol": "TCP"}],
+                "env": env_spec()}]},
+            "status": {"phase": "Running", "hostIP": NODE_IP, "podIP": spec.ip, "podIPs": [{"ip": spec.ip}],
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [{"name": "nginx", "ready": true, "restartCount": 0, "image": "nginx:1.22",
+                    "imageID": "", "containerID": format!("containerd://{container_id}")}]}});
+        self.kube_apply("POST", "/api/v1/namespaces/default/pods", Some(&pod))?;
+        self.pods.push(RunningPod { spec: spec.clone(), ns });
+        Ok(())
+    }
+
+    /// The container runtime stand-in's root (the agent's `--runtime-root`).
+    pub fn runtime_root(&self) -> PathBuf {
+        self.dir.join("runtime")
+    }
+
+    /// The environment the runtime stand-in recorded for pod `name`'s container.
+    pub fn pod_env(&self, name: &str) -> Vec<(String, String)> {
+        resolved_env(name)
+    }
+
+    fn wait_listening(&self, ns: &str, port: u16) -> Result<()> {
+        let want = format!(":{port}");
+        for _ in 0..100 {
+            let out = self.exec_timeout(ns, &["ss", "-Hltn"], Duration::from_secs(5));
+            if String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.split_whitespace().nth(3).is_some_and(|a| a.ends_with(&want)))
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("nothing listens on port {port} in {ns} after 5 s")
+    }
+
+    /// istio-init's part (nat REDIRECT of inbound TCP to 15006) and the proxy's.
+    fn mesh_sidecar(&mut self, ns: &str, pod: &str) -> Result<()> {
+        nft(ns, &format!(
+            "table ip istio-stand-in {{\n  chain ISTIO_INBOUND {{ type nat hook prerouting priority dstnat; policy accept;\n    tcp dport {HTTP_PORT} redirect to :15006\n  }}\n}}\n"
+        ))?;
+        let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
+        self.spawn_in(ns, &format!("sidecar-{pod}"), &[&lab_bin, "sidecar", "--listen", "0.0.0.0:15006"])?;
+        self.wait_listening(ns, 15006)
+    }
+
+    /// What the mesh sidecar stand-in of pod `name` relayed (one line per connection).
+    pub fn sidecar_log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("sidecar-{name}.log"))).unwrap_or_default()
+    }
+
+    /// kube-proxy's part: each Service's ClusterIP:port DNATed to its pods, for traffic
+    /// from pods (prerouting) and from the node itself (output).
+    fn kube_proxy(&self) -> Result<()> {
+        let mut rules = String::new();
+        for (svc_ip, app) in [(WEB_IP, "web"), (MESH_IP, "mesh")] {
+            let backends: Vec<&RunningPod> = self.pods.iter().filter(|p| p.spec.app == app).collect();
+            let map: Vec<String> =
+                backends.iter().enumerate().map(|(i, p)| format!("{i} : {} . {HTTP_PORT}", p.spec.ip)).collect();
+            rules.push_str(&format!(
+                "    ip daddr {svc_ip} tcp dport 80 dnat ip addr . port to numgen inc mod {} map {{ {} }}\n",
+                backends.len(),
+                map.join(", ")
+            ));
+        }
+        let c = self.cluster.clone();
+        nft(&c, &format!(
+            "table ip kube-proxy-stand-in {{\n  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n{rules}  }}\n  \
+             chain output {{ type nat hook output priority -100; policy accept;\n{rules}  }}\n}}\n"
+        ))
+    }
+
+    /// Starts the node agent in the cluster namespace, as the DaemonSet would run it, and
+    /// waits (≤ 10 s) until it is connected to the manager.
+    pub fn start_agent(&mut self) -> Result<()> {
+        self.stop_agent();
+        let bin = find_bin(&self.bin_dir, "tpvpn-agent")?;
+        let log_path = self.dir.join("agent.log");
+        const CONNECTED: &str = "connected to the manager";
+        let before = self.agent_log().matches(CONNECTED).count();
+        let log = fs::OpenOptions::new().create(true).append(true).open(&log_path)?;
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.cluster])
+            .arg(&bin)
+            .args(["--manager", MANAGER_ADDR, "--node", NODE_NAME])
+            .arg("--manager-ca")
+            .arg(self.manager_ca())
+            .arg("--token-file")
+            .arg(self.agent_token_file())
+            .arg("--runtime-root")
+            .arg(self.runtime_root())
+            .env("RUST_LOG", rust_log)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting tpvpn-agent")?;
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.agent_log().matches(CONNECTED).count() > before {
+                return Ok(());
+            }
+            if let Some(Ok(Some(st))) = self.agent.as_mut().map(Child::try_wait) {
+                self.agent = None;
+                bail!("tpvpn-agent exited ({st}); log:\n{}", self.agent_log());
+            }
+            if Instant::now() >= deadline {
+                bail!("tpvpn-agent not connected after 10 s; log:\n{}", self.agent_log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the agent (SIGTERM: it removes its rules, then exits; SIGKILL after 3 s).
+    pub fn stop_agent(&mut self) {
+        if let Some(child) = self.agent.take() {
+            crate::terminate(child);
+        }
+    }
+
+    /// Kills the agent with SIGKILL: it removes nothing.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// The token the agent presents (and the manager's `--agent-token-file`).
+    pub fn agent_token_file(&self) -> PathBuf {
+        self.dir.join("agent-token")
+    }
+
+    /// The names of tpvpn's nftables tables in pod `name`'s namespace.
+    pub fn capture_tables(&self, name: &str) -> Vec<String> {
+        let Some(ns) = self.pod_ns(name) else { return vec![] };
+        let out = self.exec_timeout(ns, &["nft", "-j", "list", "tables"], Duration::from_secs(10));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["table"]["name"].as_str())
+            .filter(|n| n.starts_with("tpvpn-"))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Loads `rules` (nft syntax) in namespace `ns`: the lab's stand-ins of components that
+/// write iptables/nftables rules themselves (istio-init, kube-proxy).
+fn nft(ns: &str, rules: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (the nftables package)")?;
+    child.stdin.take().context("nft stdin")?.write_all(rules.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft in {ns} failed: {}\n{rules}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_is_resolved_as_the_kubelet_does() {
+        let env = resolved_env("web-0");
+        let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        assert_eq!(get("GREETING"), Some(GREETING));
+        assert_eq!(get("POD_NAME"), Some("web-0"));
+        assert_eq!(get("SELF_URL"), Some("http://web-0:8080/"));
+    }
+}

@@ -1,0 +1,311 @@
+//! Intercepts end to end, in the lab with real pods (`tpvpn_lab::pods`): the node agent
+//! captures a Service's pods with nftables `tproxy`, the cluster caller's connections
+//! reach a server on the laptop, `leave` gives them back, and nothing of the workload
+//! changes. Needs root.
+
+use std::process::Output;
+use std::time::Duration;
+
+use serde_json::Value;
+use tpvpn_lab::pods::{ALT_PORT, CALLER_IP, HTTP_PORT, WEB_IP};
+use tpvpn_lab::{show, wait_until, Lab};
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[track_caller]
+fn assert_ok(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what} failed:\n{}", show(out));
+}
+
+/// A lab with pods and the agent, and tpvpn up on the laptop.
+fn lab_with_pods() -> Option<Lab> {
+    let mut lab = tpvpn_lab::lab_or_skip()?;
+    lab.start_pods().unwrap_or_else(|e| panic!("pods: {e:#}\nagent log:\n{}", lab.agent_log()));
+    if let Err(e) = lab.up(&[]) {
+        panic!("tpvpn up: {e:#}\nmanager log:\n{}", lab.manager_log());
+    }
+    Some(lab)
+}
+
+/// curl from the caller pod.
+fn curl(lab: &Lab, url: &str) -> Output {
+    lab.exec_timeout(lab.caller(), &["curl", "-sS", "--max-time", "5", url], Duration::from_secs(10))
+}
+
+#[track_caller]
+fn assert_answers(lab: &Lab, url: &str, body: &str) {
+    let out = curl(lab, url);
+    assert!(
+        out.status.success() && stdout(&out).contains(body),
+        "{url} from the caller pod should answer {body:?}:\n{}\nagent log:\n{}\nmanager log:\n{}",
+        show(&out),
+        lab.agent_log(),
+        lab.manager_log()
+    );
+}
+
+fn intercept(lab: &Lab, args: &[&str]) -> Output {
+    let mut all = vec!["intercept"];
+    all.extend_from_slice(args);
+    lab.tpvpn_env(&all, &[], Duration::from_secs(40))
+}
+
+/// The pods' objects as the API stand-in has them: name to resourceVersion.
+fn pod_versions(lab: &Lab) -> Vec<(String, String)> {
+    let list = lab.kube_apply("GET", "/api/v1/namespaces/default/pods", None).expect("list pods");
+    let mut v: Vec<(String, String)> = list["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                p["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn nginx_pid(lab: &Lab, pod: &str) -> String {
+    std::fs::read_to_string(lab.dir().join("pods").join(pod).join("nginx.pid")).unwrap_or_default()
+}
+
+#[test]
+fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let pods = [format!("http://10.244.2.10:{HTTP_PORT}/"), format!("http://10.244.2.11:{HTTP_PORT}/")];
+    assert_answers(&lab, &pods[0], "pod web-0");
+    assert_answers(&lab, &pods[1], "pod web-1");
+    let versions = pod_versions(&lab);
+    let pids = [nginx_pid(&lab, "web-0"), nginx_pid(&lab, "web-1")];
+
+    let env_file = lab.dir().join("web.env");
+    let env_json = lab.dir().join("web.json");
+    let out = intercept(
+        &lab,
+        &[
+            "web",
+            "--port",
+            "18888:http",
+            "--env-file",
+            &env_file.display().to_string(),
+            "--env-json",
+            &env_json.display().to_string(),
+        ],
+    );
+    assert_ok(&out, "tpvpn intercept web");
+    let said = stdout(&out);
+    assert!(said.contains("web-0") && said.contains("web-1") && said.contains("127.0.0.1:18888"), "{said}");
+
+    // Every pod, by its IP and through the Service's ClusterIP, answers from the laptop.
+    for url in pods.iter().cloned().chain([format!("http://{WEB_IP}/"), format!("http://{WEB_IP}/")]) {
+        assert_answers(&lab, &url, "answered by the laptop");
+    }
+    // The other port of the same pods is not intercepted.
+    assert_answers(&lab, &format!("http://10.244.2.10:{ALT_PORT}/"), "pod web-0");
+
+    // The environment of the container serving the port, as the kubelet resolved it.
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    for (k, v) in lab.pod_env("web-0") {
+        assert!(env.lines().any(|l| l == format!("{k}={v}")), "{k}={v} missing from the env-file:\n{env}");
+    }
+    assert!(env.contains("SELF_URL=http://web-0:8080/"), "$(VAR) expanded:\n{env}");
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(&env_json).unwrap()).unwrap();
+    assert_eq!(json["GREETING"], tpvpn_lab::pods::GREETING);
+
+    // list and status say so.
+    let list = lab.tpvpn(&["list", "-o", "json"]);
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap_or_else(|_| panic!("{}", show(&list)));
+    let web = v["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").cloned().unwrap();
+    assert!(web["intercept"].as_str().unwrap_or_default().contains("(you)"), "{web}");
+    let mesh = v["services"].as_array().unwrap().iter().find(|s| s["name"] == "mesh").cloned().unwrap();
+    assert_eq!(mesh["intercept"], "ready", "{mesh}");
+    let status = lab.tpvpn(&["status", "-o", "json"]);
+    let s: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(s["intercepts"][0]["spec"]["service"], "web", "{s}");
+    assert_eq!(s["intercepts"][0]["targets"].as_array().map(Vec::len), Some(2), "{s}");
+
+    let out = lab.tpvpn(&["leave", "web"]);
+    assert_ok(&out, "tpvpn leave web");
+    assert_answers(&lab, &pods[0], "pod web-0");
+    assert_answers(&lab, &pods[1], "pod web-1");
+    assert!(
+        wait_until(Duration::from_secs(5), || lab.capture_tables("web-0").is_empty()
+            && lab.capture_tables("web-1").is_empty()),
+        "capture tables left after leave: {:?} {:?}",
+        lab.capture_tables("web-0"),
+        lab.capture_tables("web-1")
+    );
+    // No workload was touched: same objects, same processes.
+    assert_eq!(pod_versions(&lab), versions, "a Pod object changed");
+    assert_eq!([nginx_pid(&lab, "web-0"), nginx_pid(&lab, "web-1")], pids, "a pod's server restarted");
+    let _ = CALLER_IP;
+}
+
+/// Runs a lab client (`tpvpn-lab client ...`) in the caller pod.
+fn from_caller(lab: &Lab, args: &[&str]) -> Output {
+    let mut all = vec!["client"];
+    all.extend_from_slice(args);
+    lab.lab_tool(lab.caller(), &all)
+}
+
+#[test]
+fn numeric_target_ports_bytes_both_ways_new_pods_and_a_refusing_laptop() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_servers(19001, 19003).unwrap();
+    let alt = |ip: &str| format!("{ip}:{ALT_PORT}");
+    const BIG: &str = "33554432";
+
+    // Port 81 targets 8081 by number; the laptop's sink hashes what it gets.
+    assert_ok(&intercept(&lab, &["web", "--port", "19001:alt"]), "intercept web alt -> sink");
+    let out = from_caller(&lab, &["upload", &alt("10.244.2.10"), BIG]);
+    assert_ok(&out, "32 MiB from the caller to the laptop's sink (half-closed, then its reply)");
+    assert_ok(&lab.tpvpn(&["leave", "web"]), "leave");
+
+    assert_ok(&intercept(&lab, &["web", "--port", "19003:81"]), "intercept web 81 -> source");
+    let out = from_caller(&lab, &["download", &alt("10.244.2.11"), BIG]);
+    assert_ok(&out, "32 MiB from the laptop's source to the caller, byte for byte");
+
+    // A pod that becomes ready while intercepted is intercepted too.
+    let new =
+        tpvpn_lab::pods::PodSpec { name: "web-2".into(), ip: "10.244.2.12".into(), app: "web".into(), meshed: false };
+    lab.add_pod(&new).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || !lab.capture_tables("web-2").is_empty()),
+        "the new pod was not captured:\nagent log:\n{}\nmanager log:\n{}",
+        lab.agent_log(),
+        lab.manager_log()
+    );
+    assert_ok(&from_caller(&lab, &["download", &alt("10.244.2.12"), "1048576"]), "download from the new pod");
+    assert_ok(&lab.tpvpn(&["leave", "web"]), "leave");
+
+    // Nothing listens on the laptop's port: the caller sees a reset, not a hang.
+    assert_ok(&intercept(&lab, &["web", "--port", "19999:http"]), "intercept to a closed laptop port");
+    let out = from_caller(&lab, &["reset", &format!("10.244.2.10:{HTTP_PORT}")]);
+    assert_eq!(stdout(&out).trim(), "reset", "{}", show(&out));
+    assert_ok(&lab.tpvpn(&["leave", "web"]), "leave");
+    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
+}
+
+#[test]
+fn clear_errors_and_one_holder_per_port() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    let fails = |args: &[&str], want: &str| {
+        let out = intercept(&lab, args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            !out.status.success() && err.contains(want),
+            "intercept {args:?}: expected an error with {want:?}:\n{}",
+            show(&out)
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    };
+    fails(&["nope", "--port", "18888"], "no Service default/nope");
+    fails(&["web", "--port", "18888:grpc"], "has no port grpc");
+    fails(&["web", "--port", "18888"], "several ports");
+    fails(&["web", "--port", "x:http"], "LOCAL must be a port number");
+    // frontend's pod is not a real pod (no agent there: it is not registered Ready).
+    fails(&["frontend", "--port", "18888"], "no ready pods");
+
+    assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "first laptop intercepts");
+    lab.add_second_laptop().unwrap();
+    let up = lab.tpvpn2_up().unwrap_or_else(|e| panic!("{e:#}"));
+    assert_ok(&up, "second laptop up");
+    let out = lab.tpvpn2(&["intercept", "web", "--port", "18888:http"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(err.contains("is intercepted by") && err.contains("since") && err.contains("port 80"), "{err}");
+    // Its own list names the holder, and not as itself.
+    let list = lab.tpvpn2(&["list"]);
+    let line = stdout(&list).lines().find(|l| l.contains(" web ")).map(str::to_string).unwrap_or_default();
+    assert!(line.contains("intercepted by") && !line.contains("(you)"), "{}", show(&list));
+    // Another port of the same Service is free.
+    assert_ok(&lab.tpvpn2(&["intercept", "web", "--port", "18889:alt"]), "second laptop takes the other port");
+    assert_ok(&lab.tpvpn2(&["leave", "web"]), "second laptop leaves");
+    let _ = lab.tpvpn2(&["down"]);
+}
+
+#[test]
+fn losing_the_agent_or_the_laptop_gives_the_pods_back_and_a_new_daemon_reclaims() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let pod = format!("http://10.244.2.10:{HTTP_PORT}/");
+    assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
+    assert_answers(&lab, &pod, "answered by the laptop");
+
+    // The agent dies without cleaning up: its rules stay, its sockets go, and the kernel
+    // delivers to the app again at once (fail open).
+    lab.kill_agent();
+    assert!(!lab.capture_tables("web-0").is_empty(), "SIGKILL leaves the table (what fail-open is about)");
+    assert_answers(&lab, &pod, "pod web-0");
+    // A new agent removes what the old one left and captures again for the manager.
+    lab.start_agent().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || stdout(&curl(&lab, &pod)).contains("answered by the laptop")),
+        "the new agent did not capture again:\n{}",
+        lab.agent_log()
+    );
+    assert_eq!(lab.capture_tables("web-0").len(), 1, "one table: the stale one was removed");
+
+    // The laptop's daemon dies. Meanwhile a captured connection whose owner does not
+    // answer goes on to the pod; within the QUIC idle timeout (30 s) and a second the
+    // manager notices and releases the capture altogether.
+    let pid = std::fs::read_to_string(lab.runtime_dir().join("tpvpn.pid")).unwrap();
+    assert!(lab.exec(lab.laptop(), &["kill", "-9", pid.trim()]).status.success());
+    let killed = std::time::Instant::now();
+    assert_answers(&lab, &pod, "pod web-0");
+    assert!(
+        wait_until(Duration::from_secs(31), || lab.capture_tables("web-0").is_empty()),
+        "the capture was not released after the daemon died:\n{}",
+        lab.manager_log()
+    );
+    eprintln!("capture released {:?} after the kill", killed.elapsed());
+    assert_answers(&lab, &pod, "pod web-0");
+    // Within 60 s, `tpvpn up` again re-claims it without being asked.
+    if let Err(e) = lab.up(&[]) {
+        panic!("up again: {e:#}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || stdout(&curl(&lab, &pod)).contains("answered by the laptop")),
+        "the new daemon did not re-claim the intercept:\n{}",
+        lab.manager_log()
+    );
+    let s: Value = serde_json::from_slice(&lab.tpvpn(&["status", "-o", "json"]).stdout).unwrap();
+    assert_eq!(s["intercepts"][0]["spec"]["service"], "web", "{s}");
+    // `down` leaves it first.
+    assert_ok(&lab.tpvpn(&["down"]), "down");
+    assert_answers(&lab, &pod, "pod web-0");
+    assert!(lab.capture_tables("web-0").is_empty(), "down left a capture table");
+}
+
+#[test]
+fn a_meshed_pod_is_captured_behind_its_sidecar() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let pod = format!("http://10.244.2.30:{HTTP_PORT}/");
+    assert_answers(&lab, &pod, "pod mesh-0");
+    let relayed = || lab.sidecar_log("mesh-0").lines().filter(|l| l.starts_with("sidecar:")).count();
+    let before = relayed();
+    assert!(before >= 1, "the request went through the sidecar stand-in:\n{}", lab.sidecar_log("mesh-0"));
+
+    let out = intercept(&lab, &["mesh", "--port", "18888"]);
+    assert_ok(&out, "intercept mesh");
+    assert!(stdout(&out).contains("behind its mesh sidecar"), "{}", show(&out));
+    assert_answers(&lab, &pod, "answered by the laptop");
+    assert_answers(&lab, &format!("http://{}/", tpvpn_lab::pods::MESH_IP), "answered by the laptop");
+    assert!(
+        relayed() >= before + 2,
+        "intercepted requests still pass the sidecar (mTLS, policy):\n{}",
+        lab.sidecar_log("mesh-0")
+    );
+
+    assert_ok(&lab.tpvpn(&["leave", "mesh"]), "leave");
+    let n = relayed();
+    assert_answers(&lab, &pod, "pod mesh-0");
+    assert_eq!(relayed(), n + 1, "after leave, requests go through the sidecar to the app as before");
+}

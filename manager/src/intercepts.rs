@@ -1,0 +1,582 @@
+//! Intercepts: who holds which Service port, what each node agent captures for it, and
+//! the way of each captured connection to the owning client.
+//!
+//! State is soft and owned by live sessions. One global intercept per Service port; a
+//! second client is refused with the holder named. When the owning client's connection
+//! ends, its captures are released at once (the pods get their traffic back) and the
+//! claim is kept for [`RECLAIM`]: the same client (its `client_id`) asking again within
+//! that time gets it back, anyone else is refused until it lapses. Pods that become
+//! Ready later are captured too, pods that go away are released. An agent that
+//! connects is sent every capture of its node.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::{mpsc, oneshot, watch};
+use tpvpn_tunnel::{ErrorCode, InterceptRow, InterceptState, InterceptTarget, Message};
+use tracing::{info, warn};
+
+use crate::targets::{self, PodTarget, ServicePort};
+
+/// How long a disconnected owner's claim is kept for it.
+pub const RECLAIM: Duration = Duration::from_secs(60);
+/// How long an intercept request waits for the agents to capture.
+pub const CAPTURE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The Kubernetes objects intercepts are resolved against, and a counter bumped when
+/// Services or Pods change.
+#[derive(Clone)]
+pub struct Objects {
+    pub services: Store<Service>,
+    pub pods: Store<Pod>,
+    pub changed: watch::Receiver<u64>,
+}
+
+/// A refusal: its code and the one line for the user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
+    Refusal { code, message: message.into() }
+}
+
+/// What a client asks for.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub namespace: String,
+    pub service: String,
+    pub port: String,
+    pub local_port: u16,
+    pub container: String,
+}
+
+/// What the agent said about one capture.
+#[derive(Debug, Clone)]
+struct Captured {
+    meshed: bool,
+    env: Vec<(String, String)>,
+}
+
+struct CaptureState {
+    intercept: u64,
+    target: PodTarget,
+    waiter: Option<oneshot::Sender<Result<Captured, String>>>,
+}
+
+struct Intercept {
+    namespace: String,
+    service: String,
+    port: ServicePort,
+    container: String,
+    local_port: u16,
+    owner_key: Vec<u8>,
+    owner_who: String,
+    owner_session: Option<u64>,
+    since: SystemTime,
+    dormant_until: Option<Instant>,
+    /// Pod (namespace/name) to capture id.
+    captures: HashMap<String, u64>,
+}
+
+/// A connected client: where captured connections go.
+struct ClientLink {
+    conn: quinn::Connection,
+    key: Vec<u8>,
+    who: String,
+}
+
+struct AgentLink {
+    session: u64,
+    tx: mpsc::UnboundedSender<Message>,
+}
+
+#[derive(Default)]
+struct Registry {
+    next: u64,
+    intercepts: HashMap<u64, Intercept>,
+    captures: HashMap<u64, CaptureState>,
+    agents: HashMap<String, AgentLink>,
+    clients: HashMap<u64, ClientLink>,
+}
+
+/// The intercept state of one manager; shared by every session.
+pub struct Hub {
+    objects: Option<Objects>,
+    registry: Mutex<Registry>,
+    sessions: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(objects: Option<Objects>) -> Arc<Hub> {
+        let hub = Arc::new(Hub { objects, registry: Mutex::default(), sessions: AtomicU64::new(1) });
+        if let Some(objects) = hub.objects.clone() {
+            tokio::spawn(maintain(Arc::downgrade(&hub), objects.changed));
+        }
+        hub
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new session id.
+    pub fn session_id(&self) -> u64 {
+        self.sessions.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A client connected: captured connections of its intercepts go to `conn`.
+    pub fn client_connected(&self, session: u64, conn: quinn::Connection, client_id: &[u8], who: String) {
+        let key = if client_id.is_empty() { format!("session {session}").into_bytes() } else { client_id.to_vec() };
+        self.lock().clients.insert(session, ClientLink { conn, key, who });
+    }
+
+    /// A client's connection ended: its captures are released now, its claims kept for
+    /// [`RECLAIM`].
+    pub fn client_gone(&self, session: u64) {
+        let mut r = self.lock();
+        r.clients.remove(&session);
+        let now = Instant::now();
+        let ids: Vec<u64> =
+            r.intercepts.iter().filter(|(_, i)| i.owner_session == Some(session)).map(|(id, _)| *id).collect();
+        for id in ids {
+            r.release_captures(id);
+            if let Some(i) = r.intercepts.get_mut(&id) {
+                info!(service = %format!("{}/{}", i.namespace, i.service), port = i.port.port, "owner disconnected: capture released, claim kept for {RECLAIM:?}");
+                i.owner_session = None;
+                i.dormant_until = Some(now + RECLAIM);
+            }
+        }
+    }
+
+    /// An agent connected for `node`: it gets every capture of its node.
+    pub fn agent_connected(&self, node: &str, session: u64, tx: mpsc::UnboundedSender<Message>) {
+        let mut r = self.lock();
+        r.agents.insert(node.to_string(), AgentLink { session, tx });
+        let resend: Vec<Message> =
+            r.captures.iter().filter(|(_, c)| c.target.node == node).map(|(id, c)| capture_message(*id, c)).collect();
+        if let Some(a) = r.agents.get(node) {
+            for m in resend {
+                let _ = a.tx.send(m);
+            }
+        }
+    }
+
+    /// The agent of `node` (session `session`) is gone: the kernel delivers to the pods
+    /// again there (the agent removed its rules, or its sockets are gone).
+    pub fn agent_gone(&self, node: &str, session: u64) {
+        let mut r = self.lock();
+        if r.agents.get(node).is_some_and(|a| a.session == session) {
+            r.agents.remove(node);
+            warn!(node, "agent gone: its pods are not captured until it returns");
+        }
+    }
+
+    /// What an agent says of a capture.
+    pub fn capture_status(
+        &self,
+        node: &str,
+        id: u64,
+        ok: bool,
+        message: String,
+        meshed: bool,
+        env: Vec<(String, String)>,
+    ) {
+        let mut r = self.lock();
+        let Some(c) = r.captures.get_mut(&id).filter(|c| c.target.node == node) else { return };
+        let result = if ok { Ok(Captured { meshed, env }) } else { Err(message.clone()) };
+        match c.waiter.take() {
+            Some(w) => {
+                let _ = w.send(result);
+            }
+            None if !ok => warn!(id, pod = %c.target.name, %message, "capture failed"),
+            None => info!(id, pod = %c.target.name, "captured"),
+        }
+    }
+
+    /// Intercepts a Service port for the client of `session`; once every pod is
+    /// captured, the reply.
+    pub async fn intercept(&self, session: u64, req: Request) -> Result<Message, Refusal> {
+        let (id, waiting, reused_since) = self.plan(session, &req)?;
+        let mut results = Vec::new();
+        for (pod, rx) in waiting {
+            let r = match tokio::time::timeout(CAPTURE_TIMEOUT, rx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err("the agent went away".to_string()),
+                Err(_) => Err(format!("the agent did not answer within {CAPTURE_TIMEOUT:?}")),
+            };
+            results.push((pod, r));
+        }
+        let mut r = self.lock();
+        if let Some((pod, Err(why))) = results.iter().find(|(_, r)| r.is_err()) {
+            r.release_captures(id);
+            r.intercepts.remove(&id);
+            return Err(refuse(ErrorCode::Unavailable, format!("cannot capture pod {pod}: {why}")));
+        }
+        let Some(i) = r.intercepts.get(&id) else {
+            return Err(refuse(ErrorCode::Unavailable, "the intercept was released while it was set up"));
+        };
+        let mut targets = Vec::new();
+        let mut env = Vec::new();
+        for (pod, res) in &results {
+            let Ok(c) = res else { continue };
+            if let Some(t) = i.captures.get(pod).and_then(|cid| r.captures.get(cid)) {
+                targets.push(InterceptTarget {
+                    pod: t.target.name.clone(),
+                    addr: (t.target.ip, t.target.port).into(),
+                    meshed: c.meshed,
+                });
+            }
+            if env.is_empty() {
+                env = c.env.clone();
+            }
+        }
+        let mut warnings = Vec::new();
+        if let Some(since) = reused_since {
+            warnings.push(format!("re-claimed (held since {})", utc(since)));
+        }
+        info!(service = %format!("{}/{}", i.namespace, i.service), port = i.port.port, who = %i.owner_who, local_port = i.local_port, pods = targets.len(), "intercepted");
+        Ok(Message::InterceptReply { id, service_port: i.port.port, targets, env, warnings })
+    }
+
+    /// Checks the request, claims the port and sends the captures; the intercept id,
+    /// what to wait for, and when it was first claimed if this re-claims it.
+    #[allow(clippy::type_complexity)]
+    fn plan(
+        &self,
+        session: u64,
+        req: &Request,
+    ) -> Result<(u64, Vec<(String, oneshot::Receiver<Result<Captured, String>>)>, Option<SystemTime>), Refusal> {
+        let objects = self.objects.as_ref().ok_or_else(|| {
+            refuse(
+                ErrorCode::Unsupported,
+                "this manager runs without Kubernetes (no --kubeconfig, not in a pod): intercepts need the cluster's Services and Pods",
+            )
+        })?;
+        let ns_name = format!("{}/{}", req.namespace, req.service);
+        let svc = objects
+            .services
+            .get(&ObjectRef::new(&req.service).within(&req.namespace))
+            .ok_or_else(|| refuse(ErrorCode::NotFound, format!("no Service {ns_name}")))?;
+        let port = targets::service_port(&svc, &req.port).map_err(|e| refuse(ErrorCode::NotFound, e))?;
+        let pods = objects.pods.state();
+        let mut r = self.lock();
+        let me = r.clients.get(&session).ok_or_else(|| refuse(ErrorCode::Unavailable, "the session ended"))?;
+        let (key, who) = (me.key.clone(), me.who.clone());
+        let existing = r
+            .intercepts
+            .iter()
+            .find(|(_, i)| i.namespace == req.namespace && i.service == req.service && i.port.port == port.port)
+            .map(|(id, i)| (*id, i.owner_key == key, i.owner_who.clone(), i.since, i.dormant_until));
+        let mut reused_since = None;
+        if let Some((id, mine, holder, since, dormant)) = existing {
+            if !mine {
+                let gone = dormant.map_or(String::new(), |until| {
+                    format!(
+                        " (disconnected; released in {}s unless it reconnects)",
+                        until.saturating_duration_since(Instant::now()).as_secs()
+                    )
+                });
+                return Err(refuse(
+                    ErrorCode::Conflict,
+                    format!("{ns_name} port {} is intercepted by {holder} since {}{gone}", port.port, utc(since)),
+                ));
+            }
+            r.release_captures(id);
+            r.intercepts.remove(&id);
+            reused_since = Some(since);
+        }
+        let selected = targets::selected(&svc, &pods);
+        if selected.is_empty() {
+            return Err(refuse(ErrorCode::Unavailable, format!("no ready pods are selected by Service {ns_name}")));
+        }
+        let mut pod_targets = Vec::new();
+        let mut skipped = Vec::new();
+        for p in selected {
+            match targets::pod_target(p, &port.target, &req.container) {
+                Ok(t) => pod_targets.push(t),
+                Err(e) => skipped.push(e),
+            }
+        }
+        if pod_targets.is_empty() {
+            return Err(refuse(ErrorCode::Unavailable, skipped.join("; ")));
+        }
+        if let Some(t) = pod_targets.iter().find(|t| !r.agents.contains_key(&t.node)) {
+            return Err(refuse(
+                ErrorCode::Unavailable,
+                format!(
+                    "no tpvpn agent on node {} (pod {}): is DaemonSet tpvpn-agent running there? (tpvpn manager install)",
+                    t.node, t.name
+                ),
+            ));
+        }
+        r.next += 1;
+        let id = r.next;
+        r.intercepts.insert(
+            id,
+            Intercept {
+                namespace: req.namespace.clone(),
+                service: req.service.clone(),
+                port,
+                container: req.container.clone(),
+                local_port: req.local_port,
+                owner_key: key,
+                owner_who: who,
+                owner_session: Some(session),
+                since: reused_since.unwrap_or_else(SystemTime::now),
+                dormant_until: None,
+                captures: HashMap::new(),
+            },
+        );
+        let mut waiting = Vec::new();
+        for t in pod_targets {
+            let pod = t.name.clone();
+            let (tx, rx) = oneshot::channel();
+            r.add_capture(id, t, Some(tx));
+            waiting.push((pod, rx));
+        }
+        Ok((id, waiting, reused_since))
+    }
+
+    /// Ends the client's intercepts of a Service.
+    pub fn leave(&self, session: u64, namespace: &str, service: &str) -> Result<String, Refusal> {
+        let mut r = self.lock();
+        let key = r.clients.get(&session).map(|c| c.key.clone()).unwrap_or_default();
+        let ids: Vec<u64> = r
+            .intercepts
+            .iter()
+            .filter(|(_, i)| i.namespace == namespace && i.service == service && i.owner_key == key)
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.is_empty() {
+            return Err(refuse(ErrorCode::NotFound, format!("you do not intercept {namespace}/{service}")));
+        }
+        let mut ports = Vec::new();
+        for id in ids {
+            r.release_captures(id);
+            if let Some(i) = r.intercepts.remove(&id) {
+                ports.push(i.port.port.to_string());
+            }
+        }
+        info!(service = %format!("{namespace}/{service}"), "left");
+        Ok(format!("left {namespace}/{service} port {}", ports.join(", ")))
+    }
+
+    /// Where a connection captured by `capture` goes: the intercept's id and its owner's
+    /// connection, while it has one.
+    pub fn route(&self, node: &str, capture: u64) -> Option<(u64, quinn::Connection)> {
+        let r = self.lock();
+        let c = r.captures.get(&capture).filter(|c| c.target.node == node)?;
+        let i = r.intercepts.get(&c.intercept)?;
+        let owner = r.clients.get(&i.owner_session?)?;
+        Some((c.intercept, owner.conn.clone()))
+    }
+
+    /// Every Service's intercept state as the client of `session` sees it.
+    pub fn table(&self, session: u64) -> Result<Vec<InterceptRow>, Refusal> {
+        let objects = self.objects.as_ref().ok_or_else(|| {
+            refuse(ErrorCode::Unsupported, "this manager runs without Kubernetes: it knows no Services to intercept")
+        })?;
+        let pods = objects.pods.state();
+        let r = self.lock();
+        let key = r.clients.get(&session).map(|c| c.key.clone()).unwrap_or_default();
+        let mut rows = Vec::new();
+        for svc in objects.services.state() {
+            let (Some(ns), Some(name)) = (svc.metadata.namespace.clone(), svc.metadata.name.clone()) else { continue };
+            let held: Vec<&Intercept> =
+                r.intercepts.values().filter(|i| i.namespace == ns && i.service == name).collect();
+            if !held.is_empty() {
+                for i in held {
+                    rows.push(InterceptRow {
+                        namespace: ns.clone(),
+                        service: name.clone(),
+                        state: InterceptState::Intercepted,
+                        holder: i.owner_who.clone(),
+                        port: i.port.port,
+                        since: i.since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                        mine: i.owner_key == key,
+                    });
+                }
+                continue;
+            }
+            let selected = targets::selected(&svc, &pods);
+            let state = if selected.is_empty() {
+                InterceptState::NoPods
+            } else if selected
+                .iter()
+                .any(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_none_or(|n| !r.agents.contains_key(n)))
+            {
+                InterceptState::NoAgent
+            } else {
+                InterceptState::Ready
+            };
+            rows.push(InterceptRow {
+                namespace: ns,
+                service: name,
+                state,
+                holder: String::new(),
+                port: 0,
+                since: 0,
+                mine: false,
+            });
+        }
+        rows.sort_by(|a, b| (&a.namespace, &a.service, a.port).cmp(&(&b.namespace, &b.service, b.port)));
+        Ok(rows)
+    }
+
+    /// Follows Pods and Services: captures pods that became Ready, releases those that
+    /// went; drops claims whose owner did not come back in time.
+    fn reconcile(&self) {
+        let Some(objects) = &self.objects else { return };
+        let pods = objects.pods.state();
+        let mut r = self.lock();
+        let now = Instant::now();
+        let expired: Vec<u64> =
+            r.intercepts.iter().filter(|(_, i)| i.dormant_until.is_some_and(|t| t <= now)).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some(i) = r.intercepts.remove(&id) {
+                info!(service = %format!("{}/{}", i.namespace, i.service), port = i.port.port, "owner did not return: intercept ended");
+            }
+        }
+        let live: Vec<u64> =
+            r.intercepts.iter().filter(|(_, i)| i.owner_session.is_some()).map(|(id, _)| *id).collect();
+        for id in live {
+            let Some(i) = r.intercepts.get(&id) else { continue };
+            let Some(svc) = objects.services.get(&ObjectRef::new(&i.service).within(&i.namespace)) else {
+                info!(service = %format!("{}/{}", i.namespace, i.service), "Service deleted: intercept ended");
+                r.release_captures(id);
+                r.intercepts.remove(&id);
+                continue;
+            };
+            let desired: HashMap<String, PodTarget> = targets::selected(&svc, &pods)
+                .into_iter()
+                .filter_map(|p| targets::pod_target(p, &i.port.target, &i.container).ok())
+                .map(|t| (t.name.clone(), t))
+                .collect();
+            let current: Vec<(String, u64)> = i.captures.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            for (pod, cid) in &current {
+                let same = desired.get(pod).zip(r.captures.get(cid)).is_some_and(|(d, c)| *d == c.target);
+                if !same {
+                    r.release_capture(*cid);
+                    if let Some(i) = r.intercepts.get_mut(&id) {
+                        i.captures.remove(pod);
+                    }
+                }
+            }
+            let have: Vec<String> =
+                r.intercepts.get(&id).map(|i| i.captures.keys().cloned().collect()).unwrap_or_default();
+            for (pod, t) in desired {
+                if !have.contains(&pod) {
+                    info!(%pod, "a new ready pod: capturing it too");
+                    r.add_capture(id, t, None);
+                }
+            }
+        }
+    }
+}
+
+impl Registry {
+    fn add_capture(
+        &mut self,
+        intercept: u64,
+        target: PodTarget,
+        waiter: Option<oneshot::Sender<Result<Captured, String>>>,
+    ) {
+        self.next += 1;
+        let id = self.next;
+        let pod = target.name.clone();
+        let state = CaptureState { intercept, target, waiter };
+        match self.agents.get(&state.target.node) {
+            Some(a) => {
+                let _ = a.tx.send(capture_message(id, &state));
+            }
+            None => {
+                warn!(node = %state.target.node, %pod, "no agent on the pod's node: not captured until one connects")
+            }
+        }
+        self.captures.insert(id, state);
+        if let Some(i) = self.intercepts.get_mut(&intercept) {
+            i.captures.insert(pod, id);
+        }
+    }
+
+    fn release_capture(&mut self, id: u64) {
+        if let Some(c) = self.captures.remove(&id) {
+            if let Some(a) = self.agents.get(&c.target.node) {
+                let _ = a.tx.send(Message::Release { id });
+            }
+        }
+    }
+
+    fn release_captures(&mut self, intercept: u64) {
+        let ids: Vec<u64> = self
+            .intercepts
+            .get_mut(&intercept)
+            .map(|i| i.captures.drain().map(|(_, c)| c).collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.release_capture(id);
+        }
+    }
+}
+
+fn capture_message(id: u64, c: &CaptureState) -> Message {
+    Message::Capture {
+        id,
+        pod_namespace: c.target.namespace.clone(),
+        pod_name: c.target.name.clone(),
+        pod_ip: c.target.ip,
+        port: c.target.port,
+        host_ip: c.target.host_ip,
+        container: c.target.container.clone(),
+        container_id: c.target.container_id.clone(),
+    }
+}
+
+/// Reconciles on every change of the objects, and once a second (claims lapse).
+async fn maintain(hub: std::sync::Weak<Hub>, mut changed: watch::Receiver<u64>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let Some(hub) = hub.upgrade() else { return };
+        hub.reconcile();
+    }
+}
+
+/// `2026-12-01 10:02:03 UTC`.
+fn utc(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(SystemTime::UNIX_EPOCH), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_115_723)), "2026-12-01 09:02:03 UTC");
+        assert_eq!(utc(SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29 00:00:00 UTC");
+    }
+}

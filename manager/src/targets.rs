@@ -1,0 +1,262 @@
+//! What an intercept of a Service port captures, from the Kubernetes objects alone (no
+//! I/O): the Service's port (by name, number, or its only one), the Ready pods its
+//! selector picks, and on each pod the port its `targetPort` names (a number, or a
+//! container port's name, resolved per pod) and the container that serves it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// The Service port an intercept is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    pub name: String,
+    /// Absent: the same number as `port`.
+    pub target: IntOrString,
+}
+
+/// One pod to capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodTarget {
+    pub namespace: String,
+    pub name: String,
+    pub ip: IpAddr,
+    /// The pod port `targetPort` resolves to.
+    pub port: u16,
+    pub node: String,
+    pub host_ip: Option<IpAddr>,
+    pub container: String,
+    pub container_id: String,
+}
+
+/// Why a port cannot be intercepted, in words for the one error line.
+pub type Why = String;
+
+/// The Service's port named or numbered `spec` (empty: its only TCP port).
+pub fn service_port(svc: &Service, spec: &str) -> Result<ServicePort, Why> {
+    let ns_name = format!(
+        "{}/{}",
+        svc.metadata.namespace.as_deref().unwrap_or_default(),
+        svc.metadata.name.as_deref().unwrap_or_default()
+    );
+    let ports: Vec<_> = svc
+        .spec
+        .iter()
+        .flat_map(|s| s.ports.iter().flatten())
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .collect();
+    let listed = || {
+        ports
+            .iter()
+            .map(|p| match &p.name {
+                Some(n) if !n.is_empty() => format!("{n} ({})", p.port),
+                _ => p.port.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let found = if spec.is_empty() {
+        match ports.as_slice() {
+            [one] => *one,
+            [] => return Err(format!("Service {ns_name} has no TCP port")),
+            _ => {
+                return Err(format!(
+                    "Service {ns_name} has several ports ({}): name one with --port LOCAL:PORT",
+                    listed()
+                ))
+            }
+        }
+    } else {
+        let by_number = spec.parse::<i32>().ok();
+        ports
+            .iter()
+            .find(|p| p.name.as_deref() == Some(spec) || Some(p.port) == by_number)
+            .copied()
+            .ok_or_else(|| format!("Service {ns_name} has no port {spec} (its ports: {})", listed()))?
+    };
+    let port =
+        u16::try_from(found.port).map_err(|_| format!("Service {ns_name} port {} is out of range", found.port))?;
+    Ok(ServicePort {
+        port,
+        name: found.name.clone().unwrap_or_default(),
+        target: found.target_port.clone().unwrap_or(IntOrString::Int(found.port)),
+    })
+}
+
+fn ready(pod: &Pod) -> bool {
+    let Some(status) = &pod.status else { return false };
+    status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+fn selects(selector: &BTreeMap<String, String>, pod: &Pod) -> bool {
+    let labels = pod.metadata.labels.as_ref();
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// The Ready pods `svc` selects, in its namespace.
+pub fn selected<'a>(svc: &Service, pods: &'a [Arc<Pod>]) -> Vec<&'a Arc<Pod>> {
+    let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else { return vec![] };
+    let ns = svc.metadata.namespace.as_deref();
+    let mut out: Vec<&Arc<Pod>> = pods
+        .iter()
+        .filter(|p| p.metadata.namespace.as_deref() == ns && p.metadata.deletion_timestamp.is_none())
+        .filter(|p| selects(selector, p) && ready(p))
+        .collect();
+    out.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+    out
+}
+
+/// Resolves `target` on `pod`, and the container serving it (`container`, if given,
+/// must exist: it picks whose environment is read).
+pub fn pod_target(pod: &Pod, target: &IntOrString, container: &str) -> Result<PodTarget, Why> {
+    let name = pod.metadata.name.clone().unwrap_or_default();
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let spec = pod.spec.as_ref().ok_or_else(|| format!("pod {name} has no spec"))?;
+    let status = pod.status.as_ref().ok_or_else(|| format!("pod {name} has no status"))?;
+    let ip: IpAddr =
+        status.pod_ip.as_deref().and_then(|ip| ip.parse().ok()).ok_or_else(|| format!("pod {name} has no IP yet"))?;
+    if spec.host_network == Some(true) {
+        return Err(format!("pod {name} uses the host network: intercepting it would capture the node's port"));
+    }
+    let node = spec.node_name.clone().ok_or_else(|| format!("pod {name} is not scheduled on a node"))?;
+    let declares = |c: &k8s_openapi::api::core::v1::Container| -> Option<i32> {
+        c.ports.iter().flatten().find_map(|p| match target {
+            IntOrString::Int(n) => (p.container_port == *n).then_some(*n),
+            IntOrString::String(s) => (p.name.as_deref() == Some(s)).then_some(p.container_port),
+        })
+    };
+    let (port, serving) = match target {
+        IntOrString::Int(n) => (*n, spec.containers.iter().find(|c| declares(c).is_some())),
+        IntOrString::String(s) => {
+            let c = spec
+                .containers
+                .iter()
+                .find(|c| declares(c).is_some())
+                .ok_or_else(|| format!("pod {name} has no container port named {s}"))?;
+            (declares(c).unwrap_or_default(), Some(c))
+        }
+    };
+    let port = u16::try_from(port).map_err(|_| format!("pod {name}: port {port} is out of range"))?;
+    let container = if !container.is_empty() {
+        spec.containers
+            .iter()
+            .find(|c| c.name == container)
+            .ok_or_else(|| {
+                let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+                format!("pod {name} has no container {container} (its containers: {})", names.join(", "))
+            })?
+            .name
+            .clone()
+    } else if let Some(c) = serving {
+        c.name.clone()
+    } else if let [only] = spec.containers.as_slice() {
+        only.name.clone()
+    } else {
+        let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        return Err(format!(
+            "pod {name}: no container declares port {port}; name the one serving it with --container ({})",
+            names.join(", ")
+        ));
+    };
+    let container_id = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == container)
+        .and_then(|c| c.container_id.clone())
+        .unwrap_or_default();
+    Ok(PodTarget {
+        namespace,
+        name,
+        ip,
+        port,
+        node,
+        host_ip: status.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
+        container,
+        container_id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn svc() -> Service {
+        serde_json::from_value(json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"selector": {"app": "web"}, "ports": [
+                {"name": "http", "port": 80, "targetPort": "http"},
+                {"name": "alt", "port": 81, "targetPort": 8081},
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+            ]}
+        }))
+        .unwrap()
+    }
+
+    fn pod(name: &str, ready: bool, labels: serde_json::Value) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "default", "labels": labels},
+                "spec": {"nodeName": "n1", "containers": [
+                    {"name": "nginx", "ports": [{"name": "http", "containerPort": 8080}, {"containerPort": 8081}]},
+                    {"name": "sidecar"}
+                ]},
+                "status": {"podIP": "10.244.2.10", "hostIP": "10.250.1.1",
+                           "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                           "containerStatuses": [{"name": "nginx", "containerID": "containerd://abc", "image": "", "imageID": "", "ready": true, "restartCount": 0}]}
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn ports_by_name_number_or_the_only_one() {
+        let s = svc();
+        assert_eq!(service_port(&s, "http").unwrap().target, IntOrString::String("http".into()));
+        assert_eq!(service_port(&s, "81").unwrap().target, IntOrString::Int(8081));
+        let e = service_port(&s, "").unwrap_err();
+        assert!(e.contains("several ports") && e.contains("http (80)"), "{e}");
+        let e = service_port(&s, "53").unwrap_err();
+        assert!(e.contains("no port 53"), "UDP ports are not interceptable: {e}");
+        let one: Service = serde_json::from_value(
+            json!({"metadata": {"name": "a", "namespace": "b"}, "spec": {"ports": [{"port": 9}]}}),
+        )
+        .unwrap();
+        assert_eq!(
+            service_port(&one, "").unwrap(),
+            ServicePort { port: 9, name: String::new(), target: IntOrString::Int(9) }
+        );
+    }
+
+    #[test]
+    fn ready_selected_pods_and_their_ports() {
+        let s = svc();
+        let pods = vec![
+            pod("web-1", true, json!({"app": "web"})),
+            pod("web-0", true, json!({"app": "web", "x": "y"})),
+            pod("other", true, json!({"app": "db"})),
+            pod("web-2", false, json!({"app": "web"})),
+        ];
+        let sel = selected(&s, &pods);
+        let names: Vec<_> = sel.iter().map(|p| p.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["web-0", "web-1"]);
+        let t = pod_target(sel[0], &IntOrString::String("http".into()), "").unwrap();
+        assert_eq!((t.port, t.container.as_str(), t.container_id.as_str()), (8080, "nginx", "containerd://abc"));
+        assert_eq!(t.host_ip, Some("10.250.1.1".parse().unwrap()));
+        let t = pod_target(sel[0], &IntOrString::Int(8081), "").unwrap();
+        assert_eq!((t.port, t.container.as_str()), (8081, "nginx"));
+        let e = pod_target(sel[0], &IntOrString::String("grpc".into()), "").unwrap_err();
+        assert!(e.contains("no container port named grpc"), "{e}");
+        // An undeclared number with two containers needs --container.
+        let e = pod_target(sel[0], &IntOrString::Int(9999), "").unwrap_err();
+        assert!(e.contains("--container"), "{e}");
+        let t = pod_target(sel[0], &IntOrString::Int(9999), "sidecar").unwrap();
+        assert_eq!((t.port, t.container.as_str(), t.container_id.as_str()), (9999, "sidecar", ""));
+        assert!(pod_target(sel[0], &IntOrString::Int(80), "nope").unwrap_err().contains("no container nope"));
+    }
+}
