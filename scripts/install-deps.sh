@@ -8,7 +8,7 @@
 # its own instances inside network namespaces.
 set -euo pipefail
 
-PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dbus-daemon systemd)
+PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dbus-daemon systemd nftables)
 BENCH=""
 case "${1:-}" in
   "") ;;

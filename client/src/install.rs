@@ -2,9 +2,10 @@
 //!
 //! Install applies the plain manifests of `deploy/manifests/manager.yaml` (embedded at
 //! build time) with server-side apply, after setting the namespace, image and Service
-//! type, and creates the two Secrets if they do not exist: `tpvpn-manager-tls` (a fresh
-//! self-signed certificate and key) and `tpvpn-client` (that certificate as `ca.crt`
-//! and a fresh random `token`). Running it again changes nothing that is already right
+//! type, and creates the Secrets if they do not exist: `tpvpn-manager-tls` (a fresh
+//! self-signed certificate and key), `tpvpn-client` (that certificate as `ca.crt`
+//! and a fresh random `token`) and `tpvpn-agent` (the node agents' own random
+//! `token`). Running it again changes nothing that is already right
 //! and never rotates existing credentials. Uninstall deletes the same objects.
 
 use std::collections::BTreeMap;
@@ -24,6 +25,8 @@ use crate::Error;
 pub const MANIFESTS: &str = include_str!("../../deploy/manifests/manager.yaml");
 /// Name of the Secret with the manager's certificate and key.
 pub const TLS_SECRET: &str = "tpvpn-manager-tls";
+/// Name of the Secret with the node agents' token.
+pub const AGENT_SECRET: &str = "tpvpn-agent";
 /// The field manager of tpvpn's server-side applies.
 const FIELD_MANAGER: &str = "tpvpn";
 
@@ -46,6 +49,7 @@ fn plural(kind: &str) -> Option<&'static str> {
         "Role" => "roles",
         "RoleBinding" => "rolebindings",
         "Deployment" => "deployments",
+        "DaemonSet" => "daemonsets",
         "Service" => "services",
         "Secret" => "secrets",
         _ => return None,
@@ -71,10 +75,16 @@ pub fn objects(opts: &InstallOptions) -> Result<Vec<Value>, Error> {
             }
             _ => doc["metadata"]["namespace"] = Value::from(opts.namespace.clone()),
         }
-        if kind == "Deployment" {
+        if kind == "Deployment" || kind == "DaemonSet" {
             if let Some(containers) = doc["spec"]["template"]["spec"]["containers"].as_array_mut() {
                 for c in containers {
                     c["image"] = Value::from(opts.image.clone());
+                    // The agents reach the manager through its Service, in this namespace.
+                    for e in c["env"].as_array_mut().into_iter().flatten() {
+                        if e["name"] == "TPVPN_MANAGER" {
+                            e["value"] = Value::from(format!("{MANAGER_SERVICE}.{}.svc:4443", opts.namespace));
+                        }
+                    }
                 }
             }
         }
@@ -187,6 +197,11 @@ async fn ensure_secrets(client: &kube::Client, opts: &InstallOptions, r: &Resolv
         apply(client, &secret(ns, CLIENT_SECRET, "Opaque", data), r).await?;
         created.push(CLIENT_SECRET.to_string());
     }
+    if get(AGENT_SECRET).await?.is_none() {
+        let data = BTreeMap::from([("token".to_string(), ByteString(random_token()?.into_bytes()))]);
+        apply(client, &secret(ns, AGENT_SECRET, "Opaque", data), r).await?;
+        created.push(AGENT_SECRET.to_string());
+    }
     Ok(created)
 }
 
@@ -221,7 +236,7 @@ pub async fn install(r: &Resolved, opts: &InstallOptions) -> Result<String, Erro
 pub async fn uninstall(r: &Resolved, opts: &InstallOptions) -> Result<String, Error> {
     let client = crate::discovery::client(r).await?;
     let mut objects = objects(opts)?;
-    for name in [TLS_SECRET, CLIENT_SECRET] {
+    for name in [TLS_SECRET, CLIENT_SECRET, AGENT_SECRET] {
         objects.push(secret(&opts.namespace, name, "Opaque", BTreeMap::new()));
     }
     // Reverse order of install: the namespace last.
@@ -256,7 +271,16 @@ mod tests {
         let kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
         assert_eq!(
             kinds,
-            ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "Deployment", "Service"]
+            [
+                "Namespace",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "Deployment",
+                "DaemonSet",
+                "Service"
+            ]
         );
         for o in &objs {
             assert!(plural(o["kind"].as_str().unwrap()).is_some());
@@ -277,6 +301,14 @@ mod tests {
         let c = &dep["spec"]["template"]["spec"]["containers"][0];
         assert_eq!(c["image"], "reg/m:1");
         assert!(c["readinessProbe"]["httpGet"]["path"] == "/readyz" && c["resources"]["limits"]["memory"].is_string());
+        let ds = objs.iter().find(|o| o["kind"] == "DaemonSet").unwrap();
+        let spec = &ds["spec"]["template"]["spec"];
+        assert_eq!((spec["hostPID"].as_bool(), spec["hostNetwork"].as_bool()), (Some(true), Some(true)));
+        let agent = &spec["containers"][0];
+        assert_eq!(agent["image"], "reg/m:1");
+        assert_eq!(agent["env"][0]["value"], "tpvpn-manager.vpn.svc:4443");
+        let ns = objs.iter().find(|o| o["kind"] == "Namespace").unwrap();
+        assert_eq!(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
         let svc = objs.iter().find(|o| o["kind"] == "Service").unwrap();
         assert_eq!(svc["spec"]["type"], "LoadBalancer");
         assert_eq!(svc["spec"]["ports"][0]["name"], "quic");

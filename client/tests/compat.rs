@@ -123,7 +123,7 @@ async fn intercepts_against_a_v1_manager_are_refused_naming_the_manager() {
         local_port: 18888,
         container: String::new(),
     };
-    let e = held.request(&s.conn, s.version, spec).await.err().expect("no intercepts in v1");
+    let e = held.request(&s.conn, s.version, spec).await.expect_err("no intercepts in v1");
     let line = e.to_string();
     assert!(line.contains("protocol v1") && line.contains("upgrade the manager"), "{line}");
     assert!(held.list().is_empty());

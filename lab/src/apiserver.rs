@@ -11,7 +11,7 @@
 //!   `namespaces`, `nodes` (cluster-scoped), `services`, `pods`, `secrets`,
 //!   `serviceaccounts` (namespaced); `rbac.authorization.k8s.io/v1`
 //!   (`/apis/{group}/v1`): `clusterroles`, `clusterrolebindings`
-//!   (cluster-scoped), `roles`, `rolebindings`; `apps/v1`: `deployments`.
+//!   (cluster-scoped), `roles`, `rolebindings`; `apps/v1`: `deployments`, `daemonsets`.
 //!   Other paths: 404 `the server could not find the requested resource`.
 //!   Discovery: `/api`, `/api/v1`, `/apis` (APIGroupList), `/apis/{group}`,
 //!   `/apis/{group}/v1` (APIResourceList); no aggregated discovery.
@@ -114,13 +114,14 @@ pub enum Resource {
     Roles,
     RoleBindings,
     Deployments,
+    DaemonSets,
 }
 
 /// The API groups served besides the core group (all at version `v1`).
 pub const API_GROUPS: [&str; 2] = ["apps", "rbac.authorization.k8s.io"];
 
 impl Resource {
-    pub const ALL: [Resource; 11] = [
+    pub const ALL: [Resource; 12] = [
         Resource::Namespaces,
         Resource::Nodes,
         Resource::Pods,
@@ -132,6 +133,7 @@ impl Resource {
         Resource::Roles,
         Resource::RoleBindings,
         Resource::Deployments,
+        Resource::DaemonSets,
     ];
 
     /// (group, kind, plural, namespaced, short names); the version is always `v1`.
@@ -149,6 +151,7 @@ impl Resource {
             Resource::Roles => (RBAC, "Role", "roles", true, &[]),
             Resource::RoleBindings => (RBAC, "RoleBinding", "rolebindings", true, &[]),
             Resource::Deployments => ("apps", "Deployment", "deployments", true, &["deploy"]),
+            Resource::DaemonSets => ("apps", "DaemonSet", "daemonsets", true, &["ds"]),
         }
     }
 
@@ -769,8 +772,8 @@ impl Store {
                 }
             }
             Resource::Services => self.default_service(k, obj, old)?,
-            Resource::Deployments => {
-                if obj["spec"]["replicas"].is_null() {
+            Resource::Deployments | Resource::DaemonSets => {
+                if res == Resource::Deployments && obj["spec"]["replicas"].is_null() {
                     obj["spec"]["replicas"] = json!(1);
                 }
                 // metadata.generation: 1 on creation, +1 on every change of the spec.

@@ -370,6 +370,19 @@ impl Lab {
         }
     }
 
+    /// The kubelet's part for DaemonSet `tpvpn-agent` in namespace `namespace` (stand-in):
+    /// when the API no longer has it, its pod on this node is stopped, SIGTERM first, as
+    /// the kubelet does when the DaemonSet controller deletes it. Returns whether the
+    /// agent runs afterwards.
+    pub fn kubelet_sync_agent(&mut self, namespace: &str) -> Result<bool> {
+        let path = format!("/apis/apps/v1/namespaces/{namespace}/daemonsets/tpvpn-agent");
+        let (code, _) = self.kube_request(Some(&self.api_token), "GET", &path, None)?;
+        if code == 404 {
+            self.stop_agent();
+        }
+        Ok(self.agent.is_some())
+    }
+
     /// Stops the agent (SIGTERM: it removes its rules, then exits; SIGKILL after 3 s).
     pub fn stop_agent(&mut self) {
         if let Some(child) = self.agent.take() {

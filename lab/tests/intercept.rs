@@ -309,3 +309,29 @@ fn a_meshed_pod_is_captured_behind_its_sidecar() {
     assert_answers(&lab, &pod, "pod mesh-0");
     assert_eq!(relayed(), n + 1, "after leave, requests go through the sidecar to the app as before");
 }
+
+#[test]
+fn uninstall_leaves_no_agent_and_no_capture_table() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
+    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "answered by the laptop");
+    let kc = lab.kubeconfig().display().to_string();
+    let kube = |lab: &Lab, args: &[&str]| lab.tpvpn_env(args, &[("KUBECONFIG", kc.as_str())], Duration::from_secs(60));
+    let out = kube(&lab, &["manager", "install"]);
+    assert_ok(&out, "tpvpn manager install");
+    let ds =
+        lab.kube_apply("GET", "/apis/apps/v1/namespaces/tpvpn/daemonsets/tpvpn-agent", None).expect("the DaemonSet");
+    assert_eq!(ds["spec"]["template"]["spec"]["hostPID"], true);
+    let secret = lab.kube_apply("GET", "/api/v1/namespaces/tpvpn/secrets/tpvpn-agent", None).expect("the agent Secret");
+    assert!(secret["data"]["token"].is_string(), "{secret}");
+    assert!(lab.kubelet_sync_agent("tpvpn").unwrap(), "the agent runs while its DaemonSet exists");
+
+    assert_ok(&kube(&lab, &["manager", "uninstall"]), "tpvpn manager uninstall");
+    assert!(!lab.kubelet_sync_agent("tpvpn").unwrap(), "the DaemonSet is gone, and so is its pod");
+    assert!(lab.agent_log().contains("every capture removed"), "{}", lab.agent_log());
+    for pod in ["web-0", "web-1", "mesh-0"] {
+        assert!(lab.capture_tables(pod).is_empty(), "{pod} kept {:?}", lab.capture_tables(pod));
+    }
+    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
+}

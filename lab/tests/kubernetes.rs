@@ -159,7 +159,7 @@ fn manager_install_is_idempotent_and_uninstall_removes_everything() {
         ["manager", "install", "--kubeconfig", &kc, "--namespace", "tpvpn-test", "--image", "reg.example/m:1"];
     let out = lab.tpvpn(&install);
     assert!(out.status.success(), "{}", show(&out));
-    assert!(stdout(&out).contains("created Secrets tpvpn-manager-tls, tpvpn-client"), "{}", show(&out));
+    assert!(stdout(&out).contains("created Secrets tpvpn-manager-tls, tpvpn-client, tpvpn-agent"), "{}", show(&out));
     let ns = "/api/v1/namespaces/tpvpn-test";
     let dep_path = "/apis/apps/v1/namespaces/tpvpn-test/deployments/tpvpn-manager";
     let dep = get(&lab, dep_path).expect("Deployment applied");
@@ -183,7 +183,12 @@ fn manager_install_is_idempotent_and_uninstall_removes_everything() {
     assert!(out.status.success() && stdout(&out).contains("existing credentials kept"), "{}", show(&out));
     assert_eq!(rv(&get(&lab, dep_path).unwrap()), rv(&dep), "re-applying changed the Deployment");
     let client2 = get(&lab, &format!("{ns}/secrets/tpvpn-client")).unwrap();
-    assert_eq!((rv(&client2), b64(&client2, "token")), (rv(&client), token), "credentials rotated");
+    assert_eq!((rv(&client2), b64(&client2, "token")), (rv(&client), token.clone()), "credentials rotated");
+
+    let ds = get(&lab, "/apis/apps/v1/namespaces/tpvpn-test/daemonsets/tpvpn-agent").expect("agent DaemonSet");
+    assert_eq!(ds["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"], "tpvpn-manager.tpvpn-test.svc:4443");
+    let agent = get(&lab, &format!("{ns}/secrets/tpvpn-agent")).expect("agent Secret");
+    assert_ne!(b64(&agent, "token"), token, "agents have a token of their own");
 
     let uninstall = ["manager", "uninstall", "--kubeconfig", &kc, "--namespace", "tpvpn-test"];
     let out = lab.tpvpn(&uninstall);
@@ -191,6 +196,7 @@ fn manager_install_is_idempotent_and_uninstall_removes_everything() {
     assert!(get(&lab, ns).is_none(), "namespace left");
     assert!(get(&lab, "/apis/rbac.authorization.k8s.io/v1/clusterroles/tpvpn-manager").is_none(), "ClusterRole left");
     assert!(get(&lab, "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/tpvpn-manager").is_none());
+    assert!(get(&lab, "/apis/apps/v1/namespaces/tpvpn-test/daemonsets/tpvpn-agent").is_none(), "DaemonSet left");
     let out = lab.tpvpn(&uninstall);
     assert!(out.status.success() && stdout(&out).contains("not installed"), "{}", show(&out));
 }
