@@ -6,7 +6,8 @@ use hickory_proto::op::{Message as DnsMessage, MessageType};
 use tpvpn_netstack::{wire, Config, DialOutcome, Event, Instant, Stack};
 use tpvpn_resolver::{Action, Psl, Resolver, Transport};
 use tpvpn_tunnel::datagram::Datagram;
-use tpvpn_tunnel::{Message, UdpRecord};
+use tpvpn_tunnel::handshake::{ClientHandshake, ClientStep, Hello, ServerHandshake, ServerStep, TokenKind};
+use tpvpn_tunnel::{ErrorCode, Message, Role, UdpRecord, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 /// Tunnel frames: whatever parses re-encodes to the exact bytes it was parsed from, and
 /// a parse never claims more bytes than it was given. Same for datagrams and records.
@@ -89,6 +90,81 @@ fn offload_headers(data: &[u8]) {
     assert!(h[0] == 1 && at + 2 <= data.len() && field(2) >= at + 2, "bad header {h:?}");
     let changed: Vec<usize> = (0..data.len()).filter(|&i| partial[i] != data[i]).collect();
     assert!(changed.iter().all(|&i| i == at || i == at + 1), "changed bytes {changed:?}, checksum at {at}");
+}
+
+/// The hello, both sides, fed the frames `data` holds: the manager accepts only a peer
+/// that presented the token of its role and a version both speak; a refusal is always an
+/// `Error` frame; the client accepts only a version it offered, and nothing panics.
+pub fn handshakes(data: &[u8]) {
+    let mut frames = Vec::new();
+    let mut pos = 0;
+    while let Ok(Some((m, used))) = Message::decode(&data[pos..]) {
+        frames.push(m);
+        pos += used;
+    }
+    let tokens = |t: &[u8]| match t {
+        b"client-token" => Some(TokenKind::Client),
+        b"agent-token" => Some(TokenKind::Agent),
+        _ => None,
+    };
+    let mut server = ServerHandshake::new((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), 0);
+    let mut presented: Option<(Vec<u8>, u16)> = None;
+    for m in &frames {
+        if let Message::ClientHello { version, token } = m {
+            presented.get_or_insert((token.clone(), *version));
+        }
+        match server.on_message(m.clone(), tokens) {
+            ServerStep::NeedMore => continue,
+            ServerStep::Accept(peer) => {
+                let (token, offered) = presented.clone().expect("accepted without a ClientHello");
+                let kind = tokens(&token).expect("accepted without a valid token");
+                assert!(peer.version >= MIN_PROTOCOL_VERSION && peer.version <= PROTOCOL_VERSION.min(offered));
+                match (&peer.role, kind) {
+                    (Role::Client, TokenKind::Client) => {}
+                    (Role::Agent { node }, TokenKind::Agent) => assert!(!node.is_empty()),
+                    other => panic!("accepted {other:?}"),
+                }
+                let frames = server.accept_frames(peer.version, Default::default());
+                assert!(matches!(frames[0], Message::ServerHello { version, .. } if version == peer.version));
+                break;
+            }
+            ServerStep::Refuse { reply } => {
+                assert!(matches!(reply, Message::Error { .. }), "{reply:?}");
+                break;
+            }
+            ServerStep::Invalid(_) => break,
+        }
+    }
+    let offered = (1, 2);
+    let mut client = ClientHandshake::new(Hello {
+        token: b"client-token".to_vec(),
+        role: Role::Client,
+        user: String::new(),
+        host: String::new(),
+        client_id: vec![],
+        features: 0,
+        versions: offered,
+    });
+    for m in frames {
+        match client.on_message(m) {
+            ClientStep::NeedMore => continue,
+            ClientStep::Accepted(a) => {
+                assert!(a.version >= offered.0 && a.version <= offered.1, "accepted v{}", a.version);
+                break;
+            }
+            ClientStep::Retry { version } => {
+                assert!(version >= offered.0 && version < offered.1);
+                break;
+            }
+            ClientStep::Refused(r) => {
+                if r.code == ErrorCode::VersionMismatch {
+                    assert!(!client.upgrade_hint(&r).is_empty());
+                }
+                break;
+            }
+            ClientStep::Invalid(_) => break,
+        }
+    }
 }
 
 thread_local! {
@@ -182,6 +258,50 @@ mod tests {
             dns_query("docs.rs.", hickory_proto::rr::RecordType::AAAA),
             dns_query("web.default.svc.cluster.local.", hickory_proto::rr::RecordType::SRV),
             Message::ClientHello { version: 1, token: b"t".to_vec() }.to_vec(),
+            [
+                Message::ClientHello { version: 2, token: b"agent-token".to_vec() },
+                Message::ClientInfo {
+                    min_version: 2,
+                    role: Role::Agent { node: "n1".into() },
+                    user: String::new(),
+                    host: "n1".into(),
+                    client_id: vec![],
+                    features: 0,
+                },
+            ]
+            .iter()
+            .flat_map(Message::to_vec)
+            .collect(),
+            [
+                Message::ServerHello { version: 2, cluster: Default::default() },
+                Message::ServerInfo { min_version: 1, max_version: 2, features: 1 },
+            ]
+            .iter()
+            .flat_map(Message::to_vec)
+            .collect(),
+            Message::InterceptRequest {
+                namespace: "default".into(),
+                service: "web".into(),
+                port: "http".into(),
+                local_port: 18888,
+                container: String::new(),
+            }
+            .to_vec(),
+            Message::InterceptOpen { id: 1, src: "10.244.2.20:4000".parse().unwrap(), dst: "10.244.2.10:8080".parse().unwrap() }
+                .to_vec(),
+            Message::Capture {
+                id: 2,
+                pod_namespace: "default".into(),
+                pod_name: "web-0".into(),
+                pod_ip: "10.244.2.10".parse().unwrap(),
+                port: 8080,
+                host_ip: Some("10.250.1.1".parse().unwrap()),
+                container: "nginx".into(),
+                container_id: "containerd://x".into(),
+            }
+            .to_vec(),
+            Message::CaptureStatus { id: 2, ok: true, message: String::new(), meshed: false, env: vec![("A".into(), "b".into())] }
+                .to_vec(),
             Message::FlowOpen {
                 protocol: tpvpn_tunnel::Protocol::Tcp,
                 flow_id: 9,
@@ -228,6 +348,7 @@ mod tests {
         for entry in std::fs::read_dir(dir).expect("fuzz/regressions exists") {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
             tunnel_frames(&data);
+            handshakes(&data);
             netstack_packets(&data);
             dns_queries(&data);
         }
@@ -239,6 +360,7 @@ mod tests {
         let seeds = seeds();
         for seed in &seeds {
             tunnel_frames(seed);
+            handshakes(seed);
             netstack_packets(seed);
             dns_queries(seed);
         }
@@ -250,6 +372,7 @@ mod tests {
                 mutate(&mut rng, s)
             };
             tunnel_frames(&d);
+            handshakes(&d);
             netstack_packets(&d);
             dns_queries(&d);
         }
