@@ -195,8 +195,8 @@ fn numeric_target_ports_bytes_both_ways_new_pods_and_a_refusing_laptop() {
 #[test]
 fn clear_errors_and_one_holder_per_port() {
     let Some(mut lab) = lab_with_pods() else { return };
-    let fails = |args: &[&str], want: &str| {
-        let out = intercept(&lab, args);
+    let fails = |lab: &Lab, args: &[&str], want: &str| {
+        let out = intercept(lab, args);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(
             !out.status.success() && err.contains(want),
@@ -205,12 +205,12 @@ fn clear_errors_and_one_holder_per_port() {
         );
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     };
-    fails(&["nope", "--port", "18888"], "no Service default/nope");
-    fails(&["web", "--port", "18888:grpc"], "has no port grpc");
-    fails(&["web", "--port", "18888"], "several ports");
-    fails(&["web", "--port", "x:http"], "LOCAL must be a port number");
+    fails(&lab, &["nope", "--port", "18888"], "no Service default/nope");
+    fails(&lab, &["web", "--port", "18888:grpc"], "has no port grpc");
+    fails(&lab, &["web", "--port", "18888"], "several ports");
+    fails(&lab, &["web", "--port", "x:http"], "LOCAL must be a port number");
     // frontend's pod is not a real pod (no agent there: it is not registered Ready).
-    fails(&["frontend", "--port", "18888"], "no ready pods");
+    fails(&lab, &["frontend", "--port", "18888"], "no ready pods");
 
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "first laptop intercepts");
     lab.add_second_laptop().unwrap();
@@ -228,6 +228,27 @@ fn clear_errors_and_one_holder_per_port() {
     assert_ok(&lab.tpvpn2(&["intercept", "web", "--port", "18889:alt"]), "second laptop takes the other port");
     assert_ok(&lab.tpvpn2(&["leave", "web"]), "second laptop leaves");
     let _ = lab.tpvpn2(&["down"]);
+
+    // No agent on the pods' node.
+    lab.stop_agent();
+    assert!(wait_until(Duration::from_secs(5), || lab.manager_log().contains("agent gone")), "{}", lab.manager_log());
+    fails(&lab, &["mesh", "--port", "18888"], "no tpvpn agent on node lab-node");
+}
+
+#[test]
+fn an_agent_that_loses_the_manager_removes_its_rules() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
+    assert_eq!(lab.capture_tables("web-0").len(), 1);
+    lab.stop_manager();
+    assert!(
+        wait_until(Duration::from_secs(31), || lab.capture_tables("web-0").is_empty() && lab.capture_tables("web-1").is_empty()),
+        "the agent kept its rules without a manager:\n{}",
+        lab.agent_log()
+    );
+    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
+    assert!(lab.agent_log().contains("lost the manager"), "{}", lab.agent_log());
 }
 
 #[test]
