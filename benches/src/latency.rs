@@ -39,6 +39,8 @@ pub struct Latency {
     pub pingpong_p50: f64,
     pub pingpong_p99: f64,
     pub connect_p50: f64,
+    /// Connect, one byte out and back.
+    pub first_byte_p50: f64,
 }
 
 /// Parses `--name value` pairs; `names` are the accepted names.
@@ -137,12 +139,26 @@ pub fn client_cmd(args: &[String]) -> Result<()> {
             times.push(t);
         }
     }
+    // Connect to first byte: connect, send one byte, until its echo is back (through an
+    // intercept, the kernel in the pod accepts at once; the first byte is what crosses to
+    // the laptop and back).
+    let mut first = Vec::with_capacity(connects);
+    for _ in 0..connects {
+        let start = Instant::now();
+        let mut c = TcpStream::connect_timeout(&addr, IO_TIMEOUT).with_context(|| format!("connect {addr}"))?;
+        c.set_nodelay(true)?;
+        c.set_read_timeout(Some(IO_TIMEOUT))?;
+        c.write_all(&[7]).context("first byte")?;
+        c.read_exact(&mut b).context("first byte back")?;
+        first.push(start.elapsed());
+    }
     let v = json!({
         "exchanges": exchanges,
         "pingpong_p50_us": percentile_us(&mut rtts, 0.50),
         "pingpong_p99_us": percentile_us(&mut rtts, 0.99),
         "connects": connects,
         "connect_p50_us": percentile_us(&mut times, 0.50),
+        "first_byte_p50_us": percentile_us(&mut first, 0.50),
     });
     println!("{v}");
     Ok(())
@@ -158,14 +174,19 @@ fn percentile_us(sample: &mut [Duration], p: f64) -> f64 {
 /// Starts the ping-pong server in the cluster namespace on `0.0.0.0:PORT` and waits
 /// until it listens.
 pub fn start_server(lab: &Lab) -> Result<Daemon> {
+    start_server_in(lab, lab.cluster(), "0.0.0.0")
+}
+
+/// Starts the ping-pong server in namespace `ns` on `ip:PORT`.
+pub fn start_server_in(lab: &Lab, ns: &str, ip: &str) -> Result<Daemon> {
     let exe = std::env::current_exe().context("cannot find the current executable")?;
     let exe = exe.display().to_string();
-    let listen = format!("0.0.0.0:{PORT}");
+    let listen = format!("{ip}:{PORT}");
     let log = lab.dir().join("pingpong-server.log");
-    let mut d = Daemon::spawn(lab.cluster(), &[&exe, "pingpong-server", "--listen", &listen], &[], &log)?;
+    let mut d = Daemon::spawn(ns, &[&exe, "pingpong-server", "--listen", &listen], &[], &log)?;
     let filter = format!("sport = :{PORT}");
     let listening = wait_until(Duration::from_secs(5), || {
-        !lab.exec_timeout(lab.cluster(), &["ss", "-Hltn", &filter], Duration::from_secs(5)).stdout.is_empty()
+        !lab.exec_timeout(ns, &["ss", "-Hltn", &filter], Duration::from_secs(5)).stdout.is_empty()
     });
     if !listening {
         d.check_running()?;
@@ -176,12 +197,16 @@ pub fn start_server(lab: &Lab) -> Result<Daemon> {
 
 /// Runs `pingpong` from the laptop namespace to `ip:PORT` with `extra` arguments; its JSON.
 fn run_client(lab: &Lab, ip: &str, extra: &[&str]) -> Result<serde_json::Value> {
+    run_client_in(lab, lab.laptop(), ip, extra)
+}
+
+fn run_client_in(lab: &Lab, ns: &str, ip: &str, extra: &[&str]) -> Result<serde_json::Value> {
     let exe = std::env::current_exe().context("cannot find the current executable")?;
     let exe = exe.display().to_string();
     let addr = format!("{ip}:{PORT}");
     let mut cmd = vec![exe.as_str(), "pingpong", "--addr", &addr];
     cmd.extend_from_slice(extra);
-    let out = lab.exec_timeout(lab.laptop(), &cmd, Duration::from_secs(120));
+    let out = lab.exec_timeout(ns, &cmd, Duration::from_secs(120));
     if !out.status.success() {
         bail!("pingpong to {addr} failed: {}", show(&out));
     }
@@ -196,11 +221,18 @@ pub fn probe(lab: &Lab, ip: &str) -> Result<()> {
 
 /// Runs `pingpong` from the laptop namespace to `ip:PORT` with the default counts.
 pub fn measure(lab: &Lab, ip: &str) -> Result<Latency> {
-    let v = run_client(lab, ip, &[])?;
+    measure_from(lab, lab.laptop(), ip)
+}
+
+/// Runs `pingpong` from namespace `ns` to `ip:PORT` with the default counts.
+pub fn measure_from(lab: &Lab, ns: &str, ip: &str) -> Result<Latency> {
+    run_client_in(lab, ns, ip, &["--warmup", "0", "--exchanges", "1", "--connects", "1"])?;
+    let v = run_client_in(lab, ns, ip, &[])?;
     let get = |k: &str| v[k].as_f64().with_context(|| format!("no {k} in pingpong output"));
     Ok(Latency {
         pingpong_p50: get("pingpong_p50_us")?,
         pingpong_p99: get("pingpong_p99_us")?,
         connect_p50: get("connect_p50_us")?,
+        first_byte_p50: get("first_byte_p50_us")?,
     })
 }

@@ -103,7 +103,7 @@ pub fn section(lab: &Lab) -> Result<()> {
 }
 
 /// The client's smoothed QUIC round-trip time to the manager (`tpvpn status`), µs.
-fn tunnel_rtt_us(lab: &Lab) -> Option<f64> {
+pub fn tunnel_rtt_us(lab: &Lab) -> Option<f64> {
     let out = lab.tpvpn(&["status", "-o", "json"]);
     serde_json::from_slice::<serde_json::Value>(&out.stdout).ok()?["tunnel_rtt_us"].as_f64()
 }
@@ -173,7 +173,7 @@ fn print_bar(rows: &[Row], tunnel_rtt: Option<f64>) {
 }
 
 /// Microseconds for a table cell: one decimal below 10 µs.
-fn us(v: f64) -> String {
+pub fn us(v: f64) -> String {
     if v < 10.0 {
         format!("{v:.1} µs")
     } else {

@@ -122,9 +122,12 @@ impl Lab {
                 "web",
                 WEB_IP,
                 json!([
-                    {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
-                    {"name": "alt", "port": 81, "protocol": "TCP", "targetPort": ALT_PORT},
-                ]),
+                        {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
+                        {"name": "alt", "port": 81, "protocol": "TCP", "targetPort": ALT_PORT},
+                // For the benchmark's servers (iperf3, ping-pong), started when it runs.
+                {"name": "iperf", "port": 5201, "protocol": "TCP", "targetPort": 5201},
+                {"name": "pingpong", "port": 9100, "protocol": "TCP", "targetPort": 9100},
+                    ]),
             )),
         )?;
         self.kube_apply(

@@ -243,7 +243,8 @@ fn an_agent_that_loses_the_manager_removes_its_rules() {
     assert_eq!(lab.capture_tables("web-0").len(), 1);
     lab.stop_manager();
     assert!(
-        wait_until(Duration::from_secs(31), || lab.capture_tables("web-0").is_empty() && lab.capture_tables("web-1").is_empty()),
+        wait_until(Duration::from_secs(31), || lab.capture_tables("web-0").is_empty()
+            && lab.capture_tables("web-1").is_empty()),
         "the agent kept its rules without a manager:\n{}",
         lab.agent_log()
     );

@@ -160,12 +160,28 @@ pub async fn streams(a: (SendStream, RecvStream), b: (SendStream, RecvStream)) -
     }
 }
 
-/// One direction of [`streams`].
+/// Chunks taken from a stream at once in [`streams`].
+const GATHER: usize = 64;
+
+/// One direction of [`streams`]. What the stream has ready goes on as one chunk: a lone
+/// chunk as it is, several (typically one per QUIC packet received) copied into one, so
+/// that quinn's send buffer holds few large chunks (walking many small ones costs its
+/// sender per packet).
 async fn copy(from: &mut RecvStream, to: &mut SendStream) -> End {
+    let mut chunks: Vec<bytes::Bytes> = vec![bytes::Bytes::new(); GATHER];
     loop {
-        match from.read_chunk(usize::MAX, true).await {
-            Ok(Some(chunk)) => {
-                if to.write_chunk(chunk.bytes).await.is_err() {
+        match from.read_chunks(&mut chunks).await {
+            Ok(Some(n)) => {
+                let chunk = if n == 1 {
+                    std::mem::take(&mut chunks[0])
+                } else {
+                    let mut joined = BytesMut::with_capacity(chunks[..n].iter().map(bytes::Bytes::len).sum());
+                    for c in &mut chunks[..n] {
+                        joined.extend_from_slice(&std::mem::take(c));
+                    }
+                    joined.freeze()
+                };
+                if to.write_chunk(chunk).await.is_err() {
                     return End::StreamReset;
                 }
             }
