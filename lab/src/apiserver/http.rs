@@ -1,0 +1,597 @@
+//! HTTP/1.1 (hyper): routes, authentication, discovery, lists, watches (chunked
+//! JSON events), and the stand-in's own endpoints.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::*;
+
+/// Server configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Bearer token allowed everything.
+    pub admin_token: String,
+    /// Bearer token allowed everything but `secrets` (403 there).
+    pub no_secrets_token: Option<String>,
+    /// Interval of watch bookmarks (when the client allows them).
+    pub bookmark_interval: Duration,
+}
+
+/// Who a request authenticated as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum User {
+    Admin,
+    NoSecrets,
+}
+
+/// The running stand-in: store, change notifications, configuration.
+#[derive(Debug)]
+pub struct ApiServer {
+    pub(super) store: Mutex<Store>,
+    /// Carries the latest resourceVersion; watchers wake up on changes.
+    pub(super) changed: watch::Sender<u64>,
+    pub(super) cfg: Config,
+    pub(super) listen: String,
+}
+
+pub(super) type Body = BoxBody<Bytes, Infallible>;
+
+/// Runs the stand-in on `listen` with the objects of the JSON array in `fixtures`, until killed.
+pub fn run(listen: SocketAddr, fixtures: &Path, cfg: Config) -> Result<()> {
+    let text = std::fs::read_to_string(fixtures).with_context(|| format!("read {}", fixtures.display()))?;
+    let objects: Vec<Value> = serde_json::from_str(&text).with_context(|| format!("parse {}", fixtures.display()))?;
+    let mut store = Store::default();
+    store.load(objects)?;
+    if cfg.admin_token.is_empty() {
+        bail!("the admin token must not be empty");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
+        let srv = ApiServer::new(store, cfg, listen.to_string());
+        eprintln!("tpvpn-lab apiserver (stand-in): ready on http://{listen}");
+        srv.serve(listener).await;
+        Ok(())
+    })
+}
+
+impl ApiServer {
+    pub fn new(store: Store, cfg: Config, listen: String) -> Arc<ApiServer> {
+        let (changed, _) = watch::channel(store.resource_version());
+        Arc::new(ApiServer { store: Mutex::new(store), changed, cfg, listen })
+    }
+
+    pub(super) fn store(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accepts connections forever; each is served (HTTP/1.1, keep-alive) in its own task.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    eprintln!("apiserver: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let srv = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let srv = srv.clone();
+                    async move { Ok::<_, Infallible>(srv.handle(req).await) }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .serve_connection(io, svc);
+                if let Err(e) = conn.await {
+                    eprintln!("apiserver: connection: {e}");
+                }
+            });
+        }
+    }
+
+    pub(super) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let method = parts.method.clone();
+        let path = parts.uri.path().to_string();
+        let query = parse_query(parts.uri.query().unwrap_or(""));
+        let resp = match self.authenticate(&parts.headers) {
+            None => error_response(&ApiError::new(401, "Unauthorized", "Unauthorized")),
+            Some(user) => {
+                let body = if method == Method::POST || method == Method::PUT || method == Method::PATCH {
+                    match Limited::new(body, MAX_BODY).collect().await {
+                        Ok(c) => c.to_bytes(),
+                        Err(_) => {
+                            let e = ApiError::new(413, "RequestEntityTooLarge", "the request body is too large");
+                            return error_response(&e);
+                        }
+                    }
+                } else {
+                    Bytes::new()
+                };
+                let ctype = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                self.dispatch(user, &method, &path, &query, &ctype, &body).await.unwrap_or_else(|e| error_response(&e))
+            }
+        };
+        eprintln!("apiserver: {method} {} {}", parts.uri, resp.status().as_u16());
+        resp
+    }
+
+    pub(super) fn authenticate(&self, headers: &HeaderMap) -> Option<User> {
+        let token = headers.get(AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")?.trim();
+        if token == self.cfg.admin_token {
+            Some(User::Admin)
+        } else if self.cfg.no_secrets_token.as_deref() == Some(token) {
+            Some(User::NoSecrets)
+        } else {
+            None
+        }
+    }
+
+    pub(super) async fn dispatch(
+        self: &Arc<Self>,
+        user: User,
+        method: &Method,
+        path: &str,
+        query: &HashMap<String, String>,
+        ctype: &str,
+        body: &[u8],
+    ) -> Result<Response<Body>, ApiError> {
+        let route = Route::parse(path);
+        let q = |k: &str| query.get(k).map(String::as_str);
+        let watching = matches!(q("watch"), Some("true" | "1"));
+        if let Route::List { res: Resource::Secrets, ns } | Route::Item { res: Resource::Secrets, ns, .. } = &route {
+            if user == User::NoSecrets {
+                let name = if let Route::Item { name, .. } = &route { Some(name.as_str()) } else { None };
+                let verb = match *method {
+                    Method::GET if name.is_some() => "get",
+                    Method::GET if watching => "watch",
+                    Method::GET => "list",
+                    Method::POST => "create",
+                    Method::PUT => "update",
+                    Method::PATCH => "patch",
+                    Method::DELETE => "delete",
+                    _ => "access",
+                };
+                return Err(forbidden(Resource::Secrets, name, ns.as_deref(), verb));
+            }
+        }
+        let get = |v: Value| Ok(json_response(StatusCode::OK, &v));
+        if *method != Method::GET && q("dryRun").is_some_and(|d| !d.is_empty()) {
+            return Err(ApiError::bad_request("the stand-in does not support dryRun"));
+        }
+        match (route, method) {
+            (Route::Version, &Method::GET) => get(
+                json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-tpvpn-standin", "platform": "linux/amd64"}),
+            ),
+            (Route::Api, &Method::GET) => get(json!({
+                "kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": self.listen}],
+            })),
+            (Route::Resources(group), &Method::GET) => get(discovery(group)),
+            (Route::Apis, &Method::GET) => get(json!({
+                "kind": "APIGroupList", "apiVersion": "v1",
+                "groups": API_GROUPS.iter().map(|g| api_group(g)).collect::<Vec<_>>(),
+            })),
+            (Route::Group(group), &Method::GET) => {
+                let mut g = api_group(group);
+                g["kind"] = json!("APIGroup");
+                g["apiVersion"] = json!("v1");
+                get(g)
+            }
+            (Route::Compact, &Method::POST) => {
+                if user != User::Admin {
+                    return Err(ApiError::new(403, "Forbidden", "only the admin token may compact"));
+                }
+                let rv = {
+                    let mut s = self.store();
+                    s.compact();
+                    s.resource_version()
+                };
+                // Wake the open watches so that they end with 410.
+                self.changed.send_modify(|_| {});
+                get(json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                    "message": format!("stand-in: history compacted at resourceVersion {rv}"), "code": 200}))
+            }
+            (Route::List { res, ns }, &Method::GET) => {
+                let filter = Filter::parse(ns.as_deref(), q("labelSelector"), q("fieldSelector"))?;
+                if watching {
+                    return self.watch(res, filter, query);
+                }
+                get(self.store().list(res, &filter))
+            }
+            (Route::List { res, ns }, &Method::POST) => {
+                if res.namespaced() && ns.is_none() {
+                    return Err(ApiError::method_not_allowed());
+                }
+                let obj = parse_body(body)?;
+                let created = self.mutate(|s| s.create(res, ns.as_deref(), obj))?;
+                Ok(json_response(StatusCode::CREATED, &created))
+            }
+            (Route::Item { res, ns, name }, &Method::PATCH) if ctype.starts_with("application/apply-patch+yaml") => {
+                if q("fieldManager").unwrap_or("").is_empty() {
+                    return Err(ApiError::bad_request(
+                        "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                    ));
+                }
+                let obj = parse_apply_body(body)?;
+                let (obj, created) = self.mutate_with(|s| s.apply(res, ns.as_deref(), &name, obj))?;
+                Ok(json_response(if created { StatusCode::CREATED } else { StatusCode::OK }, &obj))
+            }
+            (Route::Item { res, ns, name }, m) => {
+                let ns = ns.as_deref();
+                let obj = match *m {
+                    Method::GET => self.store().get(res, ns, &name)?,
+                    Method::PUT => {
+                        let obj = parse_body(body)?;
+                        self.mutate(|s| s.replace(res, ns, &name, obj))?
+                    }
+                    Method::PATCH => {
+                        if !ctype.starts_with("application/merge-patch+json") {
+                            return Err(ApiError::new(
+                                415,
+                                "UnsupportedMediaType",
+                                format!(
+                                    "the stand-in supports only application/merge-patch+json and \
+                                     application/apply-patch+yaml, not {ctype:?}"
+                                ),
+                            ));
+                        }
+                        let patch = parse_body(body)?;
+                        self.mutate(|s| s.merge_patch(res, ns, &name, &patch))?
+                    }
+                    Method::DELETE => self.mutate(|s| s.delete(res, ns, &name))?,
+                    _ => return Err(ApiError::method_not_allowed()),
+                };
+                get(obj)
+            }
+            (Route::Unknown, _) => Err(ApiError::unknown_path()),
+            _ => Err(ApiError::method_not_allowed()),
+        }
+    }
+
+    /// Runs a store mutation and wakes the watchers.
+    pub(super) fn mutate(&self, f: impl FnOnce(&mut Store) -> Result<Value, ApiError>) -> Result<Value, ApiError> {
+        self.mutate_with(f)
+    }
+
+    pub(super) fn mutate_with<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, ApiError>) -> Result<T, ApiError> {
+        let mut s = self.store();
+        let r = f(&mut s);
+        self.changed.send_replace(s.resource_version());
+        r
+    }
+
+    /// Starts a watch: a chunked response fed by a task (one JSON event per line).
+    pub(super) fn watch(
+        self: &Arc<Self>,
+        res: Resource,
+        filter: Filter,
+        query: &HashMap<String, String>,
+    ) -> Result<Response<Body>, ApiError> {
+        let q = |k: &str| query.get(k).map(String::as_str);
+        let initial_events = q("sendInitialEvents") == Some("true");
+        let start = match q("resourceVersion") {
+            _ if initial_events => WatchStart::Initial,
+            None | Some("" | "0") => WatchStart::Initial,
+            Some(v) => WatchStart::After(v.parse().map_err(|_| {
+                ApiError::bad_request(format!("resourceVersion: Invalid value: {v:?}: must be an integer"))
+            })?),
+        };
+        let timeout = match q("timeoutSeconds") {
+            None | Some("") => WATCH_TIMEOUT_DEFAULT,
+            Some(v) => v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {v:?}")))?,
+        };
+        let opts = WatchOpts {
+            res,
+            filter,
+            start,
+            bookmarks: q("allowWatchBookmarks") == Some("true"),
+            initial_events,
+            deadline: Instant::now() + Duration::from_secs(timeout.min(WATCH_TIMEOUT_MAX)),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(self.clone().run_watch(opts, tx));
+        let mut resp = Response::new(WatchBody(rx).boxed());
+        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        Ok(resp)
+    }
+
+    pub(super) async fn run_watch(self: Arc<Self>, o: WatchOpts, tx: mpsc::Sender<Bytes>) {
+        let mut changed = self.changed.subscribe();
+        let compactions = self.store().compactions;
+        let first = self.store().watch_events(o.res, &o.filter, o.start);
+        let mut cursor = match first {
+            Ok((events, rv)) => {
+                if !send_events(&tx, events, o.deadline).await {
+                    return;
+                }
+                rv
+            }
+            Err(e) => {
+                send_events(&tx, vec![json!({"type": "ERROR", "object": e.status()})], o.deadline).await;
+                return;
+            }
+        };
+        if o.initial_events {
+            let mut b = bookmark(cursor);
+            b["object"]["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+            if !send_events(&tx, vec![b], o.deadline).await {
+                return;
+            }
+        }
+        let period = self.cfg.bookmark_interval.max(Duration::from_millis(100));
+        let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
+        let deadline = tokio::time::sleep_until(o.deadline);
+        tokio::pin!(deadline);
+        loop {
+            let send_bookmark = tokio::select! {
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+                r = changed.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    false
+                }
+                _ = ticks.tick(), if o.bookmarks => true,
+            };
+            let next = {
+                let s = self.store();
+                if s.compactions != compactions {
+                    Err(ApiError::expired(cursor, s.compacted))
+                } else {
+                    s.watch_events(o.res, &o.filter, WatchStart::After(cursor))
+                }
+            };
+
+            let mut events = match next {
+                Ok((events, rv)) => {
+                    cursor = rv;
+                    events
+                }
+                Err(e) => vec![json!({"type": "ERROR", "object": e.status()})],
+            };
+            let failed = events.first().is_some_and(|e| e["type"] == "ERROR");
+            if send_bookmark && !failed {
+                events.push(bookmark(cursor));
+            }
+            if !send_events(&tx, events, o.deadline).await || failed {
+                return;
+            }
+        }
+    }
+}
+
+/// What a watch task needs.
+#[derive(Debug)]
+pub(super) struct WatchOpts {
+    pub(super) res: Resource,
+    pub(super) filter: Filter,
+    pub(super) start: WatchStart,
+    pub(super) bookmarks: bool,
+    pub(super) initial_events: bool,
+    pub(super) deadline: Instant,
+}
+
+pub(super) fn bookmark(rv: u64) -> Value {
+    json!({"type": "BOOKMARK", "object": {"kind": "", "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}}})
+}
+
+/// Sends each event as one line (one chunk); false if the client is gone or the watch timed out.
+pub(super) async fn send_events(tx: &mpsc::Sender<Bytes>, events: Vec<Value>, deadline: Instant) -> bool {
+    for ev in events {
+        // `type` first, like the real API server (serde_json would sort the keys).
+        let line = format!("{{\"type\":{},\"object\":{}}}\n", ev["type"], ev["object"]);
+        match tokio::time::timeout_at(deadline, tx.send(Bytes::from(line))).await {
+            Ok(Ok(())) => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// The body of a watch response: whatever the watch task sends, until it ends.
+pub(super) struct WatchBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for WatchBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A parsed request path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Route {
+    Version,
+    /// `/api`: the core API versions.
+    Api,
+    /// `/apis`: the API groups.
+    Apis,
+    /// `/apis/{group}`: one API group.
+    Group(&'static str),
+    /// `/api/v1` (group `""`) or `/apis/{group}/v1`: the group version's resources.
+    Resources(&'static str),
+    Compact,
+    List {
+        res: Resource,
+        ns: Option<String>,
+    },
+    Item {
+        res: Resource,
+        ns: Option<String>,
+        name: String,
+    },
+    Unknown,
+}
+
+impl Route {
+    pub(super) fn parse(path: &str) -> Route {
+        let segs: Vec<String> = path.trim_matches('/').split('/').map(|s| pct_decode(s, false)).collect();
+        let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+        let known_group = |g: &str| API_GROUPS.into_iter().find(|x| *x == g);
+        let (group, rest): (&'static str, &[&str]) = match segs[..] {
+            ["version"] => return Route::Version,
+            ["api"] => return Route::Api,
+            ["apis"] => return Route::Apis,
+            ["_standin", "compact"] => return Route::Compact,
+            ["apis", g] => return known_group(g).map_or(Route::Unknown, Route::Group),
+            ["api", "v1", ref rest @ ..] => ("", rest),
+            ["apis", g, "v1", ref rest @ ..] => match known_group(g) {
+                Some(g) => (g, rest),
+                None => return Route::Unknown,
+            },
+            _ => return Route::Unknown,
+        };
+        let lookup = |r: &str| Resource::lookup(group, "v1", r);
+        let namespaced = |r: &str| lookup(r).filter(|r| r.namespaced());
+        let cluster = |r: &str| lookup(r).filter(|r| !r.namespaced());
+        let s = |x: &str| Some(x.to_string());
+        let route = match rest {
+            [] => Some(Route::Resources(group)),
+            [r] => lookup(r).map(|res| Route::List { res, ns: None }),
+            ["namespaces", ns, r] if !ns.is_empty() => namespaced(r).map(|res| Route::List { res, ns: s(ns) }),
+            ["namespaces", ns, r, name] if !ns.is_empty() && !name.is_empty() => {
+                namespaced(r).map(|res| Route::Item { res, ns: s(ns), name: name.to_string() })
+            }
+            [r, name] if !name.is_empty() => {
+                cluster(r).map(|res| Route::Item { res, ns: None, name: name.to_string() })
+            }
+            _ => None,
+        };
+        route.unwrap_or(Route::Unknown)
+    }
+}
+
+/// The `APIResourceList` of `/api/v1` (group `""`) or `/apis/{group}/v1`.
+pub(super) fn discovery(group: &str) -> Value {
+    let resources: Vec<Value> = Resource::of_group(group, "v1")
+        .map(|r| {
+            let mut v = json!({
+                "name": r.plural(), "singularName": r.kind().to_lowercase(), "namespaced": r.namespaced(),
+                "kind": r.kind(), "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            });
+            if !r.short_names().is_empty() {
+                v["shortNames"] = json!(r.short_names());
+            }
+            v
+        })
+        .collect();
+    let gv = if group.is_empty() { "v1".to_string() } else { format!("{group}/v1") };
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
+}
+
+/// One entry of the `APIGroupList` of `/apis` (only `v1` is served).
+pub(super) fn api_group(group: &str) -> Value {
+    let v = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
+    json!({"name": group, "versions": [v], "preferredVersion": v})
+}
+
+/// RBAC-style 403 (`secrets "x" is forbidden: User ... cannot get resource ...`).
+pub(super) fn forbidden(res: Resource, name: Option<&str>, ns: Option<&str>, verb: &str) -> ApiError {
+    let what = match name {
+        Some(n) => format!("{} \"{n}\"", res.plural()),
+        None => res.plural().to_string(),
+    };
+    let scope = match ns {
+        Some(ns) => format!("in the namespace \"{ns}\""),
+        None => "at the cluster scope".to_string(),
+    };
+    let msg = format!(
+        "{what} is forbidden: User \"{NO_SECRETS_USER}\" cannot {verb} resource \"{}\" in API group \"\" {scope}",
+        res.plural()
+    );
+    let mut e = ApiError::new(403, "Forbidden", msg);
+    e.details = Some(match name {
+        Some(n) => json!({"name": n, "kind": res.plural()}),
+        None => json!({"kind": res.plural()}),
+    });
+    e
+}
+
+pub(super) fn parse_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+/// The body of an apply patch: YAML, but the stand-in understands only its JSON subset (what kube sends).
+pub(super) fn parse_apply_body(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the stand-in accepts only JSON-formatted apply patches (YAML's JSON subset): {e}"
+        ))
+    })
+}
+
+pub(super) fn json_response(code: StatusCode, v: &Value) -> Response<Body> {
+    let body = serde_json::to_vec(v).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+pub(super) fn error_response(e: &ApiError) -> Response<Body> {
+    let code = StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(code, &e.status())
+}
+
+/// `a=b&c=d` → map (percent-decoded, `+` is a space; the last value of a key wins).
+pub(super) fn parse_query(q: &str) -> HashMap<String, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (pct_decode(k, true), pct_decode(v, true))
+        })
+        .collect()
+}
+
+pub(super) fn pct_decode(s: &str, plus_is_space: bool) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'+' if plus_is_space => out.push(b' '),
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
