@@ -72,9 +72,79 @@ pub const NO_LISTENER_IP: &str = "10.96.0.50";
 /// Text the nginx index page contains.
 pub const FRONTEND_BODY: &str = "tpvpn lab frontend";
 
-/// All addresses put on the cluster's `kube0` dummy interface.
-const CLUSTER_IPS: &[&str] =
-    &[FRONTEND_IP, FRONTEND_POD_IP, REDIS_IP, "10.96.0.30", TEST_SERVERS_IP, NO_LISTENER_IP, CLUSTER_DNS_IP];
+/// One Service of the lab's fixtures. This table is the one source: it is rendered into
+/// the addresses of the cluster namespace (the ClusterIPs the lab's servers listen on),
+/// the cluster DNS's records (dnsmasq) and the API stand-in's Service objects.
+pub struct LabService {
+    pub namespace: &'static str,
+    pub name: &'static str,
+    pub cluster_ip: &'static str,
+    /// (name, port, protocol); `targetPort` is the same number.
+    pub ports: &'static [(&'static str, u16, &'static str)],
+    /// Whether a lab server answers on the ClusterIP in the cluster namespace (its address
+    /// is put on `kube0`).
+    pub served: bool,
+}
+
+/// The lab's Services (the pods of intercepts add `web` and `mesh`: [`pods`]).
+pub const SERVICES: &[LabService] = &[
+    LabService {
+        namespace: "default",
+        name: "frontend",
+        cluster_ip: FRONTEND_IP,
+        ports: &[("http", 80, "TCP")],
+        served: true,
+    },
+    LabService {
+        namespace: "default",
+        name: "frontend6",
+        cluster_ip: FRONTEND6_IP,
+        ports: &[("http", 80, "TCP")],
+        served: true,
+    },
+    LabService {
+        namespace: "default",
+        name: "redis-leader",
+        cluster_ip: REDIS_IP,
+        ports: &[("redis", 6379, "TCP")],
+        served: true,
+    },
+    LabService {
+        namespace: "default",
+        name: "udp-echo",
+        cluster_ip: "10.96.0.30",
+        ports: &[("echo", 7, "UDP")],
+        served: true,
+    },
+    LabService {
+        namespace: "default",
+        name: "test-servers",
+        cluster_ip: TEST_SERVERS_IP,
+        ports: &[("reset", 9000, "TCP"), ("sink", 9001, "TCP"), ("source", 9003, "TCP")],
+        served: true,
+    },
+    LabService {
+        namespace: "kube-system",
+        name: "kube-dns",
+        cluster_ip: CLUSTER_DNS_IP,
+        ports: &[("dns", 53, "UDP"), ("dns-tcp", 53, "TCP")],
+        served: true,
+    },
+    // A namespace named like a public suffix, for the DNS tests.
+    LabService { namespace: "rs", name: "svc", cluster_ip: "10.96.0.60", ports: &[("http", 80, "TCP")], served: false },
+    // The manager's own Service: a NodePort on the node (see `fixtures`).
+    LabService {
+        namespace: "tpvpn",
+        name: "tpvpn-manager",
+        cluster_ip: "10.96.0.70",
+        ports: &[("quic", 4443, "UDP")],
+        served: false,
+    },
+];
+
+/// Addresses on the cluster's `kube0` besides the served ClusterIPs: the frontend pod's
+/// IP and a ClusterIP nothing listens on.
+const EXTRA_CLUSTER_ADDRS: &[&str] = &[FRONTEND_POD_IP, NO_LISTENER_IP];
 /// The cluster DNS (dnsmasq serving `cluster.local`), the ClusterIP of `kube-system/kube-dns`.
 pub const CLUSTER_DNS_IP: &str = "10.96.0.53";
 /// The internet namespace's DNS server: the laptop's original nameserver.
@@ -312,11 +382,15 @@ impl Lab {
         } else {
             "lo"
         };
-        for a in CLUSTER_IPS {
-            ip(&["-n", c, "addr", "add", &format!("{a}/32"), "dev", dev])?;
+        let served = SERVICES.iter().filter(|s| s.served).map(|s| s.cluster_ip);
+        for a in served.chain(EXTRA_CLUSTER_ADDRS.iter().copied()) {
+            if a.contains(':') {
+                // `nodad`: usable at once, without duplicate address detection.
+                ip(&["-n", c, "-6", "addr", "add", &format!("{a}/128"), "dev", dev, "nodad"])?;
+            } else {
+                ip(&["-n", c, "addr", "add", &format!("{a}/32"), "dev", dev])?;
+            }
         }
-        // `nodad`: usable at once, without duplicate address detection.
-        ip(&["-n", c, "-6", "addr", "add", &format!("{FRONTEND6_IP}/128"), "dev", dev, "nodad"])?;
         Ok(())
     }
 
@@ -399,17 +473,8 @@ impl Lab {
             "local=/cluster.local/".into(),
             "local-ttl=30".into(),
         ];
-        let services = [
-            ("frontend.default", FRONTEND_IP),
-            ("redis-leader.default", REDIS_IP),
-            ("udp-echo.default", "10.96.0.30"),
-            ("test-servers.default", TEST_SERVERS_IP),
-            ("kube-dns.kube-system", CLUSTER_DNS_IP),
-            ("svc.rs", "10.96.0.60"),
-            ("tpvpn-manager.tpvpn", "10.96.0.70"),
-        ];
-        for (name, ip) in services {
-            cluster.push(format!("host-record={name}.svc.cluster.local,{ip}"));
+        for svc in SERVICES {
+            cluster.push(format!("host-record={}.{}.svc.cluster.local,{}", svc.name, svc.namespace, svc.cluster_ip));
         }
         cluster.push(
             "srv-host=_http._tcp.frontend.default.svc.cluster.local,frontend.default.svc.cluster.local,80,0,100".into(),
@@ -538,27 +603,18 @@ impl Lab {
         objs.push(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "lab-node"},
             "spec": {"podCIDR": "10.244.0.0/16", "podCIDRs": ["10.244.0.0/16"]},
             "status": {"addresses": [{"type": "InternalIP", "address": node_ip}]}}));
-        let (echo_ip, _) = UDP_ECHO_ADDR.split_once(':').context("UDP_ECHO_ADDR")?;
-        objs.extend([
-            svc("default", "frontend", FRONTEND_IP, vec![port("http", 80, "TCP")]),
-            svc("default", "redis-leader", REDIS_IP, vec![port("redis", 6379, "TCP")]),
-            svc("default", "udp-echo", echo_ip, vec![port("echo", 7, "UDP")]),
-            svc(
-                "default",
-                "test-servers",
-                TEST_SERVERS_IP,
-                vec![port("reset", 9000, "TCP"), port("sink", 9001, "TCP"), port("source", 9003, "TCP")],
-            ),
-            svc("kube-system", "kube-dns", "10.96.0.53", vec![port("dns", 53, "UDP"), port("dns-tcp", 53, "TCP")]),
-            svc("rs", "svc", "10.96.0.60", vec![port("http", 80, "TCP")]),
-        ]);
-        let mut frontend6 = svc("default", "frontend6", FRONTEND6_IP, vec![port("http", 80, "TCP")]);
-        frontend6["spec"]["ipFamilies"] = json!(["IPv6"]);
-        objs.push(frontend6);
-        let mut mgr = svc("tpvpn", "tpvpn-manager", "10.96.0.70", vec![port("quic", 4443, "UDP")]);
-        mgr["spec"]["type"] = json!("NodePort");
-        mgr["spec"]["ports"][0]["nodePort"] = json!(4443);
-        objs.push(mgr);
+        for s in SERVICES {
+            let ports = s.ports.iter().map(|(name, p, proto)| port(name, *p, proto)).collect();
+            let mut obj = svc(s.namespace, s.name, s.cluster_ip, ports);
+            if s.cluster_ip.contains(':') {
+                obj["spec"]["ipFamilies"] = json!(["IPv6"]);
+            }
+            if s.name == "tpvpn-manager" {
+                obj["spec"]["type"] = json!("NodePort");
+                obj["spec"]["ports"][0]["nodePort"] = json!(4443);
+            }
+            objs.push(obj);
+        }
         objs.push(json!({"apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": "frontend-0", "namespace": "default", "labels": {"app": "frontend"}},
             "spec": {"nodeName": "lab-node", "containers": [{"name": "nginx", "image": "nginx"}]},
