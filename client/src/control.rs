@@ -67,6 +67,9 @@ pub struct Dns {
 pub struct Flows {
     pub tcp: usize,
     pub udp: usize,
+    /// Flows the manager would not dial (its destination policy or a per-client limit).
+    #[serde(default)]
+    pub denied: u64,
 }
 
 /// `tpvpn list`: what the manager reported of the cluster.

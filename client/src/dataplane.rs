@@ -37,6 +37,9 @@ const DOWN_BUDGET: usize = 1 << 20;
 const DOWN_CHUNKS: usize = 64;
 /// Most bytes from the cluster handed to the stack in one message.
 const DOWN_GROUP: usize = DOWN_BUDGET / 4;
+/// Flows the manager denied (destination policy, per-client limits), since the daemon
+/// started; across reconnections.
+pub static DENIED_FLOWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// UDP datagrams that may wait for a flow's stream to open.
 const UDP_QUEUE: usize = 256;
 
@@ -315,7 +318,8 @@ impl Dataplane {
                 self.stack.remove(id);
             }
             Cmd::Stats(tx) => {
-                let _ = tx.send(Flows { tcp: self.tcp.len(), udp: self.udp.len() });
+                let denied = DENIED_FLOWS.load(Ordering::Relaxed);
+                let _ = tx.send(Flows { tcp: self.tcp.len(), udp: self.udp.len(), denied });
             }
         }
     }
@@ -429,7 +433,11 @@ async fn open_flow(
     }
     match read_message(&mut recv).await {
         Ok(Some(Message::FlowReply { status, message })) => {
-            if status != FlowStatus::Ok {
+            if status == FlowStatus::Denied {
+                // The manager's policy or a per-client limit: counted for `tpvpn status`.
+                DENIED_FLOWS.fetch_add(1, Ordering::Relaxed);
+                warn!(%dst, %message, "the manager denied a flow");
+            } else if status != FlowStatus::Ok {
                 debug!(?status, %message, "manager could not dial");
             }
             Opened::Reply(send, recv, status)

@@ -425,6 +425,9 @@ fn print_status(s: &tpvpn_client::control::Status) {
     }
 
     println!("  flows:       {} tcp, {} udp", s.flows.tcp, s.flows.udp);
+    if s.flows.denied > 0 {
+        println!("  denied:      {} flows (the manager's policy or limits)", s.flows.denied);
+    }
     for h in &s.intercepts {
         println!(
             "  intercept:   {}/{} port {} -> 127.0.0.1:{} ({} pods)",

@@ -32,6 +32,12 @@ fn write_cert(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
 }
 
 async fn start_manager(tag: &str) -> Fixture {
+    start_manager_with(tag, |c| c.policy = tpvpn_manager::policy::Policy::allow_all()).await
+}
+
+/// A manager on loopback; `adjust` changes its configuration (these tests dial servers
+/// on loopback, which the default destination policy denies).
+async fn start_manager_with(tag: &str, adjust: impl FnOnce(&mut tpvpn_manager::Config)) -> Fixture {
     let dir = std::env::temp_dir().join(format!("tpvpn-session-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (cert, key) = write_cert(&dir, "manager");
@@ -51,6 +57,7 @@ async fn start_manager(tag: &str) -> Fixture {
         "cluster.local".into(),
     );
     config.dial_timeout = Duration::from_secs(2);
+    adjust(&mut config);
     tokio::spawn(tpvpn_manager::serve(endpoint, config));
     Fixture { dir, addr }
 }
@@ -190,4 +197,60 @@ async fn unreachable_manager_fails_within_the_timeout() {
     assert!(matches!(e, Error::ManagerUnreachable { .. }), "{e}");
     assert!(started.elapsed() < Duration::from_secs(8));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Opens a flow the way the client does; the manager's reply.
+async fn open(s: &tpvpn_client::connect::Session, protocol: Protocol, flow_id: u64, dst: &str) -> (FlowStatus, String) {
+    let (mut send, mut recv) = s.conn.open_bi().await.unwrap();
+    let src: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+    write_message(&mut send, &Message::FlowOpen { protocol, flow_id, src, dst: dst.parse().unwrap() }).await.unwrap();
+    // The stream stays open (a UDP flow lives as long as it does).
+    std::mem::forget(send);
+    match read_message(&mut recv).await.unwrap() {
+        Some(Message::FlowReply { status, message }) => {
+            std::mem::forget(recv);
+            (status, message)
+        }
+        other => panic!("expected a flow reply, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_default_destination_policy_denies_loopback_and_the_metadata_address() {
+    let f = start_manager_with("policy", |_| {}).await;
+    let s = connect(&target(&f, "manager.crt", "token")).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap().to_string();
+    for (proto, dst, why) in [
+        (Protocol::Tcp, local.as_str(), "loopback"),
+        (Protocol::Udp, "127.0.0.1:53", "loopback"),
+        (Protocol::Tcp, "169.254.169.254:80", "link-local"),
+        (Protocol::Tcp, "[::1]:80", "loopback"),
+    ] {
+        let (status, message) = open(&s, proto, 1, dst).await;
+        assert_eq!(status, FlowStatus::Denied, "{dst}: {message}");
+        assert!(message.contains(why), "{dst}: {message}");
+    }
+    // Nothing was dialed: the local listener saw no connection.
+    assert!(tokio::time::timeout(Duration::from_millis(200), listener.accept()).await.is_err());
+}
+
+#[tokio::test]
+async fn a_client_over_its_udp_limit_is_refused_while_another_still_works() {
+    let f = start_manager_with("limits", |c| {
+        c.policy = tpvpn_manager::policy::Policy::allow_all();
+        c.session_limits.udp_flows = 4;
+    })
+    .await;
+    let a = connect(&target(&f, "manager.crt", "token")).await.unwrap();
+    let b = connect(&target(&f, "manager.crt", "token")).await.unwrap();
+    let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dst = echo.local_addr().unwrap().to_string();
+    for id in 0..4 {
+        assert_eq!(open(&a, Protocol::Udp, id, &dst).await.0, FlowStatus::Ok, "flow {id}");
+    }
+    let (status, message) = open(&a, Protocol::Udp, 4, &dst).await;
+    assert_eq!(status, FlowStatus::Denied, "{message}");
+    assert!(message.contains("at most 4 UDP flows"), "{message}");
+    assert_eq!(open(&b, Protocol::Udp, 0, &dst).await.0, FlowStatus::Ok, "the other client is not affected");
 }

@@ -249,6 +249,27 @@ pub fn connect_probe(addr: SocketAddr) -> Result<Outcome> {
     Ok(Outcome::ok(line))
 }
 
+/// Connects, sends `bytes`, half-closes, then holds the connection until it ends or
+/// `hold_for` passes.
+pub fn half_close(addr: SocketAddr, bytes: usize, hold_for: Duration) -> Result<Outcome> {
+    let mut s = connect(addr)?;
+    s.write_all(&vec![b'h'; bytes]).context("write")?;
+    s.shutdown(Shutdown::Write).context("half-close")?;
+    println!("half-closed");
+    std::io::stdout().flush()?;
+    s.set_read_timeout(Some(hold_for))?;
+    let mut buf = [0u8; 4096];
+    let line = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "closed".to_string(),
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break "held".to_string(),
+            Err(e) => break format!("ended: {e}"),
+        }
+    };
+    Ok(Outcome::ok(line))
+}
+
 /// Opens `n` connections (at most [`HOLD_IN_FLIGHT`] connecting at once), prints
 /// `established <ok> of <n>` as soon as every attempt finished, then keeps them open
 /// and idle until stdin reaches EOF or `hold_for` passes. Used by the scale benchmark.

@@ -67,6 +67,8 @@ pub const RESET_ADDR: &str = "10.96.0.40:9000";
 pub const SINK_ADDR: &str = "10.96.0.40:9001";
 /// Source server: reads a u64 BE count, writes that much of the data stream.
 pub const SOURCE_ADDR: &str = "10.96.0.40:9003";
+/// Silent server: accepts, then never reads or writes.
+pub const SILENT_ADDR: &str = "10.96.0.40:9004";
 /// A Service IP with no listener at all (connections are refused).
 pub const NO_LISTENER_IP: &str = "10.96.0.50";
 /// Text the nginx index page contains.
@@ -120,7 +122,7 @@ pub const SERVICES: &[LabService] = &[
         namespace: "default",
         name: "test-servers",
         cluster_ip: TEST_SERVERS_IP,
-        ports: &[("reset", 9000, "TCP"), ("sink", 9001, "TCP"), ("source", 9003, "TCP")],
+        ports: &[("reset", 9000, "TCP"), ("sink", 9001, "TCP"), ("source", 9003, "TCP"), ("silent", 9004, "TCP")],
         served: true,
     },
     LabService {
@@ -188,6 +190,10 @@ pub struct Lab {
     laptop2: Option<String>,
     /// The manager's `--listen` address ([`MANAGER_ADDR`] unless changed).
     manager_listen: String,
+    /// A command the manager is started under (say `prlimit --nofile=1024`), and extra
+    /// arguments for it ([`Lab::restart_manager_with`]).
+    manager_wrapper: Vec<String>,
+    manager_extra: Vec<String>,
     /// Whether `tpvpn` was ever run (then drop runs `tpvpn down`).
     used_tpvpn: AtomicBool,
     exec_counter: AtomicU64,
@@ -321,6 +327,8 @@ impl Lab {
             caller_ns: String::new(),
             laptop2: None,
             manager_listen: MANAGER_ADDR.to_string(),
+            manager_wrapper: Vec::new(),
+            manager_extra: Vec::new(),
             used_tpvpn: AtomicBool::new(false),
             exec_counter: AtomicU64::new(0),
             dir_created: false,
@@ -456,6 +464,8 @@ impl Lab {
                 SINK_ADDR,
                 "--source",
                 SOURCE_ADDR,
+                "--silent",
+                SILENT_ADDR,
             ],
         )?;
         self.wait_servers()
@@ -558,8 +568,16 @@ impl Lab {
     /// Polls `ss` in the cluster ns until every server listens (bounded: ~10 s).
     fn wait_servers(&mut self) -> Result<()> {
         let frontend6 = format!("[{FRONTEND6_IP}]:80");
-        let tcp =
-            ["10.96.0.10:80", "10.244.1.10:80", &frontend6, "10.96.0.20:6379", RESET_ADDR, SINK_ADDR, SOURCE_ADDR];
+        let tcp = [
+            "10.96.0.10:80",
+            "10.244.1.10:80",
+            &frontend6,
+            "10.96.0.20:6379",
+            RESET_ADDR,
+            SINK_ADDR,
+            SOURCE_ADDR,
+            SILENT_ADDR,
+        ];
         let mut missing = Vec::new();
         for _ in 0..100 {
             for (name, child) in &mut self.children {
@@ -985,6 +1003,35 @@ impl Lab {
         self.start_manager()
     }
 
+    /// Restarts the manager under `wrapper` (a command prefix, say `prlimit
+    /// --nofile=1024:1024`) with `extra` arguments.
+    pub fn restart_manager_with(&mut self, wrapper: &[&str], extra: &[&str]) -> Result<()> {
+        self.manager_wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+        self.manager_extra = extra.iter().map(|s| s.to_string()).collect();
+        self.start_manager()
+    }
+
+    /// The manager's Prometheus metrics (from the cluster namespace).
+    pub fn manager_metrics(&self) -> String {
+        let out = self.exec_timeout(
+            &self.cluster,
+            &["curl", "-sS", "--max-time", "5", "http://10.250.1.1:9090/metrics"],
+            Duration::from_secs(10),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts a long-running command in namespace `ns` (a test's client that holds a
+    /// connection), stopped with the lab.
+    pub fn spawn_background(&mut self, ns: &str, name: &str, cmd: &[&str]) -> Result<()> {
+        self.spawn_in(ns, name, cmd)
+    }
+
+    /// What a process started with [`Lab::spawn_background`] printed.
+    pub fn background_log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
     /// Starts the manager with `token_file`, waits (≤ 20 s) until it logs ready: longer
     /// than the manager's own 10 s wait for the API, so a slow API shows as its warning.
     pub fn start_manager_with_token(&mut self, token_file: &Path) -> Result<()> {
@@ -998,7 +1045,9 @@ impl Lab {
         let d = self.dir.display().to_string();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.cluster])
+            .args(&self.manager_wrapper)
             .arg(&bin)
+            .args(&self.manager_extra)
             .args([
                 "--listen",
                 &self.manager_listen,

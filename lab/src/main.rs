@@ -28,6 +28,8 @@ enum Cmd {
         sink: Option<SocketAddr>,
         #[arg(long)]
         source: Option<SocketAddr>,
+        #[arg(long)]
+        silent: Option<SocketAddr>,
     },
     /// Stand-in for a mesh sidecar's inbound proxy: relays connections redirected to
     /// LISTEN to their original port on the pod's loopback.
@@ -76,6 +78,9 @@ enum ClientCmd {
     Reset { addr: SocketAddr },
     /// One datagram of SIZE bytes to the echo server; wait ≤ 3 s for the identical echo.
     Udp { addr: SocketAddr, size: usize },
+    /// Connect, send BYTES, half-close, then hold the connection (reading whatever comes)
+    /// until it ends or SECONDS pass; prints how it ended.
+    HalfClose { addr: SocketAddr, bytes: usize, seconds: u64 },
     /// One TCP connect (5 s timeout): prints refused/connected <ms>, timeout or error.
     Connect { addr: SocketAddr },
     /// Open N idle connections, print `established <ok> of <n>`, hold them until stdin
@@ -91,8 +96,8 @@ enum ClientCmd {
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.cmd {
-        Cmd::Serve { udp_echo, reset, sink, source } => {
-            serve::run(serve::ServeAddrs { udp_echo, reset, sink, source }).map(|()| true)
+        Cmd::Serve { udp_echo, reset, sink, source, silent } => {
+            serve::run(serve::ServeAddrs { udp_echo, reset, sink, source, silent }).map(|()| true)
         }
         Cmd::Apiserver { listen, fixtures, token, no_secrets_token, bookmark_secs } => {
             let cfg = apiserver::Config {
@@ -132,6 +137,7 @@ fn run_client(c: ClientCmd) -> Result<bool> {
         ClientCmd::Reset { addr } => client::reset(addr)?,
         ClientCmd::Udp { addr, size } => client::udp(addr, size)?,
         ClientCmd::Connect { addr } => client::connect_probe(addr)?,
+        ClientCmd::HalfClose { addr, bytes, seconds } => client::half_close(addr, bytes, Duration::from_secs(seconds))?,
         ClientCmd::Hold { addr, n, seconds } => client::hold(addr, n, Duration::from_secs(seconds))?,
     };
     println!("{}", outcome.line);

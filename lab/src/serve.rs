@@ -15,6 +15,8 @@ pub struct ServeAddrs {
     pub reset: Option<SocketAddr>,
     pub sink: Option<SocketAddr>,
     pub source: Option<SocketAddr>,
+    /// Accepts and then neither reads nor writes, until the peer goes.
+    pub silent: Option<SocketAddr>,
 }
 
 /// Binds every server, then serves until the process is killed.
@@ -34,6 +36,9 @@ pub fn run(addrs: ServeAddrs) -> Result<()> {
         }
         if let Some(a) = addrs.source {
             servers.spawn(accept_loop(bind_tcp(a).await?, source_conn));
+        }
+        if let Some(a) = addrs.silent {
+            servers.spawn(accept_loop(bind_tcp(a).await?, silent_conn));
         }
         eprintln!("tpvpn-lab serve: ready {addrs:?}");
         // Runs until one fails.
@@ -153,6 +158,14 @@ async fn sink_conn(mut stream: TcpStream) -> std::io::Result<()> {
     }
     stream.write_all(format!("{count} {}\n", hash.hex()).as_bytes()).await?;
     stream.shutdown().await?;
+    Ok(())
+}
+
+/// Holds the connection and never reads or writes (a server that hangs), for an hour
+/// at most.
+async fn silent_conn(stream: TcpStream) -> std::io::Result<()> {
+    tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    drop(stream);
     Ok(())
 }
 

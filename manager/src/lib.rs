@@ -16,6 +16,7 @@ pub mod dns;
 pub mod intercepts;
 
 pub mod metrics;
+pub mod policy;
 mod session;
 pub mod targets;
 mod tcp;
@@ -71,6 +72,10 @@ pub struct Config {
     pub metrics: Arc<metrics::Metrics>,
     /// Caps on connections, before and after authentication.
     pub limits: ConnectionLimits,
+    /// Which destinations are dialed.
+    pub policy: policy::Policy,
+    /// What one client session may hold at once.
+    pub session_limits: policy::Limits,
 }
 
 impl Config {
@@ -91,6 +96,8 @@ impl Config {
             relay_buffer: 256 * 1024,
             metrics: Arc::default(),
             limits: ConnectionLimits::default(),
+            policy: policy::Policy::default(),
+            session_limits: policy::Limits::default(),
         }
     }
 }

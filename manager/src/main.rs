@@ -62,6 +62,22 @@ struct Args {
     /// shares one source address: this counts only connections still in their hello.)
     #[arg(long, default_value_t = tpvpn_manager::ConnectionLimits::default().max_unauthenticated_per_source)]
     max_unauthenticated_per_source: usize,
+    /// Dial only destinations in these CIDRs (repeatable; default: any but loopback,
+    /// link-local, unspecified and multicast).
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    allow_cidrs: Vec<IpNet>,
+    /// Never dial destinations in these CIDRs (repeatable).
+    #[arg(long = "deny-cidr", value_name = "CIDR")]
+    deny_cidrs: Vec<IpNet>,
+    /// TCP flows one client may have open at once.
+    #[arg(long, default_value_t = tpvpn_manager::policy::Limits::default().tcp_flows)]
+    max_tcp_flows_per_client: usize,
+    /// UDP flows one client may have open at once.
+    #[arg(long, default_value_t = tpvpn_manager::policy::Limits::default().udp_flows)]
+    max_udp_flows_per_client: usize,
+    /// Cluster DNS queries one client may have in flight.
+    #[arg(long, default_value_t = tpvpn_manager::policy::Limits::default().dns_queries)]
+    max_dns_queries_per_client: usize,
     /// Worker threads. One is fastest where measured (quinn drives the endpoint and each
     /// connection from a single task, and a second worker mostly adds wake-ups between
     /// threads); more may help many clients with many busy flows.
@@ -82,7 +98,31 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Every address of this host's interfaces (the manager's own, for the policy).
+fn own_addresses() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return vec![] };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect()
+}
+
+/// Raises the soft open-files limit to the hard one: every flow holds a socket.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            tracing::info!(from = soft, to = hard, "raised the open-files limit");
+        }
+    }
+}
+
 fn run(args: Args) -> Result<()> {
+    raise_nofile_limit();
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let use_kubernetes = !args.no_kubernetes && (args.kubeconfig.is_some() || in_cluster);
     if !use_kubernetes && args.cluster_cidrs.is_empty() {
@@ -115,6 +155,18 @@ fn run(args: Args) -> Result<()> {
         config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);
         config.limits.max_connections = args.max_connections;
         config.limits.max_unauthenticated_per_source = args.max_unauthenticated_per_source;
+        config.policy = tpvpn_manager::policy::Policy {
+            allow: args.allow_cidrs,
+            deny: args.deny_cidrs,
+            own_addresses: own_addresses(),
+            own_ports: vec![args.listen.port(), args.metrics_listen.port()],
+            allow_all: false,
+        };
+        config.session_limits = tpvpn_manager::policy::Limits {
+            tcp_flows: args.max_tcp_flows_per_client,
+            udp_flows: args.max_udp_flows_per_client,
+            dns_queries: args.max_dns_queries_per_client,
+        };
         let metrics = config.metrics.clone();
         let health = tokio::net::TcpListener::bind(args.metrics_listen)
             .await

@@ -28,6 +28,9 @@ pub struct Metrics {
     pub dial_failures_timeout: AtomicU64,
     pub bytes_to_cluster: AtomicU64,
     pub bytes_from_cluster: AtomicU64,
+    /// Flows not dialed: the destination policy, a per-client limit.
+    pub flows_denied_policy: AtomicU64,
+    pub flows_denied_limit: AtomicU64,
 }
 
 /// Increments a gauge for as long as it lives.
@@ -93,6 +96,15 @@ impl Metrics {
             ],
         );
         metric(
+            "tpvpn_manager_flows_denied_total",
+            "counter",
+            "Flows not dialed.",
+            &[
+                ("{reason=\"policy\"}", get(&self.flows_denied_policy)),
+                ("{reason=\"limit\"}", get(&self.flows_denied_limit)),
+            ],
+        );
+        metric(
             "tpvpn_manager_bytes_total",
             "counter",
             "Payload bytes relayed.",
@@ -127,7 +139,15 @@ impl Metrics {
 /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {

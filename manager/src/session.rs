@@ -20,6 +20,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::intercepts::Hub;
 use crate::metrics::{self, Gauge};
+use crate::policy::{Kind, Usage};
 use crate::{Config, Error, Shared, HELLO_TIMEOUT, MAX_HELLO};
 
 /// UDP flows of one session, by flow id: where their datagrams go.
@@ -312,6 +313,7 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hu
         hub: hub.clone(),
         session: id,
         version: peer.version,
+        usage: Arc::default(),
     });
     let result = loop {
         tokio::select! {
@@ -339,6 +341,8 @@ struct Ctx {
     hub: Arc<Hub>,
     session: u64,
     version: u16,
+    /// This session's flows against `config.session_limits`.
+    usage: Arc<Usage>,
 }
 
 /// Runs a closure when dropped.
@@ -492,7 +496,15 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
     };
     let config = &ctx.config;
     match open {
-        Message::DnsQuery { query } => crate::dns::answer(send, query, config).await,
+        Message::DnsQuery { query } => match ctx.usage.take(Kind::Dns, &config.session_limits) {
+            Ok(_permit) => crate::dns::answer(send, query, config).await,
+            Err(why) => {
+                metrics::add(&config.metrics.flows_denied_limit, 1);
+                let reply = Message::Error { code: ErrorCode::Limit, version: ctx.version, message: why };
+                let _ = write_message(&mut send, &reply).await;
+                let _ = send.finish();
+            }
+        },
         Message::FlowOpen { protocol, flow_id, src, dst } => {
             let span = info_span!("flow", proto = ?protocol, %src, %dst, id = flow_id);
             flow(&ctx, send, recv, protocol, flow_id, dst).instrument(span).await
@@ -539,22 +551,40 @@ async fn flow(
     dst: std::net::SocketAddr,
 ) {
     let config = &ctx.config;
-    match protocol {
-        Protocol::Tcp => {
+    let kind = match protocol {
+        Protocol::Tcp => Kind::Tcp,
+        Protocol::Udp => Kind::Udp,
+        Protocol::Other(p) => return deny(&mut send, format!("protocol {p} is not supported")).await,
+    };
+    if let Err(why) = config.policy.check(dst) {
+        metrics::add(&config.metrics.flows_denied_policy, 1);
+        debug!(%why, "denied by the destination policy");
+        return deny(&mut send, why).await;
+    }
+    let _permit = match ctx.usage.take(kind, &config.session_limits) {
+        Ok(p) => p,
+        Err(why) => {
+            metrics::add(&config.metrics.flows_denied_limit, 1);
+            debug!(%why, "over the session's limit");
+            return deny(&mut send, why).await;
+        }
+    };
+    match kind {
+        Kind::Tcp => {
             let _g = Gauge::new(&config.metrics.tcp_flows, &config.metrics.tcp_flows_total);
             crate::tcp::relay(send, recv, dst, config).await
         }
-        Protocol::Udp => {
+        _ => {
             let _g = Gauge::new(&config.metrics.udp_flows, &config.metrics.udp_flows_total);
             crate::udp::relay(ctx.conn.clone(), send, recv, flow_id, dst, config, ctx.udp_flows.clone()).await
         }
-        Protocol::Other(p) => {
-            let reply =
-                Message::FlowReply { status: FlowStatus::Denied, message: format!("protocol {p} is not supported") };
-            let _ = write_message(&mut send, &reply).await;
-            let _ = send.finish();
-        }
     }
+}
+
+/// Answers a flow the manager will not dial: `Denied`, with the reason.
+async fn deny(send: &mut quinn::SendStream, message: String) {
+    let _ = write_message(send, &Message::FlowReply { status: FlowStatus::Denied, message }).await;
+    let _ = send.finish();
 }
 
 #[cfg(test)]
