@@ -88,7 +88,8 @@ pub fn objects(opts: &InstallOptions) -> Result<Vec<Value>, Error> {
                 }
             }
         }
-        if kind == "Service" {
+        // Only the manager's own Service is what laptops reach (NodePort or LoadBalancer).
+        if kind == "Service" && doc["metadata"]["name"] == MANAGER_SERVICE {
             doc["spec"]["type"] = Value::from(opts.service_type.clone());
         }
         out.push(doc);
@@ -279,6 +280,7 @@ mod tests {
                 "Role",
                 "Deployment",
                 "DaemonSet",
+                "Service",
                 "Service"
             ]
         );
@@ -309,9 +311,12 @@ mod tests {
         assert_eq!(agent["env"][0]["value"], "tpvpn-manager.vpn.svc:4443");
         let ns = objs.iter().find(|o| o["kind"] == "Namespace").unwrap();
         assert_eq!(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
-        let svc = objs.iter().find(|o| o["kind"] == "Service").unwrap();
+        let svc = objs.iter().find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "tpvpn-manager").unwrap();
         assert_eq!(svc["spec"]["type"], "LoadBalancer");
+        assert_eq!(svc["spec"]["ports"].as_array().map(Vec::len), Some(1), "only quic is published: {svc}");
         assert_eq!(svc["spec"]["ports"][0]["name"], "quic");
+        let metrics = objs.iter().find(|o| o["metadata"]["name"] == "tpvpn-manager-metrics").unwrap();
+        assert_eq!(metrics["spec"]["type"], "ClusterIP", "metrics stay inside the cluster");
     }
 
     #[test]

@@ -31,8 +31,12 @@ use tracing::{info, warn};
 /// Time to let a burst of watch events settle before recomputing.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// A learned CIDR is never wider than this (a /8): addresses that far apart are not one
+/// cluster range, and routing them would take over the laptop's networking.
+const WIDEST_LEARNED: u8 = 8;
+
 /// The smallest CIDR of `ip`'s family that covers all of `ips`, no narrower than
-/// `/16` (IPv4) or `/112` (IPv6).
+/// `/16` (IPv4) or `/112` (IPv6); `None` (with a warning) if it would be wider than a /8.
 fn covering(ips: &[IpAddr]) -> Option<IpNet> {
     let first = *ips.first()?;
     let mut net = IpNet::from(first);
@@ -40,6 +44,10 @@ fn covering(ips: &[IpAddr]) -> Option<IpNet> {
         while !net.contains(ip) {
             net = net.supernet()?;
         }
+    }
+    if net.prefix_len() < WIDEST_LEARNED {
+        warn!(cidr = %net, "addresses spread wider than a /{WIDEST_LEARNED}: not routed (give --cluster-cidr)");
+        return None;
     }
     let widest = if first.is_ipv4() { 16 } else { 112 };
     if net.prefix_len() > widest {
@@ -324,5 +332,19 @@ mod tests {
             v.cidrs
         );
         assert_eq!(v.dns, Some("10.0.0.10".parse().unwrap()));
+    }
+
+    #[test]
+    fn learned_cidrs_never_widen_past_a_slash_8() {
+        let base = ClusterInfo { cidrs: vec![], dns: None, domain: "c".into() };
+        // ClusterIPs (or pod IPs) from two far-apart ranges would need a /0.
+        let v = compute(&base, &[svc("a", "b", "10.96.0.1"), svc("a", "c", "192.168.0.1")], &[], &[]);
+        assert!(v.cidrs.is_empty(), "{:?}", v.cidrs);
+        assert!(covering(&["0.0.0.1".parse().unwrap(), "255.0.0.1".parse().unwrap()]).is_none());
+        assert!(covering(&["::1".parse().unwrap(), "ff00::1".parse().unwrap()]).is_none());
+        assert_eq!(
+            covering(&["10.0.0.1".parse().unwrap(), "10.255.0.1".parse().unwrap()]),
+            Some("10.0.0.0/8".parse().unwrap())
+        );
     }
 }
