@@ -129,12 +129,12 @@ fn tunnel_frames(c: &mut Criterion) {
     c.bench_function("tunnel: encode flow-open", |b| {
         b.iter(|| {
             out.clear();
-            black_box(&open).emit(&mut out);
+            black_box(&open).emit(&mut out).expect("fits a frame");
         })
     });
-    let bytes = open.to_vec();
+    let bytes = open.to_vec().expect("fits a frame");
     c.bench_function("tunnel: decode flow-open", |b| b.iter(|| Message::decode(black_box(&bytes)).expect("decodes")));
-    let bytes = hello.to_vec();
+    let bytes = hello.to_vec().expect("fits a frame");
     c.bench_function("tunnel: decode server-hello", |b| {
         b.iter(|| Message::decode(black_box(&bytes)).expect("decodes"))
     });

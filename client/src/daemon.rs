@@ -339,7 +339,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
             allow_conflicts: opts.allow_route_conflicts,
         };
         let wanted = routing.apply(&session.cluster.cidrs)?;
-        let mut updates = cluster_updates(control_send, control_recv);
+        let mut updates = cluster_updates(session.conn.clone(), control_send, control_recv);
         let initial = initial_updates(&mut updates).await;
         let dns = match opts.dns_mode {
             DnsMode::Off => None,
@@ -622,28 +622,73 @@ enum Update {
     Services(Vec<tpvpn_tunnel::ServiceInfo>),
 }
 
-/// Reads the manager's pushes on the control stream.
-fn cluster_updates(send: quinn::SendStream, mut recv: quinn::RecvStream) -> tokio::sync::mpsc::Receiver<Update> {
+/// Reads the manager's pushes on the control stream. The catalog comes whole (a
+/// version-1 manager) or in `CatalogChunk`s (a snapshot, then deltas), applied to the
+/// tables here; each completed batch is passed on whole. A control stream that fails or
+/// ends closes the connection, so that the daemon reconnects instead of going on with a
+/// catalog that no longer changes.
+fn cluster_updates(
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> tokio::sync::mpsc::Receiver<Update> {
+    use std::collections::{BTreeMap, BTreeSet};
+    use tpvpn_tunnel::Message;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         let _send = send; // closing it would end the control stream
-        loop {
-            match tpvpn_tunnel::io::read_message(&mut recv).await {
-                Ok(Some(m)) if matches!(m.kind(), "cluster-update" | "namespaces" | "services") => {
-                    let update = match m {
-                        tpvpn_tunnel::Message::ClusterUpdate { cluster } => Update::Cluster(cluster),
-                        tpvpn_tunnel::Message::Namespaces { names } => Update::Namespaces(names),
-                        tpvpn_tunnel::Message::Services { services } => Update::Services(services),
-                        _ => continue,
-                    };
-                    if tx.send(update).await.is_err() {
-                        return;
+        let mut namespaces: BTreeSet<String> = BTreeSet::new();
+        let mut services: BTreeMap<(String, String), tpvpn_tunnel::ServiceInfo> = BTreeMap::new();
+        let why = loop {
+            let updates = match tpvpn_tunnel::io::read_message(&mut recv).await {
+                Ok(Some(Message::ClusterUpdate { cluster })) => vec![Update::Cluster(cluster)],
+                Ok(Some(Message::Namespaces { names })) => vec![Update::Namespaces(names)],
+                Ok(Some(Message::Services { services })) => vec![Update::Services(services)],
+                Ok(Some(Message::CatalogChunk {
+                    reset,
+                    complete,
+                    namespaces_added,
+                    namespaces_removed,
+                    services: upserted,
+                    services_removed,
+                })) => {
+                    if reset {
+                        namespaces.clear();
+                        services.clear();
                     }
+                    for n in &namespaces_removed {
+                        namespaces.remove(n);
+                    }
+                    namespaces.extend(namespaces_added);
+                    for k in &services_removed {
+                        services.remove(k);
+                    }
+                    for s in upserted {
+                        services.insert((s.namespace.clone(), s.name.clone()), s);
+                    }
+                    if !complete {
+                        continue;
+                    }
+                    vec![
+                        Update::Namespaces(namespaces.iter().cloned().collect()),
+                        Update::Services(services.values().cloned().collect()),
+                    ]
                 }
-                Ok(Some(other)) => warn!(kind = other.kind(), "unexpected message on the control stream"),
-                Ok(None) | Err(_) => return,
+                Ok(Some(other)) => {
+                    warn!(kind = other.kind(), "unexpected message on the control stream");
+                    continue;
+                }
+                Ok(None) => break "the manager ended the control stream".to_string(),
+                Err(e) => break format!("control stream: {e}"),
+            };
+            for u in updates {
+                if tx.send(u).await.is_err() {
+                    return;
+                }
             }
-        }
+        };
+        warn!(%why, "closing the connection to reconnect");
+        conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"control stream failed");
     });
     rx
 }
@@ -688,6 +733,14 @@ fn checksum_offload_only(tun: &tun_rs::AsyncDevice) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A number in [0, 1), different in every call and every process.
+fn jitter() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// What `serve` runs: the data plane of the current connection, the device (kept across
 /// reconnections), and the link.
 struct Running {
@@ -721,8 +774,10 @@ async fn reconnect(mut target: Target, rediscover: Option<Rediscover>) -> (crate
                         Err(e) => debug!(error = %e, "cannot read the manager's credentials again"),
                     }
                 }
-                debug!("trying again in {backoff:?}");
-                tokio::time::sleep(backoff).await;
+                // Jitter, so that the clients of a restarted manager do not all come back at once.
+                let wait = backoff + backoff.mul_f64(jitter() * 0.5);
+                debug!("trying again in {wait:?}");
+                tokio::time::sleep(wait).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
@@ -805,7 +860,7 @@ async fn serve(
 
                 old.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"replaced");
                 let (send, recv) = session.control;
-                updates = cluster_updates(send, recv);
+                updates = cluster_updates(session.conn.clone(), send, recv);
                 handle_update(Update::Cluster(session.cluster), &mut status, &mut listing, routing, dns.as_deref());
                 status.manager = Some(session.manager.to_string());
                 status.connected = true;

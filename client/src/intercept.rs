@@ -210,10 +210,24 @@ impl Intercepts {
     /// Every Service's intercept state, for `tpvpn list`.
     pub async fn table(conn: &quinn::Connection, version: u16) -> Result<Vec<InterceptRow>, Error> {
         supported(version)?;
-        match exchange(conn, &Message::InterceptList).await? {
-            Message::InterceptTable { rows } => Ok(rows),
-            other => Err(unexpected(other)),
-        }
+        // The table comes in frames of bounded size, until the stream ends.
+        let run = async {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_message(&mut send, &Message::InterceptList).await?;
+            let _ = send.finish();
+            let mut rows = Vec::new();
+            while let Some(m) = read_message(&mut recv).await? {
+                match m {
+                    Message::InterceptTable { rows: more } => rows.extend(more),
+                    Message::Error { code, message, .. } => return Err(refusal(code, message)),
+                    other => return Err(unexpected(other)),
+                }
+            }
+            Ok(rows)
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, run)
+            .await
+            .unwrap_or_else(|_| Err(Error::System(format!("the manager did not answer within {REQUEST_TIMEOUT:?}"))))
     }
 
     /// Serves the connections the manager opens toward this client on `conn`, until the

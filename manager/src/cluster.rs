@@ -153,7 +153,7 @@ pub fn compute(base: &ClusterInfo, services: &[Arc<Service>], nodes: &[Arc<Node>
 #[derive(Clone)]
 pub struct Views {
     pub cluster: watch::Receiver<ClusterInfo>,
-    pub catalog: watch::Receiver<Arc<Catalog>>,
+    pub catalog: watch::Receiver<Arc<crate::catalog::Version>>,
     pub objects: Option<crate::intercepts::Objects>,
 }
 
@@ -165,7 +165,8 @@ impl std::fmt::Debug for Views {
 
 /// Views that always hold `info` and an empty catalog (no Kubernetes).
 pub fn fixed(info: ClusterInfo) -> Views {
-    Views { cluster: watch::channel(info).1, catalog: watch::channel(Arc::default()).1, objects: None }
+    let empty = Arc::new(crate::catalog::Version::first(Arc::default()));
+    Views { cluster: watch::channel(info).1, catalog: watch::channel(empty).1, objects: None }
 }
 
 /// Whether some node reports its pod CIDR (else pod CIDRs are learned from pod IPs).
@@ -190,7 +191,8 @@ fn publish<T: PartialEq>(tx: &watch::Sender<T>, value: T) -> bool {
 /// full view is known (or after `wait` if the API does not answer).
 pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> Views {
     let (tx, rx) = watch::channel(base.clone());
-    let (catalog_tx, catalog_rx) = watch::channel(Arc::<Catalog>::default());
+    let mut current = Arc::new(crate::catalog::Version::first(Arc::default()));
+    let (catalog_tx, catalog_rx) = watch::channel(current.clone());
     let (objects_tx, objects_rx) = watch::channel(0u64);
     let (svc_reader, svc_writer) = reflector::store::<Service>();
     let (node_reader, node_writer) = reflector::store::<Node>();
@@ -244,9 +246,11 @@ pub async fn watch(client: kube::Client, base: ClusterInfo, wait: Duration) -> V
             if publish(&tx, view.clone()) {
                 info!(cidrs = ?view.cidrs, dns = ?view.dns, "cluster view changed");
             }
-            let cat = Arc::new(catalog(&ns_reader.state(), &services));
-            if publish(&catalog_tx, cat.clone()) {
+            let cat = catalog(&ns_reader.state(), &services);
+            if cat != *current.catalog {
                 info!(namespaces = cat.namespaces.len(), services = cat.services.len(), "catalog changed");
+                current = Arc::new(crate::catalog::Version::next(&current, Arc::new(cat)));
+                let _ = catalog_tx.send(current.clone());
             }
             objects_tx.send_modify(|n| *n += 1);
             if tx.is_closed() && catalog_tx.is_closed() && objects_tx.is_closed() {

@@ -11,6 +11,7 @@
 //! client, from watches of Services and Nodes ([`cluster`]); changes are pushed to
 //! every connected client on its control stream.
 
+pub mod catalog;
 pub mod cluster;
 pub mod dns;
 pub mod intercepts;

@@ -258,8 +258,10 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hu
         return agent_session(conn, id, node.clone(), (send, recv), hub).await;
     }
     let mut catalog = config.views.catalog.clone();
-    let cat = catalog.borrow_and_update().clone();
-    write_catalog(&mut send, &cat).await?;
+    let version = peer.version;
+    let first = catalog.borrow_and_update().clone();
+    write_catalog(&mut send, &first, None, version).await?;
+    let mut sent = first.number;
     info!(version = peer.version, user = %peer.user, host = %peer.host, "client authenticated");
     let _session_gauge = Gauge::new(&config.metrics.sessions, &config.metrics.sessions_total);
     let who = if peer.user.is_empty() && peer.host.is_empty() {
@@ -288,8 +290,10 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hu
                     },
                     r = catalog.changed(), if catalog_open => match r {
                         Ok(()) => {
-                            let cat = catalog.borrow_and_update().clone();
-                            write_catalog(&mut send, &cat).await
+                            let v = catalog.borrow_and_update().clone();
+                            let r = write_catalog(&mut send, &v, Some(sent), version).await;
+                            sent = v.number;
+                            r
                         }
                         Err(_) => { catalog_open = false; Ok(()) }
                     },
@@ -460,10 +464,20 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Sends the namespaces and Services.
-async fn write_catalog(send: &mut quinn::SendStream, cat: &crate::cluster::Catalog) -> Result<(), tpvpn_tunnel::Error> {
-    write_message(send, &Message::Namespaces { names: cat.namespaces.clone() }).await?;
-    write_message(send, &Message::Services { services: cat.services.clone() }).await
+/// Sends what brings the client from catalog version `sent` to `v`: a v2 client the
+/// delta or a snapshot in chunks, a v1 client the whole catalog (while it fits a frame).
+/// The frames are shared by every session.
+async fn write_catalog(
+    send: &mut quinn::SendStream,
+    v: &crate::catalog::Version,
+    sent: Option<u64>,
+    version: u16,
+) -> Result<(), tpvpn_tunnel::Error> {
+    let frames = if version >= INTERCEPT_VERSION { Some(v.frames_since(sent)) } else { v.v1_frames() };
+    for f in frames.into_iter().flatten() {
+        send.write_chunk(f.clone()).await.map_err(|e| tpvpn_tunnel::Error::Stream(e.to_string()))?;
+    }
+    Ok(())
 }
 
 async fn route_datagrams(conn: quinn::Connection, flows: UdpFlows) {
@@ -518,9 +532,20 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
             } else {
                 intercept_request(&ctx, request).await
             };
-            let reply =
-                reply.unwrap_or_else(|r| Message::Error { code: r.code, version: ctx.version, message: r.message });
-            let _ = write_message(&mut send, &reply).await;
+            let replies = match reply {
+                // A table of every Service goes in frames of bounded size.
+                Ok(Message::InterceptTable { rows }) => {
+                    rows.chunks(TABLE_ROWS).map(|c| Message::InterceptTable { rows: c.to_vec() }).collect()
+                }
+                Ok(m) => vec![m],
+                Err(r) => vec![Message::Error { code: r.code, version: ctx.version, message: r.message }],
+            };
+            for m in &replies {
+                if let Err(e) = write_message(&mut send, m).await {
+                    debug!(error = %e, "reply not sent");
+                    break;
+                }
+            }
             let _ = send.finish();
         }
         _ => {
@@ -528,6 +553,9 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
         }
     }
 }
+
+/// Rows of the intercept table per frame (a row is well under 100 bytes).
+const TABLE_ROWS: usize = 4096;
 
 async fn intercept_request(ctx: &Ctx, request: Message) -> Result<Message, crate::intercepts::Refusal> {
     match request {

@@ -72,8 +72,8 @@ async fn first_view_is_the_listed_one_and_pod_cidrs_come_from_pod_ips() {
         assert!(first.cidrs.contains(&"10.43.0.0/16".parse().unwrap()), "round {round}: first view {first:?}");
         assert_eq!(first.dns, Some("10.43.0.10".parse().unwrap()), "round {round}");
         let catalog = Arc::clone(&views.catalog.borrow());
-        assert_eq!(catalog.namespaces, ["default", "kube-system"], "round {round}");
-        assert_eq!(catalog.services.len(), 2, "round {round}");
+        assert_eq!(catalog.catalog.namespaces, ["default", "kube-system"], "round {round}");
+        assert_eq!(catalog.catalog.services.len(), 2, "round {round}");
         // The pod watch starts after the nodes are listed; its CIDR follows.
         let learned = tokio::time::timeout(
             Duration::from_secs(30),

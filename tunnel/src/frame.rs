@@ -32,6 +32,7 @@ mod ty {
     pub const SERVICES: u8 = 0x06;
     pub const CLIENT_INFO: u8 = 0x07;
     pub const SERVER_INFO: u8 = 0x08;
+    pub const CATALOG_CHUNK: u8 = 0x09;
     pub const FLOW_OPEN: u8 = 0x10;
     pub const FLOW_REPLY: u8 = 0x11;
     pub const DNS_QUERY: u8 = 0x20;
@@ -351,6 +352,17 @@ pub enum Message {
     /// Right after a [`Message::ServerHello`] of version 2 or more: the manager's range
     /// and features.
     ServerInfo { min_version: u16, max_version: u16, features: u64 },
+    /// Part of the catalog (v2): a snapshot in chunks, the first with `reset` (the client
+    /// clears its tables), or a delta against what was sent before; `complete` ends a
+    /// batch (the client's tables are whole again). `services` are added or changed.
+    CatalogChunk {
+        reset: bool,
+        complete: bool,
+        namespaces_added: Vec<String>,
+        namespaces_removed: Vec<String>,
+        services: Vec<ServiceInfo>,
+        services_removed: Vec<(String, String)>,
+    },
     /// First frame of a stream a client opens to intercept a Service port. `port` is a
     /// port name or number, or empty for a Service's only port.
     InterceptRequest { namespace: String, service: String, port: String, local_port: u16, container: String },
@@ -397,6 +409,20 @@ pub enum Message {
     Unknown { frame_type: u8, payload: Vec<u8> },
 }
 
+impl ServiceInfo {
+    /// Bytes this Service takes in a `Services` or `CatalogChunk` frame.
+    pub fn encoded_len(&self) -> usize {
+        let ip = |ip: &IpAddr| if ip.is_ipv4() { 5 } else { 17 };
+        2 + self.namespace.len()
+            + 2
+            + self.name.len()
+            + 1
+            + self.cluster_ips.iter().map(ip).sum::<usize>()
+            + 2
+            + self.ports.iter().map(|p| 2 + p.name.len() + 3).sum::<usize>()
+    }
+}
+
 impl Message {
     /// Name of the message kind, for errors and logs.
     pub fn kind(&self) -> &'static str {
@@ -413,6 +439,7 @@ impl Message {
             Message::DnsAnswer { .. } => "dns-answer",
             Message::ClientInfo { .. } => "client-info",
             Message::ServerInfo { .. } => "server-info",
+            Message::CatalogChunk { .. } => "catalog-chunk",
             Message::InterceptRequest { .. } => "intercept-request",
             Message::InterceptReply { .. } => "intercept-reply",
             Message::Leave { .. } => "leave",
@@ -453,23 +480,32 @@ impl Message {
                 let n = r.u32()?;
                 let mut services = Vec::with_capacity((n as usize).min(4096));
                 for _ in 0..n {
-                    let namespace = r.string16("service namespace")?;
-                    let name = r.string16("service name")?;
-                    let ips = r.u8()?;
-                    let mut cluster_ips = Vec::with_capacity(usize::from(ips));
-                    for _ in 0..ips {
-                        cluster_ips.push(r.ip()?);
-                    }
-                    let nports = r.u16()?;
-                    let mut ports = Vec::with_capacity(usize::from(nports).min(256));
-                    for _ in 0..nports {
-                        let name = r.string16("port name")?;
-                        let protocol = Protocol::from(r.u8()?);
-                        ports.push(ServicePort { name, protocol, port: r.u16()? });
-                    }
-                    services.push(ServiceInfo { namespace, name, cluster_ips, ports });
+                    services.push(r.service()?);
                 }
                 Message::Services { services }
+            }
+            ty::CATALOG_CHUNK => {
+                let flags = r.u8()?;
+                let namespaces_added = r.strings32("namespace")?;
+                let namespaces_removed = r.strings32("namespace")?;
+                let n = r.u32()?;
+                let mut services = Vec::with_capacity((n as usize).min(4096));
+                for _ in 0..n {
+                    services.push(r.service()?);
+                }
+                let n = r.u32()?;
+                let mut services_removed = Vec::with_capacity((n as usize).min(4096));
+                for _ in 0..n {
+                    services_removed.push((r.string16("service namespace")?, r.string16("service name")?));
+                }
+                Message::CatalogChunk {
+                    reset: flags & 1 != 0,
+                    complete: flags & 2 != 0,
+                    namespaces_added,
+                    namespaces_removed,
+                    services,
+                    services_removed,
+                }
             }
             ty::ERROR => {
                 let code = ErrorCode::from(r.u16()?);
@@ -594,57 +630,72 @@ impl Message {
         }
     }
 
-    /// Appends the encoded frame to `out`. Strings and byte fields longer than 65535
-    /// bytes are cut to fit their 16-bit length.
-    pub fn emit(&self, out: &mut Vec<u8>) {
+    /// Appends the encoded frame to `out`; a frame whose payload would exceed
+    /// [`MAX_FRAME_PAYLOAD`], or a field its length prefix cannot hold (a string over
+    /// 65535 bytes, more items than its count), is an error and appends nothing.
+    pub fn emit(&self, out: &mut Vec<u8>) -> Result<()> {
+        let mut cut = false;
         let start = out.len();
         out.extend_from_slice(&[0; FRAME_HEADER_LEN]);
         let frame_type = match self {
             Message::ClientHello { version, token } => {
                 out.extend_from_slice(&version.to_be_bytes());
-                put_bytes16(out, token);
+                put_bytes16(out, &mut cut, token);
                 ty::CLIENT_HELLO
             }
             Message::ServerHello { version, cluster } => {
                 out.extend_from_slice(&version.to_be_bytes());
-                put_cluster(out, cluster);
+                put_cluster(out, &mut cut, cluster);
                 ty::SERVER_HELLO
             }
             Message::ClusterUpdate { cluster } => {
-                put_cluster(out, cluster);
+                put_cluster(out, &mut cut, cluster);
                 ty::CLUSTER_UPDATE
             }
             Message::Namespaces { names } => {
                 out.extend_from_slice(&(names.len() as u32).to_be_bytes());
                 for n in names {
-                    put_bytes16(out, n.as_bytes());
+                    put_bytes16(out, &mut cut, n.as_bytes());
                 }
                 ty::NAMESPACES
             }
             Message::Services { services } => {
                 out.extend_from_slice(&(services.len() as u32).to_be_bytes());
                 for s in services {
-                    put_bytes16(out, s.namespace.as_bytes());
-                    put_bytes16(out, s.name.as_bytes());
-                    let ips = &s.cluster_ips[..s.cluster_ips.len().min(usize::from(u8::MAX))];
-                    out.push(ips.len() as u8);
-                    for ip in ips {
-                        put_ip(out, *ip);
-                    }
-                    let ports = &s.ports[..s.ports.len().min(usize::from(u16::MAX))];
-                    out.extend_from_slice(&(ports.len() as u16).to_be_bytes());
-                    for p in ports {
-                        put_bytes16(out, p.name.as_bytes());
-                        out.push(u8::from(p.protocol));
-                        out.extend_from_slice(&p.port.to_be_bytes());
-                    }
+                    put_service(out, &mut cut, s);
                 }
                 ty::SERVICES
+            }
+            Message::CatalogChunk {
+                reset,
+                complete,
+                namespaces_added,
+                namespaces_removed,
+                services,
+                services_removed,
+            } => {
+                out.push(u8::from(*reset) | (u8::from(*complete) << 1));
+                for names in [namespaces_added, namespaces_removed] {
+                    out.extend_from_slice(&(names.len() as u32).to_be_bytes());
+                    for n in names {
+                        put_bytes16(out, &mut cut, n.as_bytes());
+                    }
+                }
+                out.extend_from_slice(&(services.len() as u32).to_be_bytes());
+                for s in services {
+                    put_service(out, &mut cut, s);
+                }
+                out.extend_from_slice(&(services_removed.len() as u32).to_be_bytes());
+                for (ns, name) in services_removed {
+                    put_bytes16(out, &mut cut, ns.as_bytes());
+                    put_bytes16(out, &mut cut, name.as_bytes());
+                }
+                ty::CATALOG_CHUNK
             }
             Message::Error { code, version, message } => {
                 out.extend_from_slice(&u16::from(*code).to_be_bytes());
                 out.extend_from_slice(&version.to_be_bytes());
-                put_bytes16(out, message.as_bytes());
+                put_bytes16(out, &mut cut, message.as_bytes());
                 ty::ERROR
             }
             Message::FlowOpen { protocol, flow_id, src, dst } => {
@@ -656,15 +707,15 @@ impl Message {
             }
             Message::FlowReply { status, message } => {
                 out.push(u8::from(*status));
-                put_bytes16(out, message.as_bytes());
+                put_bytes16(out, &mut cut, message.as_bytes());
                 ty::FLOW_REPLY
             }
             Message::DnsQuery { query } => {
-                put_bytes16(out, query);
+                put_bytes16(out, &mut cut, query);
                 ty::DNS_QUERY
             }
             Message::DnsAnswer { answer } => {
-                put_bytes16(out, answer);
+                put_bytes16(out, &mut cut, answer);
                 ty::DNS_ANSWER
             }
             Message::ClientInfo { min_version, role, user, host, client_id, features } => {
@@ -673,13 +724,13 @@ impl Message {
                     Role::Client => out.push(0),
                     Role::Agent { node } => {
                         out.push(1);
-                        put_bytes16(out, node.as_bytes());
+                        put_bytes16(out, &mut cut, node.as_bytes());
                     }
                     Role::Other(o) => out.push(*o),
                 }
-                put_bytes16(out, user.as_bytes());
-                put_bytes16(out, host.as_bytes());
-                put_bytes16(out, client_id);
+                put_bytes16(out, &mut cut, user.as_bytes());
+                put_bytes16(out, &mut cut, host.as_bytes());
+                put_bytes16(out, &mut cut, client_id);
                 out.extend_from_slice(&features.to_be_bytes());
                 ty::CLIENT_INFO
             }
@@ -690,11 +741,11 @@ impl Message {
                 ty::SERVER_INFO
             }
             Message::InterceptRequest { namespace, service, port, local_port, container } => {
-                put_bytes16(out, namespace.as_bytes());
-                put_bytes16(out, service.as_bytes());
-                put_bytes16(out, port.as_bytes());
+                put_bytes16(out, &mut cut, namespace.as_bytes());
+                put_bytes16(out, &mut cut, service.as_bytes());
+                put_bytes16(out, &mut cut, port.as_bytes());
                 out.extend_from_slice(&local_port.to_be_bytes());
-                put_bytes16(out, container.as_bytes());
+                put_bytes16(out, &mut cut, container.as_bytes());
                 ty::INTERCEPT_REQUEST
             }
             Message::InterceptReply { id, service_port, targets, env, warnings } => {
@@ -703,21 +754,21 @@ impl Message {
                 let targets = &targets[..targets.len().min(usize::from(u16::MAX))];
                 out.extend_from_slice(&(targets.len() as u16).to_be_bytes());
                 for t in targets {
-                    put_bytes16(out, t.pod.as_bytes());
+                    put_bytes16(out, &mut cut, t.pod.as_bytes());
                     put_socket_addr(out, t.addr);
                     out.push(u8::from(t.meshed));
                 }
-                put_pairs(out, env);
-                put_strings(out, warnings);
+                put_pairs(out, &mut cut, env);
+                put_strings(out, &mut cut, warnings);
                 ty::INTERCEPT_REPLY
             }
             Message::Leave { namespace, service } => {
-                put_bytes16(out, namespace.as_bytes());
-                put_bytes16(out, service.as_bytes());
+                put_bytes16(out, &mut cut, namespace.as_bytes());
+                put_bytes16(out, &mut cut, service.as_bytes());
                 ty::LEAVE
             }
             Message::Ack { message } => {
-                put_bytes16(out, message.as_bytes());
+                put_bytes16(out, &mut cut, message.as_bytes());
                 ty::ACK
             }
             Message::InterceptOpen { id, src, dst } => {
@@ -730,10 +781,10 @@ impl Message {
             Message::InterceptTable { rows } => {
                 out.extend_from_slice(&(rows.len() as u32).to_be_bytes());
                 for row in rows {
-                    put_bytes16(out, row.namespace.as_bytes());
-                    put_bytes16(out, row.service.as_bytes());
+                    put_bytes16(out, &mut cut, row.namespace.as_bytes());
+                    put_bytes16(out, &mut cut, row.service.as_bytes());
                     out.push(u8::from(row.state));
-                    put_bytes16(out, row.holder.as_bytes());
+                    put_bytes16(out, &mut cut, row.holder.as_bytes());
                     out.extend_from_slice(&row.port.to_be_bytes());
                     out.extend_from_slice(&row.since.to_be_bytes());
                     out.push(u8::from(row.mine));
@@ -742,8 +793,8 @@ impl Message {
             }
             Message::Capture { id, pod_namespace, pod_name, pod_ip, port, host_ip, container, container_id } => {
                 out.extend_from_slice(&id.to_be_bytes());
-                put_bytes16(out, pod_namespace.as_bytes());
-                put_bytes16(out, pod_name.as_bytes());
+                put_bytes16(out, &mut cut, pod_namespace.as_bytes());
+                put_bytes16(out, &mut cut, pod_name.as_bytes());
                 put_ip(out, *pod_ip);
                 out.extend_from_slice(&port.to_be_bytes());
                 match host_ip {
@@ -753,8 +804,8 @@ impl Message {
                         put_ip(out, *ip);
                     }
                 }
-                put_bytes16(out, container.as_bytes());
-                put_bytes16(out, container_id.as_bytes());
+                put_bytes16(out, &mut cut, container.as_bytes());
+                put_bytes16(out, &mut cut, container_id.as_bytes());
                 ty::CAPTURE
             }
             Message::Release { id } => {
@@ -764,27 +815,35 @@ impl Message {
             Message::CaptureStatus { id, ok, message, meshed, env } => {
                 out.extend_from_slice(&id.to_be_bytes());
                 out.push(u8::from(*ok));
-                put_bytes16(out, message.as_bytes());
+                put_bytes16(out, &mut cut, message.as_bytes());
                 out.push(u8::from(*meshed));
-                put_pairs(out, env);
+                put_pairs(out, &mut cut, env);
                 ty::CAPTURE_STATUS
             }
             Message::Unknown { frame_type, payload } => {
-                let n = payload.len().min(MAX_FRAME_PAYLOAD);
-                out.extend_from_slice(&payload[..n]);
+                out.extend_from_slice(payload);
                 *frame_type
             }
         };
-        let len = (out.len() - start - FRAME_HEADER_LEN) as u32;
+        let len = out.len() - start - FRAME_HEADER_LEN;
+        if cut || len > MAX_FRAME_PAYLOAD {
+            out.truncate(start);
+            return Err(if cut {
+                Error::Malformed { what: "frame: a field too long for its length" }
+            } else {
+                Error::TooLong(len)
+            });
+        }
         out[start] = frame_type;
-        out[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        out[start + 1..start + FRAME_HEADER_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
     }
 
-    /// The encoded frame as a new buffer.
-    pub fn to_vec(&self) -> Vec<u8> {
+    /// The encoded frame as a new buffer (see [`Message::emit`]).
+    pub fn to_vec(&self) -> Result<Vec<u8>> {
         let mut out = Vec::new();
-        self.emit(&mut out);
-        out
+        self.emit(&mut out)?;
+        Ok(out)
     }
 }
 
@@ -818,33 +877,54 @@ impl<'a> UdpRecord<'a> {
     }
 }
 
-fn put_bytes16(out: &mut Vec<u8>, b: &[u8]) {
+fn put_bytes16(out: &mut Vec<u8>, cut: &mut bool, b: &[u8]) {
+    *cut |= b.len() > usize::from(u16::MAX);
     let n = b.len().min(usize::from(u16::MAX));
     out.extend_from_slice(&(n as u16).to_be_bytes());
     out.extend_from_slice(&b[..n]);
 }
 
 /// A u16 count of strings (at most 65535 kept), each with a u16 length.
-fn put_strings(out: &mut Vec<u8>, items: &[String]) {
+fn put_strings(out: &mut Vec<u8>, cut: &mut bool, items: &[String]) {
+    *cut |= items.len() > usize::from(u16::MAX);
     let items = &items[..items.len().min(usize::from(u16::MAX))];
     out.extend_from_slice(&(items.len() as u16).to_be_bytes());
     for s in items {
-        put_bytes16(out, s.as_bytes());
+        put_bytes16(out, cut, s.as_bytes());
     }
 }
 
 /// A u16 count of name/value pairs (an environment), each a pair of u16-length strings.
-fn put_pairs(out: &mut Vec<u8>, pairs: &[(String, String)]) {
+fn put_pairs(out: &mut Vec<u8>, cut: &mut bool, pairs: &[(String, String)]) {
+    *cut |= pairs.len() > usize::from(u16::MAX);
     let pairs = &pairs[..pairs.len().min(usize::from(u16::MAX))];
     out.extend_from_slice(&(pairs.len() as u16).to_be_bytes());
     for (k, v) in pairs {
-        put_bytes16(out, k.as_bytes());
-        put_bytes16(out, v.as_bytes());
+        put_bytes16(out, cut, k.as_bytes());
+        put_bytes16(out, cut, v.as_bytes());
     }
 }
 
-fn put_cluster(out: &mut Vec<u8>, cluster: &ClusterInfo) {
-    put_bytes16(out, cluster.domain.as_bytes());
+fn put_service(out: &mut Vec<u8>, cut: &mut bool, s: &ServiceInfo) {
+    put_bytes16(out, cut, s.namespace.as_bytes());
+    put_bytes16(out, cut, s.name.as_bytes());
+    *cut |= s.cluster_ips.len() > usize::from(u8::MAX) || s.ports.len() > usize::from(u16::MAX);
+    let ips = &s.cluster_ips[..s.cluster_ips.len().min(usize::from(u8::MAX))];
+    out.push(ips.len() as u8);
+    for ip in ips {
+        put_ip(out, *ip);
+    }
+    let ports = &s.ports[..s.ports.len().min(usize::from(u16::MAX))];
+    out.extend_from_slice(&(ports.len() as u16).to_be_bytes());
+    for p in ports {
+        put_bytes16(out, cut, p.name.as_bytes());
+        out.push(u8::from(p.protocol));
+        out.extend_from_slice(&p.port.to_be_bytes());
+    }
+}
+
+fn put_cluster(out: &mut Vec<u8>, cut: &mut bool, cluster: &ClusterInfo) {
+    put_bytes16(out, cut, cluster.domain.as_bytes());
     match cluster.dns {
         None => out.push(0),
         Some(ip) => {
@@ -852,6 +932,7 @@ fn put_cluster(out: &mut Vec<u8>, cluster: &ClusterInfo) {
             put_ip(out, ip);
         }
     }
+    *cut |= cluster.cidrs.len() > usize::from(u16::MAX);
     let n = cluster.cidrs.len().min(usize::from(u16::MAX));
     out.extend_from_slice(&(n as u16).to_be_bytes());
     for net in &cluster.cidrs[..n] {
@@ -940,6 +1021,33 @@ impl<'a> Reader<'a> {
             1 => Ok(true),
             _ => Err(Error::Malformed { what }),
         }
+    }
+
+    fn service(&mut self) -> Result<ServiceInfo> {
+        let namespace = self.string16("service namespace")?;
+        let name = self.string16("service name")?;
+        let ips = self.u8()?;
+        let mut cluster_ips = Vec::with_capacity(usize::from(ips));
+        for _ in 0..ips {
+            cluster_ips.push(self.ip()?);
+        }
+        let nports = self.u16()?;
+        let mut ports = Vec::with_capacity(usize::from(nports).min(256));
+        for _ in 0..nports {
+            let name = self.string16("port name")?;
+            let protocol = Protocol::from(self.u8()?);
+            ports.push(ServicePort { name, protocol, port: self.u16()? });
+        }
+        Ok(ServiceInfo { namespace, name, cluster_ips, ports })
+    }
+
+    fn strings32(&mut self, what: &'static str) -> Result<Vec<String>> {
+        let n = self.u32()?;
+        let mut v = Vec::with_capacity((n as usize).min(4096));
+        for _ in 0..n {
+            v.push(self.string16(what)?);
+        }
+        Ok(v)
     }
 
     fn strings(&mut self, what: &'static str) -> Result<Vec<String>> {
@@ -1158,13 +1266,34 @@ mod tests {
                 env: vec![("A".into(), "1".into())],
             },
             Message::CaptureStatus { id: 6, ok: false, message: "no such pod".into(), meshed: false, env: vec![] },
+            Message::CatalogChunk {
+                reset: true,
+                complete: false,
+                namespaces_added: vec!["default".into(), "dev".into()],
+                namespaces_removed: vec![],
+                services: vec![ServiceInfo {
+                    namespace: "default".into(),
+                    name: "web".into(),
+                    cluster_ips: vec!["10.96.0.90".parse().unwrap()],
+                    ports: vec![ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80 }],
+                }],
+                services_removed: vec![],
+            },
+            Message::CatalogChunk {
+                reset: false,
+                complete: true,
+                namespaces_added: vec![],
+                namespaces_removed: vec!["old".into()],
+                services: vec![],
+                services_removed: vec![("default".into(), "gone".into())],
+            },
         ]
     }
 
     #[test]
     fn every_message_round_trips() {
         for m in samples() {
-            let buf = m.to_vec();
+            let buf = m.to_vec().unwrap();
             let (parsed, used) = Message::decode(&buf).unwrap().unwrap();
             assert_eq!(parsed, m);
             assert_eq!(used, buf.len());
@@ -1174,7 +1303,7 @@ mod tests {
     #[test]
     fn every_prefix_asks_for_more_bytes() {
         for m in samples() {
-            let buf = m.to_vec();
+            let buf = m.to_vec().unwrap();
             for cut in 0..buf.len() {
                 assert_eq!(Message::decode(&buf[..cut]), Ok(None), "{m:?} cut at {cut}");
             }
@@ -1185,7 +1314,7 @@ mod tests {
     fn frames_decode_back_to_back() {
         let mut buf = Vec::new();
         for m in samples() {
-            m.emit(&mut buf);
+            m.emit(&mut buf).unwrap();
         }
         let mut pos = 0;
         for m in samples() {
@@ -1209,19 +1338,41 @@ mod tests {
         buf.truncate(FRAME_HEADER_LEN + 16);
         assert!(matches!(Message::decode(&buf), Err(Error::Malformed { .. })));
         // A hello with trailing garbage.
-        let mut hello = Message::ClientHello { version: 1, token: vec![] }.to_vec();
+        let mut hello = Message::ClientHello { version: 1, token: vec![] }.to_vec().unwrap();
         hello.push(0);
         hello[4] += 1;
         assert!(matches!(Message::decode(&hello), Err(Error::Malformed { .. })));
         // A "has dns" flag other than 0 or 1.
-        let mut hello = Message::ServerHello { version: 1, cluster: ClusterInfo::default() }.to_vec();
+        let mut hello = Message::ServerHello { version: 1, cluster: ClusterInfo::default() }.to_vec().unwrap();
         hello[9] = 7; // the dns flag, after type, length, version and an empty domain
         assert!(matches!(Message::decode(&hello), Err(Error::Malformed { .. })));
         // Non-UTF-8 message.
-        let mut reply = Message::FlowReply { status: FlowStatus::Ok, message: "ab".into() }.to_vec();
+        let mut reply = Message::FlowReply { status: FlowStatus::Ok, message: "ab".into() }.to_vec().unwrap();
         let n = reply.len();
         reply[n - 1] = 0xff;
         assert!(matches!(Message::decode(&reply), Err(Error::NotUtf8 { .. })));
+    }
+
+    #[test]
+    fn emit_refuses_what_a_frame_cannot_hold() {
+        let mut out = vec![9];
+        let big = Message::DnsAnswer { answer: vec![0; 70_000] };
+        assert!(matches!(big.emit(&mut out), Err(Error::Malformed { .. })), "a field over its u16 length");
+        assert_eq!(out, [9], "nothing appended");
+        let services: Vec<ServiceInfo> = (0..20_000)
+            .map(|i| ServiceInfo {
+                namespace: format!("team-{}", i % 97),
+                name: format!("service-number-{i}"),
+                cluster_ips: vec!["10.96.0.1".parse().unwrap()],
+                ports: vec![ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80 }; 3],
+            })
+            .collect();
+        let size: usize = services.iter().map(ServiceInfo::encoded_len).sum();
+        assert!(size > MAX_FRAME_PAYLOAD);
+        assert!(matches!(Message::Services { services: services.clone() }.emit(&mut out), Err(Error::TooLong(_))));
+        // encoded_len is exact.
+        let one = Message::Services { services: services[..1].to_vec() }.to_vec().unwrap();
+        assert_eq!(one.len(), FRAME_HEADER_LEN + 4 + services[0].encoded_len());
     }
 
     #[test]

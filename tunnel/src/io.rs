@@ -53,7 +53,7 @@ const READ_STEP: usize = 16 * 1024;
 
 /// Writes one frame.
 pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<()> {
-    send.write_all(&msg.to_vec()).await.map_err(|e| Error::Stream(e.to_string()))
+    send.write_all(&msg.to_vec()?).await.map_err(|e| Error::Stream(e.to_string()))
 }
 
 /// Reads one UDP record into `buf` (replacing its contents); `Ok(false)` at a clean end.
