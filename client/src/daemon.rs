@@ -943,14 +943,13 @@ async fn serve(
 
 /// Adds each Service's intercept state to the listing.
 fn annotate(listing: &mut control::Listing, rows: &[tpvpn_tunnel::InterceptRow]) {
+    let mut states: std::collections::HashMap<(&str, &str), Vec<String>> = std::collections::HashMap::new();
+    for r in rows {
+        states.entry((r.namespace.as_str(), r.service.as_str())).or_default().push(crate::intercept::state_text(r));
+    }
     for s in &mut listing.services {
-        let states: Vec<String> = rows
-            .iter()
-            .filter(|r| r.namespace == s.namespace && r.service == s.name)
-            .map(crate::intercept::state_text)
-            .collect();
-        if !states.is_empty() {
-            s.intercept = Some(states.join("; "));
+        if let Some(st) = states.get(&(s.namespace.as_str(), s.name.as_str())) {
+            s.intercept = Some(st.join("; "));
         }
     }
 }

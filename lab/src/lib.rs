@@ -204,6 +204,8 @@ pub struct Lab {
     /// Bearer tokens of the API server stand-in: admin, and no access to secrets.
     api_token: String,
     no_secrets_token: String,
+    /// Objects loaded into the API stand-in besides the lab's own.
+    extra_fixtures: Vec<Value>,
 }
 
 impl std::fmt::Debug for Lab {
@@ -291,6 +293,12 @@ impl Lab {
     /// Builds the whole lab: namespaces, links, servers, TLS material, token
     /// and a running manager. Everything already built is torn down if a step fails.
     pub fn new() -> Result<Lab> {
+        Lab::with_fixtures(Vec::new())
+    }
+
+    /// [`Lab::new`] with `extra` objects loaded into the API stand-in at start (say, a
+    /// large cluster's Services).
+    pub fn with_fixtures(extra: Vec<Value>) -> Result<Lab> {
         let bin_dir = bin_dir()?;
         find_bin(&bin_dir, "tpvpn-manager")?;
         find_bin(&bin_dir, "tpvpn-lab")?;
@@ -335,6 +343,7 @@ impl Lab {
             netns_etc: None,
             api_token: random_token()?,
             no_secrets_token: random_token()?,
+            extra_fixtures: extra,
         };
         // On error `lab` is dropped here, which tears down what was built.
         lab.build().with_context(|| format!("building lab {}", lab.id))?;
@@ -640,6 +649,7 @@ impl Lab {
         objs.push(json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": "tpvpn-client", "namespace": "tpvpn"},
             "data": {"ca.crt": b64(self.manager_ca())?, "token": b64(self.token_file())?}}));
+        objs.extend(self.extra_fixtures.iter().cloned());
         Ok(Value::Array(objs))
     }
 
@@ -672,7 +682,7 @@ impl Lab {
     /// Writes fixtures and kubeconfig, starts the API server stand-in and waits (≤ 10 s) until it answers.
     fn start_apiserver(&mut self) -> Result<()> {
         let fixtures = self.dir.join("apiserver-fixtures.json");
-        fs::write(&fixtures, serde_json::to_vec_pretty(&self.fixtures()?)?)?;
+        fs::write(&fixtures, serde_json::to_vec(&self.fixtures()?)?)?;
         fs::write(self.kubeconfig(), self.kubeconfig_yaml())?;
         let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
         let (fx, tok, nosec) = (fixtures.display().to_string(), self.api_token.clone(), self.no_secrets_token.clone());

@@ -383,7 +383,11 @@ impl Hub {
         let objects = self.objects.as_ref().ok_or_else(|| {
             refuse(ErrorCode::Unsupported, "this manager runs without Kubernetes: it knows no Services to intercept")
         })?;
-        let pods = objects.pods.state();
+        // Pods by namespace, so that each Service looks only at its own namespace's.
+        let mut pods: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+        for p in objects.pods.state() {
+            pods.entry(p.metadata.namespace.clone().unwrap_or_default()).or_default().push(p);
+        }
         let r = self.lock();
         let key = r.clients.get(&session).map(|c| c.key.clone()).unwrap_or_default();
         let mut rows = Vec::new();
@@ -405,7 +409,7 @@ impl Hub {
                 }
                 continue;
             }
-            let selected = targets::selected(&svc, &pods);
+            let selected = pods.get(&ns).map_or_else(Vec::new, |p| targets::selected(&svc, p));
             let state = if selected.is_empty() {
                 InterceptState::NoPods
             } else if selected

@@ -246,7 +246,7 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hu
         Ok(Ok(Some(accepted))) => accepted,
     };
     ticket.authenticated();
-    tpvpn_tunnel::quic::grant_full_limits(&conn);
+    let mut grant = tpvpn_tunnel::quic::grant_full_limits(&conn);
     let mut cluster = config.views.cluster.clone();
     let view = cluster.borrow_and_update().clone();
     for frame in handshake.accept_frames(peer.version, view) {
@@ -255,7 +255,7 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hu
     let id = hub.session_id();
     if let Role::Agent { node } = &peer.role {
         info!(version = peer.version, %node, "agent authenticated");
-        return agent_session(conn, id, node.clone(), (send, recv), hub).await;
+        return agent_session(conn, id, node.clone(), (send, recv), hub, grant).await;
     }
     let mut catalog = config.views.catalog.clone();
     let version = peer.version;
@@ -324,6 +324,7 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hu
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     flows.spawn(stream(ctx.clone(), send, recv).in_current_span());
+                    grant.in_use(&conn, flows.len());
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(_)) | Err(quinn::ConnectionError::LocallyClosed) => {
                     break Ok(())
@@ -366,6 +367,7 @@ async fn agent_session(
     node: String,
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     hub: Arc<Hub>,
+    mut grant: tpvpn_tunnel::quic::StreamGrant,
 ) -> Result<(), Error> {
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     hub.agent_connected(&node, id, tx);
@@ -390,6 +392,7 @@ async fn agent_session(
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     captured.spawn(intercepted(hub.clone(), node.clone(), send, recv).in_current_span());
+                    grant.in_use(&conn, captured.len());
                 }
                 Err(quinn::ConnectionError::ApplicationClosed(_)) | Err(quinn::ConnectionError::LocallyClosed) => return Ok(()),
                 Err(e) => return Err(e.into()),

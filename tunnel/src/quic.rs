@@ -21,8 +21,12 @@ use crate::{Error, Result, ALPN};
 /// checked.
 pub const SERVER_NAME: &str = "tpvpn-manager";
 
-/// Streams a client may have open at once (one per TCP or UDP flow).
+/// Streams a client may have open at once (one per TCP or UDP flow), at most.
 pub const MAX_CONCURRENT_STREAMS: u32 = 32_768;
+/// Streams granted at first. quinn allocates the state of every stream it allows the
+/// peer up front (~80 bytes each, both directions), so allowing 32,768 at once cost
+/// 2.6 MiB per connection; the grant is widened as the peer uses it ([`StreamGrant`]).
+pub const INITIAL_STREAMS: u32 = 1024;
 /// Per-stream receive window: one flow may have this much unacknowledged data in flight
 /// (covers 1 Gbit/s at 60 ms RTT).
 pub const STREAM_WINDOW: u32 = 8 << 20;
@@ -52,7 +56,7 @@ fn provider() -> Arc<CryptoProvider> {
 /// Transport parameters tuned for carrying many flows of a VPN.
 pub fn transport_config() -> TransportConfig {
     let mut t = TransportConfig::default();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS))
+    t.max_concurrent_bidi_streams(VarInt::from_u32(INITIAL_STREAMS))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_WINDOW))
@@ -77,9 +81,31 @@ fn server_transport_config() -> TransportConfig {
 }
 
 /// Raises an authenticated connection's limits to those of [`transport_config`].
-pub fn grant_full_limits(conn: &quinn::Connection) {
-    conn.set_max_concurrent_bi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS));
+pub fn grant_full_limits(conn: &quinn::Connection) -> StreamGrant {
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(INITIAL_STREAMS));
     conn.set_receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    StreamGrant { granted: INITIAL_STREAMS }
+}
+
+/// How many concurrent streams the peer may open: doubled (up to
+/// [`MAX_CONCURRENT_STREAMS`]) whenever it has half of them open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamGrant {
+    granted: u32,
+}
+
+impl StreamGrant {
+    /// The peer has `open` streams open: widen the grant if that is half of it.
+    pub fn in_use(&mut self, conn: &quinn::Connection, open: usize) {
+        if open.saturating_mul(2) >= self.granted as usize && self.granted < MAX_CONCURRENT_STREAMS {
+            self.granted = (self.granted * 2).min(MAX_CONCURRENT_STREAMS);
+            conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.granted));
+        }
+    }
+
+    pub fn granted(&self) -> u32 {
+        self.granted
+    }
 }
 
 /// Reads all PEM certificates of `path`.

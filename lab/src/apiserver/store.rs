@@ -2,7 +2,7 @@
 //! event history watches replay from, create/update/apply/delete with the real API
 //! server's defaulting.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -44,6 +44,10 @@ pub struct Store {
     pub(super) compacted: u64,
     /// Compactions so far; open watches end when it changes.
     pub(super) compactions: u64,
+    /// Services' allocated ClusterIPs and node ports, to whom: checked on every Service
+    /// written without scanning every other Service.
+    pub(super) cluster_ips: HashMap<String, (Resource, String, String)>,
+    pub(super) node_ports: HashMap<u64, (Resource, String, String)>,
 }
 
 impl Default for Store {
@@ -55,7 +59,16 @@ impl Default for Store {
 impl Store {
     /// An empty store keeping the last `history_limit` events.
     pub fn new(history_limit: usize) -> Store {
-        Store { objects: BTreeMap::new(), rv: 0, history: VecDeque::new(), history_limit, compacted: 0, compactions: 0 }
+        Store {
+            objects: BTreeMap::new(),
+            rv: 0,
+            history: VecDeque::new(),
+            history_limit,
+            compacted: 0,
+            compactions: 0,
+            cluster_ips: HashMap::new(),
+            node_ports: HashMap::new(),
+        }
     }
 
     /// Creates every fixture object (namespaces first); kind and namespace come from the objects.
@@ -145,6 +158,7 @@ impl Store {
         meta["uid"] = json!(new_uid());
         meta["creationTimestamp"] = json!(rfc3339_now());
         meta["resourceVersion"] = json!(rv.to_string());
+        self.index(&k, None, Some(&obj));
         self.objects.insert(k, obj.clone());
         self.record(Event { rv, kind: "ADDED", res, obj: obj.clone(), prev: None });
         Ok(obj)
@@ -180,6 +194,7 @@ impl Store {
     ) -> Value {
         let rv = self.bump();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        self.index(&k, Some(&old), Some(&obj));
         self.objects.insert(k, obj.clone());
         self.record(Event { rv, kind: "MODIFIED", res, obj: obj.clone(), prev: Some(old) });
         obj
@@ -296,13 +311,41 @@ impl Store {
     }
 
     pub(super) fn delete_one(&mut self, res: Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
-        let Some(mut obj) = self.objects.remove(&key(res, ns, name)) else {
+        let k = key(res, ns, name);
+        let Some(mut obj) = self.objects.remove(&k) else {
             return Err(ApiError::not_found(res, name));
         };
+        self.index(&k, Some(&obj), None);
         let rv = self.bump();
         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
         self.record(Event { rv, kind: "DELETED", res, obj: obj.clone(), prev: None });
         Ok(obj)
+    }
+
+    /// Keeps the Service indexes in step with `k` going from `old` to `new`.
+    pub(super) fn index(&mut self, k: &(Resource, String, String), old: Option<&Value>, new: Option<&Value>) {
+        if k.0 != Resource::Services {
+            return;
+        }
+        let ports = |o: &Value| -> Vec<u64> {
+            o["spec"]["ports"].as_array().into_iter().flatten().filter_map(|p| p["nodePort"].as_u64()).collect()
+        };
+        if let Some(o) = old {
+            if let Some(ip) = o["spec"]["clusterIP"].as_str() {
+                self.cluster_ips.remove(ip);
+            }
+            for p in ports(o) {
+                self.node_ports.remove(&p);
+            }
+        }
+        if let Some(o) = new {
+            if let Some(ip) = o["spec"]["clusterIP"].as_str().filter(|ip| !ip.is_empty() && *ip != "None") {
+                self.cluster_ips.insert(ip.to_string(), k.clone());
+            }
+            for p in ports(o) {
+                self.node_ports.insert(p, k.clone());
+            }
+        }
     }
 
     pub(super) fn bump(&mut self) -> u64 {
@@ -452,11 +495,15 @@ impl Store {
         if !obj["spec"].is_object() {
             obj["spec"] = json!({});
         }
-        let others = || self.objects.range(range(Resource::Services)).filter(|(ok, _)| *ok != k).map(|(_, o)| o);
         // Node ports taken by other Services and explicitly by this one.
         let port_list = |o: &Value| o["spec"]["ports"].as_array().cloned().unwrap_or_default();
-        let used_ports: HashSet<u64> =
-            others().flat_map(port_list).chain(port_list(obj)).filter_map(|p| p["nodePort"].as_u64()).collect();
+        let used_ports: HashSet<u64> = self
+            .node_ports
+            .iter()
+            .filter(|(_, owner)| *owner != k)
+            .map(|(p, _)| *p)
+            .chain(port_list(obj).iter().filter_map(|p| p["nodePort"].as_u64()))
+            .collect();
         let spec = &mut obj["spec"];
         if spec["type"].is_null() {
             spec["type"] = json!("ClusterIP");
@@ -499,14 +546,13 @@ impl Store {
             }
             old_ip
         } else {
-            let used: HashSet<String> =
-                others().filter_map(|o| o["spec"]["clusterIP"].as_str().map(str::to_string)).collect();
+            let used = |ip: &str| self.cluster_ips.get(ip).is_some_and(|owner| owner != k);
             if asked.is_empty() {
                 (1..=254)
                     .map(|h| format!("10.96.100.{h}"))
-                    .find(|ip| !used.contains(ip))
+                    .find(|ip| !used(ip))
                     .ok_or_else(|| ApiError::new(500, "InternalError", format!("range {CLUSTER_IP_POOL} is full")))?
-            } else if asked != "None" && used.contains(&asked) {
+            } else if asked != "None" && used(&asked) {
                 return Err(ApiError::invalid(
                     Resource::Services,
                     name,
