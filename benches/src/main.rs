@@ -6,10 +6,10 @@
 //! Sections: [`paths`] (direct veth, wireguard-go, boringtun and tpvpn: throughput,
 //! ping-pong, connect), [`scale`] (10,000 idle flows beside a bulk stream), [`wan`] (an
 //! emulated 20 ms RTT link at 0% and 1% loss), [`dns`] (dnsperf against tpvpn's table
-//! and dnsmasq) and [`intercept`] (a cluster caller against a pod, directly and
+//! and dnsmasq), [`large`] (`up` with 50,000 Services) and [`intercept`] (a cluster caller against a pod, directly and
 //! intercepted to the laptop).
 //!
-//! Run it with `sudo ./scripts/bench.sh`; `tpvpn-bench [paths] [scale] [wan] [dns] [intercept]` runs
+//! Run it with `sudo ./scripts/bench.sh`; `tpvpn-bench [paths] [scale] [wan] [dns] [large] [intercept]` runs
 //! only the sections named. The subcommands `pingpong-server` and `pingpong` are the
 //! latency tools the benchmark runs inside the namespaces ([`latency`]).
 
@@ -17,6 +17,7 @@ mod daemon;
 mod dns;
 mod intercept;
 mod iperf;
+mod large;
 mod latency;
 mod machine;
 mod paths;
@@ -39,6 +40,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("scale", |lab| scale::section(lab)),
     ("wan", |lab| wan::run(lab).map(|table| println!("{table}"))),
     ("dns", |lab| dns::run(lab).map(|table| println!("{table}"))),
+    ("large", |lab| large::section(lab)),
     // Last: it adds pods and the agent to the lab.
     ("intercept", |lab| intercept::section(lab)),
 ];
@@ -49,7 +51,7 @@ fn main() -> Result<()> {
         Some("pingpong-server") => return latency::server_cmd(&args[1..]),
         Some("pingpong") => return latency::client_cmd(&args[1..]),
         Some(s) if !SECTIONS.iter().any(|(name, _)| *name == s) => {
-            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, intercept; tools are pingpong-server, pingpong")
+            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, large, intercept; tools are pingpong-server, pingpong")
         }
         _ => {}
     }
