@@ -71,12 +71,15 @@ pub fn locate(node: &Node, pod_ip: IpAddr, container_id: &str) -> Result<Located
     Ok(Located { ns, pid, bundle: None })
 }
 
-/// A capture in place.
+/// A capture in place. Dropped without [`Capture::stop`] (a capture that finished
+/// starting after its session ended, one replaced), it still removes its table.
 pub struct Capture {
     pub id: u64,
     ns: PathBuf,
     table: String,
     accept: JoinHandle<()>,
+    /// Set once the table is removed.
+    stopped: bool,
 }
 
 /// What [`start`] reports to the manager.
@@ -132,15 +135,27 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
     info!(pod = %req.pod, ip = %req.pod_ip, port = req.port, meshed, "capturing");
     let span = info_span!("capture", id = req.id, pod = %req.pod, port = req.port);
     let accept = tokio::spawn(accept_loop(listener, conn, req.id, located.ns.clone()).instrument(span));
-    Ok(Started { capture: Capture { id: req.id, ns: located.ns, table, accept }, meshed, env })
+    Ok(Started { capture: Capture { id: req.id, ns: located.ns, table, accept, stopped: false }, meshed, env })
 }
 
 impl Capture {
     /// Stops capturing: new connections reach the app again. Connections captured so
     /// far go on until they end.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.accept.abort();
-        remove_table(self.ns, self.table).await;
+        self.stopped = true;
+        remove_table(self.ns.clone(), self.table.clone()).await;
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.accept.abort();
+        if !self.stopped {
+            let (ns, table) = (self.ns.clone(), self.table.clone());
+            // Namespace work runs on a thread of its own (see `netns::run_in`).
+            let _ = netns::run_in(&ns, move || nft::apply(&nft::delete_document(&table)));
+        }
     }
 }
 
@@ -200,6 +215,7 @@ fn transparent_listener(pod_ip: IpAddr) -> Result<std::net::TcpListener> {
 }
 
 async fn accept_loop(listener: TcpListener, conn: quinn::Connection, id: u64, ns: PathBuf) {
+    let own = listener.local_addr().map(|a| a.port()).ok();
     loop {
         match listener.accept().await {
             Ok((caller, src)) => {
@@ -207,6 +223,12 @@ async fn accept_loop(listener: TcpListener, conn: quinn::Connection, id: u64, ns
                     Ok(d) => d,
                     Err(_) => continue,
                 };
+                // Not a captured connection but one to the listener itself (any pod can
+                // reach its port): never relayed, or passing it on would loop back here.
+                if Some(dst.port()) == own {
+                    relay::reset(caller);
+                    continue;
+                }
                 let span = info_span!("conn", %src, %dst);
                 tokio::spawn(handle(conn.clone(), id, caller, src, dst, ns.clone()).instrument(span));
             }

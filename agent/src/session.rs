@@ -132,9 +132,10 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
 async fn serve(
     config: &Config,
     conn: quinn::Connection,
-    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    (mut send, recv): (quinn::SendStream, quinn::RecvStream),
     captures: &mut HashMap<u64, Capture>,
 ) -> String {
+    let mut control = tpvpn_tunnel::io::frames(recv);
     // Statuses are written by one task, in the order they are produced.
     let (status_tx, mut status_rx) = mpsc::unbounded_channel::<Message>();
     let writer = async move {
@@ -152,7 +153,7 @@ async fn serve(
     let mut cancelled = std::collections::HashSet::new();
     loop {
         tokio::select! {
-            msg = read_message(&mut recv) => match msg {
+            msg = control.recv() => match msg.unwrap_or(Ok(None)) {
                 Ok(Some(Message::Capture { id, pod_namespace, pod_name, pod_ip, port, host_ip, container: _, container_id })) => {
                     if let Some(old) = captures.remove(&id) {
                         old.stop().await;

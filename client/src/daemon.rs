@@ -805,10 +805,9 @@ async fn serve(
     // what this daemon (or a crashed one before it) held: per connection.
     let start_intercepts = |link: &Link| {
         let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+        // Serving and re-claiming run together and end together (aborted with the link).
         tokio::spawn(async move {
-            let serving = tokio::spawn(i.clone().serve(conn.clone()));
-            i.reclaim(&conn, version).await;
-            let _ = serving.await;
+            tokio::join!(i.clone().serve(conn.clone()), i.reclaim(&conn, version));
         })
     };
     let mut intercept_task = start_intercepts(&link);
@@ -959,7 +958,7 @@ fn annotate(listing: &mut control::Listing, rows: &[tpvpn_tunnel::InterceptRow])
 pub fn intercept_request(paths: &Paths, req: Request) -> Result<Reply, Error> {
     let rt = current_thread()?;
     match rt.block_on(control::request(&paths.socket(), req, Duration::from_secs(30)))? {
-        Some(Reply::Failed { error }) => Err(Error::Refused(error)),
+        Some(Reply::Failed { error }) => Err(Error::Refused { code: None, message: error }),
         Some(r) => Ok(r),
         None => Err(Error::Config("not connected: run tpvpn up first".into())),
     }

@@ -99,7 +99,7 @@ impl Intercepts {
         let tmp = self.path.with_extension("tmp");
         let written = serde_json::to_vec_pretty(&held)
             .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|b| crate::state::write_private(&tmp, &b))
             .and_then(|()| std::fs::rename(&tmp, &self.path));
         if let Err(e) = written {
             warn!(path = %self.path.display(), error = %e, "cannot record the intercepts");
@@ -171,7 +171,7 @@ impl Intercepts {
         };
         self.save();
         match result {
-            Err(Error::Refused(m)) if known => Ok(format!("left {namespace}/{service} ({m})")),
+            Err(Error::Refused { message, .. }) if known => Ok(format!("left {namespace}/{service} ({message})")),
             r => r,
         }
     }
@@ -192,18 +192,37 @@ impl Intercepts {
     }
 
     /// After (re)connecting: asks again for every intercept held, which the manager keeps
-    /// for this client for a while after a disconnect.
+    /// for this client for [`RECLAIM`] after a disconnect. What cannot be had yet (no
+    /// agent back, a pod restarting, this client's old connection not yet timed out) is
+    /// asked again with backoff while the claim lasts; what the manager says is gone
+    /// (another holder, no such Service) is forgotten.
     pub async fn reclaim(&self, conn: &quinn::Connection, version: u16) {
-        for h in self.list() {
-            let name = format!("{}/{}", h.spec.namespace, h.spec.service);
-            match self.request(conn, version, h.spec.clone()).await {
-                Ok(o) => info!(service = %name, port = o.held.service_port, "intercept re-claimed"),
-                Err(e) => {
-                    warn!(service = %name, error = %e, "intercept not re-claimed; it is gone");
-                    self.held().retain(|x| x.id != h.id);
-                    self.save();
+        let deadline = tokio::time::Instant::now() + RECLAIM;
+        let mut pending = self.list();
+        let mut wait = Duration::from_millis(500);
+        while !pending.is_empty() {
+            let mut again = Vec::new();
+            for h in pending {
+                let name = format!("{}/{}", h.spec.namespace, h.spec.service);
+                match self.request(conn, version, h.spec.clone()).await {
+                    Ok(o) => info!(service = %name, port = o.held.service_port, "intercept re-claimed"),
+                    Err(e) if retryable(&e) && tokio::time::Instant::now() < deadline => {
+                        debug!(service = %name, error = %e, "intercept not re-claimed yet; trying again");
+                        again.push(h);
+                    }
+                    Err(e) => {
+                        warn!(service = %name, error = %e, "intercept not re-claimed; it is gone");
+                        self.held().retain(|x| x.id != h.id);
+                        self.save();
+                    }
                 }
             }
+            if again.is_empty() {
+                break;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(5));
+            pending = again;
         }
     }
 
@@ -291,6 +310,20 @@ async fn dial_local(port: u16) -> std::io::Result<TcpStream> {
     }
 }
 
+/// How long the manager keeps a disconnected client's claims (its `RECLAIM`).
+const RECLAIM: Duration = Duration::from_secs(60);
+
+/// Whether asking again later may succeed.
+fn retryable(e: &Error) -> bool {
+    match e {
+        Error::Refused { code, .. } => {
+            !matches!(code, Some(ErrorCode::Conflict | ErrorCode::NotFound | ErrorCode::Unsupported))
+        }
+        Error::Config(_) => false,
+        _ => true,
+    }
+}
+
 fn supported(version: u16) -> Result<(), Error> {
     if version < INTERCEPT_VERSION {
         return Err(Error::Config(format!(
@@ -315,8 +348,8 @@ async fn exchange(conn: &quinn::Connection, req: &Message) -> Result<Message, Er
     }
 }
 
-fn refusal(_code: ErrorCode, message: String) -> Error {
-    Error::Refused(message)
+fn refusal(code: ErrorCode, message: String) -> Error {
+    Error::Refused { code: Some(code), message }
 }
 
 fn unexpected(m: Message) -> Error {

@@ -52,7 +52,7 @@ pub enum Error {
     System(String),
     #[error(transparent)]
     Tunnel(#[from] tpvpn_tunnel::Error),
-    /// The manager refused a request; its words.
-    #[error("{0}")]
-    Refused(String),
+    /// The manager refused a request: its words, and its code when it gave one.
+    #[error("{message}")]
+    Refused { code: Option<tpvpn_tunnel::ErrorCode>, message: String },
 }

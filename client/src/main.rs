@@ -398,7 +398,8 @@ fn write_env(path: &std::path::Path, env: &[(String, String)], json: bool) -> Re
         }
         out
     };
-    std::fs::write(path, text)
+    // It may hold credentials: readable by its owner only.
+    tpvpn_client::state::write_private(path, text.as_bytes())
         .map_err(|e| tpvpn_client::Error::System(format!("cannot write {}: {e}", path.display())))?;
     println!("environment ({} variables) written to {}", env.len(), path.display());
     Ok(())

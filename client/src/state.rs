@@ -65,10 +65,24 @@ impl Paths {
                 .map_err(|e| Error::System(format!("cannot read /dev/urandom: {e}")))?;
         }
         let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(&path, hex + "\n")
+        // Whoever has it can re-claim this machine's intercepts: readable by root only.
+        write_private(&path, (hex + "\n").as_bytes())
             .map_err(|e| Error::System(format!("cannot write {}: {e}", path.display())))?;
         Ok(id)
     }
+}
+
+/// Writes `bytes` to a new file at `path` (replacing any) that only its owner can read.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    o.mode(0o600);
+    o.open(path)?.write_all(bytes)
 }
 
 fn parse_hex(s: &str) -> Option<Vec<u8>> {

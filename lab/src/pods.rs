@@ -68,8 +68,13 @@ fn env_spec() -> Value {
         {"name": "GREETING", "value": GREETING},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SELF_URL", "value": "http://$(POD_NAME):8080/"},
+        {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "web-db", "key": "password"}}},
     ])
 }
+
+/// What the kubelet stand-in reads for `DB_PASSWORD` from Secret `web-db` (which the
+/// manager cannot read, and clients must not get).
+pub const SECRET_VALUE: &str = "s3cr3t-from-a-secret";
 
 /// The environment the kubelet stand-in resolves for `pod` (what the runtime starts
 /// the container with): the image's, then the container's in order, `valueFrom` read
@@ -83,6 +88,8 @@ pub fn resolved_env(pod: &str) -> Vec<(String, String)> {
         let name = e["name"].as_str().unwrap_or_default().to_string();
         let value = if e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" {
             pod.to_string()
+        } else if e["valueFrom"]["secretKeyRef"].is_object() {
+            SECRET_VALUE.to_string()
         } else {
             let mut v = e["value"].as_str().unwrap_or_default().to_string();
             for (k, val) in &env {
@@ -265,6 +272,10 @@ impl Lab {
                     "imageID": "", "containerID": format!("containerd://{container_id}")}]}});
         self.kube_apply("POST", "/api/v1/namespaces/default/pods", Some(&pod))?;
         self.pods.push(RunningPod { spec: spec.clone(), ns });
+        // kube-proxy follows the Service's endpoints: a new pod is a backend too.
+        if !self.caller_ns.is_empty() {
+            self.kube_proxy()?;
+        }
         Ok(())
     }
 
@@ -323,8 +334,9 @@ impl Lab {
             ));
         }
         let c = self.cluster.clone();
+        // Replaced whole, as kube-proxy rewrites its rules.
         nft(&c, &format!(
-            "table ip kube-proxy-stand-in {{\n  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n{rules}  }}\n  \
+            "table ip kube-proxy-stand-in {{}}\ndelete table ip kube-proxy-stand-in\ntable ip kube-proxy-stand-in {{\n  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n{rules}  }}\n  \
              chain output {{ type nat hook output priority -100; policy accept;\n{rules}  }}\n}}\n"
         ))
     }

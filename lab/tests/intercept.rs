@@ -111,9 +111,23 @@ fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
 
     // The environment of the container serving the port, as the kubelet resolved it.
     let env = std::fs::read_to_string(&env_file).unwrap();
-    for (k, v) in lab.pod_env("web-0") {
+    for (k, v) in lab.pod_env("web-0").into_iter().filter(|(k, _)| k != "DB_PASSWORD") {
         assert!(env.lines().any(|l| l == format!("{k}={v}")), "{k}={v} missing from the env-file:\n{env}");
     }
+    // A value from a Secret is never handed to the laptop, and the user is told.
+    assert!(!env.contains("DB_PASSWORD") && !env.contains(tpvpn_lab::pods::SECRET_VALUE), "{env}");
+    assert!(said.contains("from Secrets not copied (DB_PASSWORD)"), "{said}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&env_file).unwrap().permissions().mode() & 0o077, 0, "the env-file is private");
+    // The agent's own listener in the pod, reached directly, is refused, never relayed.
+    let ports = lab.exec(lab.pod_ns("web-0").unwrap(), &["ss", "-Hltn"]);
+    let listener = stdout(&ports)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3)?.rsplit_once(':')?.1.parse::<u16>().ok())
+        .find(|p| ![HTTP_PORT, ALT_PORT].contains(p))
+        .expect("the agent's transparent listener");
+    let out = from_caller(&lab, &["reset", &format!("10.244.2.10:{listener}")]);
+    assert_eq!(stdout(&out).trim(), "reset", "{}", show(&out));
     assert!(env.contains("SELF_URL=http://web-0:8080/"), "$(VAR) expanded:\n{env}");
     let json: Value = serde_json::from_str(&std::fs::read_to_string(&env_json).unwrap()).unwrap();
     assert_eq!(json["GREETING"], tpvpn_lab::pods::GREETING);

@@ -47,6 +47,15 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Refusal {
     Refusal { code, message: message.into() }
 }
 
+/// What [`Hub::plan`] set up: the new intercept, the captures to wait for, the claim it
+/// replaced (restored if the new one fails), and pods left out.
+struct Planned {
+    id: u64,
+    waiting: Vec<(String, oneshot::Receiver<Result<Captured, String>>)>,
+    previous: Option<Intercept>,
+    warnings: Vec<String>,
+}
+
 /// What a client asks for.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -70,6 +79,15 @@ struct CaptureState {
     waiter: Option<oneshot::Sender<Result<Captured, String>>>,
 }
 
+/// Whose an intercept is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The owner's session is connected.
+    Connected(u64),
+    /// The owner is gone; the claim is kept for it until then.
+    Dormant(Instant),
+}
+
 struct Intercept {
     namespace: String,
     service: String,
@@ -78,11 +96,23 @@ struct Intercept {
     local_port: u16,
     owner_key: Vec<u8>,
     owner_who: String,
-    owner_session: Option<u64>,
+    owner: Owner,
     since: SystemTime,
-    dormant_until: Option<Instant>,
     /// Pod (namespace/name) to capture id.
     captures: HashMap<String, u64>,
+}
+
+/// The longest `user@host` kept from a client's hello (it is shown to others).
+const WHO_MAX: usize = 128;
+
+/// The key a client's intercepts are claimed under: its 16-byte client id, or, without
+/// one, its session; the two never collide.
+fn owner_key(client_id: &[u8], session: u64) -> Vec<u8> {
+    if client_id.len() == 16 {
+        [&[0u8][..], client_id].concat()
+    } else {
+        [&[1u8][..], &session.to_be_bytes()[..]].concat()
+    }
 }
 
 /// A connected client: where captured connections go.
@@ -109,13 +139,15 @@ struct Registry {
 /// The intercept state of one manager; shared by every session.
 pub struct Hub {
     objects: Option<Objects>,
+    /// Namespaces whose Services may be intercepted (empty: all).
+    namespaces: Vec<String>,
     registry: Mutex<Registry>,
     sessions: AtomicU64,
 }
 
 impl Hub {
-    pub fn new(objects: Option<Objects>) -> Arc<Hub> {
-        let hub = Arc::new(Hub { objects, registry: Mutex::default(), sessions: AtomicU64::new(1) });
+    pub fn new(objects: Option<Objects>, namespaces: Vec<String>) -> Arc<Hub> {
+        let hub = Arc::new(Hub { objects, namespaces, registry: Mutex::default(), sessions: AtomicU64::new(1) });
         if let Some(objects) = hub.objects.clone() {
             tokio::spawn(maintain(Arc::downgrade(&hub), objects.changed));
         }
@@ -133,7 +165,8 @@ impl Hub {
 
     /// A client connected: captured connections of its intercepts go to `conn`.
     pub fn client_connected(&self, session: u64, conn: quinn::Connection, client_id: &[u8], who: String) {
-        let key = if client_id.is_empty() { format!("session {session}").into_bytes() } else { client_id.to_vec() };
+        let key = owner_key(client_id, session);
+        let who: String = who.chars().take(WHO_MAX).collect();
         self.lock().clients.insert(session, ClientLink { conn, key, who });
     }
 
@@ -144,13 +177,12 @@ impl Hub {
         r.clients.remove(&session);
         let now = Instant::now();
         let ids: Vec<u64> =
-            r.intercepts.iter().filter(|(_, i)| i.owner_session == Some(session)).map(|(id, _)| *id).collect();
+            r.intercepts.iter().filter(|(_, i)| i.owner == Owner::Connected(session)).map(|(id, _)| *id).collect();
         for id in ids {
             r.release_captures(id);
             if let Some(i) = r.intercepts.get_mut(&id) {
                 info!(service = %format!("{}/{}", i.namespace, i.service), port = i.port.port, "owner disconnected: capture released, claim kept for {RECLAIM:?}");
-                i.owner_session = None;
-                i.dormant_until = Some(now + RECLAIM);
+                i.owner = Owner::Dormant(now + RECLAIM);
             }
         }
     }
@@ -175,6 +207,12 @@ impl Hub {
         if r.agents.get(node).is_some_and(|a| a.session == session) {
             r.agents.remove(node);
             warn!(node, "agent gone: its pods are not captured until it returns");
+            // Requests waiting for its answers fail now rather than at their deadline.
+            for c in r.captures.values_mut().filter(|c| c.target.node == node) {
+                if let Some(w) = c.waiter.take() {
+                    let _ = w.send(Err("the agent went away".into()));
+                }
+            }
         }
     }
 
@@ -203,10 +241,12 @@ impl Hub {
     /// Intercepts a Service port for the client of `session`; once every pod is
     /// captured, the reply.
     pub async fn intercept(&self, session: u64, req: Request) -> Result<Message, Refusal> {
-        let (id, waiting, reused_since) = self.plan(session, &req)?;
+        let Planned { id, waiting, previous, mut warnings } = self.plan(session, &req)?;
+        // One deadline for every pod, well within the client's own wait.
+        let deadline = tokio::time::Instant::now() + CAPTURE_TIMEOUT;
         let mut results = Vec::new();
         for (pod, rx) in waiting {
-            let r = match tokio::time::timeout(CAPTURE_TIMEOUT, rx).await {
+            let r = match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) => Err("the agent went away".to_string()),
                 Err(_) => Err(format!("the agent did not answer within {CAPTURE_TIMEOUT:?}")),
@@ -214,14 +254,26 @@ impl Hub {
             results.push((pod, r));
         }
         let mut r = self.lock();
-        if let Some((pod, Err(why))) = results.iter().find(|(_, r)| r.is_err()) {
+        let failed =
+            results.iter().find_map(|(pod, r)| r.as_ref().err().map(|why| format!("cannot capture pod {pod}: {why}")));
+        let failed = failed.or_else(|| {
+            (!r.intercepts.contains_key(&id)).then(|| "the intercept was released while it was set up".to_string())
+        });
+        if let Some(why) = failed {
             r.release_captures(id);
             r.intercepts.remove(&id);
-            return Err(refuse(ErrorCode::Unavailable, format!("cannot capture pod {pod}: {why}")));
+            // A re-claim that failed keeps the claim it was to renew, for its owner.
+            if let Some(mut old) = previous {
+                if let Owner::Connected(_) = old.owner {
+                    old.owner = Owner::Dormant(Instant::now() + RECLAIM);
+                }
+                r.next += 1;
+                let restored = r.next;
+                r.intercepts.insert(restored, old);
+            }
+            return Err(refuse(ErrorCode::Unavailable, why));
         }
-        let Some(i) = r.intercepts.get(&id) else {
-            return Err(refuse(ErrorCode::Unavailable, "the intercept was released while it was set up"));
-        };
+        let Some(i) = r.intercepts.get(&id) else { unreachable!("checked above") };
         let mut targets = Vec::new();
         let mut env = Vec::new();
         for (pod, res) in &results {
@@ -234,25 +286,23 @@ impl Hub {
                 });
             }
             if env.is_empty() {
-                env = c.env.clone();
+                if let Some(t) = i.captures.get(pod).and_then(|cid| r.captures.get(cid)) {
+                    let (kept, note) = t.target.without_secrets(c.env.clone());
+                    env = kept;
+                    warnings.extend(note);
+                }
             }
         }
-        let mut warnings = Vec::new();
-        if let Some(since) = reused_since {
-            warnings.push(format!("re-claimed (held since {})", utc(since)));
+        if let Some(old) = &previous {
+            warnings.push(format!("re-claimed (held since {})", utc(old.since)));
         }
         info!(service = %format!("{}/{}", i.namespace, i.service), port = i.port.port, who = %i.owner_who, local_port = i.local_port, pods = targets.len(), "intercepted");
         Ok(Message::InterceptReply { id, service_port: i.port.port, targets, env, warnings })
     }
 
-    /// Checks the request, claims the port and sends the captures; the intercept id,
-    /// what to wait for, and when it was first claimed if this re-claims it.
-    #[allow(clippy::type_complexity)]
-    fn plan(
-        &self,
-        session: u64,
-        req: &Request,
-    ) -> Result<(u64, Vec<(String, oneshot::Receiver<Result<Captured, String>>)>, Option<SystemTime>), Refusal> {
+    /// Checks the request, then (nothing is changed before every check passed) claims the
+    /// port and sends the captures.
+    fn plan(&self, session: u64, req: &Request) -> Result<Planned, Refusal> {
         let objects = self.objects.as_ref().ok_or_else(|| {
             refuse(
                 ErrorCode::Unsupported,
@@ -260,6 +310,15 @@ impl Hub {
             )
         })?;
         let ns_name = format!("{}/{}", req.namespace, req.service);
+        if !self.namespaces.is_empty() && !self.namespaces.contains(&req.namespace) {
+            return Err(refuse(
+                ErrorCode::Unsupported,
+                format!(
+                    "this manager intercepts only in namespaces {} (--intercept-namespace)",
+                    self.namespaces.join(", ")
+                ),
+            ));
+        }
         let svc = objects
             .services
             .get(&ObjectRef::new(&req.service).within(&req.namespace))
@@ -273,24 +332,29 @@ impl Hub {
             .intercepts
             .iter()
             .find(|(_, i)| i.namespace == req.namespace && i.service == req.service && i.port.port == port.port)
-            .map(|(id, i)| (*id, i.owner_key == key, i.owner_who.clone(), i.since, i.dormant_until));
-        let mut reused_since = None;
-        if let Some((id, mine, holder, since, dormant)) = existing {
+            .map(|(id, i)| (*id, i.owner_key == key, i.owner_who.clone(), i.since, i.owner));
+        if let Some((_, mine, holder, since, owner)) = &existing {
             if !mine {
-                let gone = dormant.map_or(String::new(), |until| {
-                    format!(
+                let gone = match owner {
+                    Owner::Dormant(until) => format!(
                         " (disconnected; released in {}s unless it reconnects)",
                         until.saturating_duration_since(Instant::now()).as_secs()
-                    )
-                });
+                    ),
+                    Owner::Connected(_) => String::new(),
+                };
                 return Err(refuse(
                     ErrorCode::Conflict,
-                    format!("{ns_name} port {} is intercepted by {holder} since {}{gone}", port.port, utc(since)),
+                    format!("{ns_name} port {} is intercepted by {holder} since {}{gone}", port.port, utc(*since)),
                 ));
             }
-            r.release_captures(id);
-            r.intercepts.remove(&id);
-            reused_since = Some(since);
+            if let Owner::Connected(s) = owner {
+                if *s != session && r.clients.contains_key(s) {
+                    return Err(refuse(
+                        ErrorCode::Unavailable,
+                        format!("{ns_name} port {} is held by this client's earlier connection, still open; try again once it is gone", port.port),
+                    ));
+                }
+            }
         }
         let selected = targets::selected(&svc, &pods);
         if selected.is_empty() {
@@ -316,6 +380,11 @@ impl Hub {
                 ),
             ));
         }
+        // Every check passed: the old claim (this client's) gives way to the new one.
+        let previous = existing.and_then(|(old, ..)| {
+            r.release_captures(old);
+            r.intercepts.remove(&old)
+        });
         r.next += 1;
         let id = r.next;
         r.intercepts.insert(
@@ -328,9 +397,8 @@ impl Hub {
                 local_port: req.local_port,
                 owner_key: key,
                 owner_who: who,
-                owner_session: Some(session),
-                since: reused_since.unwrap_or_else(SystemTime::now),
-                dormant_until: None,
+                owner: Owner::Connected(session),
+                since: previous.as_ref().map_or_else(SystemTime::now, |p| p.since),
                 captures: HashMap::new(),
             },
         );
@@ -341,7 +409,8 @@ impl Hub {
             r.add_capture(id, t, Some(tx));
             waiting.push((pod, rx));
         }
-        Ok((id, waiting, reused_since))
+        let warnings = skipped.into_iter().map(|why| format!("not captured: {why}")).collect();
+        Ok(Planned { id, waiting, previous, warnings })
     }
 
     /// Ends the client's intercepts of a Service.
@@ -374,7 +443,8 @@ impl Hub {
         let r = self.lock();
         let c = r.captures.get(&capture).filter(|c| c.target.node == node)?;
         let i = r.intercepts.get(&c.intercept)?;
-        let owner = r.clients.get(&i.owner_session?)?;
+        let Owner::Connected(session) = i.owner else { return None };
+        let owner = r.clients.get(&session)?;
         Some((c.intercept, owner.conn.clone()))
     }
 
@@ -390,11 +460,14 @@ impl Hub {
         }
         let r = self.lock();
         let key = r.clients.get(&session).map(|c| c.key.clone()).unwrap_or_default();
+        let mut by_service: HashMap<(&str, &str), Vec<&Intercept>> = HashMap::new();
+        for i in r.intercepts.values() {
+            by_service.entry((i.namespace.as_str(), i.service.as_str())).or_default().push(i);
+        }
         let mut rows = Vec::new();
         for svc in objects.services.state() {
             let (Some(ns), Some(name)) = (svc.metadata.namespace.clone(), svc.metadata.name.clone()) else { continue };
-            let held: Vec<&Intercept> =
-                r.intercepts.values().filter(|i| i.namespace == ns && i.service == name).collect();
+            let held = by_service.get(&(ns.as_str(), name.as_str())).cloned().unwrap_or_default();
             if !held.is_empty() {
                 for i in held {
                     rows.push(InterceptRow {
@@ -441,15 +514,19 @@ impl Hub {
         let pods = objects.pods.state();
         let mut r = self.lock();
         let now = Instant::now();
-        let expired: Vec<u64> =
-            r.intercepts.iter().filter(|(_, i)| i.dormant_until.is_some_and(|t| t <= now)).map(|(id, _)| *id).collect();
+        let expired: Vec<u64> = r
+            .intercepts
+            .iter()
+            .filter(|(_, i)| matches!(i.owner, Owner::Dormant(t) if t <= now))
+            .map(|(id, _)| *id)
+            .collect();
         for id in expired {
             if let Some(i) = r.intercepts.remove(&id) {
                 info!(service = %format!("{}/{}", i.namespace, i.service), port = i.port.port, "owner did not return: intercept ended");
             }
         }
         let live: Vec<u64> =
-            r.intercepts.iter().filter(|(_, i)| i.owner_session.is_some()).map(|(id, _)| *id).collect();
+            r.intercepts.iter().filter(|(_, i)| matches!(i.owner, Owner::Connected(_))).map(|(id, _)| *id).collect();
         for id in live {
             let Some(i) = r.intercepts.get(&id) else { continue };
             let Some(svc) = objects.services.get(&ObjectRef::new(&i.service).within(&i.namespace)) else {

@@ -77,6 +77,8 @@ pub struct Config {
     pub policy: policy::Policy,
     /// What one client session may hold at once.
     pub session_limits: policy::Limits,
+    /// Namespaces whose Services clients may intercept (empty: all).
+    pub intercept_namespaces: Vec<String>,
 }
 
 impl Config {
@@ -99,6 +101,7 @@ impl Config {
             limits: ConnectionLimits::default(),
             policy: policy::Policy::default(),
             session_limits: policy::Limits::default(),
+            intercept_namespaces: Vec::new(),
         }
     }
 }
@@ -114,9 +117,14 @@ impl Config {
         }
     }
 
-    /// The features this manager offers in its hello.
+    /// The features this manager offers in its hello: intercepts when it watches the
+    /// cluster and agents can connect.
     pub(crate) fn features(&self) -> u64 {
-        tpvpn_tunnel::handshake::FEATURE_INTERCEPTS
+        if self.views.objects.is_some() && self.agent_token.is_some() {
+            tpvpn_tunnel::handshake::FEATURE_INTERCEPTS
+        } else {
+            0
+        }
     }
 }
 

@@ -78,6 +78,11 @@ struct Args {
     /// Cluster DNS queries one client may have in flight.
     #[arg(long, default_value_t = tpvpn_manager::policy::Limits::default().dns_queries)]
     max_dns_queries_per_client: usize,
+    /// Namespaces whose Services clients may intercept (repeatable; default: every
+    /// namespace). Whoever holds the client token may otherwise take any Service's
+    /// traffic and read its containers' environment (values from Secrets excepted).
+    #[arg(long = "intercept-namespace", value_name = "NAMESPACE")]
+    intercept_namespaces: Vec<String>,
     /// Worker threads. One is fastest where measured (quinn drives the endpoint and each
     /// connection from a single task, and a second worker mostly adds wake-ups between
     /// threads); more may help many clients with many busy flows.
@@ -162,6 +167,7 @@ fn run(args: Args) -> Result<()> {
             own_ports: vec![args.listen.port(), args.metrics_listen.port()],
             allow_all: false,
         };
+        config.intercept_namespaces = args.intercept_namespaces;
         config.session_limits = tpvpn_manager::policy::Limits {
             tcp_flows: args.max_tcp_flows_per_client,
             udp_flows: args.max_udp_flows_per_client,

@@ -32,7 +32,7 @@ pub(crate) type UdpFlows = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
 /// many are unauthenticated.
 pub async fn serve(endpoint: quinn::Endpoint, config: crate::Config) {
     let config: Shared = Arc::new(config);
-    let hub = Hub::new(config.views.objects.clone());
+    let hub = Hub::new(config.views.objects.clone(), config.intercept_namespaces.clone());
     let admission = Arc::new(Admission::new(config.limits.clone()));
     while let Some(incoming) = endpoint.accept().await {
         let remote = incoming.remote_address();
@@ -365,10 +365,11 @@ async fn agent_session(
     conn: quinn::Connection,
     id: u64,
     node: String,
-    (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
+    (mut send, recv): (quinn::SendStream, quinn::RecvStream),
     hub: Arc<Hub>,
     mut grant: tpvpn_tunnel::quic::StreamGrant,
 ) -> Result<(), Error> {
+    let mut control = tpvpn_tunnel::io::frames(recv);
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
     hub.agent_connected(&node, id, tx);
     let _registered = OnDrop(|| hub.agent_gone(&node, id));
@@ -382,7 +383,7 @@ async fn agent_session(
     let mut captured = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            msg = read_message(&mut recv) => match msg {
+            msg = control.recv() => match msg.unwrap_or(Ok(None)) {
                 Ok(Some(Message::CaptureStatus { id: capture, ok, message, meshed, env })) => {
                     hub.capture_status(&node, capture, ok, message, meshed, env);
                 }
@@ -537,9 +538,7 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
             };
             let replies = match reply {
                 // A table of every Service goes in frames of bounded size.
-                Ok(Message::InterceptTable { rows }) => {
-                    rows.chunks(TABLE_ROWS).map(|c| Message::InterceptTable { rows: c.to_vec() }).collect()
-                }
+                Ok(Message::InterceptTable { rows }) => table_frames(rows),
                 Ok(m) => vec![m],
                 Err(r) => vec![Message::Error { code: r.code, version: ctx.version, message: r.message }],
             };
@@ -557,8 +556,26 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
     }
 }
 
-/// Rows of the intercept table per frame (a row is well under 100 bytes).
-const TABLE_ROWS: usize = 4096;
+/// Bytes of intercept-table rows per frame.
+const TABLE_BYTES: usize = 256 * 1024;
+
+/// `rows` in frames of at most [`TABLE_BYTES`] of rows each (at least one frame).
+fn table_frames(rows: Vec<tpvpn_tunnel::InterceptRow>) -> Vec<Message> {
+    let mut frames = vec![Vec::new()];
+    let mut size = 0;
+    for row in rows {
+        let len = 2 + row.namespace.len() + 2 + row.service.len() + 1 + 2 + row.holder.len() + 2 + 8 + 1;
+        if size + len > TABLE_BYTES && size > 0 {
+            frames.push(Vec::new());
+            size = 0;
+        }
+        size += len;
+        if let Some(f) = frames.last_mut() {
+            f.push(row);
+        }
+    }
+    frames.into_iter().map(|rows| Message::InterceptTable { rows }).collect()
+}
 
 async fn intercept_request(ctx: &Ctx, request: Message) -> Result<Message, crate::intercepts::Refusal> {
     match request {

@@ -31,6 +31,35 @@ pub struct PodTarget {
     pub host_ip: Option<IpAddr>,
     pub container: String,
     pub container_id: String,
+    /// What the container's spec says of its environment, to keep Secrets' values out of
+    /// what a client gets: the names the spec sets itself (`env`), those of them that
+    /// come from Secrets (`secretKeyRef`), and whether whole Secrets are imported
+    /// (`envFrom.secretRef`, whose names the manager cannot know).
+    pub env_names: Vec<String>,
+    pub secret_env: Vec<String>,
+    pub env_from_secret: bool,
+}
+
+impl PodTarget {
+    /// `env` (the container's, as the runtime started it) without what came from
+    /// Secrets; and the note for the user when something was left out.
+    pub fn without_secrets(&self, env: Vec<(String, String)>) -> (Vec<(String, String)>, Option<String>) {
+        let before = env.len();
+        let kept: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| !self.secret_env.contains(k))
+            .filter(|(k, _)| !self.env_from_secret || self.env_names.contains(k))
+            .collect();
+        let dropped = before - kept.len();
+        let note = (dropped > 0).then(|| {
+            if self.env_from_secret {
+                format!("{dropped} environment variables not copied: the container imports Secrets (envFrom), so only the variables its spec names are, and none from a Secret")
+            } else {
+                format!("{dropped} environment variables from Secrets not copied ({})", self.secret_env.join(", "))
+            }
+        });
+        (kept, note)
+    }
 }
 
 /// Why a port cannot be intercepted, in words for the one error line.
@@ -169,6 +198,17 @@ pub fn pod_target(pod: &Pod, target: &IntOrString, container: &str) -> Result<Po
         .find(|c| c.name == container)
         .and_then(|c| c.container_id.clone())
         .unwrap_or_default();
+    let spec_of = spec.containers.iter().find(|c| c.name == container);
+    let env = spec_of.and_then(|c| c.env.as_ref());
+    let env_names = env.into_iter().flatten().map(|e| e.name.clone()).collect();
+    let secret_env = env
+        .into_iter()
+        .flatten()
+        .filter(|e| e.value_from.as_ref().is_some_and(|v| v.secret_key_ref.is_some()))
+        .map(|e| e.name.clone())
+        .collect();
+    let env_from_secret =
+        spec_of.and_then(|c| c.env_from.as_ref()).is_some_and(|f| f.iter().any(|s| s.secret_ref.is_some()));
     Ok(PodTarget {
         namespace,
         name,
@@ -178,6 +218,9 @@ pub fn pod_target(pod: &Pod, target: &IntOrString, container: &str) -> Result<Po
         host_ip: status.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
         container,
         container_id,
+        env_names,
+        secret_env,
+        env_from_secret,
     })
 }
 
@@ -231,6 +274,30 @@ mod tests {
             service_port(&one, "").unwrap(),
             ServicePort { port: 9, name: String::new(), target: IntOrString::Int(9) }
         );
+    }
+
+    #[test]
+    fn values_from_secrets_are_not_handed_to_clients() {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {"nodeName": "n1", "containers": [{"name": "app", "env": [
+                {"name": "PLAIN", "value": "x"},
+                {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+            ]}]},
+            "status": {"podIP": "10.244.2.10"}
+        }))
+        .unwrap();
+        let t = pod_target(&p, &IntOrString::Int(80), "").unwrap();
+        let env =
+            vec![("PATH".into(), "/bin".into()), ("PLAIN".into(), "x".into()), ("PASSWORD".into(), "hunter2".into())];
+        let (kept, note) = t.without_secrets(env.clone());
+        assert_eq!(kept, vec![("PATH".to_string(), "/bin".to_string()), ("PLAIN".into(), "x".into())]);
+        assert!(note.unwrap().contains("PASSWORD"));
+        // Whole Secrets imported: only the variables the spec names, minus Secret ones.
+        let mut t2 = t.clone();
+        t2.env_from_secret = true;
+        let (kept, _) = t2.without_secrets(env);
+        assert_eq!(kept, vec![("PLAIN".to_string(), "x".to_string())]);
     }
 
     #[test]

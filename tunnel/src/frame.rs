@@ -468,14 +468,7 @@ impl Message {
                 Message::ServerHello { version, cluster: r.cluster()? }
             }
             ty::CLUSTER_UPDATE => Message::ClusterUpdate { cluster: r.cluster()? },
-            ty::NAMESPACES => {
-                let n = r.u32()?;
-                let mut names = Vec::with_capacity((n as usize).min(4096));
-                for _ in 0..n {
-                    names.push(r.string16("namespace name")?);
-                }
-                Message::Namespaces { names }
-            }
+            ty::NAMESPACES => Message::Namespaces { names: r.strings32("namespace name")? },
             ty::SERVICES => {
                 let n = r.u32()?;
                 let mut services = Vec::with_capacity((n as usize).min(4096));
@@ -726,7 +719,11 @@ impl Message {
                         out.push(1);
                         put_bytes16(out, &mut cut, node.as_bytes());
                     }
-                    Role::Other(o) => out.push(*o),
+                    Role::Other(o) => {
+                        // 0 and 1 are Client and Agent: as `Other` they would not read back.
+                        cut |= *o <= 1;
+                        out.push(*o)
+                    }
                 }
                 put_bytes16(out, &mut cut, user.as_bytes());
                 put_bytes16(out, &mut cut, host.as_bytes());
@@ -751,6 +748,7 @@ impl Message {
             Message::InterceptReply { id, service_port, targets, env, warnings } => {
                 out.extend_from_slice(&id.to_be_bytes());
                 out.extend_from_slice(&service_port.to_be_bytes());
+                cut |= targets.len() > usize::from(u16::MAX);
                 let targets = &targets[..targets.len().min(usize::from(u16::MAX))];
                 out.extend_from_slice(&(targets.len() as u16).to_be_bytes());
                 for t in targets {

@@ -51,6 +51,24 @@ pub async fn read_message_max(recv: &mut RecvStream, max: usize) -> Result<Optio
 /// What a frame's buffer starts with before its bytes arrive.
 const READ_STEP: usize = 16 * 1024;
 
+/// Reads frames from `recv` in a task of its own and hands them over a channel, ended by
+/// the stream's end (`Ok(None)`) or its first error. A read of a frame is not safe to
+/// cancel (the bytes of a half-read frame would be lost), so code that waits for frames
+/// among other things waits on this channel instead.
+pub fn frames(mut recv: RecvStream) -> tokio::sync::mpsc::Receiver<Result<Option<Message>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let r = read_message(&mut recv).await;
+            let last = !matches!(r, Ok(Some(_)));
+            if tx.send(r).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Writes one frame.
 pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<()> {
     send.write_all(&msg.to_vec()?).await.map_err(|e| Error::Stream(e.to_string()))

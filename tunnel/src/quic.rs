@@ -169,7 +169,11 @@ pub fn client_config(pinned: CertificateDer<'static>) -> Result<quinn::ClientCon
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| Error::Stream(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config()));
+    // The manager opens a stream per intercepted connection toward a client: a laptop
+    // allows all of them (the per-stream memory is the laptop's own, for one connection).
+    let mut t = transport_config();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS));
+    cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }
 
