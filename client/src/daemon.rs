@@ -261,35 +261,56 @@ struct Routing<'a> {
 
 impl Routing<'_> {
     /// Makes the device's routes those for `cluster_cidrs`: adds the new ones first,
-    /// then removes the stale ones, so that no destination is unrouted in between.
+    /// then removes the stale ones, so that no destination is unrouted in between. The
+    /// manager is not trusted with the laptop's routing: its CIDRs wider than a /8 are
+    /// refused (they would take over the default route), directly connected subnets and
+    /// the laptop's own nameservers are never routed, and at most
+    /// [`routes::MAX_ROUTES`] routes are installed. Each batch is recorded in the state
+    /// file before it is made, and made with one `ip -batch`.
     fn apply(&mut self, cluster_cidrs: &[IpNet]) -> Result<Vec<IpNet>, Error> {
-        let wanted = routes::compute(cluster_cidrs, &self.also, &self.never);
+        let (cluster, refused) = routes::acceptable(cluster_cidrs);
+        if !refused.is_empty() {
+            warn!(?refused, "the manager asked to route CIDRs wider than a /8: refused");
+        }
+        let existing = routes::existing()?;
+        let mut never = self.never.clone();
+        never.extend(existing.iter().filter(|e| e.connected && e.dev != self.device).map(|e| e.dst));
+        let mut wanted = routes::compute(&cluster, &self.also, &never);
+        if wanted.len() > routes::MAX_ROUTES {
+            warn!(
+                asked = wanted.len(),
+                kept = routes::MAX_ROUTES,
+                "the manager asked for too many routes: the rest are left out"
+            );
+            wanted.truncate(routes::MAX_ROUTES);
+        }
         if !self.v6_address && wanted.iter().any(|r| r.addr().is_ipv6()) {
             routes::add_address(&self.device, &IpNet::from(IpAddr::V6(TUN_V6)))?;
             self.v6_address = true;
         }
         let new: Vec<IpNet> = wanted.iter().filter(|r| !self.state.routes.contains(r)).copied().collect();
         if !self.allow_conflicts && !new.is_empty() {
-            let existing = routes::existing()?;
             if let Some((r, c)) = new.iter().find_map(|r| routes::conflict(r, &existing, &self.device).map(|c| (r, c)))
             {
                 return Err(Error::RouteConflict(format!("route {r} overlaps the existing route {c} on this machine")));
             }
         }
-        for r in &new {
-            self.state.routes.push(*r);
+        if !new.is_empty() {
+            self.state.routes.extend(new.iter().copied());
             self.state.save(&self.state_path)?;
-            let src = if r.addr().is_ipv4() { IpAddr::V4(TUN_V4) } else { IpAddr::V6(TUN_V6) };
-            if let Err(e) = routes::add(r, &self.device, src) {
-                self.state.routes.pop();
+            let src = |r: &IpNet| if r.addr().is_ipv4() { IpAddr::V4(TUN_V4) } else { IpAddr::V6(TUN_V6) };
+            if let Err(e) = routes::add_all(&new, &self.device, src) {
+                // Keep on record what is on the device (some of the batch may be).
+                let present = routes::on_device(&self.device);
+                self.state.routes.retain(|r| !new.contains(r) || present.contains(r));
                 self.state.save(&self.state_path)?;
                 return Err(e);
             }
         }
         let stale: Vec<IpNet> = self.state.routes.iter().filter(|r| !wanted.contains(r)).copied().collect();
-        for r in stale {
-            routes::remove(&r, &self.device)?;
-            self.state.routes.retain(|x| *x != r);
+        if !stale.is_empty() {
+            routes::remove_all(&stale, &self.device)?;
+            self.state.routes.retain(|r| !stale.contains(r));
             self.state.save(&self.state_path)?;
         }
         Ok(wanted)
@@ -305,10 +326,20 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     info!(manager = %session.manager, cidrs = ?session.cluster.cidrs, "connected to the manager");
     let mut never = plan.never_proxy.clone();
     never.push(routes::host(session.manager.ip()));
+    // The laptop's own nameservers stay outside the tunnel, whatever the manager says.
+    let resolv = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+    never.extend(osdns::parse(&resolv).nameservers.into_iter().filter(|ip| !ip.is_loopback()).map(routes::host));
     never.sort();
     never.dedup();
+    let mut session = session;
+    if let Err(why) =
+        tpvpn_resolver::names::check_cluster_domain(&session.cluster.domain, tpvpn_resolver::Psl::shared())
+    {
+        warn!(domain = %session.cluster.domain, %why, "the manager's cluster domain is refused; using cluster.local");
+        session.cluster.domain = "cluster.local".into();
+    }
 
-    if routes::compute(&session.cluster.cidrs, &plan.also_proxy, &never).is_empty() {
+    if routes::compute(&routes::acceptable(&session.cluster.cidrs).0, &plan.also_proxy, &never).is_empty() {
         return Err(Error::Config(
             "nothing to route: the manager reported no cluster CIDRs outside --never-proxy".into(),
         ));
@@ -559,7 +590,8 @@ fn handle_update(
     dns: Option<&crate::dns::Shared>,
 ) {
     match update {
-        Update::Cluster(cluster) => match routing.apply(&cluster.cidrs) {
+        // Route changes fork `ip`: off the thread the data plane runs on.
+        Update::Cluster(cluster) => match tokio::task::block_in_place(|| routing.apply(&cluster.cidrs)) {
             Ok(wanted) => {
                 info!(routes = ?wanted, "cluster changed: routes updated");
                 status.routes = wanted.iter().map(|r| r.to_string()).collect();
@@ -612,6 +644,39 @@ async fn initial_updates(updates: &mut tokio::sync::mpsc::Receiver<Update>) -> V
         }
     }
     got
+}
+
+/// Drops what the manager pushed that Kubernetes would not allow: namespaces that are not
+/// RFC 1123 labels, Services whose name is not an RFC 1035 label (or whose namespace is
+/// not a namespace name). Such names would reach DNS routing domains, systemd-resolved
+/// and `tpvpn list`.
+fn sanitize(update: Update) -> Update {
+    use tpvpn_resolver::names::{is_dns1035_label, is_dns1123_label};
+    match update {
+        Update::Namespaces(names) => {
+            let (ok, bad): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| is_dns1123_label(n));
+            if !bad.is_empty() {
+                warn!(count = bad.len(), first = ?bad.first(), "the manager pushed namespaces that are not names: dropped");
+            }
+            Update::Namespaces(ok)
+        }
+        Update::Services(services) => {
+            let before = services.len();
+            let ok: Vec<tpvpn_tunnel::ServiceInfo> =
+                services.into_iter().filter(|s| is_dns1123_label(&s.namespace) && is_dns1035_label(&s.name)).collect();
+            if ok.len() < before {
+                warn!(count = before - ok.len(), "the manager pushed Services with names that are not names: dropped");
+            }
+            Update::Services(ok)
+        }
+        Update::Cluster(mut c) => {
+            if let Err(why) = tpvpn_resolver::names::check_cluster_domain(&c.domain, tpvpn_resolver::Psl::shared()) {
+                warn!(domain = %c.domain, %why, "the manager's cluster domain is refused");
+                c.domain = "cluster.local".into();
+            }
+            Update::Cluster(c)
+        }
+    }
 }
 
 /// What the manager pushes on the control stream.
@@ -681,7 +746,7 @@ fn cluster_updates(
                 Ok(None) => break "the manager ended the control stream".to_string(),
                 Err(e) => break format!("control stream: {e}"),
             };
-            for u in updates {
+            for u in updates.into_iter().map(sanitize) {
                 if tx.send(u).await.is_err() {
                     return;
                 }

@@ -24,9 +24,13 @@ const MANAGER: &str = "org.freedesktop.resolve1.Manager";
 
 /// Runs `busctl --system <args>`; returns its stdout.
 fn busctl(args: &[String]) -> Result<String, Error> {
+    // `--` ends busctl's options: its getopt permutes, so a value such as a domain named
+    // `--address=unixexec:...` would otherwise be taken as an option.
     let out = Command::new("busctl")
         .args(["--system", "--timeout=5"])
-        .args(args)
+        .args(args.iter().take_while(|a| a.starts_with("--")))
+        .arg("--")
+        .args(args.iter().skip_while(|a| a.starts_with("--")))
         .output()
         .map_err(|e| Error::System(format!("cannot run busctl (systemd's D-Bus client): {e}")))?;
     if !out.status.success() {

@@ -11,6 +11,21 @@ use ipnet::IpNet;
 
 use crate::Error;
 
+/// The widest CIDR the manager may have routed: anything wider would take over the
+/// laptop's default route (`0.0.0.0/1` covers half the internet).
+const WIDEST_FROM_MANAGER_V4: u8 = 8;
+const WIDEST_FROM_MANAGER_V6: u8 = 16;
+/// The most routes a manager may have installed; more are left out with a warning.
+pub const MAX_ROUTES: usize = 1024;
+
+/// The manager's CIDRs that the laptop accepts: none wider than a /8 (IPv6: /16). The
+/// others, with why, for a warning.
+pub fn acceptable(cluster: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
+    cluster.iter().partition(|n| {
+        n.prefix_len() >= if n.addr().is_ipv4() { WIDEST_FROM_MANAGER_V4 } else { WIDEST_FROM_MANAGER_V6 }
+    })
+}
+
 /// Computes the CIDRs to route into the tunnel.
 pub fn compute(cluster: &[IpNet], also: &[IpNet], never: &[IpNet]) -> Vec<IpNet> {
     let mut routes: Vec<IpNet> = IpNet::aggregate(&cluster.iter().chain(also).map(|n| n.trunc()).collect());
@@ -47,6 +62,8 @@ fn subtract(net: IpNet, hole: IpNet) -> Vec<IpNet> {
 pub struct Existing {
     pub dst: IpNet,
     pub dev: String,
+    /// Made by the kernel for an address of an interface: a directly connected subnet.
+    pub connected: bool,
 }
 
 impl std::fmt::Display for Existing {
@@ -65,7 +82,11 @@ pub fn parse_existing(json: &str) -> Vec<Existing> {
         .filter_map(|r| {
             let dst = r["dst"].as_str()?;
             let dst = dst.parse::<IpNet>().ok().or_else(|| dst.parse::<IpAddr>().ok().map(IpNet::from))?;
-            Some(Existing { dst, dev: r["dev"].as_str().unwrap_or("?").to_string() })
+            Some(Existing {
+                dst,
+                dev: r["dev"].as_str().unwrap_or("?").to_string(),
+                connected: r["protocol"] == "kernel",
+            })
         })
         .collect()
 }
@@ -115,6 +136,57 @@ pub fn add(route: &IpNet, device: &str, src: IpAddr) -> Result<(), Error> {
         }
         e => e,
     })
+}
+
+/// Adds every route of `routes` on `device` with one `ip -batch` (the preferred source
+/// address of each family from `src`). Returns the routes that could not be added, with
+/// `ip`'s words, when some could not.
+pub fn add_all(routes: &[IpNet], device: &str, src: impl Fn(&IpNet) -> IpAddr) -> Result<(), Error> {
+    batch(routes.iter().map(|r| format!("route add {r} dev {device} src {}", src(r))))
+}
+
+/// Removes every route of `routes` from `device` with one `ip -batch`; routes already
+/// gone are not an error.
+pub fn remove_all(routes: &[IpNet], device: &str) -> Result<(), Error> {
+    batch(routes.iter().map(|r| format!("route del {r} dev {device}"))).or_else(|e| match e {
+        Error::System(m) if m.contains("No such process") || m.contains("Cannot find device") => Ok(()),
+        e => Err(e),
+    })
+}
+
+/// Runs `ip -force -batch -` with `lines` (every line is tried; the first failure is
+/// reported).
+fn batch(lines: impl Iterator<Item = String>) -> Result<(), Error> {
+    use std::io::Write;
+    let input: String = lines.map(|l| l + "\n").collect();
+    if input.is_empty() {
+        return Ok(());
+    }
+    let mut child = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| Error::System(format!("cannot run ip: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).map_err(|e| Error::System(format!("ip -batch: {e}")))?;
+    }
+    let out = child.wait_with_output().map_err(|e| Error::System(format!("ip -batch: {e}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let first = err.lines().next().unwrap_or("failed").trim();
+    if first.contains("File exists") {
+        return Err(Error::RouteConflict(format!("a route already exists on this machine ({first})")));
+    }
+    Err(Error::System(format!("ip -batch: {first}")))
+}
+
+/// The routes on `device` now.
+pub fn on_device(device: &str) -> Vec<IpNet> {
+    existing().unwrap_or_default().into_iter().filter(|e| e.dev == device).map(|e| e.dst).collect()
 }
 
 /// Removes `route` from `device`; a route that is already gone is not an error.
@@ -193,6 +265,18 @@ mod tests {
         let other: IpNet = "10.244.0.0/16".parse().unwrap();
         assert!(conflict(&other, &e, "tpvpn0").is_none());
         assert!(parse_existing("not json").is_empty());
+    }
+
+    #[test]
+    fn the_manager_cannot_take_the_default_route_and_connected_subnets_are_known() {
+        let (ok, refused) =
+            acceptable(&nets(&["10.96.0.0/12", "0.0.0.0/1", "128.0.0.0/1", "10.0.0.0/8", "fd00::/8", "fd00:10::/64"]));
+        assert_eq!(ok, nets(&["10.96.0.0/12", "10.0.0.0/8", "fd00:10::/64"]));
+        assert_eq!(refused, nets(&["0.0.0.0/1", "128.0.0.0/1", "fd00::/8"]));
+        let json = r#"[{"dst":"192.0.2.0/24","dev":"eth0","protocol":"kernel","scope":"link"},
+            {"dst":"10.96.7.0/24","dev":"wg0","protocol":"static"}]"#;
+        let e = parse_existing(json);
+        assert_eq!(e.iter().map(|r| r.connected).collect::<Vec<_>>(), [true, false]);
     }
 
     #[test]

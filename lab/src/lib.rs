@@ -28,6 +28,7 @@
 pub mod apiserver;
 pub mod client;
 pub mod data;
+pub mod hostile;
 pub mod pods;
 pub mod resolved;
 pub mod serve;
@@ -1042,6 +1043,34 @@ impl Lab {
         fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// Replaces the manager with the hostile test double ([`hostile`]) on the same
+    /// address, certificate and token, saying `args` (`--cluster-domain`, `--cidr`,
+    /// `--host-routes`, `--namespace`).
+    pub fn start_hostile_manager(&mut self, args: &[&str]) -> Result<()> {
+        self.stop_manager();
+        let bin = find_bin(&self.bin_dir, "tpvpn-lab")?;
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.dir.join("manager.log"))?;
+        let d = self.dir.display().to_string();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.cluster])
+            .arg(&bin)
+            .args(["hostile-manager", "--listen", &self.manager_listen])
+            .args(["--tls-cert", &format!("{d}/manager.crt"), "--tls-key", &format!("{d}/manager.key")])
+            .arg("--token-file")
+            .arg(self.token_file())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the hostile manager")?;
+        self.manager = Some(child);
+        if !wait_until(Duration::from_secs(10), || self.manager_log().contains("hostile test double")) {
+            bail!("the hostile manager did not start; log:\n{}", self.manager_log());
+        }
+        Ok(())
+    }
+
     /// Starts the manager with `token_file`, waits (≤ 20 s) until it logs ready: longer
     /// than the manager's own 10 s wait for the API, so a slow API shows as its warning.
     pub fn start_manager_with_token(&mut self, token_file: &Path) -> Result<()> {
@@ -1073,7 +1102,11 @@ impl Lab {
             // The manager learns CIDRs and DNS from the API stand-in, as in a cluster.
             .arg("--kubeconfig")
             .arg(self.kubeconfig())
-            .args(["--cluster-domain", "cluster.local"])
+            .args(if self.manager_extra.iter().any(|a| a == "--cluster-domain") {
+                &[][..]
+            } else {
+                &["--cluster-domain", "cluster.local"][..]
+            })
             .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1") // plain text in manager.log
             .stdin(Stdio::null())

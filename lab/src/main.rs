@@ -31,6 +31,8 @@ enum Cmd {
         #[arg(long)]
         silent: Option<SocketAddr>,
     },
+    /// A test double of a manager a laptop must not trust (see `tpvpn_lab::hostile`).
+    HostileManager(tpvpn_lab::hostile::HostileArgs),
     /// Stand-in for a mesh sidecar's inbound proxy: relays connections redirected to
     /// LISTEN to their original port on the pod's loopback.
     Sidecar {
@@ -108,6 +110,7 @@ fn main() -> ExitCode {
             apiserver::run(listen, &fixtures, cfg).map(|()| true)
         }
         Cmd::Sidecar { listen } => serve::sidecar(listen).map(|()| true),
+        Cmd::HostileManager(a) => tpvpn_lab::hostile::run(a).map(|()| true),
         Cmd::Client(c) => run_client(c),
         Cmd::Demo => demo().map(|()| true),
         Cmd::Wan(a) => tpvpn_lab::wan::run_emulator(&a).map(|()| true),

@@ -18,6 +18,7 @@
 //! `docs.rs` keeps resolving on the Internet. Malformed network input never panics.
 
 mod cache;
+pub mod names;
 mod psl;
 mod replies;
 

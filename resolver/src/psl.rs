@@ -24,6 +24,12 @@ impl Psl {
         Self::parse(EMBEDDED).expect("embedded public suffix list parses")
     }
 
+    /// The embedded list, parsed once per process.
+    pub fn shared() -> &'static Psl {
+        static LIST: std::sync::OnceLock<Psl> = std::sync::OnceLock::new();
+        LIST.get_or_init(Psl::embedded)
+    }
+
     /// Parses a list in the publicsuffix.org format (`ICANN` and `PRIVATE` sections).
     pub fn parse(text: &str) -> Result<Self, Error> {
         let list = List::from_str(text).map_err(|source| Error::PslParse { source })?;

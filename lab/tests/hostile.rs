@@ -1,0 +1,86 @@
+//! The laptop's daemon runs as root and trusts nothing the manager sends: a manager
+//! (the lab's hostile test double, speaking the real protocol) that pushes a namespace
+//! named like a `busctl` option, the root as its cluster domain, half the internet and
+//! 20,000 routes. No command runs, internet names still resolve upstream, no such route
+//! appears, and `status` answers throughout. Needs root.
+
+use std::time::{Duration, Instant};
+
+use tpvpn_lab::{show, Lab};
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_hostile_manager_cannot_run_commands_take_the_routes_or_all_names() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    // busctl permutes options: unquoted, this name would make it start a program.
+    let marker = lab.dir().join("pwned");
+    let evil = format!("--address=unixexec:path=/usr/bin/touch,argv1={}", marker.display());
+    let evil_arg = format!("--namespace={evil}");
+    lab.start_hostile_manager(&[
+        "--cluster-domain",
+        ".",
+        "--cidr",
+        "0.0.0.0/1",
+        "--cidr",
+        "128.0.0.0/1",
+        "--cidr",
+        "10.96.0.0/16",
+        "--host-routes",
+        "20000",
+        &evil_arg,
+        "--namespace",
+        "Not_A_Name",
+    ])
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    lab.start_resolved().expect("systemd-resolved in the laptop namespace");
+    let bus = lab.resolved_bus();
+    let env = [("DBUS_SYSTEM_BUS_ADDRESS", bus.as_str())];
+    let base = lab.up_args();
+    let mut up: Vec<&str> = base.iter().map(String::as_str).collect();
+    up.extend(["--namespace", "default", "--dns-mode", "resolved"]);
+    let started = Instant::now();
+    let out = lab.tpvpn_env(&up, &env, Duration::from_secs(60));
+    assert!(out.status.success(), "tpvpn up:\n{}\nmanager log:\n{}", show(&out), lab.manager_log());
+    let log = std::fs::read_to_string(lab.runtime_dir().join("tpvpn.log")).unwrap_or_default();
+    assert!(log.contains("namespaces that are not names: dropped"), "{log}");
+    eprintln!("up took {:?}", started.elapsed());
+
+    assert!(!marker.exists(), "a namespace name ran a program as root");
+    let status = lab.tpvpn_env(&["status", "-o", "json"], &env, Duration::from_secs(10));
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_else(|_| panic!("{}", show(&status)));
+    let domains = s["dns"]["domains"].as_array().cloned().unwrap_or_default();
+    assert!(!domains.iter().any(|d| d.as_str().is_some_and(|d| d.contains("address="))), "{domains:?}");
+    assert!(domains.iter().any(|d| d == "cluster.local"), "the root was refused as the cluster domain: {domains:?}");
+
+    let table = stdout(&lab.exec(lab.laptop(), &["ip", "-4", "route", "show", "dev", "tpvpn0"]));
+    assert!(
+        !table.lines().any(|l| l.starts_with("0.0.0.0/1") || l.starts_with("128.0.0.0/1")),
+        "half the internet routed"
+    );
+    let count = table.lines().count();
+    assert!(count <= 1024, "{count} routes installed");
+    let default = stdout(&lab.exec(lab.laptop(), &["ip", "route", "get", "10.250.2.1"]));
+    assert!(!default.contains("tpvpn0"), "the laptop's nameserver is routed into the tunnel: {default}");
+
+    // Through resolved's stub, as applications ask: the internet upstream, the cluster
+    // through tpvpn.
+    let dig = |name: &str| {
+        stdout(&lab.exec(lab.laptop(), &["dig", "+short", "+time=2", "+tries=1", "@127.0.0.53", name]))
+            .trim()
+            .to_string()
+    };
+    assert_eq!(dig("docs.rs"), tpvpn_lab::INTERNET_IP, "internet names go upstream");
+    assert_eq!(
+        dig("frontend.default.svc.cluster.local"),
+        tpvpn_lab::FRONTEND_IP,
+        "from the table, under cluster.local"
+    );
+    let list = stdout(&lab.tpvpn(&["list"]));
+    assert!(!list.contains("address=") && !list.contains("Not_A_Name"), "{list}");
+    let down = lab.tpvpn_env(&["down"], &env, Duration::from_secs(30));
+    assert!(down.status.success(), "{}", show(&down));
+    drop::<Lab>(lab);
+}
