@@ -501,6 +501,21 @@ fn auto_mode(stub: bool, resolved_available: impl FnOnce() -> bool) -> DnsMode {
     }
 }
 
+/// A socket on `addr` (an address of `device`) that only this machine's own processes
+/// reach: bound to `device`, which the kernel gives as the arrival device of every packet a
+/// local process sends to that address (since Linux 4.13; the packet itself goes through
+/// loopback). A packet another host routes to `addr` through the laptop arrives on another
+/// device and finds no socket, so the laptop is no open resolver for its neighbours.
+fn local_socket(device: &str, addr: std::net::SocketAddr, kind: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+    s.bind_device(Some(device.as_bytes()))?;
+    if kind == socket2::Type::STREAM {
+        s.set_reuse_address(true)?;
+    }
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
 /// Starts the DNS server on [`DNS_V4`] with the manager's first catalog, and (resolvconf
 /// mode) points the system resolver at it, recording the original first.
 async fn start_dns(
@@ -544,10 +559,15 @@ async fn start_dns(
         }
     }
     let addr = std::net::SocketAddr::new(IpAddr::V4(DNS_V4), 53);
-    let udp = std::net::UdpSocket::bind(addr)
-        .map_err(|e| Error::System(format!("cannot listen for DNS on udp {addr}: {e}")))?;
-    let tcp = tokio::net::TcpListener::bind(addr)
-        .await
+    let udp: std::net::UdpSocket = local_socket(&routing.device, addr, socket2::Type::DGRAM)
+        .map_err(|e| Error::System(format!("cannot listen for DNS on udp {addr}: {e}")))?
+        .into();
+    let tcp = local_socket(&routing.device, addr, socket2::Type::STREAM)
+        .and_then(|s| {
+            s.listen(1024)?;
+            s.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(s.into())
+        })
         .map_err(|e| Error::System(format!("cannot listen for DNS on tcp {addr}: {e}")))?;
     // One thread: with batched receives it outpaces dnsmasq, and leaves a core to the rest.
     let (udp_shared, runtime) = (shared.clone(), tokio::runtime::Handle::current());

@@ -13,9 +13,10 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant as StdInstant;
+use std::time::{Duration as StdDuration, Instant as StdInstant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -42,6 +43,32 @@ const DOWN_GROUP: usize = DOWN_BUDGET / 4;
 pub static DENIED_FLOWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// UDP datagrams that may wait for a flow's stream to open.
 const UDP_QUEUE: usize = 256;
+
+/// How long a reading of this machine's addresses is used.
+const LOCAL_FRESH: StdDuration = StdDuration::from_secs(1);
+
+/// This machine's own addresses, the only sources the stack takes packets from: the tunnel
+/// is for the laptop's own processes, not for another host on its network that routes
+/// packets to a ClusterIP through the laptop. The kernel drops a packet arriving from
+/// outside with one of these as its source (a martian), so such a source is a local
+/// process. (The DNS server's sockets get the same by being bound to the TUN device.)
+fn local_addresses() -> Vec<IpAddr> {
+    let addrs = match nix::ifaddrs::getifaddrs() {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %e, "cannot read this machine's addresses: packets from any source are taken");
+            return vec![];
+        }
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect()
+}
 
 /// Messages from flow tasks (and the control socket) to the stack task.
 enum Cmd {
@@ -139,6 +166,8 @@ pub struct Dataplane {
     tcp: FlowMap<TcpCtl>,
     udp: FlowMap<UdpCtl>,
     epoch: StdInstant,
+    /// When this machine's addresses were last given to the stack.
+    local_read: Option<StdInstant>,
 }
 
 impl Dataplane {
@@ -153,6 +182,7 @@ impl Dataplane {
             tcp: FlowMap::default(),
             udp: FlowMap::default(),
             epoch: StdInstant::now(),
+            local_read: None,
         }
     }
 
@@ -184,6 +214,10 @@ impl Dataplane {
                 r = self.tun.recv(&mut buf) => match r {
                     Ok(n) => {
                         let now = self.now();
+                        if self.local_read.is_none_or(|t| t.elapsed() > LOCAL_FRESH) {
+                            self.stack.set_local_addresses(local_addresses());
+                            self.local_read = Some(StdInstant::now());
+                        }
                         let _ = self.stack.input(buf.get(vnet..n).unwrap_or_default(), now);
                         // Drain what else is ready without waiting, to batch work.
                         for _ in 0..64 {

@@ -191,7 +191,14 @@ fn send_udp(socket: &std::net::UdpSocket, reply: &[u8], to: SocketAddr) {
 /// Serves DNS over TCP on `listener`: a task per connection, queries in order.
 pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let (mut stream, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                debug!(error = %e, "dns tcp accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             while let Ok(Ok(Some(query))) =

@@ -84,3 +84,40 @@ fn a_hostile_manager_cannot_run_commands_take_the_routes_or_all_names() {
     assert!(down.status.success(), "{}", show(&down));
     drop::<Lab>(lab);
 }
+
+#[test]
+fn only_the_laptop_itself_is_served() {
+    let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
+    lab.up(&[]).unwrap_or_else(|e| panic!("{e:#}"));
+    // Another host on the laptop's network routes tpvpn's DNS address and a ClusterIP
+    // through the laptop, which forwards.
+    assert!(lab.exec(lab.laptop(), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]).status.success());
+    for dst in ["198.18.0.2/32", "10.96.0.10/32"] {
+        let out = lab.exec(lab.inet(), &["ip", "route", "add", dst, "via", "10.250.2.2"]);
+        assert!(out.status.success(), "{}", show(&out));
+    }
+    let dig = |ns: &str, extra: &str| {
+        lab.exec(
+            ns,
+            &["dig", "+short", "+time=2", "+tries=1", extra, "@198.18.0.2", "frontend.default.svc.cluster.local"],
+        )
+    };
+    assert_eq!(
+        stdout(&dig(lab.laptop(), "+notcp")).trim(),
+        tpvpn_lab::FRONTEND_IP,
+        "the laptop is served: {}",
+        std::fs::read_to_string(lab.runtime_dir().join("tpvpn.log")).unwrap_or_default()
+    );
+    for proto in ["+notcp", "+tcp"] {
+        let out = dig(lab.inet(), proto);
+        assert!(!stdout(&out).contains(tpvpn_lab::FRONTEND_IP), "another host got an answer ({proto}): {}", show(&out));
+    }
+    let out = lab.lab_tool(lab.inet(), &["client", "connect", "10.96.0.10:80"]);
+    assert!(
+        !stdout(&out).starts_with("connected"),
+        "another host reached a ClusterIP through the laptop: {}",
+        show(&out)
+    );
+    let out = lab.lab_tool(lab.laptop(), &["client", "connect", "10.96.0.10:80"]);
+    assert!(stdout(&out).starts_with("connected"), "{}", show(&out));
+}

@@ -29,7 +29,7 @@ mod tcp;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 pub use smoltcp::time::{Duration, Instant};
 
@@ -140,6 +140,9 @@ pub struct Counters {
     pub packets_out: u64,
     pub dropped_malformed: u64,
     pub dropped_unsupported: u64,
+    /// Packets whose source is not an address of this machine (another host routing
+    /// through it).
+    pub dropped_foreign: u64,
     pub tcp_refused: u64,
 }
 
@@ -187,6 +190,9 @@ pub struct Stack {
     /// The latest `now` the caller passed, for the deferred polls.
     now: Instant,
     counters: Counters,
+    /// The machine's own addresses: packets from any other source are dropped (empty:
+    /// every source is taken).
+    local: Vec<IpAddr>,
 }
 
 impl Stack {
@@ -203,7 +209,14 @@ impl Stack {
             dirty: Vec::new(),
             now: Instant::ZERO,
             counters: Counters::default(),
+            local: Vec::new(),
         }
+    }
+
+    /// Takes packets only from these source addresses (this machine's own), from now
+    /// on; another host that routes through this machine gets nothing. Empty: any.
+    pub fn set_local_addresses(&mut self, addrs: Vec<IpAddr>) {
+        self.local = addrs;
     }
 
     pub fn config(&self) -> &Config {
@@ -238,6 +251,10 @@ impl Stack {
             self.counters.dropped_unsupported += 1;
             return Err(Error::Unsupported("protocol other than tcp and udp"));
         };
+        if !self.local.is_empty() && !self.local.contains(&src.ip()) {
+            self.counters.dropped_foreign += 1;
+            return Err(Error::Unsupported("source is not an address of this machine"));
+        }
         let key = FlowKey { protocol: info.protocol, src, dst };
         match info.transport {
             Transport::Tcp(_) if !is_unicast(src.ip()) || !is_unicast(dst.ip()) => {

@@ -248,3 +248,17 @@ fn sends_between_transmits_leave_as_one_segment_with_the_ack() {
     assert_eq!(seg.ack_number, seq + 7, "the segment also acknowledges the request");
     assert!(s.transmit().is_none(), "nothing else: no separate ACK, no segment per send");
 }
+
+#[test]
+fn only_the_machines_own_sources_are_taken() {
+    let mut s = Stack::new(Config::default());
+    s.set_local_addresses(vec!["198.18.0.1".parse().unwrap(), "10.250.2.2".parse().unwrap()]);
+    // Another host routing a SYN through this machine: dropped, no flow, no answer.
+    let foreign = Seg::syn("10.250.2.1:40000", SVC).build();
+    assert!(matches!(s.input(&foreign, t(0)), Err(Error::Unsupported(_))));
+    assert!(s.poll_event().is_none() && s.transmit().is_none());
+    assert_eq!((s.flow_counts(), s.counters().dropped_foreign), ((0, 0), 1));
+    // This machine's own source: a flow.
+    s.input(&Seg::syn(APP, SVC).build(), t(1)).unwrap();
+    assert!(matches!(s.poll_event(), Some(Event::TcpConnect { .. })));
+}
