@@ -168,18 +168,101 @@ pub async fn request(socket: &Path, req: Request, timeout: Duration) -> Result<O
         .map_err(|_| Error::System(format!("the daemon on {} did not answer in time", socket.display())))?
 }
 
-/// Reads one request from a control connection.
-pub async fn read_request(stream: &mut UnixStream) -> Option<Request> {
+impl Request {
+    /// Whether the request changes something: only root and the user who ran `up` may.
+    pub fn changes_state(&self) -> bool {
+        !matches!(self, Request::Status | Request::List)
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Down => "down",
+            Request::List => "list",
+            Request::Intercept(_) => "intercept",
+            Request::Leave { .. } => "leave",
+        }
+    }
+}
+
+/// How long a control client has to send its request line, and to take its reply.
+const DEADLINE: Duration = Duration::from_secs(5);
+/// Longest request line read.
+const REQUEST_MAX: u64 = 64 * 1024;
+/// Control connections served at once; more wait to be accepted.
+const CONNECTIONS: usize = 64;
+
+/// A request read from a local client and allowed, for the daemon's supervisor to answer.
+#[derive(Debug)]
+pub struct Call {
+    pub request: Request,
+    stream: UnixStream,
+}
+
+impl Call {
+    /// Writes the reply, within [`DEADLINE`]: a client that stops reading is dropped.
+    pub async fn reply(mut self, reply: &Reply) {
+        write_reply(&mut self.stream, reply).await;
+    }
+
+    /// The same on a task of its own, so that the supervisor never waits for a client.
+    pub fn reply_later(self, reply: Reply) {
+        tokio::spawn(async move { self.reply(&reply).await });
+    }
+}
+
+/// Serves the control socket for the life of the daemon. Each connection is read on a
+/// task of its own (one line within [`DEADLINE`]), checked against the peer's
+/// credentials (`SO_PEERCRED`): `status` and `list` are for any local user, requests that
+/// change something for root and `owner` (the user who ran `up`, from `SUDO_UID`). What
+/// passes goes to `calls`, so that a silent or slow client never holds up the supervisor.
+pub async fn serve(listener: tokio::net::UnixListener, owner: u32, calls: tokio::sync::mpsc::Sender<Call>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+        let mut stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "control accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let calls = calls.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let Some(request) = read_request(&mut stream).await else {
+                tracing::warn!("bad control request");
+                return;
+            };
+            let uid = stream.peer_cred().map(|c| c.uid());
+            if request.changes_state() && !uid.as_ref().is_ok_and(|u| *u == 0 || *u == owner) {
+                let who = uid.map_or("an unknown user".to_string(), |u| format!("uid {u}"));
+                let error = format!(
+                    "tpvpn {} needs root or the user who ran tpvpn up (uid {owner}); this is {who}",
+                    request.name()
+                );
+                write_reply(&mut stream, &Reply::Failed { error }).await;
+                return;
+            }
+            let _ = calls.send(Call { request, stream }).await;
+        });
+    }
+}
+
+/// Reads one request line from a control connection, within [`DEADLINE`].
+async fn read_request(stream: &mut UnixStream) -> Option<Request> {
+    use tokio::io::AsyncReadExt;
     let mut line = String::new();
-    let mut reader = BufReader::new(stream);
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await.ok()?.ok()?;
+    let mut reader = BufReader::new(stream.take(REQUEST_MAX));
+    tokio::time::timeout(DEADLINE, reader.read_line(&mut line)).await.ok()?.ok()?;
     serde_json::from_str(&line).ok()
 }
 
-/// Writes one reply on a control connection.
-pub async fn write_reply(stream: &mut UnixStream, reply: &Reply) {
+/// Writes one reply on a control connection, within [`DEADLINE`].
+async fn write_reply(stream: &mut UnixStream, reply: &Reply) {
     if let Ok(mut line) = serde_json::to_vec(reply) {
         line.push(b'\n');
-        let _ = stream.write_all(&line).await;
+        let _ = tokio::time::timeout(DEADLINE, stream.write_all(&line)).await;
     }
 }

@@ -70,17 +70,12 @@ pub fn preflight() -> Result<(), Error> {
     Ok(())
 }
 
-fn prepare_runtime_dir(paths: &Paths) -> Result<(), Error> {
-    std::fs::create_dir_all(&paths.dir)
-        .map_err(|e| Error::System(format!("cannot create runtime dir {}: {e}", paths.dir.display())))
-}
-
 /// `tpvpn up` without `--foreground`: starts the daemon and waits for its first line.
 pub fn up_background(args: &[String], paths: &Paths) -> Result<String, Error> {
     preflight()?;
-    prepare_runtime_dir(paths)?;
+    state::prepare_runtime_dir(&paths.dir)?;
     refuse_if_running(paths)?;
-    let log = std::fs::File::create(paths.log())
+    let log = state::create_new(&paths.log(), 0o644)
         .map_err(|e| Error::System(format!("cannot create {}: {e}", paths.log().display())))?;
     let exe = std::env::current_exe().map_err(|e| Error::System(format!("cannot find my own binary: {e}")))?;
     let mut child = Command::new(exe)
@@ -123,6 +118,8 @@ fn refuse_if_running(paths: &Paths) -> Result<(), Error> {
     }
     if let Some(pid) = state::clean_stale(paths)? {
         eprintln!("tpvpn: undid the changes of an earlier tpvpn (pid {pid}) that did not exit cleanly");
+    } else if osdns::restore_left_behind(std::path::Path::new(RESOLV_CONF))? {
+        eprintln!("tpvpn: put back the original {RESOLV_CONF} that a tpvpn connected across a reboot left behind");
     }
     Ok(())
 }
@@ -159,7 +156,7 @@ pub fn up_foreground(opts: UpOptions, paths: Paths) -> Result<(), Error> {
     }
     let result = (|| {
         preflight()?;
-        prepare_runtime_dir(&paths)?;
+        state::prepare_runtime_dir(&paths.dir)?;
         if !daemon {
             refuse_if_running(&paths)?;
         }
@@ -318,6 +315,7 @@ impl Routing<'_> {
 }
 
 async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Error> {
+    routes::check_new_device(&opts.device)?;
     let mut plan = plan(&opts).await?;
     plan.target.identity = crate::connect::Identity::of_this_machine(paths.load_or_create_client_id()?);
     // What an earlier daemon held, if it did not exit cleanly: re-claimed once connected.
@@ -327,7 +325,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     let mut never = plan.never_proxy.clone();
     never.push(routes::host(session.manager.ip()));
     // The laptop's own nameservers stay outside the tunnel, whatever the manager says.
-    let resolv = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+    let resolv = osdns::original_of(&std::fs::read_to_string(RESOLV_CONF).unwrap_or_default());
     never.extend(osdns::parse(&resolv).nameservers.into_iter().filter(|ip| !ip.is_loopback()).map(routes::host));
     never.sort();
     never.dedup();
@@ -349,10 +347,17 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         State { pid: std::process::id(), device: None, routes: vec![], resolv_conf: None, resolved_link: None };
     let listener = {
         let _ = std::fs::remove_file(paths.socket());
-        UnixListener::bind(paths.socket())
-            .map_err(|e| Error::System(format!("cannot listen on {}: {e}", paths.socket().display())))?
+        let listener = UnixListener::bind(paths.socket())
+            .map_err(|e| Error::System(format!("cannot listen on {}: {e}", paths.socket().display())))?;
+        // Any local user may connect: each request is checked against its sender.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(paths.socket(), std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| Error::System(format!("cannot open {} to local users: {e}", paths.socket().display())))?;
+        listener
     };
-    std::fs::write(paths.pid(), format!("{}\n", std::process::id()))
+    let (calls_send, calls) = tokio::sync::mpsc::channel(16);
+    let control_task = tokio::spawn(control::serve(listener, invoking_uid(), calls_send));
+    state::write_atomic(&paths.pid(), format!("{}\n", std::process::id()).as_bytes(), 0o644)
         .map_err(|e| Error::System(format!("cannot write {}: {e}", paths.pid().display())))?;
     let (control_send, control_recv) = session.control;
     let result = async {
@@ -415,7 +420,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         };
         let running = Running { dataplane, tun, stack_config, link };
         let (why, down_reply, link) =
-            serve(running, listener, status, (initial, updates), &mut routing, dns, intercepts.clone()).await;
+            serve(running, calls, status, (initial, updates), &mut routing, dns, intercepts.clone()).await;
         // Intercepts end first, so that the cluster's traffic goes back to the pods at once.
         intercepts.leave_all(&link.conn, link.version).await;
         link.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
@@ -423,6 +428,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         Ok::<_, Error>((why, down_reply, link.endpoint))
     }
     .await;
+    control_task.abort();
     // (On the error paths before `serve`, this closes the first connection; `serve` closed
     // the one it ended with.)
     session.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
@@ -434,8 +440,8 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     let (why, down_reply, last_endpoint) = result?;
     last_endpoint.wait_idle().await;
 
-    if let Some(mut stream) = down_reply {
-        control::write_reply(&mut stream, &Reply::Done { ok: undo.is_ok() }).await;
+    if let Some(call) = down_reply {
+        call.reply(&Reply::Done { ok: undo.is_ok() }).await;
     }
     undo?;
     if why.starts_with("down") || why.starts_with("signal") {
@@ -443,6 +449,14 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     } else {
         Err(Error::System(why))
     }
+}
+
+/// The user who ran `up`: the one `sudo` (or `pkexec`) ran it for, else the real user.
+fn invoking_uid() -> u32 {
+    ["SUDO_UID", "PKEXEC_UID"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.parse().ok())
+        .unwrap_or_else(|| nix::unistd::getuid().as_raw())
 }
 
 /// Worker threads of the daemon's runtime. The data plane's hand-offs (TUN, stack task,
@@ -528,7 +542,7 @@ async fn start_dns(
 ) -> Result<(Arc<crate::dns::Shared>, DnsMode), Error> {
     let mode = mode.pick();
     routes::add_address(&routing.device, &IpNet::from(IpAddr::V4(DNS_V4)))?;
-    let original = std::fs::read_to_string(RESOLV_CONF).unwrap_or_default();
+    let original = osdns::original_of(&std::fs::read_to_string(RESOLV_CONF).unwrap_or_default());
     let parsed = osdns::parse(&original);
     let domain = if cluster_domain.is_empty() { "cluster.local".to_string() } else { cluster_domain.to_string() };
     let search = osdns::cluster_search(&plan.namespace, &domain);
@@ -579,7 +593,7 @@ async fn start_dns(
     if mode == DnsMode::Resolvconf {
         routing.state.resolv_conf = Some(state::ResolvBackup { path: RESOLV_CONF.into(), original: original.clone() });
         routing.state.save(&routing.state_path)?;
-        let ours = osdns::render(IpAddr::V4(DNS_V4), &search, &parsed);
+        let ours = osdns::render(IpAddr::V4(DNS_V4), &search, &original);
         osdns::write_in_place(std::path::Path::new(RESOLV_CONF), ours.as_bytes())?;
     }
     if let Some(link) = &shared.resolved {
@@ -877,13 +891,13 @@ async fn reconnect(mut target: Target, rediscover: Option<Rediscover>) -> (crate
 /// `down` request to answer after cleanup, and the link in use at the end.
 async fn serve(
     running: Running,
-    listener: UnixListener,
+    mut calls: tokio::sync::mpsc::Receiver<control::Call>,
     mut status: Status,
     (initial, mut updates): (Vec<Update>, tokio::sync::mpsc::Receiver<Update>),
     routing: &mut Routing<'_>,
     dns: Option<Arc<crate::dns::Shared>>,
     intercepts: Arc<Intercepts>,
-) -> (String, Option<tokio::net::UnixStream>, Link) {
+) -> (String, Option<control::Call>, Link) {
     use tokio::signal::unix::{signal, SignalKind};
     let Running { dataplane, tun, stack_config, mut link } = running;
     // Connections the manager opens toward this client (intercepts), and re-claiming
@@ -902,7 +916,7 @@ async fn serve(
     let mut handle = Some(dataplane.handle());
     let mut dp = Some(tokio::spawn(dataplane.run()));
     let mut reconnecting: Option<tokio::task::JoinHandle<(crate::connect::Session, Target)>> = None;
-    let mut down_reply: Option<tokio::net::UnixStream> = None;
+    let mut down_reply: Option<control::Call> = None;
     let mut listing = control::Listing::default();
     for u in initial {
         handle_update(u, &mut status, &mut listing, routing, dns.as_deref());
@@ -952,19 +966,19 @@ async fn serve(
             _ = term.recv() => break "signal SIGTERM".into(),
             _ = int.recv() => break "signal SIGINT".into(),
             Some(update) = updates.recv() => handle_update(update, &mut status, &mut listing, routing, dns.as_deref()),
-            Ok((mut stream, _)) = listener.accept() => {
-                match control::read_request(&mut stream).await {
-                    Some(Request::Status) => {
+            Some(call) = calls.recv() => {
+                match call.request.clone() {
+                    Request::Status => {
                         let mut s = status.clone();
                         if let Some(h) = &handle {
                             s.flows = h.flows().await;
                             s.tunnel_rtt_us = Some(link.conn.rtt().as_micros() as u64);
                         }
                         s.intercepts = intercepts.list();
-                        control::write_reply(&mut stream, &Reply::Status(Box::new(s))).await;
+                        call.reply_later(Reply::Status(Box::new(s)));
                     }
                     // These wait for the manager: answered by a task of their own.
-                    Some(Request::List) => {
+                    Request::List => {
                         let (mut listing, conn, version) = (listing.clone(), link.conn.clone(), link.version);
                         let connected = status.connected;
                         tokio::spawn(async move {
@@ -974,10 +988,10 @@ async fn serve(
                                     Err(e) => debug!(error = %e, "no intercept states for the listing"),
                                 }
                             }
-                            control::write_reply(&mut stream, &Reply::List(listing)).await;
+                            call.reply(&Reply::List(listing)).await;
                         });
                     }
-                    Some(Request::Intercept(mut spec)) => {
+                    Request::Intercept(mut spec) => {
                         if spec.namespace.is_empty() {
                             spec.namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
                         }
@@ -987,10 +1001,10 @@ async fn serve(
                                 Ok(intercepted) => Reply::Intercepted { intercepted },
                                 Err(e) => Reply::Failed { error: e.to_string() },
                             };
-                            control::write_reply(&mut stream, &reply).await;
+                            call.reply(&reply).await;
                         });
                     }
-                    Some(Request::Leave { mut namespace, service }) => {
+                    Request::Leave { mut namespace, service } => {
                         if namespace.is_empty() {
                             namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
                         }
@@ -1000,14 +1014,13 @@ async fn serve(
                                 Ok(left) => Reply::Left { left },
                                 Err(e) => Reply::Failed { error: e.to_string() },
                             };
-                            control::write_reply(&mut stream, &reply).await;
+                            call.reply(&reply).await;
                         });
                     }
-                    Some(Request::Down) => {
-                        down_reply = Some(stream);
+                    Request::Down => {
+                        down_reply = Some(call);
                         break "down requested".into();
                     }
-                    None => warn!("bad control request"),
                 }
             }
         }
@@ -1054,6 +1067,7 @@ pub fn down(paths: &Paths) -> Result<String, Error> {
     let rt = current_thread()?;
     let asked = rt.block_on(control::request(&paths.socket(), Request::Down, Duration::from_secs(15)));
     match asked {
+        Ok(Some(Reply::Failed { error })) => Err(Error::Refused { code: None, message: error }),
         // The daemon answers once every change is undone.
         Ok(Some(_)) => {
             wait_gone(paths);
@@ -1061,6 +1075,11 @@ pub fn down(paths: &Paths) -> Result<String, Error> {
         }
         Ok(None) => match state::clean_stale(paths)? {
             Some(pid) => Ok(format!("undid the changes of a tpvpn (pid {pid}) that did not exit cleanly")),
+            None if nix::unistd::geteuid().is_root()
+                && osdns::restore_left_behind(std::path::Path::new(RESOLV_CONF))? =>
+            {
+                Ok(format!("put back the original {RESOLV_CONF} that a tpvpn connected across a reboot left behind"))
+            }
             None => Ok("not connected".into()),
         },
         Err(e) => Err(e),

@@ -77,7 +77,8 @@ impl Intercepts {
     /// What `path` records (left by an earlier daemon that did not exit cleanly), or
     /// nothing.
     pub fn load(path: PathBuf) -> Arc<Intercepts> {
-        let held = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+        let held =
+            crate::state::read_file(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         Arc::new(Intercepts { path, held: Mutex::new(held) })
     }
 
@@ -96,11 +97,9 @@ impl Intercepts {
             let _ = std::fs::remove_file(&self.path);
             return;
         }
-        let tmp = self.path.with_extension("tmp");
         let written = serde_json::to_vec_pretty(&held)
             .map_err(std::io::Error::other)
-            .and_then(|b| crate::state::write_private(&tmp, &b))
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+            .and_then(|b| crate::state::write_atomic(&self.path, &b, 0o600));
         if let Err(e) = written {
             warn!(path = %self.path.display(), error = %e, "cannot record the intercepts");
         }

@@ -7,7 +7,7 @@
 //!   The original nameservers become tpvpn's upstream servers.
 //! - macOS: one `/etc/resolver/<domain>` file per routing domain ([`macos_resolver_files`];
 //!   built and unit-tested here, used only on macOS).
-//! - `resolved` (systemd-resolved over D-Bus) is not implemented yet.
+//! - `resolved`: systemd-resolved over D-Bus (`resolved.rs`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -50,9 +50,18 @@ pub fn cluster_search(namespace: &str, domain: &str) -> Vec<String> {
     vec![format!("{namespace}.svc.{domain}"), format!("svc.{domain}"), domain.to_string()]
 }
 
+/// Heads the copy of the original that a resolv.conf written by tpvpn carries.
+const ORIGINAL_HEADER: &str =
+    "# the original, put back by tpvpn down (or by the next tpvpn up or down after a reboot):";
+/// Starts each line of that copy.
+const ORIGINAL_LINE: &str = "#| ";
+
 /// The resolv.conf tpvpn writes: its server, the cluster search path then the original
-/// one, the original options.
-pub fn render(server: IpAddr, search: &[String], original: &ResolvConf) -> String {
+/// one, the original options; and, in comments, the original text itself, so that it
+/// survives a reboot while connected (the state in `TPVPN_RUNTIME_DIR`, on `/run`, does
+/// not) and is never lost by recording tpvpn's own file as the original.
+pub fn render(server: IpAddr, search: &[String], original_text: &str) -> String {
+    let original = parse(original_text);
     let mut out = format!("{MARKER}\nnameserver {server}\n");
     let mut all: Vec<&str> = search.iter().map(String::as_str).collect();
     for s in &original.search {
@@ -66,7 +75,40 @@ pub fn render(server: IpAddr, search: &[String], original: &ResolvConf) -> Strin
     if !original.options.is_empty() {
         out.push_str(&format!("options {}\n", original.options.join(" ")));
     }
+    out.push_str(ORIGINAL_HEADER);
+    out.push('\n');
+    for line in original_text.split('\n') {
+        out.push_str(ORIGINAL_LINE);
+        out.push_str(line);
+        out.push('\n');
+    }
     out
+}
+
+/// The original that `text` stands for: the copy inside it when tpvpn wrote it (byte for
+/// byte), else `text` itself.
+pub fn original_of(text: &str) -> String {
+    embedded_original(text).unwrap_or_else(|| text.to_string())
+}
+
+fn embedded_original(text: &str) -> Option<String> {
+    if !text.starts_with(MARKER) {
+        return None;
+    }
+    let (_, copy) = text.split_once(&format!("\n{ORIGINAL_HEADER}\n"))?;
+    let lines: Option<Vec<&str>> =
+        copy.strip_suffix('\n')?.split('\n').map(|l| l.strip_prefix(ORIGINAL_LINE)).collect();
+    Some(lines?.join("\n"))
+}
+
+/// After a reboot while connected (no daemon, no state, but tpvpn's resolv.conf at
+/// `path`): puts back the original it carries. Whether it did.
+pub fn restore_left_behind(path: &Path) -> Result<bool, Error> {
+    let current = std::fs::read_to_string(path).unwrap_or_default();
+    match embedded_original(&current) {
+        Some(original) => write_in_place(path, original.as_bytes()).map(|()| true),
+        None => Ok(false),
+    }
 }
 
 /// Upstream servers (port 53) from the original resolv.conf, excluding tpvpn's own.
@@ -112,13 +154,22 @@ mod tests {
         assert_eq!(r.search, vec!["corp.example"]);
         assert_eq!(r.options, vec!["edns0", "timeout:2"]);
         let ours: IpAddr = "198.18.0.2".parse().unwrap();
-        let text = render(ours, &cluster_search("default", "cluster.local"), &r);
-        assert_eq!(
-            text,
-            format!("{MARKER}\nnameserver 198.18.0.2\nsearch default.svc.cluster.local svc.cluster.local cluster.local corp.example\noptions edns0 timeout:2\n")
-        );
+        let text = render(ours, &cluster_search("default", "cluster.local"), ORIGINAL);
+        assert!(text.starts_with(&format!("{MARKER}\nnameserver 198.18.0.2\nsearch default.svc.cluster.local svc.cluster.local cluster.local corp.example\noptions edns0 timeout:2\n{ORIGINAL_HEADER}\n#| # from dhcp\n")), "{text}");
         assert_eq!(parse(&text).nameservers, vec![ours]);
         assert_eq!(upstreams(&r, ours).len(), 2);
+    }
+
+    #[test]
+    fn the_original_travels_inside_byte_for_byte() {
+        for original in [ORIGINAL, "", "nameserver 192.0.2.1", "\n\n#| tricky\r\n", "# written by tpvpn lookalike\n"] {
+            let ours = render("198.18.0.2".parse().unwrap(), &[], original);
+            assert_eq!(original_of(&ours), original);
+            assert_eq!(original_of(original), original, "a file tpvpn did not write is its own original");
+        }
+        // A damaged copy is not trusted.
+        let ours = render("198.18.0.2".parse().unwrap(), &[], ORIGINAL).replace("#| search", "search");
+        assert_eq!(embedded_original(&ours), None);
     }
 
     #[test]
@@ -127,7 +178,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("resolv.conf");
         std::fs::write(&path, ORIGINAL).unwrap();
-        let ours = render("198.18.0.2".parse().unwrap(), &[], &parse(ORIGINAL));
+        let ours = render("198.18.0.2".parse().unwrap(), &[], ORIGINAL);
         write_in_place(&path, ours.as_bytes()).unwrap();
         restore(&path, ORIGINAL.as_bytes()).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), ORIGINAL.as_bytes());

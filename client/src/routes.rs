@@ -208,6 +208,28 @@ pub fn device_exists(device: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(device).exists()
 }
 
+/// Checks `--device` before anything is recorded: a name the kernel takes, and no
+/// interface of that name yet. tpvpn deletes the device it recorded when it undoes its
+/// changes, so taking an existing one (`--device wg0`) would delete someone else's.
+pub fn check_new_device(device: &str) -> Result<(), Error> {
+    let valid = (1..16).contains(&device.len())
+        && !device.starts_with('-')
+        && device != "."
+        && device != ".."
+        && device.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !valid {
+        return Err(Error::Config(format!(
+            "--device {device:?}: an interface name is 1 to 15 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    if device_exists(device) {
+        return Err(Error::Config(format!(
+            "--device {device}: an interface of that name exists; tpvpn creates its own device, choose a name not in use"
+        )));
+    }
+    Ok(())
+}
+
 /// Deletes a network device (left behind by a crashed daemon).
 pub fn delete_device(device: &str) -> Result<(), Error> {
     if device_exists(device) {
@@ -219,6 +241,15 @@ pub fn delete_device(device: &str) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_names_are_checked_and_existing_ones_refused() {
+        for bad in ["", "-x", "..", "a/b", "a b", "sixteen-chars-xx"] {
+            assert!(check_new_device(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_new_device("lo").unwrap_err().to_string().contains("exists"));
+        assert!(check_new_device("tpvpn-test-0").is_ok());
+    }
 
     fn nets(s: &[&str]) -> Vec<IpNet> {
         s.iter().map(|n| n.parse().unwrap()).collect()

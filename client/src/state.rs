@@ -2,6 +2,7 @@
 //! can be undone: by the daemon itself on `down` and on signals, and by the next
 //! `tpvpn up` or `tpvpn down` after a crash.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -52,7 +53,7 @@ impl Paths {
     /// The client id, created (16 random bytes) when missing or unreadable.
     pub fn load_or_create_client_id(&self) -> Result<Vec<u8>, Error> {
         let path = self.client_id();
-        if let Some(id) = std::fs::read_to_string(&path).ok().and_then(|s| parse_hex(s.trim())) {
+        if let Some(id) = read_file(&path).ok().and_then(|b| parse_hex(String::from_utf8_lossy(&b).trim())) {
             if id.len() == 16 {
                 return Ok(id);
             }
@@ -74,15 +75,75 @@ impl Paths {
 
 /// Writes `bytes` to a new file at `path` (replacing any) that only its owner can read.
 pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
+    create_new(path, 0o600)?.write_all(bytes)
+}
+
+/// A new, empty file at `path` with `mode`, in place of what was there: the old entry
+/// (a file, or a symbolic link someone planted) is removed, never written through.
+pub fn create_new(path: &Path, mode: u32) -> std::io::Result<std::fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    o.mode(0o600);
-    o.open(path)?.write_all(bytes)
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+/// Writes `bytes` to `path` atomically: a new file beside it, renamed over it.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    create_new(&tmp, mode)?.write_all(bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads a file of the runtime directory, never through a symbolic link.
+pub fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)?;
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Creates the runtime directory (mode 0755) if missing and checks that it is root's
+/// alone: a directory (not a link), owned by root, writable by no one else. The daemon
+/// undoes what `state.json` there says and listens there; a directory another user can
+/// write would let that user make root delete interfaces and routes or rewrite files.
+pub fn prepare_runtime_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(|e| Error::System(format!("cannot create runtime dir {}: {e}", dir.display())))?;
+    check_runtime_dir(dir)
+}
+
+/// See [`prepare_runtime_dir`].
+fn check_runtime_dir(dir: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(dir)
+        .map_err(|e| Error::System(format!("cannot read runtime dir {}: {e}", dir.display())))?;
+    let what = if m.file_type().is_symlink() {
+        Some("a symbolic link".to_string())
+    } else if m.uid() != 0 {
+        Some(format!("owned by uid {}", m.uid()))
+    } else if m.mode() & 0o022 != 0 {
+        Some(format!("mode {:o}, writable by others", m.mode() & 0o7777))
+    } else {
+        None
+    };
+    match what {
+        None => Ok(()),
+        Some(what) => Err(Error::Config(format!(
+            "runtime dir {} must be a directory owned by root that only root can write, not {what}: \
+             fix it (chown root, chmod go-w) or set TPVPN_RUNTIME_DIR",
+            dir.display()
+        ))),
+    }
 }
 
 fn parse_hex(s: &str) -> Option<Vec<u8>> {
@@ -117,7 +178,7 @@ pub struct ResolvBackup {
 
 impl State {
     pub fn load(path: &Path) -> Result<Option<State>, Error> {
-        match std::fs::read(path) {
+        match read_file(path) {
             Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
                 Error::Config(format!(
                     "corrupt state file {}: {e}; remove it after checking `ip route`",
@@ -132,11 +193,8 @@ impl State {
     /// Writes the state atomically (write, then rename), before the change it records
     /// takes effect on the system.
     pub fn save(&self, path: &Path) -> Result<(), Error> {
-        let tmp = path.with_extension("tmp");
         let body = serde_json::to_vec_pretty(self).map_err(|e| Error::System(e.to_string()))?;
-        std::fs::write(&tmp, body)
-            .and_then(|_| std::fs::rename(&tmp, path))
-            .map_err(|e| Error::System(format!("cannot write {}: {e}", path.display())))
+        write_atomic(path, &body, 0o600).map_err(|e| Error::System(format!("cannot write {}: {e}", path.display())))
     }
 
     /// Undoes every recorded change. Best effort per item; returns the first error.
@@ -185,6 +243,15 @@ pub fn alive(pid: u32) -> bool {
 /// Undoes what a daemon that is no longer running left behind. Returns the pid of that
 /// daemon if there was anything to clean.
 pub fn clean_stale(paths: &Paths) -> Result<Option<u32>, Error> {
+    if std::fs::symlink_metadata(paths.state()).is_err() {
+        return Ok(None);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::Config(
+            "a tpvpn that did not exit cleanly left changes behind: run tpvpn down as root to undo them".into(),
+        ));
+    }
+    check_runtime_dir(&paths.dir)?;
     let Some(state) = State::load(&paths.state())? else {
         return Ok(None);
     };

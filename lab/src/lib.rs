@@ -897,6 +897,20 @@ impl Lab {
         }
     }
 
+    /// Runs `tpvpn` in the laptop namespace as the (unprivileged) user `uid`, with the
+    /// lab's runtime directory.
+    pub fn tpvpn_as(&self, uid: u32, args: &[&str]) -> Output {
+        let bin = match find_bin(&self.bin_dir, "tpvpn") {
+            Ok(b) => b.display().to_string(),
+            Err(e) => return failed_output(&format!("{e:#}")),
+        };
+        let id = uid.to_string();
+        let mut cmd = vec!["setpriv", "--reuid", &id, "--regid", &id, "--clear-groups", "--", &bin];
+        cmd.extend_from_slice(args);
+        let rt = self.runtime_dir().display().to_string();
+        self.exec_env(&self.laptop, &cmd, &[("TPVPN_RUNTIME_DIR", rt.as_str())], EXEC_TIMEOUT)
+    }
+
     /// Runs another `tpvpn` binary (say, an older release's) like [`Lab::tpvpn_env`].
     pub fn tpvpn_bin(&self, bin: &Path, args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
         let bin = bin.display().to_string();

@@ -202,6 +202,37 @@ fn resolv_conf_is_restored_byte_for_byte_also_after_a_crash() {
     assert_eq!(std::fs::read(&path).unwrap(), tpvpn_lab::LAPTOP_RESOLV_CONF.as_bytes());
 }
 
+#[test]
+fn resolv_conf_survives_a_reboot_while_connected() {
+    let Some(lab) = lab_up(&[]) else { return };
+    let path = lab.laptop_resolv_conf();
+    // A reboot while connected, as the laptop sees it: the daemon and its TUN device are
+    // gone, and so is the runtime directory (on /run, a tmpfs); /etc/resolv.conf stays.
+    let reboot = || {
+        let pid = std::fs::read_to_string(lab.runtime_dir().join("tpvpn.pid")).unwrap();
+        assert!(lab.exec(lab.laptop(), &["kill", "-9", pid.trim()]).status.success());
+        assert!(tpvpn_lab::wait_until(Duration::from_secs(5), || tpvpn_lab::process_gone(&pid)));
+        let _ = lab.exec(lab.laptop(), &["ip", "link", "del", "tpvpn0"]);
+        for e in std::fs::read_dir(lab.runtime_dir()).unwrap() {
+            std::fs::remove_file(e.unwrap().path()).unwrap();
+        }
+        assert!(std::fs::read_to_string(&path).unwrap().contains("198.18.0.2"));
+    };
+    reboot();
+    // The next up takes the original from tpvpn's own file, not tpvpn's file as the original.
+    lab.up(&[]).unwrap_or_else(|e| panic!("{e:#}"));
+    assert_eq!(dig(&lab, &["docs.rs"]), tpvpn_lab::INTERNET_IP, "internet names go upstream");
+    let out = lab.tpvpn(&["down"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), tpvpn_lab::LAPTOP_RESOLV_CONF);
+    // And down alone after a reboot puts it back.
+    lab.up(&[]).unwrap_or_else(|e| panic!("{e:#}"));
+    reboot();
+    let out = lab.tpvpn(&["down"]);
+    assert!(out.status.success() && stdout(&out).contains("put back"), "{}", show(&out));
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), tpvpn_lab::LAPTOP_RESOLV_CONF);
+}
+
 /// `busctl --system` against the lab's private bus; stdout.
 fn busctl(lab: &Lab, args: &[&str]) -> String {
     let out = std::process::Command::new("busctl")

@@ -1,0 +1,113 @@
+//! The laptop's daemon runs as root next to the laptop's other users: its control socket
+//! serves `status` and `list` to anyone but changes only for root or the user who ran
+//! `up`, a silent or stalled client never holds it up, its runtime directory must be
+//! root's alone and its files are never reached through symbolic links, and `--device`
+//! never takes (or deletes) an interface it did not create. Needs root.
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use tpvpn_lab::{show, Lab};
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn daemon_pid(lab: &Lab) -> String {
+    std::fs::read_to_string(lab.runtime_dir().join("tpvpn.pid")).expect("the daemon's pid file").trim().to_string()
+}
+
+/// The user who ran `up` with sudo, and someone else; neither has a passwd entry.
+const OWNER: u32 = 4242;
+const OTHER: u32 = 65534;
+
+#[test]
+fn status_and_list_for_anyone_changes_for_root_or_the_user_who_ran_up() {
+    let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
+    let args = lab.up_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // As sudo starts it: root, with the invoking user in SUDO_UID.
+    let owner = OWNER.to_string();
+    let out = lab.tpvpn_env(&args, &[("SUDO_UID", &owner), ("SUDO_GID", &owner)], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", show(&out));
+
+    let status = lab.tpvpn_as(OTHER, &["status", "-o", "json"]);
+    assert!(status.status.success() && stdout(&status).contains("\"connected\": true"), "{}", show(&status));
+    let list = lab.tpvpn_as(OTHER, &["list"]);
+    assert!(list.status.success() && stdout(&list).contains("frontend"), "{}", show(&list));
+    for cmd in [&["down"][..], &["leave", "frontend"], &["intercept", "frontend", "--port", "18080:80"]] {
+        let out = lab.tpvpn_as(OTHER, cmd);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("root") && err.contains(&owner), "{cmd:?}: {}", show(&out));
+    }
+    let status = lab.tpvpn(&["status", "-o", "json"]);
+    assert!(stdout(&status).contains("\"connected\": true"), "another user's down disconnected: {}", show(&status));
+    let down = lab.tpvpn_as(OWNER, &["down"]);
+    assert!(down.status.success() && stdout(&down).contains("disconnected"), "{}", show(&down));
+}
+
+#[test]
+fn a_silent_or_stalled_control_client_never_delays_down() {
+    let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
+    lab.up(&[]).unwrap_or_else(|e| panic!("{e:#}"));
+    let socket = lab.runtime_dir().join("tpvpn.sock");
+    // One client connects and says nothing; another asks and never reads.
+    let _silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let mut stalled = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    stalled.write_all(b"{\"cmd\":\"list\"}\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = daemon_pid(&lab);
+    let start = Instant::now();
+    assert!(lab.exec(lab.laptop(), &["kill", "-TERM", &pid]).status.success());
+    let gone = tpvpn_lab::wait_until(Duration::from_secs(10), || tpvpn_lab::process_gone(&pid));
+    let took = start.elapsed();
+    assert!(gone, "the daemon ignored SIGTERM");
+    assert!(took < Duration::from_secs(1), "down took {took:?} with a silent control client");
+    // And anyone can still ask while clients are silent.
+    lab.up(&[]).unwrap_or_else(|e| panic!("{e:#}"));
+    let _silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let status = lab.tpvpn(&["status", "-o", "json"]);
+    assert!(stdout(&status).contains("\"connected\": true"), "{}", show(&status));
+}
+
+#[test]
+fn the_runtime_directory_is_roots_alone_and_its_links_are_not_followed() {
+    let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
+    let dir = lab.runtime_dir();
+    for (mode, owner) in [(0o777, 0), (0o755, OTHER)] {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(owner), None).unwrap();
+        let err = lab.up(&[]).expect_err("up with a runtime directory others can write").to_string();
+        assert!(err.contains(&dir.display().to_string()) && err.contains("root"), "mode {mode:o} uid {owner}: {err}");
+        assert!(!dir.join("state.json").exists(), "up recorded state in a directory others can write");
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::chown(&dir, Some(0), None).unwrap();
+    // Links planted in the directory (say, while it was writable) are not written through.
+    let victim = lab.dir().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    for name in ["tpvpn.log", "state.json", "tpvpn.pid"] {
+        std::os::unix::fs::symlink(&victim, dir.join(name)).unwrap();
+        let _ = lab.up(&[]);
+        let _ = lab.tpvpn(&["down"]);
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n", "written through {name}");
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    lab.up(&[]).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+#[test]
+fn an_existing_interface_is_never_taken_nor_deleted() {
+    let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
+    // Say, a WireGuard interface: here a veth pair stands in for it.
+    let out = lab.exec(lab.laptop(), &["ip", "link", "add", "wg0", "type", "veth", "peer", "name", "wg0-peer"]);
+    assert!(out.status.success(), "{}", show(&out));
+    let err = lab.up(&["--device", "wg0"]).expect_err("up on an existing interface").to_string();
+    assert!(err.contains("wg0") && err.contains("exists"), "{err}");
+    let down = lab.tpvpn(&["down"]);
+    assert!(down.status.success(), "{}", show(&down));
+    let link = lab.exec(lab.laptop(), &["ip", "link", "show", "wg0"]);
+    assert!(link.status.success(), "wg0 is gone: {}", show(&link));
+    assert!(!lab.runtime_dir().join("state.json").exists(), "state recorded for a device tpvpn did not create");
+}
