@@ -356,7 +356,7 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
         listener
     };
     let (calls_send, calls) = tokio::sync::mpsc::channel(16);
-    let control_task = tokio::spawn(control::serve(listener, invoking_uid(), calls_send));
+    let control_task = tokio::spawn(control::serve(listener, crate::user::invoking().0, calls_send));
     state::write_atomic(&paths.pid(), format!("{}\n", std::process::id()).as_bytes(), 0o644)
         .map_err(|e| Error::System(format!("cannot write {}: {e}", paths.pid().display())))?;
     let (control_send, control_recv) = session.control;
@@ -449,14 +449,6 @@ async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Er
     } else {
         Err(Error::System(why))
     }
-}
-
-/// The user who ran `up`: the one `sudo` (or `pkexec`) ran it for, else the real user.
-fn invoking_uid() -> u32 {
-    ["SUDO_UID", "PKEXEC_UID"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok()?.parse().ok())
-        .unwrap_or_else(|| nix::unistd::getuid().as_raw())
 }
 
 /// Worker threads of the daemon's runtime. The data plane's hand-offs (TUN, stack task,

@@ -80,7 +80,9 @@ async fn timed<T>(what: &str, r: &Resolved, f: impl std::future::Future<Output =
 /// A Kubernetes client for the resolved context.
 pub async fn client(r: &Resolved) -> Result<kube::Client, Error> {
     let options = KubeConfigOptions { context: Some(r.context.clone()), ..Default::default() };
-    let config = kube::Config::from_custom_kubeconfig(r.kubeconfig.clone(), &options)
+    let mut kubeconfig = r.kubeconfig.clone();
+    crate::user::plugins_as_invoking_user(&mut kubeconfig)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .map_err(|e| Error::Config(format!("context `{}`: {e}", r.context)))?;
     kube::Client::try_from(config).map_err(|e| Error::Config(format!("context `{}`: {e}", r.context)))

@@ -24,6 +24,7 @@ pub mod resolved;
 
 pub mod routes;
 pub mod state;
+pub mod user;
 
 use std::net::SocketAddr;
 

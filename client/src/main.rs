@@ -100,9 +100,11 @@ enum Cmd {
         #[arg(long)]
         allow_route_conflicts: bool,
         /// How to point the OS resolver at tpvpn's DNS server: `resolvconf` replaces
-        /// /etc/resolv.conf (restored on down); `auto` picks it unless systemd-resolved
-        /// manages the resolver (its integration is not implemented: then off); `off`
-        /// changes nothing (the server still listens on 198.18.0.2).
+        /// /etc/resolv.conf (restored on down); `resolved` gives systemd-resolved the
+        /// cluster's routing domains on the TUN link (over D-Bus); `auto` picks `resolved`
+        /// when systemd-resolved manages /etc/resolv.conf (off if it does not answer on
+        /// the system bus), else `resolvconf`; `off` changes nothing (the server still
+        /// listens on 198.18.0.2).
         #[arg(long, value_enum, default_value = "auto")]
         dns_mode: DnsMode,
         /// Stay in the foreground instead of leaving a daemon.
@@ -166,10 +168,27 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+    /// Print a shell completion script: `tpvpn completion bash > /etc/bash_completion.d/tpvpn`.
+    Completion { shell: clap_complete::Shell },
 }
 
 fn main() {
     fix_mmap_threshold();
+    // `tpvpn run-as-user UID GID -- COMMAND...`: tpvpn's own way to run a kubeconfig
+    // credential plugin as the user who ran it (not a command for people: not in --help).
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == tpvpn_client::user::RUN_AS) {
+        let id = |i: usize| args.get(i).and_then(|a| a.to_str()?.parse::<u32>().ok());
+        let error = match (id(2), id(3), args.get(4).is_some_and(|a| a == "--")) {
+            (Some(uid), Some(gid), true) => tpvpn_client::user::run_as(uid, gid, &args[5..]),
+            _ => tpvpn_client::Error::Config(format!(
+                "usage: tpvpn {} UID GID -- COMMAND [ARGS...]",
+                tpvpn_client::user::RUN_AS
+            )),
+        };
+        eprintln!("tpvpn: {error}");
+        std::process::exit(1);
+    }
     let cli = Cli::parse();
     let foreground = matches!(cli.command, Cmd::Up { foreground: true, .. });
     tracing_subscriber::fmt()
@@ -332,6 +351,11 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
         }
         Cmd::Version => {
             println!("tpvpn {} (tunnel protocol v{})", env!("CARGO_PKG_VERSION"), tpvpn_tunnel::PROTOCOL_VERSION);
+            Ok(())
+        }
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "tpvpn", &mut std::io::stdout());
             Ok(())
         }
     }

@@ -111,3 +111,49 @@ fn an_existing_interface_is_never_taken_nor_deleted() {
     assert!(link.status.success(), "wg0 is gone: {}", show(&link));
     assert!(!lab.runtime_dir().join("state.json").exists(), "state recorded for a device tpvpn did not create");
 }
+
+#[test]
+fn credential_plugins_run_as_the_user_who_ran_up_never_as_root() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    // A kubeconfig whose user authenticates with an exec plugin (as EKS, GKE and AKS
+    // kubeconfigs do) that records the uid it runs as.
+    let dir = lab.dir().join("plugin");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (plugin, uids) = (dir.join("credential.sh"), dir.join("uids"));
+    std::fs::write(
+        &plugin,
+        format!(
+            "#!/bin/sh\nid -u >> {}\nprintf '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"{}\"}}}}'\n",
+            uids.display(),
+            lab.api_token()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kubeconfig = std::fs::read_to_string(lab.kubeconfig()).unwrap().replacen(
+        &format!("    token: {}", lab.api_token()),
+        &format!(
+            "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: {}\n      interactiveMode: Never",
+            plugin.display()
+        ),
+        1,
+    );
+    let kc = dir.join("kubeconfig");
+    std::fs::write(&kc, kubeconfig).unwrap();
+    let kc = kc.display().to_string();
+    let owner = OWNER.to_string();
+    let sudo = [("SUDO_UID", owner.as_str()), ("SUDO_GID", owner.as_str())];
+    let out = lab.tpvpn_env(&["up", "--kubeconfig", &kc], &sudo, Duration::from_secs(30));
+    assert!(out.status.success(), "{}", show(&out));
+    // With the manager gone, the daemon reconnects, asking the API server again each time.
+    let runs = || std::fs::read_to_string(&uids).unwrap_or_default().lines().count();
+    let before = runs();
+    lab.stop_manager();
+    let again = tpvpn_lab::wait_until(Duration::from_secs(20), || runs() >= before + 2);
+    lab.start_manager().unwrap();
+    let _ = lab.tpvpn(&["down"]);
+    let recorded = std::fs::read_to_string(&uids).unwrap_or_default();
+    assert!(before >= 1 && again, "the plugin ran {before} times at up and not again while reconnecting: {recorded:?}");
+    assert!(recorded.lines().all(|uid| uid == owner), "the plugin ran as another user (uids: {recorded:?})");
+}
