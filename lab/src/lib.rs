@@ -519,6 +519,10 @@ impl Lab {
             format!("host-record=crates.dev,{INTERNET_IP}"),
             format!("host-record=example.com,{INTERNET_IP}"),
             format!("host-record=frontend.example.com,{INTERNET_IP}"),
+            // A company name under a word that is also a namespace of the cluster.
+            format!("host-record=jira.corp,{INTERNET_IP}"),
+            // The internet's answer for names it does not have.
+            "local=/#/".into(),
         ];
         for (name, lines, ns) in
             [("cluster-dns", cluster, self.cluster.clone()), ("internet-dns", internet.to_vec(), self.inet.clone())]
@@ -624,7 +628,7 @@ impl Lab {
                    "spec": {"type": "ClusterIP", "clusterIP": ip, "clusterIPs": [ip], "ports": ports}})
         };
         let (node_ip, _) = MANAGER_ADDR.split_once(':').context("MANAGER_ADDR")?;
-        let mut objs: Vec<Value> = ["default", "kube-system", "tpvpn", "rs", "dev"]
+        let mut objs: Vec<Value> = ["default", "kube-system", "tpvpn", "rs", "dev", "corp"]
             .iter()
             .map(|n| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n}}))
             .collect();

@@ -145,7 +145,7 @@ fn lists_gets_and_errors() {
     let (code, ns) = get(&lab, "/api/v1/namespaces");
     assert_eq!(code, 200);
     assert_eq!((&ns["kind"], &ns["apiVersion"]), (&json!("NamespaceList"), &json!("v1")));
-    assert_eq!(names(&ns), ["default", "dev", "kube-system", "rs", "tpvpn"]);
+    assert_eq!(names(&ns), ["corp", "default", "dev", "kube-system", "rs", "tpvpn"]);
     let rv = rv_of(&ns);
     assert!(ns["items"].as_array().unwrap().iter().all(|o| rv_of(o) <= rv && o["metadata"]["uid"].is_string()));
 

@@ -69,7 +69,21 @@ fn srv_ptr_headless_and_nxdomain_come_from_the_cluster() {
     assert_eq!(fields, ["web.default.svc.cluster.local.", "30", "IN", "A", "10.244.1.10"], "{}", show(&out));
     assert_eq!(dig(&lab, &["10-244-1-10.default.pod.cluster.local"]), "10.244.1.10");
     assert_eq!(dig_status(&lab, "nope.default.svc.cluster.local"), "NXDOMAIN");
-    assert_eq!(dig_status(&lab, "nope.default"), "NXDOMAIN", "a missing cluster name must not fall through upstream");
+}
+
+#[test]
+fn name_dot_namespace_resolves_as_in_a_pod() {
+    let Some(lab) = lab_up(&[]) else { return };
+    // Namespace `corp` exists in the cluster, `jira.corp` on the internet: as in a pod,
+    // where `jira.corp.svc.cluster.local` does not exist, the internet's answer.
+    assert_eq!(dig(&lab, &["jira.corp"]), tpvpn_lab::INTERNET_IP, "the internet's jira.corp");
+    assert_eq!(dig(&lab, &["frontend.default"]), tpvpn_lab::FRONTEND_IP, "from the table");
+    // A missing NAME.NS gets the upstream's answer, passed through; the cluster's own
+    // forms keep the cluster's NXDOMAIN.
+    assert_eq!(dig_status(&lab, "nope.default"), "NXDOMAIN");
+    assert_eq!(dig_status(&lab, "nope.default.svc.cluster.local"), "NXDOMAIN");
+    let out = lab.exec(lab.laptop(), &["dig", "+time=2", "+tries=1", "nope.default"]);
+    assert!(!stdout(&out).contains("cluster.local"), "the cluster's SOA in an upstream answer: {}", show(&out));
 }
 
 #[test]
@@ -308,6 +322,10 @@ fn resolved_mode_sends_only_cluster_domains_to_tpvpn() {
     assert_eq!(stub("frontend.default"), "10.96.0.10");
     assert_eq!(stub("web.default.svc.cluster.local"), "10.244.1.10", "a name only the cluster DNS knows");
     assert_eq!(stub("docs.rs"), tpvpn_lab::INTERNET_IP, "the internet still resolves");
+    // `~corp` sends jira.corp to tpvpn, which asks the laptop's other servers (never
+    // resolved's stub, which would send it straight back).
+    assert!(domains.contains(&("corp".to_string(), true)), "{domains:?}");
+    assert_eq!(stub("jira.corp"), tpvpn_lab::INTERNET_IP, "a namespace took an internet name");
 
     // A namespace created while connected becomes a routing domain in resolved.
     let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}});

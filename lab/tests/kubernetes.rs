@@ -214,7 +214,7 @@ fn list_shows_namespaces_and_services_and_follows_changes() {
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&out)))
     };
     let l = list();
-    assert_eq!(l["namespaces"], serde_json::json!(["default", "dev", "kube-system", "rs", "tpvpn"]), "{l}");
+    assert_eq!(l["namespaces"], serde_json::json!(["corp", "default", "dev", "kube-system", "rs", "tpvpn"]), "{l}");
     let frontend = l["services"].as_array().unwrap().iter().find(|s| s["name"] == "frontend").expect("frontend listed");
     assert_eq!(frontend["namespace"], "default");
     assert_eq!(frontend["cluster_ips"], serde_json::json!(["10.96.0.10"]));

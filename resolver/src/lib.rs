@@ -15,7 +15,11 @@
 //! cluster name (headless Services, pods, other types) goes to the cluster DNS with its
 //! FQDN, and the answer is rewritten back to the client's question and cached. Namespaces
 //! whose name is an ICANN public suffix (`rs`, `dev`, …) never become routing domains, so
-//! `docs.rs` keeps resolving on the Internet. Malformed network input never panics.
+//! `docs.rs` keeps resolving on the Internet. Under a namespace, a name is the cluster's
+//! only when the Service it names exists (`jira.corp` with no Service `jira` in namespace
+//! `corp` goes upstream, as the search path in a pod would have it); the cluster domain's
+//! own forms (`*.svc`, `*.svc.cluster.local`) keep the cluster's NXDOMAIN. Malformed
+//! network input never panics.
 
 mod cache;
 pub mod names;
@@ -508,7 +512,14 @@ impl Resolver {
         if labels.len() >= 3 && (last == b"svc" || last == b"pod") {
             return Route::Cluster(self.with_domain(labels.to_vec()));
         }
-        if Self::under(&self.namespaces, labels, true) {
+        if let Some(i) = (1..labels.len()).find(|&i| self.namespaces.contains(&labels[i..])) {
+            // As in a pod, where `NAME.NS` goes through the search path: the cluster's
+            // only when Service NAME exists in NS (`NS.svc.<domain>` answers it, and so
+            // its SRV names and the pods of a headless NAME); otherwise the name as
+            // written, upstream. A namespace `corp` must not take `jira.corp` away.
+            if !self.services.contains_key(&(labels[i..].join(&b'.'), labels[i - 1].clone())) {
+                return Route::Upstream;
+            }
             let mut fqdn = labels.to_vec();
             fqdn.push(b"svc".to_vec());
             return Route::Cluster(self.with_domain(fqdn));

@@ -41,6 +41,8 @@ fn resolver_with(config: Config) -> Resolver {
         svc("default", "v4only", &["10.96.0.11"]),
         svc("default", "v6only", &["fd00::20"]),
         svc("default", "headless", &[]),
+        // An ExternalName Service: no ClusterIP, a CNAME from the cluster DNS.
+        svc("default", "ext", &[]),
         svc("default", "many", &many),
         svc("rs", "svc", &["10.96.1.1"]),
     ]);
@@ -220,10 +222,41 @@ fn public_suffix_namespaces_never_route() {
 }
 
 #[test]
+fn name_dot_namespace_is_the_clusters_only_when_that_service_exists() {
+    let mut r = resolver();
+    r.set_namespaces(vec!["default".into(), "corp".into()]);
+    r.set_services(vec![svc("default", "frontend", &["10.96.0.10"]), svc("corp", "web", &[])]);
+    // As in a pod: `jira.corp` is not a Service of namespace corp, so it is the internet's.
+    for name in ["jira.corp", "JIRA.corp.", "wiki.jira.corp", "nope.default", "_http._tcp.nope.default"] {
+        assert_eq!(ask(&mut r, &q(name, RecordType::A), now()), Action::Upstream, "{name}");
+    }
+    let m = reply_msg(ask(&mut r, &q("frontend.default", RecordType::A), now()));
+    assert_eq!(a_ips(&m), vec![IpAddr::from_str("10.96.0.10").unwrap()]);
+    // A headless Service's name, its pods' names and SRV names under it: the cluster's.
+    for (name, fqdn) in [
+        ("web.corp", "web.corp.svc.cluster.local."),
+        ("pod-0.web.corp", "pod-0.web.corp.svc.cluster.local."),
+        ("_http._tcp.web.corp", "_http._tcp.web.corp.svc.cluster.local."),
+    ] {
+        let (m, _) = cluster(ask(&mut r, &q(name, RecordType::A), now()));
+        assert_eq!(m.queries[0].name, n(fqdn));
+    }
+    // The cluster's own forms keep NXDOMAIN for missing names (asked of the cluster DNS).
+    for name in ["jira.corp.svc", "jira.corp.svc.cluster.local"] {
+        cluster(ask(&mut r, &q(name, RecordType::A), now()));
+    }
+    // A Service created later makes its name the cluster's.
+    r.set_services(vec![svc("corp", "jira", &["10.96.5.5"])]);
+    let m = reply_msg(ask(&mut r, &q("jira.corp", RecordType::A), now()));
+    assert_eq!(a_ips(&m), vec![IpAddr::from_str("10.96.5.5").unwrap()]);
+}
+
+#[test]
 fn namespaces_change_at_runtime() {
     let mut r = resolver();
     assert_eq!(ask(&mut r, &q("api.staging", RecordType::A), now()), Action::Upstream);
     r.set_namespaces(vec!["default".into(), "Staging.".into(), "io".into()]);
+    r.set_services(vec![svc("staging", "api", &[])]);
     let (m, _) = cluster(ask(&mut r, &q("api.staging", RecordType::A), now()));
     assert_eq!(m.queries[0].name, n("api.staging.svc.cluster.local."));
     assert_eq!(r.routing_domains(), vec!["cluster.local", "default", "staging"]);
@@ -351,20 +384,20 @@ fn cname_chain_only_first_owner_rewritten() {
 #[test]
 fn nxdomain_passes_through_and_is_cached_by_soa_minimum() {
     let mut r = resolver();
-    let (cq, pending) = cluster(ask(&mut r, &q("nope.default", RecordType::A), now()));
+    let (cq, pending) = cluster(ask(&mut r, &q("nope.default.svc", RecordType::A), now()));
     let answer = cluster_reply(&cq, ResponseCode::NXDomain, |_| (vec![], vec![soa(30, 10)]));
     let t0 = now();
     let m = Message::from_vec(&r.cluster_answer(&pending, &answer, t0)).unwrap();
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
     assert_eq!(m.metadata.id, ID);
     assert_eq!(m.authorities.len(), 1);
-    let m = reply_msg(ask(&mut r, &q("NOPE.default", RecordType::A), t0 + Duration::from_secs(4)));
+    let m = reply_msg(ask(&mut r, &q("NOPE.default.svc", RecordType::A), t0 + Duration::from_secs(4)));
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-    assert!(m.queries[0].name.eq_case(&n("NOPE.default.")));
+    assert!(m.queries[0].name.eq_case(&n("NOPE.default.svc.")));
     assert_eq!(m.authorities[0].ttl, 26);
-    let m = reply_msg(ask(&mut r, &q("nope.default", RecordType::A), t0 + Duration::from_millis(9999)));
+    let m = reply_msg(ask(&mut r, &q("nope.default.svc", RecordType::A), t0 + Duration::from_millis(9999)));
     assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
-    cluster(ask(&mut r, &q("nope.default", RecordType::A), t0 + Duration::from_secs(10)));
+    cluster(ask(&mut r, &q("nope.default.svc", RecordType::A), t0 + Duration::from_secs(10)));
 
     // NODATA without SOA: 5 s.
     let (cq, pending) = cluster(ask(&mut r, &q("headless.default", RecordType::TXT), t0));
@@ -467,7 +500,7 @@ fn malformed_and_unsupported() {
         assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
     }
     // Zero or two questions.
-    let mut none = query_msg("x.default", RecordType::A);
+    let mut none = query_msg("x.default.svc", RecordType::A);
     none.queries.clear();
     let m = reply_msg(ask(&mut r, &none.to_vec().unwrap(), now()));
     assert_eq!(m.metadata.response_code, ResponseCode::FormErr);
@@ -518,7 +551,7 @@ fn single_labels_and_other_forms() {
     assert_eq!(m.queries[0].query_class, DNSClass::CH);
     // The cluster domain itself and unknown Services under a known namespace.
     cluster(ask(&mut r, &q("cluster.local", RecordType::SOA), now()));
-    cluster(ask(&mut r, &q("unknown.default", RecordType::A), now()));
+    cluster(ask(&mut r, &q("unknown.default.svc", RecordType::A), now()));
 }
 
 #[test]
