@@ -190,7 +190,7 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// Longest request line read.
 const REQUEST_MAX: u64 = 64 * 1024;
 /// Control connections served at once; more wait to be accepted.
-const CONNECTIONS: usize = 64;
+const CONNECTIONS: usize = 16;
 
 /// A request read from a local client and allowed, for the daemon's supervisor to answer.
 #[derive(Debug)]

@@ -154,6 +154,13 @@ pub fn up_foreground(opts: UpOptions, paths: Paths) -> Result<(), Error> {
         // Leave the terminal's session so that its hang-up does not reach us.
         let _ = nix::unistd::setsid();
     }
+    // Descriptors up to the hard limit (the DNS server sizes its bounds from it).
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
     let result = (|| {
         preflight()?;
         state::prepare_runtime_dir(&paths.dir)?;
@@ -556,6 +563,7 @@ async fn start_dns(
         upstreams,
         conn: std::sync::Mutex::new(Some(conn.clone())),
         resolved,
+        in_flight: Arc::new(tokio::sync::Semaphore::new(crate::dns::in_flight_limit())),
     });
     for u in initial {
         match u {

@@ -32,7 +32,20 @@ pub struct Shared {
     pub conn: Mutex<Option<quinn::Connection>>,
     /// `--dns-mode resolved`: the link configured in systemd-resolved.
     pub resolved: Option<crate::resolved::Link>,
+    /// Queries being carried out (upstream or through the tunnel): beyond, SERVFAIL.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
 }
+
+/// Upstream and cluster queries carried out at once, from the descriptor limit (an
+/// upstream query holds a socket): a quarter of it, between 16 and 1,024. A local flood
+/// of names gets SERVFAIL beyond, never the daemon's last descriptor.
+pub fn in_flight_limit() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(s, _)| s);
+    usize::try_from(soft / 4).unwrap_or(1024).clamp(16, 1024)
+}
+
+/// TCP clients served at once; more wait in the listen backlog.
+const TCP_CLIENTS: usize = 32;
 
 impl Shared {
     pub fn resolver(&self) -> std::sync::MutexGuard<'_, Resolver> {
@@ -46,6 +59,12 @@ impl Shared {
 pub async fn handle(shared: &Shared, packet: &[u8], tcp: bool) -> Option<Vec<u8>> {
     let transport = if tcp { Transport::Tcp } else { Transport::Udp };
     let action = shared.resolver().query(packet, transport, Instant::now());
+    if matches!(action, Action::Reply(_) | Action::Drop) {
+        return finish(shared, action, packet, tcp).await;
+    }
+    let Ok(_permit) = shared.in_flight.clone().try_acquire_owned() else {
+        return Resolver::servfail(packet, transport);
+    };
     finish(shared, action, packet, tcp).await
 }
 
@@ -146,6 +165,12 @@ pub fn serve_udp(socket: std::net::UdpSocket, shared: Arc<Shared>, runtime: toki
                 Action::Reply(reply) => replies.push((reply, *from)),
                 Action::Drop => {}
                 action => {
+                    let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
+                        if let Some(reply) = Resolver::servfail(packet, Transport::Udp) {
+                            replies.push((reply, *from));
+                        }
+                        continue;
+                    };
                     let Some(from) = from.and_then(socket_addr) else { continue };
                     let packet = packet.to_vec();
                     let (socket, shared) = (socket.clone(), shared.clone());
@@ -153,6 +178,7 @@ pub fn serve_udp(socket: std::net::UdpSocket, shared: Arc<Shared>, runtime: toki
                         if let Some(reply) = finish(&shared, action, &packet, false).await {
                             send_udp(&socket, &reply, from);
                         }
+                        drop(permit);
                     });
                 }
             }
@@ -188,9 +214,12 @@ fn send_udp(socket: &std::net::UdpSocket, reply: &[u8], to: SocketAddr) {
     }
 }
 
-/// Serves DNS over TCP on `listener`: a task per connection, queries in order.
+/// Serves DNS over TCP on `listener`: a task per connection (at most [`TCP_CLIENTS`]),
+/// queries in order.
 pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(TCP_CLIENTS));
     loop {
+        let Ok(client) = clients.clone().acquire_owned().await else { return };
         let (mut stream, _) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -201,6 +230,7 @@ pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _client = client;
             while let Ok(Ok(Some(query))) =
                 tokio::time::timeout(Duration::from_secs(10), dns::read_framed(&mut stream)).await
             {

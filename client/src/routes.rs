@@ -200,7 +200,15 @@ pub fn remove(route: &IpNet, device: &str) -> Result<(), Error> {
 
 /// Adds an address to `device`.
 pub fn add_address(device: &str, addr: &IpNet) -> Result<(), Error> {
-    ip(&["addr", "add", &addr.to_string(), "dev", device])
+    let addr_text = addr.to_string();
+    let mut args = vec!["addr", "add", addr_text.as_str(), "dev", device];
+    // No duplicate address detection on the TUN device (nothing else is on it): a
+    // tentative address cannot be a route's source until DAD ends ("Invalid source
+    // address"), and DAD's probes would only go into the tunnel.
+    if addr.addr().is_ipv6() {
+        args.push("nodad");
+    }
+    ip(&args)
 }
 
 /// Whether a network device named `device` exists.

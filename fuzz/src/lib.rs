@@ -412,6 +412,18 @@ pub fn dns_queries(data: &[u8]) {
                 }
             }
         }
+        // The SERVFAIL of a query not carried out (too many in flight): for every
+        // parsable query, a response under its id.
+        match (tpvpn_resolver::Resolver::servfail(data, transport), &parsed) {
+            (Some(bytes), Some(q)) => {
+                let reply = DnsMessage::from_vec(&bytes).expect("servfail replies parse");
+                assert_eq!(reply.metadata.message_type, MessageType::Response);
+                assert_eq!(reply.metadata.id, q.metadata.id, "same id");
+            }
+            (Some(_), None) => panic!("a servfail for what does not parse"),
+            (None, Some(q)) => assert_eq!(q.metadata.message_type, MessageType::Response, "no servfail for a query"),
+            (None, None) => {}
+        }
     }
 }
 

@@ -310,3 +310,35 @@ pub fn hold(addr: SocketAddr, n: usize, hold_for: Duration) -> Result<Outcome> {
 
 /// Connection attempts in flight at once in [`hold`].
 const HOLD_IN_FLIGHT: usize = 256;
+
+/// A local flood, bounded in count: `queries` DNS queries for distinct names (under
+/// `example.com`, so they go upstream) sent to `dns` without waiting for answers, and one
+/// datagram from each of `flows` fresh UDP sockets to `udp` (each a new UDP flow).
+/// Prints what it sent.
+pub fn flood(dns: SocketAddr, queries: usize, udp: SocketAddr, flows: usize) -> Result<Outcome> {
+    let sock = UdpSocket::bind("0.0.0.0:0").context("bind udp")?;
+    sock.set_nonblocking(true)?;
+    let mut sent = 0;
+    for i in 0..queries {
+        // A minimal query: id, RD, one question (A, IN).
+        let mut q = vec![(i >> 8) as u8, i as u8, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in [format!("r{i}x{}", std::process::id()), "example".into(), "com".into()] {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        if sock.send_to(&q, dns).is_ok() {
+            sent += 1;
+        }
+        let mut buf = [0u8; 512];
+        while sock.recv_from(&mut buf).is_ok() {}
+    }
+    let mut opened = 0;
+    for _ in 0..flows {
+        let s = UdpSocket::bind("0.0.0.0:0").context("bind udp")?;
+        if s.send_to(b"flood", udp).is_ok() {
+            opened += 1;
+        }
+    }
+    Ok(Outcome::ok(format!("flooded {sent} queries {opened} flows")))
+}

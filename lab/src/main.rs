@@ -85,6 +85,9 @@ enum ClientCmd {
     HalfClose { addr: SocketAddr, bytes: usize, seconds: u64 },
     /// One TCP connect (5 s timeout): prints refused/connected <ms>, timeout or error.
     Connect { addr: SocketAddr },
+    /// A bounded local flood: QUERIES DNS queries for distinct internet names to DNS, then
+    /// one datagram from each of FLOWS fresh sockets to UDP.
+    Flood { dns: SocketAddr, queries: usize, udp: SocketAddr, flows: usize },
     /// Open N idle connections, print `established <ok> of <n>`, hold them until stdin
     /// closes (at most SECONDS), then close them all.
     Hold {
@@ -140,6 +143,7 @@ fn run_client(c: ClientCmd) -> Result<bool> {
         ClientCmd::Reset { addr } => client::reset(addr)?,
         ClientCmd::Udp { addr, size } => client::udp(addr, size)?,
         ClientCmd::Connect { addr } => client::connect_probe(addr)?,
+        ClientCmd::Flood { dns, queries, udp, flows } => client::flood(dns, queries, udp, flows)?,
         ClientCmd::HalfClose { addr, bytes, seconds } => client::half_close(addr, bytes, Duration::from_secs(seconds))?,
         ClientCmd::Hold { addr, n, seconds } => client::hold(addr, n, Duration::from_secs(seconds))?,
     };

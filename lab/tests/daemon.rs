@@ -157,3 +157,46 @@ fn credential_plugins_run_as_the_user_who_ran_up_never_as_root() {
     assert!(before >= 1 && again, "the plugin ran {before} times at up and not again while reconnecting: {recorded:?}");
     assert!(recorded.lines().all(|uid| uid == owner), "the plugin ran as another user (uids: {recorded:?})");
 }
+
+#[test]
+fn the_daemon_stays_bounded_under_a_local_flood() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    // The daemon with 128 descriptors (`ulimit -n 128`).
+    let bin = tpvpn_lab::bin_dir().unwrap().join("tpvpn").display().to_string();
+    let up = lab.up_args();
+    let mut args = vec!["prlimit", "--nofile=128:128", "--", bin.as_str()];
+    args.extend(up.iter().map(String::as_str));
+    let rt = lab.runtime_dir().display().to_string();
+    let out = lab.exec_env(lab.laptop(), &args, &[("TPVPN_RUNTIME_DIR", rt.as_str())], Duration::from_secs(30));
+    assert!(out.status.success(), "{}", show(&out));
+    // A local flood: 200 idle TCP connections to the DNS server, held; 5,000 queries for
+    // distinct internet names; 5,000 UDP flows into the tunnel.
+    let lab_bin = tpvpn_lab::bin_dir().unwrap().join("tpvpn-lab").display().to_string();
+    let hold = format!("sleep 30 | {lab_bin} client hold 198.18.0.2:53 200 --seconds 60");
+    let laptop = lab.laptop().to_string();
+    lab.spawn_background(&laptop, "hold", &["sh", "-c", &hold]).unwrap();
+    assert!(
+        tpvpn_lab::wait_until(Duration::from_secs(30), || lab.background_log("hold").contains("established")),
+        "{}",
+        lab.background_log("hold")
+    );
+    let out =
+        lab.lab_tool(lab.laptop(), &["client", "flood", "198.18.0.2:53", "5000", tpvpn_lab::UDP_ECHO_ADDR, "5000"]);
+    assert!(stdout(&out).starts_with("flooded"), "{}", show(&out));
+    // Internet names still resolve, the tunnel still carries new flows.
+    let dig = lab.exec(lab.laptop(), &["dig", "+short", "+time=2", "+tries=2", "docs.rs"]);
+    assert_eq!(stdout(&dig).trim(), tpvpn_lab::INTERNET_IP, "{}", show(&dig));
+    let echo = lab.lab_tool(lab.laptop(), &["client", "udp", tpvpn_lab::UDP_ECHO_ADDR, "100"]);
+    assert!(stdout(&echo).starts_with("ok"), "{}", show(&echo));
+    let status = lab.tpvpn(&["status", "-o", "json"]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&status)));
+    assert!(v["flows"]["udp"].as_u64().unwrap() <= 4096, "the UDP flow table is unbounded: {v}");
+    // And SIGTERM is honoured at once.
+    let pid = daemon_pid(&lab);
+    let start = Instant::now();
+    assert!(lab.exec(lab.laptop(), &["kill", "-TERM", &pid]).status.success());
+    let gone = tpvpn_lab::wait_until(Duration::from_secs(10), || tpvpn_lab::process_gone(&pid));
+    let took = start.elapsed();
+    assert!(gone && took < Duration::from_secs(1), "SIGTERM took {took:?} under the flood");
+}

@@ -90,6 +90,9 @@ pub struct Config {
     pub tcp_tx_buffer: usize,
     /// A UDP flow without traffic for this long is forgotten.
     pub udp_idle_timeout: Duration,
+    /// Most UDP flows at once; a new one beyond makes the idlest eighth go
+    /// ([`Event::UdpClosed`]), so a flood of flows costs bounded memory.
+    pub udp_max_flows: usize,
     /// The device completes TCP checksums (a TUN device with `IFF_VNET_HDR` and
     /// `TUN_F_CSUM`): every TCP packet from [`Stack::transmit`] then carries only its
     /// pseudo-header sum, to be written after [`wire::vnet_header`].
@@ -104,6 +107,7 @@ impl Default for Config {
             tcp_tx_buffer: 512 * 1024,
             checksum_offload: false,
             udp_idle_timeout: Duration::from_secs(60),
+            udp_max_flows: 4096,
         }
     }
 }
@@ -190,6 +194,8 @@ pub struct Stack {
     /// The latest `now` the caller passed, for the deferred polls.
     now: Instant,
     counters: Counters,
+    /// UDP flows in `flows`.
+    udp_flows: usize,
     /// The machine's own addresses: packets from any other source are dropped (empty:
     /// every source is taken).
     local: Vec<IpAddr>,
@@ -209,6 +215,7 @@ impl Stack {
             dirty: Vec::new(),
             now: Instant::ZERO,
             counters: Counters::default(),
+            udp_flows: 0,
             local: Vec::new(),
         }
     }
@@ -293,9 +300,13 @@ impl Stack {
                         id
                     }
                     None => {
+                        if self.udp_flows >= self.config.udp_max_flows {
+                            self.evict_idlest_udp();
+                        }
                         let id = self.alloc_id();
                         self.by_key.insert(key, id);
                         self.flows.insert(id, Flow::Udp(UdpFlow { src, dst, last_active: now }));
+                        self.udp_flows += 1;
                         self.timers.push(Reverse((now + self.config.udp_idle_timeout, id)));
                         self.events.push_back(Event::UdpOpen { id, src, dst });
                         id
@@ -433,6 +444,31 @@ impl Stack {
     pub fn remove(&mut self, id: FlowId) {
         if let Some(flow) = self.flows.remove(&id) {
             self.by_key.remove(&flow.key());
+            if matches!(flow, Flow::Udp(_)) {
+                self.udp_flows -= 1;
+            }
+        }
+    }
+
+    /// Forgets the eighth of the UDP flows idle longest (at least one), announcing each.
+    /// One scan per eighth of the table: amortised, a constant per new flow.
+    fn evict_idlest_udp(&mut self) {
+        let mut udp: Vec<(Instant, FlowId)> = self
+            .flows
+            .iter()
+            .filter_map(|(id, f)| match f {
+                Flow::Udp(u) => Some((u.last_active, *id)),
+                Flow::Tcp(_) => None,
+            })
+            .collect();
+        let n = (udp.len() / 8).max(1).min(udp.len());
+        if n == 0 {
+            return;
+        }
+        udp.select_nth_unstable(n - 1);
+        for &(_, id) in &udp[..n] {
+            self.remove(id);
+            self.events.push_back(Event::UdpClosed { id });
         }
     }
 

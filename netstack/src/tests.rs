@@ -262,3 +262,28 @@ fn only_the_machines_own_sources_are_taken() {
     s.input(&Seg::syn(APP, SVC).build(), t(1)).unwrap();
     assert!(matches!(s.poll_event(), Some(Event::TcpConnect { .. })));
 }
+
+#[test]
+fn the_udp_table_is_bounded_and_the_idlest_flows_go_first() {
+    let mut s = Stack::new(Config { udp_max_flows: 16, ..Config::default() });
+    let udp = |port: u16| {
+        let src: std::net::SocketAddr = format!("198.18.0.1:{port}").parse().unwrap();
+        wire::udp_packet(src, "10.96.0.30:7".parse().unwrap(), b"x").unwrap()
+    };
+    for port in 1000..1016 {
+        s.input(&udp(port), t(i64::from(port))).unwrap();
+    }
+    while s.poll_event().is_some() {}
+    let mut closed = 0;
+    for port in 2000..2100 {
+        // Flow 1000 keeps talking: it is never the idlest.
+        s.input(&udp(1000), t(i64::from(port) * 10)).unwrap();
+        s.input(&udp(port), t(i64::from(port) * 10 + 1)).unwrap();
+        assert!(s.flow_counts().1 <= 16);
+        while let Some(e) = s.poll_event() {
+            closed += usize::from(matches!(e, Event::UdpClosed { .. }));
+            assert!(!matches!(e, Event::UdpOpen { src, .. } if src.port() == 1000), "the busy flow was evicted");
+        }
+    }
+    assert_eq!(closed, 100, "every flow that went was announced");
+}

@@ -462,6 +462,25 @@ impl Resolver {
         reply(client, client_answer(entry, &pending.fqdn, &question.name, truncated))
     }
 
+    /// SERVFAIL for the query `packet`, which the caller will not carry out (too many
+    /// queries in flight already); `None` for what is no query.
+    pub fn servfail(packet: &[u8], transport: Transport) -> Option<Vec<u8>> {
+        let msg = Message::from_vec(packet).ok()?;
+        if msg.metadata.message_type != MessageType::Query {
+            return None;
+        }
+        let client = Client {
+            id: msg.metadata.id,
+            op_code: msg.metadata.op_code,
+            recursion_desired: msg.metadata.recursion_desired,
+            checking_disabled: msg.metadata.checking_disabled,
+            edns: msg.edns.as_ref().map(|e| ClientEdns { payload: e.max_payload(), dnssec_ok: e.flags().dnssec_ok }),
+            transport,
+            queries: msg.queries,
+        };
+        Some(reply(&client, Answer::error(ResponseCode::ServFail)))
+    }
+
     /// The SERVFAIL reply for a query the cluster DNS did not answer (tunnel down, timeout).
     pub fn cluster_failed(&self, pending: &Pending) -> Vec<u8> {
         reply(&pending.client, Answer::error(ResponseCode::ServFail))

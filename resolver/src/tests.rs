@@ -680,3 +680,11 @@ fn remembered_table_replies_equal_fresh_ones_and_follow_the_table() {
     r.set_namespaces(vec!["kube-system".into()]);
     assert_eq!(r.query(&queries[0].0, Transport::Udp, now()), Action::Upstream);
 }
+
+#[test]
+fn servfail_for_a_query_not_carried_out() {
+    let m = Message::from_vec(&Resolver::servfail(&q("docs.rs", RecordType::A), Transport::Udp).unwrap()).unwrap();
+    assert_eq!((m.metadata.id, m.metadata.response_code), (ID, ResponseCode::ServFail));
+    assert_eq!(m.queries[0].name, n("docs.rs."));
+    assert_eq!(Resolver::servfail(b"\x12", Transport::Udp), None);
+}
