@@ -1,0 +1,563 @@
+//! The daemon's supervisor: connects, makes the system changes, then runs one loop over the
+//! link to the manager (up, or reconnecting), cluster updates, control requests and
+//! signals, and undoes everything when it ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tracing::{debug, info, warn};
+
+use crate::connect::{connect, Target};
+use crate::control::{self, Dns, Reply, Request, Status, Tun};
+use crate::dataplane::Dataplane;
+use crate::intercept::Intercepts;
+use crate::osdns;
+use crate::state::{self, Paths, State};
+use crate::{routes, Error};
+
+use super::plan::{plan, reconnect, Rediscover};
+use super::spawn::Ready;
+use super::system::{dns_status, open_tun, start_dns, DnsMode, Routing, RESOLV_CONF, TUN_V4};
+use super::UpOptions;
+
+/// The daemon's whole life after the spawn: plan, connect, make and record each system
+/// change, report ready, [`serve`] until `down` or a signal, then undo everything.
+pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Result<(), Error> {
+    routes::check_new_device(&opts.device)?;
+    let mut plan = plan(&opts).await?;
+    plan.target.identity = crate::connect::Identity::of_this_machine(paths.load_or_create_client_id()?);
+    // What an earlier daemon held, if it did not exit cleanly: re-claimed once connected.
+    let intercepts = Intercepts::load(paths.intercepts());
+    let session = connect(&plan.target).await?;
+    info!(manager = %session.manager, cidrs = ?session.cluster.cidrs, "connected to the manager");
+    let mut never = plan.never_proxy.clone();
+    never.push(routes::host(session.manager.ip()));
+    // The laptop's own nameservers stay outside the tunnel, whatever the manager says.
+    let resolv = osdns::original_of(&std::fs::read_to_string(RESOLV_CONF).unwrap_or_default());
+    never.extend(osdns::parse(&resolv).nameservers.into_iter().filter(|ip| !ip.is_loopback()).map(routes::host));
+    never.sort();
+    never.dedup();
+    let mut session = session;
+    if let Err(why) =
+        tpvpn_resolver::names::check_cluster_domain(&session.cluster.domain, tpvpn_resolver::Psl::shared())
+    {
+        warn!(domain = %session.cluster.domain, %why, "the manager's cluster domain is refused; using cluster.local");
+        session.cluster.domain = "cluster.local".into();
+    }
+
+    if routes::compute(&routes::acceptable(&session.cluster.cidrs).0, &plan.also_proxy, &never).is_empty() {
+        return Err(Error::Config(
+            "nothing to route: the manager reported no cluster CIDRs outside --never-proxy".into(),
+        ));
+    }
+
+    let mut state =
+        State { pid: std::process::id(), device: None, routes: vec![], resolv_conf: None, resolved_link: None };
+    let listener = {
+        let _ = std::fs::remove_file(paths.socket());
+        let listener = UnixListener::bind(paths.socket())
+            .map_err(|e| Error::System(format!("cannot listen on {}: {e}", paths.socket().display())))?;
+        // Any local user may connect: each request is checked against its sender.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(paths.socket(), std::fs::Permissions::from_mode(0o666))
+            .map_err(|e| Error::System(format!("cannot open {} to local users: {e}", paths.socket().display())))?;
+        listener
+    };
+    let (calls_send, calls) = tokio::sync::mpsc::channel(16);
+    let control_task = tokio::spawn(control::serve(listener, crate::user::invoking().0, calls_send));
+    state::write_atomic(&paths.pid(), format!("{}\n", std::process::id()).as_bytes(), 0o644)
+        .map_err(|e| Error::System(format!("cannot write {}: {e}", paths.pid().display())))?;
+    let (control_send, control_recv) = session.control;
+    let result = async {
+        state.device = Some(opts.device.clone());
+        state.save(&paths.state())?;
+        let (tun, checksum_offload) = open_tun(&opts.device, opts.mtu)?;
+        let tun = Arc::new(tun);
+        let mut routing = Routing {
+            device: opts.device.clone(),
+            also: plan.also_proxy.clone(),
+            never: never.clone(),
+            state: &mut state,
+            state_path: paths.state(),
+            v6_address: false,
+            allow_conflicts: opts.allow_route_conflicts,
+        };
+        let wanted = routing.apply(&session.cluster.cidrs)?;
+        let mut updates = cluster_updates(session.conn.clone(), control_send, control_recv);
+        let initial = initial_updates(&mut updates).await;
+        let dns = match opts.dns_mode {
+            DnsMode::Off => None,
+            mode => Some(start_dns(mode, &plan, &session.cluster.domain, &session.conn, &initial, &mut routing).await?),
+        };
+        let stack_config =
+            tpvpn_netstack::Config { mtu: usize::from(opts.mtu), checksum_offload, ..Default::default() };
+        let dataplane =
+            Dataplane::new(tpvpn_netstack::Stack::new(stack_config.clone()), tun.clone(), session.conn.clone());
+        let status = Status {
+            connected: true,
+            context: plan.context.clone(),
+            manager: Some(session.manager.to_string()),
+            tun: Some(Tun { name: opts.device.clone(), address: TUN_V4.to_string(), mtu: usize::from(opts.mtu) }),
+            routes: wanted.iter().map(|r| r.to_string()).collect(),
+            never_proxy: never.iter().map(|r| r.to_string()).collect(),
+            dns: dns.as_ref().map_or_else(
+                || Dns { mode: "off".into(), ..Default::default() },
+                |(shared, mode)| dns_status(shared, mode),
+            ),
+            flows: Default::default(),
+            pid: Some(std::process::id()),
+            tunnel_rtt_us: None,
+            protocol: Some(session.version),
+            intercepts: vec![],
+            namespace: Some(plan.namespace.clone()),
+        };
+        ready.send(&format!(
+            "ok connected to {}; routing {} through {}",
+            session.manager,
+            status.routes.join(", "),
+            opts.device
+        ));
+        info!("up");
+        let dns = dns.map(|(shared, _)| shared);
+        let link = Link {
+            conn: session.conn.clone(),
+            endpoint: session.endpoint.clone(),
+            target: plan.target.clone(),
+            rediscover: plan.rediscover.clone(),
+            version: session.version,
+        };
+        let running = Running { dataplane, tun, stack_config, link };
+        let (why, down_reply, link) =
+            serve(running, calls, status, (initial, updates), &mut routing, dns, intercepts.clone()).await;
+        // Intercepts end first, so that the cluster's traffic goes back to the pods at once.
+        intercepts.leave_all(&link.conn, link.version).await;
+        link.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
+        info!(%why, "shutting down");
+        Ok::<_, Error>((why, down_reply, link.endpoint))
+    }
+    .await;
+    control_task.abort();
+    // (On the error paths before `serve`, this closes the first connection; `serve` closed
+    // the one it ended with.)
+    session.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
+    // Undo in reverse order of doing; the TUN device goes when its file descriptor closes
+    // (the data plane is dropped by now), and `undo` deletes it if it is still there.
+    let undo = state.undo();
+    state::remove_files(paths);
+    session.endpoint.wait_idle().await;
+    let (why, down_reply, last_endpoint) = result?;
+    last_endpoint.wait_idle().await;
+
+    if let Some(call) = down_reply {
+        call.reply(&Reply::Done { ok: undo.is_ok() }).await;
+    }
+    undo?;
+    if why.starts_with("down") || why.starts_with("signal") {
+        Ok(())
+    } else {
+        Err(Error::System(why))
+    }
+}
+
+/// Applies one push of the manager: routes, the listing, the resolver's tables.
+fn handle_update(
+    update: Update,
+    status: &mut Status,
+    listing: &mut control::Listing,
+    routing: &mut Routing<'_>,
+    dns: Option<&crate::dns::Shared>,
+) {
+    match update {
+        // Route changes fork `ip`: off the thread the data plane runs on.
+        Update::Cluster(cluster) => match tokio::task::block_in_place(|| routing.apply(&cluster.cidrs)) {
+            Ok(wanted) => {
+                info!(routes = ?wanted, "cluster changed: routes updated");
+                status.routes = wanted.iter().map(|r| r.to_string()).collect();
+            }
+            Err(e) => warn!(error = %e, "cluster changed but the routes could not be updated"),
+        },
+        Update::Namespaces(names) => {
+            if let Some(d) = dns {
+                d.resolver().set_namespaces(names.clone());
+            }
+            listing.namespaces = names;
+        }
+        Update::Services(services) => {
+            listing.services = services.iter().map(control::ServiceRow::from_info).collect();
+            if let Some(d) = dns {
+                d.resolver().set_services(services);
+            }
+        }
+    }
+    if let Some(d) = dns {
+        let r = d.resolver();
+        let domains = r.routing_domains();
+        if let Some(link) = d.resolved.clone().filter(|_| domains != status.dns.domains) {
+            let routing = domains.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = link.set_domains(&routing) {
+                    warn!(error = %e, "routing domains changed but systemd-resolved was not updated");
+                }
+            });
+        }
+        status.dns.domains = domains;
+        status.dns.filtered_namespaces = r.filtered_namespaces();
+    }
+}
+
+/// The updates the manager sends right after the hello (namespaces and Services), read
+/// before the daemon reports ready so that DNS and `tpvpn list` know the cluster at once.
+async fn initial_updates(updates: &mut tokio::sync::mpsc::Receiver<Update>) -> Vec<Update> {
+    let mut got = Vec::new();
+    let (mut namespaces, mut services) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while !(namespaces && services) {
+        match tokio::time::timeout_at(deadline, updates.recv()).await {
+            Ok(Some(u)) => {
+                namespaces |= matches!(u, Update::Namespaces(_));
+                services |= matches!(u, Update::Services(_));
+                got.push(u);
+            }
+            _ => break,
+        }
+    }
+    got
+}
+
+/// Drops what the manager pushed that Kubernetes would not allow: namespaces that are not
+/// RFC 1123 labels, Services whose name is not an RFC 1035 label (or whose namespace is
+/// not a namespace name). Such names would reach DNS routing domains, systemd-resolved
+/// and `tpvpn list`.
+fn sanitize(update: Update) -> Update {
+    use tpvpn_resolver::names::{is_dns1035_label, is_dns1123_label};
+    match update {
+        Update::Namespaces(names) => {
+            let (ok, bad): (Vec<String>, Vec<String>) = names.into_iter().partition(|n| is_dns1123_label(n));
+            if !bad.is_empty() {
+                warn!(count = bad.len(), first = ?bad.first(), "the manager pushed namespaces that are not names: dropped");
+            }
+            Update::Namespaces(ok)
+        }
+        Update::Services(services) => {
+            let before = services.len();
+            let ok: Vec<tpvpn_tunnel::ServiceInfo> =
+                services.into_iter().filter(|s| is_dns1123_label(&s.namespace) && is_dns1035_label(&s.name)).collect();
+            if ok.len() < before {
+                warn!(count = before - ok.len(), "the manager pushed Services with names that are not names: dropped");
+            }
+            Update::Services(ok)
+        }
+        Update::Cluster(mut c) => {
+            if let Err(why) = tpvpn_resolver::names::check_cluster_domain(&c.domain, tpvpn_resolver::Psl::shared()) {
+                warn!(domain = %c.domain, %why, "the manager's cluster domain is refused");
+                c.domain = "cluster.local".into();
+            }
+            Update::Cluster(c)
+        }
+    }
+}
+
+/// What the manager pushes on the control stream.
+#[derive(Debug)]
+pub(super) enum Update {
+    Cluster(tpvpn_tunnel::ClusterInfo),
+    Namespaces(Vec<String>),
+    Services(Vec<tpvpn_tunnel::ServiceInfo>),
+}
+
+/// Reads the manager's pushes on the control stream. The catalog comes whole (a
+/// version-1 manager) or in `CatalogChunk`s (a snapshot, then deltas), applied to the
+/// tables here; each completed batch is passed on whole. A control stream that fails or
+/// ends closes the connection, so that the daemon reconnects instead of going on with a
+/// catalog that no longer changes.
+fn cluster_updates(
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> tokio::sync::mpsc::Receiver<Update> {
+    use std::collections::{BTreeMap, BTreeSet};
+    use tpvpn_tunnel::Message;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        let _send = send; // closing it would end the control stream
+        let mut namespaces: BTreeSet<String> = BTreeSet::new();
+        let mut services: BTreeMap<(String, String), tpvpn_tunnel::ServiceInfo> = BTreeMap::new();
+        let why = loop {
+            let updates = match tpvpn_tunnel::io::read_message(&mut recv).await {
+                Ok(Some(Message::ClusterUpdate { cluster })) => vec![Update::Cluster(cluster)],
+                Ok(Some(Message::Namespaces { names })) => vec![Update::Namespaces(names)],
+                Ok(Some(Message::Services { services })) => vec![Update::Services(services)],
+                Ok(Some(Message::CatalogChunk {
+                    reset,
+                    complete,
+                    namespaces_added,
+                    namespaces_removed,
+                    services: upserted,
+                    services_removed,
+                })) => {
+                    if reset {
+                        namespaces.clear();
+                        services.clear();
+                    }
+                    for n in &namespaces_removed {
+                        namespaces.remove(n);
+                    }
+                    namespaces.extend(namespaces_added);
+                    for k in &services_removed {
+                        services.remove(k);
+                    }
+                    for s in upserted {
+                        services.insert((s.namespace.clone(), s.name.clone()), s);
+                    }
+                    if !complete {
+                        continue;
+                    }
+                    vec![
+                        Update::Namespaces(namespaces.iter().cloned().collect()),
+                        Update::Services(services.values().cloned().collect()),
+                    ]
+                }
+                Ok(Some(other)) => {
+                    warn!(kind = other.kind(), "unexpected message on the control stream");
+                    continue;
+                }
+                Ok(None) => break "the manager ended the control stream".to_string(),
+                Err(e) => break format!("control stream: {e}"),
+            };
+            for u in updates.into_iter().map(sanitize) {
+                if tx.send(u).await.is_err() {
+                    return;
+                }
+            }
+        };
+        warn!(%why, "closing the connection to reconnect");
+        conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"control stream failed");
+    });
+    rx
+}
+
+/// The connection to the manager in use, and how to make a new one.
+struct Link {
+    conn: quinn::Connection,
+    endpoint: quinn::Endpoint,
+    target: Target,
+    rediscover: Option<Rediscover>,
+    /// The protocol version spoken on `conn`.
+    version: u16,
+}
+
+/// What `serve` runs: the data plane of the current connection, the device (kept across
+/// reconnections), and the link.
+struct Running {
+    dataplane: Dataplane,
+    tun: crate::dataplane::Tun,
+    /// For the stack of each new connection.
+    stack_config: tpvpn_netstack::Config,
+    link: Link,
+}
+
+/// Runs the data plane and the control socket until `down` or a signal, applying the
+/// manager's pushes meanwhile. When the connection to the manager is lost, the daemon
+/// stays up: routes and DNS stay in place (names that need the cluster get SERVFAIL at
+/// once, everything else resolves as usual), and it reconnects with backoff, then runs a
+/// new data plane on the same device. Returns why it ended, the control connection of a
+/// `down` request to answer after cleanup, and the link in use at the end.
+async fn serve(
+    running: Running,
+    mut calls: tokio::sync::mpsc::Receiver<control::Call>,
+    mut status: Status,
+    (initial, mut updates): (Vec<Update>, tokio::sync::mpsc::Receiver<Update>),
+    routing: &mut Routing<'_>,
+    dns: Option<Arc<crate::dns::Shared>>,
+    intercepts: Arc<Intercepts>,
+) -> (String, Option<control::Call>, Link) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Running { dataplane, tun, stack_config, mut link } = running;
+    // Connections the manager opens toward this client (intercepts), and re-claiming
+    // what this daemon (or a crashed one before it) held: per connection.
+    let start_intercepts = |link: &Link| {
+        let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+        // Serving and re-claiming run together and end together (aborted with the link).
+        tokio::spawn(async move {
+            tokio::join!(i.clone().serve(conn.clone()), i.reclaim(&conn, version));
+        })
+    };
+    let mut intercept_task = start_intercepts(&link);
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return ("cannot install signal handlers".into(), None, link);
+    };
+    let mut state = LinkState::up(dataplane);
+    let mut down_reply: Option<control::Call> = None;
+    let mut listing = control::Listing::default();
+    for u in initial {
+        handle_update(u, &mut status, &mut listing, routing, dns.as_deref());
+    }
+    let why = loop {
+        tokio::select! {
+            change = state.changed() => match change {
+                Change::Lost(why) => {
+                    warn!(%why, "the tunnel is down; reconnecting");
+                    status.connected = false;
+                    if let Some(d) = &dns {
+                        *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                        d.resolver().set_connected(false);
+                    }
+                    state = LinkState::Reconnecting(tokio::spawn(reconnect(link.target.clone(), link.rediscover.clone())));
+                }
+                Change::Failed => break "reconnecting failed".to_string(),
+                Change::Reconnected(session, target) => {
+                    info!(manager = %session.manager, "reconnected to the manager");
+                    let stack = tpvpn_netstack::Stack::new(stack_config.clone());
+                    state = LinkState::up(Dataplane::new(stack, tun.clone(), session.conn.clone()));
+                    if let Some(d) = &dns {
+                        *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.conn.clone());
+                        d.resolver().set_connected(true);
+                    }
+                    let rediscover = link.rediscover.clone();
+                    let old = std::mem::replace(
+                        &mut link,
+                        Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target, rediscover, version: session.version },
+                    );
+                    intercept_task.abort();
+                    intercept_task = start_intercepts(&link);
+                    status.protocol = Some(session.version);
+
+                    old.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"replaced");
+                    let (send, recv) = session.control;
+                    updates = cluster_updates(session.conn.clone(), send, recv);
+                    handle_update(Update::Cluster(session.cluster), &mut status, &mut listing, routing, dns.as_deref());
+                    status.manager = Some(session.manager.to_string());
+                    status.connected = true;
+                }
+            },
+            _ = term.recv() => break "signal SIGTERM".into(),
+            _ = int.recv() => break "signal SIGINT".into(),
+            Some(update) = updates.recv() => handle_update(update, &mut status, &mut listing, routing, dns.as_deref()),
+            Some(call) = calls.recv() => {
+                match call.request.clone() {
+                    Request::Status => {
+                        let mut s = status.clone();
+                        if let LinkState::Up { handle, .. } = &state {
+                            s.flows = handle.flows().await;
+                            s.tunnel_rtt_us = Some(link.conn.rtt().as_micros() as u64);
+                        }
+                        s.intercepts = intercepts.list();
+                        call.reply_later(Reply::Status(Box::new(s)));
+                    }
+                    // These wait for the manager: answered by a task of their own.
+                    Request::List => {
+                        let (mut listing, conn, version) = (listing.clone(), link.conn.clone(), link.version);
+                        let connected = status.connected;
+                        tokio::spawn(async move {
+                            if connected {
+                                match Intercepts::table(&conn, version).await {
+                                    Ok(rows) => annotate(&mut listing, &rows),
+                                    Err(e) => debug!(error = %e, "no intercept states for the listing"),
+                                }
+                            }
+                            call.reply(&Reply::List(listing)).await;
+                        });
+                    }
+                    Request::Intercept(mut spec) => {
+                        if spec.namespace.is_empty() {
+                            spec.namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
+                        }
+                        let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+                        tokio::spawn(async move {
+                            let reply = match i.request(&conn, version, spec).await {
+                                Ok(intercepted) => Reply::Intercepted { intercepted },
+                                Err(e) => Reply::Failed { error: e.to_string() },
+                            };
+                            call.reply(&reply).await;
+                        });
+                    }
+                    Request::Leave { mut namespace, service } => {
+                        if namespace.is_empty() {
+                            namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
+                        }
+                        let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+                        tokio::spawn(async move {
+                            let reply = match i.leave(&conn, version, &namespace, &service).await {
+                                Ok(left) => Reply::Left { left },
+                                Err(e) => Reply::Failed { error: e.to_string() },
+                            };
+                            call.reply(&reply).await;
+                        });
+                    }
+                    Request::Down => {
+                        down_reply = Some(call);
+                        break "down requested".into();
+                    }
+                }
+            }
+        }
+    };
+    intercept_task.abort();
+    state.end().await;
+    // With the data plane gone and `tun` dropped, so is the device.
+    drop(tun);
+    (why, down_reply, link)
+}
+
+/// What the link to the manager is doing: each state holds the one task it waits for.
+enum LinkState {
+    /// Connected: the data plane of this connection runs.
+    Up { dataplane: tokio::task::JoinHandle<String>, handle: crate::dataplane::Handle },
+    /// The connection was lost: a new one is being made.
+    Reconnecting(tokio::task::JoinHandle<(crate::connect::Session, Target)>),
+}
+
+/// How the link's state ended.
+enum Change {
+    /// The data plane stopped (the connection is gone), for this reason.
+    Lost(String),
+    /// A new connection, to the target (found again) it reached.
+    Reconnected(Box<crate::connect::Session>, Target),
+    /// Reconnecting itself failed (its task died).
+    Failed,
+}
+
+impl LinkState {
+    fn up(dataplane: Dataplane) -> Self {
+        LinkState::Up { handle: dataplane.handle(), dataplane: tokio::spawn(dataplane.run()) }
+    }
+
+    /// Waits until the current state ends (cancel-safe: the task stays in the state).
+    async fn changed(&mut self) -> Change {
+        match self {
+            LinkState::Up { dataplane, .. } => {
+                Change::Lost(dataplane.await.unwrap_or_else(|e| format!("data plane failed: {e}")))
+            }
+            LinkState::Reconnecting(task) => match task.await {
+                Ok((session, target)) => Change::Reconnected(Box::new(session), target),
+                Err(_) => Change::Failed,
+            },
+        }
+    }
+
+    /// Stops the task; a data plane is waited for until it is gone (with it, its hold on
+    /// the device).
+    async fn end(self) {
+        match self {
+            LinkState::Up { dataplane, .. } => {
+                dataplane.abort();
+                let _ = dataplane.await;
+            }
+            LinkState::Reconnecting(task) => task.abort(),
+        }
+    }
+}
+
+/// Adds each Service's intercept state to the listing.
+fn annotate(listing: &mut control::Listing, rows: &[tpvpn_tunnel::InterceptRow]) {
+    let mut states: std::collections::HashMap<(&str, &str), Vec<String>> = std::collections::HashMap::new();
+    for r in rows {
+        states.entry((r.namespace.as_str(), r.service.as_str())).or_default().push(crate::intercept::state_text(r));
+    }
+    for s in &mut listing.services {
+        if let Some(st) = states.get(&(s.namespace.as_str(), s.name.as_str())) {
+            s.intercept = Some(st.join("; "));
+        }
+    }
+}
