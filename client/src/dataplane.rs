@@ -156,10 +156,90 @@ impl Handle {
 /// The TUN device as the data plane needs it.
 pub type Tun = Arc<tun_rs::AsyncDevice>;
 
+/// What the data plane reads the laptop's packets from and writes the stack's to: the
+/// TUN device, or a [`MemoryDevice`] (tests, without root).
+pub trait PacketDevice: Send + Sync + 'static {
+    /// Waits for one packet.
+    fn recv(&self, buf: &mut [u8]) -> impl std::future::Future<Output = std::io::Result<usize>> + Send;
+    /// One packet if one is waiting, else an error (`WouldBlock`).
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+    /// Writes one packet made of `bufs`, waiting while the device is full.
+    fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> impl std::future::Future<Output = std::io::Result<usize>> + Send;
+}
+
+impl PacketDevice for tun_rs::AsyncDevice {
+    fn recv(&self, buf: &mut [u8]) -> impl std::future::Future<Output = std::io::Result<usize>> + Send {
+        tun_rs::AsyncDevice::recv(self, buf)
+    }
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        tun_rs::AsyncDevice::try_recv(self, buf)
+    }
+    fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> impl std::future::Future<Output = std::io::Result<usize>> + Send {
+        tun_rs::AsyncDevice::send_vectored(self, bufs)
+    }
+}
+
+/// A packet device in memory: what the stack writes arrives on [`MemoryPeer::rx`], what
+/// is sent on [`MemoryPeer::tx`] is read by the stack. Both ways hold at most `capacity`
+/// packets; like the kernel behind a TUN device, a full queue toward the laptop drops
+/// what the stack writes (a write never waits), and the peer should `try_send` (a full
+/// queue toward the stack drops, as a TUN's transmit queue does).
+pub struct MemoryDevice {
+    to_stack: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    from_stack: mpsc::Sender<Vec<u8>>,
+}
+
+/// The other end of a [`MemoryDevice`]: the laptop's side.
+pub struct MemoryPeer {
+    pub tx: mpsc::Sender<Vec<u8>>,
+    pub rx: mpsc::Receiver<Vec<u8>>,
+}
+
+impl MemoryDevice {
+    pub fn new(capacity: usize) -> (Arc<MemoryDevice>, MemoryPeer) {
+        let (tx, to_stack) = mpsc::channel(capacity);
+        let (from_stack, rx) = mpsc::channel(capacity);
+        (Arc::new(MemoryDevice { to_stack: tokio::sync::Mutex::new(to_stack), from_stack }), MemoryPeer { tx, rx })
+    }
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the memory device's peer is gone")
+}
+
+impl PacketDevice for MemoryDevice {
+    async fn recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let packet = self.to_stack.lock().await.recv().await.ok_or_else(gone)?;
+        let n = packet.len().min(buf.len());
+        buf[..n].copy_from_slice(&packet[..n]);
+        Ok(n)
+    }
+    fn try_recv(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let packet = self
+            .to_stack
+            .try_lock()
+            .ok()
+            .and_then(|mut rx| rx.try_recv().ok())
+            .ok_or(std::io::ErrorKind::WouldBlock)?;
+        let n = packet.len().min(buf.len());
+        buf[..n].copy_from_slice(&packet[..n]);
+        Ok(n)
+    }
+    async fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        let packet: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+        let n = packet.len();
+        match self.from_stack.try_send(packet) {
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(gone()),
+            // Full: dropped, as the kernel drops what a full socket cannot take.
+            _ => Ok(n),
+        }
+    }
+}
+
 /// The data plane; [`Dataplane::run`] drives it until the tunnel or the device fails.
-pub struct Dataplane {
+pub struct Dataplane<D: PacketDevice = tun_rs::AsyncDevice> {
     stack: Stack,
-    tun: Tun,
+    tun: Arc<D>,
     conn: quinn::Connection,
     cmd_tx: mpsc::UnboundedSender<Cmd>,
     cmd_rx: mpsc::UnboundedReceiver<Cmd>,
@@ -170,8 +250,8 @@ pub struct Dataplane {
     local_read: Option<StdInstant>,
 }
 
-impl Dataplane {
-    pub fn new(stack: Stack, tun: Tun, conn: quinn::Connection) -> Self {
+impl<D: PacketDevice> Dataplane<D> {
+    pub fn new(stack: Stack, tun: Arc<D>, conn: quinn::Connection) -> Self {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         Dataplane {
             stack,
@@ -261,7 +341,7 @@ impl Dataplane {
                     let header = wire::vnet_header(&p);
                     self.tun.send_vectored(&[IoSlice::new(&header), IoSlice::new(&p)]).await?;
                 } else {
-                    self.tun.send(&p).await?;
+                    self.tun.send_vectored(&[IoSlice::new(&p)]).await?;
                 }
                 self.stack.recycle(p);
             }

@@ -2,7 +2,6 @@
 //! real QUIC, real TLS, real sockets; no TUN device, so no root needed.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -12,59 +11,8 @@ use tpvpn_tunnel::datagram::Datagram;
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::{FlowStatus, Message, Protocol};
 
-struct Fixture {
-    dir: PathBuf,
-    addr: SocketAddr,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn write_cert(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf) {
-    let ck = rcgen::generate_simple_self_signed(vec!["tpvpn-manager".into()]).unwrap();
-    let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
-    std::fs::write(&c, ck.cert.pem()).unwrap();
-    std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
-    (c, k)
-}
-
-async fn start_manager(tag: &str) -> Fixture {
-    start_manager_with(tag, |c| c.policy = tpvpn_manager::policy::Policy::allow_all()).await
-}
-
-/// A manager on loopback; `adjust` changes its configuration (these tests dial servers
-/// on loopback, which the default destination policy denies).
-async fn start_manager_with(tag: &str, adjust: impl FnOnce(&mut tpvpn_manager::Config)) -> Fixture {
-    let dir = std::env::temp_dir().join(format!("tpvpn-session-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = write_cert(&dir, "manager");
-    std::fs::write(dir.join("token"), "good-token\n").unwrap();
-    std::fs::write(dir.join("bad-token"), "bad-token\n").unwrap();
-    let server = tpvpn_tunnel::quic::server_config(
-        tpvpn_tunnel::quic::load_certs(&cert).unwrap(),
-        tpvpn_tunnel::quic::load_key(&key).unwrap(),
-    )
-    .unwrap();
-    let endpoint = tpvpn_manager::bind("127.0.0.1:0".parse().unwrap(), server).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let mut config = tpvpn_manager::Config::new(
-        b"good-token".to_vec(),
-        vec!["10.96.0.0/12".parse().unwrap()],
-        Some("10.96.0.10".parse().unwrap()),
-        "cluster.local".into(),
-    );
-    config.dial_timeout = Duration::from_secs(2);
-    adjust(&mut config);
-    tokio::spawn(tpvpn_manager::serve(endpoint, config));
-    Fixture { dir, addr }
-}
-
-fn target(f: &Fixture, ca: &str, token: &str) -> Target {
-    Target::from_files(f.addr.to_string(), &f.dir.join(ca), &f.dir.join(token)).unwrap()
-}
+mod common;
+use common::{start_manager, start_manager_with, target, write_cert};
 
 #[tokio::test]
 async fn good_token_gets_the_cluster_and_bad_inputs_get_clear_errors() {
