@@ -21,5 +21,7 @@ cargo build --workspace --all-targets --locked
 # The previous release's binaries (protocol v1), for the version-skew tests.
 ./scripts/build-compat.sh
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The client for macOS (type-checked; nothing runs on a Mac here).
+./scripts/check-macos.sh
 (cd fuzz && cargo test --locked --no-default-features)
 cargo nextest run --workspace --locked

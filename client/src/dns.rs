@@ -6,14 +6,14 @@
 //! hang); or forwarded byte for byte to the laptop's original nameservers (UDP, TCP for
 //! TCP clients), whose answer is relayed unchanged.
 
-use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(target_os = "linux")]
 use nix::errno::Errno;
-use nix::sys::socket::{recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage};
+#[cfg(target_os = "linux")]
+use nix::sys::socket::{MsgFlags, SockaddrStorage};
 use tokio::net::TcpListener;
 use tpvpn_resolver::{Action, Resolver, Transport};
 use tpvpn_tunnel::io::dns;
@@ -119,9 +119,40 @@ async fn upstream(upstreams: &[SocketAddr], packet: &[u8], tcp: bool) -> Option<
 }
 
 /// Datagrams taken from the socket per system call.
+#[cfg(target_os = "linux")]
 const UDP_BATCH: usize = 32;
 /// Longest UDP query read; a longer one (no stub resolver sends one) is dropped.
 const UDP_QUERY_MAX: usize = 4096;
+
+/// What to do with one UDP query: the reply to send now, or `None` (dropped, or a task on
+/// `runtime` answers it later: it needs the cluster or the upstream servers, and takes a
+/// permit of [`Shared::in_flight`], SERVFAIL at once without one).
+fn udp_query(
+    resolver: &mut Resolver,
+    packet: &[u8],
+    from: SocketAddr,
+    (socket, shared, runtime): (&Arc<std::net::UdpSocket>, &Arc<Shared>, &tokio::runtime::Handle),
+    now: Instant,
+) -> Option<Vec<u8>> {
+    match resolver.query(packet, Transport::Udp, now) {
+        Action::Reply(reply) => Some(reply),
+        Action::Drop => None,
+        action => {
+            let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
+                return Resolver::servfail(packet, Transport::Udp);
+            };
+            let packet = packet.to_vec();
+            let (socket, shared) = (socket.clone(), shared.clone());
+            runtime.spawn(async move {
+                if let Some(reply) = finish(&shared, action, &packet, false).await {
+                    send_udp(&socket, &reply, from);
+                }
+                drop(permit);
+            });
+            None
+        }
+    }
+}
 
 /// Serves DNS over UDP on the blocking `socket`, on a thread of its own for the life of
 /// the process. The kernel wakes it straight out of `recvmmsg`, which takes every query
@@ -129,7 +160,11 @@ const UDP_QUERY_MAX: usize = 4096;
 /// `sendmmsg`, so under load a query costs a fraction of a system call, and when idle a
 /// query is answered after one wake-up. A query that needs the cluster or the upstream
 /// servers becomes a task on `runtime`.
+#[cfg(target_os = "linux")]
 pub fn serve_udp(socket: std::net::UdpSocket, shared: Arc<Shared>, runtime: tokio::runtime::Handle) {
+    use nix::sys::socket::{recvmmsg, sendmmsg, ControlMessage, MultiHeaders};
+    use std::io::{IoSlice, IoSliceMut};
+    use std::os::fd::AsRawFd;
     let socket = Arc::new(socket);
     let fd = socket.as_raw_fd();
     let mut bufs = vec![[0u8; UDP_QUERY_MAX]; UDP_BATCH];
@@ -160,27 +195,9 @@ pub fn serve_udp(socket: std::net::UdpSocket, shared: Arc<Shared>, runtime: toki
         let now = Instant::now();
         let mut resolver = shared.resolver();
         for (buf, (n, from)) in bufs.iter().zip(&received) {
-            let Some(packet) = buf.get(..*n) else { continue };
-            match resolver.query(packet, Transport::Udp, now) {
-                Action::Reply(reply) => replies.push((reply, *from)),
-                Action::Drop => {}
-                action => {
-                    let Ok(permit) = shared.in_flight.clone().try_acquire_owned() else {
-                        if let Some(reply) = Resolver::servfail(packet, Transport::Udp) {
-                            replies.push((reply, *from));
-                        }
-                        continue;
-                    };
-                    let Some(from) = from.and_then(socket_addr) else { continue };
-                    let packet = packet.to_vec();
-                    let (socket, shared) = (socket.clone(), shared.clone());
-                    runtime.spawn(async move {
-                        if let Some(reply) = finish(&shared, action, &packet, false).await {
-                            send_udp(&socket, &reply, from);
-                        }
-                        drop(permit);
-                    });
-                }
+            let (Some(packet), Some(addr)) = (buf.get(..*n), from.and_then(socket_addr)) else { continue };
+            if let Some(reply) = udp_query(&mut resolver, packet, addr, (&socket, &shared, &runtime), now) {
+                replies.push((reply, *from));
             }
         }
         drop(resolver);
@@ -198,6 +215,29 @@ pub fn serve_udp(socket: std::net::UdpSocket, shared: Arc<Shared>, runtime: toki
     }
 }
 
+/// [`serve_udp`] where there is no `recvmmsg` (macOS): one query per receive.
+#[cfg(not(target_os = "linux"))]
+pub fn serve_udp(socket: std::net::UdpSocket, shared: Arc<Shared>, runtime: tokio::runtime::Handle) {
+    let socket = Arc::new(socket);
+    let mut buf = [0u8; UDP_QUERY_MAX];
+    loop {
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok(x) => x,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                debug!(error = %e, "dns udp receive failed");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let reply = udp_query(&mut shared.resolver(), &buf[..n], from, (&socket, &shared, &runtime), Instant::now());
+        if let Some(reply) = reply {
+            send_udp(&socket, &reply, from);
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
 fn socket_addr(a: SockaddrStorage) -> Option<SocketAddr> {
     match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
         (Some(v4), _) => Some(SocketAddr::V4((*v4).into())),

@@ -19,6 +19,7 @@ pub mod dns;
 pub mod install;
 pub mod intercept;
 pub mod kubeconfig;
+pub mod macos;
 pub mod osdns;
 pub mod resolved;
 

@@ -5,12 +5,12 @@
 //!   bytes are recorded in the state file before the file is touched and written back,
 //!   in place (the file may be a bind mount), by `down`, on signals and after a crash.
 //!   The original nameservers become tpvpn's upstream servers.
-//! - macOS: one `/etc/resolver/<domain>` file per routing domain ([`macos_resolver_files`];
-//!   built and unit-tested here, used only on macOS).
+//! - macOS: one `/etc/resolver/<domain>` file per routing domain (`crate::macos`; built and
+//!   unit-tested here, not yet used by the daemon).
 //! - `resolved`: systemd-resolved over D-Bus (`resolved.rs`).
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::Error;
 
@@ -132,14 +132,6 @@ pub fn restore(path: &Path, original: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-/// The `/etc/resolver/<domain>` files macOS uses to send a domain's names to a server.
-pub fn macos_resolver_files(domains: &[String], server: IpAddr) -> Vec<(PathBuf, String)> {
-    domains
-        .iter()
-        .map(|d| (Path::new("/etc/resolver").join(d), format!("{MARKER}\nnameserver {server}\nport 53\n")))
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,12 +179,5 @@ mod tests {
         restore(&path, ORIGINAL.as_bytes()).unwrap();
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "nameserver 203.0.113.1\n");
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn macos_files_one_per_domain() {
-        let files = macos_resolver_files(&["cluster.local".into(), "default".into()], "198.18.0.2".parse().unwrap());
-        assert_eq!(files[0].0, Path::new("/etc/resolver/cluster.local"));
-        assert!(files[1].1.contains("nameserver 198.18.0.2"));
     }
 }

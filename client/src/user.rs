@@ -68,22 +68,15 @@ fn wrap_plugins(kubeconfig: &mut Kubeconfig, exe: &str, uid: u32, gid: u32) {
 /// `USER`, `LOGNAME` from the password database when it has an entry) and becomes
 /// COMMAND. Returns only on failure.
 pub fn run_as(uid: u32, gid: u32, command: &[OsString]) -> Error {
-    use nix::unistd::{setgid, setgroups, setuid, Gid, Uid, User};
+    use nix::unistd::{setgid, setuid, Gid, Uid, User};
     use std::os::unix::process::CommandExt;
     let Some((program, args)) = command.split_first() else {
         return Error::Config(format!("{RUN_AS}: no command"));
     };
     let user = User::from_uid(Uid::from_raw(uid)).ok().flatten();
-    let groups = match &user {
-        #[cfg(target_os = "linux")]
-        Some(u) => {
-            let name = std::ffi::CString::new(u.name.as_bytes()).unwrap_or_default();
-            nix::unistd::getgrouplist(&name, Gid::from_raw(gid)).unwrap_or_else(|_| vec![Gid::from_raw(gid)])
-        }
-        _ => vec![Gid::from_raw(gid)],
-    };
-    let dropped =
-        setgroups(&groups).and_then(|()| setgid(Gid::from_raw(gid))).and_then(|()| setuid(Uid::from_raw(uid)));
+    let dropped = set_groups(user.as_ref(), gid)
+        .and_then(|()| setgid(Gid::from_raw(gid)))
+        .and_then(|()| setuid(Uid::from_raw(uid)));
     if let Err(e) = dropped {
         return Error::System(format!("{RUN_AS}: cannot become uid {uid} gid {gid}: {e}"));
     }
@@ -97,6 +90,36 @@ pub fn run_as(uid: u32, gid: u32, command: &[OsString]) -> Error {
     }
     let e = cmd.exec();
     Error::System(format!("{RUN_AS}: cannot run {}: {e}", program.to_string_lossy()))
+}
+
+/// The supplementary groups of `user` (its own group `gid` alone if it has no entry).
+#[cfg(target_os = "linux")]
+fn set_groups(user: Option<&nix::unistd::User>, gid: u32) -> nix::Result<()> {
+    use nix::unistd::Gid;
+    let groups = match user {
+        Some(u) => {
+            let name = std::ffi::CString::new(u.name.as_bytes()).unwrap_or_default();
+            nix::unistd::getgrouplist(&name, Gid::from_raw(gid)).unwrap_or_else(|_| vec![Gid::from_raw(gid)])
+        }
+        None => vec![Gid::from_raw(gid)],
+    };
+    nix::unistd::setgroups(&groups)
+}
+
+/// The same with the C library's `initgroups` (macOS; not yet run on a Mac).
+#[cfg(not(target_os = "linux"))]
+#[allow(unsafe_code)]
+fn set_groups(user: Option<&nix::unistd::User>, gid: u32) -> nix::Result<()> {
+    let r = match user {
+        Some(u) => {
+            let name = std::ffi::CString::new(u.name.as_bytes()).unwrap_or_default();
+            // SAFETY: `name` is a valid C string for the duration of the call.
+            unsafe { libc::initgroups(name.as_ptr(), gid as libc::c_int) }
+        }
+        // SAFETY: one group id, read from a live local.
+        None => unsafe { libc::setgroups(1, &gid) },
+    };
+    nix::errno::Errno::result(r).map(drop)
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ use super::{UpOptions, DAEMON_ENV};
 
 /// Checks what `up` needs from the machine before anything is changed.
 pub fn preflight() -> Result<(), Error> {
+    #[cfg(target_os = "macos")]
+    eprintln!("tpvpn: macOS support builds and its logic is unit-tested, but it has not yet been run on a Mac");
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::Config("tpvpn up needs root to create the TUN device and routes: run it with sudo".into()));
     }
