@@ -99,3 +99,167 @@ async fn a_laptop_that_stops_reading_loses_datagrams_not_the_data_plane() {
     assert_eq!(last.as_deref(), Some(&b"after"[..]));
     assert_eq!(handle.flows().await.udp, 1);
 }
+
+/// The laptop's own TCP for the back-pressure test: a smoltcp interface on 127.0.0.1 whose
+/// packets go through queues that the test moves to and from the memory device.
+mod laptop {
+    use std::collections::VecDeque;
+
+    use smoltcp::phy::{Device, DeviceCapabilities, Medium};
+    use smoltcp::time::Instant;
+
+    #[derive(Default)]
+    pub struct Queues {
+        pub rx: VecDeque<Vec<u8>>,
+        pub tx: VecDeque<Vec<u8>>,
+    }
+
+    pub struct Rx(Vec<u8>);
+    pub struct Tx<'a>(&'a mut VecDeque<Vec<u8>>);
+
+    impl smoltcp::phy::RxToken for Rx {
+        fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+            f(&self.0)
+        }
+    }
+
+    impl smoltcp::phy::TxToken for Tx<'_> {
+        fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+            let mut buf = vec![0u8; len];
+            let r = f(&mut buf);
+            self.0.push_back(buf);
+            r
+        }
+    }
+
+    impl Device for Queues {
+        type RxToken<'a> = Rx;
+        type TxToken<'a> = Tx<'a>;
+        fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
+            let p = self.rx.pop_front()?;
+            Some((Rx(p), Tx(&mut self.tx)))
+        }
+        fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
+            Some(Tx(&mut self.tx))
+        }
+        fn capabilities(&self) -> DeviceCapabilities {
+            let mut caps = DeviceCapabilities::default();
+            caps.medium = Medium::Ip;
+            caps.max_transmission_unit = 65000;
+            caps
+        }
+    }
+}
+
+/// The byte at `offset` of what the test server sends.
+fn pattern(offset: u64) -> u8 {
+    ((offset % 65536) % 251) as u8
+}
+
+/// A laptop application on 127.0.0.1 (smoltcp), connected through the data plane.
+struct Laptop {
+    queues: laptop::Queues,
+    iface: smoltcp::iface::Interface,
+    sockets: smoltcp::iface::SocketSet<'static>,
+    handle: smoltcp::iface::SocketHandle,
+    epoch: std::time::Instant,
+    /// Bytes read and checked so far.
+    got: u64,
+}
+
+impl Laptop {
+    fn connect(server: SocketAddr, rx_buffer: usize) -> Laptop {
+        use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+        use smoltcp::socket::tcp;
+        use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr};
+        let mut queues = laptop::Queues::default();
+        let epoch = std::time::Instant::now();
+        let mut iface =
+            Interface::new(IfaceConfig::new(HardwareAddress::Ip), &mut queues, smoltcp::time::Instant::from_micros(0));
+        iface.update_ip_addrs(|a| a.push(IpCidr::new(IpAddress::v4(127, 0, 0, 1), 8)).unwrap());
+        let mut sockets = SocketSet::new(vec![]);
+        let mut sock =
+            tcp::Socket::new(tcp::SocketBuffer::new(vec![0; rx_buffer]), tcp::SocketBuffer::new(vec![0; 65536]));
+        let std::net::IpAddr::V4(ip) = server.ip() else { panic!("an IPv4 server") };
+        sock.connect(iface.context(), (IpAddress::from(ip), server.port()), 40100).unwrap();
+        let handle = sockets.add(sock);
+        Laptop { queues, iface, sockets, handle, epoch, got: 0 }
+    }
+
+    /// Polls the laptop's stack, moves packets both ways (a few ms), and reads and checks
+    /// what arrived if `read`.
+    async fn step(&mut self, peer: &mut MemoryPeer, read: bool) {
+        let now = smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64);
+        self.iface.poll(now, &mut self.queues, &mut self.sockets);
+        while let Some(p) = self.queues.tx.pop_front() {
+            peer.tx.send(p).await.unwrap();
+        }
+        if let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(2), peer.rx.recv()).await {
+            self.queues.rx.push_back(p);
+            while let Ok(p) = peer.rx.try_recv() {
+                self.queues.rx.push_back(p);
+            }
+        }
+        let s = self.sockets.get_mut::<smoltcp::socket::tcp::Socket>(self.handle);
+        while read && s.can_recv() {
+            let start = self.got;
+            let (len, ok) = s
+                .recv(|buf| {
+                    let ok = buf.iter().enumerate().all(|(i, b)| *b == pattern(start + i as u64));
+                    (buf.len(), (buf.len(), ok))
+                })
+                .unwrap();
+            assert!(ok, "the bytes after {start} are not the server's");
+            self.got += len as u64;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_laptop_application_that_stops_reading_holds_back_the_cluster_server() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+
+    const TOTAL: u64 = 64 << 20;
+    let (_f, mut peer, _handle) = start("dp-tcp-back", 1024).await;
+    // The cluster's server: sends TOTAL bytes of a pattern, counting what its kernel took.
+    let listener = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let server = listener.local_addr().unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let w = written.clone();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let chunk: Vec<u8> = (0..65536u64).map(pattern).collect();
+        while w.load(Ordering::Relaxed) < TOTAL {
+            if s.write_all(&chunk).await.is_err() {
+                return;
+            }
+            w.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+    });
+    let mut laptop = Laptop::connect(server, 64 * 1024);
+    // The application does not read for 3 s: the server is held back once the windows on
+    // the way (the laptop's socket, the data plane's budget, QUIC's, the manager's and the
+    // kernels' buffers) are full, far short of everything.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        laptop.step(&mut peer, false).await;
+    }
+    let held = written.load(Ordering::Relaxed);
+    let until = std::time::Instant::now() + Duration::from_secs(1);
+    while std::time::Instant::now() < until {
+        laptop.step(&mut peer, false).await;
+    }
+    let later = written.load(Ordering::Relaxed);
+    eprintln!("the server was held back after {held} bytes");
+    assert!(held > 0, "nothing was sent");
+    assert_eq!(held, later, "the server kept sending to a laptop that does not read");
+    assert!(held < TOTAL / 2, "{held} bytes taken from the server for a laptop that does not read");
+    // Reading again, every byte arrives, in order.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    while laptop.got < TOTAL && std::time::Instant::now() < until {
+        laptop.step(&mut peer, true).await;
+    }
+    assert_eq!(laptop.got, TOTAL, "after reading again ({held} bytes were held back)");
+}
