@@ -427,6 +427,31 @@ pub fn dns_queries(data: &[u8]) {
     }
 }
 
+/// The laptop's system texts, as the daemon reads them: resolv.conf (tpvpn's own file
+/// carries the original byte for byte, and its only nameserver is tpvpn's), `netstat -rn`
+/// output (every route parsed is a network address), and kubeconfigs with tpvpn's
+/// extension (accepted, or refused with a message).
+pub fn system_texts(data: &[u8]) {
+    use tpvpn_client::{kubeconfig, macos, osdns};
+    let text = String::from_utf8_lossy(data);
+    let server: std::net::IpAddr = "198.18.0.2".parse().unwrap();
+    let _ = osdns::parse(&text);
+    let ours = osdns::render(server, &["default.svc.cluster.local".into()], &text);
+    assert_eq!(osdns::original_of(&ours), text, "tpvpn's resolv.conf carries the original");
+    assert_eq!(osdns::parse(&ours).nameservers, vec![server], "tpvpn's resolv.conf names only tpvpn");
+    for r in macos::parse_netstat(&text) {
+        assert_eq!(r.dst, r.dst.trunc(), "a parsed route is a network address");
+        assert!(!r.netif.is_empty());
+    }
+    if let Ok(k) = kube::config::Kubeconfig::from_yaml(&text) {
+        for c in k.clusters.iter().filter_map(|c| c.cluster.as_ref()) {
+            if let Err(e) = kubeconfig::parse_extensions(c.extensions.as_deref().unwrap_or(&[])) {
+                assert!(!e.is_empty(), "a refused extension says why");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,6 +539,15 @@ mod tests {
             wire::udp_packet("10.0.0.1:5".parse().unwrap(), "10.96.0.1:53".parse().unwrap(), b"query").unwrap(),
             wire::udp_packet("[fd00::1]:5".parse().unwrap(), "[fd00::2]:53".parse().unwrap(), b"q6").unwrap(),
         ];
+        v.push(b"# from dhcp\nnameserver 192.0.2.53\nsearch corp.example\noptions edns0\n".to_vec());
+        v.push(
+            b"Destination        Gateway            Flags               Netif Expire\ndefault 192.168.1.1 UGScg en0\n10.96/16 link#20 UCS utun4\n192.168.1 link#6 UCS en0 !\nfe80::%lo0/64 fe80::1%lo0 UcI lo0\n"
+                .to_vec(),
+        );
+        v.push(
+            b"apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: https://x\n    extensions:\n    - name: tpvpn\n      extension:\n        never-proxy: [10.0.0.0/8]\n        dns:\n          include-suffixes: [corp]\n"
+                .to_vec(),
+        );
         // A TCP SYN built by the netstack's own RST builder's inverse: take a RST and flip flags.
         let syn_src =
             wire::udp_packet("10.0.0.1:5".parse().unwrap(), "10.96.0.1:80".parse().unwrap(), &[0; 20]).unwrap();
@@ -554,6 +588,7 @@ mod tests {
             handshakes(&data);
             netstack_packets(&data);
             dns_queries(&data);
+            system_texts(&data);
         }
     }
 
@@ -567,6 +602,7 @@ mod tests {
             handshakes(seed);
             netstack_packets(seed);
             dns_queries(seed);
+            system_texts(seed);
         }
         for i in 0..100_000 {
             let d = if i % 4 == 0 {
@@ -580,6 +616,7 @@ mod tests {
             handshakes(&d);
             netstack_packets(&d);
             dns_queries(&d);
+            system_texts(&d);
         }
     }
 }
