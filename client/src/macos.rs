@@ -1,13 +1,14 @@
-//! macOS system changes as pure functions, unit-tested on Linux: the `route` commands of
-//! a route plan, conflicts read from `netstat -rn`, the `/etc/resolver/<domain>` files for
-//! a set of routing domains and which files may be removed, and the undo record. The
-//! daemon does not drive them yet and none of this has run on a Mac (README).
+//! macOS system changes, unit-tested on Linux: the `route` and `ifconfig` commands, routes
+//! and conflicts read from `netstat -rn`, the `/etc/resolver/<domain>` files for a set of
+//! routing domains and which files may be removed. The daemon uses them on macOS through
+//! `routes` and `daemon::system`, recording each change in the same `State` as on Linux
+//! (the utun's name once the system picked it, routes, resolver files). None of this has
+//! run on a Mac (README).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
 
 use crate::osdns::MARKER;
 
@@ -33,11 +34,24 @@ fn route(verb: &str, cidr: &IpNet, device: &str) -> Vec<String> {
     cmd
 }
 
+/// `ifconfig` adding `addr` to the utun device `device` (a point-to-point device: the
+/// address is its own destination).
+pub fn address_add(device: &str, addr: IpAddr) -> Vec<String> {
+    let mut cmd = vec!["ifconfig".to_string(), device.into()];
+    match addr {
+        IpAddr::V4(a) => cmd.extend(["inet".into(), a.to_string(), a.to_string(), "alias".into()]),
+        IpAddr::V6(a) => cmd.extend(["inet6".into(), a.to_string(), "prefixlen".into(), "128".into(), "alias".into()]),
+    }
+    cmd
+}
+
 /// A route of the routing table as `netstat -rn` prints it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableRoute {
     pub dst: IpNet,
     pub netif: String,
+    /// A directly connected subnet (its gateway is the link itself, `link#N`).
+    pub connected: bool,
 }
 
 /// The routes of `netstat -rn` output (both families): destinations in netstat's short
@@ -54,7 +68,8 @@ pub fn parse_netstat(text: &str) -> Vec<TableRoute> {
         }
         let (Some(col), Some(dst)) = (netif_col, words.first()) else { continue };
         let (Some(netif), Some(dst)) = (words.get(col), parse_destination(dst)) else { continue };
-        out.push(TableRoute { dst, netif: netif.to_string() });
+        let connected = words.get(1).is_some_and(|g| g.starts_with("link#"));
+        out.push(TableRoute { dst, netif: netif.to_string(), connected });
     }
     out
 }
@@ -117,29 +132,27 @@ pub fn removable(files: &[(PathBuf, String)]) -> Vec<PathBuf> {
     files.iter().filter(|(_, text)| text.starts_with(MARKER)).map(|(p, _)| p.clone()).collect()
 }
 
-/// What a daemon on macOS changed, recorded before each change.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Undo {
-    /// The utun device the system gave (`utunN`).
-    pub device: Option<String>,
-    pub routes: Vec<IpNet>,
-    pub resolver_files: Vec<PathBuf>,
+/// Makes the resolver directory hold `want` (written atomically) and no longer the files
+/// of `had` that are not wanted and still carry tpvpn's marker.
+pub fn apply_resolver_files(want: &[(PathBuf, String)], had: &[PathBuf]) -> std::io::Result<()> {
+    for (path, text) in want {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        crate::state::write_atomic(path, text.as_bytes(), 0o644)?;
+    }
+    let stale: Vec<PathBuf> = had.iter().filter(|p| !want.iter().any(|(w, _)| w == *p)).cloned().collect();
+    remove_ours(&stale)
 }
 
-impl Undo {
-    /// The commands that take the routes back, last added first.
-    pub fn route_commands(&self) -> Vec<Vec<String>> {
-        let Some(dev) = &self.device else { return vec![] };
-        self.routes.iter().rev().map(|r| route_delete(r, dev)).collect()
+/// Removes those of `paths` that still carry tpvpn's marker.
+pub fn remove_ours(paths: &[PathBuf]) -> std::io::Result<()> {
+    let present: Vec<(PathBuf, String)> =
+        paths.iter().filter_map(|p| std::fs::read_to_string(p).ok().map(|t| (p.clone(), t))).collect();
+    for p in removable(&present) {
+        std::fs::remove_file(p)?;
     }
-
-    /// The resolver files to remove: recorded ones still carrying tpvpn's marker
-    /// (`read` gives a file's current content, `None` if it is gone).
-    pub fn files_to_remove(&self, read: impl Fn(&Path) -> Option<String>) -> Vec<PathBuf> {
-        let present: Vec<(PathBuf, String)> =
-            self.resolver_files.iter().filter_map(|p| read(p).map(|t| (p.clone(), t))).collect();
-        removable(&present)
-    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -184,9 +197,26 @@ fd00:96::/112                           link#20                                 
 ";
 
     #[test]
+    fn addresses_on_the_utun_device() {
+        assert_eq!(
+            address_add("utun4", "198.18.0.2".parse().unwrap()).join(" "),
+            "ifconfig utun4 inet 198.18.0.2 198.18.0.2 alias"
+        );
+        assert_eq!(
+            address_add("utun4", "fd74:7076:706e::1".parse().unwrap()).join(" "),
+            "ifconfig utun4 inet6 fd74:7076:706e::1 prefixlen 128 alias"
+        );
+    }
+
+    #[test]
     fn netstat_destinations_in_their_short_forms() {
         let t = parse_netstat(NETSTAT);
-        let has = |dst: &str, netif: &str| t.contains(&TableRoute { dst: net(dst), netif: netif.into() });
+        let has = |dst: &str, netif: &str| t.iter().any(|r| r.dst == net(dst) && r.netif == netif);
+        assert!(
+            t.iter().any(|r| r.dst == net("192.168.1.0/24") && r.connected),
+            "link# gateways are connected subnets"
+        );
+        assert!(t.iter().any(|r| r.dst == net("127.0.0.1/32") && !r.connected));
         assert!(has("10.96.0.0/16", "utun4"));
         assert!(has("127.0.0.0/8", "lo0"));
         assert!(has("127.0.0.1/32", "lo0"));
@@ -221,33 +251,20 @@ fd00:96::/112                           link#20                                 
     }
 
     #[test]
-    fn the_undo_record_round_trips_and_takes_back_only_what_it_made() {
-        let u = Undo {
-            device: Some("utun4".into()),
-            routes: vec![net("10.96.0.0/16"), net("fd00:96::/112")],
-            resolver_files: vec![
-                "/etc/resolver/cluster.local".into(),
-                "/etc/resolver/default".into(),
-                "/etc/resolver/corp".into(),
-            ],
-        };
-        let back: Undo = serde_json::from_str(&serde_json::to_string(&u).unwrap()).unwrap();
-        assert_eq!(back, u);
-        let cmds: Vec<String> = u.route_commands().iter().map(|c| c.join(" ")).collect();
-        assert_eq!(
-            cmds,
-            [
-                "route -n delete -inet6 -net fd00:96::/112 -interface utun4",
-                "route -n delete -net 10.96.0.0/16 -interface utun4"
-            ]
-        );
-        // Of the recorded files one is still ours, one is gone, one is someone else's now.
-        let read = |p: &Path| match p.to_str() {
-            Some("/etc/resolver/cluster.local") => Some(format!("{MARKER}\nnameserver 198.18.0.2\n")),
-            Some("/etc/resolver/corp") => Some("nameserver 10.0.0.53\n".to_string()),
-            _ => None,
-        };
-        assert_eq!(u.files_to_remove(read), vec![PathBuf::from("/etc/resolver/cluster.local")]);
-        assert_eq!(Undo::default().route_commands(), Vec::<Vec<String>>::new());
+    fn applying_resolver_files_writes_ours_and_removes_only_ours() {
+        let dir = std::env::temp_dir().join(format!("tpvpn-resolver-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let f = |n: &str| dir.join(n);
+        let ours = |d: &str| (f(d), format!("{MARKER}\nnameserver 198.18.0.2\nport 53\n"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(f("gone-ns"), &ours("gone-ns").1).unwrap();
+        std::fs::write(f("corp.example"), "nameserver 10.0.0.53\n").unwrap();
+        let want = [ours("cluster.local"), ours("default")];
+        apply_resolver_files(&want, &[f("default"), f("gone-ns"), f("corp.example")]).unwrap();
+        assert_eq!(std::fs::read_to_string(f("cluster.local")).unwrap(), want[0].1);
+        assert!(f("default").exists());
+        assert!(!f("gone-ns").exists(), "a namespace gone: its file goes");
+        assert_eq!(std::fs::read_to_string(f("corp.example")).unwrap(), "nameserver 10.0.0.53\n", "not ours: kept");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

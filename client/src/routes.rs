@@ -92,6 +92,7 @@ pub fn parse_existing(json: &str) -> Vec<Existing> {
 }
 
 /// The machine's IPv4 and IPv6 routes of the main table.
+#[cfg(target_os = "linux")]
 pub fn existing() -> Result<Vec<Existing>, Error> {
     let mut all = Vec::new();
     for family in ["-4", "-6"] {
@@ -116,6 +117,7 @@ pub fn host(ip: IpAddr) -> IpNet {
     IpNet::from(ip)
 }
 
+#[cfg(target_os = "linux")]
 fn ip(args: &[&str]) -> Result<(), Error> {
     let out = Command::new("ip").args(args).output().map_err(|e| Error::System(format!("cannot run ip: {e}")))?;
     if out.status.success() {
@@ -126,6 +128,7 @@ fn ip(args: &[&str]) -> Result<(), Error> {
 }
 
 /// Adds `route` on `device`, with `src` as the preferred source address.
+#[cfg(target_os = "linux")]
 pub fn add(route: &IpNet, device: &str, src: IpAddr) -> Result<(), Error> {
     let family = if route.addr().is_ipv4() { "-4" } else { "-6" };
     let r = route.to_string();
@@ -141,12 +144,14 @@ pub fn add(route: &IpNet, device: &str, src: IpAddr) -> Result<(), Error> {
 /// Adds every route of `routes` on `device` with one `ip -batch` (the preferred source
 /// address of each family from `src`). Returns the routes that could not be added, with
 /// `ip`'s words, when some could not.
+#[cfg(target_os = "linux")]
 pub fn add_all(routes: &[IpNet], device: &str, src: impl Fn(&IpNet) -> IpAddr) -> Result<(), Error> {
     batch(routes.iter().map(|r| format!("route add {r} dev {device} src {}", src(r))))
 }
 
 /// Removes every route of `routes` from `device` with one `ip -batch`; routes already
 /// gone are not an error.
+#[cfg(target_os = "linux")]
 pub fn remove_all(routes: &[IpNet], device: &str) -> Result<(), Error> {
     batch(routes.iter().map(|r| format!("route del {r} dev {device}"))).or_else(|e| match e {
         Error::System(m) if m.contains("No such process") || m.contains("Cannot find device") => Ok(()),
@@ -156,6 +161,7 @@ pub fn remove_all(routes: &[IpNet], device: &str) -> Result<(), Error> {
 
 /// Runs `ip -force -batch -` with `lines` (every line is tried; the first failure is
 /// reported).
+#[cfg(target_os = "linux")]
 fn batch(lines: impl Iterator<Item = String>) -> Result<(), Error> {
     use std::io::Write;
     let input: String = lines.map(|l| l + "\n").collect();
@@ -190,6 +196,7 @@ pub fn on_device(device: &str) -> Vec<IpNet> {
 }
 
 /// Removes `route` from `device`; a route that is already gone is not an error.
+#[cfg(target_os = "linux")]
 pub fn remove(route: &IpNet, device: &str) -> Result<(), Error> {
     let family = if route.addr().is_ipv4() { "-4" } else { "-6" };
     match ip(&[family, "route", "del", &route.to_string(), "dev", device]) {
@@ -199,6 +206,7 @@ pub fn remove(route: &IpNet, device: &str) -> Result<(), Error> {
 }
 
 /// Adds an address to `device`.
+#[cfg(target_os = "linux")]
 pub fn add_address(device: &str, addr: &IpNet) -> Result<(), Error> {
     let addr_text = addr.to_string();
     let mut args = vec!["addr", "add", addr_text.as_str(), "dev", device];
@@ -212,6 +220,7 @@ pub fn add_address(device: &str, addr: &IpNet) -> Result<(), Error> {
 }
 
 /// Whether a network device named `device` exists.
+#[cfg(target_os = "linux")]
 pub fn device_exists(device: &str) -> bool {
     std::path::Path::new("/sys/class/net").join(device).exists()
 }
@@ -239,10 +248,80 @@ pub fn check_new_device(device: &str) -> Result<(), Error> {
 }
 
 /// Deletes a network device (left behind by a crashed daemon).
+#[cfg(target_os = "linux")]
 pub fn delete_device(device: &str) -> Result<(), Error> {
     if device_exists(device) {
         ip(&["link", "del", device])?;
     }
+    Ok(())
+}
+
+/// The machine's routes, from `netstat -rn` (macOS; not yet run on a Mac).
+#[cfg(target_os = "macos")]
+pub fn existing() -> Result<Vec<Existing>, Error> {
+    let out = Command::new("netstat")
+        .args(["-rn"])
+        .output()
+        .map_err(|e| Error::System(format!("cannot run netstat: {e}")))?;
+    Ok(crate::macos::parse_netstat(&String::from_utf8_lossy(&out.stdout))
+        .into_iter()
+        .map(|r| Existing { dst: r.dst, dev: r.netif, connected: r.connected })
+        .collect())
+}
+
+/// Runs one command of `crate::macos`'s plans.
+#[cfg(target_os = "macos")]
+fn run(cmd: &[String]) -> Result<(), Error> {
+    let (program, args) = cmd.split_first().ok_or_else(|| Error::System("empty command".into()))?;
+    let out =
+        Command::new(program).args(args).output().map_err(|e| Error::System(format!("cannot run {program}: {e}")))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("File exists") {
+        return Err(Error::RouteConflict(format!("{}: {}", cmd.join(" "), err.trim())));
+    }
+    Err(Error::System(format!("{}: {}", cmd.join(" "), err.trim())))
+}
+
+/// Adds every route of `routes` on the utun `device`, one `route` each (macOS).
+#[cfg(target_os = "macos")]
+pub fn add_all(routes: &[IpNet], device: &str, _src: impl Fn(&IpNet) -> IpAddr) -> Result<(), Error> {
+    routes.iter().try_for_each(|r| run(&crate::macos::route_add(r, device)))
+}
+
+/// Removes every route of `routes` from `device`; routes already gone are not an error.
+#[cfg(target_os = "macos")]
+pub fn remove_all(routes: &[IpNet], device: &str) -> Result<(), Error> {
+    routes.iter().try_for_each(|r| remove(r, device))
+}
+
+/// Removes `route` from `device`; a route that is already gone is not an error.
+#[cfg(target_os = "macos")]
+pub fn remove(route: &IpNet, device: &str) -> Result<(), Error> {
+    match run(&crate::macos::route_delete(route, device)) {
+        Err(Error::System(m)) if m.contains("not in table") => Ok(()),
+        r => r,
+    }
+}
+
+/// Adds an address to the utun `device` (macOS).
+#[cfg(target_os = "macos")]
+pub fn add_address(device: &str, addr: &IpNet) -> Result<(), Error> {
+    run(&crate::macos::address_add(device, addr.addr()))
+}
+
+/// Whether a network interface named `device` exists.
+#[cfg(target_os = "macos")]
+pub fn device_exists(device: &str) -> bool {
+    nix::net::if_::if_nametoindex(device).is_ok()
+}
+
+/// A utun device goes with the descriptor of the process that opened it: nothing to
+/// delete after a crash (macOS).
+#[cfg(target_os = "macos")]
+pub fn delete_device(_device: &str) -> Result<(), Error> {
     Ok(())
 }
 

@@ -167,6 +167,9 @@ pub struct State {
     /// The link tpvpn configured in systemd-resolved (its interface index).
     #[serde(default)]
     pub resolved_link: Option<u32>,
+    /// The `/etc/resolver` files tpvpn wrote (macOS).
+    #[serde(default)]
+    pub resolver_files: Vec<PathBuf>,
 }
 
 /// A replaced resolv.conf and what it held before.
@@ -206,6 +209,9 @@ impl State {
             if let Err(e) = crate::resolved::revert(ifindex) {
                 tracing::debug!(error = %e, "systemd-resolved link not reverted");
             }
+        }
+        if let Err(e) = crate::macos::remove_ours(&self.resolver_files) {
+            first.get_or_insert(Error::System(format!("cannot remove tpvpn's resolver files: {e}")));
         }
         if let Some(b) = &self.resolv_conf {
             if let Err(e) = crate::osdns::restore(&b.path, b.original.as_bytes()) {
@@ -311,6 +317,7 @@ mod tests {
             routes: vec!["10.96.0.0/12".parse().unwrap()],
             resolv_conf: None,
             resolved_link: Some(7),
+            resolver_files: vec!["/etc/resolver/cluster.local".into()],
         };
         s.save(&path).unwrap();
         assert_eq!(State::load(&path).unwrap(), Some(s));

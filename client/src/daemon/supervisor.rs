@@ -52,8 +52,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         ));
     }
 
-    let mut state =
-        State { pid: std::process::id(), device: None, routes: vec![], resolv_conf: None, resolved_link: None };
+    let mut state = State { pid: std::process::id(), device: None, routes: vec![], ..Default::default() };
     let listener = {
         let _ = std::fs::remove_file(paths.socket());
         let listener = UnixListener::bind(paths.socket())
@@ -73,15 +72,23 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         state.device = Some(opts.device.clone());
         state.save(&paths.state())?;
         let (tun, checksum_offload) = open_tun(&opts.device, opts.mtu)?;
+        // macOS picks the utun's number: what it got is what is recorded and routed.
+        let device =
+            if cfg!(target_os = "macos") { tun.name().unwrap_or(opts.device.clone()) } else { opts.device.clone() };
+        if state.device.as_deref() != Some(device.as_str()) {
+            state.device = Some(device.clone());
+            state.save(&paths.state())?;
+        }
         let tun = Arc::new(tun);
         let mut routing = Routing {
-            device: opts.device.clone(),
+            device: device.clone(),
             also: plan.also_proxy.clone(),
             never: never.clone(),
             state: &mut state,
             state_path: paths.state(),
             v6_address: false,
             allow_conflicts: opts.allow_route_conflicts,
+            dns_search: vec![],
         };
         let wanted = routing.apply(&session.cluster.cidrs)?;
         let mut updates = cluster_updates(session.conn.clone(), control_send, control_recv);
@@ -98,7 +105,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             connected: true,
             context: plan.context.clone(),
             manager: Some(session.manager.to_string()),
-            tun: Some(Tun { name: opts.device.clone(), address: TUN_V4.to_string(), mtu: usize::from(opts.mtu) }),
+            tun: Some(Tun { name: device.clone(), address: TUN_V4.to_string(), mtu: usize::from(opts.mtu) }),
             routes: wanted.iter().map(|r| r.to_string()).collect(),
             never_proxy: never.iter().map(|r| r.to_string()).collect(),
             dns: dns.as_ref().map_or_else(
@@ -116,7 +123,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             "ok connected to {}; routing {} through {}",
             session.manager,
             status.routes.join(", "),
-            opts.device
+            device
         ));
         info!("up");
         let dns = dns.map(|(shared, _)| shared);
@@ -193,6 +200,11 @@ fn handle_update(
     if let Some(d) = dns {
         let r = d.resolver();
         let domains = r.routing_domains();
+        if status.dns.mode == "resolver-files" && domains != status.dns.domains {
+            if let Err(e) = tokio::task::block_in_place(|| routing.resolver_files(&domains)) {
+                warn!(error = %e, "routing domains changed but the resolver files were not updated");
+            }
+        }
         if let Some(link) = d.resolved.clone().filter(|_| domains != status.dns.domains) {
             let routing = domains.clone();
             tokio::task::spawn_blocking(move || {

@@ -33,9 +33,25 @@ pub(super) struct Routing<'a> {
     pub(super) state_path: PathBuf,
     pub(super) v6_address: bool,
     pub(super) allow_conflicts: bool,
+    /// The search path written with the resolver files (macOS).
+    pub(super) dns_search: Vec<String>,
 }
 
 impl Routing<'_> {
+    /// Makes `/etc/resolver` hold one file per routing domain (macOS): every path recorded
+    /// before anything is written, files no longer wanted removed (only tpvpn's).
+    pub(super) fn resolver_files(&mut self, domains: &[String]) -> Result<(), Error> {
+        let want = crate::macos::resolver_files(domains, IpAddr::V4(DNS_V4), &self.dns_search);
+        let had = std::mem::take(&mut self.state.resolver_files);
+        self.state.resolver_files = had.iter().cloned().chain(want.iter().map(|(p, _)| p.clone())).collect();
+        self.state.resolver_files.dedup();
+        self.state.save(&self.state_path)?;
+        let applied = crate::macos::apply_resolver_files(&want, &had);
+        self.state.resolver_files = want.into_iter().map(|(p, _)| p).collect();
+        self.state.save(&self.state_path)?;
+        applied.map_err(|e| Error::System(format!("cannot write the resolver files: {e}")))
+    }
+
     /// Makes the device's routes those for `cluster_cidrs`: adds the new ones first,
     /// then removes the stale ones, so that no destination is unrouted in between. The
     /// manager is not trusted with the laptop's routing: its CIDRs wider than a /8 are
@@ -107,11 +123,17 @@ pub enum DnsMode {
     Resolved,
     Resolvconf,
     Off,
+    /// macOS: one `/etc/resolver/<domain>` file per routing domain (what `auto` and
+    /// `resolvconf` mean there).
+    ResolverFiles,
 }
 
 impl DnsMode {
     /// What `auto` means on this machine.
     fn pick(self) -> DnsMode {
+        if cfg!(target_os = "macos") && self != DnsMode::Off {
+            return DnsMode::ResolverFiles;
+        }
         if self != DnsMode::Auto {
             return self;
         }
@@ -126,6 +148,7 @@ impl DnsMode {
             DnsMode::Resolved => "resolved",
             DnsMode::Resolvconf => "resolvconf",
             DnsMode::Off => "off",
+            DnsMode::ResolverFiles => "resolver-files",
         }
     }
 }
@@ -230,6 +253,11 @@ pub(super) async fn start_dns(
         let ours = osdns::render(IpAddr::V4(DNS_V4), &search, &original);
         osdns::write_in_place(std::path::Path::new(RESOLV_CONF), ours.as_bytes())?;
     }
+    if mode == DnsMode::ResolverFiles {
+        routing.dns_search = search.clone();
+        let domains = shared.resolver().routing_domains();
+        routing.resolver_files(&domains)?;
+    }
     if let Some(link) = &shared.resolved {
         routing.state.resolved_link = Some(link.ifindex);
         routing.state.save(&routing.state_path)?;
@@ -266,11 +294,13 @@ pub(super) fn open_tun(name: &str, mtu: u16) -> Result<(tun_rs::AsyncDevice, boo
     build(false).map(|tun| (tun, false)).map_err(|e| Error::System(format!("cannot create TUN device {name}: {e}")))
 }
 
-/// The TUN device elsewhere (macOS: a utun, no offload).
+/// The TUN device elsewhere (macOS: a utun, no offload; a `--device` that is not
+/// `utunN` lets the system pick the number).
 #[cfg(not(target_os = "linux"))]
 pub(super) fn open_tun(name: &str, mtu: u16) -> Result<(tun_rs::AsyncDevice, bool), Error> {
-    tun_rs::DeviceBuilder::new()
-        .name(name)
+    let builder = tun_rs::DeviceBuilder::new();
+    let builder = if name.starts_with("utun") { builder.name(name) } else { builder };
+    builder
         .ipv4(TUN_V4, 32u8, None)
         .mtu(mtu)
         .build_async()
