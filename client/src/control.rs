@@ -189,14 +189,21 @@ impl Request {
 const DEADLINE: Duration = Duration::from_secs(5);
 /// Longest request line read.
 const REQUEST_MAX: u64 = 64 * 1024;
-/// Control connections served at once; more wait to be accepted.
-const CONNECTIONS: usize = 16;
+/// Control connections of root and the user who ran `up`, at once (their own pool, so that
+/// other users cannot crowd them out).
+const PRIVILEGED_CONNECTIONS: usize = 8;
+/// Control connections of all other users together, and of any one of them, at once;
+/// beyond, a connection is closed at once.
+const OTHER_CONNECTIONS: usize = 16;
+const PER_OTHER_USER: usize = 4;
 
 /// A request read from a local client and allowed, for the daemon's supervisor to answer.
+/// It holds its connection's slot until the reply is written.
 #[derive(Debug)]
 pub struct Call {
     pub request: Request,
     stream: UnixStream,
+    _slot: Slot,
 }
 
 impl Call {
@@ -211,15 +218,43 @@ impl Call {
     }
 }
 
-/// Serves the control socket for the life of the daemon. Each connection is read on a
-/// task of its own (one line within [`DEADLINE`]), checked against the peer's
-/// credentials (`SO_PEERCRED`): `status` and `list` are for any local user, requests that
-/// change something for root and `owner` (the user who ran `up`, from `SUDO_UID`). What
-/// passes goes to `calls`, so that a silent or slow client never holds up the supervisor.
+/// Connections held per user (other than root and the owner).
+type PerUser = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>;
+
+/// One connection's place among those served at once.
+#[derive(Debug)]
+struct Slot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Another user's: their count, taken back on drop.
+    user: Option<(u32, PerUser)>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((uid, counts)) = &self.user {
+            let mut c = counts.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = c.get_mut(uid) {
+                *n -= 1;
+                if *n == 0 {
+                    c.remove(uid);
+                }
+            }
+        }
+    }
+}
+
+/// Serves the control socket for the life of the daemon. Each connection gets a slot by
+/// its peer's credentials (`SO_PEERCRED`): root and `owner` (the user who ran `up`, from
+/// `SUDO_UID`) from a pool of their own, everyone else from a shared one with a cap per
+/// user, so that no local user can crowd out `down`. It is then read on a task of its own
+/// (one line within [`DEADLINE`]): `status` and `list` are for any local user, requests
+/// that change something for root and `owner`. What passes goes to `calls`, so that a
+/// silent or slow client never holds up the supervisor.
 pub async fn serve(listener: tokio::net::UnixListener, owner: u32, calls: tokio::sync::mpsc::Sender<Call>) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS));
+    let privileged = std::sync::Arc::new(tokio::sync::Semaphore::new(PRIVILEGED_CONNECTIONS));
+    let others = std::sync::Arc::new(tokio::sync::Semaphore::new(OTHER_CONNECTIONS));
+    let per_user: PerUser = Default::default();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let mut stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -228,24 +263,38 @@ pub async fn serve(listener: tokio::net::UnixListener, owner: u32, calls: tokio:
                 continue;
             }
         };
+        let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else { continue };
+        let trusted = uid == 0 || uid == owner;
+        let slot = if trusted {
+            privileged.clone().try_acquire_owned().ok().map(|p| Slot { _permit: p, user: None })
+        } else {
+            let mut counts = per_user.lock().unwrap_or_else(|e| e.into_inner());
+            let held = counts.get(&uid).copied().unwrap_or(0);
+            match others.clone().try_acquire_owned() {
+                Ok(p) if held < PER_OTHER_USER => {
+                    counts.insert(uid, held + 1);
+                    Some(Slot { _permit: p, user: Some((uid, per_user.clone())) })
+                }
+                _ => None,
+            }
+        };
+        // No slot: closed at once (the client sees no daemon answer, and asks again).
+        let Some(slot) = slot else { continue };
         let calls = calls.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let Some(request) = read_request(&mut stream).await else {
                 tracing::warn!("bad control request");
                 return;
             };
-            let uid = stream.peer_cred().map(|c| c.uid());
-            if request.changes_state() && !uid.as_ref().is_ok_and(|u| *u == 0 || *u == owner) {
-                let who = uid.map_or("an unknown user".to_string(), |u| format!("uid {u}"));
+            if request.changes_state() && !trusted {
                 let error = format!(
-                    "tpvpn {} needs root or the user who ran tpvpn up (uid {owner}); this is {who}",
+                    "tpvpn {} needs root or the user who ran tpvpn up (uid {owner}); this is uid {uid}",
                     request.name()
                 );
                 write_reply(&mut stream, &Reply::Failed { error }).await;
                 return;
             }
-            let _ = calls.send(Call { request, stream }).await;
+            let _ = calls.send(Call { request, stream, _slot: slot }).await;
         });
     }
 }

@@ -55,6 +55,8 @@ const ORIGINAL_HEADER: &str =
     "# the original, put back by tpvpn down (or by the next tpvpn up or down after a reboot):";
 /// Starts each line of that copy.
 const ORIGINAL_LINE: &str = "#| ";
+/// Names the daemon that wrote the file.
+const PID_LINE: &str = "# tpvpn pid: ";
 
 /// The resolv.conf tpvpn writes: its server, the cluster search path then the original
 /// one, the original options; and, in comments, the original text itself, so that it
@@ -75,6 +77,7 @@ pub fn render(server: IpAddr, search: &[String], original_text: &str) -> String 
     if !original.options.is_empty() {
         out.push_str(&format!("options {}\n", original.options.join(" ")));
     }
+    out.push_str(&format!("{PID_LINE}{}\n", std::process::id()));
     out.push_str(ORIGINAL_HEADER);
     out.push('\n');
     for line in original_text.split('\n') {
@@ -101,13 +104,34 @@ fn embedded_original(text: &str) -> Option<String> {
     Some(lines?.join("\n"))
 }
 
-/// After a reboot while connected (no daemon, no state, but tpvpn's resolv.conf at
-/// `path`): puts back the original it carries. Whether it did.
+/// After a reboot while connected (no state, but tpvpn's resolv.conf at `path`, written
+/// by a daemon that is not running): puts back the original it carries. A file of a
+/// running daemon (say, one with another `TPVPN_RUNTIME_DIR`) is left alone. Whether it
+/// put it back.
 pub fn restore_left_behind(path: &Path) -> Result<bool, Error> {
     let current = std::fs::read_to_string(path).unwrap_or_default();
+    let writer = current.lines().find_map(|l| l.strip_prefix(PID_LINE)?.trim().parse::<u32>().ok());
+    if writer.is_some_and(|pid| pid != std::process::id() && crate::state::alive(pid)) {
+        return Ok(false);
+    }
     match embedded_original(&current) {
         Some(original) => write_in_place(path, original.as_bytes()).map(|()| true),
         None => Ok(false),
+    }
+}
+
+/// The resolv.conf at `path` as text: missing is empty; unreadable or not UTF-8 is an
+/// error (its bytes could not be restored as they were).
+pub fn read_original(path: &Path) -> Result<String, Error> {
+    match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8(bytes).map_err(|_| {
+            Error::Config(format!(
+                "{} is not UTF-8 text: tpvpn would not restore it byte for byte; use --dns-mode off",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(Error::System(format!("cannot read {}: {e}", path.display()))),
     }
 }
 
@@ -147,7 +171,7 @@ mod tests {
         assert_eq!(r.options, vec!["edns0", "timeout:2"]);
         let ours: IpAddr = "198.18.0.2".parse().unwrap();
         let text = render(ours, &cluster_search("default", "cluster.local"), ORIGINAL);
-        assert!(text.starts_with(&format!("{MARKER}\nnameserver 198.18.0.2\nsearch default.svc.cluster.local svc.cluster.local cluster.local corp.example\noptions edns0 timeout:2\n{ORIGINAL_HEADER}\n#| # from dhcp\n")), "{text}");
+        assert!(text.starts_with(&format!("{MARKER}\nnameserver 198.18.0.2\nsearch default.svc.cluster.local svc.cluster.local cluster.local corp.example\noptions edns0 timeout:2\n{PID_LINE}{}\n{ORIGINAL_HEADER}\n#| # from dhcp\n", std::process::id())), "{text}");
         assert_eq!(parse(&text).nameservers, vec![ours]);
         assert_eq!(upstreams(&r, ours).len(), 2);
     }

@@ -34,10 +34,16 @@ pub fn plugins_as_invoking_user(kubeconfig: &mut Kubeconfig) -> Result<(), Error
     if !nix::unistd::geteuid().is_root() || uid == 0 {
         return Ok(());
     }
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::System(format!("cannot find my own binary: {e}")))?
-        .to_string_lossy()
-        .into_owned();
+    // On Linux the running binary itself, even after an upgrade replaced its file
+    // (`current_exe` would then name a path ending in " (deleted)").
+    let exe = if cfg!(target_os = "linux") {
+        "/proc/self/exe".to_string()
+    } else {
+        std::env::current_exe()
+            .map_err(|e| Error::System(format!("cannot find my own binary: {e}")))?
+            .to_string_lossy()
+            .into_owned()
+    };
     wrap_plugins(kubeconfig, &exe, uid, gid);
     Ok(())
 }

@@ -521,6 +521,8 @@ impl Lab {
             format!("host-record=frontend.example.com,{INTERNET_IP}"),
             // A company name under a word that is also a namespace of the cluster.
             format!("host-record=jira.corp,{INTERNET_IP}"),
+            // A name under a namespace with no such Service: only the internet has it.
+            "txt-record=nope.default,upstream-answer".into(),
             // The internet's answer for names it does not have.
             "local=/#/".into(),
         ];

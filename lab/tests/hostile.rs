@@ -96,6 +96,14 @@ fn only_the_laptop_itself_is_served() {
         let out = lab.exec(lab.inet(), &["ip", "route", "add", dst, "via", "10.250.2.2"]);
         assert!(out.status.success(), "{}", show(&out));
     }
+    // The route works: the laptop's kernel refuses a connection to a closed port of
+    // that address from the other host (it does not time out).
+    let probe = lab.lab_tool(lab.inet(), &["client", "connect", "198.18.0.2:9"]);
+    assert!(
+        stdout(&probe).starts_with("refused"),
+        "the other host cannot reach the laptop's DNS address: {}",
+        show(&probe)
+    );
     let dig = |ns: &str, extra: &str| {
         lab.exec(
             ns,

@@ -470,6 +470,9 @@ impl Stack {
             self.remove(id);
             self.events.push_back(Event::UdpClosed { id });
         }
+        // Their idle timers go too: a flood of flows must not leave one per flow behind.
+        let flows = &self.flows;
+        self.timers.retain(|Reverse((_, id))| flows.contains_key(id));
     }
 
     /// Remembers that a TCP flow needs a poll before the next transmit.

@@ -286,4 +286,5 @@ fn the_udp_table_is_bounded_and_the_idlest_flows_go_first() {
         }
     }
     assert_eq!(closed, 100, "every flow that went was announced");
+    assert!(s.timers.len() <= 2 * 16, "{} timers left for 16 flows", s.timers.len());
 }

@@ -69,9 +69,19 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         .map_err(|e| Error::System(format!("cannot write {}: {e}", paths.pid().display())))?;
     let (control_send, control_recv) = session.control;
     let result = async {
+        // Again, just before: planning and connecting took time, and undo deletes the
+        // recorded device; a create that fails made nothing, so nothing stays recorded.
+        routes::check_new_device(&opts.device)?;
         state.device = Some(opts.device.clone());
         state.save(&paths.state())?;
-        let (tun, checksum_offload) = open_tun(&opts.device, opts.mtu)?;
+        let (tun, checksum_offload) = match open_tun(&opts.device, opts.mtu) {
+            Ok(t) => t,
+            Err(e) => {
+                state.device = None;
+                state.save(&paths.state())?;
+                return Err(e);
+            }
+        };
         // macOS picks the utun's number: what it got is what is recorded and routed.
         let device =
             if cfg!(target_os = "macos") { tun.name().unwrap_or(opts.device.clone()) } else { opts.device.clone() };

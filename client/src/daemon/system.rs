@@ -198,7 +198,11 @@ pub(super) async fn start_dns(
 ) -> Result<(Arc<crate::dns::Shared>, DnsMode), Error> {
     let mode = mode.pick();
     routes::add_address(&routing.device, &IpNet::from(IpAddr::V4(DNS_V4)))?;
-    let original = osdns::original_of(&std::fs::read_to_string(RESOLV_CONF).unwrap_or_default());
+    let original = match osdns::read_original(std::path::Path::new(RESOLV_CONF)) {
+        Ok(text) => osdns::original_of(&text),
+        Err(e) if mode == DnsMode::Resolvconf => return Err(e),
+        Err(_) => String::new(),
+    };
     let parsed = osdns::parse(&original);
     let domain = if cluster_domain.is_empty() { "cluster.local".to_string() } else { cluster_domain.to_string() };
     let search = osdns::cluster_search(&plan.namespace, &domain);
