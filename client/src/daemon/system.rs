@@ -176,9 +176,11 @@ fn local_socket(device: &str, addr: std::net::SocketAddr, kind: socket2::Type) -
     let s = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
     #[cfg(target_os = "linux")]
     s.bind_device(Some(device.as_bytes()))?;
-    // macOS: IP_BOUND_IF, the nearest it has (not yet run on a Mac).
-    #[cfg(target_os = "macos")]
-    s.bind_device_by_index_v4(std::num::NonZeroU32::new(nix::net::if_::if_nametoindex(device)?))?;
+    // macOS has no equivalent: its IP_BOUND_IF would match the arrival interface, and a
+    // local process's packets to the utun's address arrive on lo0, so it would shut the
+    // Mac itself out. Unbound there, neighbours are not kept out (README).
+    #[cfg(not(target_os = "linux"))]
+    let _ = device;
     if kind == socket2::Type::STREAM {
         s.set_reuse_address(true)?;
     }
