@@ -52,7 +52,7 @@ const LOCAL_FRESH: StdDuration = StdDuration::from_secs(1);
 /// packets to a ClusterIP through the laptop. The kernel drops a packet arriving from
 /// outside with one of these as its source (a martian), so such a source is a local
 /// process. (The DNS server's sockets get the same by being bound to the TUN device.)
-fn local_addresses() -> Vec<IpAddr> {
+pub(crate) fn local_addresses() -> Vec<IpAddr> {
     let addrs = match nix::ifaddrs::getifaddrs() {
         Ok(a) => a,
         Err(e) => {

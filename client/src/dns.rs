@@ -215,6 +215,19 @@ pub fn serve_udp(socket: std::net::UdpSocket, shared: Arc<Shared>, runtime: toki
     }
 }
 
+/// Whether `ip` is an address of this machine (read again when a second old). Where the
+/// DNS sockets cannot be bound to the TUN device (macOS), a query from any other source
+/// (a neighbour routing 198.18.0.2 through this machine) is not answered.
+#[cfg(not(target_os = "linux"))]
+fn from_this_machine(ip: std::net::IpAddr) -> bool {
+    static READ: Mutex<Option<(Instant, Vec<std::net::IpAddr>)>> = Mutex::new(None);
+    let mut r = READ.lock().unwrap_or_else(|e| e.into_inner());
+    if r.as_ref().is_none_or(|(at, _)| at.elapsed() > Duration::from_secs(1)) {
+        *r = Some((Instant::now(), crate::dataplane::local_addresses()));
+    }
+    r.as_ref().is_some_and(|(_, addrs)| addrs.contains(&ip))
+}
+
 /// [`serve_udp`] where there is no `recvmmsg` (macOS): one query per receive.
 #[cfg(not(target_os = "linux"))]
 pub fn serve_udp(socket: std::net::UdpSocket, shared: Arc<Shared>, runtime: tokio::runtime::Handle) {
@@ -230,6 +243,9 @@ pub fn serve_udp(socket: std::net::UdpSocket, shared: Arc<Shared>, runtime: toki
                 continue;
             }
         };
+        if !from_this_machine(from.ip()) {
+            continue;
+        }
         let reply = udp_query(&mut shared.resolver(), &buf[..n], from, (&socket, &shared, &runtime), Instant::now());
         if let Some(reply) = reply {
             send_udp(&socket, &reply, from);
@@ -260,7 +276,7 @@ pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
     let clients = Arc::new(tokio::sync::Semaphore::new(TCP_CLIENTS));
     loop {
         let Ok(client) = clients.clone().acquire_owned().await else { return };
-        let (mut stream, _) = match listener.accept().await {
+        let (mut stream, _peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 debug!(error = %e, "dns tcp accept failed");
@@ -268,6 +284,10 @@ pub async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
+        #[cfg(not(target_os = "linux"))]
+        if !from_this_machine(_peer.ip()) {
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             let _client = client;

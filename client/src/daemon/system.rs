@@ -178,7 +178,7 @@ fn local_socket(device: &str, addr: std::net::SocketAddr, kind: socket2::Type) -
     s.bind_device(Some(device.as_bytes()))?;
     // macOS has no equivalent: its IP_BOUND_IF would match the arrival interface, and a
     // local process's packets to the utun's address arrive on lo0, so it would shut the
-    // Mac itself out. Unbound there, neighbours are not kept out (README).
+    // Mac itself out. There the DNS server checks the source address instead.
     #[cfg(not(target_os = "linux"))]
     let _ = device;
     if kind == socket2::Type::STREAM {
