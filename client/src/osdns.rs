@@ -94,6 +94,12 @@ pub fn original_of(text: &str) -> String {
     embedded_original(text).unwrap_or_else(|| text.to_string())
 }
 
+/// Whether `text` is a resolv.conf tpvpn wrote that does not carry its original (an older
+/// tpvpn's): what it replaced is lost.
+pub fn lost_original(text: &str) -> bool {
+    text.starts_with(MARKER) && embedded_original(text).is_none()
+}
+
 fn embedded_original(text: &str) -> Option<String> {
     if !text.starts_with(MARKER) {
         return None;
@@ -186,6 +192,7 @@ mod tests {
         // A damaged copy is not trusted.
         let ours = render("198.18.0.2".parse().unwrap(), &[], ORIGINAL).replace("#| search", "search");
         assert_eq!(embedded_original(&ours), None);
+        assert!(lost_original(&ours) && !lost_original(ORIGINAL));
     }
 
     #[test]

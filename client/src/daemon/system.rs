@@ -201,6 +201,12 @@ pub(super) async fn start_dns(
     let mode = mode.pick();
     routes::add_address(&routing.device, &IpNet::from(IpAddr::V4(DNS_V4)))?;
     let original = match osdns::read_original(std::path::Path::new(RESOLV_CONF)) {
+        Ok(text) if mode == DnsMode::Resolvconf && osdns::lost_original(&text) => {
+            return Err(Error::Config(format!(
+                "{RESOLV_CONF} was written by an older tpvpn and does not hold the original it replaced: \
+                 put the original back (your network manager can rewrite it) and run tpvpn up again"
+            )))
+        }
         Ok(text) => osdns::original_of(&text),
         Err(e) if mode == DnsMode::Resolvconf => return Err(e),
         Err(_) => String::new(),
