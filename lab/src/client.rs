@@ -342,3 +342,20 @@ pub fn flood(dns: SocketAddr, queries: usize, udp: SocketAddr, flows: usize) -> 
     }
     Ok(Outcome::ok(format!("flooded {sent} queries {opened} flows")))
 }
+
+/// Opens `n` connections to the Unix socket `path` that say nothing, prints
+/// `connected <n>`, holds them for `hold_for`, then closes them (a local user crowding a
+/// daemon's control socket).
+pub fn hold_unix(path: &std::path::Path, n: usize, hold_for: Duration) -> Result<Outcome> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => held.push(s),
+            Err(e) => return Ok(Outcome::fail(format!("connect {}: {e}", path.display()))),
+        }
+    }
+    println!("connected {}", held.len());
+    std::io::stdout().flush()?;
+    std::thread::sleep(hold_for);
+    Ok(Outcome::ok(format!("released {}", held.len())))
+}

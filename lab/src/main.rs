@@ -85,6 +85,8 @@ enum ClientCmd {
     HalfClose { addr: SocketAddr, bytes: usize, seconds: u64 },
     /// One TCP connect (5 s timeout): prints refused/connected <ms>, timeout or error.
     Connect { addr: SocketAddr },
+    /// Open N silent connections to the Unix socket PATH and hold them SECONDS.
+    HoldUnix { path: std::path::PathBuf, n: usize, seconds: u64 },
     /// A bounded local flood: QUERIES DNS queries for distinct internet names to DNS, then
     /// one datagram from each of FLOWS fresh sockets to UDP.
     Flood { dns: SocketAddr, queries: usize, udp: SocketAddr, flows: usize },
@@ -144,6 +146,7 @@ fn run_client(c: ClientCmd) -> Result<bool> {
         ClientCmd::Udp { addr, size } => client::udp(addr, size)?,
         ClientCmd::Connect { addr } => client::connect_probe(addr)?,
         ClientCmd::Flood { dns, queries, udp, flows } => client::flood(dns, queries, udp, flows)?,
+        ClientCmd::HoldUnix { path, n, seconds } => client::hold_unix(&path, n, Duration::from_secs(seconds))?,
         ClientCmd::HalfClose { addr, bytes, seconds } => client::half_close(addr, bytes, Duration::from_secs(seconds))?,
         ClientCmd::Hold { addr, n, seconds } => client::hold(addr, n, Duration::from_secs(seconds))?,
     };

@@ -72,6 +72,47 @@ fn a_silent_or_stalled_control_client_never_delays_down() {
 }
 
 #[test]
+fn another_user_crowding_the_control_socket_does_not_keep_root_out() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    lab.up(&[]).unwrap_or_else(|e| panic!("{e:#}"));
+    // Another local user opens 40 silent connections to the control socket and holds them.
+    let socket = lab.runtime_dir().join("tpvpn.sock").display().to_string();
+    let lab_bin = tpvpn_lab::bin_dir().unwrap().join("tpvpn-lab").display().to_string();
+    let other = OTHER.to_string();
+    let laptop = lab.laptop().to_string();
+    let cmd = [
+        "setpriv",
+        "--reuid",
+        &other,
+        "--regid",
+        &other,
+        "--clear-groups",
+        "--",
+        &lab_bin,
+        "client",
+        "hold-unix",
+        &socket,
+        "40",
+        "30",
+    ];
+    lab.spawn_background(&laptop, "crowd", &cmd).unwrap();
+    assert!(
+        tpvpn_lab::wait_until(Duration::from_secs(10), || lab.background_log("crowd").contains("connected")),
+        "{}",
+        lab.background_log("crowd")
+    );
+    // Root is answered at once, and `down` goes through.
+    let status = lab.tpvpn(&["status", "-o", "json"]);
+    assert!(
+        stdout(&status).contains("\"connected\": true"),
+        "root's status behind another user's connections: {}",
+        show(&status)
+    );
+    let down = lab.tpvpn(&["down"]);
+    assert!(down.status.success() && stdout(&down).contains("disconnected"), "{}", show(&down));
+}
+
+#[test]
 fn the_runtime_directory_is_roots_alone_and_its_links_are_not_followed() {
     let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
     let dir = lab.runtime_dir();
