@@ -82,7 +82,7 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
         .ok_or_else(|| Error::Config(format!("--manager {}: no address", config.manager)))?;
     let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
     let endpoint = tpvpn_tunnel::quic::endpoint(bind, None)?;
-    let qc = client_config(certs[0].clone()).map_err(|e| Error::Config(e.to_string()))?;
+    let qc = client_config(certs[0].clone(), false).map_err(|e| Error::Config(e.to_string()))?;
     let conn = tokio::time::timeout(
         Duration::from_secs(5),
         endpoint.connect_with(qc, addr, SERVER_NAME).map_err(|e| Error::Config(e.to_string()))?,

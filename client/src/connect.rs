@@ -2,27 +2,35 @@
 //! the token on the control stream (the sans-IO `tpvpn_tunnel::handshake`, versions
 //! negotiated as a range; a version-1 manager is met by connecting again with a
 //! version-1 hello). Every failure becomes an [`Error`] that says what is wrong and
-//! what to do.
+//! what to do. Two carriers: QUIC over UDP, and QUIC over the API server's port-forward
+//! ([`crate::portforward`], [`tpvpn_tunnel::stream`]); `--transport` picks.
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use rustls::pki_types::CertificateDer;
 use tpvpn_tunnel::handshake::{Accepted, ClientHandshake, ClientStep, Hello, Refusal};
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::quic::{client_config, parse_certs, PIN_MISMATCH, SERVER_NAME};
 use tpvpn_tunnel::{ClusterInfo, ErrorCode, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use tracing::{info, warn};
 
+use crate::portforward::{Forwarded, PortForward};
 use crate::Error;
 
 /// How long to wait for the manager to answer the handshake.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// With `--transport auto`, how long QUIC over UDP is given before the port-forward is
+/// tried (a handshake takes one or two round trips).
+pub const AUTO_QUIC_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A connected, authenticated session with the manager.
 pub struct Session {
     pub endpoint: quinn::Endpoint,
     pub conn: quinn::Connection,
-    pub manager: SocketAddr,
+    /// How the manager was reached.
+    pub via: Via,
     pub cluster: ClusterInfo,
     /// The protocol version both speak, and the manager's range and features.
     pub version: u16,
@@ -30,6 +38,63 @@ pub struct Session {
     pub features: u64,
     /// The control stream; kept open for the life of the session.
     pub control: (quinn::SendStream, quinn::RecvStream),
+}
+
+/// The carrier of the connection to the manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// QUIC over UDP to this address.
+    Quic(SocketAddr),
+    /// QUIC over the API server's port-forward to this pod (`namespace/name`) and port.
+    PortForward { pod: String, port: u16 },
+}
+
+impl Via {
+    /// `quic` or `portforward`, as `status` shows it.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Via::Quic(_) => "quic",
+            Via::PortForward { .. } => "portforward",
+        }
+    }
+
+    /// The manager's UDP address, when reached over UDP.
+    pub fn udp_address(&self) -> Option<SocketAddr> {
+        match self {
+            Via::Quic(a) => Some(*a),
+            Via::PortForward { .. } => None,
+        }
+    }
+
+    fn unreachable(&self, deadline: Duration) -> Error {
+        let hint = match self {
+            Via::Quic(_) => "check --manager and that tpvpn-manager is running and reachable over UDP; where UDP cannot reach it, use --transport portforward (through the API server)",
+            Via::PortForward { .. } => "the port-forward carried no answer: check the manager pod's logs",
+        };
+        Error::ManagerUnreachable { addr: self.to_string(), secs: deadline.as_secs(), hint }
+    }
+}
+
+impl std::fmt::Display for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::Quic(a) => write!(f, "{a}"),
+            Via::PortForward { pod, port } => write!(f, "pod {pod} port {port} (port-forward)"),
+        }
+    }
+}
+
+/// Which carrier `up` uses (`--transport`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// QUIC over UDP to the manager's address; if no handshake completes within a short
+    /// deadline, or there is no address, through the API server's port-forward.
+    #[default]
+    Auto,
+    /// QUIC over UDP only.
+    Quic,
+    /// Through the API server's port-forward only.
+    Portforward,
 }
 
 /// Who the client says it is in the hello (from version 2): what `tpvpn list` and
@@ -63,8 +128,11 @@ impl Identity {
 /// Where and how to reach the manager: from flags (direct mode) or from the cluster.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// HOST:PORT of the manager.
-    pub manager: String,
+    /// HOST:PORT of the manager's QUIC port, if known.
+    pub manager: Option<String>,
+    pub transport: Transport,
+    /// How to reach the manager through the API server (kubeconfig mode).
+    pub portforward: Option<PortForward>,
     /// The manager's certificate (PEM), pinned.
     pub ca_pem: Vec<u8>,
     /// Where the certificate came from, for messages ("--manager-ca FILE").
@@ -87,7 +155,9 @@ impl Target {
             return Err(Error::Config(format!("token file {} is empty", token_file.display())));
         }
         Ok(Target {
-            manager,
+            manager: Some(manager),
+            transport: Transport::Quic,
+            portforward: None,
             ca_pem,
             ca_source: format!("--manager-ca {}", ca_file.display()),
             token: token.as_bytes().to_vec(),
@@ -97,25 +167,153 @@ impl Target {
     }
 }
 
-/// Connects and authenticates.
+/// Connects and authenticates, over the carrier `target.transport` asks for.
 pub async fn connect(target: &Target) -> Result<Session, Error> {
     let certs = parse_certs(&target.ca_pem, &target.ca_source).map_err(|e| Error::Config(e.to_string()))?;
-    let manager = tokio::net::lookup_host(&target.manager)
+    let pinned = certs[0].clone();
+    match (target.transport, target.manager.as_deref(), target.portforward.as_ref()) {
+        (Transport::Portforward, _, Some(pf)) | (Transport::Auto, None, Some(pf)) => {
+            via_portforward(target, pf, pinned).await
+        }
+        (Transport::Portforward, _, None) => Err(Error::Config(
+            "--transport portforward goes through the API server: it needs a kubeconfig context, not --manager-ca/--token-file".into(),
+        )),
+        (Transport::Quic | Transport::Auto, Some(manager), None) => via_quic(target, manager, pinned, CONNECT_TIMEOUT).await,
+        (Transport::Quic, Some(manager), Some(_)) => via_quic(target, manager, pinned, CONNECT_TIMEOUT).await,
+        (Transport::Auto, Some(manager), Some(pf)) => match via_quic(target, manager, pinned.clone(), AUTO_QUIC_TIMEOUT).await {
+            Err(Error::ManagerUnreachable { .. }) => {
+                info!(%manager, "no QUIC answer from the manager; reaching it through the API server's port-forward");
+                via_portforward(target, pf, pinned).await
+            }
+            other => other,
+        },
+        (Transport::Quic | Transport::Auto, None, _) => Err(Error::Kubernetes(
+            "no address for the manager's QUIC port (no LoadBalancer, no NodePort for port `quic`): use --transport portforward, set manager-address in the kubeconfig's tpvpn extension, or pass --manager HOST:PORT".into(),
+        )),
+    }
+}
+
+async fn via_quic(
+    target: &Target,
+    manager: &str,
+    pinned: CertificateDer<'static>,
+    deadline: Duration,
+) -> Result<Session, Error> {
+    let addr = tokio::net::lookup_host(manager)
         .await
-        .map_err(|e| Error::Config(format!("--manager {}: {e} (expected HOST:PORT)", target.manager)))?
+        .map_err(|e| Error::Config(format!("--manager {manager}: {e} (expected HOST:PORT)")))?
         .next()
-        .ok_or_else(|| Error::Config(format!("--manager {}: no address", target.manager)))?;
-    let config = client_config(certs[0].clone()).map_err(|e| Error::Config(e.to_string()))?;
+        .ok_or_else(|| Error::Config(format!("--manager {manager}: no address")))?;
+    let config = client_config(pinned, false).map_err(|e| Error::Config(e.to_string()))?;
     let bind: SocketAddr =
-        if manager.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
+        if addr.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let endpoint = tpvpn_tunnel::quic::endpoint(bind, None)
         .map_err(|e| Error::System(format!("cannot open a UDP socket: {e}")))?;
+    let peer = Peer { addr, via: Via::Quic(addr), deadline };
+    handshake(endpoint, &config, &peer, target).await
+}
+
+async fn via_portforward(target: &Target, pf: &PortForward, pinned: CertificateDer<'static>) -> Result<Session, Error> {
+    let Forwarded { stream, pod, port, error } = pf.open().await?;
+    // What the API server says when forwarding fails (nothing listens on the port, say).
+    let (said_send, said) = tokio::sync::watch::channel(None::<String>);
+    tokio::spawn(async move {
+        if let Some(msg) = error.await {
+            let _ = said_send.send(Some(msg));
+        }
+    });
+    let via = Via::PortForward { pod: pod.clone(), port };
+    over_stream(target, stream, via, pinned, said).await.map_err(|e| match e {
+        StreamError::Closed(msg) => Error::Kubernetes(format!(
+            "the API server's port-forward to pod {pod} port {port} failed: {msg}; check the manager pod (kubectl -n {} logs {})",
+            pf.namespace,
+            pod.rsplit('/').next().unwrap_or(&pod)
+        )),
+        StreamError::Other(e) => e,
+    })
+}
+
+/// Why connecting over a stream failed: the stream ended (with what its carrier said
+/// last), or anything else.
+pub enum StreamError {
+    Closed(String),
+    Other(Error),
+}
+
+/// Connects over `stream` (QUIC packets on a byte stream, [`tpvpn_tunnel::stream`]): the
+/// port-forward's, or a TCP connection to the manager's TCP port. `said` carries what
+/// the carrier reports when it fails. Once connected, the stream ending closes the
+/// connection at once (QUIC alone would wait for its idle timeout).
+pub async fn over_stream<S>(
+    target: &Target,
+    stream: S,
+    via: Via,
+    pinned: CertificateDer<'static>,
+    said: tokio::sync::watch::Receiver<Option<String>>,
+) -> Result<Session, StreamError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+{
+    let port = match &via {
+        Via::PortForward { port, .. } => *port,
+        Via::Quic(a) => a.port(),
+    };
+    // The address quinn sees for the manager: any will do, there is one path.
+    let addr: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, port).into();
+    let (endpoint, socket) = tpvpn_tunnel::stream::client_endpoint(stream, addr)
+        .map_err(|e| StreamError::Other(Error::System(format!("cannot make a QUIC endpoint over the stream: {e}"))))?;
+    let config = client_config(pinned, true).map_err(|e| StreamError::Other(Error::Config(e.to_string())))?;
+    let peer = Peer { addr, via, deadline: CONNECT_TIMEOUT };
+    let failed = {
+        let (socket, mut said) = (socket.clone(), said.clone());
+        async move {
+            let why = socket.closed().await;
+            // An error frame comes just before the close.
+            let _ = tokio::time::timeout(Duration::from_millis(500), said.wait_for(Option::is_some)).await;
+            let msg = said.borrow().clone().unwrap_or(why);
+            msg
+        }
+    };
+    let session = tokio::select! {
+        r = handshake(endpoint, &config, &peer, target) => r.map_err(StreamError::Other)?,
+        msg = failed => return Err(StreamError::Closed(msg)),
+    };
+    let conn = session.conn.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            why = socket.closed() => {
+                let why = said.borrow().clone().unwrap_or(why);
+                warn!(%why, "the stream to the manager ended");
+                conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"the stream ended");
+            }
+            _ = conn.closed() => socket.close("the connection ended".into()),
+        }
+    });
+    Ok(session)
+}
+
+/// Where the QUIC connection goes, and how long its handshake may take.
+struct Peer {
+    addr: SocketAddr,
+    via: Via,
+    deadline: Duration,
+}
+
+/// QUIC and the hello on `endpoint`, offering this client's versions (and once more an
+/// older manager's own).
+async fn handshake(
+    endpoint: quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    peer: &Peer,
+    target: &Target,
+) -> Result<Session, Error> {
     let mut versions = (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
     loop {
-        match attempt(&endpoint, &config, manager, target, versions).await? {
+        match attempt(&endpoint, config, peer, target, versions).await? {
             Attempt::Accepted(conn, accepted, control) => {
                 let Accepted { version, cluster, manager_versions, features } = accepted;
-                return Ok(Session { endpoint, conn, manager, cluster, version, manager_versions, features, control });
+                let via = peer.via.clone();
+                return Ok(Session { endpoint, conn, via, cluster, version, manager_versions, features, control });
             }
             // An older manager: speak its version, once.
             Attempt::Retry(version) if versions.1 != version => versions = (version, version),
@@ -135,17 +333,17 @@ enum Attempt {
 async fn attempt(
     endpoint: &quinn::Endpoint,
     config: &quinn::ClientConfig,
-    manager: SocketAddr,
+    peer: &Peer,
     target: &Target,
     versions: (u16, u16),
 ) -> Result<Attempt, Error> {
-    let unreachable = || Error::ManagerUnreachable { addr: manager, secs: CONNECT_TIMEOUT.as_secs() };
+    let unreachable = || peer.via.unreachable(peer.deadline);
     let connecting =
-        endpoint.connect_with(config.clone(), manager, SERVER_NAME).map_err(|e| Error::Config(e.to_string()))?;
-    let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        endpoint.connect_with(config.clone(), peer.addr, SERVER_NAME).map_err(|e| Error::Config(e.to_string()))?;
+    let conn = tokio::time::timeout(peer.deadline, connecting)
         .await
         .map_err(|_| unreachable())?
-        .map_err(|e| map_connection_error(e, manager, target))?;
+        .map_err(|e| map_connection_error(e, peer, target))?;
     let mut handshake = ClientHandshake::new(Hello {
         token: target.token.clone(),
         role: Role::Client,
@@ -170,9 +368,9 @@ async fn attempt(
             }
         }
     };
-    let (send, recv, step) = match tokio::time::timeout(CONNECT_TIMEOUT, exchange).await {
+    let (send, recv, step) = match tokio::time::timeout(peer.deadline, exchange).await {
         Err(_) => return Err(unreachable()),
-        Ok(Err(Error::Connection(e))) => return Err(map_connection_error(e, manager, target)),
+        Ok(Err(Error::Connection(e))) => return Err(map_connection_error(e, peer, target)),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(r)) => r,
     };
@@ -184,7 +382,7 @@ async fn attempt(
         }
         Some(ClientStep::Refused(r)) => Err(refusal(&handshake, r, target)),
         Some(ClientStep::Invalid(why)) => Err(Error::Protocol(why)),
-        Some(ClientStep::NeedMore) | None => Err(map_connection_error(conn.closed().await, manager, target)),
+        Some(ClientStep::NeedMore) | None => Err(map_connection_error(conn.closed().await, peer, target)),
     }
 }
 
@@ -196,13 +394,11 @@ fn refusal(handshake: &ClientHandshake, r: Refusal, target: &Target) -> Error {
     }
 }
 
-fn map_connection_error(e: quinn::ConnectionError, manager: SocketAddr, target: &Target) -> Error {
+fn map_connection_error(e: quinn::ConnectionError, peer: &Peer, target: &Target) -> Error {
     match e {
-        quinn::ConnectionError::TimedOut => {
-            Error::ManagerUnreachable { addr: manager, secs: CONNECT_TIMEOUT.as_secs() }
-        }
+        quinn::ConnectionError::TimedOut => peer.via.unreachable(peer.deadline),
         quinn::ConnectionError::TransportError(t) if t.to_string().contains(PIN_MISMATCH) => {
-            Error::CertificateMismatch { addr: manager, ca: target.ca_source.clone() }
+            Error::CertificateMismatch { addr: peer.via.to_string(), ca: target.ca_source.clone() }
         }
         quinn::ConnectionError::ApplicationClosed(c)
             if tpvpn_tunnel::refusal_code(c.error_code.into_inner()).is_some() =>
@@ -226,7 +422,7 @@ fn map_connection_error(e: quinn::ConnectionError, manager: SocketAddr, target: 
             }
         }
         quinn::ConnectionError::ConnectionClosed(c) if c.to_string().contains(PIN_MISMATCH) => {
-            Error::CertificateMismatch { addr: manager, ca: target.ca_source.clone() }
+            Error::CertificateMismatch { addr: peer.via.to_string(), ca: target.ca_source.clone() }
         }
         other => Error::Connection(other),
     }

@@ -43,6 +43,12 @@ pub struct Status {
     /// The intercepts this daemon holds.
     #[serde(default)]
     pub intercepts: Vec<crate::intercept::Held>,
+    /// How the manager is reached: `quic` or `portforward`.
+    #[serde(default)]
+    pub transport: Option<String>,
+    /// The manager pod (`namespace/name`) when port-forwarded.
+    #[serde(default)]
+    pub manager_pod: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

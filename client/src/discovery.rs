@@ -3,7 +3,8 @@
 //! Credentials come from Secret `tpvpn-client` (`ca.crt`, `token`) in the manager's
 //! namespace. The manager's address, first that applies: `--manager`; the kubeconfig
 //! extension's `manager-address`; the LoadBalancer ingress of Service `tpvpn-manager`
-//! (port `quic`); that Service's NodePort on the API server's host.
+//! (port `quic`); that Service's NodePort on the API server's host. Without one, the
+//! manager is reached through the API server's port-forward ([`crate::portforward`]).
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -12,8 +13,9 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::Api;
 use kube::config::KubeConfigOptions;
 
-use crate::connect::Target;
+use crate::connect::{Target, Transport};
 use crate::kubeconfig::Resolved;
+use crate::portforward::PortForward;
 use crate::Error;
 
 /// Name of the Secret holding the client credentials.
@@ -89,7 +91,12 @@ pub async fn client(r: &Resolved) -> Result<kube::Client, Error> {
 }
 
 /// Finds the manager and its credentials.
-pub async fn discover(r: &Resolved, manager_flag: Option<String>, namespace: &str) -> Result<Discovered, Error> {
+pub async fn discover(
+    r: &Resolved,
+    manager_flag: Option<String>,
+    namespace: &str,
+    transport: Transport,
+) -> Result<Discovered, Error> {
     let client = client(r).await?;
     let secret_name = format!("Secret {namespace}/{CLIENT_SECRET}");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
@@ -110,23 +117,25 @@ pub async fn discover(r: &Resolved, manager_flag: Option<String>, namespace: &st
         .map(|a| a.ip())
         .collect();
 
+    // No address (no LoadBalancer, no NodePort) is fine where the port-forward is used.
     let manager = match manager_flag.or_else(|| r.extension.manager_address.clone()) {
-        Some(m) => m,
+        Some(m) => Some(m),
+        None if transport == Transport::Portforward => None,
         None => {
-            let services: Api<Service> = Api::namespaced(client, namespace);
+            let services: Api<Service> = Api::namespaced(client.clone(), namespace);
             let what = format!("Service {namespace}/{MANAGER_SERVICE}");
             let svc = timed(&what, r, services.get(MANAGER_SERVICE)).await?;
-            manager_address(&svc, &api_host).ok_or_else(|| {
-                Error::Kubernetes(format!(
-                    "{what} has no LoadBalancer address and no NodePort for port `quic`; set manager-address in the kubeconfig's tpvpn extension or pass --manager HOST:PORT"
-                ))
-            })?
+            manager_address(&svc, &api_host)
         }
     };
     let source = format!("{secret_name} (context `{}`)", r.context);
+    let portforward =
+        PortForward { client, namespace: namespace.to_string(), context: r.context.clone(), server: r.server.clone() };
     Ok(Discovered {
         target: Target {
             manager,
+            transport,
+            portforward: Some(portforward),
             ca_pem,
             ca_source: source.clone(),
             token,

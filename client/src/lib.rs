@@ -23,21 +23,20 @@ pub mod macos;
 pub mod osdns;
 pub mod resolved;
 
+pub mod portforward;
 pub mod routes;
 pub mod state;
 pub mod user;
-
-use std::net::SocketAddr;
 
 /// Errors of the client. Messages are one line and say what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     Config(String),
-    #[error("cannot reach the manager at {addr}: no answer within {secs}s; check --manager and that tpvpn-manager is running and reachable over UDP")]
-    ManagerUnreachable { addr: SocketAddr, secs: u64 },
+    #[error("cannot reach the manager at {addr}: no answer within {secs}s; {hint}")]
+    ManagerUnreachable { addr: String, secs: u64, hint: &'static str },
     #[error("the manager at {addr} presented a certificate that is not the one from {ca}; check that certificate")]
-    CertificateMismatch { addr: SocketAddr, ca: String },
+    CertificateMismatch { addr: String, ca: String },
     #[error("the manager refused the token from {0}; check that token")]
     BadToken(String),
     #[error("{0}")]

@@ -84,6 +84,11 @@ enum Cmd {
         /// Namespace the manager is installed in.
         #[arg(long, default_value = "tpvpn")]
         manager_namespace: String,
+        /// How to reach the manager: `quic` over UDP to its address; `portforward`
+        /// through the Kubernetes API server (pods/portforward, wherever kubectl works);
+        /// `auto` tries QUIC for 2 s, then the port-forward.
+        #[arg(long, value_enum, default_value = "auto")]
+        transport: tpvpn_client::connect::Transport,
         /// PEM certificate of the manager, pinned (direct mode, with --manager and --token-file).
         #[arg(long, requires_all = ["manager", "token_file"])]
         manager_ca: Option<PathBuf>,
@@ -217,6 +222,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             namespace,
             manager,
             manager_namespace,
+            transport,
             manager_ca,
             token_file,
             never_proxy,
@@ -247,8 +253,17 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             if mtu < 1280 {
                 return Err(Error::Config("--mtu must be at least 1280".into()));
             }
-            let opts =
-                UpOptions { source, never_proxy, also_proxy, device, mtu, dns_mode, namespace, allow_route_conflicts };
+            let opts = UpOptions {
+                source,
+                never_proxy,
+                also_proxy,
+                device,
+                mtu,
+                dns_mode,
+                namespace,
+                allow_route_conflicts,
+                transport,
+            };
             if foreground {
                 daemon::up_foreground(opts, paths)
             } else {
@@ -436,6 +451,12 @@ fn print_status(s: &tpvpn_client::control::Status) {
     }
     println!("connected");
     println!("  manager:     {}", s.manager.as_deref().unwrap_or("-"));
+    if let Some(t) = &s.transport {
+        match &s.manager_pod {
+            Some(pod) => println!("  transport:   {t} (pod {pod})"),
+            None => println!("  transport:   {t}"),
+        }
+    }
     if let Some(t) = &s.tun {
         println!("  device:      {} ({}, mtu {})", t.name, t.address, t.mtu);
     }

@@ -38,7 +38,7 @@ async fn a_client_too_new_is_refused_naming_both_versions() {
     let s = connect(&target(&f, "manager.crt", "token")).await.unwrap();
     // Speak as a future client on a fresh connection with the same settings.
     let certs = tpvpn_tunnel::quic::load_certs(&f.dir.join("manager.crt")).unwrap();
-    let cfg = tpvpn_tunnel::quic::client_config(certs[0].clone()).unwrap();
+    let cfg = tpvpn_tunnel::quic::client_config(certs[0].clone(), false).unwrap();
     let conn = s.endpoint.connect_with(cfg, f.addr, "tpvpn-manager").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_message(&mut send, &Message::ClientHello { version: 99, token: b"good-token".to_vec() }).await.unwrap();

@@ -30,7 +30,7 @@ use std::time::Duration;
 use tpvpn_tunnel::handshake::TokenKind;
 use tpvpn_tunnel::ClusterInfo;
 
-pub use session::{serve, ConnectionLimits};
+pub use session::{serve, ConnectionLimits, Server};
 
 /// A client must open its control stream and send an acceptable hello within this
 /// long after the TLS handshake, or it is closed.

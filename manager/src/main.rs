@@ -13,6 +13,11 @@ struct Args {
     /// UDP address the QUIC server listens on.
     #[arg(long, default_value = "0.0.0.0:4443")]
     listen: SocketAddr,
+    /// TCP address for clients that cannot send UDP to the manager: QUIC carried over a
+    /// TCP stream, what `tpvpn up` reaches through the API server's port-forward (the
+    /// container port `tunnel`). Default: the same address and port as --listen.
+    #[arg(long, value_name = "ADDR")]
+    tcp_listen: Option<SocketAddr>,
     /// PEM certificate the manager presents (clients pin it).
     #[arg(long)]
     tls_cert: PathBuf,
@@ -146,6 +151,7 @@ fn run(args: Args) -> Result<()> {
 
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.workers)).enable_all().build()?;
+    let tcp_listen = args.tcp_listen.unwrap_or(args.listen);
     rt.block_on(async move {
         let cluster = if use_kubernetes {
             let client = kube_client(args.kubeconfig.as_deref()).await?;
@@ -164,7 +170,7 @@ fn run(args: Args) -> Result<()> {
             allow: args.allow_cidrs,
             deny: args.deny_cidrs,
             own_addresses: own_addresses(),
-            own_ports: vec![args.listen.port(), args.metrics_listen.port()],
+            own_ports: vec![args.listen.port(), tcp_listen.port(), args.metrics_listen.port()],
             allow_all: false,
         };
         config.intercept_namespaces = args.intercept_namespaces;
@@ -178,13 +184,15 @@ fn run(args: Args) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on --metrics-listen {}", args.metrics_listen))?;
         tokio::spawn(tpvpn_manager::metrics::serve(health, metrics.clone()));
-        let endpoint =
-            tpvpn_manager::bind(args.listen, server).with_context(|| format!("cannot listen on {}", args.listen))?;
+        let endpoint = tpvpn_manager::bind(args.listen, server.clone())
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let tcp = bind_tcp(tcp_listen).with_context(|| format!("cannot listen on --tcp-listen {tcp_listen} (TCP)"))?;
         metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(listen = %args.listen, namespace = %args.namespace, "tpvpn-manager ready");
-        let serve = tpvpn_manager::serve(endpoint.clone(), config);
+        tracing::info!(listen = %args.listen, tcp_listen = %tcp_listen, namespace = %args.namespace, "tpvpn-manager ready");
+        let manager = tpvpn_manager::Server::new(config);
+        tokio::spawn(manager.clone().serve_tcp(tcp, server));
         tokio::select! {
-            _ = serve => {}
+            _ = manager.serve_quic(endpoint.clone()) => {}
             _ = shutdown_signal() => {
                 tracing::info!("shutting down");
                 endpoint.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"manager shutting down");
@@ -193,6 +201,14 @@ fn run(args: Args) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// A TCP listener on `addr`; an IPv6 wildcard takes IPv4 too, as the UDP socket does.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 fn read_token(path: &std::path::Path) -> Result<Vec<u8>> {

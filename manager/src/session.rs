@@ -4,7 +4,7 @@
 //! connection it captured. A session's tasks end with it.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,46 +26,155 @@ use crate::{Config, Error, Shared, HELLO_TIMEOUT, MAX_HELLO};
 /// UDP flows of one session, by flow id: where their datagrams go.
 pub(crate) type UdpFlows = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
 
-/// Accepts clients on `endpoint` until it is closed. Connections are admitted by
-/// [`Admission`]: a cap on all connections, a cap on those not yet authenticated (per
-/// source address and in all), and QUIC address validation (Retry) for new ones while
-/// many are unauthenticated.
+/// Accepts clients on `endpoint` until it is closed (QUIC over UDP only). See [`Server`].
 pub async fn serve(endpoint: quinn::Endpoint, config: crate::Config) {
-    let config: Shared = Arc::new(config);
-    let hub = Hub::new(config.views.objects.clone(), config.intercept_namespaces.clone());
-    let admission = Arc::new(Admission::new(config.limits.clone()));
-    while let Some(incoming) = endpoint.accept().await {
-        let remote = incoming.remote_address();
-        let ticket = match admission.admit(remote.ip(), incoming.remote_address_validated()) {
-            Admit::Yes(ticket) => ticket,
-            Admit::Retry => {
-                debug!(client = %remote, "many unauthenticated connections: asking for address validation");
-                if incoming.retry().is_err() {
-                    debug!(client = %remote, "retry not possible; refusing");
+    Server::new(config).serve_quic(endpoint).await
+}
+
+/// The manager's sessions, whichever carrier brought them: QUIC over UDP
+/// ([`Server::serve_quic`]) or QUIC over TCP streams ([`Server::serve_tcp`], what the
+/// API server's port-forward reaches). Connections are admitted by [`Admission`]: a cap
+/// on all connections, a cap on those not yet authenticated (per source address and in
+/// all), and QUIC address validation (Retry) for new UDP ones while many are
+/// unauthenticated.
+pub struct Server {
+    config: Shared,
+    hub: Arc<Hub>,
+    admission: Arc<Admission>,
+}
+
+impl Server {
+    pub fn new(config: crate::Config) -> Arc<Server> {
+        let config: Shared = Arc::new(config);
+        let hub = Hub::new(config.views.objects.clone(), config.intercept_namespaces.clone());
+        let admission = Arc::new(Admission::new(config.limits.clone()));
+        Arc::new(Server { config, hub, admission })
+    }
+
+    fn refused(&self, remote: SocketAddr, why: &str) {
+        metrics::add(&self.config.metrics.refused_total, 1);
+        debug!(client = %remote, why, "connection refused");
+    }
+
+    /// Accepts clients on `endpoint` until it is closed.
+    pub async fn serve_quic(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let remote = incoming.remote_address();
+            let ticket = match self.admission.admit(remote.ip(), incoming.remote_address_validated()) {
+                Admit::Yes(ticket) => ticket,
+                Admit::Retry => {
+                    debug!(client = %remote, "many unauthenticated connections: asking for address validation");
+                    if incoming.retry().is_err() {
+                        debug!(client = %remote, "retry not possible; refusing");
+                    }
+                    continue;
                 }
-                continue;
-            }
-            Admit::No(why) => {
-                metrics::add(&config.metrics.refused_total, 1);
-                debug!(client = %remote, why, "connection refused");
-                incoming.refuse();
-                continue;
+                Admit::No(why) => {
+                    self.refused(remote, why);
+                    incoming.refuse();
+                    continue;
+                }
+            };
+            let span = info_span!("session", client = %remote, transport = "quic");
+            tokio::spawn(self.clone().run(incoming, ticket).instrument(span));
+        }
+    }
+
+    /// Accepts TCP connections on `listener`, each a stream carrying QUIC packets
+    /// ([`tpvpn_tunnel::stream`]) with `server`'s TLS and limits. A TCP connection is
+    /// admitted like a QUIC one (it counts as unauthenticated until its hello is
+    /// accepted); one that brings no QUIC connection within [`HELLO_TIMEOUT`] is closed.
+    pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener, server: quinn::ServerConfig) {
+        let server = tpvpn_tunnel::quic::stream_server_config(&server);
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let (stream, remote) = match listener.accept().await {
+                Ok(accepted) => {
+                    backoff = Duration::from_millis(10);
+                    accepted
+                }
+                Err(e) => {
+                    // Out of descriptors, say: wait, and let sessions end, instead of spinning.
+                    warn!(error = %e, "accepting a TCP connection failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            // A TCP connection has proven its address: no Retry.
+            let ticket = match self.admission.admit(remote.ip(), true) {
+                Admit::Yes(ticket) => ticket,
+                Admit::Retry | Admit::No(_) => {
+                    self.refused(remote, "too many connections");
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let span = info_span!("session", client = %remote, transport = "tcp");
+            tokio::spawn(self.clone().serve_stream(stream, remote, server.clone(), ticket).instrument(span));
+        }
+    }
+
+    /// One TCP connection: its QUIC connections, one after the other, until it closes.
+    async fn serve_stream(
+        self: Arc<Self>,
+        stream: tokio::net::TcpStream,
+        remote: SocketAddr,
+        server: quinn::ServerConfig,
+        ticket: Ticket,
+    ) {
+        let local = stream.local_addr().unwrap_or_else(|_| (std::net::Ipv4Addr::UNSPECIFIED, 0).into());
+        let (endpoint, socket) = match tpvpn_tunnel::stream::server_endpoint(stream, local, remote, server) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "cannot make an endpoint for a TCP connection");
+                return;
             }
         };
-        let (config, hub) = (config.clone(), hub.clone());
-        let span = info_span!("session", client = %remote);
-        tokio::spawn(
-            async move {
-                match incoming.await {
-                    Ok(conn) => match session(conn, config, ticket, hub).await {
-                        Ok(()) => info!("client disconnected"),
-                        Err(e) => info!(error = %e, "session ended"),
-                    },
-                    Err(e) => info!(error = %e, "handshake failed"),
+        let watcher = {
+            let (endpoint, socket) = (endpoint.clone(), socket.clone());
+            AbortOnDrop(tokio::spawn(async move {
+                let why = socket.closed().await;
+                debug!(%why, "the TCP connection ended");
+                endpoint.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"the carrying TCP connection ended");
+            }))
+        };
+        let mut ticket = Some(ticket);
+        loop {
+            let incoming = match tokio::time::timeout(HELLO_TIMEOUT, endpoint.accept()).await {
+                Ok(Some(incoming)) => incoming,
+                Ok(None) => break,
+                Err(_) => {
+                    debug!("no QUIC connection on the TCP connection in time");
+                    break;
                 }
-            }
-            .instrument(span),
-        );
+            };
+            let ticket = match ticket.take() {
+                Some(t) => t,
+                None => match self.admission.admit(remote.ip(), true) {
+                    Admit::Yes(t) => t,
+                    Admit::Retry | Admit::No(_) => {
+                        self.refused(remote, "too many connections");
+                        incoming.refuse();
+                        continue;
+                    }
+                },
+            };
+            self.clone().run(incoming, ticket).await;
+        }
+        drop(watcher);
+        socket.close("done".into());
+        endpoint.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"done");
+    }
+
+    async fn run(self: Arc<Self>, incoming: quinn::Incoming, ticket: Ticket) {
+        match incoming.await {
+            Ok(conn) => match session(conn, self.config.clone(), ticket, self.hub.clone()).await {
+                Ok(()) => info!("client disconnected"),
+                Err(e) => info!(error = %e, "session ended"),
+            },
+            Err(e) => info!(error = %e, "handshake failed"),
+        }
     }
 }
 

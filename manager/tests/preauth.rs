@@ -90,7 +90,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 async fn connect(m: &Manager) -> quinn::Connection {
     let mut endpoint = tpvpn_tunnel::quic::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-    endpoint.set_default_client_config(tpvpn_tunnel::quic::client_config(m.cert.clone()).unwrap());
+    endpoint.set_default_client_config(tpvpn_tunnel::quic::client_config(m.cert.clone(), false).unwrap());
     endpoint.connect(m.addr, tpvpn_tunnel::quic::SERVER_NAME).unwrap().await.expect("TLS handshake")
 }
 

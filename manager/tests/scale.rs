@@ -155,7 +155,7 @@ async fn two_hundred_clients_get_fifty_thousand_services_and_cost_little_each() 
     rx.recv_timeout(Duration::from_secs(60)).expect("manager ready");
 
     let mut endpoint = tpvpn_tunnel::quic::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-    endpoint.set_default_client_config(tpvpn_tunnel::quic::client_config(ck.cert.der().clone()).unwrap());
+    endpoint.set_default_client_config(tpvpn_tunnel::quic::client_config(ck.cert.der().clone(), false).unwrap());
     let started = Instant::now();
     let first = client(&endpoint, addr).await;
     eprintln!("one client: hello and {} Services in {:?}", first.2, started.elapsed());

@@ -42,6 +42,16 @@ pub struct LossTolerantCubicConfig {
     cubic: Arc<CubicConfig>,
 }
 
+impl LossTolerantCubicConfig {
+    /// With an initial window of `bytes` (Cubic's default is ~10 packets of 1,472
+    /// bytes: less than one packet where packets are larger, as over a stream).
+    pub fn with_initial_window(bytes: u64) -> Self {
+        let mut cubic = CubicConfig::default();
+        cubic.initial_window(bytes);
+        LossTolerantCubicConfig { cubic: Arc::new(cubic) }
+    }
+}
+
 impl ControllerFactory for LossTolerantCubicConfig {
     fn build(self: Arc<Self>, now: Instant, current_mtu: u16) -> Box<dyn Controller> {
         Box::new(LossTolerantCubic {

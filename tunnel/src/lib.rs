@@ -37,6 +37,8 @@ pub mod io;
 pub mod quic;
 #[cfg(feature = "quic")]
 pub mod relay;
+#[cfg(feature = "quic")]
+pub mod stream;
 
 pub use frame::{
     ClusterInfo, ErrorCode, FlowStatus, InterceptRow, InterceptState, InterceptTarget, Message, Protocol, Role,

@@ -156,8 +156,19 @@ pub fn server_config(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'st
     Ok(cfg)
 }
 
-/// Client-side QUIC configuration that accepts exactly the certificate `pinned`.
-pub fn client_config(pinned: CertificateDer<'static>) -> Result<quinn::ClientConfig> {
+/// The server configuration for a stream carrier ([`crate::stream`]): `server`'s TLS
+/// and limits, with [`crate::stream::STREAM_MTU`]-byte packets.
+pub fn stream_server_config(server: &quinn::ServerConfig) -> quinn::ServerConfig {
+    let mut t = server_transport_config();
+    crate::stream::tune_transport(&mut t);
+    let mut cfg = server.clone();
+    cfg.transport_config(Arc::new(t));
+    cfg
+}
+
+/// Client-side QUIC configuration that accepts exactly the certificate `pinned`; with
+/// `over_stream`, for a stream carrier ([`crate::stream`]).
+pub fn client_config(pinned: CertificateDer<'static>, over_stream: bool) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let verifier = PinnedCert { cert: pinned, provider: provider.clone() };
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -173,6 +184,9 @@ pub fn client_config(pinned: CertificateDer<'static>) -> Result<quinn::ClientCon
     // allows all of them (the per-stream memory is the laptop's own, for one connection).
     let mut t = transport_config();
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS));
+    if over_stream {
+        crate::stream::tune_transport(&mut t);
+    }
     cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }

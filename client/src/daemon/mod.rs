@@ -53,4 +53,6 @@ pub struct UpOptions {
 
     /// Route CIDRs that overlap routes already on the machine.
     pub allow_route_conflicts: bool,
+    /// How to reach the manager.
+    pub transport: crate::connect::Transport,
 }

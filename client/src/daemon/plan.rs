@@ -33,6 +33,7 @@ pub(super) struct Rediscover {
     resolved: kubeconfig::Resolved,
     manager_flag: Option<String>,
     namespace: String,
+    transport: crate::connect::Transport,
 }
 
 impl Rediscover {
@@ -40,7 +41,7 @@ impl Rediscover {
     /// reinstalled since). The address is kept: the routes keep exactly that address out
     /// of the tunnel.
     async fn refresh(&self, target: &Target) -> Result<Target, Error> {
-        let d = discovery::discover(&self.resolved, self.manager_flag.clone(), &self.namespace).await?;
+        let d = discovery::discover(&self.resolved, self.manager_flag.clone(), &self.namespace, self.transport).await?;
         Ok(Target { manager: target.manager.clone(), identity: target.identity.clone(), ..d.target })
     }
 }
@@ -48,7 +49,7 @@ impl Rediscover {
 pub(super) async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
     match &opts.source {
         Source::Direct { manager, ca_file, token_file } => Ok(Plan {
-            target: Target::from_files(manager.clone(), ca_file, token_file)?,
+            target: Target { transport: opts.transport, ..Target::from_files(manager.clone(), ca_file, token_file)? },
             context: None,
             never_proxy: opts.never_proxy.clone(),
             also_proxy: opts.also_proxy.clone(),
@@ -59,16 +60,20 @@ pub(super) async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
         }),
         Source::Kube { kubeconfig, context, manager, manager_namespace } => {
             let r = kubeconfig::resolve(kubeconfig.as_deref(), context.as_deref())?;
-            let d = discovery::discover(&r, manager.clone(), manager_namespace).await?;
-            info!(context = %r.context, manager = %d.target.manager, "discovered the manager");
+            let d = discovery::discover(&r, manager.clone(), manager_namespace, opts.transport).await?;
+            info!(context = %r.context, manager = ?d.target.manager, transport = ?opts.transport, "discovered the manager");
             let mut never = opts.never_proxy.clone();
             never.extend(r.extension.never_proxy.iter().copied());
             // The API server must stay reachable outside the tunnel.
             never.extend(d.api_server_ips.iter().map(|ip| routes::host(*ip)));
             let mut also = opts.also_proxy.clone();
             also.extend(r.extension.also_proxy.iter().copied());
-            let rediscover =
-                Rediscover { resolved: r.clone(), manager_flag: manager.clone(), namespace: manager_namespace.clone() };
+            let rediscover = Rediscover {
+                resolved: r.clone(),
+                manager_flag: manager.clone(),
+                namespace: manager_namespace.clone(),
+                transport: opts.transport,
+            };
             Ok(Plan {
                 target: d.target,
                 rediscover: Some(rediscover),

@@ -30,9 +30,11 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
     // What an earlier daemon held, if it did not exit cleanly: re-claimed once connected.
     let intercepts = Intercepts::load(paths.intercepts());
     let session = connect(&plan.target).await?;
-    info!(manager = %session.manager, cidrs = ?session.cluster.cidrs, "connected to the manager");
+    info!(manager = %session.via, cidrs = ?session.cluster.cidrs, "connected to the manager");
     let mut never = plan.never_proxy.clone();
-    never.push(routes::host(session.manager.ip()));
+    // Over UDP the manager's address stays outside the tunnel; the port-forward goes to
+    // the API server, which already does.
+    never.extend(session.via.udp_address().map(|a| routes::host(a.ip())));
     // The laptop's own nameservers stay outside the tunnel, whatever the manager says.
     let resolv = osdns::original_of(&std::fs::read_to_string(RESOLV_CONF).unwrap_or_default());
     never.extend(osdns::parse(&resolv).nameservers.into_iter().filter(|ip| !ip.is_loopback()).map(routes::host));
@@ -114,7 +116,9 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         let status = Status {
             connected: true,
             context: plan.context.clone(),
-            manager: Some(session.manager.to_string()),
+            manager: Some(session.via.to_string()),
+            transport: Some(session.via.transport().into()),
+            manager_pod: pod_of(&session.via),
             tun: Some(Tun { name: device.clone(), address: TUN_V4.to_string(), mtu: usize::from(opts.mtu) }),
             routes: wanted.iter().map(|r| r.to_string()).collect(),
             never_proxy: never.iter().map(|r| r.to_string()).collect(),
@@ -131,7 +135,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         };
         ready.send(&format!(
             "ok connected to {}; routing {} through {}",
-            session.manager,
+            session.via,
             status.routes.join(", "),
             device
         ));
@@ -174,6 +178,14 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         Ok(())
     } else {
         Err(Error::System(why))
+    }
+}
+
+/// The manager pod, when reached through a port-forward.
+fn pod_of(via: &crate::connect::Via) -> Option<String> {
+    match via {
+        crate::connect::Via::PortForward { pod, .. } => Some(pod.clone()),
+        crate::connect::Via::Quic(_) => None,
     }
 }
 
@@ -429,7 +441,7 @@ async fn serve(
                 }
                 Change::Failed => break "reconnecting failed".to_string(),
                 Change::Reconnected(session, target) => {
-                    info!(manager = %session.manager, "reconnected to the manager");
+                    info!(manager = %session.via, "reconnected to the manager");
                     let stack = tpvpn_netstack::Stack::new(stack_config.clone());
                     state = LinkState::up(Dataplane::new(stack, tun.clone(), session.conn.clone()));
                     if let Some(d) = &dns {
@@ -449,7 +461,9 @@ async fn serve(
                     let (send, recv) = session.control;
                     updates = cluster_updates(session.conn.clone(), send, recv);
                     handle_update(Update::Cluster(session.cluster), &mut status, &mut listing, routing, dns.as_deref());
-                    status.manager = Some(session.manager.to_string());
+                    status.manager = Some(session.via.to_string());
+                    status.transport = Some(session.via.transport().into());
+                    status.manager_pod = pod_of(&session.via);
                     status.connected = true;
                 }
             },

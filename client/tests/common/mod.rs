@@ -10,6 +10,8 @@ use tpvpn_client::connect::Target;
 pub struct Fixture {
     pub dir: PathBuf,
     pub addr: SocketAddr,
+    /// The manager's TCP port (QUIC over a stream).
+    pub tcp_addr: SocketAddr,
 }
 
 impl Drop for Fixture {
@@ -43,8 +45,10 @@ pub async fn start_manager_with(tag: &str, adjust: impl FnOnce(&mut tpvpn_manage
         tpvpn_tunnel::quic::load_key(&key).unwrap(),
     )
     .unwrap();
-    let endpoint = tpvpn_manager::bind("127.0.0.1:0".parse().unwrap(), server).unwrap();
+    let endpoint = tpvpn_manager::bind("127.0.0.1:0".parse().unwrap(), server.clone()).unwrap();
     let addr = endpoint.local_addr().unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_addr = tcp.local_addr().unwrap();
     let mut config = tpvpn_manager::Config::new(
         b"good-token".to_vec(),
         vec!["10.96.0.0/12".parse().unwrap()],
@@ -53,8 +57,10 @@ pub async fn start_manager_with(tag: &str, adjust: impl FnOnce(&mut tpvpn_manage
     );
     config.dial_timeout = Duration::from_secs(2);
     adjust(&mut config);
-    tokio::spawn(tpvpn_manager::serve(endpoint, config));
-    Fixture { dir, addr }
+    let manager = tpvpn_manager::Server::new(config);
+    tokio::spawn(manager.clone().serve_tcp(tcp, server));
+    tokio::spawn(manager.serve_quic(endpoint));
+    Fixture { dir, addr, tcp_addr }
 }
 
 pub fn target(f: &Fixture, ca: &str, token: &str) -> Target {

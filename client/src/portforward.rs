@@ -1,0 +1,227 @@
+//! Reaching the manager through the Kubernetes API server when its UDP port cannot be
+//! reached: `pods/portforward` on a Ready pod of Service `tpvpn-manager` (its selector),
+//! to the pod port that the Service's `tunnel` port targets, over WebSocket (kube's
+//! port-forward client). The byte stream it gives carries QUIC
+//! ([`tpvpn_tunnel::stream`]); everything above is the same connection as over UDP.
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ListParams};
+
+use crate::discovery::MANAGER_SERVICE;
+use crate::Error;
+
+/// Name of the manager Service's (and container's) port for QUIC over TCP.
+pub const TUNNEL_PORT: &str = "tunnel";
+/// Time allowed for each API request, the port-forward's upgrade included.
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to open a port-forward to the manager (kubeconfig mode).
+#[derive(Clone)]
+pub struct PortForward {
+    pub client: kube::Client,
+    /// The manager's namespace.
+    pub namespace: String,
+    /// For messages: the context and its API server.
+    pub context: String,
+    pub server: String,
+}
+
+impl std::fmt::Debug for PortForward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortForward")
+            .field("namespace", &self.namespace)
+            .field("context", &self.context)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An open port-forward: the byte stream to the manager's `tunnel` port, the pod, and
+/// the message the API server sends if forwarding fails (say, nothing listens there).
+pub struct Forwarded {
+    pub stream: tokio::io::DuplexStream,
+    /// `namespace/name` of the manager pod.
+    pub pod: String,
+    pub port: u16,
+    pub error: std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>,
+}
+
+impl PortForward {
+    async fn timed<T>(&self, what: &str, f: impl std::future::Future<Output = kube::Result<T>>) -> Result<T, Error> {
+        match tokio::time::timeout(API_TIMEOUT, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.api_error(e, what)),
+            Err(_) => Err(Error::Kubernetes(format!(
+                "the API server {} of context `{}` did not answer within {}s ({what})",
+                self.server,
+                self.context,
+                API_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    fn api_error(&self, e: kube::Error, what: &str) -> Error {
+        let ctx = &self.context;
+        match e {
+            kube::Error::Api(s) if s.code == 403 => Error::Kubernetes(format!(
+                "context `{ctx}` may not {what}: {}; ask a cluster admin for the role tpvpn-client (it grants get/list pods and create pods/portforward in namespace {}), or use --transport quic where the manager's UDP port is reachable",
+                s.message, self.namespace
+            )),
+            kube::Error::Api(s) if s.code == 401 => Error::Kubernetes(format!(
+                "the API server {} refused the credentials of context `{ctx}`: {}; log in again (check with kubectl get ns)",
+                self.server, s.message
+            )),
+            kube::Error::Api(s) if s.code == 404 => Error::Kubernetes(format!(
+                "{what}: {} in context `{ctx}`; is the manager installed? tpvpn manager install",
+                s.message
+            )),
+            kube::Error::Api(s) => Error::Kubernetes(format!("{what}: {} ({})", s.message, s.code)),
+            other => Error::Kubernetes(format!(
+                "cannot {what} through the API server {} of context `{ctx}`: {other}",
+                self.server
+            )),
+        }
+    }
+
+    /// Finds a Ready manager pod and opens a port-forward to its `tunnel` port.
+    pub async fn open(&self) -> Result<Forwarded, Error> {
+        let ns = &self.namespace;
+        let services: Api<Service> = Api::namespaced(self.client.clone(), ns);
+        let svc = self.timed(&format!("read Service {ns}/{MANAGER_SERVICE}"), services.get(MANAGER_SERVICE)).await?;
+        let (selector, target) = tunnel_target(&svc).ok_or_else(|| {
+            Error::Kubernetes(format!(
+                "Service {ns}/{MANAGER_SERVICE} has no selector or no port `{TUNNEL_PORT}`: reinstall the manager (tpvpn manager install) to reach it through the API server"
+            ))
+        })?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let list = self
+            .timed(&format!("list pods in namespace {ns}"), pods.list(&ListParams::default().labels(&selector)))
+            .await?;
+        let (pod, port) = list
+            .items
+            .iter()
+            .filter(|p| is_ready(p))
+            .find_map(|p| Some((p.metadata.name.clone()?, pod_port(p, &target)?)))
+            .ok_or_else(|| {
+                Error::Kubernetes(format!(
+                    "no Ready pod of Service {ns}/{MANAGER_SERVICE} (selector {selector}) has the port `{TUNNEL_PORT}`: is the manager running? kubectl -n {ns} get pods -l {selector}"
+                ))
+            })?;
+        let mut forwarder = self
+            .timed(&format!("port-forward to pod {ns}/{pod} (pods/portforward)"), pods.portforward(&pod, &[port]))
+            .await?;
+        let stream =
+            forwarder.take_stream(port).ok_or_else(|| Error::Kubernetes("kube gave no stream for the port".into()))?;
+        let error = forwarder
+            .take_error(port)
+            .ok_or_else(|| Error::Kubernetes("kube gave no error channel for the port".into()))?;
+        Ok(Forwarded { stream, pod: format!("{ns}/{pod}"), port, error: Box::pin(error) })
+    }
+}
+
+/// What the Service's `tunnel` port targets: a number, or a container port's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    Name(String),
+}
+
+/// The Service's selector (as a label selector string) and its `tunnel` port's target.
+pub fn tunnel_target(svc: &Service) -> Option<(String, TargetPort)> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let spec = svc.spec.as_ref()?;
+    let selector = spec.selector.as_ref().filter(|s| !s.is_empty())?;
+    let mut pairs: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    let port = spec.ports.as_ref()?.iter().find(|p| p.name.as_deref() == Some(TUNNEL_PORT))?;
+    let target = match &port.target_port {
+        None => TargetPort::Number(u16::try_from(port.port).ok()?),
+        Some(IntOrString::Int(n)) => TargetPort::Number(u16::try_from(*n).ok()?),
+        Some(IntOrString::String(s)) => match s.parse::<u16>() {
+            Ok(n) => TargetPort::Number(n),
+            Err(_) => TargetPort::Name(s.clone()),
+        },
+    };
+    Some((pairs.join(","), target))
+}
+
+/// Whether the pod is Running, Ready and not being deleted.
+pub fn is_ready(p: &Pod) -> bool {
+    if p.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let Some(status) = &p.status else { return false };
+    status.phase.as_deref() == Some("Running")
+        && status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// The pod's port for `target`: the number, or the TCP container port of that name.
+pub fn pod_port(p: &Pod, target: &TargetPort) -> Option<u16> {
+    match target {
+        TargetPort::Number(n) => Some(*n),
+        TargetPort::Name(name) => {
+            p.spec.as_ref()?.containers.iter().flat_map(|c| c.ports.iter().flatten()).find_map(|cp| {
+                let tcp = cp.protocol.as_deref().unwrap_or("TCP") == "TCP";
+                (tcp && cp.name.as_deref() == Some(name.as_str()))
+                    .then(|| u16::try_from(cp.container_port).ok())
+                    .flatten()
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn pod(v: serde_json::Value) -> Pod {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn the_tunnel_port_and_selector_of_the_service() {
+        let s = svc(serde_json::json!({"spec": {"selector": {"app": "tpvpn-manager", "tier": "x"}, "ports": [
+            {"name": "quic", "port": 4443, "protocol": "UDP"},
+            {"name": "tunnel", "port": 4443, "protocol": "TCP", "targetPort": "tunnel"}]}}));
+        assert_eq!(tunnel_target(&s), Some(("app=tpvpn-manager,tier=x".into(), TargetPort::Name("tunnel".into()))));
+        let n = svc(serde_json::json!({"spec": {"selector": {"app": "m"}, "ports": [
+            {"name": "tunnel", "port": 443, "targetPort": 8443}]}}));
+        assert_eq!(tunnel_target(&n), Some(("app=m".into(), TargetPort::Number(8443))));
+        let same =
+            svc(serde_json::json!({"spec": {"selector": {"app": "m"}, "ports": [{"name": "tunnel", "port": 443}]}}));
+        assert_eq!(tunnel_target(&same).unwrap().1, TargetPort::Number(443));
+        // An older install: no `tunnel` port, or no selector.
+        let old =
+            svc(serde_json::json!({"spec": {"selector": {"app": "m"}, "ports": [{"name": "quic", "port": 4443}]}}));
+        assert_eq!(tunnel_target(&old), None);
+        let headless = svc(serde_json::json!({"spec": {"ports": [{"name": "tunnel", "port": 4443}]}}));
+        assert_eq!(tunnel_target(&headless), None);
+    }
+
+    #[test]
+    fn ready_pods_and_named_ports() {
+        let ready = pod(serde_json::json!({"metadata": {"name": "m-0"},
+            "spec": {"containers": [{"name": "manager", "ports": [
+                {"name": "quic", "containerPort": 4443, "protocol": "UDP"},
+                {"name": "tunnel", "containerPort": 4443, "protocol": "TCP"}]}]},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}));
+        assert!(is_ready(&ready));
+        assert_eq!(pod_port(&ready, &TargetPort::Name("tunnel".into())), Some(4443));
+        assert_eq!(pod_port(&ready, &TargetPort::Name("quic".into())), None, "a UDP port is not a TCP target");
+        assert_eq!(pod_port(&ready, &TargetPort::Number(9)), Some(9));
+        let starting = pod(serde_json::json!({"metadata": {"name": "m-1"},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}}));
+        assert!(!is_ready(&starting));
+        let deleting =
+            pod(serde_json::json!({"metadata": {"name": "m-2", "deletionTimestamp": "2026-12-01T00:00:00Z"},
+            "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}));
+        assert!(!is_ready(&deleting));
+        assert!(!is_ready(&pod(serde_json::json!({"metadata": {"name": "m-3"}}))));
+    }
+}
