@@ -124,7 +124,11 @@ mod gen {
     };
 
     fn ip(u: &mut Unstructured) -> Result<IpAddr> {
-        Ok(if u.arbitrary()? { IpAddr::V4(u.arbitrary::<[u8; 4]>()?.into()) } else { IpAddr::V6(u.arbitrary::<[u8; 16]>()?.into()) })
+        Ok(if u.arbitrary()? {
+            IpAddr::V4(u.arbitrary::<[u8; 4]>()?.into())
+        } else {
+            IpAddr::V6(u.arbitrary::<[u8; 16]>()?.into())
+        })
     }
 
     fn addr(u: &mut Unstructured) -> Result<SocketAddr> {
@@ -149,7 +153,13 @@ mod gen {
             name: u.arbitrary()?,
             cluster_ips: (0..ips).map(|_| ip(u)).collect::<Result<_>>()?,
             ports: (0..ports)
-                .map(|_| Ok(ServicePort { name: u.arbitrary()?, protocol: Protocol::from(u.arbitrary::<u8>()?), port: u.arbitrary()? }))
+                .map(|_| {
+                    Ok(ServicePort {
+                        name: u.arbitrary()?,
+                        protocol: Protocol::from(u.arbitrary::<u8>()?),
+                        port: u.arbitrary()?,
+                    })
+                })
                 .collect::<Result<_>>()?,
         })
     }
@@ -185,7 +195,11 @@ mod gen {
             2 => Message::ClusterUpdate { cluster: cluster(u)? },
             3 => Message::Namespaces { names: strings(u)? },
             4 => Message::Services { services: services(u)? },
-            5 => Message::Error { code: ErrorCode::from(u.arbitrary::<u16>()?), version: u.arbitrary()?, message: u.arbitrary()? },
+            5 => Message::Error {
+                code: ErrorCode::from(u.arbitrary::<u16>()?),
+                version: u.arbitrary()?,
+                message: u.arbitrary()?,
+            },
             6 => Message::FlowOpen {
                 protocol: Protocol::from(u.arbitrary::<u8>()?),
                 flow_id: u.arbitrary()?,
@@ -203,7 +217,11 @@ mod gen {
                 client_id: u.arbitrary()?,
                 features: u.arbitrary()?,
             },
-            11 => Message::ServerInfo { min_version: u.arbitrary()?, max_version: u.arbitrary()?, features: u.arbitrary()? },
+            11 => Message::ServerInfo {
+                min_version: u.arbitrary()?,
+                max_version: u.arbitrary()?,
+                features: u.arbitrary()?,
+            },
             12 => Message::CatalogChunk {
                 reset: u.arbitrary()?,
                 complete: u.arbitrary()?,
@@ -452,6 +470,44 @@ pub fn system_texts(data: &[u8]) {
     }
 }
 
+/// QUIC packets on a byte stream (the port-forward carrier): however the bytes arrive
+/// in chunks (the first byte picks the chunk size), the packets taken off are exactly
+/// the input's length-prefixed packets, in order, none empty; the rest waits in the
+/// buffer; a zero length stops the stream there and nowhere else.
+pub fn stream_packets(data: &[u8]) {
+    use tpvpn_tunnel::stream::next_packet;
+    let step = 1 + usize::from(data.first().copied().unwrap_or(0) % 64);
+    let mut buf = bytes::BytesMut::new();
+    let mut taken = Vec::new();
+    let mut refused = false;
+    'chunks: for chunk in data.chunks(step) {
+        buf.extend_from_slice(chunk);
+        loop {
+            match next_packet(&mut buf) {
+                Ok(Some(p)) => {
+                    assert!(!p.is_empty(), "an empty packet was taken");
+                    taken.extend_from_slice(&u16::try_from(p.len()).expect("a u16 length").to_be_bytes());
+                    taken.extend_from_slice(&p);
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    refused = true;
+                    break 'chunks;
+                }
+            }
+        }
+    }
+    assert_eq!(&data[..taken.len()], &taken[..], "the packets are not the input's");
+    if refused {
+        assert_eq!(&data[taken.len()..taken.len() + 2], &[0, 0], "refused without a zero length");
+    } else {
+        assert_eq!(taken.len() + buf.len(), data.len(), "bytes lost");
+        let rest = &data[taken.len()..];
+        let whole = rest.len() >= 2 && rest.len() >= 2 + usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        assert!(!whole, "a whole packet was left in the buffer");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,9 +566,13 @@ mod tests {
             }
             .to_vec()
             .unwrap(),
-            Message::InterceptOpen { id: 1, src: "10.244.2.20:4000".parse().unwrap(), dst: "10.244.2.10:8080".parse().unwrap() }
-                .to_vec()
-                .unwrap(),
+            Message::InterceptOpen {
+                id: 1,
+                src: "10.244.2.20:4000".parse().unwrap(),
+                dst: "10.244.2.10:8080".parse().unwrap(),
+            }
+            .to_vec()
+            .unwrap(),
             Message::Capture {
                 id: 2,
                 pod_namespace: "default".into(),
@@ -525,9 +585,15 @@ mod tests {
             }
             .to_vec()
             .unwrap(),
-            Message::CaptureStatus { id: 2, ok: true, message: String::new(), meshed: false, env: vec![("A".into(), "b".into())] }
-                .to_vec()
-                .unwrap(),
+            Message::CaptureStatus {
+                id: 2,
+                ok: true,
+                message: String::new(),
+                meshed: false,
+                env: vec![("A".into(), "b".into())],
+            }
+            .to_vec()
+            .unwrap(),
             Message::FlowOpen {
                 protocol: tpvpn_tunnel::Protocol::Tcp,
                 flow_id: 9,
@@ -539,6 +605,8 @@ mod tests {
             wire::udp_packet("10.0.0.1:5".parse().unwrap(), "10.96.0.1:53".parse().unwrap(), b"query").unwrap(),
             wire::udp_packet("[fd00::1]:5".parse().unwrap(), "[fd00::2]:53".parse().unwrap(), b"q6").unwrap(),
         ];
+        // Two QUIC packets on a stream, then half of a third.
+        v.push([&[0u8, 3, 1, 2, 3, 0, 1, 9, 0, 200, 7][..], &[5u8; 40][..]].concat());
         v.push(b"# from dhcp\nnameserver 192.0.2.53\nsearch corp.example\noptions edns0\n".to_vec());
         v.push(
             b"Destination        Gateway            Flags               Netif Expire\ndefault 192.168.1.1 UGScg en0\n10.96/16 link#20 UCS utun4\n192.168.1 link#6 UCS en0 !\nfe80::%lo0/64 fe80::1%lo0 UcI lo0\n"
@@ -589,6 +657,7 @@ mod tests {
             netstack_packets(&data);
             dns_queries(&data);
             system_texts(&data);
+            stream_packets(&data);
         }
     }
 
@@ -603,6 +672,7 @@ mod tests {
             netstack_packets(seed);
             dns_queries(seed);
             system_texts(seed);
+            stream_packets(seed);
         }
         for i in 0..100_000 {
             let d = if i % 4 == 0 {
@@ -617,6 +687,7 @@ mod tests {
             netstack_packets(&d);
             dns_queries(&d);
             system_texts(&d);
+            stream_packets(&d);
         }
     }
 }

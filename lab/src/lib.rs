@@ -46,6 +46,8 @@ use serde_json::{json, Value};
 
 /// Where the manager listens (cluster side of the node network).
 pub const MANAGER_ADDR: &str = "10.250.1.1:4443";
+/// The manager's Pod object (namespace `tpvpn`), what the port-forward goes to.
+pub const MANAGER_POD: &str = "tpvpn-manager-0";
 /// Laptop address on the node network.
 pub const LAPTOP_NODE_IP: &str = "10.250.1.2";
 /// The frontend Service ClusterIP (nginx on :80).
@@ -140,7 +142,7 @@ pub const SERVICES: &[LabService] = &[
         namespace: "tpvpn",
         name: "tpvpn-manager",
         cluster_ip: "10.96.0.70",
-        ports: &[("quic", 4443, "UDP")],
+        ports: &[("quic", 4443, "UDP"), ("tunnel", 4443, "TCP")],
         served: false,
     },
 ];
@@ -205,6 +207,7 @@ pub struct Lab {
     /// Bearer tokens of the API server stand-in: admin, and no access to secrets.
     api_token: String,
     no_secrets_token: String,
+    no_portforward_token: String,
     /// Objects loaded into the API stand-in besides the lab's own.
     extra_fixtures: Vec<Value>,
 }
@@ -344,6 +347,7 @@ impl Lab {
             netns_etc: None,
             api_token: random_token()?,
             no_secrets_token: random_token()?,
+            no_portforward_token: random_token()?,
             extra_fixtures: extra,
         };
         // On error `lab` is dropped here, which tears down what was built.
@@ -646,6 +650,8 @@ impl Lab {
             if s.name == "tpvpn-manager" {
                 obj["spec"]["type"] = json!("NodePort");
                 obj["spec"]["ports"][0]["nodePort"] = json!(4443);
+                obj["spec"]["ports"][1]["targetPort"] = json!("tunnel");
+                obj["spec"]["selector"] = json!({"app": "tpvpn-manager"});
             }
             objs.push(obj);
         }
@@ -653,6 +659,15 @@ impl Lab {
             "metadata": {"name": "frontend-0", "namespace": "default", "labels": {"app": "frontend"}},
             "spec": {"nodeName": "lab-node", "containers": [{"name": "nginx", "image": "nginx"}]},
             "status": {"phase": "Running", "hostIP": node_ip, "podIP": FRONTEND_POD_IP, "podIPs": [{"ip": FRONTEND_POD_IP}]}}));
+        // The manager's pod: it runs in the cluster namespace on the node's address, as a
+        // hostNetwork pod would; the API stand-in's port-forward reaches it there.
+        objs.push(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": MANAGER_POD, "namespace": "tpvpn", "labels": {"app": "tpvpn-manager"}},
+            "spec": {"nodeName": "lab-node", "hostNetwork": true, "containers": [{"name": "manager", "image": "tpvpn-manager",
+                "ports": [{"name": "quic", "containerPort": 4443, "protocol": "UDP"},
+                          {"name": "tunnel", "containerPort": 4443, "protocol": "TCP"}]}]},
+            "status": {"phase": "Running", "hostIP": node_ip, "podIP": node_ip, "podIPs": [{"ip": node_ip}],
+                "conditions": [{"type": "Ready", "status": "True"}]}}));
         objs.push(json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": "tpvpn-client", "namespace": "tpvpn"},
             "data": {"ca.crt": b64(self.manager_ca())?, "token": b64(self.token_file())?}}));
@@ -676,11 +691,16 @@ impl Lab {
             "- name: lab-user-no-secrets".into(),
             "  user:".into(),
             format!("    token: {}", self.no_secrets_token),
+            "- name: lab-user-no-portforward".into(),
+            "  user:".into(),
+            format!("    token: {}", self.no_portforward_token),
             "contexts:".into(),
             "- name: lab".into(),
             "  context: {cluster: lab, user: lab-user, namespace: default}".into(),
             "- name: lab-no-secrets".into(),
             "  context: {cluster: lab, user: lab-user-no-secrets, namespace: default}".into(),
+            "- name: lab-no-portforward".into(),
+            "  context: {cluster: lab, user: lab-user-no-portforward, namespace: default}".into(),
             "current-context: lab".into(),
         ];
         lines.join("\n") + "\n"
@@ -693,10 +713,11 @@ impl Lab {
         fs::write(self.kubeconfig(), self.kubeconfig_yaml())?;
         let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
         let (fx, tok, nosec) = (fixtures.display().to_string(), self.api_token.clone(), self.no_secrets_token.clone());
+        let nopf = self.no_portforward_token.clone();
         let args = ["apiserver", "--listen", APISERVER_ADDR, "--fixtures", &fx, "--token", &tok];
         let mut cmd = vec![lab_bin.as_str()];
         cmd.extend_from_slice(&args);
-        cmd.extend_from_slice(&["--no-secrets-token", &nosec]);
+        cmd.extend_from_slice(&["--no-secrets-token", &nosec, "--no-portforward-token", &nopf]);
         self.spawn_server("apiserver", &cmd)?;
         let log = || fs::read_to_string(self.dir.join("apiserver.log")).unwrap_or_default();
         for _ in 0..100 {
@@ -721,7 +742,34 @@ impl Lab {
         )
     }
 
-    /// The kubeconfig of the API server stand-in (contexts `lab` and `lab-no-secrets`).
+    /// Stops the API server stand-in and starts it again (its objects are the fixtures
+    /// again): what an API server restart looks like to its clients.
+    pub fn restart_apiserver(&mut self) -> Result<()> {
+        if let Some(i) = self.children.iter().position(|(n, _)| n == "apiserver") {
+            let (_, child) = self.children.remove(i);
+            terminate(child);
+        }
+        self.start_apiserver()
+    }
+
+    /// Drops the laptop's UDP to the manager's port (an nftables table in the laptop
+    /// namespace), as a network that lets only TCP out would.
+    pub fn block_manager_udp(&self) -> Result<()> {
+        let (ip, port) = MANAGER_ADDR.split_once(':').context("MANAGER_ADDR")?;
+        let rules = format!(
+            "table inet tpvpnlab {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    ip daddr {ip} udp dport {port} drop\n  }}\n}}\n"
+        );
+        let script = self.dir.join("block-udp.nft");
+        fs::write(&script, rules)?;
+        let out = self.exec(&self.laptop, &["nft", "-f", &script.display().to_string()]);
+        if !out.status.success() {
+            bail!("nft: {}", show(&out));
+        }
+        Ok(())
+    }
+
+    /// The kubeconfig of the API server stand-in (contexts `lab`, `lab-no-secrets` and
+    /// `lab-no-portforward`).
     pub fn kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfig")
     }

@@ -52,6 +52,9 @@ enum Cmd {
         /// Bearer token allowed everything except secrets (403 there).
         #[arg(long)]
         no_secrets_token: Option<String>,
+        /// Bearer token allowed everything except pods/portforward (403 there).
+        #[arg(long)]
+        no_portforward_token: Option<String>,
         /// Seconds between watch bookmarks (for watches that allow them).
         #[arg(long, default_value_t = 5)]
         bookmark_secs: u64,
@@ -106,10 +109,11 @@ fn main() -> ExitCode {
         Cmd::Serve { udp_echo, reset, sink, source, silent } => {
             serve::run(serve::ServeAddrs { udp_echo, reset, sink, source, silent }).map(|()| true)
         }
-        Cmd::Apiserver { listen, fixtures, token, no_secrets_token, bookmark_secs } => {
+        Cmd::Apiserver { listen, fixtures, token, no_secrets_token, no_portforward_token, bookmark_secs } => {
             let cfg = apiserver::Config {
                 admin_token: token,
                 no_secrets_token,
+                no_portforward_token,
                 bookmark_interval: std::time::Duration::from_secs(bookmark_secs),
             };
             apiserver::run(listen, &fixtures, cfg).map(|()| true)

@@ -44,7 +44,12 @@ async fn api() -> (kube::Client, tokio::task::JoinHandle<()>) {
     store.load(fixtures()).expect("fixtures load");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().unwrap();
-    let cfg = Config { admin_token: TOKEN.into(), no_secrets_token: None, bookmark_interval: Duration::from_secs(60) };
+    let cfg = Config {
+        admin_token: TOKEN.into(),
+        no_secrets_token: None,
+        no_portforward_token: None,
+        bookmark_interval: Duration::from_secs(60),
+    };
     let server = tokio::spawn(ApiServer::new(store, cfg, addr.to_string()).serve(listener));
     let kubeconfig = format!(
         "apiVersion: v1\nkind: Config\ncurrent-context: t\nclusters:\n- name: t\n  cluster:\n    server: http://{addr}\n\

@@ -103,7 +103,12 @@ async fn two_hundred_clients_get_fifty_thousand_services_and_cost_little_each() 
     store.load(fixtures()).expect("fixtures");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = listener.local_addr().unwrap();
-    let cfg = Config { admin_token: TOKEN.into(), no_secrets_token: None, bookmark_interval: Duration::from_secs(60) };
+    let cfg = Config {
+        admin_token: TOKEN.into(),
+        no_secrets_token: None,
+        no_portforward_token: None,
+        bookmark_interval: Duration::from_secs(60),
+    };
     let server = tokio::spawn(ApiServer::new(store, cfg, api.to_string()).serve(listener));
     std::fs::write(
         dir.join("kubeconfig"),

@@ -142,19 +142,15 @@ impl StreamSocket {
         let mut buf = BytesMut::with_capacity(256 * 1024);
         loop {
             // Whole packets first.
-            while buf.len() >= 2 {
-                let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
-                if len == 0 {
-                    return "the peer sent an empty packet: not a tpvpn stream".into();
-                }
-                if buf.len() < 2 + len {
-                    buf.reserve(2 + len - buf.len());
-                    break;
-                }
-                buf.advance(2);
-                let packet = buf.split_to(len).freeze();
-                if !self.deliver(packet).await {
-                    return "closed".into();
+            loop {
+                match next_packet(&mut buf) {
+                    Ok(Some(packet)) => {
+                        if !self.deliver(packet).await {
+                            return "closed".into();
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return e.to_string(),
                 }
             }
             if buf.capacity() - buf.len() < 64 * 1024 {
@@ -225,6 +221,30 @@ impl StreamSocket {
             }
         }
     }
+}
+
+/// The stream is not a stream of length-prefixed QUIC packets.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the peer sent an empty packet: not a tpvpn stream")]
+pub struct EmptyPacket;
+
+/// Takes the next whole packet (2-byte big-endian length, then that many bytes) off the
+/// front of `buf`: `None` until one is complete (with room reserved for it). A zero
+/// length is an error: no QUIC packet is empty.
+pub fn next_packet(buf: &mut BytesMut) -> Result<Option<Bytes>, EmptyPacket> {
+    if buf.len() < 2 {
+        return Ok(None);
+    }
+    let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+    if len == 0 {
+        return Err(EmptyPacket);
+    }
+    if buf.len() < 2 + len {
+        buf.reserve(2 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(2);
+    Ok(Some(buf.split_to(len).freeze()))
 }
 
 impl AsyncUdpSocket for StreamSocket {

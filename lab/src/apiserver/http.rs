@@ -32,6 +32,8 @@ pub struct Config {
     pub admin_token: String,
     /// Bearer token allowed everything but `secrets` (403 there).
     pub no_secrets_token: Option<String>,
+    /// Bearer token allowed everything but `pods/portforward` (403 there).
+    pub no_portforward_token: Option<String>,
     /// Interval of watch bookmarks (when the client allows them).
     pub bookmark_interval: Duration,
 }
@@ -41,6 +43,7 @@ pub struct Config {
 pub(super) enum User {
     Admin,
     NoSecrets,
+    NoPortforward,
 }
 
 /// The running stand-in: store, change notifications, configuration.
@@ -104,7 +107,8 @@ impl ApiServer {
                 let io = hyper_util::rt::TokioIo::new(stream);
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
-                    .serve_connection(io, svc);
+                    .serve_connection(io, svc)
+                    .with_upgrades();
                 if let Err(e) = conn.await {
                     eprintln!("apiserver: connection: {e}");
                 }
@@ -113,6 +117,12 @@ impl ApiServer {
     }
 
     pub(super) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        if let Some((ns, pod)) = super::portforward::portforward_path(req.uri().path()) {
+            let uri = req.uri().clone();
+            let resp = self.portforward(req, ns, pod).await;
+            eprintln!("apiserver: portforward {uri} {}", resp.status().as_u16());
+            return resp;
+        }
         let (parts, body) = req.into_parts();
         let method = parts.method.clone();
         let path = parts.uri.path().to_string();
@@ -145,6 +155,8 @@ impl ApiServer {
             Some(User::Admin)
         } else if self.cfg.no_secrets_token.as_deref() == Some(token) {
             Some(User::NoSecrets)
+        } else if self.cfg.no_portforward_token.as_deref() == Some(token) {
+            Some(User::NoPortforward)
         } else {
             None
         }

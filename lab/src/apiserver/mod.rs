@@ -50,7 +50,10 @@
 //!   AlreadyExists, Conflict, Invalid, BadRequest, Unauthorized, Forbidden,
 //!   MethodNotAllowed, Expired).
 //! - Bearer-token authentication: an admin token (allowed everything) and an
-//!   optional "no-secrets" token that gets RBAC-style 403s for `secrets`.
+//!   optional "no-secrets" token that gets RBAC-style 403s for `secrets`, and a
+//!   "no-portforward" one that gets them for `pods/portforward`.
+//! - `pods/{name}/portforward` over WebSocket, the kubelet's part included
+//!   ([`portforward`]'s docs say what is kept).
 //! - Service defaulting: `type: ClusterIP`, port `protocol: TCP` and
 //!   `targetPort`, a ClusterIP allocated from [`CLUSTER_IP_POOL`] when absent
 //!   (immutable on update), node ports allocated from 30000-32767.
@@ -67,6 +70,7 @@
 
 mod filter;
 mod http;
+mod portforward;
 mod resource;
 mod store;
 #[cfg(test)]
@@ -74,6 +78,7 @@ mod tests;
 
 pub use filter::*;
 pub use http::*;
+pub use portforward::PORTFORWARD_PROTOCOL;
 pub use resource::*;
 pub use store::*;
 
@@ -83,6 +88,8 @@ pub const DEFAULT_HISTORY: usize = 1000;
 pub const CLUSTER_IP_POOL: &str = "10.96.100.0/24";
 /// The user name the "no-secrets" token authenticates as (in 403 messages).
 pub const NO_SECRETS_USER: &str = "lab-user";
+/// The user name the "no-portforward" token authenticates as (in 403 messages).
+pub const NO_PORTFORWARD_USER: &str = "lab-dev";
 /// Default and maximum `timeoutSeconds` of a watch.
 const WATCH_TIMEOUT_DEFAULT: u64 = 300;
 const WATCH_TIMEOUT_MAX: u64 = 600;

@@ -212,7 +212,12 @@ fn routes_and_queries() {
 async fn serve_on_loopback() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let cfg = Config { admin_token: "t".into(), no_secrets_token: None, bookmark_interval: Duration::from_secs(5) };
+    let cfg = Config {
+        admin_token: "t".into(),
+        no_secrets_token: None,
+        no_portforward_token: None,
+        bookmark_interval: Duration::from_secs(5),
+    };
     let srv = ApiServer::new(store(), cfg, addr.to_string());
     tokio::spawn(srv.serve(listener));
     addr
