@@ -6,12 +6,14 @@
 //! Sections: [`paths`] (direct veth, wireguard-go, boringtun and tpvpn: throughput,
 //! ping-pong, connect), [`scale`] (10,000 idle flows beside a bulk stream), [`wan`] (an
 //! emulated 20 ms RTT link at 0% and 1% loss), [`dns`] (dnsperf against tpvpn's table
-//! and dnsmasq), [`large`] (`up` with 50,000 Services) and [`intercept`] (a cluster caller against a pod, directly and
-//! intercepted to the laptop).
+//! and dnsmasq), [`large`] (`up` with 50,000 Services), [`portforward`] (tpvpn through the API
+//! server's port-forward against the raw port-forward) and [`intercept`] (a cluster caller
+//! against a pod, directly and intercepted to the laptop).
 //!
-//! Run it with `sudo ./scripts/bench.sh`; `tpvpn-bench [paths] [scale] [wan] [dns] [large] [intercept]` runs
-//! only the sections named. The subcommands `pingpong-server` and `pingpong` are the
-//! latency tools the benchmark runs inside the namespaces ([`latency`]).
+//! Run it with `sudo ./scripts/bench.sh`; `tpvpn-bench [paths] [scale] [wan] [dns] [large]
+//! [portforward] [intercept]` runs only the sections named. The subcommands
+//! `pingpong-server` and `pingpong` are the latency tools the benchmark runs inside the
+//! namespaces ([`latency`]), `port-forward` the raw port-forward ([`portforward`]).
 
 mod daemon;
 mod dns;
@@ -22,6 +24,7 @@ mod latency;
 mod machine;
 mod paths;
 mod peers;
+mod portforward;
 mod scale;
 mod wan;
 
@@ -41,6 +44,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("wan", |lab| wan::run(lab).map(|table| println!("{table}"))),
     ("dns", |lab| dns::run(lab).map(|table| println!("{table}"))),
     ("large", |lab| large::section(lab)),
+    ("portforward", |lab| portforward::section(lab)),
     // Last: it adds pods and the agent to the lab.
     ("intercept", |lab| intercept::section(lab)),
 ];
@@ -50,8 +54,9 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("pingpong-server") => return latency::server_cmd(&args[1..]),
         Some("pingpong") => return latency::client_cmd(&args[1..]),
+        Some("port-forward") => return portforward::forward_cmd(&args[1..]),
         Some(s) if !SECTIONS.iter().any(|(name, _)| *name == s) => {
-            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, large, intercept; tools are pingpong-server, pingpong")
+            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, large, portforward, intercept; tools are pingpong-server, pingpong, port-forward")
         }
         _ => {}
     }

@@ -87,7 +87,30 @@ pub async fn client(r: &Resolved) -> Result<kube::Client, Error> {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .map_err(|e| Error::Config(format!("context `{}`: {e}", r.context)))?;
-    kube::Client::try_from(config).map_err(|e| Error::Config(format!("context `{}`: {e}", r.context)))
+    let client = if config.proxy_url.is_some() { kube::Client::try_from(config) } else { client_nodelay(config) };
+    client.map_err(|e| Error::Config(format!("context `{}`: {e}", r.context)))
+}
+
+/// kube's client stack (base URI, authentication, extra headers, TLS) on a connector
+/// with TCP_NODELAY, which kube's own builder leaves off: the port-forward carries QUIC,
+/// whose small packets Nagle would hold behind the API server's delayed ACKs (a new
+/// connection through the tunnel took 44 ms instead of ~0.3 ms). Proxied configurations
+/// keep kube's own builder. (Go's net package, kubectl's, turns Nagle off by default.)
+pub fn client_nodelay(config: kube::Config) -> kube::Result<kube::Client> {
+    use kube::client::ConfigExt;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(config.connect_timeout);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(Box::<dyn std::error::Error + Send + Sync>::from)
+        .service(hyper);
+    Ok(kube::Client::new(service, config.default_namespace))
 }
 
 /// Finds the manager and its credentials.

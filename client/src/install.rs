@@ -313,8 +313,23 @@ mod tests {
         assert_eq!(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
         let svc = objs.iter().find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "tpvpn-manager").unwrap();
         assert_eq!(svc["spec"]["type"], "LoadBalancer");
-        assert_eq!(svc["spec"]["ports"].as_array().map(Vec::len), Some(1), "only quic is published: {svc}");
-        assert_eq!(svc["spec"]["ports"][0]["name"], "quic");
+        let ports: Vec<&str> =
+            svc["spec"]["ports"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(ports, ["quic", "tunnel"], "only the tunnel's ports are published: {svc}");
+        // The client port-forwards to the pod port the Service's `tunnel` port targets.
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(svc.clone()).unwrap();
+        let (selector, target) = crate::portforward::tunnel_target(&svc).expect("a tunnel target");
+        assert_eq!(selector, "app.kubernetes.io/name=tpvpn-manager");
+        let pod: k8s_openapi::api::core::v1::Pod =
+            serde_json::from_value(serde_json::json!({"spec": dep["spec"]["template"]["spec"]})).unwrap();
+        assert_eq!(crate::portforward::pod_port(&pod, &target), Some(4443));
+        let role = objs.iter().find(|o| o["kind"] == "Role").unwrap();
+        let pf = role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resources"] == serde_json::json!(["pods/portforward"]));
+        assert_eq!(pf.map(|r| &r["verbs"]), Some(&serde_json::json!(["get", "create"])), "{role}");
         let metrics = objs.iter().find(|o| o["metadata"]["name"] == "tpvpn-manager-metrics").unwrap();
         assert_eq!(metrics["spec"]["type"], "ClusterIP", "metrics stay inside the cluster");
     }

@@ -170,3 +170,31 @@ fn a_user_without_pods_portforward_gets_one_line_naming_it() {
     let line = err.lines().find(|l| l.contains("pods/portforward")).unwrap_or_else(|| panic!("{}", show(&out)));
     assert!(line.contains("lab-no-portforward") && line.contains("tpvpn-client"), "{line}");
 }
+
+#[test]
+fn no_ready_manager_pod_and_a_port_nothing_listens_on_each_get_one_line() {
+    let Some(lab) = lab() else { return };
+    let pod_path = format!("/api/v1/namespaces/tpvpn/pods/{}", tpvpn_lab::MANAGER_POD);
+    // The Service's `tunnel` port targets a pod port nothing listens on.
+    let svc_path = "/api/v1/namespaces/tpvpn/services/tpvpn-manager";
+    let svc = lab.kube_apply("GET", svc_path, None).unwrap();
+    let mut ports = svc["spec"]["ports"].clone();
+    ports[1]["targetPort"] = serde_json::json!(4444);
+    lab.kube_apply("PATCH", svc_path, Some(&serde_json::json!({"spec": {"ports": ports}}))).unwrap();
+    let out = up_kube(&lab, &["--transport", "portforward"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.contains("port-forward to pod")).unwrap_or_else(|| panic!("{}", show(&out)));
+    assert!(
+        line.contains("4444") && line.contains("connection refused") && line.contains("kubectl -n tpvpn logs"),
+        "{line}"
+    );
+    // The manager's pod is not Ready.
+    let not_ready = serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}});
+    lab.kube_apply("PATCH", &pod_path, Some(&not_ready)).unwrap();
+    let out = up_kube(&lab, &["--transport", "portforward"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = err.lines().find(|l| l.contains("no Ready pod")).unwrap_or_else(|| panic!("{}", show(&out)));
+    assert!(line.contains("kubectl -n tpvpn get pods"), "{line}");
+}

@@ -98,6 +98,8 @@ impl ApiServer {
                     continue;
                 }
             };
+            // Go's net package, the real API server's, turns Nagle off on every connection.
+            let _ = stream.set_nodelay(true);
             let srv = self.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req| {
