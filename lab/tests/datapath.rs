@@ -272,6 +272,8 @@ fn status_json_has_the_contract_fields() {
     let _ = held.wait();
     assert_eq!(v["connected"], true, "{v}");
     assert_eq!(v["manager"], tpvpn_lab::MANAGER_ADDR, "{v}");
+    assert_eq!(v["transport"], "quic", "{v}");
+    assert!(v["manager_pod"].is_null(), "{v}");
     assert_eq!(v["tun"]["name"], "tpvpn0", "{v}");
     let routes: Vec<&str> = v["routes"].as_array().expect("routes").iter().filter_map(|r| r.as_str()).collect();
     assert!(routes.contains(&"10.244.0.0/16"), "{v}");

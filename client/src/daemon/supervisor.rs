@@ -440,7 +440,8 @@ async fn serve(
                     state = LinkState::Reconnecting(tokio::spawn(reconnect(link.target.clone(), link.rediscover.clone())));
                 }
                 Change::Failed => break "reconnecting failed".to_string(),
-                Change::Reconnected(session, target) => {
+                Change::Reconnected(pair) => {
+                    let (session, target) = *pair;
                     info!(manager = %session.via, "reconnected to the manager");
                     let stack = tpvpn_netstack::Stack::new(stack_config.clone());
                     state = LinkState::up(Dataplane::new(stack, tun.clone(), session.conn.clone()));
@@ -549,7 +550,7 @@ enum Change {
     /// The data plane stopped (the connection is gone), for this reason.
     Lost(String),
     /// A new connection, to the target (found again) it reached.
-    Reconnected(Box<crate::connect::Session>, Target),
+    Reconnected(Box<(crate::connect::Session, Target)>),
     /// Reconnecting itself failed (its task died).
     Failed,
 }
@@ -566,7 +567,7 @@ impl LinkState {
                 Change::Lost(dataplane.await.unwrap_or_else(|e| format!("data plane failed: {e}")))
             }
             LinkState::Reconnecting(task) => match task.await {
-                Ok((session, target)) => Change::Reconnected(Box::new(session), target),
+                Ok(pair) => Change::Reconnected(Box::new(pair)),
                 Err(_) => Change::Failed,
             },
         }
