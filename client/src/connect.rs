@@ -178,8 +178,9 @@ pub async fn connect(target: &Target) -> Result<Session, Error> {
         (Transport::Portforward, _, None) => Err(Error::Config(
             "--transport portforward goes through the API server: it needs a kubeconfig context, not --manager-ca/--token-file".into(),
         )),
-        (Transport::Quic | Transport::Auto, Some(manager), None) => via_quic(target, manager, pinned, CONNECT_TIMEOUT).await,
-        (Transport::Quic, Some(manager), Some(_)) => via_quic(target, manager, pinned, CONNECT_TIMEOUT).await,
+        (Transport::Quic, Some(manager), _) | (Transport::Auto, Some(manager), None) => {
+            via_quic(target, manager, pinned, CONNECT_TIMEOUT).await
+        }
         (Transport::Auto, Some(manager), Some(pf)) => match via_quic(target, manager, pinned.clone(), AUTO_QUIC_TIMEOUT).await {
             Err(Error::ManagerUnreachable { .. }) => {
                 info!(%manager, "no QUIC answer from the manager; reaching it through the API server's port-forward");

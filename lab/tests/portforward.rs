@@ -198,3 +198,29 @@ fn no_ready_manager_pod_and_a_port_nothing_listens_on_each_get_one_line() {
     let line = err.lines().find(|l| l.contains("no Ready pod")).unwrap_or_else(|| panic!("{}", show(&out)));
     assert!(line.contains("kubectl -n tpvpn get pods"), "{line}");
 }
+
+#[test]
+fn a_rescheduled_manager_pod_is_found_again() {
+    let Some(mut lab) = lab() else { return };
+    let out = up_kube(&lab, &["--transport", "portforward"]);
+    assert!(out.status.success(), "up --transport portforward:\n{}", show(&out));
+    assert_eq!(status(&lab)["manager_pod"], format!("tpvpn/{}", tpvpn_lab::MANAGER_POD));
+    // The manager moves to a new pod: the new Pod object, the old one gone, the process
+    // restarted (its connections end, as they would with the old pod).
+    let pods = "/api/v1/namespaces/tpvpn/pods";
+    let mut pod = lab.kube_apply("GET", &format!("{pods}/{}", tpvpn_lab::MANAGER_POD), None).unwrap();
+    pod["metadata"] =
+        serde_json::json!({"name": "tpvpn-manager-1", "namespace": "tpvpn", "labels": pod["metadata"]["labels"]});
+    lab.kube_apply("POST", pods, Some(&pod)).unwrap();
+    lab.kube_apply("DELETE", &format!("{pods}/{}", tpvpn_lab::MANAGER_POD), None).unwrap();
+    lab.stop_manager();
+    lab.start_manager().unwrap();
+    let l = lab.laptop().to_string();
+    let moved = tpvpn_lab::wait_until(Duration::from_secs(30), || {
+        let v = status(&lab);
+        v["connected"] == true && v["manager_pod"] == "tpvpn/tpvpn-manager-1"
+    });
+    assert!(moved, "not reconnected to the new pod: {}", status(&lab));
+    let page = lab.exec(&l, &["curl", "-sS", "--max-time", "10", "http://10.96.0.10/"]);
+    assert!(stdout(&page).contains(tpvpn_lab::FRONTEND_BODY), "{}", show(&page));
+}
