@@ -1,13 +1,14 @@
 //! Reaching the manager through the Kubernetes API server when its UDP port cannot be
 //! reached: `pods/portforward` on a Ready pod of Service `tpvpn-manager` (its selector),
 //! to the pod port that the Service's `tunnel` port targets, over WebSocket (kube's
-//! port-forward client). The byte stream it gives carries QUIC
+//! upgrade, the channels framed here). The byte stream it gives carries QUIC
 //! ([`tpvpn_tunnel::stream`]); everything above is the same connection as over UDP.
 
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams};
+use kube::core::Resource;
 
 use crate::discovery::MANAGER_SERVICE;
 use crate::Error;
@@ -109,15 +110,76 @@ impl PortForward {
                     "no Ready pod of Service {ns}/{MANAGER_SERVICE} (selector {selector}) has the port `{TUNNEL_PORT}`: is the manager running? kubectl -n {ns} get pods -l {selector}"
                 ))
             })?;
-        let mut forwarder = self
-            .timed(&format!("port-forward to pod {ns}/{pod} (pods/portforward)"), pods.portforward(&pod, &[port]))
-            .await?;
-        let stream =
-            forwarder.take_stream(port).ok_or_else(|| Error::Kubernetes("kube gave no stream for the port".into()))?;
-        let error = forwarder
-            .take_error(port)
-            .ok_or_else(|| Error::Kubernetes("kube gave no error channel for the port".into()))?;
+        let req = kube::core::Request::new(Pod::url_path(&(), Some(ns)))
+            .portforward(&pod, &[port])
+            .map_err(|e| Error::Kubernetes(format!("a port-forward request for pod {ns}/{pod}: {e}")))?;
+        let what = format!("port-forward to pod {ns}/{pod} (pods/portforward)");
+        let ws = self.timed(&what, self.client.connect(req)).await?.into_stream();
+        let (stream, theirs) = tokio::io::duplex(1 << 20);
+        let (said, error) = tokio::sync::oneshot::channel();
+        tokio::spawn(carry(ws, theirs, port, said));
+        let error = async move { error.await.ok() };
         Ok(Forwarded { stream, pod: format!("{ns}/{pod}"), port, error: Box::pin(error) })
+    }
+}
+
+/// Carries `io` over the port-forward's WebSocket (one port: data on channel 0, errors
+/// on channel 1, each first sent the port number) until either side ends. Toward the
+/// pod each message carries up to 64 KiB (kube's own forwarder sends 4 KiB per message,
+/// which held the upload rate down); the first error message goes to `said`.
+async fn carry<S>(
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    io: tokio::io::DuplexStream,
+    port: u16,
+    said: tokio::sync::oneshot::Sender<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut sink, mut from_ws) = ws.split();
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let to_pod = async {
+        let mut buf = vec![0u8; 1 + 64 * 1024];
+        loop {
+            let n = rd.read(&mut buf[1..]).await.map_err(|e| e.to_string())?;
+            if n == 0 {
+                break;
+            }
+            // buf[0] is channel 0, the port's data.
+            sink.send(Message::binary(buf[..1 + n].to_vec())).await.map_err(|e| e.to_string())?;
+        }
+        sink.close().await.map_err(|e| e.to_string())
+    };
+    let from_pod = async {
+        let (mut started, mut said) = ([false; 2], Some(said));
+        while let Some(msg) = from_ws.next().await {
+            let Message::Binary(b) = msg.map_err(|e| e.to_string())? else { continue };
+            let (Some(&ch), data) = (b.first(), b.get(1..).unwrap_or_default()) else { continue };
+            let Some(seen) = started.get_mut(usize::from(ch)) else {
+                return Err(format!("the API server used channel {ch}, not one of port {port}'s"));
+            };
+            if !*seen {
+                *seen = true;
+                if data != port.to_le_bytes() {
+                    return Err(format!("the API server's first frame names another port than {port}"));
+                }
+            } else if ch == 0 {
+                wr.write_all(data).await.map_err(|e| e.to_string())?;
+            } else if let Some(s) = said.take() {
+                let _ = s.send(String::from_utf8_lossy(data).into_owned());
+            }
+        }
+        wr.shutdown().await.map_err(|e| e.to_string())
+    };
+    // Either side ending ends both: dropping `io` ends the stream the QUIC side reads.
+    let ended = tokio::select! {
+        r = to_pod => r,
+        r = from_pod => r,
+    };
+    if let Err(e) = ended {
+        tracing::debug!(error = %e, "the port-forward ended");
     }
 }
 

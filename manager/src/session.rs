@@ -101,17 +101,22 @@ impl Server {
                     continue;
                 }
             };
-            // A TCP connection has proven its address: no Retry.
-            let ticket = match self.admission.admit(remote.ip(), true) {
-                Admit::Yes(ticket) => ticket,
-                Admit::Retry | Admit::No(_) => {
-                    self.refused(remote, "too many connections");
-                    continue;
-                }
-            };
+            let Some(ticket) = self.admit_stream(remote) else { continue };
             let _ = stream.set_nodelay(true);
             let span = info_span!("session", client = %remote, transport = "tcp");
             tokio::spawn(self.clone().serve_stream(stream, remote, server.clone(), ticket).instrument(span));
+        }
+    }
+
+    /// Admits a connection arriving over TCP, which has proven its address (no Retry).
+    fn admit_stream(&self, remote: SocketAddr) -> Option<Ticket> {
+        match self.admission.admit(remote.ip(), true) {
+            Admit::Yes(ticket) => Some(ticket),
+            Admit::No(why) => {
+                self.refused(remote, why);
+                None
+            }
+            Admit::Retry => None,
         }
     }
 
@@ -149,16 +154,9 @@ impl Server {
                     break;
                 }
             };
-            let ticket = match ticket.take() {
-                Some(t) => t,
-                None => match self.admission.admit(remote.ip(), true) {
-                    Admit::Yes(t) => t,
-                    Admit::Retry | Admit::No(_) => {
-                        self.refused(remote, "too many connections");
-                        incoming.refuse();
-                        continue;
-                    }
-                },
+            let Some(ticket) = ticket.take().or_else(|| self.admit_stream(remote)) else {
+                incoming.refuse();
+                continue;
             };
             self.clone().run(incoming, ticket).await;
         }

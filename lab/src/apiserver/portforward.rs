@@ -122,6 +122,10 @@ impl ApiServer {
         if ports.is_empty() {
             return Err(ApiError::bad_request("query parameter \"ports\" is required"));
         }
+        // Two channels per port, numbered by one byte.
+        if ports.len() > 127 {
+            return Err(ApiError::bad_request(format!("{} ports: at most 127 fit the channel numbers", ports.len())));
+        }
         if obj["status"]["phase"] != "Running" {
             return Err(ApiError::bad_request(format!("pod {pod} is not running (phase {})", obj["status"]["phase"])));
         }
