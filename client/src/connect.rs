@@ -275,9 +275,17 @@ where
             msg
         }
     };
-    let session = tokio::select! {
-        r = handshake(endpoint, &config, &peer, target) => r.map_err(StreamError::Other)?,
-        msg = failed => return Err(StreamError::Closed(msg)),
+    let connected = tokio::select! {
+        r = handshake(endpoint, &config, &peer, target) => r.map_err(StreamError::Other),
+        msg = failed => Err(StreamError::Closed(msg)),
+    };
+    let session = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            // The stream (a port-forward) goes at once, not when the manager gives up on it.
+            socket.close("connecting failed".into());
+            return Err(e);
+        }
     };
     let conn = session.conn.clone();
     tokio::spawn(async move {
