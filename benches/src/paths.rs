@@ -26,11 +26,11 @@ const ADDED_RTT_US: f64 = 60.0;
 const CONNECT_SLACK_US: f64 = 100.0;
 
 /// What one path measured.
-struct Measured {
+pub struct Measured {
     /// Bits per second, laptop→cluster and cluster→laptop.
-    up: f64,
-    down: f64,
-    latency: Latency,
+    pub up: f64,
+    pub down: f64,
+    pub latency: Latency,
 }
 
 struct Row {
@@ -38,7 +38,8 @@ struct Row {
     result: Result<Measured>,
 }
 
-fn measure(lab: &Lab, ip: &str) -> Result<Measured> {
+/// One stream each way and the latencies, from the laptop namespace to `ip`.
+pub fn measure(lab: &Lab, ip: &str) -> Result<Measured> {
     latency::probe(lab, ip)?;
     Ok(Measured {
         up: iperf::one_stream(lab, ip, false)?,

@@ -16,26 +16,11 @@ use tpvpn_lab::{show, wait_until, Lab, MANAGER_POD, TEST_SERVERS_IP};
 
 use crate::daemon::Daemon;
 use crate::iperf;
-use crate::latency::{self, Latency, PORT};
-use crate::paths::us;
+use crate::latency::{self, PORT};
+use crate::paths::{measure, us};
 
 /// The bar: tpvpn over the port-forward against the raw port-forward, each direction.
 const BAR: f64 = 0.7;
-
-struct Measured {
-    up: f64,
-    down: f64,
-    latency: Latency,
-}
-
-fn measure(lab: &Lab, ip: &str) -> Result<Measured> {
-    latency::probe(lab, ip)?;
-    Ok(Measured {
-        up: iperf::one_stream(lab, ip, false)?,
-        down: iperf::one_stream(lab, ip, true)?,
-        latency: latency::measure(lab, ip)?,
-    })
-}
 
 /// Local listeners on 127.0.0.1 in the laptop namespace, forwarding the iperf3 and
 /// ping-pong ports to the manager's pod (on the node's address, where both servers

@@ -579,6 +579,11 @@ pub(super) fn error_response(e: &ApiError) -> Response<Body> {
 
 /// `a=b&c=d` → map (percent-decoded, `+` is a space; the last value of a key wins).
 pub(super) fn parse_query(q: &str) -> HashMap<String, String> {
+    parse_query_pairs(q).into_iter().collect()
+}
+
+/// `a=b&a=c` → every pair, in order (percent-decoded, `+` is a space).
+pub(super) fn parse_query_pairs(q: &str) -> Vec<(String, String)> {
     q.split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {

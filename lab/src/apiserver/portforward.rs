@@ -109,7 +109,7 @@ impl ApiServer {
             return Err(ApiError::method_not_allowed());
         }
         let obj = self.store().get(Resource::Pods, Some(ns), pod)?;
-        let query = parse_query_all(req.uri().query().unwrap_or(""));
+        let query = parse_query_pairs(req.uri().query().unwrap_or(""));
         let mut ports = Vec::new();
         for v in query.iter().filter(|(k, _)| k == "ports").map(|(_, v)| v) {
             for p in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -154,17 +154,6 @@ impl ApiServer {
         }
         Ok((ports, ip, key))
     }
-}
-
-/// `a=b&a=c` → every pair, in order (the port-forward's `ports` may repeat).
-fn parse_query_all(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (pct_decode(k, true), pct_decode(v, true))
-        })
-        .collect()
 }
 
 fn frame(channel: u8, payload: &[u8]) -> Message {
