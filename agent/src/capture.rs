@@ -3,14 +3,17 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::{relay, FlowStatus, Message};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::http::{self, Route, Router, Sniff};
 use crate::nft::{self, CaptureRules, AGENT_MARK};
 use crate::runtime::{self, Bundle};
 use crate::{netns, Error, Result};
@@ -71,10 +74,12 @@ pub fn locate(node: &Node, pod_ip: IpAddr, container_id: &str) -> Result<Located
     Ok(Located { ns, pid, bundle: None })
 }
 
-/// A capture in place. Dropped without [`Capture::stop`] (a capture that finished
-/// starting after its session ended, one replaced), it still removes its table.
+/// A capture of one pod port in place, shared by every intercept of that port (its
+/// [`Route`]s). Dropped without [`Capture::stop`] (a capture that finished starting
+/// after its session ended, one replaced), it still removes its table.
 pub struct Capture {
     pub id: u64,
+    router: Arc<Router>,
     ns: PathBuf,
     table: String,
     accept: JoinHandle<()>,
@@ -134,11 +139,22 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
     };
     info!(pod = %req.pod, ip = %req.pod_ip, port = req.port, meshed, "capturing");
     let span = info_span!("capture", id = req.id, pod = %req.pod, port = req.port);
-    let accept = tokio::spawn(accept_loop(listener, conn, req.id, located.ns.clone()).instrument(span));
-    Ok(Started { capture: Capture { id: req.id, ns: located.ns, table, accept, stopped: false }, meshed, env })
+    let router = Router::new(conn, located.ns.clone());
+    let accept = tokio::spawn(accept_loop(listener, router.clone()).instrument(span));
+    Ok(Started { capture: Capture { id: req.id, router, ns: located.ns, table, accept, stopped: false }, meshed, env })
 }
 
 impl Capture {
+    /// Routes the connections (or requests) of another intercept of this port here.
+    pub fn set_route(&self, route: Route) {
+        self.router.set_route(route);
+    }
+
+    /// Ends route `id`; whether any route is left.
+    pub fn remove_route(&self, id: u64) -> bool {
+        self.router.remove_route(id)
+    }
+
     /// Stops capturing: new connections reach the app again. Connections captured so
     /// far go on until they end.
     pub async fn stop(mut self) {
@@ -214,7 +230,7 @@ fn transparent_listener(pod_ip: IpAddr) -> Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-async fn accept_loop(listener: TcpListener, conn: quinn::Connection, id: u64, ns: PathBuf) {
+async fn accept_loop(listener: TcpListener, router: Arc<Router>) {
     let own = listener.local_addr().map(|a| a.port()).ok();
     loop {
         match listener.accept().await {
@@ -230,7 +246,7 @@ async fn accept_loop(listener: TcpListener, conn: quinn::Connection, id: u64, ns
                     continue;
                 }
                 let span = info_span!("conn", %src, %dst);
-                tokio::spawn(handle(conn.clone(), id, caller, src, dst, ns.clone()).instrument(span));
+                tokio::spawn(handle(router.clone(), caller, src, dst).instrument(span));
             }
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -241,23 +257,46 @@ async fn accept_loop(listener: TcpListener, conn: quinn::Connection, id: u64, ns
     }
 }
 
-/// One captured connection: to the laptop through the manager, or, when the intercept
-/// has no owner, on to the app.
-async fn handle(conn: quinn::Connection, id: u64, caller: TcpStream, src: SocketAddr, dst: SocketAddr, ns: PathBuf) {
+/// One captured connection. With only a global intercept: whole to its laptop. With a
+/// personal one: HTTP is routed per request ([`http`]), anything else goes whole to the
+/// global intercept or the pod.
+async fn handle(router: Arc<Router>, mut caller: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    let (global, personal) = router.snapshot();
+    let prefix = if personal {
+        match http::read_prefix(&mut caller).await {
+            (Sniff::Http1, prefix) => return router.serve(caller, prefix, false, src, dst).await,
+            (Sniff::Http2, prefix) => return router.serve(caller, prefix, true, src, dst).await,
+            (_, prefix) => prefix,
+        }
+    } else {
+        Vec::new()
+    };
+    match global {
+        Some(id) => to_laptop(&router, id, caller, &prefix, src, dst).await,
+        None => pass_through(caller, &prefix, dst, router.ns().clone()).await,
+    }
+}
+
+/// A whole connection to the laptop of capture `id` through the manager, or, when the
+/// intercept has no owner any more, on to the app; `prefix` was read from it already.
+async fn to_laptop(router: &Router, id: u64, caller: TcpStream, prefix: &[u8], src: SocketAddr, dst: SocketAddr) {
     let opened = async {
-        let (mut send, mut recv) = conn.open_bi().await?;
+        let (mut send, mut recv) = router.conn().open_bi().await?;
         write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await?;
         let reply = read_message(&mut recv).await?;
         Ok::<_, Error>((send, recv, reply))
     };
     match opened.await {
-        Ok((send, recv, Some(Message::FlowReply { status: FlowStatus::Ok, .. }))) => {
+        Ok((mut send, recv, Some(Message::FlowReply { status: FlowStatus::Ok, .. }))) => {
+            if send.write_all(prefix).await.is_err() {
+                return relay::reset(caller);
+            }
             let end = relay::tcp(caller, send, recv, RELAY_BUFFER, |_, _| {}).await;
             debug!(?end, "captured connection ended");
         }
         Ok((_, _, Some(Message::FlowReply { status: FlowStatus::Denied, message }))) => {
             debug!(%message, "no owner: on to the app");
-            pass_through(caller, dst, ns).await;
+            pass_through(caller, prefix, dst, router.ns().clone()).await;
         }
         Ok((_, _, Some(Message::FlowReply { status, message }))) => {
             debug!(?status, %message, "the laptop did not take it: reset");
@@ -269,14 +308,14 @@ async fn handle(conn: quinn::Connection, id: u64, caller: TcpStream, src: Socket
         }
         Err(e) => {
             debug!(error = %e, "the manager is not reachable: on to the app");
-            pass_through(caller, dst, ns).await;
+            pass_through(caller, prefix, dst, router.ns().clone()).await;
         }
     }
 }
 
-/// Connects to the app at `dst` from a socket in the pod's namespace that capture lets
-/// through ([`AGENT_MARK`]), and joins the two connections.
-async fn pass_through(mut caller: TcpStream, dst: SocketAddr, ns: PathBuf) {
+/// A connection to the app at `dst` from a socket in the pod's namespace that capture
+/// lets through ([`AGENT_MARK`]).
+pub(crate) async fn connect_app(dst: SocketAddr, ns: PathBuf) -> std::io::Result<TcpStream> {
     let socket = blocking(move || {
         netns::run_in(&ns, move || {
             let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
@@ -285,14 +324,20 @@ async fn pass_through(mut caller: TcpStream, dst: SocketAddr, ns: PathBuf) {
             Ok(std::net::TcpStream::from(s))
         })
     })
-    .await;
-    let app = match socket {
-        Ok(s) => TcpSocket::from_std_stream(s).connect(dst).await,
-        Err(e) => Err(std::io::Error::other(e.to_string())),
-    };
-    match app {
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let app = TcpSocket::from_std_stream(socket).connect(dst).await?;
+    let _ = app.set_nodelay(true);
+    Ok(app)
+}
+
+/// Joins the caller to the app (`prefix` first).
+async fn pass_through(mut caller: TcpStream, prefix: &[u8], dst: SocketAddr, ns: PathBuf) {
+    match connect_app(dst, ns).await {
         Ok(mut app) => {
-            let _ = tokio::io::copy_bidirectional(&mut caller, &mut app).await;
+            if app.write_all(prefix).await.is_ok() {
+                let _ = tokio::io::copy_bidirectional(&mut caller, &mut app).await;
+            }
         }
         Err(e) => {
             debug!(error = %e, "the app did not answer: reset");

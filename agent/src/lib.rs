@@ -15,6 +15,7 @@
 //! tables an earlier one left.
 
 pub mod capture;
+pub mod http;
 pub mod netns;
 pub mod nft;
 pub mod runtime;

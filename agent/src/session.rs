@@ -1,20 +1,22 @@
 //! The agent's connection to the manager: the hello as `Role::Agent`, then `Capture`
 //! and `Release` from the manager on the control stream, each answered with a
-//! `CaptureStatus`. When the connection is lost every capture is stopped (the pods get
+//! `CaptureStatus`. Captures of the same pod port (a global intercept and personal
+//! ones) share one capture there, each a [`Route`] of it. When the connection is lost every capture is stopped (the pods get
 //! their traffic back) and the agent connects again with backoff.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tpvpn_tunnel::handshake::{ClientHandshake, ClientStep, Hello, INTERCEPT_VERSION};
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::quic::{client_config, parse_certs, SERVER_NAME};
-use tpvpn_tunnel::{Message, Role, PROTOCOL_VERSION};
+use tpvpn_tunnel::{Matchers, Message, Role, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
 use crate::capture::{self, Capture, Node, Request};
+use crate::http::Route;
 use crate::{Error, Result};
 
 /// How the agent reaches the manager.
@@ -37,7 +39,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) {
     for t in removed {
         info!(table = %t, "removed a capture table an earlier agent left");
     }
-    let mut captures: HashMap<u64, Capture> = HashMap::new();
+    let mut captures = Captures::default();
     tokio::pin!(stop);
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -56,21 +58,15 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) {
             _ = served => {}
             _ = &mut stop => break,
         }
-        release_all(&mut captures).await;
+        captures.stop_all().await;
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = &mut stop => break,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    release_all(&mut captures).await;
+    captures.stop_all().await;
     info!("stopped; every capture removed");
-}
-
-async fn release_all(captures: &mut HashMap<u64, Capture>) {
-    for (_, c) in captures.drain() {
-        c.stop().await;
-    }
 }
 
 async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStream, quinn::RecvStream))> {
@@ -128,12 +124,59 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
     }
 }
 
+/// A captured pod port: starting (the captures waiting for it), or in place.
+enum Port {
+    Starting(Vec<(u64, Matchers)>),
+    Running { capture: Capture, meshed: bool, env: Vec<(String, String)> },
+}
+
+/// What the agent captures: by pod port, and each capture id's port.
+#[derive(Default)]
+pub struct Captures {
+    ports: HashMap<(IpAddr, u16), Port>,
+    ids: HashMap<u64, (IpAddr, u16)>,
+}
+
+impl Captures {
+    async fn stop_all(&mut self) {
+        self.ids.clear();
+        for (_, p) in self.ports.drain() {
+            if let Port::Running { capture, .. } = p {
+                capture.stop().await;
+            }
+        }
+    }
+
+    /// Ends capture `id`: its route, and the port's capture once no route is left.
+    async fn release(&mut self, id: u64) {
+        let Some(key) = self.ids.remove(&id) else { return };
+        let emptied = match self.ports.get_mut(&key) {
+            Some(Port::Starting(waiting)) => {
+                waiting.retain(|(w, _)| *w != id);
+                false
+            }
+            Some(Port::Running { capture, .. }) => !capture.remove_route(id),
+            None => false,
+        };
+        if emptied {
+            if let Some(Port::Running { capture, .. }) = self.ports.remove(&key) {
+                capture.stop().await;
+                info!(id, "capture released");
+            }
+        }
+    }
+}
+
+fn ok_status(id: u64, meshed: bool, env: &[(String, String)]) -> Message {
+    Message::CaptureStatus { id, ok: true, message: String::new(), meshed, env: env.to_vec() }
+}
+
 /// Serves one connection until it is lost; why.
 async fn serve(
     config: &Config,
     conn: quinn::Connection,
     (mut send, recv): (quinn::SendStream, quinn::RecvStream),
-    captures: &mut HashMap<u64, Capture>,
+    captures: &mut Captures,
 ) -> String {
     let mut control = tpvpn_tunnel::io::frames(recv);
     // Statuses are written by one task, in the order they are produced.
@@ -146,57 +189,60 @@ async fn serve(
         }
     };
     tokio::pin!(writer);
-    // Captures start concurrently; their results come back here.
-    let (started_tx, mut started_rx) = mpsc::unbounded_channel::<(u64, Result<capture::Started>)>();
-    // Captures released while they were still starting.
-    let mut starting = std::collections::HashSet::new();
-    let mut cancelled = std::collections::HashSet::new();
+    // Ports start concurrently; their results come back here.
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel::<((IpAddr, u16), Result<capture::Started>)>();
     loop {
         tokio::select! {
             msg = control.recv() => match msg.unwrap_or(Ok(None)) {
-                Ok(Some(Message::Capture { id, pod_namespace, pod_name, pod_ip, port, host_ip, container: _, container_id })) => {
-                    if let Some(old) = captures.remove(&id) {
-                        old.stop().await;
+                Ok(Some(Message::Capture { id, pod_namespace, pod_name, pod_ip, port, host_ip, container: _, container_id, matchers })) => {
+                    captures.release(id).await;
+                    let key = (pod_ip, port);
+                    captures.ids.insert(id, key);
+                    match captures.ports.get_mut(&key) {
+                        Some(Port::Starting(waiting)) => waiting.push((id, matchers)),
+                        Some(Port::Running { capture, meshed, env }) => {
+                            capture.set_route(Route { id, matchers });
+                            let _ = status_tx.send(ok_status(id, *meshed, env));
+                        }
+                        None => {
+                            captures.ports.insert(key, Port::Starting(vec![(id, matchers)]));
+                            let req = Request { id, pod: format!("{pod_namespace}/{pod_name}"), pod_ip, port, host_ip, container_id };
+                            let (node, conn, tx) = (config.node.clone(), conn.clone(), started_tx.clone());
+                            tokio::spawn(async move {
+                                let r = capture::start(&node, conn, req).await;
+                                let _ = tx.send((key, r));
+                            });
+                        }
                     }
-                    starting.insert(id);
-                    cancelled.remove(&id);
-                    let req = Request { id, pod: format!("{pod_namespace}/{pod_name}"), pod_ip, port, host_ip, container_id };
-                    let (node, conn, tx) = (config.node.clone(), conn.clone(), started_tx.clone());
-                    tokio::spawn(async move {
-                        let r = capture::start(&node, conn, req).await;
-                        let _ = tx.send((id, r));
-                    });
                 }
-                Ok(Some(Message::Release { id })) => {
-                    if let Some(c) = captures.remove(&id) {
-                        c.stop().await;
-                        info!(id, "capture released");
-                    } else if starting.contains(&id) {
-                        cancelled.insert(id);
-                    }
-                }
+                Ok(Some(Message::Release { id })) => captures.release(id).await,
                 Ok(Some(other)) => warn!(kind = other.kind(), "unexpected message from the manager"),
                 Ok(None) => return "the manager closed the control stream".into(),
                 Err(e) => return format!("control stream: {e}"),
             },
-            Some((id, result)) = started_rx.recv() => {
-                starting.remove(&id);
-                let status = match result {
-                    Ok(s) if cancelled.remove(&id) => {
-                        s.capture.stop().await;
-                        Message::CaptureStatus { id, ok: false, message: "released while starting".into(), meshed: false, env: vec![] }
-                    }
+            Some((key, result)) = started_rx.recv() => {
+                let waiting = match captures.ports.remove(&key) {
+                    Some(Port::Starting(w)) => w,
+                    _ => Vec::new(),
+                };
+                match result {
+                    // Every capture of the port was released while it started.
+                    Ok(s) if waiting.is_empty() => s.capture.stop().await,
                     Ok(s) => {
-                        let m = Message::CaptureStatus { id, ok: true, message: String::new(), meshed: s.meshed, env: s.env };
-                        captures.insert(id, s.capture);
-                        m
+                        for (id, matchers) in waiting {
+                            s.capture.set_route(Route { id, matchers });
+                            let _ = status_tx.send(ok_status(id, s.meshed, &s.env));
+                        }
+                        captures.ports.insert(key, Port::Running { capture: s.capture, meshed: s.meshed, env: s.env });
                     }
                     Err(e) => {
-                        warn!(id, error = %e, "cannot capture");
-                        Message::CaptureStatus { id, ok: false, message: e.to_string(), meshed: false, env: vec![] }
+                        warn!(pod_ip = %key.0, port = key.1, error = %e, "cannot capture");
+                        for (id, _) in waiting {
+                            captures.ids.remove(&id);
+                            let _ = status_tx.send(Message::CaptureStatus { id, ok: false, message: e.to_string(), meshed: false, env: vec![] });
+                        }
                     }
-                };
-                let _ = status_tx.send(status);
+                }
             }
             _ = &mut writer => return "the control stream failed".into(),
             e = conn.closed() => return format!("connection closed: {e}"),

@@ -15,9 +15,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
-use tpvpn_tunnel::handshake::INTERCEPT_VERSION;
+use tpvpn_tunnel::handshake::{INTERCEPT_VERSION, PERSONAL_VERSION};
 use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::{relay, ErrorCode, FlowStatus, InterceptRow, InterceptState, Message};
+use tpvpn_tunnel::{relay, ErrorCode, FlowStatus, InterceptRow, InterceptState, Matchers, Message};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::Error;
@@ -39,6 +39,19 @@ pub struct Spec {
     pub local_port: u16,
     #[serde(default)]
     pub container: String,
+    /// A personal intercept's headers (`NAME`, `VALUE`): only requests carrying every
+    /// one (and under `path_prefix`) come here. None: every connection (global).
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    #[serde(default)]
+    pub path_prefix: String,
+}
+
+impl Spec {
+    /// What the manager and agents match requests against.
+    pub fn matchers(&self) -> Matchers {
+        Matchers { headers: self.headers.clone(), path_prefix: self.path_prefix.clone() }.canonical()
+    }
 }
 
 /// An intercept this daemon holds.
@@ -112,12 +125,19 @@ impl Intercepts {
     /// Asks the manager (protocol `version`) to intercept `spec`.
     pub async fn request(&self, conn: &quinn::Connection, version: u16, spec: Spec) -> Result<Outcome, Error> {
         supported(version)?;
+        let matchers = spec.matchers();
+        if !matchers.is_empty() && version < PERSONAL_VERSION {
+            return Err(Error::Config(format!(
+                "the manager speaks tpvpn protocol v{version}, which has no personal intercepts (--http-header, --http-path-prefix): upgrade the manager (tpvpn manager install)"
+            )));
+        }
         let req = Message::InterceptRequest {
             namespace: spec.namespace.clone(),
             service: spec.service.clone(),
             port: spec.port.clone(),
             local_port: spec.local_port,
             container: spec.container.clone(),
+            matchers,
         };
         match exchange(conn, &req).await? {
             Message::InterceptReply { id, service_port, targets, env, warnings } => {
@@ -323,6 +343,31 @@ fn retryable(e: &Error) -> bool {
     }
 }
 
+/// `NAME=VALUE` (or `NAME: VALUE`) of `--http-header`: a header name (an HTTP token)
+/// and a value of visible characters.
+pub fn parse_header(arg: &str) -> Result<(String, String), Error> {
+    let at = arg.find(['=', ':']).ok_or_else(|| Error::Config(format!("--http-header {arg}: expected NAME=VALUE")))?;
+    let (name, value) = (arg[..at].trim(), arg[at + 1..].trim());
+    let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(token) {
+        return Err(Error::Config(format!("--http-header {arg}: {name:?} is not an HTTP header name")));
+    }
+    if value.is_empty() || !value.chars().all(|c| c == ' ' || c == '\t' || c.is_ascii_graphic()) {
+        return Err(Error::Config(format!(
+            "--http-header {arg}: the value must be non-empty printable ASCII (it is compared exactly)"
+        )));
+    }
+    Ok((name.to_ascii_lowercase(), value.to_string()))
+}
+
+/// `--http-path-prefix`: a path, starting with `/`.
+pub fn check_path_prefix(prefix: &str) -> Result<(), Error> {
+    if !prefix.starts_with('/') || prefix.chars().any(|c| !c.is_ascii_graphic()) {
+        return Err(Error::Config(format!("--http-path-prefix {prefix}: expected a path starting with /")));
+    }
+    Ok(())
+}
+
 fn supported(version: u16) -> Result<(), Error> {
     if version < INTERCEPT_VERSION {
         return Err(Error::Config(format!(
@@ -372,6 +417,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn header_arguments() {
+        assert_eq!(parse_header("X-Dev=alice").unwrap(), ("x-dev".into(), "alice".into()));
+        assert_eq!(parse_header("x-dev: a=b").unwrap(), ("x-dev".into(), "a=b".into()));
+        for bad in ["x-dev", "=a", "x dev=a", "x-dev=", "x-dev=caf\u{e9}", "x(y)=1"] {
+            let e = parse_header(bad).unwrap_err().to_string();
+            assert!(e.contains("--http-header"), "{bad}: {e}");
+        }
+        assert!(check_path_prefix("/api/").is_ok());
+        assert!(check_path_prefix("api").is_err() && check_path_prefix("/a b").is_err());
+    }
+
+    #[test]
     fn held_intercepts_survive_in_the_runtime_dir() {
         let dir = std::env::temp_dir().join(format!("tpvpn-intercepts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -385,6 +442,8 @@ mod tests {
                 port: "http".into(),
                 local_port: 18888,
                 container: String::new(),
+                headers: vec![],
+                path_prefix: String::new(),
             },
             id: 3,
             service_port: 80,

@@ -158,6 +158,14 @@ enum Cmd {
         /// The container whose environment to take, when the pods have several.
         #[arg(long)]
         container: Option<String>,
+        /// A personal intercept: only HTTP requests carrying this header come here
+        /// (repeat for several; all must match); every other request keeps going to the
+        /// pods, on the same connection. Without it every connection comes here.
+        #[arg(long = "http-header", value_name = "NAME=VALUE")]
+        http_headers: Vec<String>,
+        /// A personal intercept of the requests whose path starts with this prefix.
+        #[arg(long, value_name = "PATH")]
+        http_path_prefix: Option<String>,
     },
     /// End an intercept: the Service's pods get their traffic again.
     Leave {
@@ -299,7 +307,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             }
             Ok(())
         }
-        Cmd::Intercept { service, port, namespace, env_file, env_json, container } => {
+        Cmd::Intercept { service, port, namespace, env_file, env_json, container, http_headers, http_path_prefix } => {
             let (local, service_port) = match port.split_once(':') {
                 Some((l, p)) => (l, p.to_string()),
                 None => (port.as_str(), String::new()),
@@ -309,12 +317,20 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| Error::Config(format!("--port {port}: LOCAL must be a port number (1-65535)")))?;
+            let headers =
+                http_headers.iter().map(|h| tpvpn_client::intercept::parse_header(h)).collect::<Result<Vec<_>, _>>()?;
+            let path_prefix = http_path_prefix.unwrap_or_default();
+            if !path_prefix.is_empty() {
+                tpvpn_client::intercept::check_path_prefix(&path_prefix)?;
+            }
             let spec = tpvpn_client::intercept::Spec {
                 namespace: namespace.unwrap_or_default(),
                 service,
                 port: service_port,
                 local_port,
                 container: container.unwrap_or_default(),
+                headers,
+                path_prefix,
             };
             let reply = daemon::intercept_request(&paths, tpvpn_client::control::Request::Intercept(spec))?;
             let tpvpn_client::control::Reply::Intercepted { intercepted } = reply else {
@@ -402,14 +418,28 @@ fn print_intercepted(o: &tpvpn_client::intercept::Outcome) {
         .iter()
         .map(|t| format!("{} ({}{})", t.pod, t.addr, if t.meshed { ", behind its mesh sidecar" } else { "" }))
         .collect();
+    let matchers = h.spec.matchers();
+    let what = if matchers.is_empty() { String::new() } else { format!(" for requests with {matchers}") };
     println!(
-        "intercepting {}/{} port {}: pods {} -> 127.0.0.1:{}",
+        "intercepting {}/{} port {}{what}: pods {} -> 127.0.0.1:{}",
         h.spec.namespace,
         h.spec.service,
         h.service_port,
         pods.join(", "),
         h.spec.local_port
     );
+    if !matchers.is_empty() {
+        let headers: Vec<String> = matchers.headers.iter().map(|(k, v)| format!("-H '{k}: {v}'")).collect();
+        let path = if matchers.path_prefix.is_empty() { "/".to_string() } else { matchers.path_prefix.clone() };
+        println!(
+            "callers send: {} (e.g. curl {} http://{}.{}:{}{path}); other requests keep reaching the pods",
+            matchers.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", "),
+            headers.join(" "),
+            h.spec.service,
+            h.spec.namespace,
+            h.service_port
+        );
+    }
     for w in &o.warnings {
         println!("note: {w}");
     }
@@ -475,8 +505,10 @@ fn print_status(s: &tpvpn_client::control::Status) {
         println!("  denied:      {} flows (the manager's policy or limits)", s.flows.denied);
     }
     for h in &s.intercepts {
+        let matchers = h.spec.matchers();
+        let what = if matchers.is_empty() { String::new() } else { format!(" for {matchers}") };
         println!(
-            "  intercept:   {}/{} port {} -> 127.0.0.1:{} ({} pods)",
+            "  intercept:   {}/{} port {}{what} -> 127.0.0.1:{} ({} pods)",
             h.spec.namespace,
             h.spec.service,
             h.service_port,

@@ -122,6 +122,8 @@ async fn intercepts_against_a_v1_manager_are_refused_naming_the_manager() {
         port: String::new(),
         local_port: 18888,
         container: String::new(),
+        headers: vec![],
+        path_prefix: String::new(),
     };
     let e = held.request(&s.conn, s.version, spec).await.expect_err("no intercepts in v1");
     let line = e.to_string();

@@ -56,7 +56,9 @@ async fn a_client_too_new_is_refused_naming_both_versions() {
             assert_eq!(code, tpvpn_tunnel::ErrorCode::VersionMismatch);
             assert_eq!(version, tpvpn_tunnel::PROTOCOL_VERSION, "the manager names its newest version");
             assert!(
-                message.contains("v2") && message.contains("v98") && message.contains("upgrade the manager"),
+                message.contains(&format!("v{}", tpvpn_tunnel::PROTOCOL_VERSION))
+                    && message.contains("v98")
+                    && message.contains("upgrade the manager"),
                 "{message}"
             )
         }

@@ -236,6 +236,7 @@ mod gen {
                 port: u.arbitrary()?,
                 local_port: u.arbitrary()?,
                 container: u.arbitrary()?,
+                matchers: tpvpn_tunnel::Matchers { headers: pairs(u)?, path_prefix: u.arbitrary()? },
             },
             14 => {
                 let n = u.int_in_range(0..=3)?;
@@ -280,6 +281,7 @@ mod gen {
                 host_ip: if u.arbitrary()? { Some(ip(u)?) } else { None },
                 container: u.arbitrary()?,
                 container_id: u.arbitrary()?,
+                matchers: tpvpn_tunnel::Matchers { headers: pairs(u)?, path_prefix: u.arbitrary()? },
             },
             21 => Message::Release { id: u.arbitrary()? },
             22 => Message::CaptureStatus {
@@ -508,6 +510,28 @@ pub fn stream_packets(data: &[u8]) {
     }
 }
 
+/// The agent's protocol sniffing of a captured connection's first bytes: decided once
+/// (more bytes never change a decision, however they arrive), HTTP/2 only for the
+/// preface, and every input decided by the time the longest method would have ended.
+pub fn http_sniff(data: &[u8]) {
+    use tpvpn_agent::http::{sniff, Sniff, H2_PREFACE};
+    let mut decided = None;
+    for n in 0..=data.len() {
+        let s = sniff(&data[..n]);
+        match decided {
+            Some(d) => assert_eq!(s, d, "the decision changed at {n} bytes"),
+            None if s != Sniff::NeedMore => decided = Some(s),
+            None => {}
+        }
+    }
+    if decided == Some(Sniff::Http2) {
+        assert!(data.starts_with(H2_PREFACE));
+    }
+    if data.len() > H2_PREFACE.len() && !data.starts_with(&H2_PREFACE[..data.len().min(H2_PREFACE.len())]) {
+        assert_ne!(sniff(data), Sniff::NeedMore, "undecided after {} bytes", data.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -563,6 +587,10 @@ mod tests {
                 port: "http".into(),
                 local_port: 18888,
                 container: String::new(),
+                matchers: tpvpn_tunnel::Matchers {
+                    headers: vec![("x-dev".into(), "a".into())],
+                    path_prefix: "/api".into(),
+                },
             }
             .to_vec()
             .unwrap(),
@@ -582,9 +610,12 @@ mod tests {
                 host_ip: Some("10.250.1.1".parse().unwrap()),
                 container: "nginx".into(),
                 container_id: "containerd://x".into(),
+                matchers: Default::default(),
             }
             .to_vec()
             .unwrap(),
+            b"GET /whoami HTTP/1.1\r\nHost: web\r\nx-dev: a\r\n\r\n".to_vec(),
+            tpvpn_agent::http::H2_PREFACE.to_vec(),
             Message::CaptureStatus {
                 id: 2,
                 ok: true,
@@ -658,6 +689,7 @@ mod tests {
             dns_queries(&data);
             system_texts(&data);
             stream_packets(&data);
+            http_sniff(&data);
         }
     }
 
@@ -673,6 +705,7 @@ mod tests {
             dns_queries(seed);
             system_texts(seed);
             stream_packets(seed);
+            http_sniff(seed);
         }
         for i in 0..100_000 {
             let d = if i % 4 == 0 {
@@ -688,6 +721,7 @@ mod tests {
             dns_queries(&d);
             system_texts(&d);
             stream_packets(&d);
+            http_sniff(&d);
         }
     }
 }

@@ -996,6 +996,16 @@ impl Lab {
         Ok(())
     }
 
+    /// The second laptop's namespace, once added.
+    pub fn laptop2(&self) -> Option<&str> {
+        self.laptop2.as_deref()
+    }
+
+    /// The second laptop's runtime directory.
+    pub fn runtime_dir2(&self) -> PathBuf {
+        self.dir.join("run2")
+    }
+
     /// Runs `tpvpn` on the second laptop, as user `bob`.
     pub fn tpvpn2(&self, args: &[&str]) -> Output {
         let (Some(ns), Ok(bin)) = (&self.laptop2, find_bin(&self.bin_dir, "tpvpn")) else {

@@ -39,6 +39,10 @@ pub const MESH_IP: &str = "10.96.0.91";
 /// nginx in every pod: the named port `http`, and a second port only by number.
 pub const HTTP_PORT: u16 = 8080;
 pub const ALT_PORT: u16 = 8081;
+/// nginx in every pod also speaks HTTP/2 over cleartext (prior knowledge) here.
+pub const H2_PORT: u16 = 8082;
+/// Bytes of `/big` on every lab web server (its name repeated).
+pub const BIG_LEN: usize = 1 << 20;
 /// The value of `GREETING` in the pods' environment.
 pub const GREETING: &str = "hello from the web pods";
 
@@ -131,6 +135,7 @@ impl Lab {
                 json!([
                         {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
                         {"name": "alt", "port": 81, "protocol": "TCP", "targetPort": ALT_PORT},
+                        {"name": "h2", "port": 82, "protocol": "TCP", "targetPort": H2_PORT, "appProtocol": "kubernetes.io/h2c"},
                 // For the benchmark's servers (iperf3, ping-pong), started when it runs.
                 {"name": "iperf", "port": 5201, "protocol": "TCP", "targetPort": 5201},
                 {"name": "pingpong", "port": 9100, "protocol": "TCP", "targetPort": 9100},
@@ -160,23 +165,23 @@ impl Lab {
     /// Starts nginx in the laptop namespace on `127.0.0.1:PORT`, answering `body` (the
     /// developer's local server an intercept sends to).
     pub fn start_laptop_web(&mut self, port: u16, body: &str) -> Result<()> {
-        let dir = self.dir.join(format!("laptop-web-{port}"));
-        fs::create_dir_all(dir.join("www"))?;
-        fs::create_dir_all(dir.join("tmp"))?;
-        fs::write(dir.join("www/index.html"), body)?;
-        let d = dir.display();
-        let conf = format!(
-            "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
-             fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  \
-             server {{\n    listen 127.0.0.1:{port};\n    root {d}/www;\n    index index.html;\n  }}\n}}\n"
-        );
-        fs::write(dir.join("nginx.conf"), conf)?;
-        let (c, e) = (dir.join("nginx.conf").display().to_string(), format!("{d}/nginx.err"));
         let laptop = self.laptop.clone();
-        self.spawn_in(&laptop, &format!("laptop-web-{port}"), &["nginx", "-c", &c, "-p", &d.to_string(), "-e", &e])?;
-        self.wait_listening(&laptop, port)
+        self.start_web_in(&laptop, port, None, body)
+    }
+
+    /// Starts nginx in namespace `ns` on `127.0.0.1:PORT` (and HTTP/2 over cleartext on
+    /// `h2_port`), answering `body` on `/`, `/whoami` with what it received, `/big`.
+    pub fn start_web_in(&mut self, ns: &str, port: u16, h2_port: Option<u16>, body: &str) -> Result<()> {
+        let dir = self.dir.join(format!("web-{ns}-{port}"));
+        let mut listen = format!("listen 127.0.0.1:{port};");
+        if let Some(h2) = h2_port {
+            listen += &format!("\n    listen 127.0.0.1:{h2} http2;");
+        }
+        write_web_conf(&dir, body.trim_end(), &listen)?;
+        let (c, d) = (dir.join("nginx.conf").display().to_string(), dir.display().to_string());
+        let e = format!("{d}/nginx.err");
+        self.spawn_in(ns, &format!("web-{ns}-{port}"), &["nginx", "-c", &c, "-p", &d, "-e", &e])?;
+        self.wait_listening(ns, port)
     }
 
     /// Starts the lab's sink and source servers in the laptop namespace on loopback.
@@ -226,16 +231,9 @@ impl Lab {
         let dir = self.dir.join("pods").join(&spec.name);
         fs::create_dir_all(dir.join("www"))?;
         fs::create_dir_all(dir.join("tmp"))?;
-        fs::write(dir.join("www/index.html"), format!("pod {}\n", spec.name))?;
+        let listen = format!("listen {HTTP_PORT};\n    listen {ALT_PORT};\n    listen {H2_PORT} http2;");
+        write_web_conf(&dir, &format!("pod {}", spec.name), &listen)?;
         let d = dir.display();
-        let conf = format!(
-            "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
-             fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  \
-             server {{\n    listen {HTTP_PORT};\n    listen {ALT_PORT};\n    root {d}/www;\n    index index.html;\n  }}\n}}\n"
-        );
-        fs::write(dir.join("nginx.conf"), conf)?;
         let env = resolved_env(&spec.name);
         let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut cmd: Vec<String> = vec!["env".into(), "-i".into()];
@@ -264,7 +262,8 @@ impl Lab {
             "metadata": {"name": spec.name, "namespace": "default", "labels": {"app": spec.app}},
             "spec": {"nodeName": NODE_NAME, "containers": [{"name": "nginx", "image": "nginx:1.22",
                 "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
-                          {"containerPort": ALT_PORT, "protocol": "TCP"}],
+                          {"containerPort": ALT_PORT, "protocol": "TCP"},
+                          {"containerPort": H2_PORT, "protocol": "TCP"}],
                 "env": env_spec()}]},
             "status": {"phase": "Running", "hostIP": NODE_IP, "podIP": spec.ip, "podIPs": [{"ip": spec.ip}],
                 "conditions": [{"type": "Ready", "status": "True"}],
@@ -454,6 +453,30 @@ fn nft(ns: &str, rules: &str) -> Result<()> {
     if !out.status.success() {
         bail!("nft in {ns} failed: {}\n{rules}", String::from_utf8_lossy(&out.stderr).trim());
     }
+    Ok(())
+}
+
+/// Writes `DIR/nginx.conf` and `DIR/www` for a lab web server named `name`: `/` answers
+/// the name, `/whoami` the name and what the request carried (Host, path,
+/// `X-Forwarded-For`, `x-dev`, body length), `/big` [`BIG_LEN`] bytes of the name
+/// repeated.
+fn write_web_conf(dir: &std::path::Path, name: &str, listen: &str) -> Result<()> {
+    fs::create_dir_all(dir.join("www"))?;
+    fs::create_dir_all(dir.join("tmp"))?;
+    fs::write(dir.join("www/index.html"), format!("{name}\n"))?;
+    let line = format!("{name}\n");
+    let big: Vec<u8> = line.as_bytes().iter().copied().cycle().take(BIG_LEN).collect();
+    fs::write(dir.join("www/big"), big)?;
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1;\nmaster_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log {d}/nginx.err;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_max_body_size 64m;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
+         fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  \
+         server {{\n    {listen}\n    root {d}/www;\n    index index.html;\n    \
+         location = /whoami {{ default_type text/plain; return 200 \"{name} host=$host uri=$request_uri xff=$http_x_forwarded_for dev=$http_x_dev len=$content_length\\n\"; }}\n  }}\n}}\n"
+    );
+    fs::write(dir.join("nginx.conf"), conf)?;
     Ok(())
 }
 

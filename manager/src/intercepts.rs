@@ -1,8 +1,12 @@
 //! Intercepts: who holds which Service port, what each node agent captures for it, and
 //! the way of each captured connection to the owning client.
 //!
-//! State is soft and owned by live sessions. One global intercept per Service port; a
-//! second client is refused with the holder named. When the owning client's connection
+//! State is soft and owned by live sessions. Per Service port at most one global
+//! intercept and any number of personal ones (HTTP requests matching their
+//! [`Matchers`]), each client holding at most one intercept of a port; a second client
+//! asking for the same matchers is refused with the holder named. The agent combines
+//! the captures of one pod port and routes per request (a personal match, then the
+//! global intercept, then the pod). When the owning client's connection
 //! ends, its captures are released at once (the pods get their traffic back) and the
 //! claim is kept for [`RECLAIM`]: the same client (its `client_id`) asking again within
 //! that time gets it back, anyone else is refused until it lapses. Pods that become
@@ -17,7 +21,8 @@ use std::time::{Duration, Instant, SystemTime};
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::runtime::reflector::{ObjectRef, Store};
 use tokio::sync::{mpsc, oneshot, watch};
-use tpvpn_tunnel::{ErrorCode, InterceptRow, InterceptState, InterceptTarget, Message};
+use tpvpn_tunnel::handshake::PERSONAL_VERSION;
+use tpvpn_tunnel::{ErrorCode, InterceptRow, InterceptState, InterceptTarget, Matchers, Message};
 use tracing::{info, warn};
 
 use crate::targets::{self, PodTarget, ServicePort};
@@ -64,6 +69,8 @@ pub struct Request {
     pub port: String,
     pub local_port: u16,
     pub container: String,
+    /// Canonical ([`Matchers::canonical`]); empty for a global intercept.
+    pub matchers: Matchers,
 }
 
 /// What the agent said about one capture.
@@ -76,6 +83,7 @@ struct Captured {
 struct CaptureState {
     intercept: u64,
     target: PodTarget,
+    matchers: Matchers,
     waiter: Option<oneshot::Sender<Result<Captured, String>>>,
 }
 
@@ -94,6 +102,7 @@ struct Intercept {
     port: ServicePort,
     container: String,
     local_port: u16,
+    matchers: Matchers,
     owner_key: Vec<u8>,
     owner_who: String,
     owner: Owner,
@@ -124,6 +133,7 @@ struct ClientLink {
 
 struct AgentLink {
     session: u64,
+    version: u16,
     tx: mpsc::UnboundedSender<Message>,
 }
 
@@ -188,9 +198,9 @@ impl Hub {
     }
 
     /// An agent connected for `node`: it gets every capture of its node.
-    pub fn agent_connected(&self, node: &str, session: u64, tx: mpsc::UnboundedSender<Message>) {
+    pub fn agent_connected(&self, node: &str, session: u64, version: u16, tx: mpsc::UnboundedSender<Message>) {
         let mut r = self.lock();
-        r.agents.insert(node.to_string(), AgentLink { session, tx });
+        r.agents.insert(node.to_string(), AgentLink { session, version, tx });
         let resend: Vec<Message> =
             r.captures.iter().filter(|(_, c)| c.target.node == node).map(|(id, c)| capture_message(*id, c)).collect();
         if let Some(a) = r.agents.get(node) {
@@ -294,7 +304,11 @@ impl Hub {
             }
         }
         if let Some(old) = &previous {
-            warnings.push(format!("re-claimed (held since {})", utc(old.since)));
+            warnings.push(if old.matchers == i.matchers {
+                format!("re-claimed (held since {})", utc(old.since))
+            } else {
+                format!("replaces your intercept of this port for {}", old.matchers)
+            });
         }
         info!(service = %format!("{}/{}", i.namespace, i.service), port = i.port.port, who = %i.owner_who, local_port = i.local_port, pods = targets.len(), "intercepted");
         Ok(Message::InterceptReply { id, service_port: i.port.port, targets, env, warnings })
@@ -328,32 +342,41 @@ impl Hub {
         let mut r = self.lock();
         let me = r.clients.get(&session).ok_or_else(|| refuse(ErrorCode::Unavailable, "the session ended"))?;
         let (key, who) = (me.key.clone(), me.who.clone());
+        let on_port =
+            |i: &Intercept| i.namespace == req.namespace && i.service == req.service && i.port.port == port.port;
+        // Someone else holding these very matchers (for a global intercept: none).
+        if let Some(i) = r.intercepts.values().find(|i| on_port(i) && i.matchers == req.matchers && i.owner_key != key)
+        {
+            let gone = match i.owner {
+                Owner::Dormant(until) => format!(
+                    " (disconnected; released in {}s unless it reconnects)",
+                    until.saturating_duration_since(Instant::now()).as_secs()
+                ),
+                Owner::Connected(_) => String::new(),
+            };
+            let what = if req.matchers.is_empty() { String::new() } else { format!(" for {}", req.matchers) };
+            return Err(refuse(
+                ErrorCode::Conflict,
+                format!(
+                    "{ns_name} port {}{what} is intercepted by {} since {}{gone}",
+                    port.port,
+                    i.owner_who,
+                    utc(i.since)
+                ),
+            ));
+        }
+        // This client's own intercept of the port, which the new one replaces.
         let existing = r
             .intercepts
             .iter()
-            .find(|(_, i)| i.namespace == req.namespace && i.service == req.service && i.port.port == port.port)
-            .map(|(id, i)| (*id, i.owner_key == key, i.owner_who.clone(), i.since, i.owner));
-        if let Some((_, mine, holder, since, owner)) = &existing {
-            if !mine {
-                let gone = match owner {
-                    Owner::Dormant(until) => format!(
-                        " (disconnected; released in {}s unless it reconnects)",
-                        until.saturating_duration_since(Instant::now()).as_secs()
-                    ),
-                    Owner::Connected(_) => String::new(),
-                };
+            .find(|(_, i)| on_port(i) && i.owner_key == key)
+            .map(|(id, i)| (*id, i.owner, i.matchers == req.matchers));
+        if let Some((_, Owner::Connected(s), _)) = existing {
+            if s != session && r.clients.contains_key(&s) {
                 return Err(refuse(
-                    ErrorCode::Conflict,
-                    format!("{ns_name} port {} is intercepted by {holder} since {}{gone}", port.port, utc(*since)),
+                    ErrorCode::Unavailable,
+                    format!("{ns_name} port {} is held by this client's earlier connection, still open; try again once it is gone", port.port),
                 ));
-            }
-            if let Owner::Connected(s) = owner {
-                if *s != session && r.clients.contains_key(s) {
-                    return Err(refuse(
-                        ErrorCode::Unavailable,
-                        format!("{ns_name} port {} is held by this client's earlier connection, still open; try again once it is gone", port.port),
-                    ));
-                }
             }
         }
         let selected = targets::selected(&svc, &pods);
@@ -380,11 +403,26 @@ impl Hub {
                 ),
             ));
         }
+        if !req.matchers.is_empty() {
+            let old = pod_targets.iter().find_map(|t| {
+                r.agents.get(&t.node).filter(|a| a.version < PERSONAL_VERSION).map(|a| (&t.node, a.version))
+            });
+            if let Some((node, version)) = old {
+                return Err(refuse(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "the tpvpn agent on node {node} speaks protocol v{version}, which has no personal intercepts (--http-header): upgrade the agents (tpvpn manager install)"
+                    ),
+                ));
+            }
+        }
+        let (tls, number) = (!req.matchers.is_empty() && port.looks_like_tls(), port.port);
         // Every check passed: the old claim (this client's) gives way to the new one.
         let previous = existing.and_then(|(old, ..)| {
             r.release_captures(old);
             r.intercepts.remove(&old)
         });
+        let reclaimed = existing.is_some_and(|(.., same)| same);
         r.next += 1;
         let id = r.next;
         r.intercepts.insert(
@@ -395,10 +433,11 @@ impl Hub {
                 port,
                 container: req.container.clone(),
                 local_port: req.local_port,
+                matchers: req.matchers.clone(),
                 owner_key: key,
                 owner_who: who,
                 owner: Owner::Connected(session),
-                since: previous.as_ref().map_or_else(SystemTime::now, |p| p.since),
+                since: previous.as_ref().filter(|_| reclaimed).map_or_else(SystemTime::now, |p| p.since),
                 captures: HashMap::new(),
             },
         );
@@ -409,7 +448,12 @@ impl Hub {
             r.add_capture(id, t, Some(tx));
             waiting.push((pod, rx));
         }
-        let warnings = skipped.into_iter().map(|why| format!("not captured: {why}")).collect();
+        let mut warnings: Vec<String> = skipped.into_iter().map(|why| format!("not captured: {why}")).collect();
+        if tls {
+            warnings.push(format!(
+                "port {number} looks like TLS: personal intercepts route cleartext HTTP only, TLS connections reach the pods untouched"
+            ));
+        }
         Ok(Planned { id, waiting, previous, warnings })
     }
 
@@ -474,7 +518,11 @@ impl Hub {
                         namespace: ns.clone(),
                         service: name.clone(),
                         state: InterceptState::Intercepted,
-                        holder: i.owner_who.clone(),
+                        holder: if i.matchers.is_empty() {
+                            i.owner_who.clone()
+                        } else {
+                            format!("{} for {}", i.owner_who, i.matchers)
+                        },
                         port: i.port.port,
                         since: i.since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                         mine: i.owner_key == key,
@@ -572,7 +620,8 @@ impl Registry {
         self.next += 1;
         let id = self.next;
         let pod = target.name.clone();
-        let state = CaptureState { intercept, target, waiter };
+        let matchers = self.intercepts.get(&intercept).map(|i| i.matchers.clone()).unwrap_or_default();
+        let state = CaptureState { intercept, target, matchers, waiter };
         match self.agents.get(&state.target.node) {
             Some(a) => {
                 let _ = a.tx.send(capture_message(id, &state));
@@ -617,6 +666,7 @@ fn capture_message(id: u64, c: &CaptureState) -> Message {
         host_ip: c.target.host_ip,
         container: c.target.container.clone(),
         container_id: c.target.container_id.clone(),
+        matchers: c.matchers.clone(),
     }
 }
 

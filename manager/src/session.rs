@@ -362,7 +362,7 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hu
     let id = hub.session_id();
     if let Role::Agent { node } = &peer.role {
         info!(version = peer.version, %node, "agent authenticated");
-        return agent_session(conn, id, node.clone(), (send, recv), hub, grant).await;
+        return agent_session(conn, id, (node.clone(), peer.version), (send, recv), hub, grant).await;
     }
     let mut catalog = config.views.catalog.clone();
     let version = peer.version;
@@ -471,14 +471,14 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 async fn agent_session(
     conn: quinn::Connection,
     id: u64,
-    node: String,
+    (node, version): (String, u16),
     (mut send, recv): (quinn::SendStream, quinn::RecvStream),
     hub: Arc<Hub>,
     mut grant: tpvpn_tunnel::quic::StreamGrant,
 ) -> Result<(), Error> {
     let mut control = tpvpn_tunnel::io::frames(recv);
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-    hub.agent_connected(&node, id, tx);
+    hub.agent_connected(&node, id, version, tx);
     let _registered = OnDrop(|| hub.agent_gone(&node, id));
     let _writer = AbortOnDrop(tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -686,8 +686,15 @@ fn table_frames(rows: Vec<tpvpn_tunnel::InterceptRow>) -> Vec<Message> {
 
 async fn intercept_request(ctx: &Ctx, request: Message) -> Result<Message, crate::intercepts::Refusal> {
     match request {
-        Message::InterceptRequest { namespace, service, port, local_port, container } => {
-            let req = crate::intercepts::Request { namespace, service, port, local_port, container };
+        Message::InterceptRequest { namespace, service, port, local_port, container, matchers } => {
+            let req = crate::intercepts::Request {
+                namespace,
+                service,
+                port,
+                local_port,
+                container,
+                matchers: matchers.canonical(),
+            };
             ctx.hub.intercept(ctx.session, req).await
         }
         Message::Leave { namespace, service } => {

@@ -17,6 +17,20 @@ pub struct ServicePort {
     pub name: String,
     /// Absent: the same number as `port`.
     pub target: IntOrString,
+    /// `appProtocol`, or empty.
+    pub app_protocol: String,
+}
+
+impl ServicePort {
+    /// Whether the port looks like it carries TLS (its number, name or `appProtocol`),
+    /// which personal intercepts cannot read.
+    pub fn looks_like_tls(&self) -> bool {
+        let name = self.name.to_ascii_lowercase();
+        let app = self.app_protocol.to_ascii_lowercase();
+        self.port == 443
+            || ["https", "tls", "grpcs", "wss"].iter().any(|t| name == *t || name.starts_with(&format!("{t}-")))
+            || ["https", "tls", "kubernetes.io/wss"].contains(&app.as_str())
+    }
 }
 
 /// One pod to capture.
@@ -113,6 +127,7 @@ pub fn service_port(svc: &Service, spec: &str) -> Result<ServicePort, Why> {
         port,
         name: found.name.clone().unwrap_or_default(),
         target: found.target_port.clone().unwrap_or(IntOrString::Int(found.port)),
+        app_protocol: found.app_protocol.clone().unwrap_or_default(),
     })
 }
 
@@ -272,7 +287,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             service_port(&one, "").unwrap(),
-            ServicePort { port: 9, name: String::new(), target: IntOrString::Int(9) }
+            ServicePort { port: 9, name: String::new(), target: IntOrString::Int(9), app_protocol: String::new() }
         );
     }
 

@@ -267,6 +267,50 @@ pub struct InterceptTarget {
     pub meshed: bool,
 }
 
+/// What a personal intercept takes (protocol v3): the HTTP requests carrying every
+/// header given (name case-insensitive, value exact) whose path starts with
+/// `path_prefix`. Empty: a global intercept (the whole connection, any protocol).
+///
+/// On the wire it trails [`Message::InterceptRequest`] and [`Message::Capture`], and
+/// only when not empty, so that a v2 peer's frames read as before; it is never sent to
+/// a v2 peer, which would refuse the trailing bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Matchers {
+    pub headers: Vec<(String, String)>,
+    pub path_prefix: String,
+}
+
+impl Matchers {
+    /// A global intercept's.
+    pub fn is_empty(&self) -> bool {
+        self.headers.is_empty() && self.path_prefix.is_empty()
+    }
+
+    /// The same matchers written in one canonical order (header names lower case,
+    /// sorted): two requests for the same traffic compare equal.
+    pub fn canonical(&self) -> Matchers {
+        let mut headers: Vec<(String, String)> =
+            self.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+        headers.sort();
+        headers.dedup();
+        Matchers { headers, path_prefix: self.path_prefix.clone() }
+    }
+}
+
+impl std::fmt::Display for Matchers {
+    /// `x-dev: alice, path /api`, or `all traffic`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_empty() {
+            return f.write_str("all traffic");
+        }
+        let mut parts: Vec<String> = self.headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        if !self.path_prefix.is_empty() {
+            parts.push(format!("path {}*", self.path_prefix));
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
 /// One Service's intercept state, for `tpvpn list`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterceptRow {
@@ -365,7 +409,15 @@ pub enum Message {
     },
     /// First frame of a stream a client opens to intercept a Service port. `port` is a
     /// port name or number, or empty for a Service's only port.
-    InterceptRequest { namespace: String, service: String, port: String, local_port: u16, container: String },
+    /// `matchers` (v3) make it personal.
+    InterceptRequest {
+        namespace: String,
+        service: String,
+        port: String,
+        local_port: u16,
+        container: String,
+        matchers: Matchers,
+    },
     /// The manager's answer: capture is in place on every target.
     InterceptReply {
         id: u64,
@@ -400,6 +452,8 @@ pub enum Message {
         /// its environment.
         container: String,
         container_id: String,
+        /// A personal intercept's (v3): the agent routes per request.
+        matchers: Matchers,
     },
     /// Manager to agent: stop capture `id`.
     Release { id: u64 },
@@ -543,6 +597,7 @@ impl Message {
                 port: r.string16("port")?,
                 local_port: r.u16()?,
                 container: r.string16("container")?,
+                matchers: r.matchers()?,
             },
             ty::INTERCEPT_REPLY => {
                 let id = r.u64()?;
@@ -596,6 +651,7 @@ impl Message {
                 },
                 container: r.string16("container")?,
                 container_id: r.string16("container id")?,
+                matchers: r.matchers()?,
             },
             ty::RELEASE => Message::Release { id: r.u64()? },
             ty::CAPTURE_STATUS => Message::CaptureStatus {
@@ -737,12 +793,13 @@ impl Message {
                 out.extend_from_slice(&features.to_be_bytes());
                 ty::SERVER_INFO
             }
-            Message::InterceptRequest { namespace, service, port, local_port, container } => {
+            Message::InterceptRequest { namespace, service, port, local_port, container, matchers } => {
                 put_bytes16(out, &mut cut, namespace.as_bytes());
                 put_bytes16(out, &mut cut, service.as_bytes());
                 put_bytes16(out, &mut cut, port.as_bytes());
                 out.extend_from_slice(&local_port.to_be_bytes());
                 put_bytes16(out, &mut cut, container.as_bytes());
+                put_matchers(out, &mut cut, matchers);
                 ty::INTERCEPT_REQUEST
             }
             Message::InterceptReply { id, service_port, targets, env, warnings } => {
@@ -789,7 +846,17 @@ impl Message {
                 }
                 ty::INTERCEPT_TABLE
             }
-            Message::Capture { id, pod_namespace, pod_name, pod_ip, port, host_ip, container, container_id } => {
+            Message::Capture {
+                id,
+                pod_namespace,
+                pod_name,
+                pod_ip,
+                port,
+                host_ip,
+                container,
+                container_id,
+                matchers,
+            } => {
                 out.extend_from_slice(&id.to_be_bytes());
                 put_bytes16(out, &mut cut, pod_namespace.as_bytes());
                 put_bytes16(out, &mut cut, pod_name.as_bytes());
@@ -804,6 +871,7 @@ impl Message {
                 }
                 put_bytes16(out, &mut cut, container.as_bytes());
                 put_bytes16(out, &mut cut, container_id.as_bytes());
+                put_matchers(out, &mut cut, matchers);
                 ty::CAPTURE
             }
             Message::Release { id } => {
@@ -900,6 +968,15 @@ fn put_pairs(out: &mut Vec<u8>, cut: &mut bool, pairs: &[(String, String)]) {
     for (k, v) in pairs {
         put_bytes16(out, cut, k.as_bytes());
         put_bytes16(out, cut, v.as_bytes());
+    }
+}
+
+/// Trailing matchers: nothing for none (a v2 frame), else the headers as pairs and the
+/// path prefix.
+fn put_matchers(out: &mut Vec<u8>, cut: &mut bool, m: &Matchers) {
+    if !m.is_empty() {
+        put_pairs(out, cut, &m.headers);
+        put_bytes16(out, cut, m.path_prefix.as_bytes());
     }
 }
 
@@ -1057,6 +1134,18 @@ impl<'a> Reader<'a> {
         Ok(v)
     }
 
+    /// Trailing matchers (see [`put_matchers`]); a frame that ends here has none.
+    fn matchers(&mut self) -> Result<Matchers> {
+        if self.is_empty() {
+            return Ok(Matchers::default());
+        }
+        let m = Matchers { headers: self.pairs("matcher header")?, path_prefix: self.string16("path prefix")? };
+        if m.is_empty() {
+            return Err(Error::Malformed { what: "matchers: present but empty" });
+        }
+        Ok(m)
+    }
+
     fn pairs(&mut self, what: &'static str) -> Result<Vec<(String, String)>> {
         let n = self.u16()?;
         let mut v = Vec::with_capacity(usize::from(n).min(256));
@@ -1194,6 +1283,15 @@ mod tests {
                 port: "http".into(),
                 local_port: 18888,
                 container: String::new(),
+                matchers: Matchers::default(),
+            },
+            Message::InterceptRequest {
+                namespace: "default".into(),
+                service: "web".into(),
+                port: String::new(),
+                local_port: 1,
+                container: "c".into(),
+                matchers: Matchers { headers: vec![("x-dev".into(), "alice".into())], path_prefix: "/api".into() },
             },
             Message::InterceptReply {
                 id: 42,
@@ -1244,6 +1342,7 @@ mod tests {
                 host_ip: Some("10.250.1.1".parse().unwrap()),
                 container: "nginx".into(),
                 container_id: "containerd://abc".into(),
+                matchers: Matchers::default(),
             },
             Message::Capture {
                 id: 6,
@@ -1254,6 +1353,7 @@ mod tests {
                 host_ip: None,
                 container: String::new(),
                 container_id: String::new(),
+                matchers: Matchers { headers: vec![], path_prefix: "/p".into() },
             },
             Message::Release { id: 5 },
             Message::CaptureStatus {

@@ -18,15 +18,18 @@
 //! | --- | --- |
 //! | 1 | flows, DNS, cluster pushes |
 //! | 2 | the info frames (identity, client id, features), intercepts, node agents |
+//! | 3 | personal intercepts: [`crate::Matchers`] trailing `InterceptRequest` and `Capture` |
 
 use crate::frame::{ClusterInfo, ErrorCode, Message, Role};
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// The first version with intercepts (and the info frames).
 pub const INTERCEPT_VERSION: u16 = 2;
+/// The first version with personal intercepts (per-request routing by the agent).
+pub const PERSONAL_VERSION: u16 = 3;
 
 /// Feature bit: the manager serves intercepts (it may run without agents).
 pub const FEATURE_INTERCEPTS: u64 = 1 << 0;

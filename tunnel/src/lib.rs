@@ -41,8 +41,8 @@ pub mod relay;
 pub mod stream;
 
 pub use frame::{
-    ClusterInfo, ErrorCode, FlowStatus, InterceptRow, InterceptState, InterceptTarget, Message, Protocol, Role,
-    ServiceInfo, ServicePort, UdpRecord, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD,
+    ClusterInfo, ErrorCode, FlowStatus, InterceptRow, InterceptState, InterceptTarget, Matchers, Message, Protocol,
+    Role, ServiceInfo, ServicePort, UdpRecord, FRAME_HEADER_LEN, MAX_FRAME_PAYLOAD,
 };
 pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 

@@ -1,0 +1,564 @@
+//! Personal intercepts (protocol v3): a captured pod port routed per HTTP request.
+//!
+//! A pod port may be taken by several intercepts at once: at most one global (every
+//! connection) and any number of personal ones (requests matching their
+//! [`Matchers`]). While only a global one holds it, a captured connection goes whole to
+//! its laptop (as in v2, any protocol). Once a personal one holds it, the first bytes
+//! of each connection are read ([`sniff`]): an HTTP/1.x request line or the HTTP/2
+//! preface is served by hyper, and every request (every HTTP/2 stream) is sent where
+//! its headers say: the most specific personal intercept that matches, else the global
+//! one, else the pod's own server. Anything else (TLS, a binary protocol, a caller that
+//! says nothing for [`SNIFF_TIMEOUT`]) goes whole to the global intercept or the pod,
+//! untouched.
+//!
+//! Upstream connections are pooled per destination and protocol: to the pod ([`Router`]
+//! keeps them, for every caller) from a socket in its namespace that capture lets
+//! through (the agent's mark); to a laptop (kept per caller connection: a laptop that
+//! vanished must not hold up the next caller's requests) over a tunnel stream (`InterceptOpen` with the personal intercept's capture
+//! id, the manager's `FlowReply`, then a byte stream to the laptop's server). Requests
+//! pass with their method, path, `Host` and every header unchanged (HTTP/1 header case
+//! kept), plus the caller's address in `X-Forwarded-For`. An `Upgrade` (WebSocket)
+//! answered with 101 joins the two upgraded connections. A laptop whose intercept has
+//! no owner any more (`FlowReply` denied) gives its requests to the pod.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderValue, UPGRADE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tpvpn_tunnel::io::{read_message, write_message};
+use tpvpn_tunnel::{FlowStatus, Matchers, Message};
+use tracing::debug;
+
+/// The HTTP/2 connection preface.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How long a captured connection may take to show its first bytes.
+pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest method name taken for HTTP.
+const METHOD_MAX: usize = 20;
+/// Idle HTTP/1 connections kept per destination.
+const POOL_MAX: usize = 32;
+/// How long a laptop may take to answer for a request's connection.
+const LAPTOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the first bytes of a connection are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniff {
+    /// Too few bytes to tell.
+    NeedMore,
+    /// An HTTP/1.x request line.
+    Http1,
+    /// The HTTP/2 preface (prior knowledge, as h2c and gRPC clients send it).
+    Http2,
+    /// Anything else (a TLS handshake, another protocol).
+    Other,
+}
+
+/// Classifies the first bytes of a connection. Only tells the protocol apart: hyper
+/// parses. Once it is not [`Sniff::NeedMore`], more bytes never change the answer.
+pub fn sniff(b: &[u8]) -> Sniff {
+    if b.is_empty() {
+        return Sniff::NeedMore;
+    }
+    let n = b.len().min(H2_PREFACE.len());
+    if b[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() { Sniff::Http2 } else { Sniff::NeedMore };
+    }
+    // A method (an upper-case token), one space, and a request target.
+    for (i, &c) in b.iter().enumerate().take(METHOD_MAX + 1) {
+        if c == b' ' {
+            return match (i, b.get(i + 1)) {
+                (0, _) => Sniff::Other,
+                (_, None) => Sniff::NeedMore,
+                (_, Some(t)) if *t == b'/' || *t == b'*' || t.is_ascii_alphanumeric() => Sniff::Http1,
+                _ => Sniff::Other,
+            };
+        }
+        if !(c.is_ascii_uppercase() || c == b'-' || c == b'_') {
+            return Sniff::Other;
+        }
+    }
+    if b.len() > METHOD_MAX {
+        Sniff::Other
+    } else {
+        Sniff::NeedMore
+    }
+}
+
+/// Reads from `caller` until [`sniff`] can tell (or [`SNIFF_TIMEOUT`], or the end:
+/// then it is [`Sniff::Other`]); the bytes read, to be passed on first.
+pub async fn read_prefix(caller: &mut TcpStream) -> (Sniff, Vec<u8>) {
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
+    loop {
+        let s = sniff(&buf);
+        if s != Sniff::NeedMore {
+            return (s, buf);
+        }
+        let mut chunk = [0u8; 2048];
+        match tokio::time::timeout_at(deadline, caller.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return (Sniff::Other, buf),
+        }
+    }
+}
+
+/// One intercept of a pod port, as the agent routes to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The manager's capture id (what `InterceptOpen` names).
+    pub id: u64,
+    pub matchers: Matchers,
+}
+
+/// Whether a request with `headers` and `path` matches: every header has a value equal
+/// to the matcher's (names are case-insensitive), and the path starts with the prefix.
+pub fn matches(m: &Matchers, headers: &HeaderMap, path: &str) -> bool {
+    m.headers
+        .iter()
+        .all(|(name, value)| headers.get_all(name.as_str()).iter().any(|v| v.as_bytes() == value.as_bytes()))
+        && path.starts_with(&m.path_prefix)
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dest {
+    /// The pod's own server.
+    Pod,
+    /// The laptop of capture `id`.
+    Laptop(u64),
+}
+
+/// A request's destination: the first personal route that matches (routes are kept most
+/// specific first), else the global one, else the pod.
+pub fn choose(routes: &[Route], headers: &HeaderMap, path: &str) -> Dest {
+    routes
+        .iter()
+        .find(|r| !r.matchers.is_empty() && matches(&r.matchers, headers, path))
+        .or_else(|| routes.iter().find(|r| r.matchers.is_empty()))
+        .map_or(Dest::Pod, |r| Dest::Laptop(r.id))
+}
+
+/// Why an upstream connection could not be had.
+#[derive(Debug)]
+enum DialError {
+    /// The intercept has no owner any more: the request belongs to the pod.
+    NoOwner,
+    Failed(String),
+}
+
+impl std::fmt::Display for DialError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DialError::NoOwner => f.write_str("the intercept has no owner"),
+            DialError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Incoming>),
+    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+type Body = Either<Incoming, Full<Bytes>>;
+
+/// The routes of one captured pod port and its upstream connections.
+pub struct Router {
+    conn: quinn::Connection,
+    /// The pod's network namespace (where pod connections are made from).
+    ns: PathBuf,
+    routes: RwLock<Vec<Route>>,
+    /// Connections to the pod.
+    pools: Pools,
+}
+
+/// Upstream connections by destination and protocol (HTTP/2 or not).
+#[derive(Default)]
+struct Pools(Mutex<HashMap<(Dest, bool), Vec<Sender>>>);
+
+impl Pools {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Dest, bool), Vec<Sender>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection that can take a request now: HTTP/2 shared, HTTP/1 taken out.
+    fn take(&self, dest: Dest, h2: bool) -> Option<Sender> {
+        let mut pools = self.lock();
+        let list = pools.get_mut(&(dest, h2))?;
+        list.retain(|s| !s.is_closed());
+        let i = list.iter().position(|s| match s {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(_) => true,
+        })?;
+        match &list[i] {
+            Sender::H2(s) => Some(Sender::H2(s.clone())),
+            Sender::H1(_) => Some(list.swap_remove(i)),
+        }
+    }
+
+    fn put(&self, dest: Dest, h2: bool, s: Sender) {
+        let mut pools = self.lock();
+        let list = pools.entry((dest, h2)).or_default();
+        if list.len() < POOL_MAX && !s.is_closed() {
+            list.push(s);
+        }
+    }
+}
+
+impl Router {
+    pub fn new(conn: quinn::Connection, ns: PathBuf) -> Arc<Router> {
+        Arc::new(Router { conn, ns, routes: RwLock::default(), pools: Pools::default() })
+    }
+
+    pub fn conn(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    pub fn ns(&self) -> &PathBuf {
+        &self.ns
+    }
+
+    /// Adds (or replaces) route `id`; routes with more matchers come first.
+    pub fn set_route(&self, route: Route) {
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        routes.retain(|r| r.id != route.id);
+        routes.push(route);
+        routes.sort_by_key(|r| {
+            std::cmp::Reverse(r.matchers.headers.len() + usize::from(!r.matchers.path_prefix.is_empty()))
+        });
+    }
+
+    /// Removes route `id`; whether any is left.
+    pub fn remove_route(&self, id: u64) -> bool {
+        let mut routes = self.routes.write().unwrap_or_else(|e| e.into_inner());
+        routes.retain(|r| r.id != id);
+        !routes.is_empty()
+    }
+
+    /// The global route's capture id, and whether any personal route is in place.
+    pub fn snapshot(&self) -> (Option<u64>, bool) {
+        let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+        (routes.iter().find(|r| r.matchers.is_empty()).map(|r| r.id), routes.iter().any(|r| !r.matchers.is_empty()))
+    }
+
+    /// Serves one captured connection with hyper (`prefix`: the bytes already read).
+    pub async fn serve(
+        self: Arc<Self>,
+        caller: TcpStream,
+        prefix: Vec<u8>,
+        h2: bool,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) {
+        let _ = caller.set_nodelay(true);
+        let io = TokioIo::new(Prefixed { prefix: Bytes::from(prefix), inner: caller });
+        let router = self.clone();
+        let laptops = Arc::new(Pools::default());
+        let svc = hyper::service::service_fn(move |req| router.clone().forward(req, h2, src, dst, laptops.clone()));
+        let result = if h2 {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .serve_connection(io, svc)
+                .await
+        } else {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .preserve_header_case(true)
+                .serve_connection(io, svc)
+                .with_upgrades()
+                .await
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "caller connection ended with an error");
+        }
+    }
+
+    /// One request: to the laptop it matches or to the pod.
+    async fn forward(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        h2: bool,
+        src: SocketAddr,
+        dst: SocketAddr,
+        laptops: Arc<Pools>,
+    ) -> Result<Response<Body>, Infallible> {
+        let mut dest = {
+            let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
+            choose(&routes, req.headers(), req.uri().path())
+        };
+        let forwarded = match req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(before) => format!("{before}, {}", src.ip()),
+            None => src.ip().to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            req.headers_mut().insert("x-forwarded-for", v);
+        }
+        let upgrade = (!h2 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
+        let pools = |dest| if dest == Dest::Pod { &self.pools } else { &*laptops };
+        let sender = match self.sender(pools(dest), dest, h2, src, dst).await {
+            Err(DialError::NoOwner) if dest != Dest::Pod => {
+                dest = Dest::Pod;
+                self.sender(&self.pools, dest, h2, src, dst).await
+            }
+            other => other,
+        };
+        let sender = match sender {
+            Ok(s) => s,
+            Err(e) => return Ok(bad_gateway(&format!("{dest:?}: {e}"))),
+        };
+        debug!(?dest, method = %req.method(), path = req.uri().path(), "request");
+        let response = match sender {
+            Sender::H1(mut s) => {
+                let r = s.send_request(req).await;
+                pools(dest).put(dest, false, Sender::H1(s));
+                r
+            }
+            Sender::H2(mut s) => s.send_request(req).await,
+        };
+        match response {
+            Ok(mut resp) => {
+                if let (StatusCode::SWITCHING_PROTOCOLS, Some(ours)) = (resp.status(), upgrade) {
+                    let theirs = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(async move {
+                        if let (Ok(a), Ok(b)) = (ours.await, theirs.await) {
+                            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
+                        }
+                    });
+                }
+                Ok(resp.map(Either::Left))
+            }
+            Err(e) => Ok(bad_gateway(&format!("{dest:?}: {e}"))),
+        }
+    }
+
+    /// A connection from `pools` to `dest` that can take a request now, or a new one.
+    async fn sender(
+        &self,
+        pools: &Pools,
+        dest: Dest,
+        h2: bool,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<Sender, DialError> {
+        if let Some(s) = pools.take(dest, h2) {
+            return Ok(s);
+        }
+        let io = match dest {
+            Dest::Pod => Either::Left(
+                crate::capture::connect_app(dst, self.ns.clone())
+                    .await
+                    .map_err(|e| DialError::Failed(e.to_string()))?,
+            ),
+            Dest::Laptop(id) => Either::Right(
+                tokio::time::timeout(LAPTOP_TIMEOUT, self.dial_laptop(id, src, dst))
+                    .await
+                    .map_err(|_| DialError::Failed("the laptop did not answer".into()))??,
+            ),
+        };
+        let io = TokioIo::new(EitherIo(io));
+        let failed = |e: hyper::Error| DialError::Failed(e.to_string());
+        if h2 {
+            let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(failed)?;
+            tokio::spawn(conn);
+            pools.put(dest, true, Sender::H2(s.clone()));
+            Ok(Sender::H2(s))
+        } else {
+            let (s, conn) = hyper::client::conn::http1::Builder::new()
+                .preserve_header_case(true)
+                .handshake(io)
+                .await
+                .map_err(failed)?;
+            tokio::spawn(conn.with_upgrades());
+            Ok(Sender::H1(s))
+        }
+    }
+
+    /// A byte stream to the laptop of capture `id`, through the manager.
+    async fn dial_laptop(&self, id: u64, src: SocketAddr, dst: SocketAddr) -> Result<Tunnel, DialError> {
+        let failed = |e: &dyn std::fmt::Display| DialError::Failed(e.to_string());
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| failed(&e))?;
+        write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await.map_err(|e| failed(&e))?;
+        match read_message(&mut recv).await.map_err(|e| failed(&e))? {
+            Some(Message::FlowReply { status: FlowStatus::Ok, .. }) => Ok(Tunnel { send, recv }),
+            Some(Message::FlowReply { status: FlowStatus::Denied, .. }) => Err(DialError::NoOwner),
+            Some(Message::FlowReply { message, .. }) => {
+                Err(DialError::Failed(format!("the laptop refused: {message}")))
+            }
+            other => Err(DialError::Failed(format!("unexpected reply {:?}", other.as_ref().map(Message::kind)))),
+        }
+    }
+}
+
+fn bad_gateway(why: &str) -> Response<Body> {
+    debug!(why, "502");
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(format!("tpvpn agent: no upstream: {why}\n")))));
+    *r.status_mut() = StatusCode::BAD_GATEWAY;
+    r
+}
+
+/// A connection whose first bytes were already read.
+struct Prefixed<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A tunnel stream as one byte stream.
+struct Tunnel {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.recv).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        AsyncWrite::poll_write(Pin::new(&mut self.send), cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_flush(Pin::new(&mut self.send), cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        AsyncWrite::poll_shutdown(Pin::new(&mut self.send), cx)
+    }
+}
+
+/// A pod or a laptop connection.
+struct EitherIo(Either<TcpStream, Tunnel>);
+
+impl AsyncRead for EitherIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.0 {
+            Either::Left(s) => Pin::new(s).poll_read(cx, buf),
+            Either::Right(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for EitherIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match &mut self.0 {
+            Either::Left(s) => Pin::new(s).poll_write(cx, buf),
+            Either::Right(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.0 {
+            Either::Left(s) => Pin::new(s).poll_flush(cx),
+            Either::Right(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.0 {
+            Either::Left(s) => Pin::new(s).poll_shutdown(cx),
+            Either::Right(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing_tells_http_from_the_rest() {
+        assert_eq!(sniff(b""), Sniff::NeedMore);
+        assert_eq!(sniff(b"GE"), Sniff::NeedMore);
+        assert_eq!(sniff(b"GET "), Sniff::NeedMore);
+        assert_eq!(sniff(b"GET / HTTP/1.1\r\n"), Sniff::Http1);
+        assert_eq!(sniff(b"OPTIONS * HTTP/1.1\r\n"), Sniff::Http1);
+        assert_eq!(sniff(b"PRI * HTTP/2.0\r\n"), Sniff::NeedMore);
+        assert_eq!(sniff(H2_PREFACE), Sniff::Http2);
+        assert_eq!(sniff(b"\x16\x03\x01\x02\x00\x01"), Sniff::Other, "a TLS ClientHello");
+        assert_eq!(sniff(b"*1\r\n$4\r\nPING\r\n"), Sniff::Other, "redis");
+        assert_eq!(sniff(b"get / HTTP/1.1"), Sniff::Other);
+        assert_eq!(sniff(&[b'A'; 40]), Sniff::Other);
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn requests_go_to_the_most_specific_match_then_the_global_then_the_pod() {
+        let m = |h: &[(&str, &str)], p: &str| Matchers {
+            headers: h.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            path_prefix: p.into(),
+        };
+        let mut routes = vec![
+            Route { id: 1, matchers: m(&[("x-dev", "a")], "") },
+            Route { id: 2, matchers: m(&[("x-dev", "b")], "") },
+        ];
+        assert_eq!(choose(&routes, &headers(&[("X-Dev", "a")]), "/"), Dest::Laptop(1));
+        assert_eq!(choose(&routes, &headers(&[("x-dev", "b")]), "/x"), Dest::Laptop(2));
+        assert_eq!(choose(&routes, &headers(&[("x-dev", "c")]), "/"), Dest::Pod);
+        assert_eq!(choose(&routes, &headers(&[("x-dev", "A")]), "/"), Dest::Pod, "values are exact");
+        assert_eq!(
+            choose(&routes, &headers(&[("x-dev", "c"), ("x-dev", "b")]), "/"),
+            Dest::Laptop(2),
+            "any value of a repeated header"
+        );
+        routes.push(Route { id: 3, matchers: Matchers::default() });
+        assert_eq!(choose(&routes, &headers(&[]), "/"), Dest::Laptop(3));
+        routes.insert(0, Route { id: 4, matchers: m(&[("x-dev", "a")], "/api") });
+        assert_eq!(choose(&routes, &headers(&[("x-dev", "a")]), "/api/v1"), Dest::Laptop(4));
+        assert_eq!(choose(&routes, &headers(&[("x-dev", "a")]), "/ap"), Dest::Laptop(1));
+    }
+}

@@ -1,0 +1,194 @@
+//! Personal intercepts in the lab: two laptops (two namespaces, two daemons) hold
+//! personal intercepts of the same Service port (`x-dev: a`, `x-dev: b`); the node
+//! agent routes each HTTP request (each HTTP/2 stream) by its headers, everything else
+//! reaches the pod's own nginx, on the same connection. Needs root.
+
+use std::process::Output;
+use std::time::Duration;
+
+use tpvpn_lab::pods::{BIG_LEN, CALLER_IP, H2_PORT, WEB_IP};
+use tpvpn_lab::{show, wait_until, Lab};
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[track_caller]
+fn assert_ok(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what} failed:\n{}", show(out));
+}
+
+/// The lab with pods, both laptops up, and each laptop's nginx (HTTP/1 on `PORT`,
+/// HTTP/2 over cleartext on `PORT + 10`) answering `laptop-a` / `laptop-b`.
+fn two_laptops() -> Option<Lab> {
+    let mut lab = tpvpn_lab::lab_or_skip()?;
+    lab.start_pods().unwrap_or_else(|e| panic!("pods: {e:#}\nagent log:\n{}", lab.agent_log()));
+    lab.up(&[]).unwrap_or_else(|e| panic!("tpvpn up: {e:#}\nmanager log:\n{}", lab.manager_log()));
+    lab.add_second_laptop().unwrap();
+    assert_ok(&lab.tpvpn2_up().unwrap(), "second laptop up");
+    let (one, two) = (lab.laptop().to_string(), lab.laptop2().unwrap().to_string());
+    lab.start_web_in(&one, 18801, Some(18811), "laptop-a").unwrap();
+    lab.start_web_in(&two, 18802, Some(18812), "laptop-b").unwrap();
+    Some(lab)
+}
+
+/// curl from the caller pod.
+fn curl(lab: &Lab, args: &[&str]) -> Output {
+    let mut all = vec!["curl", "-sS", "--max-time", "10"];
+    all.extend_from_slice(args);
+    lab.exec_timeout(lab.caller(), &all, Duration::from_secs(30))
+}
+
+fn logs(lab: &Lab) -> String {
+    format!("agent log:\n{}\nmanager log:\n{}", lab.agent_log(), lab.manager_log())
+}
+
+#[test]
+fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
+    let Some(lab) = two_laptops() else { return };
+    let whoami = format!("http://{WEB_IP}/whoami");
+
+    let a = lab.tpvpn_env(
+        &["intercept", "web", "--port", "18801:http", "--http-header", "x-dev=a"],
+        &[],
+        Duration::from_secs(40),
+    );
+    assert_ok(&a, "laptop a intercepts for x-dev: a");
+    assert!(stdout(&a).contains("callers send: x-dev: a"), "intercept prints the header to send:\n{}", show(&a));
+    assert_ok(
+        &lab.tpvpn2(&["intercept", "web", "--port", "18802:http", "--http-header", "x-dev=b"]),
+        "laptop b intercepts the same port for x-dev: b",
+    );
+    // The same matchers again, by the other laptop: refused, naming the holder.
+    let clash = lab.tpvpn2(&["intercept", "web", "--port", "18802:http", "--http-header", "X-Dev=a"]);
+    let err = String::from_utf8_lossy(&clash.stderr).into_owned();
+    assert!(!clash.status.success() && err.contains("for x-dev: a is intercepted by"), "{}", show(&clash));
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    // One request each, on new connections.
+    for (header, want) in [(Some("x-dev: a"), "laptop-a"), (Some("x-dev: b"), "laptop-b"), (None, "pod web-")] {
+        let mut args = vec![];
+        if let Some(h) = header {
+            args.extend(["-H", h]);
+        }
+        args.push(&whoami);
+        let out = curl(&lab, &args);
+        assert!(stdout(&out).starts_with(want), "{header:?} should reach {want}:\n{}\n{}", show(&out), logs(&lab));
+        // Host, path and the caller's address arrive as the caller sent them.
+        assert!(stdout(&out).contains(&format!("host={WEB_IP} uri=/whoami xff={CALLER_IP} dev=")), "{}", show(&out));
+    }
+
+    // One keep-alive connection: A, B (chunked), none, A again, each uploading 1 MiB, then
+    // 1 MiB downloads from each, in that order on the same connection.
+    let dir = lab.dir().join("personal");
+    std::fs::create_dir_all(&dir).unwrap();
+    let upload = dir.join("upload");
+    std::fs::write(&upload, vec![b'u'; BIG_LEN]).unwrap();
+    let up = format!("@{}", upload.display());
+    let big = format!("http://{WEB_IP}/big");
+    let file = |n: &str| dir.join(n).display().to_string();
+    let (fa, fb, fn_) = (file("a.big"), file("b.big"), file("none.big"));
+    let w = "%{num_connects} %{http_code}\n";
+    #[rustfmt::skip]
+    let args: Vec<&str> = vec![
+        "-H", "x-dev: a", "--data-binary", &up, &whoami, "-w", w, "--next",
+        "-H", "x-dev: b", "-H", "Transfer-Encoding: chunked", "--data-binary", &up, &whoami, "-w", w, "--next",
+        "--data-binary", &up, &whoami, "-w", w, "--next",
+        "-H", "x-dev: a", "--data-binary", &up, &whoami, "-w", w, "--next",
+        "-H", "x-dev: a", &big, "-o", &fa, "-w", w, "--next",
+        "-H", "x-dev: b", &big, "-o", &fb, "-w", w, "--next",
+        &big, "-o", &fn_, "-w", w,
+    ];
+    let out = curl(&lab, &args);
+    assert_ok(&out, "the keep-alive sequence");
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 11, "four answers and seven status lines:\n{}\n{}", show(&out), logs(&lab));
+    let answers = [lines[0], lines[2], lines[4], lines[6]];
+    for (answer, want) in answers.iter().zip(["laptop-a", "laptop-b", "pod web-", "laptop-a"]) {
+        assert!(answer.starts_with(want), "expected {want}: {answer}\n{text}");
+    }
+    // Content-Length passes unchanged (and the chunked body's framing held: the requests
+    // after it on the connection were read as requests).
+    for i in [0, 2, 3] {
+        assert!(answers[i].ends_with(&format!("len={BIG_LEN}")), "{}", answers[i]);
+    }
+    let statuses: Vec<&str> = [1, 3, 5, 7, 8, 9, 10].iter().map(|i| lines[*i]).collect();
+    assert_eq!(statuses[0], "1 200", "{text}");
+    assert!(statuses[1..].iter().all(|s| *s == "0 200"), "every later request on the same connection:\n{text}");
+    for (path, name) in [(&fa, "laptop-a"), (&fb, "laptop-b"), (&fn_, "pod web-")] {
+        let got = std::fs::read(path).unwrap();
+        assert_eq!(got.len(), BIG_LEN, "{path}");
+        assert!(got.starts_with(name.as_bytes()), "{path}: {:?}", String::from_utf8_lossy(&got[..32]));
+    }
+
+    // HTTP/2 over cleartext with prior knowledge (as gRPC clients speak), routed per
+    // stream. (Each from a connection of its own: curl 7.88 cannot reuse a
+    // prior-knowledge connection, even to nginx alone.) Laptop a takes the h2 port too.
+    assert_ok(
+        &lab.tpvpn_env(
+            &["intercept", "web", "--port", "18811:h2", "--http-header", "x-dev=a"],
+            &[],
+            Duration::from_secs(40),
+        ),
+        "laptop a intercepts the h2 port",
+    );
+    let h2 = format!("http://10.244.2.10:{H2_PORT}/whoami");
+    for (header, want) in [(Some("x-dev: a"), "laptop-a"), (None, "pod web-0"), (Some("x-dev: b"), "pod web-0")] {
+        let mut args = vec!["--http2-prior-knowledge", "-w", "%{http_version}\n"];
+        if let Some(h) = header {
+            args.extend(["-H", h]);
+        }
+        args.push(&h2);
+        let out = curl(&lab, &args);
+        let text = stdout(&out);
+        assert!(
+            text.starts_with(want)
+                && text.contains("host=10.244.2.10 uri=/whoami xff=10.244.2.20 ")
+                && text.ends_with("\n2\n"),
+            "h2 {header:?} should reach {want} over HTTP/2:\n{}\n{}",
+            show(&out),
+            logs(&lab)
+        );
+    }
+
+    // Not HTTP (a TLS ClientHello): passed to the pod's nginx untouched, which says so.
+    let tls = lab.exec_timeout(
+        lab.caller(),
+        &[
+            "bash",
+            "-c",
+            "exec 3<>/dev/tcp/10.244.2.10/8080; printf '\\x16\\x03\\x01\\x00\\x05hello' >&3; timeout 5 cat <&3",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(stdout(&tls).contains("400 Bad Request") && stdout(&tls).contains("nginx"), "{}", show(&tls));
+
+    // `list` shows both holders with their headers.
+    let list = stdout(&lab.tpvpn(&["list"]));
+    assert!(list.contains("for x-dev: a") && list.contains("for x-dev: b"), "{list}");
+
+    // Laptop b's daemon dies: its requests go back to the pod at once, a's keep arriving.
+    let pid = std::fs::read_to_string(lab.runtime_dir2().join("tpvpn.pid")).unwrap();
+    assert!(lab.exec(lab.laptop2().unwrap(), &["kill", "-9", pid.trim()]).status.success());
+    let b = curl(&lab, &["-H", "x-dev: b", &whoami]);
+    assert!(stdout(&b).starts_with("pod web-"), "b's requests go to the pod:\n{}\n{}", show(&b), logs(&lab));
+    let a = curl(&lab, &["-H", "x-dev: a", &whoami]);
+    assert!(stdout(&a).starts_with("laptop-a"), "{}", show(&a));
+    // Once the manager notices (QUIC idle timeout), b's capture route is gone for good.
+    assert!(wait_until(Duration::from_secs(40), || lab.manager_log().contains("owner disconnected")), "{}", logs(&lab));
+    for (header, want) in [("x-dev: b", "pod web-"), ("x-dev: a", "laptop-a")] {
+        let out = curl(&lab, &["-H", header, &whoami]);
+        assert!(stdout(&out).starts_with(want), "{header} -> {want}:\n{}", show(&out));
+    }
+
+    // Leaving gives the pod everything back, with no table left.
+    assert_ok(&lab.tpvpn(&["leave", "web"]), "leave");
+    let out = curl(&lab, &["-H", "x-dev: a", &whoami]);
+    assert!(stdout(&out).starts_with("pod web-"), "{}", show(&out));
+    assert!(
+        wait_until(Duration::from_secs(5), || ["web-0", "web-1"].iter().all(|p| lab.capture_tables(p).is_empty())),
+        "a capture table is left:\n{}",
+        logs(&lab)
+    );
+}
