@@ -8,11 +8,12 @@
 # its own instances inside network namespaces.
 set -euo pipefail
 
-PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dbus-daemon systemd nftables)
+PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dbus-daemon systemd nftables
+  python3-grpcio python3-websockets)
 BENCH=""
 case "${1:-}" in
   "") ;;
-  --bench) BENCH=1; PKGS+=(wireguard-go wireguard-tools dnsperf) ;;
+  --bench) BENCH=1; PKGS+=(wireguard-go wireguard-tools dnsperf wrk) ;;
   *) echo "usage: $0 [--bench]" >&2; exit 2 ;;
 esac
 

@@ -7,11 +7,12 @@
 //! ping-pong, connect), [`scale`] (10,000 idle flows beside a bulk stream), [`wan`] (an
 //! emulated 20 ms RTT link at 0% and 1% loss), [`dns`] (dnsperf against tpvpn's table
 //! and dnsmasq), [`large`] (`up` with 50,000 Services), [`portforward`] (tpvpn through the API
-//! server's port-forward against the raw port-forward) and [`intercept`] (a cluster caller
-//! against a pod, directly and intercepted to the laptop).
+//! server's port-forward against the raw port-forward), [`intercept`] (a cluster caller
+//! against a pod, directly and intercepted to the laptop) and [`personal`] (HTTP requests
+//! through the agent of a personal intercept against the pod directly).
 //!
 //! Run it with `sudo ./scripts/bench.sh`; `tpvpn-bench [paths] [scale] [wan] [dns] [large]
-//! [portforward] [intercept]` runs only the sections named. The subcommands
+//! [portforward] [intercept] [personal]` runs only the sections named. The subcommands
 //! `pingpong-server` and `pingpong` are the latency tools the benchmark runs inside the
 //! namespaces ([`latency`]), `port-forward` the raw port-forward ([`portforward`]).
 
@@ -24,6 +25,7 @@ mod latency;
 mod machine;
 mod paths;
 mod peers;
+mod personal;
 mod portforward;
 mod scale;
 mod wan;
@@ -45,8 +47,9 @@ const SECTIONS: &[(&str, Section)] = &[
     ("dns", |lab| dns::run(lab).map(|table| println!("{table}"))),
     ("large", |lab| large::section(lab)),
     ("portforward", |lab| portforward::section(lab)),
-    // Last: it adds pods and the agent to the lab.
+    // Last: they add pods and the agent to the lab.
     ("intercept", |lab| intercept::section(lab)),
+    ("personal", |lab| personal::section(lab)),
 ];
 
 fn main() -> Result<()> {
@@ -56,7 +59,7 @@ fn main() -> Result<()> {
         Some("pingpong") => return latency::client_cmd(&args[1..]),
         Some("port-forward") => return portforward::forward_cmd(&args[1..]),
         Some(s) if !SECTIONS.iter().any(|(name, _)| *name == s) => {
-            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, large, portforward, intercept; tools are pingpong-server, pingpong, port-forward")
+            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, large, portforward, intercept, personal; tools are pingpong-server, pingpong, port-forward")
         }
         _ => {}
     }

@@ -197,6 +197,10 @@ pub struct Lab {
     /// arguments for it ([`Lab::restart_manager_with`]).
     manager_wrapper: Vec<String>,
     manager_extra: Vec<String>,
+    /// Other builds of the manager and the agent to run (an earlier release's, for
+    /// version skew; [`Lab::use_release`]).
+    manager_bin: Option<PathBuf>,
+    agent_bin: Option<PathBuf>,
     /// Whether `tpvpn` was ever run (then drop runs `tpvpn down`).
     used_tpvpn: AtomicBool,
     exec_counter: AtomicU64,
@@ -341,6 +345,8 @@ impl Lab {
             manager_listen: MANAGER_ADDR.to_string(),
             manager_wrapper: Vec::new(),
             manager_extra: Vec::new(),
+            manager_bin: None,
+            agent_bin: None,
             used_tpvpn: AtomicBool::new(false),
             exec_counter: AtomicU64::new(0),
             dir_created: false,
@@ -1100,6 +1106,18 @@ impl Lab {
         self.start_manager()
     }
 
+    /// Runs the manager and/or the agent of another build from now on (`None`: this
+    /// build's), restarting what runs.
+    pub fn use_release(&mut self, manager: Option<&Path>, agent: Option<&Path>) -> Result<()> {
+        self.manager_bin = manager.map(Path::to_path_buf);
+        self.agent_bin = agent.map(Path::to_path_buf);
+        self.start_manager()?;
+        if self.agent.is_some() {
+            self.start_agent()?;
+        }
+        Ok(())
+    }
+
     /// The manager's Prometheus metrics (from the cluster namespace).
     pub fn manager_metrics(&self) -> String {
         let out = self.exec_timeout(
@@ -1153,7 +1171,10 @@ impl Lab {
     /// than the manager's own 10 s wait for the API, so a slow API shows as its warning.
     pub fn start_manager_with_token(&mut self, token_file: &Path) -> Result<()> {
         self.stop_manager();
-        let bin = find_bin(&self.bin_dir, "tpvpn-manager")?;
+        let bin = match &self.manager_bin {
+            Some(b) => b.clone(),
+            None => find_bin(&self.bin_dir, "tpvpn-manager")?,
+        };
         let log_path = self.dir.join("manager.log");
         const READY: &str = "tpvpn-manager ready";
         let ready_before = self.manager_log().matches(READY).count();

@@ -41,6 +41,14 @@ pub const HTTP_PORT: u16 = 8080;
 pub const ALT_PORT: u16 = 8081;
 /// nginx in every pod also speaks HTTP/2 over cleartext (prior knowledge) here.
 pub const H2_PORT: u16 = 8082;
+/// Where pods (and laptops) serve gRPC and WebSocket when a test starts them
+/// ([`Lab::start_rpc_in`]): Service `web` ports `grpc` (90) and `ws` (91).
+pub const GRPC_PORT: u16 = 9090;
+pub const WS_PORT: u16 = 9091;
+/// The gRPC and WebSocket servers and clients (python3-grpcio, python3-websockets).
+pub const RPC_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/py/lab_rpc.py");
+/// Debian's python, which has Debian's python packages.
+pub const PYTHON: &str = "/usr/bin/python3";
 /// Bytes of `/big` on every lab web server (its name repeated).
 pub const BIG_LEN: usize = 1 << 20;
 /// The value of `GREETING` in the pods' environment.
@@ -136,6 +144,8 @@ impl Lab {
                         {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
                         {"name": "alt", "port": 81, "protocol": "TCP", "targetPort": ALT_PORT},
                         {"name": "h2", "port": 82, "protocol": "TCP", "targetPort": H2_PORT, "appProtocol": "kubernetes.io/h2c"},
+                        {"name": "grpc", "port": 90, "protocol": "TCP", "targetPort": GRPC_PORT, "appProtocol": "kubernetes.io/h2c"},
+                        {"name": "ws", "port": 91, "protocol": "TCP", "targetPort": WS_PORT, "appProtocol": "kubernetes.io/ws"},
                 // For the benchmark's servers (iperf3, ping-pong), started when it runs.
                 {"name": "iperf", "port": 5201, "protocol": "TCP", "targetPort": 5201},
                 {"name": "pingpong", "port": 9100, "protocol": "TCP", "targetPort": 9100},
@@ -182,6 +192,22 @@ impl Lab {
         let e = format!("{d}/nginx.err");
         self.spawn_in(ns, &format!("web-{ns}-{port}"), &["nginx", "-c", &c, "-p", &d, "-e", &e])?;
         self.wait_listening(ns, port)
+    }
+
+    /// Starts the gRPC server (on `host:grpc_port`) and the WebSocket echo server (on
+    /// `host:ws_port`) of [`RPC_SCRIPT`] in namespace `ns`, answering as `name`.
+    pub fn start_rpc_in(&mut self, ns: &str, name: &str, host: &str, grpc_port: u16, ws_port: u16) -> Result<()> {
+        let (g, w, log) = (format!("{host}:{grpc_port}"), ws_port.to_string(), name.replace(' ', "-"));
+        self.spawn_in(ns, &format!("grpc-{log}"), &[PYTHON, RPC_SCRIPT, "grpc-server", name, &g])?;
+        self.spawn_in(ns, &format!("ws-{log}"), &[PYTHON, RPC_SCRIPT, "ws-server", name, host, &w])?;
+        self.wait_listening(ns, grpc_port)?;
+        self.wait_listening(ns, ws_port)
+    }
+
+    /// [`Lab::start_rpc_in`] in pod `pod` (a second container of it, on the pod IP).
+    pub fn start_pod_rpc(&mut self, pod: &str) -> Result<()> {
+        let ns = self.pod_ns(pod).context("no such pod")?.to_string();
+        self.start_rpc_in(&ns, &format!("pod {pod}"), "0.0.0.0", GRPC_PORT, WS_PORT)
     }
 
     /// Starts the lab's sink and source servers in the laptop namespace on loopback.
@@ -344,7 +370,10 @@ impl Lab {
     /// waits (≤ 10 s) until it is connected to the manager.
     pub fn start_agent(&mut self) -> Result<()> {
         self.stop_agent();
-        let bin = find_bin(&self.bin_dir, "tpvpn-agent")?;
+        let bin = match &self.agent_bin {
+            Some(b) => b.clone(),
+            None => find_bin(&self.bin_dir, "tpvpn-agent")?,
+        };
         let log_path = self.dir.join("agent.log");
         const CONNECTED: &str = "connected to the manager";
         let before = self.agent_log().matches(CONNECTED).count();

@@ -1,7 +1,8 @@
-//! Version skew in the lab: the `tpvpn` client of the last release that spoke only tpvpn
-//! protocol v1 (`target/compat/v1`, built by `scripts/build-compat.sh` from this
-//! repository's history) against this manager: `up`, traffic, `status`, `down`. (This
-//! client against the old manager: `client/tests/compat.rs`.) Needs root.
+//! Version skew in the lab, with earlier releases built by `scripts/build-compat.sh` from
+//! this repository's history: the v1 client (`target/compat/v1`) against this manager
+//! (`up`, traffic, `status`, `down`; this client against a v1 manager:
+//! `client/tests/compat.rs`); and the v2 release (`target/compat/v2`, no personal
+//! intercepts) against this one in every pairing of client, manager and agent. Needs root.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,10 +10,16 @@ use std::time::Duration;
 use tpvpn_lab::{show, Lab};
 
 fn old_client() -> PathBuf {
+    release("v1", "tpvpn")
+}
+
+/// Binary `name` of release `v` (`TPVPN_COMPAT_DIR/v`, default `target/compat/v`).
+fn release(v: &str, name: &str) -> PathBuf {
     let dir = std::env::var_os("TPVPN_COMPAT_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/compat/v1"));
-    let bin = dir.join("tpvpn");
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/compat"))
+        .join(v);
+    let bin = dir.join(name);
     assert!(
         bin.is_file(),
         "{} is missing: run scripts/build-compat.sh (the README's test command does)",
@@ -52,4 +59,65 @@ fn a_v1_client_connects_to_this_manager_and_carries_traffic() {
     let link = lab.exec(lab.laptop(), &["ip", "link", "show", "tpvpn0"]);
     assert!(!link.status.success(), "tpvpn0 left after the v1 client's down");
     drop::<Lab>(lab);
+}
+
+#[track_caller]
+fn assert_ok(out: &std::process::Output, what: &str) {
+    assert!(out.status.success(), "{what} failed:\n{}", show(out));
+}
+
+/// One line on stderr, containing every one of `want`.
+#[track_caller]
+fn assert_refused(out: &std::process::Output, want: &[&str]) {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && want.iter().all(|w| err.contains(w)), "expected {want:?}:\n{}", show(out));
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn v2_and_v3_intercept_together_and_personal_intercepts_name_the_side_to_upgrade() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    let v2 = |name: &str| release("v2", name);
+    lab.start_pods().unwrap_or_else(|e| panic!("pods: {e:#}\nagent log:\n{}", lab.agent_log()));
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let pod = "http://10.244.2.10:8080/";
+    let reaches = |lab: &Lab, body: &str| {
+        let out = lab.exec_timeout(lab.caller(), &["curl", "-sS", "--max-time", "5", pod], Duration::from_secs(10));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(body),
+            "expected {body:?}: {}\n{}",
+            show(&out),
+            lab.agent_log()
+        );
+    };
+    let up_args = lab.up_args();
+    let up: Vec<&str> = up_args.iter().map(String::as_str).collect();
+
+    // A v2 client, this manager and agent: it connects at v2 and intercepts as before.
+    let old = |lab: &Lab, args: &[&str]| lab.tpvpn_bin(&v2("tpvpn"), args, &[], Duration::from_secs(60));
+    assert_ok(&old(&lab, &up), "the v2 client's up");
+    assert!(lab.manager_log().contains("client authenticated version=2"), "{}", lab.manager_log());
+    assert_ok(&old(&lab, &["intercept", "web", "--port", "18888:http"]), "the v2 client's global intercept");
+    reaches(&lab, "answered by the laptop");
+    assert_ok(&old(&lab, &["down"]), "the v2 client's down");
+    reaches(&lab, "pod web-0");
+
+    // This client with a v2 manager and agent (a cluster not upgraded yet): personal
+    // intercepts are refused naming the manager; global ones work.
+    lab.use_release(Some(&v2("tpvpn-manager")), Some(&v2("tpvpn-agent"))).unwrap();
+    lab.up(&[]).unwrap();
+    let personal = ["intercept", "web", "--port", "18888:http", "--http-header", "x-dev=a"];
+    assert_refused(&lab.tpvpn(&personal), &["protocol v2", "personal intercepts", "upgrade the manager"]);
+    assert_ok(&lab.tpvpn(&["intercept", "web", "--port", "18888:http"]), "a global intercept through the v2 manager");
+    reaches(&lab, "answered by the laptop");
+    assert_ok(&lab.tpvpn(&["down"]), "down");
+
+    // This manager with a v2 agent still on the node: refused naming the agents.
+    lab.use_release(None, Some(&v2("tpvpn-agent"))).unwrap();
+    lab.up(&[]).unwrap();
+    assert_refused(&lab.tpvpn(&personal), &["agent on node lab-node", "protocol v2", "upgrade the agents"]);
+    assert_ok(&lab.tpvpn(&["intercept", "web", "--port", "18888:http"]), "a global intercept with the v2 agent");
+    reaches(&lab, "answered by the laptop");
+    assert_ok(&lab.tpvpn(&["down"]), "down");
+    reaches(&lab, "pod web-0");
 }

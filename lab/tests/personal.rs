@@ -6,7 +6,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use tpvpn_lab::pods::{BIG_LEN, CALLER_IP, H2_PORT, WEB_IP};
+use tpvpn_lab::pods::{BIG_LEN, CALLER_IP, GRPC_PORT, H2_PORT, PYTHON, RPC_SCRIPT, WEB_IP, WS_PORT};
 use tpvpn_lab::{show, wait_until, Lab};
 
 fn stdout(out: &Output) -> String {
@@ -191,4 +191,58 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
         "a capture table is left:\n{}",
         logs(&lab)
     );
+}
+
+#[test]
+fn grpc_calls_and_websockets_are_routed_by_their_header() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    lab.start_pods().unwrap_or_else(|e| panic!("pods: {e:#}\nagent log:\n{}", lab.agent_log()));
+    lab.up(&[]).unwrap_or_else(|e| panic!("tpvpn up: {e:#}\nmanager log:\n{}", lab.manager_log()));
+    for pod in ["web-0", "web-1"] {
+        lab.start_pod_rpc(pod).unwrap();
+    }
+    let laptop = lab.laptop().to_string();
+    lab.start_rpc_in(&laptop, "laptop-a", "127.0.0.1", 18821, 18822).unwrap();
+    for (port, what) in [("18821:grpc", "gRPC"), ("18822:ws", "WebSocket")] {
+        let out = lab.tpvpn_env(
+            &["intercept", "web", "--port", port, "--http-header", "x-dev=a"],
+            &[],
+            Duration::from_secs(40),
+        );
+        assert_ok(&out, &format!("intercept the {what} port for x-dev: a"));
+    }
+    let py = |args: &[&str]| {
+        let mut all = vec![PYTHON, RPC_SCRIPT];
+        all.extend_from_slice(args);
+        lab.exec_timeout(lab.caller(), &all, Duration::from_secs(60))
+    };
+
+    // One channel (one HTTP/2 connection), calls with and without the header in turn:
+    // unary and server streaming each land where their metadata says.
+    let target = format!("10.244.2.10:{GRPC_PORT}");
+    let out = py(&["grpc-client", &target, "who:a", "who", "count:3:a", "count:2", "who:b", "who:a"]);
+    assert_ok(&out, "the gRPC calls");
+    let got: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
+    assert_eq!(
+        got,
+        [
+            "laptop-a dev=a",
+            "pod web-0 dev=",
+            "laptop-a 0 | laptop-a 1 | laptop-a 2",
+            "pod web-0 0 | pod web-0 1",
+            "pod web-0 dev=b",
+            "laptop-a dev=a"
+        ],
+        "{}\n{}",
+        show(&out),
+        logs(&lab)
+    );
+
+    // A WebSocket whose upgrade request matches is the laptop's for its whole life (1 MiB
+    // binary message both ways); one without the header is the pod's.
+    let url = format!("ws://10.244.2.10:{WS_PORT}/ws");
+    let out = py(&["ws-client", &url, "a"]);
+    assert_eq!(stdout(&out), "laptop-a: one\nlaptop-a: two\nbinary 1048576 same\n", "{}\n{}", show(&out), logs(&lab));
+    let out = py(&["ws-client", &url]);
+    assert_eq!(stdout(&out), "pod web-0: one\npod web-0: two\nbinary 1048576 same\n", "{}\n{}", show(&out), logs(&lab));
 }

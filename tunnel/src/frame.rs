@@ -1474,6 +1474,42 @@ mod tests {
     }
 
     #[test]
+    fn matchers_trail_a_v2_frame_only_when_there_are_some() {
+        let req = |matchers| Message::InterceptRequest {
+            namespace: "default".into(),
+            service: "web".into(),
+            port: "http".into(),
+            local_port: 18888,
+            container: String::new(),
+            matchers,
+        };
+        let global = req(Matchers::default()).to_vec().unwrap();
+        let personal =
+            req(Matchers { headers: vec![("x-dev".into(), "a".into())], path_prefix: "/api".into() }).to_vec().unwrap();
+        // The global frame is byte for byte what v2 wrote: its fields and nothing after.
+        let v2_payload =
+            [&[0, 7][..], b"default", &[0, 3], b"web", &[0, 4], b"http", &18888u16.to_be_bytes(), &[0, 0]].concat();
+        assert_eq!(&global[FRAME_HEADER_LEN..], &v2_payload[..]);
+        assert_eq!(&personal[FRAME_HEADER_LEN..v2_payload.len() + FRAME_HEADER_LEN], &v2_payload[..]);
+        assert_eq!(
+            &personal[FRAME_HEADER_LEN + v2_payload.len()..],
+            &[&[0, 1, 0, 5][..], b"x-dev", &[0, 1], b"a", &[0, 4], b"/api"].concat()[..]
+        );
+        // Present but empty is not a frame any encoder writes.
+        let mut bad = global.clone();
+        bad.extend_from_slice(&[0, 0, 0, 0]);
+        let len = (bad.len() - FRAME_HEADER_LEN) as u32;
+        bad[1..5].copy_from_slice(&len.to_be_bytes());
+        assert!(Message::decode(&bad).is_err());
+        assert_eq!(
+            Matchers { headers: vec![("X-Dev".into(), "a".into())], path_prefix: String::new() }
+                .canonical()
+                .to_string(),
+            "x-dev: a"
+        );
+    }
+
+    #[test]
     fn udp_records_round_trip() {
         let mut buf = Vec::new();
         UdpRecord { payload: &[7; 3000] }.emit(&mut buf).unwrap();

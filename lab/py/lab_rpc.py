@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Real gRPC and WebSocket servers and clients for the lab's intercept tests.
+
+gRPC (python3-grpcio, no generated code: generic handlers on raw bytes), service
+`lab.Who`: `Who` (unary) answers the server's name and the caller's `x-dev` metadata;
+`Count` (server streaming) answers N messages `NAME i`. WebSocket (python3-websockets):
+an echo server that prefixes text messages with its name and returns binary messages
+unchanged.
+
+  lab_rpc.py grpc-server NAME ADDR         serve until killed
+  lab_rpc.py grpc-client TARGET CALLS...   CALLS: who[:DEV] or count:N[:DEV]; all on one channel
+  lab_rpc.py ws-server NAME HOST PORT      serve until killed
+  lab_rpc.py ws-client URL [DEV]           two text messages and one 1 MiB binary message
+"""
+
+import asyncio
+import hashlib
+import sys
+from concurrent import futures
+
+
+def grpc_server(name, addr):
+    import grpc
+
+    def who(request, context):
+        md = dict(context.invocation_metadata())
+        return f"{name} dev={md.get('x-dev', '')}".encode()
+
+    def count(request, context):
+        for i in range(int(request.decode() or "0")):
+            yield f"{name} {i}".encode()
+
+    handler = grpc.method_handlers_generic_handler(
+        "lab.Who",
+        {
+            "Who": grpc.unary_unary_rpc_method_handler(who),
+            "Count": grpc.unary_stream_rpc_method_handler(count),
+        },
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((handler,))
+    if server.add_insecure_port(addr) == 0:
+        sys.exit(f"cannot listen on {addr}")
+    server.start()
+    print(f"listening {addr}", flush=True)
+    server.wait_for_termination()
+
+
+def grpc_client(target, calls):
+    import grpc
+
+    with grpc.insecure_channel(target) as channel:
+        who = channel.unary_unary("/lab.Who/Who")
+        count = channel.unary_stream("/lab.Who/Count")
+        for call in calls:
+            parts = call.split(":")
+            dev = parts[-1] if (parts[0] == "who" and len(parts) == 2) or len(parts) == 3 else None
+            md = [("x-dev", dev)] if dev else []
+            if parts[0] == "who":
+                print(who(b"", metadata=md, timeout=10).decode(), flush=True)
+            else:
+                got = [m.decode() for m in count(parts[1].encode(), metadata=md, timeout=10)]
+                print(" | ".join(got), flush=True)
+
+
+def ws_server(name, host, port):
+    import websockets
+
+    async def echo(ws, path=None):
+        async for message in ws:
+            await ws.send(message if isinstance(message, bytes) else f"{name}: {message}")
+
+    async def main():
+        async with websockets.serve(echo, host, int(port), max_size=None):
+            print(f"listening {host}:{port}", flush=True)
+            await asyncio.Future()
+
+    asyncio.run(main())
+
+
+def ws_client(url, dev=None):
+    import websockets
+
+    async def main():
+        headers = {"x-dev": dev} if dev else {}
+        async with websockets.connect(url, extra_headers=headers, max_size=None, open_timeout=10) as ws:
+            for text in ["one", "two"]:
+                await ws.send(text)
+                print(await asyncio.wait_for(ws.recv(), 10), flush=True)
+            blob = bytes(range(256)) * 4096
+            await ws.send(blob)
+            back = await asyncio.wait_for(ws.recv(), 10)
+            same = hashlib.sha256(back).hexdigest() == hashlib.sha256(blob).hexdigest()
+            print(f"binary {len(back)} {'same' if same else 'DIFFERENT'}", flush=True)
+
+    try:
+        asyncio.run(main())
+    except Exception as e:  # the rejection is the answer a test looks at
+        print(f"rejected: {e}", flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    cmd, args = sys.argv[1], sys.argv[2:]
+    {"grpc-server": grpc_server, "ws-server": ws_server, "ws-client": ws_client}.get(
+        cmd, lambda *a: grpc_client(a[0], a[1:])
+    )(*args)
