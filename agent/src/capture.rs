@@ -156,9 +156,10 @@ impl Capture {
     }
 
     /// Stops capturing: new connections reach the app again. Connections captured so
-    /// far go on until they end.
+    /// far go on until they end (their further HTTP requests to the app).
     pub async fn stop(mut self) {
         self.accept.abort();
+        self.router.clear();
         self.stopped = true;
         remove_table(self.ns.clone(), self.table.clone()).await;
     }
@@ -167,6 +168,7 @@ impl Capture {
 impl Drop for Capture {
     fn drop(&mut self) {
         self.accept.abort();
+        self.router.clear();
         if !self.stopped {
             let (ns, table) = (self.ns.clone(), self.table.clone());
             // Namespace work runs on a thread of its own (see `netns::run_in`).

@@ -11,15 +11,17 @@
 //! says nothing for [`SNIFF_TIMEOUT`]) goes whole to the global intercept or the pod,
 //! untouched.
 //!
-//! Upstream connections are pooled per destination and protocol: to the pod ([`Router`]
-//! keeps them, for every caller) from a socket in its namespace that capture lets
-//! through (the agent's mark); to a laptop (kept per caller connection: a laptop that
-//! vanished must not hold up the next caller's requests) over a tunnel stream (`InterceptOpen` with the personal intercept's capture
+//! Upstream connections are kept per caller connection, destination and protocol (a
+//! laptop that vanished, or a caller's stalled HTTP/2 stream, holds up no other caller);
+//! idle HTTP/1 connections to the pod go to the [`Router`]'s pool for every caller when
+//! their caller connection ends. To the pod: from a socket in its namespace that capture
+//! lets through (the agent's mark); to a laptop: over a tunnel stream (`InterceptOpen` with the personal intercept's capture
 //! id, the manager's `FlowReply`, then a byte stream to the laptop's server). Requests
 //! pass with their method, path, `Host` and every header unchanged (HTTP/1 header case
 //! kept), plus the caller's address in `X-Forwarded-For`. An `Upgrade` (WebSocket)
 //! answered with 101 joins the two upgraded connections. A laptop whose intercept has
-//! no owner any more (`FlowReply` denied) gives its requests to the pod.
+//! no owner any more (`FlowReply` denied, or no manager) gives its requests to the pod;
+//! a kept connection found closed as a request goes out is replaced once.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -218,6 +220,34 @@ impl Pools {
         }
     }
 
+    /// This caller connection's connection to `dest`: an HTTP/1 one once its last
+    /// response is done (the caller sends a request after the answer to the one before),
+    /// the HTTP/2 one shared.
+    async fn take_own(&self, dest: Dest, h2: bool) -> Option<Sender> {
+        loop {
+            let s = {
+                let mut pools = self.lock();
+                let list = pools.get_mut(&(dest, h2))?;
+                list.retain(|s| !s.is_closed());
+                match list.first() {
+                    Some(Sender::H2(s)) => return Some(Sender::H2(s.clone())),
+                    Some(Sender::H1(_)) => list.pop()?,
+                    None => return None,
+                }
+            };
+            if let Sender::H1(mut s) = s {
+                if s.ready().await.is_ok() {
+                    return Some(Sender::H1(s));
+                }
+            }
+        }
+    }
+
+    /// Every HTTP/1 connection kept for `dest`.
+    fn drain_h1(&self, dest: Dest) -> Vec<Sender> {
+        self.lock().remove(&(dest, false)).unwrap_or_default()
+    }
+
     fn put(&self, dest: Dest, h2: bool, s: Sender) {
         let mut pools = self.lock();
         let list = pools.entry((dest, h2)).or_default();
@@ -257,6 +287,11 @@ impl Router {
         !routes.is_empty()
     }
 
+    /// Removes every route: the requests of connections still open go to the pod.
+    pub fn clear(&self) {
+        self.routes.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// The global route's capture id, and whether any personal route is in place.
     pub fn snapshot(&self) -> (Option<u64>, bool) {
         let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
@@ -275,8 +310,9 @@ impl Router {
         let _ = caller.set_nodelay(true);
         let io = TokioIo::new(Prefixed { prefix: Bytes::from(prefix), inner: caller });
         let router = self.clone();
-        let laptops = Arc::new(Pools::default());
-        let svc = hyper::service::service_fn(move |req| router.clone().forward(req, h2, src, dst, laptops.clone()));
+        let own = Arc::new(Pools::default());
+        let pools = own.clone();
+        let svc = hyper::service::service_fn(move |req| router.clone().forward(req, h2, src, dst, pools.clone()));
         let result = if h2 {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
@@ -285,6 +321,9 @@ impl Router {
         } else {
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
+                // No deadline while a keep-alive connection is idle (hyper's default closes
+                // it after 30 s, which callers pooling longer would race with).
+                .header_read_timeout(None)
                 .preserve_header_case(true)
                 .serve_connection(io, svc)
                 .with_upgrades()
@@ -292,6 +331,10 @@ impl Router {
         };
         if let Err(e) = result {
             debug!(error = %e, "caller connection ended with an error");
+        }
+        // Its idle HTTP/1 connections to the pod serve other callers now.
+        for s in own.drain_h1(Dest::Pod) {
+            self.pools.put(Dest::Pod, false, s);
         }
     }
 
@@ -302,7 +345,7 @@ impl Router {
         h2: bool,
         src: SocketAddr,
         dst: SocketAddr,
-        laptops: Arc<Pools>,
+        own: Arc<Pools>,
     ) -> Result<Response<Body>, Infallible> {
         let mut dest = {
             let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
@@ -316,11 +359,10 @@ impl Router {
             req.headers_mut().insert("x-forwarded-for", v);
         }
         let upgrade = (!h2 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
-        let pools = |dest| if dest == Dest::Pod { &self.pools } else { &*laptops };
-        let sender = match self.sender(pools(dest), dest, h2, src, dst).await {
+        let sender = match self.sender(&own, dest, h2, src, dst).await {
             Err(DialError::NoOwner) if dest != Dest::Pod => {
                 dest = Dest::Pod;
-                self.sender(&self.pools, dest, h2, src, dst).await
+                self.sender(&own, dest, h2, src, dst).await
             }
             other => other,
         };
@@ -329,14 +371,16 @@ impl Router {
             Err(e) => return Ok(bad_gateway(&format!("{dest:?}: {e}"))),
         };
         debug!(?dest, method = %req.method(), path = req.uri().path(), "request");
-        let response = match sender {
-            Sender::H1(mut s) => {
-                let r = s.send_request(req).await;
-                pools(dest).put(dest, false, Sender::H1(s));
-                r
-            }
-            Sender::H2(mut s) => s.send_request(req).await,
-        };
+        let mut response = send(sender, req, &own, dest).await;
+        // A kept connection the server closed as the request went out: the request was
+        // not sent, so once more on a new connection.
+        if let Err(Some(req)) = response.as_mut().map_err(|e| e.take_message()) {
+            response = match self.dial(dest, h2, src, dst, &own).await {
+                Ok(s) => send(s, req, &own, dest).await,
+                Err(e) => return Ok(bad_gateway(&format!("{dest:?}: {e}"))),
+            };
+        }
+        let response = response.map_err(|e| e.into_error());
         match response {
             Ok(mut resp) => {
                 if let (StatusCode::SWITCHING_PROTOCOLS, Some(ours)) = (resp.status(), upgrade) {
@@ -353,18 +397,36 @@ impl Router {
         }
     }
 
-    /// A connection from `pools` to `dest` that can take a request now, or a new one.
+    /// A connection to `dest` that can take a request now: this caller connection's own,
+    /// an idle one of the router's (HTTP/1 to the pod), or a new one.
     async fn sender(
         &self,
-        pools: &Pools,
+        own: &Pools,
         dest: Dest,
         h2: bool,
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Result<Sender, DialError> {
-        if let Some(s) = pools.take(dest, h2) {
+        if let Some(s) = own.take_own(dest, h2).await {
             return Ok(s);
         }
+        if dest == Dest::Pod && !h2 {
+            if let Some(s) = self.pools.take(dest, false) {
+                return Ok(s);
+            }
+        }
+        self.dial(dest, h2, src, dst, own).await
+    }
+
+    /// A new connection to `dest` (an HTTP/2 one is kept in `own` at once, to be shared).
+    async fn dial(
+        &self,
+        dest: Dest,
+        h2: bool,
+        src: SocketAddr,
+        dst: SocketAddr,
+        own: &Pools,
+    ) -> Result<Sender, DialError> {
         let io = match dest {
             Dest::Pod => Either::Left(
                 crate::capture::connect_app(dst, self.ns.clone())
@@ -386,7 +448,7 @@ impl Router {
                 .await
                 .map_err(failed)?;
             tokio::spawn(conn);
-            pools.put(dest, true, Sender::H2(s.clone()));
+            own.put(dest, true, Sender::H2(s.clone()));
             Ok(Sender::H2(s))
         } else {
             let (s, conn) = hyper::client::conn::http1::Builder::new()
@@ -401,10 +463,11 @@ impl Router {
 
     /// A byte stream to the laptop of capture `id`, through the manager.
     async fn dial_laptop(&self, id: u64, src: SocketAddr, dst: SocketAddr) -> Result<Tunnel, DialError> {
-        let failed = |e: &dyn std::fmt::Display| DialError::Failed(e.to_string());
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(|e| failed(&e))?;
-        write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await.map_err(|e| failed(&e))?;
-        match read_message(&mut recv).await.map_err(|e| failed(&e))? {
+        // Without the manager no laptop can be reached: the request is the pod's.
+        let lost = |_| DialError::NoOwner;
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(lost)?;
+        write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await.map_err(|_| DialError::NoOwner)?;
+        match read_message(&mut recv).await.map_err(|_| DialError::NoOwner)? {
             Some(Message::FlowReply { status: FlowStatus::Ok, .. }) => Ok(Tunnel { send, recv }),
             Some(Message::FlowReply { status: FlowStatus::Denied, .. }) => Err(DialError::NoOwner),
             Some(Message::FlowReply { message, .. }) => {
@@ -412,6 +475,21 @@ impl Router {
             }
             other => Err(DialError::Failed(format!("unexpected reply {:?}", other.as_ref().map(Message::kind)))),
         }
+    }
+}
+
+type Sent = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Incoming>>>;
+
+/// Sends `req` on `sender`; an HTTP/1 connection goes back to `own` (reused once its
+/// response is done).
+async fn send(sender: Sender, req: Request<Incoming>, own: &Pools, dest: Dest) -> Sent {
+    match sender {
+        Sender::H1(mut s) => {
+            let sent = s.try_send_request(req);
+            own.put(dest, false, Sender::H1(s));
+            sent.await
+        }
+        Sender::H2(mut s) => s.try_send_request(req).await,
     }
 }
 

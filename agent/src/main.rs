@@ -29,6 +29,10 @@ struct Args {
     /// CRI-O's and Docker's places under /run).
     #[arg(long = "runtime-root", value_name = "DIR")]
     runtime_roots: Vec<PathBuf>,
+    /// Threads serving captured connections (personal intercepts parse every HTTP
+    /// request of a captured port: one thread caps them at about half a core's worth).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
 }
 
 fn main() {
@@ -69,7 +73,8 @@ fn run(args: Args) -> Result<()> {
         node_name: args.node,
         node: Node { proc_root: args.proc_root, runtime_roots },
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.workers)).enable_all().build()?;
     rt.block_on(session::run(config, shutdown_signal()));
     Ok(())
 }

@@ -130,11 +130,15 @@ enum Port {
     Running { capture: Capture, meshed: bool, env: Vec<(String, String)> },
 }
 
+/// A pod port: the pod's IP, the port, and the container (a pod recreated with the same
+/// IP is another).
+type PortKey = (IpAddr, u16, String);
+
 /// What the agent captures: by pod port, and each capture id's port.
 #[derive(Default)]
 pub struct Captures {
-    ports: HashMap<(IpAddr, u16), Port>,
-    ids: HashMap<u64, (IpAddr, u16)>,
+    ports: HashMap<PortKey, Port>,
+    ids: HashMap<u64, PortKey>,
 }
 
 impl Captures {
@@ -190,14 +194,14 @@ async fn serve(
     };
     tokio::pin!(writer);
     // Ports start concurrently; their results come back here.
-    let (started_tx, mut started_rx) = mpsc::unbounded_channel::<((IpAddr, u16), Result<capture::Started>)>();
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel::<(PortKey, Result<capture::Started>)>();
     loop {
         tokio::select! {
             msg = control.recv() => match msg.unwrap_or(Ok(None)) {
                 Ok(Some(Message::Capture { id, pod_namespace, pod_name, pod_ip, port, host_ip, container: _, container_id, matchers })) => {
                     captures.release(id).await;
-                    let key = (pod_ip, port);
-                    captures.ids.insert(id, key);
+                    let key = (pod_ip, port, container_id.clone());
+                    captures.ids.insert(id, key.clone());
                     match captures.ports.get_mut(&key) {
                         Some(Port::Starting(waiting)) => waiting.push((id, matchers)),
                         Some(Port::Running { capture, meshed, env }) => {
@@ -205,7 +209,7 @@ async fn serve(
                             let _ = status_tx.send(ok_status(id, *meshed, env));
                         }
                         None => {
-                            captures.ports.insert(key, Port::Starting(vec![(id, matchers)]));
+                            captures.ports.insert(key.clone(), Port::Starting(vec![(id, matchers)]));
                             let req = Request { id, pod: format!("{pod_namespace}/{pod_name}"), pod_ip, port, host_ip, container_id };
                             let (node, conn, tx) = (config.node.clone(), conn.clone(), started_tx.clone());
                             tokio::spawn(async move {

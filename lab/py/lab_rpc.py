@@ -11,6 +11,9 @@ unchanged.
   lab_rpc.py grpc-client TARGET CALLS...   CALLS: who[:DEV] or count:N[:DEV]; all on one channel
   lab_rpc.py ws-server NAME HOST PORT      serve until killed
   lab_rpc.py ws-client URL [DEV]           two text messages and one 1 MiB binary message
+  lab_rpc.py keepalive HOST PORT PATH DEV SECONDS
+                                           GET PATH twice on one HTTP/1.1 connection, with
+                                           x-dev: DEV, SECONDS apart; prints each status and body
 """
 
 import asyncio
@@ -100,8 +103,22 @@ def ws_client(url, dev=None):
         sys.exit(1)
 
 
+def keepalive(host, port, path, dev, seconds):
+    import http.client
+    import time
+
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    for i in range(2):
+        if i:
+            time.sleep(float(seconds))
+        conn.request("GET", path, headers={"x-dev": dev})
+        r = conn.getresponse()
+        print(r.status, r.read().decode().strip(), flush=True)
+    conn.close()
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"grpc-server": grpc_server, "ws-server": ws_server, "ws-client": ws_client}.get(
+    {"grpc-server": grpc_server, "ws-server": ws_server, "ws-client": ws_client, "keepalive": keepalive}.get(
         cmd, lambda *a: grpc_client(a[0], a[1:])
     )(*args)

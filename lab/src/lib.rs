@@ -198,7 +198,7 @@ pub struct Lab {
     manager_wrapper: Vec<String>,
     manager_extra: Vec<String>,
     /// Other builds of the manager and the agent to run (an earlier release's, for
-    /// version skew; [`Lab::use_release`]).
+    /// version skew; [`Lab::use_manager_bin`], [`Lab::use_agent_bin`]).
     manager_bin: Option<PathBuf>,
     agent_bin: Option<PathBuf>,
     /// Whether `tpvpn` was ever run (then drop runs `tpvpn down`).
@@ -1106,16 +1106,17 @@ impl Lab {
         self.start_manager()
     }
 
-    /// Runs the manager and/or the agent of another build from now on (`None`: this
-    /// build's), restarting what runs.
-    pub fn use_release(&mut self, manager: Option<&Path>, agent: Option<&Path>) -> Result<()> {
-        self.manager_bin = manager.map(Path::to_path_buf);
-        self.agent_bin = agent.map(Path::to_path_buf);
-        self.start_manager()?;
-        if self.agent.is_some() {
-            self.start_agent()?;
-        }
-        Ok(())
+    /// Runs the manager of another build from now on (an earlier release's, for version
+    /// skew; `None`: this build's), restarting it.
+    pub fn use_manager_bin(&mut self, bin: Option<&Path>) -> Result<()> {
+        self.manager_bin = bin.map(Path::to_path_buf);
+        self.start_manager()
+    }
+
+    /// Runs the agent of another build from now on (`None`: this build's), restarting it.
+    pub fn use_agent_bin(&mut self, bin: Option<&Path>) -> Result<()> {
+        self.agent_bin = bin.map(Path::to_path_buf);
+        self.start_agent()
     }
 
     /// The manager's Prometheus metrics (from the cluster namespace).

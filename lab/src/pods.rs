@@ -42,7 +42,7 @@ pub const ALT_PORT: u16 = 8081;
 /// nginx in every pod also speaks HTTP/2 over cleartext (prior knowledge) here.
 pub const H2_PORT: u16 = 8082;
 /// Where pods (and laptops) serve gRPC and WebSocket when a test starts them
-/// ([`Lab::start_rpc_in`]): Service `web` ports `grpc` (90) and `ws` (91).
+/// ([`Lab::start_rpc_in`]): Service `web` ports `rpc` (90) and `ws` (91).
 pub const GRPC_PORT: u16 = 9090;
 pub const WS_PORT: u16 = 9091;
 /// The gRPC and WebSocket servers and clients (python3-grpcio, python3-websockets).
@@ -144,7 +144,7 @@ impl Lab {
                         {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
                         {"name": "alt", "port": 81, "protocol": "TCP", "targetPort": ALT_PORT},
                         {"name": "h2", "port": 82, "protocol": "TCP", "targetPort": H2_PORT, "appProtocol": "kubernetes.io/h2c"},
-                        {"name": "grpc", "port": 90, "protocol": "TCP", "targetPort": GRPC_PORT, "appProtocol": "kubernetes.io/h2c"},
+                        {"name": "rpc", "port": 90, "protocol": "TCP", "targetPort": GRPC_PORT, "appProtocol": "kubernetes.io/h2c"},
                         {"name": "ws", "port": 91, "protocol": "TCP", "targetPort": WS_PORT, "appProtocol": "kubernetes.io/ws"},
                 // For the benchmark's servers (iperf3, ping-pong), started when it runs.
                 {"name": "iperf", "port": 5201, "protocol": "TCP", "targetPort": 5201},

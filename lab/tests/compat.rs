@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tpvpn_lab::{show, Lab};
+use tpvpn_lab::{show, wait_until, Lab};
 
 fn old_client() -> PathBuf {
     release("v1", "tpvpn")
@@ -104,7 +104,8 @@ fn v2_and_v3_intercept_together_and_personal_intercepts_name_the_side_to_upgrade
 
     // This client with a v2 manager and agent (a cluster not upgraded yet): personal
     // intercepts are refused naming the manager; global ones work.
-    lab.use_release(Some(&v2("tpvpn-manager")), Some(&v2("tpvpn-agent"))).unwrap();
+    lab.use_manager_bin(Some(&v2("tpvpn-manager"))).unwrap();
+    lab.use_agent_bin(Some(&v2("tpvpn-agent"))).unwrap();
     lab.up(&[]).unwrap();
     let personal = ["intercept", "web", "--port", "18888:http", "--http-header", "x-dev=a"];
     assert_refused(&lab.tpvpn(&personal), &["protocol v2", "personal intercepts", "upgrade the manager"]);
@@ -112,11 +113,28 @@ fn v2_and_v3_intercept_together_and_personal_intercepts_name_the_side_to_upgrade
     reaches(&lab, "answered by the laptop");
     assert_ok(&lab.tpvpn(&["down"]), "down");
 
-    // This manager with a v2 agent still on the node: refused naming the agents.
-    lab.use_release(None, Some(&v2("tpvpn-agent"))).unwrap();
+    // This manager and agent: a global intercept of one port, a personal one of another.
+    // Then the node's agent is rolled back to v2: it gets the global capture only (a
+    // personal one would make it drop the connection, again and again), and new personal
+    // intercepts are refused naming the agents.
+    lab.use_manager_bin(None).unwrap();
+    lab.use_agent_bin(None).unwrap();
     lab.up(&[]).unwrap();
+    assert_ok(&lab.tpvpn(&["intercept", "web", "--port", "18888:http"]), "a global intercept");
+    assert_ok(&lab.tpvpn(&["intercept", "web", "--port", "18889:alt", "--http-header", "x-dev=a"]), "a personal one");
+    let lost = "lost the manager";
+    let before = lab.agent_log().matches(lost).count();
+    lab.use_agent_bin(Some(&v2("tpvpn-agent"))).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.manager_log().contains("too old for personal intercepts")),
+        "{}",
+        lab.manager_log()
+    );
+    reaches(&lab, "answered by the laptop");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(lab.agent_log().matches(lost).count(), before, "the v2 agent lost its connection:\n{}", lab.agent_log());
+    let personal = ["intercept", "web", "--port", "18888:http", "--http-header", "x-dev=b"];
     assert_refused(&lab.tpvpn(&personal), &["agent on node lab-node", "protocol v2", "upgrade the agents"]);
-    assert_ok(&lab.tpvpn(&["intercept", "web", "--port", "18888:http"]), "a global intercept with the v2 agent");
     reaches(&lab, "answered by the laptop");
     assert_ok(&lab.tpvpn(&["down"]), "down");
     reaches(&lab, "pod web-0");

@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use serde_json::Value;
-use tpvpn_lab::pods::{ALT_PORT, CALLER_IP, HTTP_PORT, WEB_IP};
+use tpvpn_lab::pods::{ALT_PORT, CALLER_IP, H2_PORT, HTTP_PORT, WEB_IP};
 use tpvpn_lab::{show, wait_until, Lab};
 
 fn stdout(out: &Output) -> String {
@@ -124,7 +124,7 @@ fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
     let listener = stdout(&ports)
         .lines()
         .filter_map(|l| l.split_whitespace().nth(3)?.rsplit_once(':')?.1.parse::<u16>().ok())
-        .find(|p| ![HTTP_PORT, ALT_PORT].contains(p))
+        .find(|p| ![HTTP_PORT, ALT_PORT, H2_PORT].contains(p))
         .expect("the agent's transparent listener");
     let out = from_caller(&lab, &["reset", &format!("10.244.2.10:{listener}")]);
     assert_eq!(stdout(&out).trim(), "reset", "{}", show(&out));

@@ -203,7 +203,7 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
     }
     let laptop = lab.laptop().to_string();
     lab.start_rpc_in(&laptop, "laptop-a", "127.0.0.1", 18821, 18822).unwrap();
-    for (port, what) in [("18821:grpc", "gRPC"), ("18822:ws", "WebSocket")] {
+    for (port, what) in [("18821:rpc", "gRPC"), ("18822:ws", "WebSocket")] {
         let out = lab.tpvpn_env(
             &["intercept", "web", "--port", port, "--http-header", "x-dev=a"],
             &[],
@@ -245,4 +245,38 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
     assert_eq!(stdout(&out), "laptop-a: one\nlaptop-a: two\nbinary 1048576 same\n", "{}\n{}", show(&out), logs(&lab));
     let out = py(&["ws-client", &url]);
     assert_eq!(stdout(&out), "pod web-0: one\npod web-0: two\nbinary 1048576 same\n", "{}\n{}", show(&out), logs(&lab));
+
+    // The agent loses the manager: requests on a keep-alive connection it already serves
+    // go to the pod (no laptop can be reached), not to an error.
+    assert_ok(
+        &lab.tpvpn_env(
+            &["intercept", "web", "--port", "18801:http", "--http-header", "x-dev=a"],
+            &[],
+            Duration::from_secs(40),
+        ),
+        "intercept the http port for x-dev: a",
+    );
+    lab.start_web_in(&laptop, 18801, None, "laptop-a").unwrap();
+    let script = ["keepalive", "10.244.2.10", "8080", "/", "a", "4"];
+    let mut cmd = vec![PYTHON, RPC_SCRIPT];
+    cmd.extend_from_slice(&script);
+    let caller = lab.caller().to_string();
+    lab.spawn_background(&caller, "keepalive", &cmd).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || lab.background_log("keepalive").contains("laptop-a")),
+        "{}",
+        lab.background_log("keepalive")
+    );
+    lab.stop_manager();
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.agent_log().contains("lost the manager")),
+        "{}",
+        lab.agent_log()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.background_log("keepalive").lines().count() >= 2),
+        "{}",
+        lab.background_log("keepalive")
+    );
+    assert_eq!(lab.background_log("keepalive"), "200 laptop-a\n200 pod web-0\n", "{}", logs(&lab));
 }

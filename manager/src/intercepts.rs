@@ -201,8 +201,16 @@ impl Hub {
     pub fn agent_connected(&self, node: &str, session: u64, version: u16, tx: mpsc::UnboundedSender<Message>) {
         let mut r = self.lock();
         r.agents.insert(node.to_string(), AgentLink { session, version, tx });
-        let resend: Vec<Message> =
-            r.captures.iter().filter(|(_, c)| c.target.node == node).map(|(id, c)| capture_message(*id, c)).collect();
+        // A v2 agent cannot read a personal capture (it would drop the connection on it):
+        // those pods stay uncaptured for their personal intercepts until it is upgraded.
+        let mut resend = Vec::new();
+        for (id, c) in r.captures.iter().filter(|(_, c)| c.target.node == node) {
+            if version < PERSONAL_VERSION && !c.matchers.is_empty() {
+                warn!(node, pod = %c.target.name, version, "the agent is too old for personal intercepts: not captured until it is upgraded");
+                continue;
+            }
+            resend.push(capture_message(*id, c));
+        }
         if let Some(a) = r.agents.get(node) {
             for m in resend {
                 let _ = a.tx.send(m);
@@ -272,8 +280,17 @@ impl Hub {
         if let Some(why) = failed {
             r.release_captures(id);
             r.intercepts.remove(&id);
-            // A re-claim that failed keeps the claim it was to renew, for its owner.
-            if let Some(mut old) = previous {
+            // A re-claim that failed keeps the claim it was to renew, for its owner (unless
+            // another client took those matchers meanwhile).
+            let taken = |old: &Intercept| {
+                r.intercepts.values().any(|i| {
+                    i.namespace == old.namespace
+                        && i.service == old.service
+                        && i.port.port == old.port.port
+                        && i.matchers == old.matchers
+                })
+            };
+            if let Some(mut old) = previous.filter(|old| !taken(old)) {
                 if let Owner::Connected(_) = old.owner {
                     old.owner = Owner::Dormant(Instant::now() + RECLAIM);
                 }
@@ -417,6 +434,8 @@ impl Hub {
             }
         }
         let (tls, number) = (!req.matchers.is_empty() && port.looks_like_tls(), port.port);
+        let global_held = !req.matchers.is_empty()
+            && r.intercepts.values().any(|i| on_port(i) && i.matchers.is_empty() && i.owner_key != key);
         // Every check passed: the old claim (this client's) gives way to the new one.
         let previous = existing.and_then(|(old, ..)| {
             r.release_captures(old);
@@ -449,6 +468,12 @@ impl Hub {
             waiting.push((pod, rx));
         }
         let mut warnings: Vec<String> = skipped.into_iter().map(|why| format!("not captured: {why}")).collect();
+        if global_held {
+            warnings.push(
+                "a global intercept holds this port too: connections it took before now stay with it until they close; new ones are routed per request"
+                    .to_string(),
+            );
+        }
         if tls {
             warnings.push(format!(
                 "port {number} looks like TLS: personal intercepts route cleartext HTTP only, TLS connections reach the pods untouched"
@@ -623,6 +648,10 @@ impl Registry {
         let matchers = self.intercepts.get(&intercept).map(|i| i.matchers.clone()).unwrap_or_default();
         let state = CaptureState { intercept, target, matchers, waiter };
         match self.agents.get(&state.target.node) {
+            Some(a) if a.version < PERSONAL_VERSION && !state.matchers.is_empty() => warn!(
+                node = %state.target.node, %pod, version = a.version,
+                "the agent is too old for personal intercepts: not captured until it is upgraded"
+            ),
             Some(a) => {
                 let _ = a.tx.send(capture_message(id, &state));
             }
