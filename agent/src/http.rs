@@ -205,19 +205,13 @@ impl Pools {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A connection that can take a request now: HTTP/2 shared, HTTP/1 taken out.
-    fn take(&self, dest: Dest, h2: bool) -> Option<Sender> {
+    /// An idle HTTP/1 connection to `dest` that can take a request now.
+    fn take_idle(&self, dest: Dest) -> Option<Sender> {
         let mut pools = self.lock();
-        let list = pools.get_mut(&(dest, h2))?;
+        let list = pools.get_mut(&(dest, false))?;
         list.retain(|s| !s.is_closed());
-        let i = list.iter().position(|s| match s {
-            Sender::H1(s) => s.is_ready(),
-            Sender::H2(_) => true,
-        })?;
-        match &list[i] {
-            Sender::H2(s) => Some(Sender::H2(s.clone())),
-            Sender::H1(_) => Some(list.swap_remove(i)),
-        }
+        let i = list.iter().position(|s| matches!(s, Sender::H1(s) if s.is_ready()))?;
+        Some(list.swap_remove(i))
     }
 
     /// This caller connection's connection to `dest`: an HTTP/1 one once its last
@@ -411,7 +405,7 @@ impl Router {
             return Ok(s);
         }
         if dest == Dest::Pod && !h2 {
-            if let Some(s) = self.pools.take(dest, false) {
+            if let Some(s) = self.pools.take_idle(dest) {
                 return Ok(s);
             }
         }
