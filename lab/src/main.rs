@@ -164,10 +164,15 @@ fn demo() -> Result<()> {
         bail!("the demo needs root");
     }
     println!("# building the lab (namespaces laptop/cluster/inet; nginx, redis, dnsmasq, the Kubernetes API stand-in, the manager)...");
-    let lab = Lab::new()?;
+    let mut lab = Lab::new()?;
     println!("# lab ready in {}; laptop namespace {}", lab.dir().display(), lab.laptop());
     let mut failed = Vec::new();
     let ns = lab.laptop().to_string();
+    println!(
+        "# pods web-0/web-1 (Service web), a caller pod and the node agent; nginx on the laptop's 127.0.0.1:18888..."
+    );
+    lab.start_pods()?;
+    lab.start_web_in(&ns, 18888, None, "answered by the laptop")?;
 
     // As a user does it: only a kubeconfig (the lab's API stand-in plays the cluster).
     let kc = lab.kubeconfig().display().to_string();
@@ -188,8 +193,22 @@ fn demo() -> Result<()> {
     step(&mut failed, "", &["dig", "+short", "docs.rs"], exec);
     step(&mut failed, "", &["dig", "+short", "SRV", "_http._tcp.frontend.default.svc.cluster.local"], exec);
     step(&mut failed, "tpvpn-lab", &["client", "udp", tpvpn_lab::UDP_ECHO_ADDR, "100"], |a| lab.lab_tool(&ns, a));
-    step(&mut failed, "tpvpn", &["status"], |a| lab.tpvpn(a));
+    // A personal intercept: the pods of Service web keep answering everyone, except the
+    // requests that carry the developer's header, which reach nginx on the laptop.
+    let intercept = ["intercept", "web", "--port", "18888:http", "--http-header", "x-dev=me"];
+    step(&mut failed, "tpvpn", &intercept, |a| lab.tpvpn(a));
+    let from_caller = |a: &[&str]| lab.exec_timeout(lab.caller(), a, std::time::Duration::from_secs(15));
+    let web = format!("http://{}/", tpvpn_lab::pods::WEB_IP);
+    step(
+        &mut failed,
+        "(in the caller pod)",
+        &["curl", "-sS", "--max-time", "10", "-H", "x-dev: me", &web],
+        from_caller,
+    );
+    step(&mut failed, "(in the caller pod)", &["curl", "-sS", "--max-time", "10", &web], from_caller);
     step(&mut failed, "tpvpn", &["list"], |a| lab.tpvpn(a));
+    step(&mut failed, "tpvpn", &["leave", "web"], |a| lab.tpvpn(a));
+    step(&mut failed, "tpvpn", &["status"], |a| lab.tpvpn(a));
     step(&mut failed, "", &["cat", "/etc/resolv.conf"], exec);
     step(&mut failed, "", &["ip", "route"], exec);
     step(&mut failed, "tpvpn", &["down"], |a| lab.tpvpn(a));
