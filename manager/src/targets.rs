@@ -244,6 +244,22 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    #[test]
+    fn ports_that_look_like_tls() {
+        let port = |port, name: &str, app: &str| ServicePort {
+            port,
+            name: name.into(),
+            target: IntOrString::Int(i32::from(port)),
+            app_protocol: app.into(),
+        };
+        for tls in [port(443, "", ""), port(8443, "https", ""), port(9000, "grpcs-api", ""), port(80, "", "TLS")] {
+            assert!(tls.looks_like_tls(), "{tls:?}");
+        }
+        for plain in [port(80, "http", ""), port(8080, "httpsish", ""), port(90, "rpc", "kubernetes.io/h2c")] {
+            assert!(!plain.looks_like_tls(), "{plain:?}");
+        }
+    }
+
     fn svc() -> Service {
         serde_json::from_value(json!({
             "metadata": {"name": "web", "namespace": "default"},
