@@ -6,7 +6,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use tpvpn_lab::pods::{BIG_LEN, CALLER_IP, GRPC_PORT, H2_PORT, PYTHON, RPC_SCRIPT, WEB_IP, WS_PORT};
+use tpvpn_lab::pods::{BIG_LEN, CALLER_IP, GRPC_PORT, H2_PORT, NODE_IP, PYTHON, RPC_SCRIPT, WEB_IP, WS_PORT};
 use tpvpn_lab::{show, wait_until, Lab};
 
 fn stdout(out: &Output) -> String {
@@ -77,6 +77,36 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
         // Host, path and the caller's address arrive as the caller sent them.
         assert!(stdout(&out).contains(&format!("host={WEB_IP} uri=/whoami xff={CALLER_IP} dev=")), "{}", show(&out));
     }
+
+    // A kubelet probe comes from the node's address (the Pod's hostIP): never captured, so
+    // the pod answers it, header or not (and nothing was added to it).
+    let probe = lab.exec_timeout(
+        lab.cluster(),
+        &["curl", "-sS", "--max-time", "5", "--interface", NODE_IP, "-H", "x-dev: a", "http://10.244.2.10:8080/whoami"],
+        Duration::from_secs(10),
+    );
+    assert!(
+        stdout(&probe).starts_with("pod web-0 host=10.244.2.10 uri=/whoami xff= dev=a "),
+        "a probe from the node must reach the pod untouched:\n{}",
+        show(&probe)
+    );
+    // The same request from another of the node's addresses is captured.
+    let other = lab.exec_timeout(
+        lab.cluster(),
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--interface",
+            "10.250.4.1",
+            "-H",
+            "x-dev: a",
+            "http://10.244.2.10:8080/whoami",
+        ],
+        Duration::from_secs(10),
+    );
+    assert!(stdout(&other).starts_with("laptop-a"), "{}", show(&other));
 
     // One keep-alive connection: A, B (chunked), none, A again, each uploading 1 MiB, then
     // 1 MiB downloads from each, in that order on the same connection.
