@@ -39,6 +39,11 @@ fn curl(lab: &Lab, args: &[&str]) -> Output {
     lab.exec_timeout(lab.caller(), &all, Duration::from_secs(30))
 }
 
+/// `tpvpn intercept web --port PORT --http-header x-dev=a` on the first laptop.
+fn intercept_for_a(lab: &Lab, port: &str) -> Output {
+    lab.tpvpn_env(&["intercept", "web", "--port", port, "--http-header", "x-dev=a"], &[], Duration::from_secs(40))
+}
+
 fn logs(lab: &Lab) -> String {
     format!("agent log:\n{}\nmanager log:\n{}", lab.agent_log(), lab.manager_log())
 }
@@ -48,11 +53,7 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
     let Some(lab) = two_laptops() else { return };
     let whoami = format!("http://{WEB_IP}/whoami");
 
-    let a = lab.tpvpn_env(
-        &["intercept", "web", "--port", "18801:http", "--http-header", "x-dev=a"],
-        &[],
-        Duration::from_secs(40),
-    );
+    let a = intercept_for_a(&lab, "18801:http");
     assert_ok(&a, "laptop a intercepts for x-dev: a");
     assert!(stdout(&a).contains("callers send: x-dev: a"), "intercept prints the header to send:\n{}", show(&a));
     assert_ok(
@@ -155,14 +156,7 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
     // HTTP/2 over cleartext with prior knowledge (as gRPC clients speak), routed per
     // stream. (Each from a connection of its own: curl 7.88 cannot reuse a
     // prior-knowledge connection, even to nginx alone.) Laptop a takes the h2 port too.
-    assert_ok(
-        &lab.tpvpn_env(
-            &["intercept", "web", "--port", "18811:h2", "--http-header", "x-dev=a"],
-            &[],
-            Duration::from_secs(40),
-        ),
-        "laptop a intercepts the h2 port",
-    );
+    assert_ok(&intercept_for_a(&lab, "18811:h2"), "laptop a intercepts the h2 port");
     let h2 = format!("http://10.244.2.10:{H2_PORT}/whoami");
     for (header, want) in [(Some("x-dev: a"), "laptop-a"), (None, "pod web-0"), (Some("x-dev: b"), "pod web-0")] {
         let mut args = vec!["--http2-prior-knowledge", "-w", "%{http_version}\n"];
@@ -234,12 +228,7 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
     let laptop = lab.laptop().to_string();
     lab.start_rpc_in(&laptop, "laptop-a", "127.0.0.1", 18821, 18822).unwrap();
     for (port, what) in [("18821:rpc", "gRPC"), ("18822:ws", "WebSocket")] {
-        let out = lab.tpvpn_env(
-            &["intercept", "web", "--port", port, "--http-header", "x-dev=a"],
-            &[],
-            Duration::from_secs(40),
-        );
-        assert_ok(&out, &format!("intercept the {what} port for x-dev: a"));
+        assert_ok(&intercept_for_a(&lab, port), &format!("intercept the {what} port for x-dev: a"));
     }
     let py = |args: &[&str]| {
         let mut all = vec![PYTHON, RPC_SCRIPT];
@@ -278,14 +267,7 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
 
     // The agent loses the manager: requests on a keep-alive connection it already serves
     // go to the pod (no laptop can be reached), not to an error.
-    assert_ok(
-        &lab.tpvpn_env(
-            &["intercept", "web", "--port", "18801:http", "--http-header", "x-dev=a"],
-            &[],
-            Duration::from_secs(40),
-        ),
-        "intercept the http port for x-dev: a",
-    );
+    assert_ok(&intercept_for_a(&lab, "18801:http"), "intercept the http port for x-dev: a");
     lab.start_web_in(&laptop, 18801, None, "laptop-a").unwrap();
     let script = ["keepalive", "10.244.2.10", "8080", "/", "a", "4"];
     let mut cmd = vec![PYTHON, RPC_SCRIPT];
