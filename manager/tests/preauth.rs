@@ -57,6 +57,8 @@ fn start_manager() -> Manager {
     let addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tpvpn-manager"))
         .args(["--listen", &addr.to_string(), "--metrics-listen", "127.0.0.1:0", "--cluster-cidr", "10.96.0.0/12"])
+        // Not the QUIC port's number: a free UDP port may be a TCP port in use.
+        .args(["--tcp-listen", "127.0.0.1:0"])
         .arg("--tls-cert")
         .arg(dir.join("tls.crt"))
         .arg("--tls-key")
@@ -70,16 +72,23 @@ fn start_manager() -> Manager {
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
+        let mut seen = String::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("tpvpn-manager ready") {
-                let _ = tx.send(());
+                let _ = tx.send(Ok(()));
             }
+            seen.push_str(&line);
+            seen.push('\n');
         }
+        let _ = tx.send(Err(seen));
     });
     let cert = ck.cert.der().clone();
     let m = Manager { child, dir, addr, cert };
-    rx.recv_timeout(Duration::from_secs(20)).expect("tpvpn-manager ready");
-    m
+    match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(Ok(())) => m,
+        Ok(Err(log)) => panic!("tpvpn-manager exited before it was ready:\n{log}"),
+        Err(e) => panic!("tpvpn-manager not ready: {e}"),
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {

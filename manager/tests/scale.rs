@@ -126,6 +126,8 @@ async fn two_hundred_clients_get_fifty_thousand_services_and_cost_little_each() 
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tpvpn-manager"))
         .args(["--listen", &addr.to_string(), "--metrics-listen", "127.0.0.1:0"])
+        // Not the QUIC port's number: a free UDP port may be a TCP port in use.
+        .args(["--tcp-listen", "127.0.0.1:0"])
         .arg("--kubeconfig")
         .arg(dir.join("kubeconfig"))
         .arg("--tls-cert")
