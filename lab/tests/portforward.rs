@@ -93,14 +93,14 @@ fn the_standin_port_forward_works_with_kubes_own_client() {
 
 #[test]
 fn with_udp_dropped_up_goes_through_the_port_forward_and_everything_works() {
-    let Some(lab) = lab() else { return };
+    let Some(mut lab) = lab() else { return };
     lab.block_manager_udp().unwrap();
     let out = up_kube(&lab, &[]);
     assert!(out.status.success(), "up (auto):\n{}\nmanager:\n{}", show(&out), lab.manager_log());
     let v = status(&lab);
     assert_eq!(v["transport"], "portforward", "{v}");
     assert_eq!(v["manager_pod"], format!("tpvpn/{}", tpvpn_lab::MANAGER_POD), "{v}");
-    let l = lab.laptop();
+    let l = &lab.laptop().to_string();
     for url in ["http://10.96.0.10/", "http://10.244.1.10/", "http://frontend.default/"] {
         let page = lab.exec(l, &["curl", "-sS", "--max-time", "10", url]);
         assert!(stdout(&page).contains(tpvpn_lab::FRONTEND_BODY), "{url}: {}", show(&page));
@@ -119,6 +119,21 @@ fn with_udp_dropped_up_goes_through_the_port_forward_and_everything_works() {
     assert!(list.status.success() && stdout(&list).contains("frontend"), "{}", show(&list));
     // The manager saw it arrive on its TCP port.
     assert!(lab.manager_log().contains("transport=\"tcp\"") || lab.manager_log().contains("transport=tcp"));
+
+    // A restarted manager is reached again through the port-forward, without waiting for
+    // UDP first: the daemon remembers that UDP did not answer.
+    const UDP_GAVE_UP: &str = "no QUIC answer from the manager";
+    let log = lab.runtime_dir().join("tpvpn.log");
+    let daemon_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(daemon_log().matches(UDP_GAVE_UP).count(), 1, "{}", daemon_log());
+    lab.start_manager().unwrap();
+    let back = tpvpn_lab::wait_until(Duration::from_secs(30), || {
+        let page = lab.exec(l, &["curl", "-sS", "--max-time", "3", "http://10.96.0.10/"]);
+        stdout(&page).contains(tpvpn_lab::FRONTEND_BODY) && status(&lab)["connected"] == true
+    });
+    assert!(back, "not reconnected after the manager's restart:\n{}", daemon_log());
+    assert_eq!(status(&lab)["transport"], "portforward");
+    assert_eq!(daemon_log().matches(UDP_GAVE_UP).count(), 1, "UDP was tried again:\n{}", daemon_log());
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
-use crate::connect::{connect, Target};
+use crate::connect::{connect, Target, Transport, Via};
 use crate::{discovery, kubeconfig};
 use crate::{routes, Error};
 
@@ -96,14 +96,29 @@ fn jitter() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Connects again until it works, with backoff (0.5 s doubling to 5 s). In kubeconfig
-/// mode each failed attempt reads the credentials from the cluster again, so a manager
-/// reinstalled with a new certificate or token is reached too. Returns the session and
-/// the target it was made with.
-pub(super) async fn reconnect(mut target: Target, rediscover: Option<Rediscover>) -> (crate::connect::Session, Target) {
+/// Connects again until it works, with backoff (0.5 s doubling to 5 s). With
+/// `--transport auto`, a session that went through the port-forward is reconnected
+/// through it (UDP did not answer; trying it again costs [`crate::connect::AUTO_QUIC_TIMEOUT`] each
+/// time), with every fourth attempt `auto` again, in case UDP answers now. In
+/// kubeconfig mode each failed attempt reads the credentials from the cluster again, so
+/// a manager reinstalled with a new certificate or token is reached too. Returns the
+/// session and the target it was made with.
+pub(super) async fn reconnect(
+    mut target: Target,
+    rediscover: Option<Rediscover>,
+    last: Via,
+) -> (crate::connect::Session, Target) {
     let mut backoff = Duration::from_millis(500);
+    let remembered = matches!((target.transport, &last), (Transport::Auto, Via::PortForward { .. }));
+    let mut tries = 0u64;
     loop {
-        match connect(&target).await {
+        tries += 1;
+        let attempt = if remembered && tries % 4 != 0 {
+            connect(&Target { transport: Transport::Portforward, ..target.clone() }).await
+        } else {
+            connect(&target).await
+        };
+        match attempt {
             Ok(session) => return (session, target),
             Err(e) => {
                 warn!(error = %e, "reconnecting to the manager failed");

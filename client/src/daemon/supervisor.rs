@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
-use crate::connect::{connect, Target};
+use crate::connect::{connect, Target, Via};
 use crate::control::{self, Dns, Reply, Request, Status, Tun};
 use crate::dataplane::Dataplane;
 use crate::intercept::Intercepts;
@@ -143,6 +143,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         let dns = dns.map(|(shared, _)| shared);
         let link = Link {
             conn: session.conn.clone(),
+            via: session.via.clone(),
             endpoint: session.endpoint.clone(),
             target: plan.target.clone(),
             rediscover: plan.rediscover.clone(),
@@ -374,6 +375,8 @@ fn cluster_updates(
 /// The connection to the manager in use, and how to make a new one.
 struct Link {
     conn: quinn::Connection,
+    /// How `conn` reached the manager.
+    via: Via,
     endpoint: quinn::Endpoint,
     target: Target,
     rediscover: Option<Rediscover>,
@@ -437,7 +440,7 @@ async fn serve(
                         *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
                         d.resolver().set_connected(false);
                     }
-                    state = LinkState::Reconnecting(tokio::spawn(reconnect(link.target.clone(), link.rediscover.clone())));
+                    state = LinkState::Reconnecting(tokio::spawn(reconnect(link.target.clone(), link.rediscover.clone(), link.via.clone())));
                 }
                 Change::Failed => break "reconnecting failed".to_string(),
                 Change::Reconnected(pair) => {
@@ -452,7 +455,14 @@ async fn serve(
                     let rediscover = link.rediscover.clone();
                     let old = std::mem::replace(
                         &mut link,
-                        Link { conn: session.conn.clone(), endpoint: session.endpoint.clone(), target, rediscover, version: session.version },
+                        Link {
+                            conn: session.conn.clone(),
+                            via: session.via.clone(),
+                            endpoint: session.endpoint.clone(),
+                            target,
+                            rediscover,
+                            version: session.version,
+                        },
                     );
                     intercept_task.abort();
                     intercept_task = start_intercepts(&link);
