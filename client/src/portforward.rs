@@ -153,22 +153,17 @@ async fn carry<S>(
         sink.close().await.map_err(|e| e.to_string())
     };
     let from_pod = async {
-        let (mut started, mut said) = ([false; 2], Some(said));
+        let (mut channels, mut said) = (Channels::new(port), Some(said));
         while let Some(msg) = from_ws.next().await {
             let Message::Binary(b) = msg.map_err(|e| e.to_string())? else { continue };
-            let (Some(&ch), data) = (b.first(), b.get(1..).unwrap_or_default()) else { continue };
-            let Some(seen) = started.get_mut(usize::from(ch)) else {
-                return Err(format!("the API server used channel {ch}, not one of port {port}'s"));
-            };
-            if !*seen {
-                *seen = true;
-                if data != port.to_le_bytes() {
-                    return Err(format!("the API server's first frame names another port than {port}"));
+            match channels.on_message(&b)? {
+                FromPod::Data(data) => wr.write_all(data).await.map_err(|e| e.to_string())?,
+                FromPod::Error(text) => {
+                    if let Some(s) = said.take() {
+                        let _ = s.send(String::from_utf8_lossy(text).into_owned());
+                    }
                 }
-            } else if ch == 0 {
-                wr.write_all(data).await.map_err(|e| e.to_string())?;
-            } else if let Some(s) = said.take() {
-                let _ = s.send(String::from_utf8_lossy(data).into_owned());
+                FromPod::Nothing => {}
             }
         }
         wr.shutdown().await.map_err(|e| e.to_string())
@@ -180,6 +175,50 @@ async fn carry<S>(
     };
     if let Err(e) = ended {
         tracing::debug!(error = %e, "the port-forward ended");
+    }
+}
+
+/// What one binary message from the API server carries for the port (sans-IO).
+#[derive(Debug, PartialEq, Eq)]
+pub enum FromPod<'a> {
+    /// Bytes from the pod's port (channel 0).
+    Data(&'a [u8]),
+    /// The error channel's text (channel 1): forwarding failed.
+    Error(&'a [u8]),
+    /// A channel's opening port number, or an empty message.
+    Nothing,
+}
+
+/// The API server's side of one forwarded port (`v4.channel.k8s.io`): each message is a
+/// channel byte and its data, channel 0 the port's data and channel 1 its errors, each
+/// channel's first message the port number (two bytes, little-endian) and nothing else.
+#[derive(Debug)]
+pub struct Channels {
+    port: u16,
+    started: [bool; 2],
+}
+
+impl Channels {
+    pub fn new(port: u16) -> Channels {
+        Channels { port, started: [false; 2] }
+    }
+
+    /// Takes one message; an error ends the port-forward (a channel of no port of ours,
+    /// or an opening that names another port).
+    pub fn on_message<'a>(&mut self, msg: &'a [u8]) -> Result<FromPod<'a>, String> {
+        let Some((&ch, data)) = msg.split_first() else { return Ok(FromPod::Nothing) };
+        let port = self.port;
+        let Some(started) = self.started.get_mut(usize::from(ch)) else {
+            return Err(format!("the API server used channel {ch}, not one of port {port}'s"));
+        };
+        if !std::mem::replace(started, true) {
+            return if data == port.to_le_bytes() {
+                Ok(FromPod::Nothing)
+            } else {
+                Err(format!("the API server's first frame on channel {ch} does not name port {port}"))
+            };
+        }
+        Ok(if ch == 0 { FromPod::Data(data) } else { FromPod::Error(data) })
     }
 }
 
@@ -244,6 +283,22 @@ mod tests {
 
     fn pod(v: serde_json::Value) -> Pod {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn channels_open_with_the_port_then_carry_data_and_errors() {
+        let mut c = Channels::new(8443);
+        let opening = [0, 0xfb, 0x20];
+        assert_eq!(c.on_message(&opening), Ok(FromPod::Nothing));
+        assert_eq!(c.on_message(&[0, 1, 2, 3]), Ok(FromPod::Data(&[1, 2, 3][..])));
+        assert_eq!(c.on_message(&[0, 0xfb, 0x20]), Ok(FromPod::Data(&[0xfb, 0x20][..])), "only the first opens");
+        assert_eq!(c.on_message(&[]), Ok(FromPod::Nothing));
+        assert_eq!(c.on_message(&[1, 0xfb, 0x20]), Ok(FromPod::Nothing));
+        assert_eq!(c.on_message(b"\x01refused"), Ok(FromPod::Error(&b"refused"[..])));
+        assert!(c.on_message(&[2, 0]).unwrap_err().contains("channel 2"));
+        // An opening naming another port, or data before the opening.
+        assert!(Channels::new(8443).on_message(&[0, 0x50, 0]).unwrap_err().contains("port 8443"));
+        assert!(Channels::new(8443).on_message(&[0, 0xfb, 0x20, 9]).is_err());
     }
 
     #[test]

@@ -532,6 +532,59 @@ pub fn http_sniff(data: &[u8]) {
     }
 }
 
+/// The API server's port-forward channels ([`tpvpn_client::portforward::Channels`]), fed
+/// messages cut from the input (each byte before a message gives its length): data comes
+/// only from channel 0 after its opening, byte for byte what the message carried after
+/// the channel byte; any channel but 0 and 1, and an opening other than the port's two
+/// bytes, ends the port-forward; nothing else does.
+pub fn portforward_channels(data: &[u8]) {
+    use tpvpn_client::portforward::{Channels, FromPod};
+    let port = 8443u16;
+    let mut c = Channels::new(port);
+    let mut opened = [false; 2];
+    let mut rest = data;
+    while let Some((&len, tail)) = rest.split_first() {
+        let (msg, after) = tail.split_at(usize::from(len % 16).min(tail.len()));
+        rest = after;
+        let got = c.on_message(msg);
+        let Some((&ch, payload)) = msg.split_first() else {
+            assert_eq!(got, Ok(FromPod::Nothing), "an empty message carries nothing");
+            continue;
+        };
+        match opened.get_mut(usize::from(ch)) {
+            None => {
+                assert!(got.is_err(), "channel {ch} was taken");
+                return;
+            }
+            Some(o) if !*o => {
+                *o = true;
+                if payload == port.to_le_bytes() {
+                    assert_eq!(got, Ok(FromPod::Nothing), "an opening is not data");
+                } else {
+                    assert!(got.is_err(), "a wrong opening was taken");
+                    return;
+                }
+            }
+            Some(_) if ch == 0 => assert_eq!(got, Ok(FromPod::Data(payload))),
+            Some(_) => assert_eq!(got, Ok(FromPod::Error(payload))),
+        }
+    }
+}
+
+/// Every target, for the corpus tests.
+#[cfg(test)]
+const TARGETS: &[fn(&[u8])] = &[
+    tunnel_frames,
+    messages,
+    handshakes,
+    netstack_packets,
+    dns_queries,
+    system_texts,
+    stream_packets,
+    http_sniff,
+    portforward_channels,
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,6 +691,8 @@ mod tests {
         ];
         // Two QUIC packets on a stream, then half of a third.
         v.push([&[0u8, 3, 1, 2, 3, 0, 1, 9, 0, 200, 7][..], &[5u8; 40][..]].concat());
+        // Port-forward messages: both openings (port 8443), data, an error text.
+        v.push(vec![3, 0, 0xfb, 0x20, 3, 1, 0xfb, 0x20, 4, 0, 1, 2, 3, 7, 1, b'r', b'e', b'f', b'u', b's', b'e']);
         v.push(b"# from dhcp\nnameserver 192.0.2.53\nsearch corp.example\noptions edns0\n".to_vec());
         v.push(
             b"Destination        Gateway            Flags               Netif Expire\ndefault 192.168.1.1 UGScg en0\n10.96/16 link#20 UCS utun4\n192.168.1 link#6 UCS en0 !\nfe80::%lo0/64 fe80::1%lo0 UcI lo0\n"
@@ -682,14 +737,9 @@ mod tests {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("regressions");
         for entry in std::fs::read_dir(dir).expect("fuzz/regressions exists") {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
-            tunnel_frames(&data);
-            messages(&data);
-            handshakes(&data);
-            netstack_packets(&data);
-            dns_queries(&data);
-            system_texts(&data);
-            stream_packets(&data);
-            http_sniff(&data);
+            for target in TARGETS {
+                target(&data);
+            }
         }
     }
 
@@ -698,14 +748,9 @@ mod tests {
         let mut rng = Rng(0x7470_766e);
         let seeds = seeds();
         for seed in &seeds {
-            tunnel_frames(seed);
-            messages(seed);
-            handshakes(seed);
-            netstack_packets(seed);
-            dns_queries(seed);
-            system_texts(seed);
-            stream_packets(seed);
-            http_sniff(seed);
+            for target in TARGETS {
+                target(seed);
+            }
         }
         for i in 0..100_000 {
             let d = if i % 4 == 0 {
@@ -714,14 +759,9 @@ mod tests {
                 let s = &seeds[(rng.next() as usize) % seeds.len()];
                 mutate(&mut rng, s)
             };
-            tunnel_frames(&d);
-            messages(&d);
-            handshakes(&d);
-            netstack_packets(&d);
-            dns_queries(&d);
-            system_texts(&d);
-            stream_packets(&d);
-            http_sniff(&d);
+            for target in TARGETS {
+                target(&d);
+            }
         }
     }
 }
