@@ -9,7 +9,7 @@
 set -euo pipefail
 
 PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dbus-daemon systemd nftables
-  python3-grpcio python3-websockets)
+  python3-grpcio python3-websockets python3-h2)
 BENCH=""
 case "${1:-}" in
   "") ;;

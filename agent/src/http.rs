@@ -19,7 +19,8 @@
 //! id, the manager's `FlowReply`, then a byte stream to the laptop's server). Requests
 //! pass with their method, path, `Host` and every header unchanged (HTTP/1 header case
 //! kept), plus the caller's address in `X-Forwarded-For`. An `Upgrade` (WebSocket)
-//! answered with 101 joins the two upgraded connections. A laptop whose intercept has
+//! answered with 101 joins the two upgraded connections; an offer to upgrade to HTTP/2
+//! ([`decline_h2c`]) is declined, so the connection stays routed per request. A laptop whose intercept has
 //! no owner any more (`FlowReply` denied, or no manager) gives its requests to the pod;
 //! a kept connection found closed as a request goes out is replaced once.
 
@@ -35,7 +36,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, UPGRADE};
+use hyper::header::{HeaderMap, HeaderValue, CONNECTION, UPGRADE};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -151,6 +152,42 @@ pub fn choose(routes: &[Route], headers: &HeaderMap, path: &str) -> Dest {
         .find(|r| !r.matchers.is_empty() && matches(&r.matchers, headers, path))
         .or_else(|| routes.iter().find(|r| r.matchers.is_empty()))
         .map_or(Dest::Pod, |r| Dest::Laptop(r.id))
+}
+
+/// Declines an HTTP/1.1 request's offer to upgrade to HTTP/2 (`Upgrade: h2c`, with its
+/// `HTTP2-Settings` and their `Connection` tokens): whichever server accepted it would
+/// get the connection whole, every later request on it past the routing. The request
+/// goes on as HTTP/1.1, as RFC 9110 lets any intermediary do (and Envoy does); other
+/// upgrades (WebSocket) stay.
+pub fn decline_h2c(headers: &mut HeaderMap) {
+    let tokens = |h: &HeaderMap, name| -> Vec<String> {
+        let values = h.get_all(name).iter().filter_map(|v| v.to_str().ok());
+        values.flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty()).map(str::to_string).collect()
+    };
+    let without = |tokens: Vec<String>, gone: &[&str]| -> Vec<String> {
+        tokens.into_iter().filter(|t| !gone.iter().any(|g| t.eq_ignore_ascii_case(g))).collect()
+    };
+    let put = |h: &mut HeaderMap, name, tokens: Vec<String>| {
+        h.remove(&name);
+        if let Ok(v) = HeaderValue::from_str(&tokens.join(", ")) {
+            if !tokens.is_empty() {
+                h.insert(name, v);
+            }
+        }
+    };
+    let offered = tokens(headers, UPGRADE);
+    if !offered.iter().any(|t| t.eq_ignore_ascii_case("h2c")) {
+        return;
+    }
+    let upgrades = without(offered, &["h2c"]);
+    let mut gone = vec!["http2-settings"];
+    if upgrades.is_empty() {
+        gone.push("upgrade");
+    }
+    let connection = without(tokens(headers, CONNECTION), &gone);
+    headers.remove("http2-settings");
+    put(headers, UPGRADE, upgrades);
+    put(headers, CONNECTION, connection);
 }
 
 /// Why an upstream connection could not be had.
@@ -351,6 +388,9 @@ impl Router {
         };
         if let Ok(v) = HeaderValue::from_str(&forwarded) {
             req.headers_mut().insert("x-forwarded-for", v);
+        }
+        if !h2 {
+            decline_h2c(req.headers_mut());
         }
         let upgrade = (!h2 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
         let sender = match self.sender(&own, dest, h2, src, dst).await {
@@ -584,6 +624,38 @@ impl AsyncWrite for EitherIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_h2c_upgrade_offer_is_declined_and_nothing_else() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        let mut h = headers(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA"),
+            ("x-dev", "a"),
+        ]);
+        decline_h2c(&mut h);
+        assert_eq!(h, headers(&[("x-dev", "a")]));
+        // Another upgrade offered beside it stays, and the connection's other tokens.
+        let mut h = headers(&[
+            ("connection", "keep-alive, upgrade"),
+            ("connection", "HTTP2-Settings"),
+            ("upgrade", "H2C, websocket"),
+            ("http2-settings", "AAMAAABk"),
+        ]);
+        decline_h2c(&mut h);
+        assert_eq!(h, headers(&[("connection", "keep-alive, upgrade"), ("upgrade", "websocket")]));
+        let ws = headers(&[("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13")]);
+        let mut h = ws.clone();
+        decline_h2c(&mut h);
+        assert_eq!(h, ws, "a WebSocket upgrade is left alone");
+    }
 
     #[test]
     fn sniffing_tells_http_from_the_rest() {

@@ -5,12 +5,15 @@ gRPC (python3-grpcio, no generated code: generic handlers on raw bytes), service
 `lab.Who`: `Who` (unary) answers the server's name and the caller's `x-dev` metadata;
 `Count` (server streaming) answers N messages `NAME i`. WebSocket (python3-websockets):
 an echo server that prefixes text messages with its name and returns binary messages
-unchanged.
+unchanged. h2c (python3-h2): answers every request with `NAME h1|h2 dev=X-DEV`, and
+switches a connection to HTTP/2 when a request offers `Upgrade: h2c` (RFC 7540 3.2),
+as Go's h2c handler and Tomcat do.
 
   lab_rpc.py grpc-server NAME ADDR         serve until killed
   lab_rpc.py grpc-client TARGET CALLS...   CALLS: who[:DEV] or count:N[:DEV]; all on one channel
   lab_rpc.py ws-server NAME HOST PORT      serve until killed
   lab_rpc.py ws-client URL [DEV]           two text messages and one 1 MiB binary message
+  lab_rpc.py h2c-server NAME HOST PORT      HTTP/1.1 that accepts `Upgrade: h2c` (python3-h2)
   lab_rpc.py keepalive HOST PORT PATH DEV SECONDS
                                            GET PATH twice on one HTTP/1.1 connection, with
                                            x-dev: DEV, SECONDS apart; prints each status and body
@@ -103,6 +106,57 @@ def ws_client(url, dev=None):
         sys.exit(1)
 
 
+def h2c_server(name, host, port):
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    def answer(conn, stream, headers):
+        dev = dict(headers).get("x-dev", "")
+        body = f"{name} h2 dev={dev}\n".encode()
+        conn.send_headers(stream, [(":status", "200"), ("content-length", str(len(body)))])
+        conn.send_data(stream, body, end_stream=True)
+
+    async def as_h2(reader, writer, settings, dev):
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        conn.initiate_upgrade_connection(settings)
+        answer(conn, 1, [("x-dev", dev)])  # the upgrading request is stream 1
+        writer.write(conn.data_to_send())
+        while data := await reader.read(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    answer(conn, event.stream_id, event.headers)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    return
+            writer.write(conn.data_to_send())
+            await writer.drain()
+
+    async def serve(reader, writer):
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                fields = dict((k.strip().lower(), v.strip()) for k, v in (f.split(":", 1) for f in head[1:] if ":" in f))
+                dev = fields.get("x-dev", "")
+                if fields.get("upgrade", "").lower() == "h2c" and "http2-settings" in fields:
+                    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+                    await as_h2(reader, writer, fields["http2-settings"], dev)
+                    return
+                body = f"{name} h1 dev={dev}\n".encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(serve, host, int(port))
+        print(f"listening {host}:{port}", flush=True)
+        await server.serve_forever()
+
+    asyncio.run(main())
+
+
 def keepalive(host, port, path, dev, seconds):
     import http.client
     import time
@@ -119,6 +173,11 @@ def keepalive(host, port, path, dev, seconds):
 
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
-    {"grpc-server": grpc_server, "ws-server": ws_server, "ws-client": ws_client, "keepalive": keepalive}.get(
-        cmd, lambda *a: grpc_client(a[0], a[1:])
-    )(*args)
+    commands = {
+        "grpc-server": grpc_server,
+        "ws-server": ws_server,
+        "ws-client": ws_client,
+        "h2c-server": h2c_server,
+        "keepalive": keepalive,
+    }
+    commands.get(cmd, lambda *a: grpc_client(a[0], a[1:]))(*args)

@@ -265,6 +265,24 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
     let out = py(&["ws-client", &url]);
     assert_eq!(stdout(&out), "pod web-0: one\npod web-0: two\nbinary 1048576 same\n", "{}\n{}", show(&out), logs(&lab));
 
+    // A request offering `Upgrade: h2c` (curl --http2, Java's HttpClient) reaches a laptop
+    // server that would accept it: the agent declines the offer, so the connection stays
+    // HTTP/1.1 and the next request on it, without the header, is still the pod's.
+    let h2c = ["h2c-server", "laptop-a", "127.0.0.1", "18823"];
+    lab.spawn_background(&laptop, "h2c", &[&[PYTHON, RPC_SCRIPT][..], &h2c].concat()).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || lab.background_log("h2c").contains("listening")), "h2c server");
+    assert_ok(&intercept_for_a(&lab, "18823:http"), "intercept the http port for x-dev: a");
+    let whoami = "http://10.244.2.10:8080/whoami";
+    let out =
+        curl(&lab, &["--http2", "-H", "x-dev: a", whoami, "--next", "-sS", "--http2", whoami, "-w", "%{num_connects}"]);
+    let got = stdout(&out);
+    assert!(
+        got.starts_with("laptop-a h1 dev=a\npod web-0 host=10.244.2.10 uri=/whoami ") && got.ends_with("\n0"),
+        "the upgrade offer must be declined and the connection kept:\n{}\n{}",
+        show(&out),
+        logs(&lab)
+    );
+
     // The agent loses the manager: requests on a keep-alive connection it already serves
     // go to the pod (no laptop can be reached), not to an error.
     assert_ok(&intercept_for_a(&lab, "18801:http"), "intercept the http port for x-dev: a");

@@ -113,7 +113,7 @@ pub(super) async fn reconnect(
     let mut tries = 0u64;
     loop {
         tries += 1;
-        let attempt = if remembered && tries % 4 != 0 {
+        let attempt = if remembered && !tries.is_multiple_of(4) {
             connect(&Target { transport: Transport::Portforward, ..target.clone() }).await
         } else {
             connect(&target).await
