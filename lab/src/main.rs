@@ -39,6 +39,14 @@ enum Cmd {
         #[arg(long, default_value = "0.0.0.0:15006")]
         listen: SocketAddr,
     },
+    /// A plain byte relay from LISTEN to TO (the benchmarks' reference for a userspace
+    /// proxy in the path).
+    Relay {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Run the Kubernetes API server stand-in (in-memory, plain HTTP/1.1) until killed.
     Apiserver {
         #[arg(long, default_value = tpvpn_lab::APISERVER_ADDR)]
@@ -119,6 +127,7 @@ fn main() -> ExitCode {
             apiserver::run(listen, &fixtures, cfg).map(|()| true)
         }
         Cmd::Sidecar { listen } => serve::sidecar(listen).map(|()| true),
+        Cmd::Relay { listen, to } => serve::relay(listen, to).map(|()| true),
         Cmd::HostileManager(a) => tpvpn_lab::hostile::run(a).map(|()| true),
         Cmd::Client(c) => run_client(c),
         Cmd::Demo => demo().map(|()| true),

@@ -19,6 +19,7 @@
 //! A caller pod (namespace only, [`CALLER_IP`]) makes requests as another pod would.
 
 use std::fs;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -202,6 +203,15 @@ impl Lab {
         self.spawn_in(ns, &format!("ws-{log}"), &[PYTHON, RPC_SCRIPT, "ws-server", name, host, &w])?;
         self.wait_listening(ns, grpc_port)?;
         self.wait_listening(ns, ws_port)
+    }
+
+    /// `tpvpn-lab relay` in the namespace of pod `pod`, from `listen` to `to` (a pod port).
+    pub fn start_pod_relay(&mut self, pod: &str, listen: SocketAddr, to: SocketAddr) -> Result<()> {
+        let ns = self.pod_ns(pod).context("no such pod")?.to_string();
+        let bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
+        let (l, t) = (listen.to_string(), to.to_string());
+        self.spawn_in(&ns, &format!("relay-{pod}"), &[&bin, "relay", "--listen", &l, "--to", &t])?;
+        self.wait_listening(&ns, listen.port())
     }
 
     /// [`Lab::start_rpc_in`] in pod `pod` (a second container of it, on the pod IP).

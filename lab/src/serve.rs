@@ -88,6 +88,24 @@ pub fn sidecar(listen: SocketAddr) -> Result<()> {
     })
 }
 
+/// A plain byte relay, the benchmarks' reference for what any userspace proxy in a
+/// connection's path costs: each connection accepted on `listen` is joined to a new one
+/// to `to` (TCP_NODELAY both), on two worker threads as the agent's default.
+pub fn relay(listen: SocketAddr, to: SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let listener = bind_tcp(listen).await?;
+        eprintln!("tpvpn-lab relay: ready on {listen} to {to}");
+        accept_loop(listener, move |mut caller| async move {
+            let mut upstream = TcpStream::connect(to).await?;
+            caller.set_nodelay(true)?;
+            upstream.set_nodelay(true)?;
+            tokio::io::copy_bidirectional(&mut caller, &mut upstream).await.map(|_| ())
+        })
+        .await
+    })
+}
+
 async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.set_reuseaddr(true)?;
