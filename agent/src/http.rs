@@ -191,7 +191,7 @@ pub fn decline_h2c(headers: &mut HeaderMap) {
 }
 
 /// Why an upstream connection could not be had.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum DialError {
     /// The intercept has no owner any more: the request belongs to the pod.
     NoOwner,
@@ -209,8 +209,13 @@ impl std::fmt::Display for DialError {
 
 enum Sender {
     H1(hyper::client::conn::http1::SendRequest<Incoming>),
-    H2(hyper::client::conn::http2::SendRequest<Incoming>),
+    H2(H2Sender),
 }
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Incoming>;
+
+/// A new HTTP/2 connection being made, awaited by every stream that asks meanwhile.
+type H2Dial = futures::future::Shared<Pin<Box<dyn std::future::Future<Output = Result<H2Sender, DialError>> + Send>>>;
 
 impl Sender {
     fn is_closed(&self) -> bool {
@@ -233,13 +238,17 @@ pub struct Router {
     pools: Pools,
 }
 
-/// Upstream connections by destination and protocol (HTTP/2 or not).
+/// Upstream connections by destination and protocol (HTTP/2 or not), and the HTTP/2
+/// connections being made.
 #[derive(Default)]
-struct Pools(Mutex<HashMap<(Dest, bool), Vec<Sender>>>);
+struct Pools {
+    conns: Mutex<HashMap<(Dest, bool), Vec<Sender>>>,
+    h2_dials: Mutex<HashMap<Dest, H2Dial>>,
+}
 
 impl Pools {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Dest, bool), Vec<Sender>>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// An idle HTTP/1 connection to `dest` that can take a request now.
@@ -434,8 +443,8 @@ impl Router {
     /// A connection to `dest` that can take a request now: this caller connection's own,
     /// an idle one of the router's (HTTP/1 to the pod), or a new one.
     async fn sender(
-        &self,
-        own: &Pools,
+        self: &Arc<Self>,
+        own: &Arc<Pools>,
         dest: Dest,
         h2: bool,
         src: SocketAddr,
@@ -452,15 +461,61 @@ impl Router {
         self.dial(dest, h2, src, dst, own).await
     }
 
-    /// A new connection to `dest` (an HTTP/2 one is kept in `own` at once, to be shared).
+    /// A new connection to `dest`. An HTTP/2 one is kept in `own` at once, to be shared,
+    /// and made once for the streams that ask while it is being made (a gRPC client's
+    /// first calls arrive together): a shared future per destination.
     async fn dial(
-        &self,
+        self: &Arc<Self>,
         dest: Dest,
         h2: bool,
         src: SocketAddr,
         dst: SocketAddr,
-        own: &Pools,
+        own: &Arc<Pools>,
     ) -> Result<Sender, DialError> {
+        use futures::FutureExt;
+        let failed = |e: hyper::Error| DialError::Failed(e.to_string());
+        if !h2 {
+            let io = self.connect(dest, src, dst).await?;
+            let (s, conn) = hyper::client::conn::http1::Builder::new()
+                .preserve_header_case(true)
+                .handshake(io)
+                .await
+                .map_err(failed)?;
+            tokio::spawn(conn.with_upgrades());
+            return Ok(Sender::H1(s));
+        }
+        let dial = {
+            let mut dials = own.h2_dials.lock().unwrap_or_else(|e| e.into_inner());
+            let make = || {
+                // Not the caller's pools themselves: they hold this future.
+                let (router, own) = (self.clone(), Arc::downgrade(own));
+                let dial: Pin<Box<dyn std::future::Future<Output = _> + Send>> = Box::pin(async move {
+                    let io = router.connect(dest, src, dst).await?;
+                    let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .handshake(io)
+                        .await
+                        .map_err(failed)?;
+                    tokio::spawn(conn);
+                    if let Some(own) = own.upgrade() {
+                        own.put(dest, true, Sender::H2(s.clone()));
+                    }
+                    Ok(s)
+                });
+                dial.shared()
+            };
+            dials.entry(dest).or_insert_with(make).clone()
+        };
+        let made = dial.clone().await;
+        let mut dials = own.h2_dials.lock().unwrap_or_else(|e| e.into_inner());
+        if dials.get(&dest).is_some_and(|d| d.ptr_eq(&dial)) {
+            dials.remove(&dest);
+        }
+        made.map(Sender::H2)
+    }
+
+    /// A new byte stream to `dest`: a socket in the pod's namespace, or a tunnel stream.
+    async fn connect(&self, dest: Dest, src: SocketAddr, dst: SocketAddr) -> Result<TokioIo<EitherIo>, DialError> {
         let io = match dest {
             Dest::Pod => Either::Left(
                 crate::capture::connect_app(dst, self.ns.clone())
@@ -473,26 +528,7 @@ impl Router {
                     .map_err(|_| DialError::Failed("the laptop did not answer".into()))??,
             ),
         };
-        let io = TokioIo::new(EitherIo(io));
-        let failed = |e: hyper::Error| DialError::Failed(e.to_string());
-        if h2 {
-            let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(failed)?;
-            tokio::spawn(conn);
-            own.put(dest, true, Sender::H2(s.clone()));
-            Ok(Sender::H2(s))
-        } else {
-            let (s, conn) = hyper::client::conn::http1::Builder::new()
-                .preserve_header_case(true)
-                .handshake(io)
-                .await
-                .map_err(failed)?;
-            tokio::spawn(conn.with_upgrades());
-            Ok(Sender::H1(s))
-        }
+        Ok(TokioIo::new(EitherIo(io)))
     }
 
     /// A byte stream to the laptop of capture `id`, through the manager.

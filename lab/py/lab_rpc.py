@@ -3,14 +3,16 @@
 
 gRPC (python3-grpcio, no generated code: generic handlers on raw bytes), service
 `lab.Who`: `Who` (unary) answers the server's name and the caller's `x-dev` metadata;
-`Count` (server streaming) answers N messages `NAME i`. WebSocket (python3-websockets):
+`Count` (server streaming) answers N messages `NAME i`; `Peer` the name and the caller's
+address (telling connections apart). WebSocket (python3-websockets):
 an echo server that prefixes text messages with its name and returns binary messages
 unchanged. h2c (python3-h2): answers every request with `NAME h1|h2 dev=X-DEV`, and
 switches a connection to HTTP/2 when a request offers `Upgrade: h2c` (RFC 7540 3.2),
 as Go's h2c handler and Tomcat do.
 
   lab_rpc.py grpc-server NAME ADDR         serve until killed
-  lab_rpc.py grpc-client TARGET CALLS...   CALLS: who[:DEV] or count:N[:DEV]; all on one channel
+  lab_rpc.py grpc-client TARGET CALLS...   CALLS: who[:DEV], count:N[:DEV] or burst:N[:DEV] (N calls
+                                           at once); all on one channel
   lab_rpc.py ws-server NAME HOST PORT      serve until killed
   lab_rpc.py ws-client URL [DEV]           two text messages and one 1 MiB binary message
   lab_rpc.py h2c-server NAME HOST PORT      HTTP/1.1 that accepts `Upgrade: h2c` (python3-h2)
@@ -32,6 +34,9 @@ def grpc_server(name, addr):
         md = dict(context.invocation_metadata())
         return f"{name} dev={md.get('x-dev', '')}".encode()
 
+    def peer(request, context):
+        return f"{name} {context.peer()}".encode()
+
     def count(request, context):
         for i in range(int(request.decode() or "0")):
             yield f"{name} {i}".encode()
@@ -41,6 +46,7 @@ def grpc_server(name, addr):
         {
             "Who": grpc.unary_unary_rpc_method_handler(who),
             "Count": grpc.unary_stream_rpc_method_handler(count),
+            "Peer": grpc.unary_unary_rpc_method_handler(peer),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -58,12 +64,19 @@ def grpc_client(target, calls):
     with grpc.insecure_channel(target) as channel:
         who = channel.unary_unary("/lab.Who/Who")
         count = channel.unary_stream("/lab.Who/Count")
+        peer = channel.unary_unary("/lab.Who/Peer")
         for call in calls:
             parts = call.split(":")
             dev = parts[-1] if (parts[0] == "who" and len(parts) == 2) or len(parts) == 3 else None
             md = [("x-dev", dev)] if dev else []
             if parts[0] == "who":
                 print(who(b"", metadata=md, timeout=10).decode(), flush=True)
+            elif parts[0] == "burst":
+                # N calls at once: how many servers and connections answered them.
+                calls = [peer.future(b"", metadata=md, timeout=10) for _ in range(int(parts[1]))]
+                seen = {c.result().decode() for c in calls}
+                names = sorted({s.rsplit(" ", 1)[0] for s in seen})
+                print(f"{len(calls)} calls, {' '.join(names)}, {len(seen)} connection(s)", flush=True)
             else:
                 got = [m.decode() for m in count(parts[1].encode(), metadata=md, timeout=10)]
                 print(" | ".join(got), flush=True)

@@ -257,6 +257,17 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
         logs(&lab)
     );
 
+    // Calls that start together on a new channel (its streams all arrive before any
+    // upstream connection exists) share one upstream connection on each side.
+    let out = py(&["grpc-client", &target, "burst:16:a", "burst:16"]);
+    assert_eq!(
+        stdout(&out),
+        "16 calls, laptop-a, 1 connection(s)\n16 calls, pod web-0, 1 connection(s)\n",
+        "{}\n{}",
+        show(&out),
+        logs(&lab)
+    );
+
     // A WebSocket whose upgrade request matches is the laptop's for its whole life (1 MiB
     // binary message both ways); one without the header is the pod's.
     let url = format!("ws://10.244.2.10:{WS_PORT}/ws");
