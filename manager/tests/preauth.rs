@@ -7,17 +7,13 @@
 //! few MiB of what it was, while an honest client still connects afterwards. No root
 //! needed.
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tpvpn_tunnel::handshake::{ClientHandshake, ClientStep, Hello};
-use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::{Role, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use common::{hello, rss_kib, Manager};
 
 /// The manager's deadline for the whole hello (`tpvpn_manager::HELLO_TIMEOUT`), plus
 /// slack for a loaded machine.
@@ -27,108 +23,16 @@ const CLOSE_BOUND: Duration = Duration::from_secs(5 + 3);
 const ATTACKERS: usize = 8;
 /// How much the manager's RSS may grow while they try.
 const RSS_BOUND_KIB: u64 = 8 * 1024;
-
-struct Manager {
-    child: Child,
-    dir: PathBuf,
-    addr: SocketAddr,
-    cert: quinn::rustls::pki_types::CertificateDer<'static>,
-}
-
-impl Drop for Manager {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn start_manager() -> Manager {
-    let dir = std::env::temp_dir().join(format!("tpvpn-preauth-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["tpvpn-manager".into()]).unwrap();
-    std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("token"), "preauth-test-token\n").unwrap();
-    let addr: SocketAddr = ([127, 0, 0, 1], free_udp_port()).into();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tpvpn-manager"))
-        .args(["--listen", &addr.to_string(), "--metrics-listen", "127.0.0.1:0", "--cluster-cidr", "10.96.0.0/12"])
-        // Not the QUIC port's number: a free UDP port may be a TCP port in use.
-        .args(["--tcp-listen", "127.0.0.1:0"])
-        .arg("--tls-cert")
-        .arg(dir.join("tls.crt"))
-        .arg("--tls-key")
-        .arg(dir.join("tls.key"))
-        .arg("--token-file")
-        .arg(dir.join("token"))
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start tpvpn-manager");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut seen = String::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("tpvpn-manager ready") {
-                let _ = tx.send(Ok(()));
-            }
-            seen.push_str(&line);
-            seen.push('\n');
-        }
-        let _ = tx.send(Err(seen));
-    });
-    let cert = ck.cert.der().clone();
-    let m = Manager { child, dir, addr, cert };
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(Ok(())) => m,
-        Ok(Err(log)) => panic!("tpvpn-manager exited before it was ready:\n{log}"),
-        Err(e) => panic!("tpvpn-manager not ready: {e}"),
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
+const TOKEN: &str = "preauth-test-token";
 
 async fn connect(m: &Manager) -> quinn::Connection {
-    let mut endpoint = tpvpn_tunnel::quic::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-    endpoint.set_default_client_config(tpvpn_tunnel::quic::client_config(m.cert.clone(), false).unwrap());
-    endpoint.connect(m.addr, tpvpn_tunnel::quic::SERVER_NAME).unwrap().await.expect("TLS handshake")
+    m.client_endpoint().connect(m.addr, tpvpn_tunnel::quic::SERVER_NAME).unwrap().await.expect("TLS handshake")
 }
 
 async fn honest_client(m: &Manager) {
     let conn = connect(m).await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let mut hs = ClientHandshake::new(Hello {
-        token: b"preauth-test-token".to_vec(),
-        role: Role::Client,
-        user: "honest".into(),
-        host: "test".into(),
-        client_id: vec![],
-        features: 0,
-        versions: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
-    });
-    for frame in hs.hello_frames() {
-        write_message(&mut send, &frame).await.unwrap();
-    }
-    let accepted = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match hs.on_message(read_message(&mut recv).await.unwrap().unwrap()) {
-                ClientStep::NeedMore => continue,
-                step => return step,
-            }
-        }
-    })
-    .await
-    .expect("hello answered");
-    assert!(matches!(accepted, ClientStep::Accepted(_)), "{accepted:?}");
+    let accepted = tokio::time::timeout(Duration::from_secs(5), hello(&conn, TOKEN, "honest")).await;
+    assert!(matches!(accepted, Ok(Ok(_))), "the hello was not accepted in time");
     conn.close(0u32.into(), b"done");
 }
 
@@ -199,8 +103,8 @@ async fn attacker(m: &Manager, attack: Attack) -> Option<Duration> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_peers_are_closed_in_time_and_hold_no_memory() {
-    let m = start_manager();
-    let pid = m.child.id();
+    let m = Manager::start(TOKEN, &["--cluster-cidr", "10.96.0.0/12"]);
+    let pid = m.pid();
     // Warm up: an honest session, so allocations of a first session are in the baseline.
     honest_client(&m).await;
     tokio::time::sleep(Duration::from_millis(300)).await;

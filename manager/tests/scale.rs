@@ -6,17 +6,16 @@
 //! allocated only for the streams a client is granted (measured: 2,599 KiB per client
 //! when every connection was granted 32,768 streams at once; 9 KiB now). No root needed.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::{hello, rss_kib, Manager};
 use serde_json::{json, Value};
 use tpvpn_lab::apiserver::{ApiServer, Config, Store};
-use tpvpn_tunnel::handshake::{ClientHandshake, ClientStep, Hello};
-use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::{Message, Role, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use tpvpn_tunnel::io::read_message;
+use tpvpn_tunnel::Message;
 
 const SERVICES: usize = 50_000;
 const NAMESPACES: usize = 5_000;
@@ -43,15 +42,6 @@ fn fixtures() -> Vec<Value> {
     objs
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// One client: the hello, then the catalog until a `complete` chunk. Returns the
 /// connection (kept open), its control stream, and how many Services it got.
 async fn client(
@@ -59,26 +49,7 @@ async fn client(
     addr: SocketAddr,
 ) -> (quinn::Connection, (quinn::SendStream, quinn::RecvStream), usize) {
     let conn = endpoint.connect(addr, tpvpn_tunnel::quic::SERVER_NAME).unwrap().await.expect("connect");
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let mut hs = ClientHandshake::new(Hello {
-        token: TOKEN.as_bytes().to_vec(),
-        role: Role::Client,
-        user: "scale".into(),
-        host: "test".into(),
-        client_id: vec![],
-        features: 0,
-        versions: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
-    });
-    for f in hs.hello_frames() {
-        write_message(&mut send, &f).await.unwrap();
-    }
-    loop {
-        match hs.on_message(read_message(&mut recv).await.unwrap().unwrap()) {
-            ClientStep::NeedMore => continue,
-            ClientStep::Accepted(_) => break,
-            other => panic!("{other:?}"),
-        }
-    }
+    let (send, mut recv) = hello(&conn, TOKEN, "scale").await.unwrap_or_else(|step| panic!("{step:?}"));
     let mut services = 0;
     loop {
         match read_message(&mut recv).await.unwrap().unwrap() {
@@ -118,51 +89,10 @@ async fn two_hundred_clients_get_fifty_thousand_services_and_cost_little_each() 
         ),
     )
     .unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["tpvpn-manager".into()]).unwrap();
-    std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), ck.signing_key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tpvpn-manager"))
-        .args(["--listen", &addr.to_string(), "--metrics-listen", "127.0.0.1:0"])
-        // Not the QUIC port's number: a free UDP port may be a TCP port in use.
-        .args(["--tcp-listen", "127.0.0.1:0"])
-        .arg("--kubeconfig")
-        .arg(dir.join("kubeconfig"))
-        .arg("--tls-cert")
-        .arg(dir.join("tls.crt"))
-        .arg("--tls-key")
-        .arg(dir.join("tls.key"))
-        .arg("--token-file")
-        .arg(dir.join("token"))
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("tpvpn-manager ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let pid = child.id();
-    // Stopped however the test ends.
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _child = Kill(child);
-    rx.recv_timeout(Duration::from_secs(60)).expect("manager ready");
-
-    let mut endpoint = tpvpn_tunnel::quic::endpoint("127.0.0.1:0".parse().unwrap(), None).unwrap();
-    endpoint.set_default_client_config(tpvpn_tunnel::quic::client_config(ck.cert.der().clone(), false).unwrap());
+    let kubeconfig = dir.join("kubeconfig").display().to_string();
+    let m = Manager::start(TOKEN, &["--kubeconfig", &kubeconfig]);
+    let (pid, addr) = (m.pid(), m.addr);
+    let endpoint = m.client_endpoint();
     let started = Instant::now();
     let first = client(&endpoint, addr).await;
     eprintln!("one client: hello and {} Services in {:?}", first.2, started.elapsed());

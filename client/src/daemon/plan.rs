@@ -98,11 +98,11 @@ fn jitter() -> f64 {
 
 /// Connects again until it works, with backoff (0.5 s doubling to 5 s). With
 /// `--transport auto`, a session that went through the port-forward is reconnected
-/// through it (UDP did not answer; trying it again costs [`crate::connect::AUTO_QUIC_TIMEOUT`] each
-/// time), with every fourth attempt `auto` again, in case UDP answers now. In
-/// kubeconfig mode each failed attempt reads the credentials from the cluster again, so
-/// a manager reinstalled with a new certificate or token is reached too. Returns the
-/// session and the target it was made with.
+/// through it (UDP did not answer, and trying it costs
+/// [`crate::connect::AUTO_QUIC_TIMEOUT`] each time), every fourth attempt `auto` again
+/// in case UDP answers now. In kubeconfig mode each failed attempt reads the
+/// credentials from the cluster again, so a manager reinstalled with a new certificate
+/// or token is reached too. Returns the session and the target it was made with.
 pub(super) async fn reconnect(
     mut target: Target,
     rediscover: Option<Rediscover>,
