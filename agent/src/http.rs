@@ -416,9 +416,15 @@ impl Router {
         debug!(?dest, method = %req.method(), path = req.uri().path(), "request");
         let mut response = send(sender, req, &own, dest).await;
         // A kept connection the server closed as the request went out: the request was
-        // not sent, so once more on a new connection.
+        // not sent, so once more on a new connection (HTTP/2: the one the caller
+        // connection's other streams retry on too).
         if let Err(Some(req)) = response.as_mut().map_err(|e| e.take_message()) {
-            response = match self.dial(dest, h2, src, dst, &own).await {
+            let again = if h2 {
+                self.sender(&own, dest, h2, src, dst).await
+            } else {
+                self.dial(dest, h2, src, dst, &own).await
+            };
+            response = match again {
                 Ok(s) => send(s, req, &own, dest).await,
                 Err(e) => return Ok(bad_gateway(&format!("{dest:?}: {e}"))),
             };
@@ -487,30 +493,37 @@ impl Router {
         let dial = {
             let mut dials = own.h2_dials.lock().unwrap_or_else(|e| e.into_inner());
             let make = || {
-                // Not the caller's pools themselves: they hold this future.
+                // A task of its own, so that it goes on when the streams waiting for it are
+                // cancelled; it holds no more than a `Weak` to the pools that hold it.
                 let (router, own) = (self.clone(), Arc::downgrade(own));
-                let dial: Pin<Box<dyn std::future::Future<Output = _> + Send>> = Box::pin(async move {
-                    let io = router.connect(dest, src, dst).await?;
-                    let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-                        .timer(TokioTimer::new())
-                        .handshake(io)
-                        .await
-                        .map_err(failed)?;
-                    tokio::spawn(conn);
-                    if let Some(own) = own.upgrade() {
-                        own.put(dest, true, Sender::H2(s.clone()));
+                let task = tokio::spawn(async move {
+                    let made = async {
+                        let io = router.connect(dest, src, dst).await?;
+                        let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                            .timer(TokioTimer::new())
+                            .handshake(io)
+                            .await
+                            .map_err(failed)?;
+                        tokio::spawn(conn);
+                        Ok(s)
                     }
-                    Ok(s)
+                    .await;
+                    if let Some(own) = own.upgrade() {
+                        if let Ok(s) = &made {
+                            own.put(dest, true, Sender::H2(s.clone()));
+                        }
+                        own.h2_dials.lock().unwrap_or_else(|e| e.into_inner()).remove(&dest);
+                    }
+                    made
                 });
-                dial.shared()
+                let joined: Pin<Box<dyn std::future::Future<Output = _> + Send>> = Box::pin(async move {
+                    task.await.unwrap_or_else(|e| Err(DialError::Failed(format!("the dial failed: {e}"))))
+                });
+                joined.shared()
             };
             dials.entry(dest).or_insert_with(make).clone()
         };
-        let made = dial.clone().await;
-        let mut dials = own.h2_dials.lock().unwrap_or_else(|e| e.into_inner());
-        if dials.get(&dest).is_some_and(|d| d.ptr_eq(&dial)) {
-            dials.remove(&dest);
-        }
+        let made = dial.await;
         made.map(Sender::H2)
     }
 

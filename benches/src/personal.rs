@@ -5,7 +5,8 @@
 //! scale, the requests that carry the header and reach the laptop's nginx through the
 //! tunnel. Bar (issue 12): the pass-through adds at most 100 µs at p50 and keeps at
 //! least 0.7× the direct request rate. A plain byte relay in the pod, in front of the
-//! same nginx, is measured too: the floor any userspace proxy in the path has here.
+//! same nginx, is measured too: a reference point for what a userspace proxy in the
+//! path costs here.
 
 use anyhow::{bail, Context, Result};
 use tpvpn_lab::{show, Lab};
@@ -91,7 +92,7 @@ pub fn section(lab: &mut Lab) -> Result<()> {
          in place, requests without the header (the agent reads each and sends it to the pod over its pooled \
          upstream connections). Matched: requests with the header, to the laptop's nginx through the tunnel. \
          For reference, a plain byte relay (`tpvpn-lab relay`, tokio, two worker threads as the agent) in the \
-         pod in front of the same nginx: what any userspace proxy in the path costs on this machine."
+         pod in front of the same nginx: a reference point for what a userspace proxy in the path costs here."
     );
     println!();
     println!("| path | requests/s | p50 | p99 |");

@@ -296,7 +296,7 @@ mod tests {
         assert_eq!(c.on_message(&[1, 0xfb, 0x20]), Ok(FromPod::Nothing));
         assert_eq!(c.on_message(b"\x01refused"), Ok(FromPod::Error(&b"refused"[..])));
         assert!(c.on_message(&[2, 0]).unwrap_err().contains("channel 2"));
-        // An opening naming another port, or data before the opening.
+        // An opening naming another port, or carrying more than the port.
         assert!(Channels::new(8443).on_message(&[0, 0x50, 0]).unwrap_err().contains("port 8443"));
         assert!(Channels::new(8443).on_message(&[0, 0xfb, 0x20, 9]).is_err());
     }

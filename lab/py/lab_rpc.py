@@ -73,10 +73,10 @@ def grpc_client(target, calls):
                 print(who(b"", metadata=md, timeout=10).decode(), flush=True)
             elif parts[0] == "burst":
                 # N calls at once: how many servers and connections answered them.
-                calls = [peer.future(b"", metadata=md, timeout=10) for _ in range(int(parts[1]))]
-                seen = {c.result().decode() for c in calls}
+                futs = [peer.future(b"", metadata=md, timeout=10) for _ in range(int(parts[1]))]
+                seen = {f.result().decode() for f in futs}
                 names = sorted({s.rsplit(" ", 1)[0] for s in seen})
-                print(f"{len(calls)} calls, {' '.join(names)}, {len(seen)} connection(s)", flush=True)
+                print(f"{len(futs)} calls, {' '.join(names)}, {len(seen)} connection(s)", flush=True)
             else:
                 got = [m.decode() for m in count(parts[1].encode(), metadata=md, timeout=10)]
                 print(" | ".join(got), flush=True)

@@ -99,8 +99,9 @@ fn jitter() -> f64 {
 /// Connects again until it works, with backoff (0.5 s doubling to 5 s). With
 /// `--transport auto`, a session that went through the port-forward is reconnected
 /// through it (UDP did not answer, and trying it costs
-/// [`crate::connect::AUTO_QUIC_TIMEOUT`] each time), every fourth attempt `auto` again
-/// in case UDP answers now. In kubeconfig mode each failed attempt reads the
+/// [`crate::connect::AUTO_QUIC_TIMEOUT`] each time), every fourth attempt of a
+/// reconnection `auto` again in case UDP answers now (so while the port-forward keeps
+/// reconnecting at once, UDP is not tried again until `up` is run again). In kubeconfig mode each failed attempt reads the
 /// credentials from the cluster again, so a manager reinstalled with a new certificate
 /// or token is reached too. Returns the session and the target it was made with.
 pub(super) async fn reconnect(
@@ -114,6 +115,9 @@ pub(super) async fn reconnect(
     loop {
         tries += 1;
         let attempt = if remembered && !tries.is_multiple_of(4) {
+            if tries == 1 {
+                info!("reconnecting through the port-forward, as the last session did");
+            }
             connect(&Target { transport: Transport::Portforward, ..target.clone() }).await
         } else {
             connect(&target).await

@@ -26,7 +26,9 @@ impl Manager {
     /// port (its TCP port, metrics and health on ports of their own), and `args`; waits
     /// until it says it is ready, or panics with what it said.
     pub fn start(token: &str, args: &[&str]) -> Manager {
-        let dir = std::env::temp_dir().join(format!("tpvpn-manager-test-{}", std::process::id()));
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tpvpn-manager-test-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let ck = rcgen::generate_simple_self_signed(vec!["tpvpn-manager".into()]).unwrap();
         std::fs::write(dir.join("tls.crt"), ck.cert.pem()).unwrap();
