@@ -532,6 +532,80 @@ pub fn http_sniff(data: &[u8]) {
     }
 }
 
+/// A request's headers as the agent's router sees them, built from the input's lines
+/// (`name: value`, those HTTP allows): declining an `Upgrade: h2c` offer removes exactly
+/// that offer (the `h2c` token, `HTTP2-Settings`, their `Connection` tokens), leaves every
+/// other header and token as it was, and changes nothing when done again; a personal
+/// route made of one of the request's own headers matches it, and one asking for a value
+/// it lacks does not.
+pub fn http_headers(data: &[u8]) {
+    use tpvpn_agent::http::{choose, decline_h2c, matches, Dest, Route};
+    use tpvpn_tunnel::Matchers;
+    let mut headers = http::HeaderMap::new();
+    for line in data.split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(name), http::HeaderValue::from_bytes(value)) {
+            headers.append(n, v);
+        }
+    }
+    let tokens = |h: &http::HeaderMap, name: http::header::HeaderName| -> Vec<String> {
+        let values = h.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>();
+        values
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    let (upgrade, connection) = (http::header::UPGRADE, http::header::CONNECTION);
+    let mut declined = headers.clone();
+    decline_h2c(&mut declined);
+    let offered = tokens(&headers, upgrade.clone()).contains(&"h2c".to_string());
+    if offered {
+        assert!(!declined.contains_key("http2-settings"), "the settings stay");
+        let left: Vec<String> = tokens(&headers, upgrade.clone()).into_iter().filter(|t| t != "h2c").collect();
+        assert_eq!(tokens(&declined, upgrade.clone()), left, "other upgrades are kept");
+        let gone: &[&str] = if left.is_empty() { &["http2-settings", "upgrade"] } else { &["http2-settings"] };
+        let kept: Vec<String> =
+            tokens(&headers, connection.clone()).into_iter().filter(|t| !gone.contains(&t.as_str())).collect();
+        assert_eq!(tokens(&declined, connection.clone()), kept, "other connection tokens are kept");
+    } else {
+        assert_eq!(declined, headers, "nothing to decline, nothing changed");
+    }
+    for (name, value) in &declined {
+        if ![upgrade.clone(), connection.clone()].contains(name) && name != "http2-settings" {
+            let before: Vec<_> = headers.get_all(name).iter().collect();
+            let after: Vec<_> = declined.get_all(name).iter().collect();
+            assert_eq!(before, after, "{name} changed");
+            assert!(after.contains(&value));
+        }
+    }
+    let mut twice = declined.clone();
+    decline_h2c(&mut twice);
+    assert_eq!(twice, declined, "declining again changes nothing");
+
+    if let Some((name, value)) = headers.iter().find(|(_, v)| v.to_str().is_ok()) {
+        let own = Matchers {
+            headers: vec![(name.to_string(), value.to_str().unwrap().to_string())],
+            path_prefix: "/".into(),
+        };
+        assert!(matches(&own, &headers, "/x"), "a request matches its own header");
+        let mut lacking = own.clone();
+        lacking.headers.push(("x-tpvpn-fuzz".into(), "absent".into()));
+        let routes = [
+            Route { id: 1, matchers: lacking },
+            Route { id: 2, matchers: own },
+            Route { id: 3, matchers: Matchers::default() },
+        ];
+        if !headers.contains_key("x-tpvpn-fuzz") {
+            assert!(!matches(&routes[0].matchers, &headers, "/x"), "a header the request lacks never matches");
+            assert_eq!(choose(&routes, &headers, "/x"), Dest::Laptop(2), "the most specific route that matches");
+        }
+        assert_eq!(choose(&routes, &headers, "nopath"), Dest::Laptop(3), "no personal route matches: the global one");
+    }
+}
+
 /// The API server's port-forward channels ([`tpvpn_client::portforward::Channels`]), fed
 /// messages cut from the input (each byte before a message gives its length): data comes
 /// only from channel 0 after its opening, byte for byte what the message carried after
@@ -582,6 +656,7 @@ const TARGETS: &[fn(&[u8])] = &[
     system_texts,
     stream_packets,
     http_sniff,
+    http_headers,
     portforward_channels,
 ];
 
@@ -691,6 +766,9 @@ mod tests {
         ];
         // Two QUIC packets on a stream, then half of a third.
         v.push([&[0u8, 3, 1, 2, 3, 0, 1, 9, 0, 200, 7][..], &[5u8; 40][..]].concat());
+        // Request headers offering h2c (alone, and beside a WebSocket upgrade).
+        v.push(b"connection: Upgrade, HTTP2-Settings\nupgrade: h2c\nhttp2-settings: AAMAAABk\nx-dev: a\n".to_vec());
+        v.push(b"Connection: keep-alive, upgrade\nconnection: http2-settings\nUpgrade: websocket, H2C\nHTTP2-Settings: AA\n".to_vec());
         // Port-forward messages: both openings (port 8443), data, an error text.
         v.push(vec![3, 0, 0xfb, 0x20, 3, 1, 0xfb, 0x20, 4, 0, 1, 2, 3, 7, 1, b'r', b'e', b'f', b'u', b's', b'e']);
         v.push(b"# from dhcp\nnameserver 192.0.2.53\nsearch corp.example\noptions edns0\n".to_vec());
