@@ -144,6 +144,15 @@ pub enum Dest {
     Laptop(u64),
 }
 
+impl std::fmt::Display for Dest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Dest::Pod => f.write_str("the pod"),
+            Dest::Laptop(id) => write!(f, "the laptop of capture {id}"),
+        }
+    }
+}
+
 /// A request's destination: the first personal route that matches (routes are kept most
 /// specific first), else the global one, else the pod.
 pub fn choose(routes: &[Route], headers: &HeaderMap, path: &str) -> Dest {
@@ -411,7 +420,7 @@ impl Router {
         };
         let sender = match sender {
             Ok(s) => s,
-            Err(e) => return Ok(bad_gateway(&format!("{dest:?}: {e}"))),
+            Err(e) => return Ok(bad_gateway(&format!("{dest}: {e}"))),
         };
         debug!(?dest, method = %req.method(), path = req.uri().path(), "request");
         let mut response = send(sender, req, &own, dest).await;
@@ -426,7 +435,7 @@ impl Router {
             };
             response = match again {
                 Ok(s) => send(s, req, &own, dest).await,
-                Err(e) => return Ok(bad_gateway(&format!("{dest:?}: {e}"))),
+                Err(e) => return Ok(bad_gateway(&format!("{dest}: {e}"))),
             };
         }
         let response = response.map_err(|e| e.into_error());
@@ -442,7 +451,7 @@ impl Router {
                 }
                 Ok(resp.map(Either::Left))
             }
-            Err(e) => Ok(bad_gateway(&format!("{dest:?}: {e}"))),
+            Err(e) => Ok(bad_gateway(&format!("{dest}: {e}"))),
         }
     }
 
@@ -553,9 +562,7 @@ impl Router {
         match read_message(&mut recv).await.map_err(|_| DialError::NoOwner)? {
             Some(Message::FlowReply { status: FlowStatus::Ok, .. }) => Ok(Tunnel { send, recv }),
             Some(Message::FlowReply { status: FlowStatus::Denied, .. }) => Err(DialError::NoOwner),
-            Some(Message::FlowReply { message, .. }) => {
-                Err(DialError::Failed(format!("the laptop refused: {message}")))
-            }
+            Some(Message::FlowReply { message, .. }) => Err(DialError::Failed(message)),
             other => Err(DialError::Failed(format!("unexpected reply {:?}", other.as_ref().map(Message::kind)))),
         }
     }

@@ -304,7 +304,7 @@ impl Intercepts {
                         _ => FlowStatus::Unreachable,
                     };
                     debug!(?status, error = %e, local_port = port, "the local server did not take it");
-                    let _ = write_message(&mut send, &reply(status, e.to_string())).await;
+                    let _ = write_message(&mut send, &reply(status, format!("the laptop's port {port}: {e}"))).await;
                     let _ = send.finish();
                 }
             }

@@ -297,6 +297,10 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
     // The agent loses the manager: requests on a keep-alive connection it already serves
     // go to the pod (no laptop can be reached), not to an error.
     assert_ok(&intercept_for_a(&lab, "18801:http"), "intercept the http port for x-dev: a");
+    // Nothing listens on the laptop's port yet: the caller gets a 502 that says so.
+    let out = curl(&lab, &["-H", "x-dev: a", "-w", "%{http_code}", "http://10.244.2.10:8080/"]);
+    let got = stdout(&out);
+    assert!(got.contains("the laptop's port 18801: Connection refused") && got.ends_with("502"), "{}", show(&out));
     lab.start_web_in(&laptop, 18801, None, "laptop-a").unwrap();
     let script = ["keepalive", "10.244.2.10", "8080", "/", "a", "4"];
     let mut cmd = vec![PYTHON, RPC_SCRIPT];
