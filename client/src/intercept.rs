@@ -329,6 +329,14 @@ async fn dial_local(port: u16) -> std::io::Result<TcpStream> {
     }
 }
 
+/// Whether something listens on the laptop's `port`, where intercepted connections are
+/// dialed (`127.0.0.1`, else `[::1]`): one connection, closed at once.
+pub fn listens_locally(port: u16) -> bool {
+    [SocketAddr::from((Ipv4Addr::LOCALHOST, port)), SocketAddr::from((Ipv6Addr::LOCALHOST, port))]
+        .iter()
+        .any(|a| std::net::TcpStream::connect_timeout(a, std::time::Duration::from_millis(500)).is_ok())
+}
+
 /// How long the manager keeps a disconnected client's claims (its `RECLAIM`).
 const RECLAIM: Duration = Duration::from_secs(60);
 

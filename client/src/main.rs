@@ -443,6 +443,13 @@ fn print_intercepted(o: &tpvpn_client::intercept::Outcome) {
     for w in &o.warnings {
         println!("note: {w}");
     }
+    if !tpvpn_client::intercept::listens_locally(h.spec.local_port) {
+        let answer = if matchers.is_empty() { "refused" } else { "answered 502" };
+        println!(
+            "note: nothing listens on 127.0.0.1:{} yet: intercepted requests are {answer} until your server does",
+            h.spec.local_port
+        );
+    }
 }
 
 /// Writes an environment as a docker env-file (`NAME=VALUE` lines, taken literally) or

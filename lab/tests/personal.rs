@@ -56,6 +56,7 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
     let a = intercept_for_a(&lab, "18801:http");
     assert_ok(&a, "laptop a intercepts for x-dev: a");
     assert!(stdout(&a).contains("callers send: x-dev: a"), "intercept prints the header to send:\n{}", show(&a));
+    assert!(!stdout(&a).contains("nothing listens"), "laptop a's nginx listens:\n{}", show(&a));
     assert_ok(
         &lab.tpvpn2(&["intercept", "web", "--port", "18802:http", "--http-header", "x-dev=b"]),
         "laptop b intercepts the same port for x-dev: b",
@@ -296,8 +297,11 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
 
     // The agent loses the manager: requests on a keep-alive connection it already serves
     // go to the pod (no laptop can be reached), not to an error.
-    assert_ok(&intercept_for_a(&lab, "18801:http"), "intercept the http port for x-dev: a");
-    // Nothing listens on the laptop's port yet: the caller gets a 502 that says so.
+    let out = intercept_for_a(&lab, "18801:http");
+    assert_ok(&out, "intercept the http port for x-dev: a");
+    // Nothing listens on the laptop's port yet: `intercept` says so, and the caller gets
+    // a 502 that says so too.
+    assert!(stdout(&out).contains("nothing listens on 127.0.0.1:18801 yet"), "{}", show(&out));
     let out = curl(&lab, &["-H", "x-dev: a", "-w", "%{http_code}", "http://10.244.2.10:8080/"]);
     let got = stdout(&out);
     assert!(got.contains("the laptop's port 18801: Connection refused") && got.ends_with("502"), "{}", show(&out));
