@@ -15,14 +15,16 @@
 //! laptop that vanished, or a caller's stalled HTTP/2 stream, holds up no other caller);
 //! idle HTTP/1 connections to the pod go to the [`Router`]'s pool for every caller when
 //! their caller connection ends. To the pod: from a socket in its namespace that capture
-//! lets through (the agent's mark); to a laptop: over a tunnel stream (`InterceptOpen` with the personal intercept's capture
-//! id, the manager's `FlowReply`, then a byte stream to the laptop's server). Requests
+//! lets through (the agent's mark); to a laptop: over a tunnel stream (`InterceptOpen`
+//! with the personal intercept's capture id, the manager's `FlowReply`, then a byte
+//! stream to the laptop's server). Requests
 //! pass with their method, path, `Host` and every header unchanged (HTTP/1 header case
 //! kept), plus the caller's address in `X-Forwarded-For`. An `Upgrade` (WebSocket)
 //! answered with 101 joins the two upgraded connections; an offer to upgrade to HTTP/2
-//! ([`decline_h2c`]) is declined, so the connection stays routed per request. A laptop whose intercept has
-//! no owner any more (`FlowReply` denied, or no manager) gives its requests to the pod;
-//! a kept connection found closed as a request goes out is replaced once.
+//! ([`decline_h2c`]) is declined, so the connection stays routed per request. A laptop
+//! whose intercept has no owner any more (`FlowReply` denied, or no manager) gives its
+//! requests to the pod; a kept connection found closed as a request goes out is replaced
+//! once.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -532,8 +534,7 @@ impl Router {
             };
             dials.entry(dest).or_insert_with(make).clone()
         };
-        let made = dial.await;
-        made.map(Sender::H2)
+        dial.await.map(Sender::H2)
     }
 
     /// A new byte stream to `dest`: a socket in the pod's namespace, or a tunnel stream.
