@@ -573,12 +573,11 @@ pub fn http_headers(data: &[u8]) {
     } else {
         assert_eq!(declined, headers, "nothing to decline, nothing changed");
     }
-    for (name, value) in &declined {
+    for name in headers.keys().chain(declined.keys()) {
         if ![upgrade.clone(), connection.clone()].contains(name) && name != "http2-settings" {
             let before: Vec<_> = headers.get_all(name).iter().collect();
             let after: Vec<_> = declined.get_all(name).iter().collect();
             assert_eq!(before, after, "{name} changed");
-            assert!(after.contains(&value));
         }
     }
     let mut twice = declined.clone();
