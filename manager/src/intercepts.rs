@@ -111,6 +111,13 @@ struct Intercept {
     captures: HashMap<String, u64>,
 }
 
+impl Intercept {
+    /// Whether it intercepts Service port `port` of `namespace/service`.
+    fn is_on(&self, namespace: &str, service: &str, port: u16) -> bool {
+        self.namespace == namespace && self.service == service && self.port.port == port
+    }
+}
+
 /// The longest `user@host` kept from a client's hello (it is shown to others).
 const WHO_MAX: usize = 128;
 
@@ -135,6 +142,22 @@ struct AgentLink {
     session: u64,
     version: u16,
     tx: mpsc::UnboundedSender<Message>,
+}
+
+impl AgentLink {
+    /// Sends capture `id` to the agent, unless it is too old for it: a v2 agent cannot
+    /// read a personal capture (it would drop its connection on the trailing matchers),
+    /// so those pods stay uncaptured for personal intercepts until it is upgraded.
+    fn send_capture(&self, id: u64, c: &CaptureState) {
+        if self.version < PERSONAL_VERSION && !c.matchers.is_empty() {
+            warn!(
+                node = %c.target.node, pod = %c.target.name, version = self.version,
+                "the agent is too old for personal intercepts: not captured until it is upgraded"
+            );
+            return;
+        }
+        let _ = self.tx.send(capture_message(id, c));
+    }
 }
 
 #[derive(Default)]
@@ -200,22 +223,11 @@ impl Hub {
     /// An agent connected for `node`: it gets every capture of its node.
     pub fn agent_connected(&self, node: &str, session: u64, version: u16, tx: mpsc::UnboundedSender<Message>) {
         let mut r = self.lock();
-        r.agents.insert(node.to_string(), AgentLink { session, version, tx });
-        // A v2 agent cannot read a personal capture (it would drop the connection on it):
-        // those pods stay uncaptured for their personal intercepts until it is upgraded.
-        let mut resend = Vec::new();
+        let link = AgentLink { session, version, tx };
         for (id, c) in r.captures.iter().filter(|(_, c)| c.target.node == node) {
-            if version < PERSONAL_VERSION && !c.matchers.is_empty() {
-                warn!(node, pod = %c.target.name, version, "the agent is too old for personal intercepts: not captured until it is upgraded");
-                continue;
-            }
-            resend.push(capture_message(*id, c));
+            link.send_capture(*id, c);
         }
-        if let Some(a) = r.agents.get(node) {
-            for m in resend {
-                let _ = a.tx.send(m);
-            }
-        }
+        r.agents.insert(node.to_string(), link);
     }
 
     /// The agent of `node` (session `session`) is gone: the kernel delivers to the pods
@@ -283,12 +295,9 @@ impl Hub {
             // A re-claim that failed keeps the claim it was to renew, for its owner (unless
             // another client took those matchers meanwhile).
             let taken = |old: &Intercept| {
-                r.intercepts.values().any(|i| {
-                    i.namespace == old.namespace
-                        && i.service == old.service
-                        && i.port.port == old.port.port
-                        && i.matchers == old.matchers
-                })
+                r.intercepts
+                    .values()
+                    .any(|i| i.is_on(&old.namespace, &old.service, old.port.port) && i.matchers == old.matchers)
             };
             if let Some(mut old) = previous.filter(|old| !taken(old)) {
                 if let Owner::Connected(_) = old.owner {
@@ -359,8 +368,7 @@ impl Hub {
         let mut r = self.lock();
         let me = r.clients.get(&session).ok_or_else(|| refuse(ErrorCode::Unavailable, "the session ended"))?;
         let (key, who) = (me.key.clone(), me.who.clone());
-        let on_port =
-            |i: &Intercept| i.namespace == req.namespace && i.service == req.service && i.port.port == port.port;
+        let on_port = |i: &Intercept| i.is_on(&req.namespace, &req.service, port.port);
         // Someone else holding these very matchers (for a global intercept: none).
         if let Some(i) = r.intercepts.values().find(|i| on_port(i) && i.matchers == req.matchers && i.owner_key != key)
         {
@@ -648,13 +656,7 @@ impl Registry {
         let matchers = self.intercepts.get(&intercept).map(|i| i.matchers.clone()).unwrap_or_default();
         let state = CaptureState { intercept, target, matchers, waiter };
         match self.agents.get(&state.target.node) {
-            Some(a) if a.version < PERSONAL_VERSION && !state.matchers.is_empty() => warn!(
-                node = %state.target.node, %pod, version = a.version,
-                "the agent is too old for personal intercepts: not captured until it is upgraded"
-            ),
-            Some(a) => {
-                let _ = a.tx.send(capture_message(id, &state));
-            }
+            Some(a) => a.send_capture(id, &state),
             None => {
                 warn!(node = %state.target.node, %pod, "no agent on the pod's node: not captured until one connects")
             }
