@@ -8,6 +8,7 @@ use std::sync::Arc;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::{relay, FlowStatus, Message};
@@ -16,7 +17,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::http::{self, Route, Router, Sniff};
 use crate::nft::{self, CaptureRules, AGENT_MARK};
 use crate::runtime::{self, Bundle};
-use crate::{netns, Error, Result};
+use crate::{addrs, netns, Error, Result};
 
 /// Relay buffer per direction of a captured connection.
 const RELAY_BUFFER: usize = 256 * 1024;
@@ -28,6 +29,8 @@ pub struct Node {
     pub proc_root: PathBuf,
     /// Where the container runtime keeps its bundles.
     pub runtime_roots: Vec<PathBuf>,
+    /// The node's own addresses, followed ([`crate::addrs::follow`]): never captured.
+    pub addrs: watch::Receiver<Vec<IpAddr>>,
 }
 
 /// What the manager asks to capture.
@@ -83,6 +86,8 @@ pub struct Capture {
     ns: PathBuf,
     table: String,
     accept: JoinHandle<()>,
+    /// Keeps the table's exempt sources equal to the node's addresses.
+    follow: JoinHandle<()>,
     /// Set once the table is removed.
     stopped: bool,
 }
@@ -109,6 +114,8 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
         }
     };
     let ns = located.ns.clone();
+    let mut node_addrs = node.addrs.clone();
+    let exempt = addrs::exempt(&node_addrs.borrow_and_update(), req.host_ip, req.pod_ip);
     let (listener, meshed) = {
         let req = req.clone();
         blocking(move || {
@@ -120,7 +127,7 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
                     pod_ip: req.pod_ip,
                     port: req.port,
                     listener_port: listener.local_addr()?.port(),
-                    exempt: req.host_ip.into_iter().collect(),
+                    exempt,
                     loopback_only: meshed,
                 };
                 nft::apply(&nft::capture_document(&rules))?;
@@ -140,8 +147,23 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
     info!(pod = %req.pod, ip = %req.pod_ip, port = req.port, meshed, "capturing");
     let span = info_span!("capture", id = req.id, pod = %req.pod, port = req.port);
     let router = Router::new(conn, located.ns.clone());
-    let accept = tokio::spawn(accept_loop(listener, router.clone()).instrument(span));
-    Ok(Started { capture: Capture { id: req.id, router, ns: located.ns, table, accept, stopped: false }, meshed, env })
+    let accept = tokio::spawn(accept_loop(listener, router.clone()).instrument(span.clone()));
+    let follow = tokio::spawn(follow_node(node_addrs, req.clone(), located.ns.clone(), table.clone()).instrument(span));
+    let capture = Capture { id: req.id, router, ns: located.ns, table, accept, follow, stopped: false };
+    Ok(Started { capture, meshed, env })
+}
+
+/// Refills the exempt set of `table` whenever the node's addresses change (a bridge
+/// that came up after the capture, a new address).
+async fn follow_node(mut node_addrs: watch::Receiver<Vec<IpAddr>>, req: Request, ns: PathBuf, table: String) {
+    while node_addrs.changed().await.is_ok() {
+        let exempt = addrs::exempt(&node_addrs.borrow_and_update(), req.host_ip, req.pod_ip);
+        let (ns, table, shown) = (ns.clone(), table.clone(), exempt.clone());
+        match blocking(move || netns::run_in(&ns, move || nft::apply(&nft::exempt_document(&table, &exempt)))).await {
+            Ok(()) => info!(exempt = ?shown, "the node's addresses changed: probes from them stay uncaptured"),
+            Err(e) => warn!(error = %e, "cannot update the node's addresses in the capture table"),
+        }
+    }
 }
 
 impl Capture {
@@ -159,6 +181,7 @@ impl Capture {
     /// far go on until they end (their further HTTP requests to the app).
     pub async fn stop(mut self) {
         self.accept.abort();
+        self.follow.abort();
         self.router.clear();
         self.stopped = true;
         remove_table(self.ns.clone(), self.table.clone()).await;
@@ -168,6 +191,7 @@ impl Capture {
 impl Drop for Capture {
     fn drop(&mut self) {
         self.accept.abort();
+        self.follow.abort();
         self.router.clear();
         if !self.stopped {
             let (ns, table) = (self.ns.clone(), self.table.clone());

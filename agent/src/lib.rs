@@ -14,6 +14,7 @@
 //! lost, or the agent stops, every table it made is removed; a new agent first removes
 //! tables an earlier one left.
 
+pub mod addrs;
 pub mod capture;
 pub mod http;
 pub mod netns;

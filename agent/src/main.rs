@@ -66,16 +66,14 @@ fn run(args: Args) -> Result<()> {
     } else {
         args.runtime_roots
     };
-    let config = session::Config {
-        manager: args.manager,
-        ca_pem,
-        token,
-        node_name: args.node,
-        node: Node { proc_root: args.proc_root, runtime_roots },
-    };
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.workers)).enable_all().build()?;
-    rt.block_on(session::run(config, shutdown_signal()));
+    rt.block_on(async move {
+        // The node's addresses are followed by a task of the runtime.
+        let node = Node { proc_root: args.proc_root, runtime_roots, addrs: tpvpn_agent::addrs::follow() };
+        let config = session::Config { manager: args.manager, ca_pem, token, node_name: args.node, node };
+        session::run(config, shutdown_signal()).await
+    });
     Ok(())
 }
 

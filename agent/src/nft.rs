@@ -5,7 +5,8 @@
 //! One table per capture, `inet tpvpn-<capture id>`, with one chain hooked at prerouting
 //! (priority mangle, before any nat) that
 //! 1. lets the agent's own connections (socket mark [`AGENT_MARK`]) through,
-//! 2. lets the node's probes (source = the pod's host IP) through,
+//! 2. lets the node's own connections (kubelet probes) through: sources in set `node`,
+//!    every address of the node (see [`crate::addrs`]), refilled when they change,
 //! 3. hands new connections to the captured port to the agent's transparent listener with
 //!    `tproxy` (behind a mesh sidecar: only those arriving over loopback, the sidecar's
 //!    plaintext hop to the app).
@@ -43,7 +44,7 @@ pub struct CaptureRules {
     pub port: u16,
     /// The agent's transparent listener in the pod's namespace.
     pub listener_port: u16,
-    /// Sources never captured (the node's address: kubelet probes).
+    /// Sources never captured (the node's addresses: kubelet probes), of the pod's family.
     pub exempt: Vec<IpAddr>,
     /// Capture only connections arriving over loopback (behind a mesh sidecar).
     pub loopback_only: bool,
@@ -75,12 +76,13 @@ pub fn capture_document(r: &CaptureRules) -> Value {
             json!({"return": null}),
         ]),
     ];
-    for ip in r.exempt.iter().filter(|ip| ip.is_ipv4() == r.pod_ip.is_ipv4()) {
-        cmds.push(rule(vec![
-            json!({"match": {"op": "==", "left": {"payload": {"protocol": ip_family(ip), "field": "saddr"}}, "right": ip.to_string()}}),
-            json!({"return": null}),
-        ]));
-    }
+    let set_type = if r.pod_ip.is_ipv4() { "ipv4_addr" } else { "ipv6_addr" };
+    cmds.push(json!({"add": {"set": {"family": "inet", "table": table, "name": EXEMPT_SET, "type": set_type}}}));
+    cmds.extend(exempt_elements(&table, &r.exempt));
+    cmds.push(rule(vec![
+        json!({"match": {"op": "==", "left": {"payload": {"protocol": fam, "field": "saddr"}}, "right": format!("@{EXEMPT_SET}")}}),
+        json!({"return": null}),
+    ]));
     let mut capture = vec![
         json!({"match": {"op": "==", "left": {"meta": {"key": "nfproto"}}, "right": if r.pod_ip.is_ipv4() { "ipv4" } else { "ipv6" }}}),
     ];
@@ -92,6 +94,23 @@ pub fn capture_document(r: &CaptureRules) -> Value {
     );
     capture.push(json!({"tproxy": {"family": fam, "port": r.listener_port}}));
     cmds.push(rule(capture));
+    json!({"nftables": cmds})
+}
+
+/// The set of a capture table holding the sources it never captures.
+const EXEMPT_SET: &str = "node";
+
+fn exempt_elements(table: &str, exempt: &[IpAddr]) -> Option<Value> {
+    let elem: Vec<String> = exempt.iter().map(IpAddr::to_string).collect();
+    (!elem.is_empty())
+        .then(|| json!({"add": {"element": {"family": "inet", "table": table, "name": EXEMPT_SET, "elem": elem}}}))
+}
+
+/// The document that replaces the exempt sources of capture table `table`, in one
+/// transaction (no moment without them).
+pub fn exempt_document(table: &str, exempt: &[IpAddr]) -> Value {
+    let mut cmds = vec![json!({"flush": {"set": {"family": "inet", "table": table, "name": EXEMPT_SET}}})];
+    cmds.extend(exempt_elements(table, exempt));
     json!({"nftables": cmds})
 }
 
@@ -177,7 +196,7 @@ mod tests {
             pod_ip: "10.244.2.10".parse().unwrap(),
             port: 8080,
             listener_port: 40123,
-            exempt: vec!["10.250.1.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+            exempt: vec!["10.244.2.1".parse().unwrap(), "10.250.1.1".parse().unwrap()],
             loopback_only: false,
         }
     }
@@ -193,9 +212,19 @@ mod tests {
         assert_eq!(cmds[3].pointer("/add/chain/hook"), Some(&json!("prerouting")));
         assert_eq!(cmds[3].pointer("/add/chain/prio"), Some(&json!(-150)), "before nat (dstnat is -100)");
         let exprs = rule_exprs(&doc);
-        assert_eq!(exprs.len(), 3, "mark, one same-family probe source, capture: {exprs:?}");
+        assert_eq!(exprs.len(), 3, "mark, the node's addresses, capture: {exprs:?}");
         assert_eq!(exprs[0][0]["match"]["right"], json!(AGENT_MARK));
-        assert_eq!(exprs[1][0]["match"]["right"], json!("10.250.1.1"));
+        assert_eq!(exprs[1][0]["match"]["right"], json!("@node"));
+        assert_eq!(exprs[1][0]["match"]["left"]["payload"]["protocol"], json!("ip"));
+        let set = cmds.iter().find_map(|c| c.pointer("/add/set")).unwrap();
+        assert_eq!((&set["name"], &set["type"]), (&json!("node"), &json!("ipv4_addr")));
+        let elems = cmds.iter().find_map(|c| c.pointer("/add/element/elem")).unwrap();
+        assert_eq!(elems, &json!(["10.244.2.1", "10.250.1.1"]));
+        // The set is refilled in one transaction; an empty one is only flushed.
+        let doc = exempt_document("tpvpn-7", &["10.250.4.1".parse().unwrap()]);
+        assert_eq!(doc["nftables"][0].pointer("/flush/set/name"), Some(&json!("node")));
+        assert_eq!(doc["nftables"][1].pointer("/add/element/elem"), Some(&json!(["10.250.4.1"])));
+        assert_eq!(exempt_document("tpvpn-7", &[])["nftables"].as_array().map(Vec::len), Some(1));
         let last = &exprs[2];
         assert_eq!(last[1]["match"]["right"], json!(8080));
         assert_eq!(last[2], json!({"tproxy": {"family": "ip", "port": 40123}}));
@@ -203,10 +232,17 @@ mod tests {
         let doc = capture_document(&CaptureRules { loopback_only: true, ..rules() });
         let exprs = rule_exprs(&doc);
         assert!(exprs[2].as_array().unwrap().iter().any(|x| x["match"]["right"] == json!("lo")));
-        // IPv6 pods get an ip6 tproxy.
-        let doc = capture_document(&CaptureRules { pod_ip: "fd00::10".parse().unwrap(), ..rules() });
+        // IPv6 pods get an ip6 set and tproxy.
+        let v6 =
+            CaptureRules { pod_ip: "fd00::10".parse().unwrap(), exempt: vec!["fd00::1".parse().unwrap()], ..rules() };
+        let doc = capture_document(&v6);
         let exprs = rule_exprs(&doc);
-        assert_eq!(exprs[1][0]["match"]["right"], json!("fd00::1"));
+        assert_eq!(exprs[1][0]["match"]["left"]["payload"]["protocol"], json!("ip6"));
+        assert!(doc["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c.pointer("/add/set/type") == Some(&json!("ipv6_addr"))));
         assert_eq!(exprs[2].as_array().unwrap().last().unwrap()["tproxy"]["family"], json!("ip6"));
     }
 

@@ -343,9 +343,16 @@ const RECLAIM: Duration = Duration::from_secs(60);
 /// Whether asking again later may succeed.
 fn retryable(e: &Error) -> bool {
     match e {
-        Error::Refused { code, .. } => {
-            !matches!(code, Some(ErrorCode::Conflict | ErrorCode::NotFound | ErrorCode::Unsupported))
-        }
+        Error::Refused { code, .. } => !matches!(
+            code,
+            Some(
+                ErrorCode::Conflict
+                    | ErrorCode::NotFound
+                    | ErrorCode::Unsupported
+                    | ErrorCode::Forbidden
+                    | ErrorCode::Protocol
+            )
+        ),
         Error::Config(_) => false,
         _ => true,
     }
@@ -368,10 +375,16 @@ pub fn parse_header(arg: &str) -> Result<(String, String), Error> {
     Ok((name.to_ascii_lowercase(), value.to_string()))
 }
 
-/// `--http-path-prefix`: a path, starting with `/`.
-pub fn check_path_prefix(prefix: &str) -> Result<(), Error> {
+/// `--http-path-prefix`: a path, starting with `/`, beside at least one `--http-header`
+/// (alone it would take every caller's requests to that path; the manager refuses it too).
+pub fn check_path_prefix(prefix: &str, headers: &[(String, String)]) -> Result<(), Error> {
     if !prefix.starts_with('/') || prefix.chars().any(|c| !c.is_ascii_graphic()) {
         return Err(Error::Config(format!("--http-path-prefix {prefix}: expected a path starting with /")));
+    }
+    if headers.is_empty() {
+        return Err(Error::Config(format!(
+            "--http-path-prefix {prefix} needs at least one --http-header: a personal intercept is for requests that carry your header"
+        )));
     }
     Ok(())
 }
@@ -432,8 +445,10 @@ mod tests {
             let e = parse_header(bad).unwrap_err().to_string();
             assert!(e.contains("--http-header"), "{bad}: {e}");
         }
-        assert!(check_path_prefix("/api/").is_ok());
-        assert!(check_path_prefix("api").is_err() && check_path_prefix("/a b").is_err());
+        let h = [("x-dev".to_string(), "a".to_string())];
+        assert!(check_path_prefix("/api/", &h).is_ok());
+        assert!(check_path_prefix("api", &h).is_err() && check_path_prefix("/a b", &h).is_err());
+        assert!(check_path_prefix("/api/", &[]).unwrap_err().to_string().contains("at least one --http-header"));
     }
 
     #[test]

@@ -163,7 +163,8 @@ enum Cmd {
         /// pods, on the same connection. Without it every connection comes here.
         #[arg(long = "http-header", value_name = "NAME=VALUE")]
         http_headers: Vec<String>,
-        /// A personal intercept of the requests whose path starts with this prefix.
+        /// With --http-header: only the matching requests whose path starts with this
+        /// prefix come here.
         #[arg(long, value_name = "PATH")]
         http_path_prefix: Option<String>,
     },
@@ -321,7 +322,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
                 http_headers.iter().map(|h| tpvpn_client::intercept::parse_header(h)).collect::<Result<Vec<_>, _>>()?;
             let path_prefix = http_path_prefix.unwrap_or_default();
             if !path_prefix.is_empty() {
-                tpvpn_client::intercept::check_path_prefix(&path_prefix)?;
+                tpvpn_client::intercept::check_path_prefix(&path_prefix, &headers)?;
             }
             let spec = tpvpn_client::intercept::Spec {
                 namespace: namespace.unwrap_or_default(),

@@ -82,6 +82,8 @@ fn env_spec() -> Value {
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SELF_URL", "value": "http://$(POD_NAME):8080/"},
         {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "web-db", "key": "password"}}},
+        // Built from the Secret by the kubelet's expansion: a Secret value too.
+        {"name": "DB_URL", "value": "postgres://app:$(DB_PASSWORD)@db/app"},
     ])
 }
 

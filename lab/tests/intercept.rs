@@ -111,12 +111,14 @@ fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
 
     // The environment of the container serving the port, as the kubelet resolved it.
     let env = std::fs::read_to_string(&env_file).unwrap();
-    for (k, v) in lab.pod_env("web-0").into_iter().filter(|(k, _)| k != "DB_PASSWORD") {
+    for (k, v) in lab.pod_env("web-0").into_iter().filter(|(k, _)| !["DB_PASSWORD", "DB_URL"].contains(&k.as_str())) {
         assert!(env.lines().any(|l| l == format!("{k}={v}")), "{k}={v} missing from the env-file:\n{env}");
     }
-    // A value from a Secret is never handed to the laptop, and the user is told.
+    // A value from a Secret is never handed to the laptop, nor one the kubelet built from
+    // it (`DB_URL: postgres://app:$(DB_PASSWORD)@db/app`), and the user is told.
     assert!(!env.contains("DB_PASSWORD") && !env.contains(tpvpn_lab::pods::SECRET_VALUE), "{env}");
-    assert!(said.contains("from Secrets not copied (DB_PASSWORD)"), "{said}");
+    assert!(!env.contains("DB_URL"), "{env}");
+    assert!(said.contains("from Secrets not copied (DB_PASSWORD, DB_URL)"), "{said}");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&env_file).unwrap().permissions().mode() & 0o077, 0, "the env-file is private");
     // The agent's own listener in the pod, reached directly, is refused, never relayed.
@@ -225,6 +227,10 @@ fn clear_errors_and_one_holder_per_port() {
     fails(&lab, &["web", "--port", "x:http"], "LOCAL must be a port number");
     // frontend's pod is not a real pod (no agent there: it is not registered Ready).
     fails(&lab, &["frontend", "--port", "18888"], "no ready pods");
+    // The cluster's own namespaces and the manager's are not interceptable (the cluster DNS,
+    // the manager's port-forward port), whatever the Service.
+    fails(&lab, &["kube-dns", "-n", "kube-system", "--port", "18888:53"], "namespace kube-system is not interceptable");
+    fails(&lab, &["tpvpn-manager", "-n", "tpvpn", "--port", "18888:tunnel"], "namespace tpvpn is not interceptable");
 
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "first laptop intercepts");
     lab.add_second_laptop().unwrap();

@@ -35,7 +35,7 @@ pub(crate) async fn answer(mut send: quinn::SendStream, query: Vec<u8>, config: 
         Ok(answer) => Message::DnsAnswer { answer },
         Err(message) => {
             debug!(%message, "dns query failed");
-            Message::Error { code: ErrorCode::Other(5), version: PROTOCOL_VERSION, message }
+            Message::Error { code: ErrorCode::Unavailable, version: PROTOCOL_VERSION, message }
         }
     };
     let _ = write_message(&mut send, &msg).await;

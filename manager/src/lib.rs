@@ -77,8 +77,8 @@ pub struct Config {
     pub policy: policy::Policy,
     /// What one client session may hold at once.
     pub session_limits: policy::Limits,
-    /// Namespaces whose Services clients may intercept (empty: all).
-    pub intercept_namespaces: Vec<String>,
+    /// Which namespaces' Services clients may intercept.
+    pub intercept_namespaces: intercepts::NamespacePolicy,
 }
 
 impl Config {
@@ -101,7 +101,7 @@ impl Config {
             limits: ConnectionLimits::default(),
             policy: policy::Policy::default(),
             session_limits: policy::Limits::default(),
-            intercept_namespaces: Vec::new(),
+            intercept_namespaces: intercepts::NamespacePolicy::default(),
         }
     }
 }

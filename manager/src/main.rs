@@ -84,10 +84,18 @@ struct Args {
     #[arg(long, default_value_t = tpvpn_manager::policy::Limits::default().dns_queries)]
     max_dns_queries_per_client: usize,
     /// Namespaces whose Services clients may intercept (repeatable; default: every
-    /// namespace). Whoever holds the client token may otherwise take any Service's
-    /// traffic and read its containers' environment (values from Secrets excepted).
+    /// namespace that is not protected). Whoever holds the client token may otherwise take
+    /// any Service's traffic and read its containers' environment (values from Secrets
+    /// excepted).
     #[arg(long = "intercept-namespace", value_name = "NAMESPACE")]
     intercept_namespaces: Vec<String>,
+    /// A namespace whose Services are never intercepted (repeatable), besides kube-system,
+    /// kube-public, kube-node-lease and the manager's own (`--namespace`).
+    #[arg(long = "protect-namespace", value_name = "NAMESPACE")]
+    protect_namespaces: Vec<String>,
+    /// Let clients intercept in the protected namespaces too.
+    #[arg(long)]
+    intercept_system_namespaces: bool,
     /// Worker threads. One is fastest where measured (quinn drives the endpoint and each
     /// connection from a single task, and a second worker mostly adds wake-ups between
     /// threads); more may help many clients with many busy flows.
@@ -173,7 +181,11 @@ fn run(args: Args) -> Result<()> {
             own_ports: vec![args.listen.port(), tcp_listen.port(), args.metrics_listen.port()],
             allow_all: false,
         };
-        config.intercept_namespaces = args.intercept_namespaces;
+        config.intercept_namespaces = tpvpn_manager::intercepts::NamespacePolicy {
+            allowed: args.intercept_namespaces,
+            protected: std::iter::once(args.namespace.clone()).chain(args.protect_namespaces).collect(),
+            system: args.intercept_system_namespaces,
+        };
         config.session_limits = tpvpn_manager::policy::Limits {
             tcp_flows: args.max_tcp_flows_per_client,
             udp_flows: args.max_udp_flows_per_client,

@@ -687,14 +687,9 @@ fn table_frames(rows: Vec<tpvpn_tunnel::InterceptRow>) -> Vec<Message> {
 async fn intercept_request(ctx: &Ctx, request: Message) -> Result<Message, crate::intercepts::Refusal> {
     match request {
         Message::InterceptRequest { namespace, service, port, local_port, container, matchers } => {
-            let req = crate::intercepts::Request {
-                namespace,
-                service,
-                port,
-                local_port,
-                container,
-                matchers: matchers.canonical(),
-            };
+            let matchers = crate::intercepts::rules::checked(&matchers)
+                .map_err(|message| crate::intercepts::Refusal { code: ErrorCode::Protocol, message })?;
+            let req = crate::intercepts::Request { namespace, service, port, local_port, container, matchers };
             ctx.hub.intercept(ctx.session, req).await
         }
         Message::Leave { namespace, service } => {

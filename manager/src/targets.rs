@@ -58,22 +58,71 @@ impl PodTarget {
     /// `env` (the container's, as the runtime started it) without what came from
     /// Secrets; and the note for the user when something was left out.
     pub fn without_secrets(&self, env: Vec<(String, String)>) -> (Vec<(String, String)>, Option<String>) {
-        let before = env.len();
-        let kept: Vec<(String, String)> = env
-            .into_iter()
-            .filter(|(k, _)| !self.secret_env.contains(k))
-            .filter(|(k, _)| !self.env_from_secret || self.env_names.contains(k))
-            .collect();
-        let dropped = before - kept.len();
-        let note = (dropped > 0).then(|| {
+        let from_secret =
+            |k: &String| self.secret_env.contains(k) || (self.env_from_secret && !self.env_names.contains(k));
+        let (mut dropped, kept): (Vec<_>, Vec<_>) = env.into_iter().partition(|(k, _)| from_secret(k));
+        // A backstop: no kept value may hold a Secret's value (one composed in a way the
+        // spec does not show), values too short to tell aside.
+        let secrets: Vec<String> = dropped.iter().map(|(_, v)| v.clone()).filter(|v| v.len() >= 4).collect();
+        let (holding, kept): (Vec<_>, Vec<_>) =
+            kept.into_iter().partition(|(_, v)| secrets.iter().any(|s| v.contains(s.as_str())));
+        dropped.extend(holding);
+        let note = (!dropped.is_empty()).then(|| {
+            let n = dropped.len();
             if self.env_from_secret {
-                format!("{dropped} environment variables not copied: the container imports Secrets (envFrom), so only the variables its spec names are, and none from a Secret")
+                format!("{n} environment variables not copied: the container imports Secrets (envFrom), so only the variables its spec names are, and none from a Secret")
             } else {
-                format!("{dropped} environment variables from Secrets not copied ({})", self.secret_env.join(", "))
+                let names: Vec<&str> = dropped.iter().map(|(k, _)| k.as_str()).collect();
+                format!("{n} environment variables from Secrets not copied ({})", names.join(", "))
             }
         });
         (kept, note)
     }
+}
+
+/// The names of `env` (a container spec's, in order) whose values come from Secrets:
+/// from a `secretKeyRef`, or built by the kubelet's `$(NAME)` expansion from such a
+/// variable (`DB_URL: postgres://app:$(DB_PASSWORD)@db`), transitively, in spec order as
+/// the kubelet expands them. With `envFrom` Secrets, a reference to any name that no
+/// earlier non-Secret variable of the spec defines may be a Secret's key, so it counts too.
+fn secret_derived(env: &[k8s_openapi::api::core::v1::EnvVar], env_from_secret: bool) -> Vec<String> {
+    let mut secret: Vec<String> = Vec::new();
+    let mut plain: Vec<&str> = Vec::new();
+    for e in env {
+        let derived = if e.value_from.as_ref().is_some_and(|v| v.secret_key_ref.is_some()) {
+            true
+        } else {
+            references(e.value.as_deref().unwrap_or_default())
+                .any(|r| secret.iter().any(|s| s == r) || (env_from_secret && !plain.contains(&r)))
+        };
+        // A later definition of a name replaces the earlier one, as in the kubelet.
+        secret.retain(|s| *s != e.name);
+        plain.retain(|p| *p != e.name);
+        if derived {
+            secret.push(e.name.clone());
+        } else {
+            plain.push(&e.name);
+        }
+    }
+    secret
+}
+
+/// The names a value refers to with the kubelet's `$(NAME)` syntax (`$$` escapes a `$`).
+fn references(value: &str) -> impl Iterator<Item = &str> {
+    let mut rest = value;
+    std::iter::from_fn(move || loop {
+        let at = rest.find('$')?;
+        let after = &rest[at + 1..];
+        if let Some(escaped) = after.strip_prefix('$') {
+            rest = escaped;
+        } else if let Some(open) = after.strip_prefix('(') {
+            let close = open.find(')')?;
+            rest = &open[close + 1..];
+            return Some(&open[..close]);
+        } else {
+            rest = after;
+        }
+    })
 }
 
 /// Why a port cannot be intercepted, in words for the one error line.
@@ -214,16 +263,11 @@ pub fn pod_target(pod: &Pod, target: &IntOrString, container: &str) -> Result<Po
         .and_then(|c| c.container_id.clone())
         .unwrap_or_default();
     let spec_of = spec.containers.iter().find(|c| c.name == container);
-    let env = spec_of.and_then(|c| c.env.as_ref());
-    let env_names = env.into_iter().flatten().map(|e| e.name.clone()).collect();
-    let secret_env = env
-        .into_iter()
-        .flatten()
-        .filter(|e| e.value_from.as_ref().is_some_and(|v| v.secret_key_ref.is_some()))
-        .map(|e| e.name.clone())
-        .collect();
+    let env = spec_of.and_then(|c| c.env.as_deref()).unwrap_or_default();
+    let env_names = env.iter().map(|e| e.name.clone()).collect();
     let env_from_secret =
         spec_of.and_then(|c| c.env_from.as_ref()).is_some_and(|f| f.iter().any(|s| s.secret_ref.is_some()));
+    let secret_env = secret_derived(env, env_from_secret);
     Ok(PodTarget {
         namespace,
         name,
@@ -329,6 +373,87 @@ mod tests {
         t2.env_from_secret = true;
         let (kept, _) = t2.without_secrets(env);
         assert_eq!(kept, vec![("PLAIN".to_string(), "x".to_string())]);
+    }
+
+    fn env_target(env: serde_json::Value, env_from_secret: bool) -> PodTarget {
+        let mut container = json!({"name": "app", "env": env});
+        if env_from_secret {
+            container["envFrom"] = json!([{"secretRef": {"name": "all"}}]);
+        }
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {"nodeName": "n1", "containers": [container]},
+            "status": {"podIP": "10.244.2.10"}
+        }))
+        .unwrap();
+        pod_target(&p, &IntOrString::Int(80), "").unwrap()
+    }
+
+    #[test]
+    fn values_built_from_secrets_are_secret_values() {
+        let t = env_target(
+            json!([
+                {"name": "HOST", "value": "db"},
+                {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+                {"name": "DB_URL", "value": "postgres://app:$(DB_PASSWORD)@$(HOST)/app"},
+                {"name": "DSN", "value": "$(DB_URL)?sslmode=require"},
+                {"name": "LITERAL", "value": "$$(DB_PASSWORD) is not expanded"},
+                {"name": "SELF", "value": "http://$(HOST)/"},
+            ]),
+            false,
+        );
+        assert_eq!(t.secret_env, ["DB_PASSWORD", "DB_URL", "DSN"]);
+        let env: Vec<(String, String)> = [
+            ("HOST", "db"),
+            ("DB_PASSWORD", "hunter22"),
+            ("DB_URL", "postgres://app:hunter22@db/app"),
+            ("DSN", "postgres://app:hunter22@db/app?sslmode=require"),
+            ("LITERAL", "$(DB_PASSWORD) is not expanded"),
+            ("SELF", "http://db/"),
+            // Not in the spec (the image's, or a wrapper's), but holding a Secret's value.
+            ("WRAPPED", "pw=hunter22"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let (kept, note) = t.without_secrets(env);
+        let names: Vec<&str> = kept.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["HOST", "LITERAL", "SELF"]);
+        assert_eq!(
+            note.unwrap(),
+            "4 environment variables from Secrets not copied (DB_PASSWORD, DB_URL, DSN, WRAPPED)"
+        );
+        // A later plain definition of a name replaces a Secret one, and the reverse.
+        let t = env_target(
+            json!([
+                {"name": "A", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+                {"name": "A", "value": "plain"},
+                {"name": "B", "value": "$(A)"},
+                {"name": "C", "value": "plain"},
+                {"name": "C", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+            ]),
+            false,
+        );
+        assert_eq!(t.secret_env, ["C"]);
+        // With envFrom Secrets, a name the spec did not define before may be a Secret key.
+        let t = env_target(
+            json!([
+                {"name": "HOST", "value": "db"},
+                {"name": "URL", "value": "postgres://$(HOST)/$(PASSWORD_FROM_SECRET)"},
+                {"name": "OK", "value": "http://$(HOST)/"},
+            ]),
+            true,
+        );
+        assert_eq!(t.secret_env, ["URL"]);
+    }
+
+    #[test]
+    fn kubelet_references() {
+        let refs = |v| references(v).collect::<Vec<_>>();
+        assert_eq!(refs("a$(B)c$(D_1)"), ["B", "D_1"]);
+        assert_eq!(refs("$$(B)$(C)"), ["C"]);
+        assert_eq!(refs("$(unclosed"), Vec::<&str>::new());
+        assert_eq!(refs("$ $a $"), Vec::<&str>::new());
     }
 
     #[test]

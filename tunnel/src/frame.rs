@@ -182,6 +182,9 @@ pub enum ErrorCode {
     Unsupported,
     /// It exists but cannot be served now (no ready pods, no agent on a pod's node).
     Unavailable,
+    /// The manager's policy does not allow it (a protected namespace). Peers before it
+    /// read it as `Other(9)`.
+    Forbidden,
     Other(u16),
 }
 
@@ -196,6 +199,7 @@ impl From<u16> for ErrorCode {
             6 => ErrorCode::NotFound,
             7 => ErrorCode::Unsupported,
             8 => ErrorCode::Unavailable,
+            9 => ErrorCode::Forbidden,
             o => ErrorCode::Other(o),
         }
     }
@@ -212,6 +216,7 @@ impl From<ErrorCode> for u16 {
             ErrorCode::NotFound => 6,
             ErrorCode::Unsupported => 7,
             ErrorCode::Unavailable => 8,
+            ErrorCode::Forbidden => 9,
             ErrorCode::Other(o) => o,
         }
     }

@@ -27,6 +27,10 @@ use tracing::{info, warn};
 
 use crate::targets::{self, PodTarget, ServicePort};
 
+pub mod rules;
+
+pub use rules::NamespacePolicy;
+
 /// How long a disconnected owner's claim is kept for it.
 pub const RECLAIM: Duration = Duration::from_secs(60);
 /// How long an intercept request waits for the agents to capture.
@@ -69,7 +73,7 @@ pub struct Request {
     pub port: String,
     pub local_port: u16,
     pub container: String,
-    /// Canonical ([`Matchers::canonical`]); empty for a global intercept.
+    /// Checked and canonical ([`rules::checked`]); empty for a global intercept.
     pub matchers: Matchers,
 }
 
@@ -172,14 +176,14 @@ struct Registry {
 /// The intercept state of one manager; shared by every session.
 pub struct Hub {
     objects: Option<Objects>,
-    /// Namespaces whose Services may be intercepted (empty: all).
-    namespaces: Vec<String>,
+    /// Which namespaces' Services may be intercepted.
+    namespaces: NamespacePolicy,
     registry: Mutex<Registry>,
     sessions: AtomicU64,
 }
 
 impl Hub {
-    pub fn new(objects: Option<Objects>, namespaces: Vec<String>) -> Arc<Hub> {
+    pub fn new(objects: Option<Objects>, namespaces: NamespacePolicy) -> Arc<Hub> {
         let hub = Arc::new(Hub { objects, namespaces, registry: Mutex::default(), sessions: AtomicU64::new(1) });
         if let Some(objects) = hub.objects.clone() {
             tokio::spawn(maintain(Arc::downgrade(&hub), objects.changed));
@@ -350,14 +354,8 @@ impl Hub {
             )
         })?;
         let ns_name = format!("{}/{}", req.namespace, req.service);
-        if !self.namespaces.is_empty() && !self.namespaces.contains(&req.namespace) {
-            return Err(refuse(
-                ErrorCode::Unsupported,
-                format!(
-                    "this manager intercepts only in namespaces {} (--intercept-namespace)",
-                    self.namespaces.join(", ")
-                ),
-            ));
+        if let Some(why) = self.namespaces.refusal(&req.namespace) {
+            return Err(refuse(ErrorCode::Forbidden, why));
         }
         let svc = objects
             .services
@@ -369,8 +367,12 @@ impl Hub {
         let me = r.clients.get(&session).ok_or_else(|| refuse(ErrorCode::Unavailable, "the session ended"))?;
         let (key, who) = (me.key.clone(), me.who.clone());
         let on_port = |i: &Intercept| i.is_on(&req.namespace, &req.service, port.port);
-        // Someone else holding these very matchers (for a global intercept: none).
-        if let Some(i) = r.intercepts.values().find(|i| on_port(i) && i.matchers == req.matchers && i.owner_key != key)
+        // Someone else holding matchers that would take this request's traffic, or whose
+        // traffic this request would take (for a global intercept: another global one).
+        if let Some(i) = r
+            .intercepts
+            .values()
+            .find(|i| on_port(i) && rules::overlap(&i.matchers, &req.matchers) && i.owner_key != key)
         {
             let gone = match i.owner {
                 Owner::Dormant(until) => format!(
@@ -379,7 +381,7 @@ impl Hub {
                 ),
                 Owner::Connected(_) => String::new(),
             };
-            let what = if req.matchers.is_empty() { String::new() } else { format!(" for {}", req.matchers) };
+            let what = if i.matchers.is_empty() { String::new() } else { format!(" for {}", i.matchers) };
             return Err(refuse(
                 ErrorCode::Conflict,
                 format!(
