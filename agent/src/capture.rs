@@ -240,10 +240,17 @@ pub fn remove_stale(node: &Node) -> Vec<String> {
 
 /// A listening socket in the calling thread's namespace that `tproxy` may hand
 /// connections to (`IP_TRANSPARENT`), on a port the kernel picks.
+///
+/// With `SO_REUSEADDR`, which the connections it accepts inherit: each carries the pod's
+/// own address and port, and one the agent closes first stays in TIME-WAIT for a minute
+/// in the pod's namespace. Reusable, those never keep the app from binding its port again
+/// after the intercept (a restart, a rollout), as servers set `SO_REUSEADDR` (nginx, Go,
+/// Java, Node); without it the app's `bind` failed with "Address already in use".
 fn transparent_listener(pod_ip: IpAddr) -> Result<std::net::TcpListener> {
     let (domain, any): (Domain, SocketAddr) =
         if pod_ip.is_ipv4() { (Domain::IPV4, ([0, 0, 0, 0], 0).into()) } else { (Domain::IPV6, ([0u16; 8], 0).into()) };
     let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_reuse_address(true)?;
     if pod_ip.is_ipv4() {
         s.set_ip_transparent_v4(true)?;
     } else {

@@ -121,6 +121,8 @@ pub fn resolved_env(pod: &str) -> Vec<(String, String)> {
 pub(crate) struct RunningPod {
     pub spec: PodSpec,
     pub ns: String,
+    /// The command line of its server (what a container restart runs again).
+    pub server: Vec<String>,
 }
 
 impl Lab {
@@ -308,7 +310,7 @@ impl Lab {
                 "containerStatuses": [{"name": "nginx", "ready": true, "restartCount": 0, "image": "nginx:1.22",
                     "imageID": "", "containerID": format!("containerd://{container_id}")}]}});
         self.kube_apply("POST", "/api/v1/namespaces/default/pods", Some(&pod))?;
-        self.pods.push(RunningPod { spec: spec.clone(), ns });
+        self.pods.push(RunningPod { spec: spec.clone(), ns, server: cmd });
         // kube-proxy follows the Service's endpoints: a new pod is a backend too.
         if !self.caller_ns.is_empty() {
             self.kube_proxy()?;
@@ -327,18 +329,50 @@ impl Lab {
     }
 
     fn wait_listening(&self, ns: &str, port: u16) -> Result<()> {
-        let want = format!(":{port}");
         for _ in 0..100 {
-            let out = self.exec_timeout(ns, &["ss", "-Hltn"], Duration::from_secs(5));
-            if String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .any(|l| l.split_whitespace().nth(3).is_some_and(|a| a.ends_with(&want)))
-            {
+            if self.listens(ns, port) {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         bail!("nothing listens on port {port} in {ns} after 5 s")
+    }
+
+    /// Whether anything listens on TCP port `port` in namespace `ns`.
+    fn listens(&self, ns: &str, port: u16) -> bool {
+        let want = format!(":{port}");
+        let out = self.exec_timeout(ns, &["ss", "-Hltn"], Duration::from_secs(5));
+        String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split_whitespace().nth(3).is_some_and(|a| a.ends_with(&want)))
+    }
+
+    /// Restarts pod `pod`'s server as a container restart would: stopped (SIGTERM, its
+    /// listening socket closed once it exits), then started again at once, in the same
+    /// namespace. An error carries the server's own words when it cannot start (nginx
+    /// says `bind() ... failed (98: Address already in use)` after about 2.5 s of tries).
+    pub fn restart_pod_server(&mut self, pod: &str) -> Result<()> {
+        let p = self.pods.iter().find(|p| p.spec.name == pod).context("no such pod")?;
+        let (ns, server) = (p.ns.clone(), p.server.clone());
+        let name = format!("nginx-{pod}");
+        let at = self.children.iter().position(|(n, _)| *n == name).context("the pod's server is not running")?;
+        let (_, mut old) = self.children.remove(at);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(old.id())?);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        old.wait()?;
+        let err_log = self.dir.join("pods").join(pod).join("nginx.err");
+        let _ = fs::remove_file(&err_log);
+        let argv: Vec<&str> = server.iter().map(String::as_str).collect();
+        self.spawn_in(&ns, &name, &argv)?;
+        for _ in 0..100 {
+            if self.listens(&ns, HTTP_PORT) {
+                return Ok(());
+            }
+            let exited = self.children.iter_mut().find(|(n, _)| *n == name).map(|(_, c)| c.try_wait());
+            if let Some(Ok(Some(status))) = exited {
+                bail!("{pod}'s server exited ({status}): {}", fs::read_to_string(&err_log).unwrap_or_default().trim());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("{pod}'s server does not listen again after 10 s")
     }
 
     /// istio-init's part (nat REDIRECT of inbound TCP to 15006) and the proxy's.

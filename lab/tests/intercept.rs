@@ -163,6 +163,29 @@ fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
     let _ = CALLER_IP;
 }
 
+#[test]
+fn a_pod_restarting_right_after_leave_binds_its_port() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "tpvpn intercept web");
+    // Callers that read until the server closes (HTTP/1.0): the laptop's side closes first,
+    // so the agent's end of each connection, which carries the pod's own address and port,
+    // is left in TIME-WAIT in the pod's namespace.
+    let script = format!(
+        "import socket\nfor _ in range(3):\n  s = socket.create_connection(('10.244.2.10', {HTTP_PORT}), timeout=5)\n  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n  d = b''\n  while True:\n    b = s.recv(65536)\n    if not b: break\n    d += b\n  print(d.decode().splitlines()[-1])\n  s.close()\n"
+    );
+    let out = lab.exec_timeout(lab.caller(), &[tpvpn_lab::pods::PYTHON, "-c", &script], Duration::from_secs(30));
+    assert_eq!(stdout(&out).matches("answered by the laptop").count(), 3, "{}", show(&out));
+    let ns = lab.pod_ns("web-0").unwrap().to_string();
+    let waiting = stdout(&lab.exec(&ns, &["ss", "-Htan", "state", "time-wait"]));
+    assert!(waiting.contains(&format!("10.244.2.10:{HTTP_PORT}")), "the agent's sockets are in TIME-WAIT:\n{waiting}");
+
+    assert_ok(&lab.tpvpn(&["leave", "web"]), "tpvpn leave web");
+    // The container restarts (a crash, a rollout) and binds its port at once.
+    lab.restart_pod_server("web-0").unwrap_or_else(|e| panic!("the pod's server cannot bind its port again: {e:#}"));
+    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
+}
+
 /// Runs a lab client (`tpvpn-lab client ...`) in the caller pod.
 fn from_caller(lab: &Lab, args: &[&str]) -> Output {
     let mut all = vec!["client"];
