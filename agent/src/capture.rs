@@ -85,7 +85,8 @@ pub struct Capture {
     router: Arc<Router>,
     ns: PathBuf,
     table: String,
-    accept: JoinHandle<()>,
+    /// Taken when the listener is to close ([`close_after_drain`]).
+    accept: Option<JoinHandle<()>>,
     /// Keeps the table's exempt sources equal to the node's addresses.
     follow: JoinHandle<()>,
     /// Set once the table is removed.
@@ -97,6 +98,8 @@ pub struct Started {
     pub capture: Capture,
     pub meshed: bool,
     pub env: Vec<(String, String)>,
+    /// What the user should know of the environment (variables left out).
+    pub note: String,
 }
 
 /// Captures `req.port` in the pod's namespace and hands each connection to the manager
@@ -113,6 +116,7 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
             runtime::proc_environ(&node.proc_root, located.pid)?
         }
     };
+    let (env, note) = runtime::bounded(env);
     let ns = located.ns.clone();
     let mut node_addrs = node.addrs.clone();
     let exempt = addrs::exempt(&node_addrs.borrow_and_update(), req.host_ip, req.pod_ip);
@@ -149,8 +153,8 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
     let router = Router::new(conn, located.ns.clone());
     let accept = tokio::spawn(accept_loop(listener, router.clone()).instrument(span.clone()));
     let follow = tokio::spawn(follow_node(node_addrs, req.clone(), located.ns.clone(), table.clone()).instrument(span));
-    let capture = Capture { id: req.id, router, ns: located.ns, table, accept, follow, stopped: false };
-    Ok(Started { capture, meshed, env })
+    let capture = Capture { id: req.id, router, ns: located.ns, table, accept: Some(accept), follow, stopped: false };
+    Ok(Started { capture, meshed, env, note: note.unwrap_or_default() })
 }
 
 /// Refills the exempt set of `table` whenever the node's addresses change (a bridge
@@ -180,24 +184,42 @@ impl Capture {
     /// Stops capturing: new connections reach the app again. Connections captured so
     /// far go on until they end (their further HTTP requests to the app).
     pub async fn stop(mut self) {
-        self.accept.abort();
-        self.follow.abort();
         self.router.clear();
+        self.follow.abort();
         self.stopped = true;
         remove_table(self.ns.clone(), self.table.clone()).await;
+        close_after_drain(self.accept.take());
+    }
+}
+
+/// How long the transparent listener keeps accepting once its table is gone: the kernel
+/// steers nothing new to it then, but a handshake it steered just before completes into
+/// its queue, and closing the listener would reset that caller. Accepted now, such a
+/// connection goes to the pod (the router is cleared).
+const DRAIN: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Ends the accept task after [`DRAIN`] (at once outside a runtime).
+fn close_after_drain(accept: Option<JoinHandle<()>>) {
+    let Some(accept) = accept else { return };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => drop(rt.spawn(async move {
+            tokio::time::sleep(DRAIN).await;
+            accept.abort();
+        })),
+        Err(_) => accept.abort(),
     }
 }
 
 impl Drop for Capture {
     fn drop(&mut self) {
-        self.accept.abort();
-        self.follow.abort();
         self.router.clear();
+        self.follow.abort();
         if !self.stopped {
             let (ns, table) = (self.ns.clone(), self.table.clone());
             // Namespace work runs on a thread of its own (see `netns::run_in`).
             let _ = netns::run_in(&ns, move || nft::apply(&nft::delete_document(&table)));
         }
+        close_after_drain(self.accept.take());
     }
 }
 

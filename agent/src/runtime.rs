@@ -100,6 +100,39 @@ impl Bundle {
     }
 }
 
+/// The longest variable value reported to the manager, and the most bytes of names and
+/// values in all: what the `CaptureStatus` frame (1 MiB, strings of 64 KiB) and the
+/// client's `InterceptReply` carry with room to spare.
+pub const MAX_VALUE: usize = 32 * 1024;
+pub const MAX_TOTAL: usize = 512 * 1024;
+
+/// `env` within [`MAX_VALUE`] per value (names within 1 KiB) and [`MAX_TOTAL`] in all, in
+/// order; the note for the user when variables were left out.
+pub fn bounded(env: Vec<(String, String)>) -> (Vec<(String, String)>, Option<String>) {
+    let mut total = 0;
+    let mut left_out = Vec::new();
+    let mut kept = Vec::new();
+    for (k, v) in env {
+        let size = k.len() + v.len();
+        if k.len() > 1024 || v.len() > MAX_VALUE || total + size > MAX_TOTAL {
+            left_out.push(k.chars().take(64).collect::<String>());
+        } else {
+            total += size;
+            kept.push((k, v));
+        }
+    }
+    let note = (!left_out.is_empty()).then(|| {
+        format!(
+            "{} environment variables too large to copy (over {} KiB each, or {} KiB in all): {}",
+            left_out.len(),
+            MAX_VALUE / 1024,
+            MAX_TOTAL / 1024,
+            left_out.join(", ")
+        )
+    });
+    (kept, note)
+}
+
 /// `NAME=VALUE` into its parts (a value may contain `=`).
 fn split_var(var: &str) -> Option<(String, String)> {
     let (k, v) = var.split_once('=')?;
@@ -117,6 +150,20 @@ pub fn proc_environ(proc_root: &Path, pid: u32) -> Result<Vec<(String, String)>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn large_environments_are_bounded_with_a_note() {
+        let var = |k: &str, n: usize| (k.to_string(), "x".repeat(n));
+        let (kept, note) = bounded(vec![var("A", 10), var("BIG", MAX_VALUE + 1), var("B", MAX_VALUE)]);
+        assert_eq!(kept.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["A", "B"]);
+        assert!(note.unwrap().contains(": BIG"));
+        let many: Vec<_> = (0..20).map(|i| var(&format!("V{i:02}"), MAX_VALUE - 3)).collect();
+        let (kept, note) = bounded(many);
+        assert_eq!(kept.len(), 16, "16 fill {MAX_TOTAL} bytes");
+        assert!(kept.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() <= MAX_TOTAL);
+        assert!(note.unwrap().starts_with("4 environment variables too large"));
+        assert_eq!(bounded(vec![var("A", 1)]).1, None);
+    }
 
     #[test]
     fn bundles_are_found_by_container_id_and_read() {

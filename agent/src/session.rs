@@ -15,7 +15,7 @@ use tpvpn_tunnel::quic::{client_config, parse_certs, SERVER_NAME};
 use tpvpn_tunnel::{Matchers, Message, Role, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
-use crate::capture::{self, Capture, Node, Request};
+use crate::capture::{self, Node, Request};
 use crate::http::Route;
 use crate::{Error, Result};
 
@@ -127,7 +127,7 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
 /// A captured pod port: starting (the captures waiting for it), or in place.
 enum Port {
     Starting(Vec<(u64, Matchers)>),
-    Running { capture: Capture, meshed: bool, env: Vec<(String, String)> },
+    Running(capture::Started),
 }
 
 /// A pod port: the pod's IP, the port, and the container (a pod recreated with the same
@@ -145,8 +145,8 @@ impl Captures {
     async fn stop_all(&mut self) {
         self.ids.clear();
         for (_, p) in self.ports.drain() {
-            if let Port::Running { capture, .. } = p {
-                capture.stop().await;
+            if let Port::Running(s) = p {
+                s.capture.stop().await;
             }
         }
     }
@@ -159,20 +159,21 @@ impl Captures {
                 waiting.retain(|(w, _)| *w != id);
                 false
             }
-            Some(Port::Running { capture, .. }) => !capture.remove_route(id),
+            Some(Port::Running(s)) => !s.capture.remove_route(id),
             None => false,
         };
         if emptied {
-            if let Some(Port::Running { capture, .. }) = self.ports.remove(&key) {
-                capture.stop().await;
+            if let Some(Port::Running(s)) = self.ports.remove(&key) {
+                s.capture.stop().await;
                 info!(id, "capture released");
             }
         }
     }
 }
 
-fn ok_status(id: u64, meshed: bool, env: &[(String, String)]) -> Message {
-    Message::CaptureStatus { id, ok: true, message: String::new(), meshed, env: env.to_vec() }
+/// Capture `id` is in place; `message` says what was left out of the environment.
+fn ok_status(id: u64, s: &capture::Started) -> Message {
+    Message::CaptureStatus { id, ok: true, message: s.note.clone(), meshed: s.meshed, env: s.env.clone() }
 }
 
 /// Serves one connection until it is lost; why.
@@ -187,8 +188,12 @@ async fn serve(
     let (status_tx, mut status_rx) = mpsc::unbounded_channel::<Message>();
     let writer = async move {
         while let Some(m) = status_rx.recv().await {
-            if write_message(&mut send, &m).await.is_err() {
-                return;
+            match write_message(&mut send, &m).await {
+                Ok(()) => {}
+                Err(tpvpn_tunnel::Error::Stream(_)) => return,
+                // One status that cannot be encoded is dropped; the stream, and with it
+                // every capture of the node, goes on.
+                Err(e) => warn!(kind = m.kind(), error = %e, "a message to the manager cannot be sent: dropped"),
             }
         }
     };
@@ -204,9 +209,9 @@ async fn serve(
                     captures.ids.insert(id, key.clone());
                     match captures.ports.get_mut(&key) {
                         Some(Port::Starting(waiting)) => waiting.push((id, matchers)),
-                        Some(Port::Running { capture, meshed, env }) => {
-                            capture.set_route(Route { id, matchers });
-                            let _ = status_tx.send(ok_status(id, *meshed, env));
+                        Some(Port::Running(s)) => {
+                            s.capture.set_route(Route { id, matchers });
+                            let _ = status_tx.send(ok_status(id, s));
                         }
                         None => {
                             captures.ports.insert(key.clone(), Port::Starting(vec![(id, matchers)]));
@@ -235,9 +240,9 @@ async fn serve(
                     Ok(s) => {
                         for (id, matchers) in waiting {
                             s.capture.set_route(Route { id, matchers });
-                            let _ = status_tx.send(ok_status(id, s.meshed, &s.env));
+                            let _ = status_tx.send(ok_status(id, &s));
                         }
-                        captures.ports.insert(key, Port::Running { capture: s.capture, meshed: s.meshed, env: s.env });
+                        captures.ports.insert(key, Port::Running(s));
                     }
                     Err(e) => {
                         warn!(pod_ip = %key.0, port = key.1, error = %e, "cannot capture");

@@ -75,16 +75,26 @@ pub fn initial_pods() -> Vec<PodSpec> {
     ]
 }
 
-/// The container env as the Pod spec has it (unresolved).
-fn env_spec() -> Value {
-    json!([
+/// The size of `LARGE_CONFIG`, which the mesh pods carry in their environment: over
+/// what one frame field holds (64 KiB), as a large configuration passed in a variable is.
+pub const LARGE_ENV_LEN: usize = 70_000;
+
+/// The container env as the Pod spec of an `app` pod has it (unresolved).
+fn env_spec(app: &str) -> Value {
+    let mut env = json!([
         {"name": "GREETING", "value": GREETING},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "SELF_URL", "value": "http://$(POD_NAME):8080/"},
         {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "web-db", "key": "password"}}},
         // Built from the Secret by the kubelet's expansion: a Secret value too.
         {"name": "DB_URL", "value": "postgres://app:$(DB_PASSWORD)@db/app"},
-    ])
+    ]);
+    if app == "mesh" {
+        if let Some(vars) = env.as_array_mut() {
+            vars.push(json!({"name": "LARGE_CONFIG", "value": "x".repeat(LARGE_ENV_LEN)}));
+        }
+    }
+    env
 }
 
 /// What the kubelet stand-in reads for `DB_PASSWORD` from Secret `web-db` (which the
@@ -94,12 +104,12 @@ pub const SECRET_VALUE: &str = "s3cr3t-from-a-secret";
 /// The environment the kubelet stand-in resolves for `pod` (what the runtime starts
 /// the container with): the image's, then the container's in order, `valueFrom` read
 /// and `$(VAR)` expanded from the variables before it.
-pub fn resolved_env(pod: &str) -> Vec<(String, String)> {
+pub fn resolved_env(pod: &str, app: &str) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
         ("HOSTNAME".into(), pod.into()),
     ];
-    for e in env_spec().as_array().into_iter().flatten() {
+    for e in env_spec(app).as_array().into_iter().flatten() {
         let name = e["name"].as_str().unwrap_or_default().to_string();
         let value = if e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" {
             pod.to_string()
@@ -274,7 +284,7 @@ impl Lab {
         let listen = format!("listen {HTTP_PORT};\n    listen {ALT_PORT};\n    listen {H2_PORT} http2;");
         write_web_conf(&dir, &format!("pod {}", spec.name), &listen)?;
         let d = dir.display();
-        let env = resolved_env(&spec.name);
+        let env = resolved_env(&spec.name, &spec.app);
         let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let mut cmd: Vec<String> = vec!["env".into(), "-i".into()];
         cmd.extend(vars.iter().cloned());
@@ -304,7 +314,7 @@ impl Lab {
                 "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
                           {"containerPort": ALT_PORT, "protocol": "TCP"},
                           {"containerPort": H2_PORT, "protocol": "TCP"}],
-                "env": env_spec()}]},
+                "env": env_spec(&spec.app)}]},
             "status": {"phase": "Running", "hostIP": NODE_IP, "podIP": spec.ip, "podIPs": [{"ip": spec.ip}],
                 "conditions": [{"type": "Ready", "status": "True"}],
                 "containerStatuses": [{"name": "nginx", "ready": true, "restartCount": 0, "image": "nginx:1.22",
@@ -325,7 +335,8 @@ impl Lab {
 
     /// The environment the runtime stand-in recorded for pod `name`'s container.
     pub fn pod_env(&self, name: &str) -> Vec<(String, String)> {
-        resolved_env(name)
+        let app = self.pods.iter().find(|p| p.spec.name == name).map_or("", |p| p.spec.app.as_str());
+        resolved_env(name, app)
     }
 
     fn wait_listening(&self, ns: &str, port: u16) -> Result<()> {
@@ -561,7 +572,7 @@ mod tests {
 
     #[test]
     fn env_is_resolved_as_the_kubelet_does() {
-        let env = resolved_env("web-0");
+        let env = resolved_env("web-0", "web");
         let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         assert_eq!(get("GREETING"), Some(GREETING));
         assert_eq!(get("POD_NAME"), Some("web-0"));

@@ -358,9 +358,16 @@ fn a_meshed_pod_is_captured_behind_its_sidecar() {
     let before = relayed();
     assert!(before >= 1, "the request went through the sidecar stand-in:\n{}", lab.sidecar_log("mesh-0"));
 
-    let out = intercept(&lab, &["mesh", "--port", "18888"]);
+    let env_file = lab.dir().join("mesh.env");
+    let out = intercept(&lab, &["mesh", "--port", "18888", "--env-file", &env_file.display().to_string()]);
     assert_ok(&out, "intercept mesh");
     assert!(stdout(&out).contains("behind its mesh sidecar"), "{}", show(&out));
+    // A variable too large for the frames that carry it is left out, with a note; the
+    // rest of the environment arrives and the node's agent keeps its captures.
+    assert!(stdout(&out).contains("too large to copy") && stdout(&out).contains("LARGE_CONFIG"), "{}", show(&out));
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    assert!(env.contains("GREETING=") && !env.contains("LARGE_CONFIG"), "{env}");
+    assert!(!lab.agent_log().contains("lost the manager"), "{}", lab.agent_log());
     assert_answers(&lab, &pod, "answered by the laptop");
     assert_answers(&lab, &format!("http://{}/", tpvpn_lab::pods::MESH_IP), "answered by the laptop");
     assert!(

@@ -482,8 +482,12 @@ async fn agent_session(
     let _registered = OnDrop(|| hub.agent_gone(&node, id));
     let _writer = AbortOnDrop(tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
-            if write_message(&mut send, &m).await.is_err() {
-                return;
+            match write_message(&mut send, &m).await {
+                Ok(()) => {}
+                Err(tpvpn_tunnel::Error::Stream(_)) => return,
+                // One message that cannot be encoded is dropped; the stream, and with it
+                // every capture of the node, goes on.
+                Err(e) => warn!(kind = m.kind(), error = %e, "a message to the agent cannot be sent: dropped"),
             }
         }
     }));

@@ -82,6 +82,8 @@ pub struct Request {
 struct Captured {
     meshed: bool,
     env: Vec<(String, String)>,
+    /// What the agent says of the environment (variables it left out).
+    note: String,
 }
 
 struct CaptureState {
@@ -262,7 +264,7 @@ impl Hub {
     ) {
         let mut r = self.lock();
         let Some(c) = r.captures.get_mut(&id).filter(|c| c.target.node == node) else { return };
-        let result = if ok { Ok(Captured { meshed, env }) } else { Err(message.clone()) };
+        let result = if ok { Ok(Captured { meshed, env, note: message.clone() }) } else { Err(message.clone()) };
         match c.waiter.take() {
             Some(w) => {
                 let _ = w.send(result);
@@ -330,6 +332,7 @@ impl Hub {
                     let (kept, note) = t.target.without_secrets(c.env.clone());
                     env = kept;
                     warnings.extend(note);
+                    warnings.extend(Some(c.note.clone()).filter(|n| !n.is_empty()));
                 }
             }
         }
