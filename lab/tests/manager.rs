@@ -42,6 +42,18 @@ fn a_flow_ends_with_its_client() {
         "the manager still holds the flow of a client that is gone:\n{}",
         lab.manager_metrics()
     );
+    // The server learns it: the flow is reset, not left with the laptop's FIN alone (its
+    // socket in CLOSE-WAIT for as long as it waits, here an hour).
+    let port = SILENT_ADDR.rsplit_once(':').map(|(_, p)| p).unwrap();
+    let waiting = || {
+        let out = lab.exec(lab.cluster(), &["ss", "-Htn", "state", "close-wait", "sport", "=", &format!(":{port}")]);
+        stdout(&out)
+    };
+    assert!(
+        wait_until(Duration::from_secs(1), || waiting().trim().is_empty()),
+        "the server's end still waits in CLOSE-WAIT:\n{}",
+        waiting()
+    );
 }
 
 #[test]

@@ -39,6 +39,11 @@ pub enum Direction {
 /// reset; `buf_len` bytes of buffer per direction; `count` sees every chunk moved.
 /// Toward the stream, what a read returns goes to quinn as it is (no copy); reads fill
 /// one allocation until a quarter of it is left.
+///
+/// A relay that does not finish, because it is dropped (its session ended, the process
+/// stops), resets `tcp`: the socket has a zero linger time until both directions have
+/// finished, so its peer learns the connection is gone instead of waiting on a FIN it
+/// already had (a half-closed flow left the peer in CLOSE-WAIT).
 pub async fn tcp(
     mut stream: TcpStream,
     mut send: SendStream,
@@ -47,6 +52,7 @@ pub async fn tcp(
     count: impl Fn(Direction, usize),
 ) -> End {
     let _ = stream.set_nodelay(true);
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     let (up, down) = {
         let (mut tcp_r, mut tcp_w) = stream.split();
         let count = &count;
@@ -109,12 +115,13 @@ pub async fn tcp(
         let _ = recv.stop(RESET_CODE.into());
         End::TcpReset
     } else if ends.contains(&Some(End::StreamReset)) {
-        // Closing with a zero linger time sends RST instead of FIN.
-        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        // Closing with its zero linger time sends RST instead of FIN.
         let _ = send.reset(RESET_CODE.into());
         End::StreamReset
     } else {
-        // Both directions finished: wait until the peer has every byte.
+        // Both directions finished: a graceful close from here on. Wait until the peer
+        // has every byte.
+        let _ = socket2::SockRef::from(&stream).set_linger(None);
         let _ = send.stopped().await;
         End::Finished
     }
