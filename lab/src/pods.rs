@@ -353,7 +353,9 @@ impl Lab {
     fn listens(&self, ns: &str, port: u16) -> bool {
         let want = format!(":{port}");
         let out = self.exec_timeout(ns, &["ss", "-Hltn"], Duration::from_secs(5));
-        String::from_utf8_lossy(&out.stdout).lines().any(|l| l.split_whitespace().nth(3).is_some_and(|a| a.ends_with(&want)))
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.split_whitespace().nth(3).is_some_and(|a| a.ends_with(&want)))
     }
 
     /// Restarts pod `pod`'s server as a container restart would: stopped (SIGTERM, its

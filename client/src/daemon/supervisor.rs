@@ -167,9 +167,20 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
     // (the data plane is dropped by now), and `undo` deletes it if it is still there.
     let undo = state.undo();
     state::remove_files(paths);
-    session.endpoint.wait_idle().await;
-    let (why, down_reply, last_endpoint) = result?;
-    last_endpoint.wait_idle().await;
+    // The close frames went out while the changes were undone; the endpoints' draining
+    // (three probe timeouts, longer while an RTT is unknown) is waited for only so long:
+    // the manager knows already, and a daemon told to stop exits promptly.
+    let (why, down_reply, last_endpoint) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tokio::time::timeout(CLOSE_GRACE, session.endpoint.wait_idle()).await;
+            return Err(e);
+        }
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        tokio::join!(session.endpoint.wait_idle(), last_endpoint.wait_idle())
+    })
+    .await;
 
     if let Some(call) = down_reply {
         call.reply(&Reply::Done { ok: undo.is_ok() }).await;
@@ -181,6 +192,9 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         Err(Error::System(why))
     }
 }
+
+/// How long an exiting daemon waits for its QUIC endpoints to go idle.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The manager pod, when reached through a port-forward.
 fn pod_of(via: &crate::connect::Via) -> Option<String> {
@@ -366,6 +380,11 @@ fn cluster_updates(
                 }
             }
         };
+        // A connection this daemon closed itself (shutting down, replaced) is not lost.
+        if matches!(conn.close_reason(), Some(quinn::ConnectionError::LocallyClosed)) {
+            debug!(%why, "control stream ended with the connection");
+            return;
+        }
         warn!(%why, "closing the connection to reconnect");
         conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"control stream failed");
     });
