@@ -15,6 +15,7 @@ use tpvpn_tunnel::{relay, FlowStatus, Message};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::http::{self, Route, Router, Sniff};
+use crate::load::Load;
 use crate::nft::{self, CaptureRules, AGENT_MARK};
 use crate::runtime::{self, Bundle};
 use crate::{addrs, netns, Error, Result};
@@ -31,6 +32,8 @@ pub struct Node {
     pub runtime_roots: Vec<PathBuf>,
     /// The node's own addresses, followed ([`crate::addrs::follow`]): never captured.
     pub addrs: watch::Receiver<Vec<IpAddr>>,
+    /// The connections parsed at once, under their caps ([`crate::load`]).
+    pub load: Arc<Load>,
 }
 
 /// What the manager asks to capture.
@@ -151,7 +154,7 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
     info!(pod = %req.pod, ip = %req.pod_ip, port = req.port, meshed, "capturing");
     let span = info_span!("capture", id = req.id, pod = %req.pod, port = req.port);
     let router = Router::new(conn, located.ns.clone());
-    let accept = tokio::spawn(accept_loop(listener, router.clone()).instrument(span.clone()));
+    let accept = tokio::spawn(accept_loop(listener, router.clone(), node.load.clone()).instrument(span.clone()));
     let follow = tokio::spawn(follow_node(node_addrs, req.clone(), located.ns.clone(), table.clone()).instrument(span));
     let capture = Capture { id: req.id, router, ns: located.ns, table, accept: Some(accept), follow, stopped: false };
     Ok(Started { capture, meshed, env, note: note.unwrap_or_default() })
@@ -234,11 +237,11 @@ async fn remove_table(ns: PathBuf, table: String) {
 
 /// Removes every tpvpn table in the namespaces of the node's containers: what an agent
 /// that did not exit cleanly left. Returns the tables removed.
-pub fn remove_stale(node: &Node) -> Vec<String> {
-    let mut namespaces: Vec<PathBuf> = runtime::all(&node.runtime_roots)
+pub fn remove_stale(proc_root: &Path, runtime_roots: &[PathBuf]) -> Vec<String> {
+    let mut namespaces: Vec<PathBuf> = runtime::all(runtime_roots)
         .iter()
         .filter_map(|b| b.pid().ok())
-        .map(|pid| netns::of_pid(&node.proc_root, pid))
+        .map(|pid| netns::of_pid(proc_root, pid))
         .collect();
     namespaces.sort();
     namespaces.dedup();
@@ -285,7 +288,7 @@ fn transparent_listener(pod_ip: IpAddr) -> Result<std::net::TcpListener> {
     Ok(s.into())
 }
 
-async fn accept_loop(listener: TcpListener, router: Arc<Router>) {
+async fn accept_loop(listener: TcpListener, router: Arc<Router>, load: Arc<Load>) {
     let own = listener.local_addr().map(|a| a.port()).ok();
     loop {
         match listener.accept().await {
@@ -301,7 +304,7 @@ async fn accept_loop(listener: TcpListener, router: Arc<Router>) {
                     continue;
                 }
                 let span = info_span!("conn", %src, %dst);
-                tokio::spawn(handle(router.clone(), caller, src, dst).instrument(span));
+                tokio::spawn(handle(router.clone(), load.clone(), caller, src, dst).instrument(span));
             }
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
@@ -315,9 +318,14 @@ async fn accept_loop(listener: TcpListener, router: Arc<Router>) {
 /// One captured connection. With only a global intercept: whole to its laptop. With a
 /// personal one: HTTP is routed per request ([`http`]), anything else goes whole to the
 /// global intercept or the pod.
-async fn handle(router: Arc<Router>, mut caller: TcpStream, src: SocketAddr, dst: SocketAddr) {
+async fn handle(router: Arc<Router>, load: Arc<Load>, mut caller: TcpStream, src: SocketAddr, dst: SocketAddr) {
     let (global, personal) = router.snapshot();
-    let prefix = if personal {
+    // Past the caps on parsing, the connection passes whole (fail open).
+    let slot = personal.then(|| load.admit(src.ip())).flatten();
+    if personal && slot.is_none() {
+        debug!(parsed = load.parsed(), "over the parsing caps: passed whole");
+    }
+    let prefix = if slot.is_some() {
         match http::read_prefix(&mut caller).await {
             (Sniff::Http1, prefix) => return router.serve(caller, prefix, false, src, dst).await,
             (Sniff::Http2, prefix) => return router.serve(caller, prefix, true, src, dst).await,
@@ -326,6 +334,7 @@ async fn handle(router: Arc<Router>, mut caller: TcpStream, src: SocketAddr, dst
     } else {
         Vec::new()
     };
+    drop(slot);
     match global {
         Some(id) => to_laptop(&router, id, caller, &prefix, src, dst).await,
         None => pass_through(caller, &prefix, dst, router.ns().clone()).await,

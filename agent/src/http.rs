@@ -57,6 +57,19 @@ const METHOD_MAX: usize = 20;
 const POOL_MAX: usize = 32;
 /// How long a laptop may take to answer for a request's connection.
 const LAPTOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a caller's connection may take to send a request head, counted (as hyper
+/// does) from when the agent waits for it: it also ends a keep-alive connection idle that
+/// long. nginx's own `keepalive_timeout`, which callers of such apps already live with.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(75);
+/// The most an HTTP/1 connection buffers (a request head must fit): bounded memory per
+/// parsed connection (hyper's default is about 400 KiB).
+const H1_MAX_BUF: usize = 64 * 1024;
+/// HTTP/2 streams a caller may have open at once on one connection, and the windows of
+/// every HTTP/2 connection the agent holds (caller and upstream): a peer that never reads
+/// pins at most these, not hyper's defaults of several MiB per connection.
+const H2_STREAMS: u32 = 128;
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+const H2_CONNECTION_WINDOW: u32 = 1024 * 1024;
 
 /// What the first bytes of a connection are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,14 +380,17 @@ impl Router {
         let result = if h2 {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(H2_STREAMS)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .max_send_buf_size(H2_STREAM_WINDOW as usize)
                 .serve_connection(io, svc)
                 .await
         } else {
             hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                // No deadline while a keep-alive connection is idle (hyper's default closes
-                // it after 30 s, which callers pooling longer would race with).
-                .header_read_timeout(None)
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(H1_MAX_BUF)
                 .preserve_header_case(true)
                 .serve_connection(io, svc)
                 .with_upgrades()
@@ -512,6 +528,9 @@ impl Router {
                         let io = router.connect(dest, src, dst).await?;
                         let (s, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
                             .timer(TokioTimer::new())
+                            .initial_stream_window_size(H2_STREAM_WINDOW)
+                            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                            .max_send_buf_size(H2_STREAM_WINDOW as usize)
                             .handshake(io)
                             .await
                             .map_err(failed)?;

@@ -17,10 +17,12 @@
 pub mod addrs;
 pub mod capture;
 pub mod http;
+pub mod load;
 pub mod netns;
 pub mod nft;
 pub mod runtime;
 pub mod session;
+pub mod watchdog;
 
 /// Errors of the agent.
 #[derive(Debug, thiserror::Error)]

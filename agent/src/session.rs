@@ -34,7 +34,9 @@ pub struct Config {
 pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) {
     let removed = {
         let node = config.node.clone();
-        tokio::task::spawn_blocking(move || capture::remove_stale(&node)).await.unwrap_or_default()
+        tokio::task::spawn_blocking(move || capture::remove_stale(&node.proc_root, &node.runtime_roots))
+            .await
+            .unwrap_or_default()
     };
     for t in removed {
         info!(table = %t, "removed a capture table an earlier agent left");

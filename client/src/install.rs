@@ -52,6 +52,7 @@ fn plural(kind: &str) -> Option<&'static str> {
         "DaemonSet" => "daemonsets",
         "Service" => "services",
         "Secret" => "secrets",
+        "ResourceQuota" => "resourcequotas",
         _ => return None,
     })
 }
@@ -279,6 +280,7 @@ mod tests {
                 "ClusterRoleBinding",
                 "Role",
                 "Deployment",
+                "ResourceQuota",
                 "DaemonSet",
                 "Service",
                 "Service"

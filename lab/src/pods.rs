@@ -428,6 +428,12 @@ impl Lab {
     /// Starts the node agent in the cluster namespace, as the DaemonSet would run it, and
     /// waits (≤ 10 s) until it is connected to the manager.
     pub fn start_agent(&mut self) -> Result<()> {
+        self.start_agent_with(&[], &[])
+    }
+
+    /// [`Lab::start_agent`] run under `prefix` (e.g. `prlimit --nofile=256:65536`) and
+    /// with `args` added.
+    pub fn start_agent_with(&mut self, prefix: &[&str], args: &[&str]) -> Result<()> {
         self.stop_agent();
         let bin = match &self.agent_bin {
             Some(b) => b.clone(),
@@ -440,7 +446,9 @@ impl Lab {
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
         let child = Command::new("ip")
             .args(["netns", "exec", &self.cluster])
+            .args(prefix)
             .arg(&bin)
+            .args(args)
             .args(["--manager", MANAGER_ADDR, "--node", NODE_NAME])
             .arg("--manager-ca")
             .arg(self.manager_ca())
@@ -490,6 +498,13 @@ impl Lab {
         if let Some(child) = self.agent.take() {
             crate::terminate(child);
         }
+    }
+
+    /// Sends the agent `signal` (SIGSTOP, SIGCONT); its pid, if it runs.
+    pub fn signal_agent(&self, signal: nix::sys::signal::Signal) -> Option<u32> {
+        let pid = self.agent.as_ref()?.id();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(pid).ok()?), signal).ok()?;
+        Some(pid)
     }
 
     /// Kills the agent with SIGKILL: it removes nothing.

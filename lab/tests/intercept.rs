@@ -164,6 +164,75 @@ fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
 }
 
 #[test]
+fn a_stuck_agent_gives_the_pods_back_within_seconds() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let pod = format!("http://10.244.2.10:{HTTP_PORT}/");
+    assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
+    assert_answers(&lab, &pod, "answered by the laptop");
+    // Stopped, not dead: its listening sockets stay, nobody accepts on them, and the rules
+    // keep steering new connections there. Its watchdog notices and removes the rules.
+    lab.signal_agent(nix::sys::signal::Signal::SIGSTOP).expect("the agent runs");
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.capture_tables("web-0").is_empty()
+            && lab.capture_tables("web-1").is_empty()),
+        "the rules of a stuck agent stay:\n{}",
+        lab.agent_log()
+    );
+    assert_answers(&lab, &pod, "pod web-0");
+    assert!(lab.agent_log().contains("made no progress"), "{}", lab.agent_log());
+    // The stuck agent was ended; a new one (the DaemonSet's restart) captures again.
+    lab.start_agent().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || stdout(&curl(&lab, &pod)).contains("answered by the laptop")),
+        "the new agent did not capture again:\n{}",
+        lab.agent_log()
+    );
+}
+
+#[test]
+fn hundreds_of_slow_callers_do_not_take_the_pods_down() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    // The agent with the soft descriptor limit a container may start with (containerd 2.0
+    // gives 1,024; smaller here, for fewer connections to make the point).
+    lab.start_agent_with(&["prlimit", "--nofile=256:"], &[]).unwrap();
+    lab.start_laptop_web(18801, "laptop-a\n").unwrap();
+    let a = intercept(&lab, &["web", "--port", "18801:http", "--http-header", "x-dev=a"]);
+    assert_ok(&a, "a personal intercept: every connection to the pods is parsed");
+    // 600 connections that trickle a request head (slowloris), held 8 s, from one caller.
+    let script = format!(
+        "import socket, time\nheld = []\nfor _ in range(600):\n  s = socket.create_connection(('{WEB_IP}', 80), timeout=5)\n  s.sendall(b'GET / HTTP/1.1\\r\\nHost: web\\r\\nX-Slow: ')\n  held.append(s)\nprint('holding', len(held), flush=True)\ntime.sleep(8)\nfor s in held: s.close()\nprint('closed', flush=True)\n"
+    );
+    let caller = lab.caller().to_string();
+    lab.spawn_background(&caller, "slowloris", &[tpvpn_lab::pods::PYTHON, "-c", &script]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || lab.background_log("slowloris").contains("holding 600")),
+        "the slow callers did not connect:\n{}\n{}",
+        lab.background_log("slowloris"),
+        lab.agent_log()
+    );
+    // The pods' own traffic keeps flowing (past the parsing caps, connections pass whole).
+    for _ in 0..5 {
+        assert_answers(&lab, &format!("http://{WEB_IP}/"), "pod web-");
+    }
+    // Once the slow callers are gone, requests are routed per header again.
+    assert!(
+        wait_until(Duration::from_secs(15), || lab.background_log("slowloris").contains("closed")),
+        "{}",
+        lab.background_log("slowloris")
+    );
+    let routed = || {
+        let out = lab.exec_timeout(
+            lab.caller(),
+            &["curl", "-sS", "--max-time", "5", "-H", "x-dev: a", &format!("http://{WEB_IP}/")],
+            Duration::from_secs(10),
+        );
+        stdout(&out).contains("laptop-a")
+    };
+    assert!(wait_until(Duration::from_secs(10), routed), "{}", lab.agent_log());
+}
+
+#[test]
 fn a_pod_restarting_right_after_leave_binds_its_port() {
     let Some(mut lab) = lab_with_pods() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();

@@ -17,13 +17,14 @@ pub enum Resource {
     RoleBindings,
     Deployments,
     DaemonSets,
+    ResourceQuotas,
 }
 
 /// The API groups served besides the core group (all at version `v1`).
 pub const API_GROUPS: [&str; 2] = ["apps", "rbac.authorization.k8s.io"];
 
 impl Resource {
-    pub const ALL: [Resource; 12] = [
+    pub const ALL: [Resource; 13] = [
         Resource::Namespaces,
         Resource::Nodes,
         Resource::Pods,
@@ -36,6 +37,7 @@ impl Resource {
         Resource::RoleBindings,
         Resource::Deployments,
         Resource::DaemonSets,
+        Resource::ResourceQuotas,
     ];
 
     /// (group, kind, plural, namespaced, short names); the version is always `v1`.
@@ -54,6 +56,7 @@ impl Resource {
             Resource::RoleBindings => (RBAC, "RoleBinding", "rolebindings", true, &[]),
             Resource::Deployments => ("apps", "Deployment", "deployments", true, &["deploy"]),
             Resource::DaemonSets => ("apps", "DaemonSet", "daemonsets", true, &["ds"]),
+            Resource::ResourceQuotas => ("", "ResourceQuota", "resourcequotas", true, &["quota"]),
         }
     }
 

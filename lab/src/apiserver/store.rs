@@ -480,7 +480,8 @@ impl Store {
             | Resource::ClusterRoles
             | Resource::ClusterRoleBindings
             | Resource::Roles
-            | Resource::RoleBindings => {}
+            | Resource::RoleBindings
+            | Resource::ResourceQuotas => {}
         }
         Ok(())
     }
