@@ -92,6 +92,14 @@ pub fn objects(opts: &InstallOptions) -> Result<Vec<Value>, Error> {
         // Only the manager's own Service is what laptops reach (NodePort or LoadBalancer).
         if kind == "Service" && doc["metadata"]["name"] == MANAGER_SERVICE {
             doc["spec"]["type"] = Value::from(opts.service_type.clone());
+            // Behind a load balancer, only nodes running the manager take its traffic and
+            // the clients' own addresses reach it (not a node's, shared by everyone the
+            // node SNATs: the manager's unauthenticated counts are per source address). A
+            // NodePort stays Cluster: laptops reach it on the API server's host, which
+            // need not run the manager.
+            if opts.service_type == "LoadBalancer" {
+                doc["spec"]["externalTrafficPolicy"] = Value::from("Local");
+            }
         }
         out.push(doc);
     }
@@ -315,6 +323,7 @@ mod tests {
         assert_eq!(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
         let svc = objs.iter().find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "tpvpn-manager").unwrap();
         assert_eq!(svc["spec"]["type"], "LoadBalancer");
+        assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local", "the clients' own addresses reach the manager");
         let ports: Vec<&str> =
             svc["spec"]["ports"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
         assert_eq!(ports, ["quic", "tunnel"], "only the tunnel's ports are published: {svc}");

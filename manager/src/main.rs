@@ -62,9 +62,10 @@ struct Args {
     /// Connections at once (authenticated or not); more are refused.
     #[arg(long, default_value_t = tpvpn_manager::ConnectionLimits::default().max_connections)]
     max_connections: usize,
-    /// Connections from one source address that have not yet authenticated; more are
-    /// refused. (Every client behind one NAT, or through the API server's port-forward,
-    /// shares one source address: this counts only connections still in their hello.)
+    /// Connections from one source address that have not yet authenticated; past it a
+    /// new QUIC connection from there must prove its address (Retry). Never a refusal:
+    /// every client behind one NAT, or through the API server's port-forward, shares one
+    /// source address.
     #[arg(long, default_value_t = tpvpn_manager::ConnectionLimits::default().max_unauthenticated_per_source)]
     max_unauthenticated_per_source: usize,
     /// Dial only destinations in these CIDRs (repeatable; default: any but loopback,

@@ -34,9 +34,11 @@ pub async fn serve(endpoint: quinn::Endpoint, config: crate::Config) {
 /// The manager's sessions, whichever carrier brought them: QUIC over UDP
 /// ([`Server::serve_quic`]) or QUIC over TCP streams ([`Server::serve_tcp`], what the
 /// API server's port-forward reaches). Connections are admitted by [`Admission`]: a cap
-/// on all connections, a cap on those not yet authenticated (per source address and in
-/// all), and QUIC address validation (Retry) for new UDP ones while many are
-/// unauthenticated.
+/// on all connections and one on those not yet authenticated; QUIC address validation
+/// (Retry) for a new UDP one while many are unauthenticated, in all or from its source.
+/// A source address is never refused as such: clients behind one NAT (a NodePort's SNAT)
+/// or the port-forward (loopback) share it, and peers that never authenticate must not
+/// lock them out.
 pub struct Server {
     config: Shared,
     hub: Arc<Hub>,
@@ -166,12 +168,15 @@ impl Server {
     }
 
     async fn run(self: Arc<Self>, incoming: quinn::Incoming, ticket: Ticket) {
-        match incoming.await {
-            Ok(conn) => match session(conn, self.config.clone(), ticket, self.hub.clone()).await {
+        // The handshake is bounded like the hello: a peer that starts one and never
+        // finishes holds its unauthenticated slot no longer (dropped, it is closed).
+        match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+            Ok(Ok(conn)) => match session(conn, self.config.clone(), ticket, self.hub.clone()).await {
                 Ok(()) => info!("client disconnected"),
                 Err(e) => info!(error = %e, "session ended"),
             },
-            Err(e) => info!(error = %e, "handshake failed"),
+            Ok(Err(e)) => info!(error = %e, "handshake failed"),
+            Err(_) => info!("handshake not done within {HELLO_TIMEOUT:?}"),
         }
     }
 }
@@ -181,9 +186,10 @@ impl Server {
 pub struct ConnectionLimits {
     /// Connections at once, authenticated or not.
     pub max_connections: usize,
-    /// Connections not yet authenticated, in all...
+    /// Connections not yet authenticated, in all.
     pub max_unauthenticated: usize,
-    /// ...and from one source address.
+    /// Past this many unauthenticated connections from one source address, a new one
+    /// from there must prove its address (QUIC Retry; a TCP one has).
     pub max_unauthenticated_per_source: usize,
     /// Above this many unauthenticated connections, a new one must first prove its
     /// address (QUIC Retry).
@@ -243,11 +249,11 @@ impl Admission {
         if c.connections >= l.max_connections {
             return Admit::No("too many connections");
         }
-        let from_source = c.by_source.get(&source).copied().unwrap_or(0);
-        if c.unauthenticated >= l.max_unauthenticated || from_source >= l.max_unauthenticated_per_source {
+        if c.unauthenticated >= l.max_unauthenticated {
             return Admit::No("too many unauthenticated connections");
         }
-        if c.unauthenticated >= l.retry_above && !validated {
+        let from_source = c.by_source.get(&source).copied().unwrap_or(0);
+        if !validated && (c.unauthenticated >= l.retry_above || from_source >= l.max_unauthenticated_per_source) {
             return Admit::Retry;
         }
         c.connections += 1;
@@ -769,7 +775,13 @@ mod tests {
         // One connection is in its hello: a new unvalidated address must prove itself.
         assert!(matches!(a.admit(y, false), Admit::Retry));
         let Admit::Yes(_t2) = a.admit(x, true) else { panic!("validated connection admitted") };
-        assert!(matches!(a.admit(x, true), Admit::No(_)), "a third unauthenticated connection from one source");
+        // Past the count of its source, an unvalidated connection proves its address; a
+        // source as such is never refused (a NAT's clients share it).
+        let lax = Arc::new(Admission::new(ConnectionLimits { retry_above: 100, ..limits() }));
+        let held: Vec<_> = (0..2).map(|_| lax.admit(x, false)).collect();
+        assert!(held.iter().all(|h| matches!(h, Admit::Yes(_))));
+        assert!(matches!(lax.admit(x, false), Admit::Retry), "a third unvalidated one from one source");
+        assert!(matches!(lax.admit(x, true), Admit::Yes(_)), "validated, admitted past its source's count");
         let Admit::Yes(_t3) = a.admit(y, true) else { panic!("another source admitted") };
         assert!(matches!(a.admit(y, true), Admit::No(_)), "over the unauthenticated total");
         // Authenticating frees its unauthenticated slot but keeps counting it.

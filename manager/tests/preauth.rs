@@ -140,3 +140,19 @@ async fn unauthenticated_peers_are_closed_in_time_and_hold_no_memory() {
     // The manager still serves.
     honest_client(&m).await;
 }
+
+/// Clients behind one address (a NodePort's SNAT, the port-forward's loopback; here
+/// everyone is 127.0.0.1) are not locked out by peers from there that never say their
+/// hello: past the per-source count (16) a new connection proves its address (Retry)
+/// instead of being refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peers_of_one_address_do_not_lock_out_its_other_clients() {
+    let m = Manager::start(TOKEN, &["--cluster-cidr", "10.96.0.0/12"]);
+    let mut silent = Vec::new();
+    for _ in 0..tpvpn_manager::ConnectionLimits::default().max_unauthenticated_per_source {
+        silent.push(connect(&m).await);
+    }
+    // While they sit within their hello deadline, from the same address:
+    honest_client(&m).await;
+    assert!(silent.iter().all(|c| c.close_reason().is_none()), "the silent ones are still within their deadline");
+}
