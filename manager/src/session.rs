@@ -705,7 +705,19 @@ async fn intercept_request(ctx: &Ctx, request: Message) -> Result<Message, crate
         Message::Leave { namespace, service } => {
             ctx.hub.leave(ctx.session, &namespace, &service).map(|message| Message::Ack { message })
         }
-        _ => ctx.hub.table(ctx.session).map(|rows| Message::InterceptTable { rows }),
+        // O(Services + Pods) of work: on a blocking thread, not the session's worker.
+        _ => {
+            let (hub, session) = (ctx.hub.clone(), ctx.session);
+            tokio::task::spawn_blocking(move || hub.table(session))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::intercepts::Refusal {
+                        code: ErrorCode::Unavailable,
+                        message: format!("listing failed: {e}"),
+                    })
+                })
+                .map(|rows| Message::InterceptTable { rows })
+        }
     }
 }
 

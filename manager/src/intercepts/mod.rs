@@ -540,32 +540,34 @@ impl Hub {
         for p in objects.pods.state() {
             pods.entry(p.metadata.namespace.clone().unwrap_or_default()).or_default().push(p);
         }
-        let r = self.lock();
-        let key = r.clients.get(&session).map(|c| c.key.clone()).unwrap_or_default();
-        let mut by_service: HashMap<(&str, &str), Vec<&Intercept>> = HashMap::new();
-        for i in r.intercepts.values() {
-            by_service.entry((i.namespace.as_str(), i.service.as_str())).or_default().push(i);
-        }
+        // What the registry says, taken under its lock; the rest (every Service against
+        // its namespace's pods) without it, so that sessions and agents are not held up.
+        let (held_rows, agents) = {
+            let r = self.lock();
+            let key = r.clients.get(&session).map(|c| c.key.clone()).unwrap_or_default();
+            let mut held: HashMap<(String, String), Vec<InterceptRow>> = HashMap::new();
+            for i in r.intercepts.values() {
+                held.entry((i.namespace.clone(), i.service.clone())).or_default().push(InterceptRow {
+                    namespace: i.namespace.clone(),
+                    service: i.service.clone(),
+                    state: InterceptState::Intercepted,
+                    holder: if i.matchers.is_empty() {
+                        i.owner_who.clone()
+                    } else {
+                        format!("{} for {}", i.owner_who, i.matchers)
+                    },
+                    port: i.port.port,
+                    since: i.since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                    mine: i.owner_key == key,
+                });
+            }
+            (held, r.agents.keys().cloned().collect::<std::collections::HashSet<String>>())
+        };
         let mut rows = Vec::new();
         for svc in objects.services.state() {
             let (Some(ns), Some(name)) = (svc.metadata.namespace.clone(), svc.metadata.name.clone()) else { continue };
-            let held = by_service.get(&(ns.as_str(), name.as_str())).cloned().unwrap_or_default();
-            if !held.is_empty() {
-                for i in held {
-                    rows.push(InterceptRow {
-                        namespace: ns.clone(),
-                        service: name.clone(),
-                        state: InterceptState::Intercepted,
-                        holder: if i.matchers.is_empty() {
-                            i.owner_who.clone()
-                        } else {
-                            format!("{} for {}", i.owner_who, i.matchers)
-                        },
-                        port: i.port.port,
-                        since: i.since.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-                        mine: i.owner_key == key,
-                    });
-                }
+            if let Some(held) = held_rows.get(&(ns.clone(), name.clone())) {
+                rows.extend(held.iter().cloned());
                 continue;
             }
             let selected = pods.get(&ns).map_or_else(Vec::new, |p| targets::selected(&svc, p));
@@ -573,7 +575,7 @@ impl Hub {
                 InterceptState::NoPods
             } else if selected
                 .iter()
-                .any(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_none_or(|n| !r.agents.contains_key(n)))
+                .any(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()).is_none_or(|n| !agents.contains(n)))
             {
                 InterceptState::NoAgent
             } else {
