@@ -112,14 +112,21 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
         let (node, ip, cid) = (node.clone(), req.pod_ip, req.container_id.clone());
         blocking(move || locate(&node, ip, &cid)).await?
     };
-    let env = match &located.bundle {
-        Some(b) => b.env()?,
-        None => {
-            warn!(pod = %req.pod, "no container runtime bundle found: environment read from /proc/{}/environ, which a process that sets its title (nginx) overwrites", located.pid);
-            runtime::proc_environ(&node.proc_root, located.pid)?
-        }
+    // Without the runtime's bundle, only a process of the intercepted container itself
+    // (its cgroup names the container id) may tell the environment: another process of
+    // the pod's namespace may be another container's, with other Secrets.
+    let (env, unread) = match &located.bundle {
+        Some(b) => (b.env()?, None),
+        None => match runtime::pid_of_container(&node.proc_root, &req.container_id) {
+            Some(pid) => {
+                warn!(pod = %req.pod, pid, "no container runtime bundle found: environment read from /proc/{pid}/environ, which a process that sets its title (nginx) overwrites");
+                (runtime::proc_environ(&node.proc_root, pid)?, None)
+            }
+            None => (Vec::new(), Some("the container's environment is not known here (no runtime bundle or process of it on the node): none copied".to_string())),
+        },
     };
     let (env, note) = runtime::bounded(env);
+    let note = unread.or(note);
     let ns = located.ns.clone();
     let mut node_addrs = node.addrs.clone();
     let exempt = addrs::exempt(&node_addrs.borrow_and_update(), req.host_ip, req.pod_ip);

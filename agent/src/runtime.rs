@@ -139,6 +139,25 @@ fn split_var(var: &str) -> Option<(String, String)> {
     (!k.is_empty()).then(|| (k.to_string(), v.to_string()))
 }
 
+/// A process of container `container_id` (`containerd://ID`): the first under
+/// `proc_root` whose cgroup path names the id (cgroup v1 and v2, the runtimes' `cri-
+/// containerd-ID.scope`, `crio-ID.scope`, `/kubepods/.../ID` alike). None for an id too
+/// short to be one.
+pub fn pid_of_container(proc_root: &Path, container_id: &str) -> Option<u32> {
+    let id = bare_id(container_id);
+    if id.len() < 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter().find(|pid| {
+        std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).is_ok_and(|c| c.contains(id))
+    })
+}
+
 /// The environment of process `pid` from `/proc/PID/environ` (incomplete for processes
 /// that rewrite their title).
 pub fn proc_environ(proc_root: &Path, pid: u32) -> Result<Vec<(String, String)>> {
@@ -150,6 +169,26 @@ pub fn proc_environ(proc_root: &Path, pid: u32) -> Result<Vec<(String, String)>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_containers_process_is_found_by_its_cgroup() {
+        let root = std::env::temp_dir().join(format!("tpvpn-agent-proc-{}", std::process::id()));
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        for (pid, cgroup) in [
+            ("7", "0::/kubepods/besteffort/podX/cri-containerd-ffff000011112222.scope\n"),
+            ("12", &format!("0::/kubepods/besteffort/podX/cri-containerd-{id}.scope\n")),
+            ("30", &format!("12:memory:/kubepods/podX/{id}\n")),
+        ] {
+            std::fs::create_dir_all(root.join(pid)).unwrap();
+            std::fs::write(root.join(pid).join("cgroup"), cgroup).unwrap();
+        }
+        std::fs::create_dir_all(root.join("self")).unwrap();
+        assert_eq!(pid_of_container(&root, &format!("containerd://{id}")), Some(12));
+        assert_eq!(pid_of_container(&root, "containerd://aaaabbbbccccdddd"), None);
+        assert_eq!(pid_of_container(&root, ""), None, "no id: no process, never the namespace's first");
+        assert_eq!(pid_of_container(&root, "containerd://1"), None);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn large_environments_are_bounded_with_a_note() {
