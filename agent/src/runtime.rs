@@ -148,10 +148,8 @@ pub fn pid_of_container(proc_root: &Path, container_id: &str) -> Option<u32> {
     if id.len() < 12 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    let mut pids: Vec<u32> = std::fs::read_dir(proc_root)
-        .ok()?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
+    let mut pids: Vec<u32> =
+        std::fs::read_dir(proc_root).ok()?.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
     pids.sort_unstable();
     pids.into_iter().find(|pid| {
         std::fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup")).is_ok_and(|c| c.contains(id))

@@ -130,7 +130,12 @@ fn v2_and_v3_intercept_together_and_personal_intercepts_name_the_side_to_upgrade
         "{}",
         lab.manager_log()
     );
-    reaches(&lab, "answered by the laptop");
+    // The v2 agent applies the global capture it was sent (not at once).
+    let laptop = || {
+        let out = lab.exec_timeout(lab.caller(), &["curl", "-sS", "--max-time", "5", pod], Duration::from_secs(10));
+        String::from_utf8_lossy(&out.stdout).contains("answered by the laptop")
+    };
+    assert!(wait_until(Duration::from_secs(10), laptop), "the v2 agent did not capture:\n{}", lab.agent_log());
     let personal = ["intercept", "web", "--port", "18888:http", "--http-header", "x-dev=b"];
     assert_refused(&lab.tpvpn(&personal), &["agent on node lab-node", "protocol v2", "upgrade the agents"]);
     reaches(&lab, "answered by the laptop");

@@ -250,6 +250,13 @@ fn a_pod_restarting_right_after_leave_binds_its_port() {
     assert!(waiting.contains(&format!("10.244.2.10:{HTTP_PORT}")), "the agent's sockets are in TIME-WAIT:\n{waiting}");
 
     assert_ok(&lab.tpvpn(&["leave", "web"]), "tpvpn leave web");
+    // (`leave` returns once the manager released the captures; the agent removes its rules
+    // a moment later. Until then new connections would still pass through it.)
+    assert!(
+        wait_until(Duration::from_secs(5), || lab.capture_tables("web-0").is_empty()),
+        "{:?}",
+        lab.capture_tables("web-0")
+    );
     // The container restarts (a crash, a rollout) and binds its port at once.
     lab.restart_pod_server("web-0").unwrap_or_else(|e| panic!("the pod's server cannot bind its port again: {e:#}"));
     assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
