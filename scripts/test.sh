@@ -17,6 +17,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "WARNING: not root: the end-to-end lab tests will SKIP. Run it as root" >&2
 fi
 
+cargo fmt --all --check
 cargo build --workspace --all-targets --locked
 # The previous release's binaries (protocol v1), for the version-skew tests.
 ./scripts/build-compat.sh
