@@ -38,7 +38,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONNECTION, UPGRADE};
+use hyper::header::{HeaderMap, HeaderValue, CONNECTION, UPGRADE, VARY};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -176,6 +176,15 @@ pub fn choose(routes: &[Route], headers: &HeaderMap, path: &str) -> Dest {
         .find(|r| !r.matchers.is_empty() && matches(&r.matchers, headers, path))
         .or_else(|| routes.iter().find(|r| r.matchers.is_empty()))
         .map_or(Dest::Pod, |r| Dest::Laptop(r.id))
+}
+
+/// The `Vary` value for an answer from `dest`: the header names of the personal route
+/// that chose it (none for the pod or the global route).
+fn vary_of(routes: &[Route], dest: Dest) -> Option<HeaderValue> {
+    let Dest::Laptop(id) = dest else { return None };
+    let route = routes.iter().find(|r| r.id == id && !r.matchers.is_empty())?;
+    let names: Vec<&str> = route.matchers.headers.iter().map(|(k, _)| k.as_str()).collect();
+    HeaderValue::from_str(&names.join(", ")).ok().filter(|_| !names.is_empty())
 }
 
 /// Declines an HTTP/1.1 request's offer to upgrade to HTTP/2 (`Upgrade: h2c`, with its
@@ -414,9 +423,10 @@ impl Router {
         dst: SocketAddr,
         own: Arc<Pools>,
     ) -> Result<Response<Body>, Infallible> {
-        let mut dest = {
+        let (mut dest, vary) = {
             let routes = self.routes.read().unwrap_or_else(|e| e.into_inner());
-            choose(&routes, req.headers(), req.uri().path())
+            let dest = choose(&routes, req.headers(), req.uri().path());
+            (dest, vary_of(&routes, dest))
         };
         let forwarded = match req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
             Some(before) => format!("{before}, {}", src.ip()),
@@ -466,6 +476,11 @@ impl Router {
                             let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(a), &mut TokioIo::new(b)).await;
                         }
                     });
+                }
+                // A laptop's answer is for the requests that carry its header: shared caches
+                // (a CDN, an ingress cache) must not serve it to anyone else.
+                if let (Dest::Laptop(_), Some(v)) = (dest, &vary) {
+                    resp.headers_mut().append(VARY, v.clone());
                 }
                 Ok(resp.map(Either::Left))
             }

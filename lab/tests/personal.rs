@@ -154,6 +154,15 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
     assert_eq!(stderr(&out).trim().lines().count(), 1, "one line:\n{}", show(&out));
     let still = curl(&lab, &["-H", "x-dev: a", &whoami]);
     assert!(stdout(&still).starts_with("laptop-a"), "A keeps its requests:\n{}", show(&still));
+    // A laptop's answer varies by the header that chose it (no shared cache serves it to
+    // requests without it); the pod's answers are untouched.
+    let headers = |args: &[&str]| {
+        let mut all = vec!["-o", "/dev/null", "-D", "-"];
+        all.extend_from_slice(args);
+        stdout(&curl(&lab, &all)).to_ascii_lowercase()
+    };
+    assert!(headers(&["-H", "x-dev: a", &whoami]).contains("\nvary: x-dev\r"), "{}", headers(&["-H", "x-dev: a", &whoami]));
+    assert!(!headers(&[&whoami]).contains("vary: x-dev"), "{}", headers(&[&whoami]));
 
     // One keep-alive connection: A, B (chunked), none, A again, each uploading 1 MiB, then
     // 1 MiB downloads from each, in that order on the same connection.
