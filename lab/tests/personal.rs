@@ -161,7 +161,11 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
         all.extend_from_slice(args);
         stdout(&curl(&lab, &all)).to_ascii_lowercase()
     };
-    assert!(headers(&["-H", "x-dev: a", &whoami]).contains("\nvary: x-dev\r"), "{}", headers(&["-H", "x-dev: a", &whoami]));
+    assert!(
+        headers(&["-H", "x-dev: a", &whoami]).contains("\nvary: x-dev\r"),
+        "{}",
+        headers(&["-H", "x-dev: a", &whoami])
+    );
     assert!(!headers(&[&whoami]).contains("vary: x-dev"), "{}", headers(&[&whoami]));
 
     // One keep-alive connection: A, B (chunked), none, A again, each uploading 1 MiB, then
