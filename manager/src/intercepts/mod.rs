@@ -3,8 +3,10 @@
 //!
 //! State is soft and owned by live sessions. Per Service port at most one global
 //! intercept and any number of personal ones (HTTP requests matching their
-//! [`Matchers`]), each client holding at most one intercept of a port; a second client
-//! asking for the same matchers is refused with the holder named. The agent combines
+//! [`Matchers`]), each client holding at most one intercept of a port; another client
+//! asking for matchers that would take the holder's requests or give it theirs
+//! ([`rules::overlap`]) is refused with the holder named; so is a protected namespace
+//! ([`rules::NamespacePolicy`]). The agent combines
 //! the captures of one pod port and routes per request (a personal match, then the
 //! global intercept, then the pod). When the owning client's connection
 //! ends, its captures are released at once (the pods get their traffic back) and the
@@ -299,11 +301,11 @@ impl Hub {
             r.release_captures(id);
             r.intercepts.remove(&id);
             // A re-claim that failed keeps the claim it was to renew, for its owner (unless
-            // another client took those matchers meanwhile).
+            // another client took matchers overlapping those meanwhile).
             let taken = |old: &Intercept| {
-                r.intercepts
-                    .values()
-                    .any(|i| i.is_on(&old.namespace, &old.service, old.port.port) && i.matchers == old.matchers)
+                r.intercepts.values().any(|i| {
+                    i.is_on(&old.namespace, &old.service, old.port.port) && rules::overlap(&i.matchers, &old.matchers)
+                })
             };
             if let Some(mut old) = previous.filter(|old| !taken(old)) {
                 if let Owner::Connected(_) = old.owner {
