@@ -1,12 +1,15 @@
 //! `tpvpn manager install` and `tpvpn manager uninstall`.
 //!
 //! Install applies the plain manifests of `deploy/manifests/manager.yaml` (embedded at
-//! build time) with server-side apply, after setting the namespace, image and Service
+//! build time) with server-side apply, after setting the namespaces (the manager's, and
+//! `<it>-agents` for the node agents, which no user Role covers), image and Service
 //! type, and creates the Secrets if they do not exist: `tpvpn-manager-tls` (a fresh
 //! self-signed certificate and key), `tpvpn-client` (that certificate as `ca.crt`
 //! and a fresh random `token`) and `tpvpn-agent` (the node agents' own random
-//! `token`). Running it again changes nothing that is already right
-//! and never rotates existing credentials. Uninstall deletes the same objects.
+//! `token`, in both namespaces; the agents' copy also holds `ca.crt`). Running it again
+//! changes nothing that is already right and never rotates existing credentials; an
+//! agent DaemonSet an older release put in the manager's namespace is removed. Uninstall
+//! deletes the same objects.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -29,6 +32,9 @@ pub const TLS_SECRET: &str = "tpvpn-manager-tls";
 pub const AGENT_SECRET: &str = "tpvpn-agent";
 /// The field manager of tpvpn's server-side applies.
 const FIELD_MANAGER: &str = "tpvpn";
+/// The namespaces as the manifests name them.
+const MANIFEST_NAMESPACE: &str = "tpvpn";
+const MANIFEST_AGENT_NAMESPACE: &str = "tpvpn-agents";
 
 /// What to install.
 #[derive(Debug, Clone)]
@@ -37,6 +43,22 @@ pub struct InstallOptions {
     pub image: String,
     /// `NodePort` or `LoadBalancer`.
     pub service_type: String,
+}
+
+impl InstallOptions {
+    /// Where the node agents run: `<namespace>-agents`.
+    pub fn agent_namespace(&self) -> String {
+        format!("{}-agents", self.namespace)
+    }
+
+    /// The namespace chosen for one the manifests name.
+    fn namespace_for(&self, manifest_namespace: &str) -> String {
+        if manifest_namespace == MANIFEST_AGENT_NAMESPACE {
+            self.agent_namespace()
+        } else {
+            self.namespace.clone()
+        }
+    }
 }
 
 /// Plural resource names of the kinds in the manifests.
@@ -65,7 +87,10 @@ pub fn objects(opts: &InstallOptions) -> Result<Vec<Value>, Error> {
     for mut doc in docs.into_iter().filter(|d| d.is_object()) {
         let kind = doc["kind"].as_str().unwrap_or_default().to_string();
         match kind.as_str() {
-            "Namespace" => doc["metadata"]["name"] = Value::from(opts.namespace.clone()),
+            "Namespace" => {
+                let name = opts.namespace_for(doc["metadata"]["name"].as_str().unwrap_or(MANIFEST_NAMESPACE));
+                doc["metadata"]["name"] = Value::from(name);
+            }
             "ClusterRole" => {}
             "ClusterRoleBinding" => {
                 if let Some(subjects) = doc["subjects"].as_array_mut() {
@@ -74,7 +99,10 @@ pub fn objects(opts: &InstallOptions) -> Result<Vec<Value>, Error> {
                     }
                 }
             }
-            _ => doc["metadata"]["namespace"] = Value::from(opts.namespace.clone()),
+            _ => {
+                let ns = opts.namespace_for(doc["metadata"]["namespace"].as_str().unwrap_or(MANIFEST_NAMESPACE));
+                doc["metadata"]["namespace"] = Value::from(ns);
+            }
         }
         if kind == "Deployment" || kind == "DaemonSet" {
             if let Some(containers) = doc["spec"]["template"]["spec"]["containers"].as_array_mut() {
@@ -167,6 +195,13 @@ async fn apply(client: &kube::Client, obj: &Value, r: &Resolved) -> Result<(), E
         .map_err(|e| kube_error(e, &what, r))
 }
 
+/// The manager's certificate, from its TLS Secret.
+fn certificate(tls: &Secret, ns: &str) -> Result<ByteString, Error> {
+    tls.data.as_ref().and_then(|d| d.get("tls.crt")).cloned().ok_or_else(|| {
+        Error::Kubernetes(format!("Secret {ns}/{TLS_SECRET} has no tls.crt; delete it and install again"))
+    })
+}
+
 /// Creates the Secrets that do not exist yet; existing credentials are kept.
 async fn ensure_secrets(client: &kube::Client, opts: &InstallOptions, r: &Resolved) -> Result<Vec<String>, Error> {
     let ns = &opts.namespace;
@@ -197,20 +232,36 @@ async fn ensure_secrets(client: &kube::Client, opts: &InstallOptions, r: &Resolv
         }
     };
     if get(CLIENT_SECRET).await?.is_none() {
-        let cert = tls.data.as_ref().and_then(|d| d.get("tls.crt")).cloned().ok_or_else(|| {
-            Error::Kubernetes(format!("Secret {ns}/{TLS_SECRET} has no tls.crt; delete it and install again"))
-        })?;
         let data = BTreeMap::from([
-            ("ca.crt".to_string(), cert),
+            ("ca.crt".to_string(), certificate(&tls, ns)?),
             ("token".to_string(), ByteString(random_token()?.into_bytes())),
         ]);
         apply(client, &secret(ns, CLIENT_SECRET, "Opaque", data), r).await?;
         created.push(CLIENT_SECRET.to_string());
     }
-    if get(AGENT_SECRET).await?.is_none() {
-        let data = BTreeMap::from([("token".to_string(), ByteString(random_token()?.into_bytes()))]);
+    // The agents' token, in the manager's namespace (for the manager) and in the agents'
+    // (with the certificate they pin): one token, whichever copy exists is kept.
+    let agents: Api<Secret> = Api::namespaced(client.clone(), &opts.agent_namespace());
+    let agent_ns = opts.agent_namespace();
+    let theirs = agents
+        .get_opt(AGENT_SECRET)
+        .await
+        .map_err(|e| kube_error(e, &format!("read Secret {agent_ns}/{AGENT_SECRET}"), r))?;
+    let ours = get(AGENT_SECRET).await?;
+    let token_of = |s: &Option<Secret>| s.as_ref().and_then(|s| s.data.as_ref()?.get("token").cloned());
+    let token = match token_of(&ours).or_else(|| token_of(&theirs)) {
+        Some(t) => t,
+        None => ByteString(random_token()?.into_bytes()),
+    };
+    if ours.is_none() {
+        let data = BTreeMap::from([("token".to_string(), token.clone())]);
         apply(client, &secret(ns, AGENT_SECRET, "Opaque", data), r).await?;
         created.push(AGENT_SECRET.to_string());
+    }
+    if theirs.is_none() {
+        let data = BTreeMap::from([("token".to_string(), token), ("ca.crt".to_string(), certificate(&tls, ns)?)]);
+        apply(client, &secret(&agent_ns, AGENT_SECRET, "Opaque", data), r).await?;
+        created.push(format!("{agent_ns}/{AGENT_SECRET}"));
     }
     Ok(created)
 }
@@ -228,6 +279,7 @@ pub async fn install(r: &Resolved, opts: &InstallOptions) -> Result<String, Erro
         apply(&client, obj, r).await?;
     }
     let created = ensure_secrets(&client, opts, r).await?;
+    remove_old_agents(&client, opts, r).await?;
     for obj in rest {
         apply(&client, obj, r).await?;
     }
@@ -237,9 +289,38 @@ pub async fn install(r: &Resolved, opts: &InstallOptions) -> Result<String, Erro
         format!("created Secrets {}", created.join(", "))
     };
     Ok(format!(
-        "installed tpvpn-manager in namespace {} of context `{}` (image {}, Service {}); {secrets}. Let a user connect: kubectl create rolebinding tpvpn-client-USER -n {} --role tpvpn-client --user USER",
-        opts.namespace, r.context, opts.image, opts.service_type, opts.namespace
+        "installed tpvpn-manager in namespace {} of context `{}` (image {}, Service {}; node agents in namespace {}, bind no user there); {secrets}. Let a user connect: kubectl create rolebinding tpvpn-client-USER -n {} --role tpvpn-client --user USER",
+        opts.namespace,
+        r.context,
+        opts.image,
+        opts.service_type,
+        opts.agent_namespace(),
+        opts.namespace
     ))
+}
+
+/// Releases before 0.2 ran the agents in the manager's namespace, where users may
+/// port-forward: their DaemonSet and quota go (the agents remove their rules when
+/// stopped; the new DaemonSet's agents take the captures over as they connect).
+async fn remove_old_agents(client: &kube::Client, opts: &InstallOptions, r: &Resolved) -> Result<(), Error> {
+    let old =
+        objects(opts)?.into_iter().filter(|o| o["kind"] == "DaemonSet" || o["kind"] == "ResourceQuota").map(|mut o| {
+            o["metadata"]["namespace"] = Value::from(opts.namespace.clone());
+            o
+        });
+    for obj in old {
+        let (api, name) = api_for(client, &obj)?;
+        match api.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => {
+                let what =
+                    format!("delete the old {} {}/{name}", obj["kind"].as_str().unwrap_or_default(), opts.namespace);
+                return Err(kube_error(e, &what, r));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Deletes everything `install` created, the Secrets and the namespace included.
@@ -249,6 +330,7 @@ pub async fn uninstall(r: &Resolved, opts: &InstallOptions) -> Result<String, Er
     for name in [TLS_SECRET, CLIENT_SECRET, AGENT_SECRET] {
         objects.push(secret(&opts.namespace, name, "Opaque", BTreeMap::new()));
     }
+    objects.push(secret(&opts.agent_namespace(), AGENT_SECRET, "Opaque", BTreeMap::new()));
     // Reverse order of install: the namespace last.
     objects.sort_by_key(|o| o["kind"] == "Namespace");
     let mut deleted = 0;
@@ -275,6 +357,7 @@ mod tests {
 
     #[test]
     fn manifests_parse_and_take_the_options() {
+        use serde_json::json;
         let opts =
             InstallOptions { namespace: "vpn".into(), image: "reg/m:1".into(), service_type: "LoadBalancer".into() };
         let objs = objects(&opts).unwrap();
@@ -282,6 +365,7 @@ mod tests {
         assert_eq!(
             kinds,
             [
+                "Namespace",
                 "Namespace",
                 "ServiceAccount",
                 "ClusterRole",
@@ -296,8 +380,9 @@ mod tests {
         );
         for o in &objs {
             assert!(plural(o["kind"].as_str().unwrap()).is_some());
+            let agents = o["kind"] == "DaemonSet" || o["kind"] == "ResourceQuota";
             match o["kind"].as_str().unwrap() {
-                "Namespace" => assert_eq!(o["metadata"]["name"], "vpn"),
+                "Namespace" => assert!(o["metadata"]["name"] == "vpn" || o["metadata"]["name"] == "vpn-agents"),
                 "ClusterRole" => {
                     assert!(o["metadata"].get("namespace").is_none());
                     // Least privilege: list and watch of what the manager reads, nothing else.
@@ -306,6 +391,7 @@ mod tests {
                     assert_eq!(rules[0]["verbs"], serde_json::json!(["list", "watch"]));
                 }
                 "ClusterRoleBinding" => assert_eq!(o["subjects"][0]["namespace"], "vpn"),
+                _ if agents => assert_eq!(o["metadata"]["namespace"], "vpn-agents"),
                 _ => assert_eq!(o["metadata"]["namespace"], "vpn"),
             }
         }
@@ -319,8 +405,12 @@ mod tests {
         let agent = &spec["containers"][0];
         assert_eq!(agent["image"], "reg/m:1");
         assert_eq!(agent["env"][0]["value"], "tpvpn-manager.vpn.svc:4443");
-        let ns = objs.iter().find(|o| o["kind"] == "Namespace").unwrap();
-        assert_eq!(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
+        // Only the agents' namespace admits privileged pods.
+        let psa = |name: &str| {
+            let ns = objs.iter().find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == name).unwrap();
+            ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].clone()
+        };
+        assert_eq!((psa("vpn"), psa("vpn-agents")), (json!("restricted"), json!("privileged")));
         let svc = objs.iter().find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "tpvpn-manager").unwrap();
         assert_eq!(svc["spec"]["type"], "LoadBalancer");
         assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local", "the clients' own addresses reach the manager");

@@ -62,6 +62,10 @@ pub const REDIS_IP: &str = "10.96.0.20";
 pub const UDP_ECHO_ADDR: &str = "10.96.0.30:7";
 /// Where the Kubernetes API server stand-in listens (cluster side of the node network).
 pub const APISERVER_ADDR: &str = "10.250.1.1:6443";
+/// A user of the API stand-in's token file (and a kubeconfig context of that name),
+/// allowed only what RBAC objects grant it, in group [`LAB_USER_GROUP`].
+pub const LAB_USER: &str = "alice";
+pub const LAB_USER_GROUP: &str = "developers";
 /// The lab's TCP test servers' Service ClusterIP.
 pub const TEST_SERVERS_IP: &str = "10.96.0.40";
 /// Reset server: writes 1000 bytes, then RST.
@@ -212,6 +216,8 @@ pub struct Lab {
     api_token: String,
     no_secrets_token: String,
     no_portforward_token: String,
+    /// Token of [`LAB_USER`], a user of the stand-in's token file: allowed what RBAC grants.
+    user_token: String,
     /// Objects loaded into the API stand-in besides the lab's own.
     extra_fixtures: Vec<Value>,
 }
@@ -354,6 +360,7 @@ impl Lab {
             api_token: random_token()?,
             no_secrets_token: random_token()?,
             no_portforward_token: random_token()?,
+            user_token: random_token()?,
             extra_fixtures: extra,
         };
         // On error `lab` is dropped here, which tears down what was built.
@@ -700,6 +707,9 @@ impl Lab {
             "- name: lab-user-no-portforward".into(),
             "  user:".into(),
             format!("    token: {}", self.no_portforward_token),
+            format!("- name: {LAB_USER}"),
+            "  user:".into(),
+            format!("    token: {}", self.user_token),
             "contexts:".into(),
             "- name: lab".into(),
             "  context: {cluster: lab, user: lab-user, namespace: default}".into(),
@@ -707,6 +717,8 @@ impl Lab {
             "  context: {cluster: lab, user: lab-user-no-secrets, namespace: default}".into(),
             "- name: lab-no-portforward".into(),
             "  context: {cluster: lab, user: lab-user-no-portforward, namespace: default}".into(),
+            format!("- name: {LAB_USER}"),
+            format!("  context: {{cluster: lab, user: {LAB_USER}, namespace: default}}"),
             "current-context: lab".into(),
         ];
         lines.join("\n") + "\n"
@@ -720,10 +732,14 @@ impl Lab {
         let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
         let (fx, tok, nosec) = (fixtures.display().to_string(), self.api_token.clone(), self.no_secrets_token.clone());
         let nopf = self.no_portforward_token.clone();
+        let users = self.dir.join("apiserver-tokens.csv");
+        fs::write(&users, format!("{},{LAB_USER},1000,\"{LAB_USER_GROUP}\"\n", self.user_token))?;
+        let users = users.display().to_string();
         let args = ["apiserver", "--listen", APISERVER_ADDR, "--fixtures", &fx, "--token", &tok];
         let mut cmd = vec![lab_bin.as_str()];
         cmd.extend_from_slice(&args);
         cmd.extend_from_slice(&["--no-secrets-token", &nosec, "--no-portforward-token", &nopf]);
+        cmd.extend_from_slice(&["--token-auth-file", &users]);
         self.spawn_server("apiserver", &cmd)?;
         let log = || fs::read_to_string(self.dir.join("apiserver.log")).unwrap_or_default();
         for _ in 0..100 {
@@ -786,6 +802,10 @@ impl Lab {
     /// The admin bearer token of the API server stand-in.
     pub fn api_token(&self) -> String {
         self.api_token.clone()
+    }
+    /// The bearer token of [`LAB_USER`] (context of the same name): RBAC decides.
+    pub fn user_token(&self) -> String {
+        self.user_token.clone()
     }
     /// The bearer token that may do everything except access secrets (403).
     pub fn api_token_no_secrets(&self) -> String {

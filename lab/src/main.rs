@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use tpvpn_lab::{apiserver, client, serve, Lab};
 
@@ -66,6 +66,10 @@ enum Cmd {
         /// Seconds between watch bookmarks (for watches that allow them).
         #[arg(long, default_value_t = 5)]
         bookmark_secs: u64,
+        /// Users allowed what RBAC grants them: lines `token,user,uid,"group1,group2"`,
+        /// as the real API server's `--token-auth-file`.
+        #[arg(long)]
+        token_auth_file: Option<PathBuf>,
     },
     /// Test clients; each prints one line and exits 1 if its check failed.
     #[command(subcommand)]
@@ -117,15 +121,30 @@ fn main() -> ExitCode {
         Cmd::Serve { udp_echo, reset, sink, source, silent } => {
             serve::run(serve::ServeAddrs { udp_echo, reset, sink, source, silent }).map(|()| true)
         }
-        Cmd::Apiserver { listen, fixtures, token, no_secrets_token, no_portforward_token, bookmark_secs } => {
-            let cfg = apiserver::Config {
-                admin_token: token,
-                no_secrets_token,
-                no_portforward_token,
-                bookmark_interval: std::time::Duration::from_secs(bookmark_secs),
-            };
-            apiserver::run(listen, &fixtures, cfg).map(|()| true)
-        }
+        Cmd::Apiserver {
+            listen,
+            fixtures,
+            token,
+            no_secrets_token,
+            no_portforward_token,
+            bookmark_secs,
+            token_auth_file,
+        } => token_auth_file
+            .map(|p| {
+                let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
+                apiserver::parse_token_file(&text)
+            })
+            .transpose()
+            .and_then(|users| {
+                let cfg = apiserver::Config {
+                    admin_token: token,
+                    no_secrets_token,
+                    no_portforward_token,
+                    users: users.unwrap_or_default(),
+                    bookmark_interval: std::time::Duration::from_secs(bookmark_secs),
+                };
+                apiserver::run(listen, &fixtures, cfg).map(|()| true)
+            }),
         Cmd::Sidecar { listen } => serve::sidecar(listen).map(|()| true),
         Cmd::Relay { listen, to } => serve::relay(listen, to).map(|()| true),
         Cmd::HostileManager(a) => tpvpn_lab::hostile::run(a).map(|()| true),

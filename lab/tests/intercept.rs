@@ -468,15 +468,17 @@ fn uninstall_leaves_no_agent_and_no_capture_table() {
     let kube = |lab: &Lab, args: &[&str]| lab.tpvpn_env(args, &[("KUBECONFIG", kc.as_str())], Duration::from_secs(60));
     let out = kube(&lab, &["manager", "install"]);
     assert_ok(&out, "tpvpn manager install");
-    let ds =
-        lab.kube_apply("GET", "/apis/apps/v1/namespaces/tpvpn/daemonsets/tpvpn-agent", None).expect("the DaemonSet");
+    let ds = lab
+        .kube_apply("GET", "/apis/apps/v1/namespaces/tpvpn-agents/daemonsets/tpvpn-agent", None)
+        .expect("the DaemonSet");
     assert_eq!(ds["spec"]["template"]["spec"]["hostPID"], true);
-    let secret = lab.kube_apply("GET", "/api/v1/namespaces/tpvpn/secrets/tpvpn-agent", None).expect("the agent Secret");
+    let secret =
+        lab.kube_apply("GET", "/api/v1/namespaces/tpvpn-agents/secrets/tpvpn-agent", None).expect("the agent Secret");
     assert!(secret["data"]["token"].is_string(), "{secret}");
-    assert!(lab.kubelet_sync_agent("tpvpn").unwrap(), "the agent runs while its DaemonSet exists");
+    assert!(lab.kubelet_sync_agent("tpvpn-agents").unwrap(), "the agent runs while its DaemonSet exists");
 
     assert_ok(&kube(&lab, &["manager", "uninstall"]), "tpvpn manager uninstall");
-    assert!(!lab.kubelet_sync_agent("tpvpn").unwrap(), "the DaemonSet is gone, and so is its pod");
+    assert!(!lab.kubelet_sync_agent("tpvpn-agents").unwrap(), "the DaemonSet is gone, and so is its pod");
     assert!(lab.agent_log().contains("every capture removed"), "{}", lab.agent_log());
     for pod in ["web-0", "web-1", "mesh-0"] {
         assert!(lab.capture_tables(pod).is_empty(), "{pod} kept {:?}", lab.capture_tables(pod));

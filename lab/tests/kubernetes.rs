@@ -159,7 +159,12 @@ fn manager_install_is_idempotent_and_uninstall_removes_everything() {
         ["manager", "install", "--kubeconfig", &kc, "--namespace", "tpvpn-test", "--image", "reg.example/m:1"];
     let out = lab.tpvpn(&install);
     assert!(out.status.success(), "{}", show(&out));
-    assert!(stdout(&out).contains("created Secrets tpvpn-manager-tls, tpvpn-client, tpvpn-agent"), "{}", show(&out));
+    assert!(
+        stdout(&out)
+            .contains("created Secrets tpvpn-manager-tls, tpvpn-client, tpvpn-agent, tpvpn-test-agents/tpvpn-agent"),
+        "{}",
+        show(&out)
+    );
     let ns = "/api/v1/namespaces/tpvpn-test";
     let dep_path = "/apis/apps/v1/namespaces/tpvpn-test/deployments/tpvpn-manager";
     let dep = get(&lab, dep_path).expect("Deployment applied");
@@ -185,10 +190,13 @@ fn manager_install_is_idempotent_and_uninstall_removes_everything() {
     let client2 = get(&lab, &format!("{ns}/secrets/tpvpn-client")).unwrap();
     assert_eq!((rv(&client2), b64(&client2, "token")), (rv(&client), token.clone()), "credentials rotated");
 
-    let ds = get(&lab, "/apis/apps/v1/namespaces/tpvpn-test/daemonsets/tpvpn-agent").expect("agent DaemonSet");
+    let ds = get(&lab, "/apis/apps/v1/namespaces/tpvpn-test-agents/daemonsets/tpvpn-agent").expect("agent DaemonSet");
     assert_eq!(ds["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"], "tpvpn-manager.tpvpn-test.svc:4443");
     let agent = get(&lab, &format!("{ns}/secrets/tpvpn-agent")).expect("agent Secret");
     assert_ne!(b64(&agent, "token"), token, "agents have a token of their own");
+    let agents_copy = get(&lab, "/api/v1/namespaces/tpvpn-test-agents/secrets/tpvpn-agent").expect("agents' Secret");
+    assert_eq!(b64(&agents_copy, "token"), b64(&agent, "token"), "one agent token in both namespaces");
+    assert_eq!(b64(&agents_copy, "ca.crt"), b64(&tls, "tls.crt"), "agents pin the manager's certificate");
 
     let uninstall = ["manager", "uninstall", "--kubeconfig", &kc, "--namespace", "tpvpn-test"];
     let out = lab.tpvpn(&uninstall);
@@ -196,9 +204,71 @@ fn manager_install_is_idempotent_and_uninstall_removes_everything() {
     assert!(get(&lab, ns).is_none(), "namespace left");
     assert!(get(&lab, "/apis/rbac.authorization.k8s.io/v1/clusterroles/tpvpn-manager").is_none(), "ClusterRole left");
     assert!(get(&lab, "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/tpvpn-manager").is_none());
-    assert!(get(&lab, "/apis/apps/v1/namespaces/tpvpn-test/daemonsets/tpvpn-agent").is_none(), "DaemonSet left");
+    assert!(get(&lab, "/api/v1/namespaces/tpvpn-test-agents").is_none(), "agents' namespace left");
     let out = lab.tpvpn(&uninstall);
     assert!(out.status.success() && stdout(&out).contains("not installed"), "{}", show(&out));
+}
+
+/// Audit B-2: a user bound to the `tpvpn-client` Role (as the install's own hint says)
+/// port-forwards to the manager, but never to a node agent: agents run with the node's
+/// network, so a port-forward to one reaches the node's loopback (kube-proxy, the
+/// kubelet, etcd metrics).
+#[test]
+fn the_client_role_reaches_the_manager_but_no_node_agent() {
+    let Some(lab) = lab() else { return };
+    let admin = Some(lab.api_token());
+    let request = |token: &Option<String>, method: &str, path: &str, body: Option<serde_json::Value>| {
+        lab.kube_request(token.as_deref(), method, path, body.as_ref()).unwrap()
+    };
+    // An older release's agents, in the manager's namespace: the install removes them.
+    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "tpvpn-test"}});
+    assert_eq!(request(&admin, "POST", "/api/v1/namespaces", Some(ns)).0, 201);
+    let old = serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+        "metadata": {"name": "tpvpn-agent", "namespace": "tpvpn-test"}, "spec": {}});
+    assert_eq!(request(&admin, "POST", "/apis/apps/v1/namespaces/tpvpn-test/daemonsets", Some(old)).0, 201);
+    let kc = lab.kubeconfig().display().to_string();
+    let out = lab.tpvpn(&["manager", "install", "--kubeconfig", &kc, "--namespace", "tpvpn-test"]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(get(&lab, "/apis/apps/v1/namespaces/tpvpn-test/daemonsets/tpvpn-agent").is_none(), "old agents kept");
+    let binding = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "tpvpn-client-alice", "namespace": "tpvpn-test"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tpvpn-client"},
+        "subjects": [{"kind": "User", "name": tpvpn_lab::LAB_USER}],
+    });
+    let path = "/apis/rbac.authorization.k8s.io/v1/namespaces/tpvpn-test/rolebindings";
+    assert_eq!(request(&admin, "POST", path, Some(binding)).0, 201);
+
+    // The controllers' part (stand-in): one pod of the manager's Deployment, and one of
+    // the agents' DaemonSet wherever the install put it, both running.
+    let (code, all) = request(&admin, "GET", "/apis/apps/v1/daemonsets", None);
+    assert_eq!(code, 200, "{all}");
+    let ds =
+        all["items"].as_array().unwrap().iter().find(|d| d["metadata"]["name"] == "tpvpn-agent").expect("a DaemonSet");
+    let agent_ns = ds["metadata"]["namespace"].as_str().unwrap().to_string();
+    let pod = |ns: &str, name: &str, template: &serde_json::Value, ip: &str| {
+        let pod = serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": template["metadata"]["labels"]},
+            "spec": template["spec"], "status": {"phase": "Running", "podIP": ip},
+        });
+        assert_eq!(request(&admin, "POST", &format!("/api/v1/namespaces/{ns}/pods"), Some(pod)).0, 201);
+        format!("/api/v1/namespaces/{ns}/pods/{name}/portforward?ports=10249")
+    };
+    let dep = get(&lab, "/apis/apps/v1/namespaces/tpvpn-test/deployments/tpvpn-manager").unwrap();
+    let manager = pod("tpvpn-test", "tpvpn-manager-0", &dep["spec"]["template"], "10.244.0.9");
+    let agent = pod(&agent_ns, "tpvpn-agent-node1", &ds["spec"]["template"], "10.250.1.1");
+
+    let alice = Some(lab.user_token());
+    // Authorized (the stand-in then wants a WebSocket upgrade, which curl does not ask for).
+    let (code, body) = request(&alice, "POST", &manager, None);
+    assert!(code == 400 && body["message"].as_str().unwrap().contains("Upgrade request required"), "{code} {body}");
+    let (code, body) = request(&alice, "POST", &agent, None);
+    assert_eq!(code, 403, "a tpvpn user may port-forward to the agent in {agent_ns}: {body}");
+    assert!(body["message"].as_str().unwrap().contains("cannot create resource \"pods/portforward\""), "{body}");
+    // Nor read the agents' token.
+    let (code, body) = request(&alice, "GET", &format!("/api/v1/namespaces/{agent_ns}/secrets/tpvpn-agent"), None);
+    assert_eq!(code, 403, "{body}");
 }
 
 #[test]

@@ -48,6 +48,7 @@ async fn api() -> (kube::Client, tokio::task::JoinHandle<()>) {
         admin_token: TOKEN.into(),
         no_secrets_token: None,
         no_portforward_token: None,
+        users: Vec::new(),
         bookmark_interval: Duration::from_secs(60),
     };
     let server = tokio::spawn(ApiServer::new(store, cfg, addr.to_string()).serve(listener));

@@ -78,6 +78,7 @@ async fn two_hundred_clients_get_fifty_thousand_services_and_cost_little_each() 
         admin_token: TOKEN.into(),
         no_secrets_token: None,
         no_portforward_token: None,
+        users: Vec::new(),
         bookmark_interval: Duration::from_secs(60),
     };
     let server = tokio::spawn(ApiServer::new(store, cfg, api.to_string()).serve(listener));

@@ -34,16 +34,20 @@ pub struct Config {
     pub no_secrets_token: Option<String>,
     /// Bearer token allowed everything but `pods/portforward` (403 there).
     pub no_portforward_token: Option<String>,
+    /// Users of a token file, allowed what RBAC grants them ([`rbac`]).
+    pub users: Vec<TokenUser>,
     /// Interval of watch bookmarks (when the client allows them).
     pub bookmark_interval: Duration,
 }
 
 /// Who a request authenticated as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum User {
     Admin,
     NoSecrets,
     NoPortforward,
+    /// A user of the token file: RBAC decides.
+    Rbac(UserInfo),
 }
 
 /// The running stand-in: store, change notifications, configuration.
@@ -160,7 +164,7 @@ impl ApiServer {
         } else if self.cfg.no_portforward_token.as_deref() == Some(token) {
             Some(User::NoPortforward)
         } else {
-            None
+            self.cfg.users.iter().find(|u| u.token == token).map(|u| User::Rbac(u.user.clone()))
         }
     }
 
@@ -176,20 +180,35 @@ impl ApiServer {
         let route = Route::parse(path);
         let q = |k: &str| query.get(k).map(String::as_str);
         let watching = matches!(q("watch"), Some("true" | "1"));
-        if let Route::List { res: Resource::Secrets, ns } | Route::Item { res: Resource::Secrets, ns, .. } = &route {
-            if user == User::NoSecrets {
-                let name = if let Route::Item { name, .. } = &route { Some(name.as_str()) } else { None };
-                let verb = match *method {
-                    Method::GET if name.is_some() => "get",
-                    Method::GET if watching => "watch",
-                    Method::GET => "list",
-                    Method::POST => "create",
-                    Method::PUT => "update",
-                    Method::PATCH => "patch",
-                    Method::DELETE => "delete",
-                    _ => "access",
-                };
-                return Err(forbidden(Resource::Secrets, name, ns.as_deref(), verb));
+        if let Route::List { res, ns } | Route::Item { res, ns, .. } = &route {
+            let name = if let Route::Item { name, .. } = &route { Some(name.as_str()) } else { None };
+            let verb = match *method {
+                Method::GET if name.is_some() => "get",
+                Method::GET if watching => "watch",
+                Method::GET => "list",
+                Method::POST => "create",
+                Method::PUT => "update",
+                Method::PATCH => "patch",
+                Method::DELETE => "delete",
+                _ => "access",
+            };
+            match &user {
+                User::NoSecrets if *res == Resource::Secrets => {
+                    return Err(forbidden(Resource::Secrets, name, ns.as_deref(), verb));
+                }
+                User::Rbac(u) => {
+                    let a = Attributes {
+                        verb,
+                        group: res.info().0,
+                        resource: res.plural().into(),
+                        namespace: ns.as_deref(),
+                        name,
+                    };
+                    if !self.store().authorize(u, &a) {
+                        return Err(rbac_forbidden(u, &a));
+                    }
+                }
+                _ => {}
             }
         }
         let get = |v: Value| Ok(json_response(StatusCode::OK, &v));

@@ -51,7 +51,8 @@
 //!   MethodNotAllowed, Expired).
 //! - Bearer-token authentication: an admin token (allowed everything) and an
 //!   optional "no-secrets" token that gets RBAC-style 403s for `secrets`, and a
-//!   "no-portforward" one that gets them for `pods/portforward`.
+//!   "no-portforward" one that gets them for `pods/portforward`; users of a token
+//!   file (`--token-auth-file`) get what RBAC grants them ([`rbac`]).
 //! - `pods/{name}/portforward` over WebSocket, the kubelet's part included
 //!   ([`portforward`]'s docs say what is kept).
 //! - Service defaulting: `type: ClusterIP`, port `protocol: TCP` and
@@ -71,6 +72,7 @@
 mod filter;
 mod http;
 mod portforward;
+mod rbac;
 mod resource;
 mod store;
 #[cfg(test)]
@@ -79,6 +81,7 @@ mod tests;
 pub use filter::*;
 pub use http::*;
 pub use portforward::PORTFORWARD_PROTOCOL;
+pub use rbac::*;
 pub use resource::*;
 pub use store::*;
 

@@ -97,13 +97,24 @@ impl ApiServer {
     ) -> Result<(Vec<u16>, IpAddr, String), ApiError> {
         let user =
             self.authenticate(req.headers()).ok_or_else(|| ApiError::new(401, "Unauthorized", "Unauthorized"))?;
-        if user == User::NoPortforward {
-            let msg = format!(
-                "pods \"{pod}\" is forbidden: User \"{NO_PORTFORWARD_USER}\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"{ns}\""
-            );
-            let mut e = ApiError::new(403, "Forbidden", msg);
-            e.details = Some(serde_json::json!({"name": pod, "kind": "pods"}));
-            return Err(e);
+        let attrs = Attributes {
+            verb: "create",
+            group: "",
+            resource: "pods/portforward".into(),
+            namespace: Some(ns),
+            name: Some(pod),
+        };
+        match &user {
+            User::NoPortforward => {
+                let msg = format!(
+                    "pods \"{pod}\" is forbidden: User \"{NO_PORTFORWARD_USER}\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"{ns}\""
+                );
+                let mut e = ApiError::new(403, "Forbidden", msg);
+                e.details = Some(serde_json::json!({"name": pod, "kind": "pods"}));
+                return Err(e);
+            }
+            User::Rbac(u) if !self.store().authorize(u, &attrs) => return Err(rbac_forbidden(u, &attrs)),
+            _ => {}
         }
         if req.method() != Method::GET && req.method() != Method::POST {
             return Err(ApiError::method_not_allowed());

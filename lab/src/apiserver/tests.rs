@@ -216,6 +216,7 @@ async fn serve_on_loopback() -> std::net::SocketAddr {
         admin_token: "t".into(),
         no_secrets_token: None,
         no_portforward_token: None,
+        users: Vec::new(),
         bookmark_interval: Duration::from_secs(5),
     };
     let srv = ApiServer::new(store(), cfg, addr.to_string());
