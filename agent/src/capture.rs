@@ -10,11 +10,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::{relay, FlowStatus, Message};
+use tpvpn_tunnel::relay;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::http::{self, Route, Router, Sniff};
+use crate::http::{self, DialError, Route, Router, Sniff};
 use crate::load::Load;
 use crate::nft::{self, CaptureRules, AGENT_MARK};
 use crate::runtime::{self, Bundle};
@@ -349,37 +348,25 @@ async fn handle(router: Arc<Router>, load: Arc<Load>, mut caller: TcpStream, src
 }
 
 /// A whole connection to the laptop of capture `id` through the manager, or, when the
-/// intercept has no owner any more, on to the app; `prefix` was read from it already.
+/// intercept has no owner, the laptop has its share of streams open or does not answer in
+/// time, on to the app (a refusal by the laptop resets it); `prefix` was read from it
+/// already.
 async fn to_laptop(router: &Router, id: u64, caller: TcpStream, prefix: &[u8], src: SocketAddr, dst: SocketAddr) {
-    let opened = async {
-        let (mut send, mut recv) = router.conn().open_bi().await?;
-        write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await?;
-        let reply = read_message(&mut recv).await?;
-        Ok::<_, Error>((send, recv, reply))
-    };
-    match opened.await {
-        Ok((mut send, recv, Some(Message::FlowReply { status: FlowStatus::Ok, .. }))) => {
+    match router.open_whole(id, src, dst).await {
+        Ok((mut send, recv, _permit)) => {
             if send.write_all(prefix).await.is_err() {
                 return relay::reset(caller);
             }
             let end = relay::tcp(caller, send, recv, RELAY_BUFFER, |_, _| {}).await;
             debug!(?end, "captured connection ended");
         }
-        Ok((_, _, Some(Message::FlowReply { status: FlowStatus::Denied, message }))) => {
-            debug!(%message, "no owner: on to the app");
+        Err(why @ (DialError::NoOwner | DialError::Busy | DialError::Timeout)) => {
+            debug!(%why, "on to the app");
             pass_through(caller, prefix, dst, router.ns().clone()).await;
         }
-        Ok((_, _, Some(Message::FlowReply { status, message }))) => {
-            debug!(?status, %message, "the laptop did not take it: reset");
+        Err(why @ (DialError::Refused(_) | DialError::Failed(_))) => {
+            debug!(%why, "the laptop did not take it: reset");
             relay::reset(caller);
-        }
-        Ok((_, _, other)) => {
-            warn!(reply = ?other.as_ref().map(Message::kind), "unexpected reply from the manager: reset");
-            relay::reset(caller);
-        }
-        Err(e) => {
-            debug!(error = %e, "the manager is not reachable: on to the app");
-            pass_through(caller, prefix, dst, router.ns().clone()).await;
         }
     }
 }

@@ -43,6 +43,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::{FlowStatus, Matchers, Message};
 use tracing::debug;
@@ -57,6 +58,12 @@ const METHOD_MAX: usize = 20;
 const POOL_MAX: usize = 32;
 /// How long a laptop may take to answer for a request's connection.
 const LAPTOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams toward one intercept's laptop a captured pod port may have open at once (one
+/// per upstream HTTP/1 connection or HTTP/2 connection, or per whole connection of a
+/// global intercept). Past it, connections and requests for that laptop go to the pod:
+/// callers that stall many streams (asking for answers they never read) hold these,
+/// never the node's other intercepts' share of the agent's connection.
+pub const LAPTOP_STREAMS: usize = 64;
 /// How long a caller's connection may take to send a request head, counted (as hyper
 /// does) from when the agent waits for it: it also ends a keep-alive connection idle that
 /// long. nginx's own `keepalive_timeout`, which callers of such apps already live with.
@@ -225,9 +232,16 @@ pub fn decline_h2c(headers: &mut HeaderMap) {
 
 /// Why an upstream connection could not be had.
 #[derive(Debug, Clone)]
-enum DialError {
+pub(crate) enum DialError {
     /// The intercept has no owner any more: the request belongs to the pod.
     NoOwner,
+    /// The intercept's laptop has [`LAPTOP_STREAMS`] streams open: the request goes to
+    /// the pod.
+    Busy,
+    /// No answer from the laptop within [`LAPTOP_TIMEOUT`].
+    Timeout,
+    /// The laptop's side refused (nothing listens on its port, say).
+    Refused(String),
     Failed(String),
 }
 
@@ -235,8 +249,25 @@ impl std::fmt::Display for DialError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DialError::NoOwner => f.write_str("the intercept has no owner"),
-            DialError::Failed(why) => f.write_str(why),
+            DialError::Busy => write!(f, "the laptop has {LAPTOP_STREAMS} streams open"),
+            DialError::Timeout => f.write_str("the laptop did not answer"),
+            DialError::Refused(why) | DialError::Failed(why) => f.write_str(why),
         }
+    }
+}
+
+/// The streams toward each intercept's laptop ([`LAPTOP_STREAMS`] each).
+#[derive(Default)]
+struct LaptopStreams(Mutex<HashMap<u64, Arc<Semaphore>>>);
+
+impl LaptopStreams {
+    /// A stream toward the laptop of intercept `id`, if it has fewer than
+    /// [`LAPTOP_STREAMS`] open; held as long as the stream.
+    fn permit(&self, id: u64) -> Option<OwnedSemaphorePermit> {
+        let mut all = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // Intercepts that ended leave idle semaphores: drop them on the way.
+        all.retain(|k, s| *k == id || s.available_permits() < LAPTOP_STREAMS);
+        all.entry(id).or_insert_with(|| Arc::new(Semaphore::new(LAPTOP_STREAMS))).clone().try_acquire_owned().ok()
     }
 }
 
@@ -269,6 +300,7 @@ pub struct Router {
     routes: RwLock<Vec<Route>>,
     /// Connections to the pod.
     pools: Pools,
+    laptop_streams: LaptopStreams,
 }
 
 /// Upstream connections by destination and protocol (HTTP/2 or not), and the HTTP/2
@@ -332,7 +364,45 @@ impl Pools {
 
 impl Router {
     pub fn new(conn: quinn::Connection, ns: PathBuf) -> Arc<Router> {
-        Arc::new(Router { conn, ns, routes: RwLock::default(), pools: Pools::default() })
+        Arc::new(Router {
+            conn,
+            ns,
+            routes: RwLock::default(),
+            pools: Pools::default(),
+            laptop_streams: LaptopStreams::default(),
+        })
+    }
+
+    /// Opens a stream to the laptop of intercept `id` through the manager and asks for
+    /// the connection from `src` to `dst` (the manager's reply: the laptop's dial).
+    /// [`DialError::Busy`] past [`LAPTOP_STREAMS`]; [`DialError::NoOwner`] without a
+    /// manager or an owner. Bounded by [`LAPTOP_TIMEOUT`].
+    async fn open_laptop(&self, id: u64, src: SocketAddr, dst: SocketAddr) -> Result<Tunnel, DialError> {
+        let permit = self.laptop_streams.permit(id).ok_or(DialError::Busy)?;
+        let opened = async {
+            // Without the manager no laptop can be reached: the connection is the pod's.
+            let lost = |_| DialError::NoOwner;
+            let (mut send, mut recv) = self.conn.open_bi().await.map_err(lost)?;
+            write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await.map_err(|_| DialError::NoOwner)?;
+            match read_message(&mut recv).await.map_err(|_| DialError::NoOwner)? {
+                Some(Message::FlowReply { status: FlowStatus::Ok, .. }) => Ok(Tunnel { send, recv, _permit: permit }),
+                Some(Message::FlowReply { status: FlowStatus::Denied, .. }) => Err(DialError::NoOwner),
+                Some(Message::FlowReply { message, .. }) => Err(DialError::Refused(message)),
+                other => Err(DialError::Failed(format!("unexpected reply {:?}", other.as_ref().map(Message::kind)))),
+            }
+        };
+        tokio::time::timeout(LAPTOP_TIMEOUT, opened).await.map_err(|_| DialError::Timeout)?
+    }
+
+    /// A whole connection to the laptop of global intercept `id`: the stream's two
+    /// halves (and its share of [`LAPTOP_STREAMS`]), or why not ([`Router::open_laptop`]).
+    pub(crate) async fn open_whole(
+        &self,
+        id: u64,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, OwnedSemaphorePermit), DialError> {
+        self.open_laptop(id, src, dst).await.map(|t| (t.send, t.recv, t._permit))
     }
 
     pub fn conn(&self) -> &quinn::Connection {
@@ -440,7 +510,8 @@ impl Router {
         }
         let upgrade = (!h2 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
         let sender = match self.sender(&own, dest, h2, src, dst).await {
-            Err(DialError::NoOwner) if dest != Dest::Pod => {
+            Err(e @ (DialError::NoOwner | DialError::Busy)) if dest != Dest::Pod => {
+                debug!(%e, "on to the pod");
                 dest = Dest::Pod;
                 self.sender(&own, dest, h2, src, dst).await
             }
@@ -579,27 +650,9 @@ impl Router {
                     .await
                     .map_err(|e| DialError::Failed(e.to_string()))?,
             ),
-            Dest::Laptop(id) => Either::Right(
-                tokio::time::timeout(LAPTOP_TIMEOUT, self.dial_laptop(id, src, dst))
-                    .await
-                    .map_err(|_| DialError::Failed("the laptop did not answer".into()))??,
-            ),
+            Dest::Laptop(id) => Either::Right(self.open_laptop(id, src, dst).await?),
         };
         Ok(TokioIo::new(EitherIo(io)))
-    }
-
-    /// A byte stream to the laptop of capture `id`, through the manager.
-    async fn dial_laptop(&self, id: u64, src: SocketAddr, dst: SocketAddr) -> Result<Tunnel, DialError> {
-        // Without the manager no laptop can be reached: the request is the pod's.
-        let lost = |_| DialError::NoOwner;
-        let (mut send, mut recv) = self.conn.open_bi().await.map_err(lost)?;
-        write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await.map_err(|_| DialError::NoOwner)?;
-        match read_message(&mut recv).await.map_err(|_| DialError::NoOwner)? {
-            Some(Message::FlowReply { status: FlowStatus::Ok, .. }) => Ok(Tunnel { send, recv }),
-            Some(Message::FlowReply { status: FlowStatus::Denied, .. }) => Err(DialError::NoOwner),
-            Some(Message::FlowReply { message, .. }) => Err(DialError::Failed(message)),
-            other => Err(DialError::Failed(format!("unexpected reply {:?}", other.as_ref().map(Message::kind)))),
-        }
     }
 }
 
@@ -655,10 +708,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// A tunnel stream as one byte stream.
+/// A tunnel stream as one byte stream, holding its share of [`LAPTOP_STREAMS`].
 struct Tunnel {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
+    _permit: OwnedSemaphorePermit,
 }
 
 impl AsyncRead for Tunnel {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tpvpn_tunnel::handshake::{ClientHandshake, ClientStep, Hello, INTERCEPT_VERSION};
 use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::quic::{client_config, parse_certs, SERVER_NAME};
+use tpvpn_tunnel::quic::{client_config_for, parse_certs, Class, SERVER_NAME};
 use tpvpn_tunnel::{Matchers, Message, Role, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
@@ -80,7 +80,9 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
         .ok_or_else(|| Error::Config(format!("--manager {}: no address", config.manager)))?;
     let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
     let endpoint = tpvpn_tunnel::quic::endpoint(bind, None)?;
-    let qc = client_config(certs[0].clone(), false).map_err(|e| Error::Config(e.to_string()))?;
+    // Intercepted connections only, each its own stream: windows no set of stalled
+    // streams can use up (see `Class::Intercepts`).
+    let qc = client_config_for(certs[0].clone(), false, Class::Intercepts).map_err(|e| Error::Config(e.to_string()))?;
     let conn = tokio::time::timeout(
         Duration::from_secs(5),
         endpoint.connect_with(qc, addr, SERVER_NAME).map_err(|e| Error::Config(e.to_string()))?,

@@ -387,3 +387,40 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
     );
     assert_eq!(lab.background_log("keepalive"), "200 laptop-a\n200 pod web-0\n", "{}", logs(&lab));
 }
+
+/// Audit B-5: callers that ask laptop A for large answers and never read them pin only
+/// their own streams. Before, they filled the flow-control window of the node agent's one
+/// QUIC connection, and laptop B's personal intercept on the same node stopped answering.
+#[test]
+fn callers_that_never_read_stall_only_their_own_intercept() {
+    let Some(mut lab) = two_laptops() else { return };
+    assert_ok(&intercept_for_a(&lab, "18801:http"), "laptop a intercepts for x-dev: a");
+    assert_ok(
+        &lab.tpvpn2(&["intercept", "web", "--port", "18802:http", "--http-header", "x-dev=b"]),
+        "laptop b intercepts for x-dev: b",
+    );
+    // 200 callers (below the agent's 256 parsed connections per source) ask laptop A for
+    // 1 MiB each with a 4 KiB receive buffer, and never read; held 25 s.
+    let script = format!(
+        "import socket, time\nheld = []\nfor _ in range(200):\n  s = socket.socket()\n  s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n  s.settimeout(5)\n  s.connect(('{WEB_IP}', 80))\n  s.sendall(b'GET /big HTTP/1.1\\r\\nHost: web\\r\\nx-dev: a\\r\\n\\r\\n')\n  held.append(s)\nprint('holding', len(held), flush=True)\ntime.sleep(25)\nfor s in held: s.close()\nprint('closed', flush=True)\n"
+    );
+    let caller = lab.caller().to_string();
+    lab.spawn_background(&caller, "stalled", &[PYTHON, "-c", &script]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || lab.background_log("stalled").contains("holding 200")),
+        "the stalled callers did not connect:\n{}\n{}",
+        lab.background_log("stalled"),
+        logs(&lab)
+    );
+    // Time for the answers to fill every window they can.
+    std::thread::sleep(Duration::from_secs(3));
+    let whoami = format!("http://{WEB_IP}/whoami");
+    for (header, want) in [("x-dev: b", "laptop-b"), ("x-dev: b", "laptop-b"), ("x-dev: c", "pod web-")] {
+        let out = lab.exec_timeout(
+            lab.caller(),
+            &["curl", "-sS", "--max-time", "5", "-H", header, &whoami],
+            Duration::from_secs(10),
+        );
+        assert!(stdout(&out).starts_with(want), "{header}: expected {want}:\n{}\n{}", show(&out), logs(&lab));
+    }
+}

@@ -203,9 +203,9 @@ fn run(args: Args) -> Result<()> {
         metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(listen = %args.listen, tcp_listen = %tcp_listen, namespace = %args.namespace, "tpvpn-manager ready");
         let manager = tpvpn_manager::Server::new(config);
-        tokio::spawn(manager.clone().serve_tcp(tcp, server));
+        tokio::spawn(manager.clone().serve_tcp(tcp, server.clone()));
         tokio::select! {
-            _ = manager.serve_quic(endpoint.clone()) => {}
+            _ = manager.serve_quic(endpoint.clone(), server) => {}
             _ = shutdown_signal() => {
                 tracing::info!("shutting down");
                 endpoint.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"manager shutting down");

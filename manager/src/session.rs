@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tpvpn_tunnel::datagram::Datagram;
 use tpvpn_tunnel::handshake::{Peer, ServerHandshake, ServerStep, INTERCEPT_VERSION};
 use tpvpn_tunnel::io::{read_message, read_message_max, write_message};
+use tpvpn_tunnel::quic::{self, Class};
 use tpvpn_tunnel::{
     relay, ErrorCode, FlowStatus, Message, Protocol, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
@@ -26,9 +27,10 @@ use crate::{Config, Error, Shared, HELLO_TIMEOUT, MAX_HELLO};
 /// UDP flows of one session, by flow id: where their datagrams go.
 pub(crate) type UdpFlows = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
 
-/// Accepts clients on `endpoint` until it is closed (QUIC over UDP only). See [`Server`].
-pub async fn serve(endpoint: quinn::Endpoint, config: crate::Config) {
-    Server::new(config).serve_quic(endpoint).await
+/// Accepts clients on `endpoint`, made with `server`, until it is closed (QUIC over UDP
+/// only). See [`Server`].
+pub async fn serve(endpoint: quinn::Endpoint, server: quinn::ServerConfig, config: crate::Config) {
+    Server::new(config).serve_quic(endpoint, server).await
 }
 
 /// The manager's sessions, whichever carrier brought them: QUIC over UDP
@@ -58,8 +60,9 @@ impl Server {
         debug!(client = %remote, why, "connection refused");
     }
 
-    /// Accepts clients on `endpoint` until it is closed.
-    pub async fn serve_quic(self: Arc<Self>, endpoint: quinn::Endpoint) {
+    /// Accepts clients on `endpoint`, made with `server`, until it is closed.
+    pub async fn serve_quic(self: Arc<Self>, endpoint: quinn::Endpoint, server: quinn::ServerConfig) {
+        let intercepts = Arc::new(quic::server_config_for(&server, Class::Intercepts, false));
         while let Some(incoming) = endpoint.accept().await {
             let remote = incoming.remote_address();
             let ticket = match self.admission.admit(remote.ip(), incoming.remote_address_validated()) {
@@ -77,8 +80,9 @@ impl Server {
                     continue;
                 }
             };
+            let class = Class::of(&incoming.orig_dst_cid());
             let span = info_span!("session", client = %remote, transport = "quic");
-            tokio::spawn(self.clone().run(incoming, ticket).instrument(span));
+            tokio::spawn(self.clone().run(accept(incoming, class, &intercepts), class, ticket).instrument(span));
         }
     }
 
@@ -87,7 +91,8 @@ impl Server {
     /// admitted like a QUIC one (it counts as unauthenticated until its hello is
     /// accepted); one that brings no QUIC connection within [`HELLO_TIMEOUT`] is closed.
     pub async fn serve_tcp(self: Arc<Self>, listener: tokio::net::TcpListener, server: quinn::ServerConfig) {
-        let server = tpvpn_tunnel::quic::stream_server_config(&server);
+        let intercepts = Arc::new(quic::server_config_for(&server, Class::Intercepts, true));
+        let server = quic::server_config_for(&server, Class::Tunnel, true);
         let mut backoff = Duration::from_millis(10);
         loop {
             let (stream, remote) = match listener.accept().await {
@@ -106,7 +111,8 @@ impl Server {
             let Some(ticket) = self.admit_stream(remote) else { continue };
             let _ = stream.set_nodelay(true);
             let span = info_span!("session", client = %remote, transport = "tcp");
-            tokio::spawn(self.clone().serve_stream(stream, remote, server.clone(), ticket).instrument(span));
+            let configs = (server.clone(), intercepts.clone());
+            tokio::spawn(self.clone().serve_stream(stream, remote, configs, ticket).instrument(span));
         }
     }
 
@@ -127,7 +133,7 @@ impl Server {
         self: Arc<Self>,
         stream: tokio::net::TcpStream,
         remote: SocketAddr,
-        server: quinn::ServerConfig,
+        (server, intercepts): (quinn::ServerConfig, Arc<quinn::ServerConfig>),
         ticket: Ticket,
     ) {
         let local = stream.local_addr().unwrap_or_else(|_| (std::net::Ipv4Addr::UNSPECIFIED, 0).into());
@@ -160,24 +166,46 @@ impl Server {
                 incoming.refuse();
                 continue;
             };
-            self.clone().run(incoming, ticket).await;
+            let class = Class::of(&incoming.orig_dst_cid());
+            self.clone().run(accept(incoming, class, &intercepts), class, ticket).await;
         }
         drop(watcher);
         socket.close("done".into());
         endpoint.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"done");
     }
 
-    async fn run(self: Arc<Self>, incoming: quinn::Incoming, ticket: Ticket) {
+    async fn run(
+        self: Arc<Self>,
+        connecting: Result<quinn::Connecting, quinn::ConnectionError>,
+        class: Class,
+        ticket: Ticket,
+    ) {
+        let connecting = match connecting {
+            Ok(c) => c,
+            Err(e) => return info!(error = %e, "handshake failed"),
+        };
         // The handshake is bounded like the hello: a peer that starts one and never
         // finishes holds its unauthenticated slot no longer (dropped, it is closed).
-        match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
-            Ok(Ok(conn)) => match session(conn, self.config.clone(), ticket, self.hub.clone()).await {
+        match tokio::time::timeout(HELLO_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => match session(conn, class, self.config.clone(), ticket, self.hub.clone()).await {
                 Ok(()) => info!("client disconnected"),
                 Err(e) => info!(error = %e, "session ended"),
             },
             Ok(Err(e)) => info!(error = %e, "handshake failed"),
             Err(_) => info!("handshake not done within {HELLO_TIMEOUT:?}"),
         }
+    }
+}
+
+/// Accepts `incoming` with the transport parameters of the class its peer asked for.
+fn accept(
+    incoming: quinn::Incoming,
+    class: Class,
+    intercepts: &Arc<quinn::ServerConfig>,
+) -> Result<quinn::Connecting, quinn::ConnectionError> {
+    match class {
+        Class::Tunnel => incoming.accept(),
+        Class::Intercepts => incoming.accept_with(intercepts.clone()),
     }
 }
 
@@ -330,7 +358,13 @@ async fn hello(
     }
 }
 
-async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hub: Arc<Hub>) -> Result<(), Error> {
+async fn session(
+    conn: quinn::Connection,
+    class: Class,
+    config: Shared,
+    mut ticket: Ticket,
+    hub: Arc<Hub>,
+) -> Result<(), Error> {
     // The whole hello, from accepting its stream to the token check, has one deadline.
     let greeting = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
@@ -359,7 +393,7 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hu
         Ok(Ok(Some(accepted))) => accepted,
     };
     ticket.authenticated();
-    let mut grant = tpvpn_tunnel::quic::grant_full_limits(&conn);
+    let mut grant = quic::grant_full_limits(&conn, class);
     let mut cluster = config.views.cluster.clone();
     let view = cluster.borrow_and_update().clone();
     for frame in handshake.accept_frames(peer.version, view) {
@@ -367,7 +401,7 @@ async fn session(conn: quinn::Connection, config: Shared, mut ticket: Ticket, hu
     }
     let id = hub.session_id();
     if let Role::Agent { node } = &peer.role {
-        info!(version = peer.version, %node, "agent authenticated");
+        info!(version = peer.version, %node, ?class, "agent authenticated");
         return agent_session(conn, id, (node.clone(), peer.version), (send, recv), hub, grant).await;
     }
     let mut catalog = config.views.catalog.clone();

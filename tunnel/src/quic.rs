@@ -1,6 +1,7 @@
-//! QUIC settings shared by the client and the manager: TLS 1.3 only, the tpvpn ALPN,
-//! a verifier that pins the manager's exact certificate, transport windows sized for
-//! a VPN, and UDP sockets with large kernel buffers.
+//! QUIC settings shared by the client, the agent and the manager: TLS 1.3 only, the
+//! tpvpn ALPN, a verifier that pins the manager's exact certificate, transport windows
+//! sized for what a connection carries ([`Class`]), and UDP sockets with large kernel
+//! buffers.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -49,6 +50,64 @@ pub const PREAUTH_WINDOW: u32 = 32 * 1024;
 const INCOMING_BUFFER: u64 = 64 * 1024;
 const INCOMING_BUFFER_TOTAL: u64 = 8 << 20;
 
+/// Per-stream receive window of a [`Class::Intercepts`] connection: intercepted
+/// connections cross the cluster's own network (sub-millisecond round trips), where this
+/// still carries ~1 Gbit/s per stream at 1 ms.
+pub const INTERCEPT_STREAM_WINDOW: u32 = 128 << 10;
+/// Streams a [`Class::Intercepts`] peer may have open at once; its connection windows
+/// cover all of them at once ([`INTERCEPT_STREAMS`] × [`INTERCEPT_STREAM_WINDOW`]).
+pub const INTERCEPT_STREAMS: u32 = 1024;
+/// First bytes of the initial destination connection ID a peer picks to ask for
+/// [`Class::Intercepts`]. A peer gains nothing by picking it: only smaller windows.
+pub const INTERCEPT_CID_PREFIX: [u8; 4] = *b"tpvi";
+
+/// What a connection to the manager carries, which sizes its flow-control windows. The
+/// peer picks it with its initial destination connection ID, the one thing the server
+/// sees before it must send its transport parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// A laptop's tunnel: flows to anywhere over any distance (large per-stream windows,
+    /// one connection window shared by all).
+    Tunnel,
+    /// A node agent's: intercepted connections only, each its own stream. Their peers (a
+    /// cluster caller, a laptop) may stop reading at any time, so no set of stalled
+    /// streams may use up the connection: small per-stream windows, and connection windows
+    /// (receive and send) that cover every stream it may have at once.
+    Intercepts,
+}
+
+impl Class {
+    /// The class a peer asked for with `orig_dst_cid`.
+    pub fn of(orig_dst_cid: &[u8]) -> Class {
+        if orig_dst_cid.starts_with(&INTERCEPT_CID_PREFIX) {
+            Class::Intercepts
+        } else {
+            Class::Tunnel
+        }
+    }
+
+    /// (streams granted at first, at most, connection receive window).
+    fn limits(self) -> (u32, u32, u32) {
+        match self {
+            Class::Tunnel => (INITIAL_STREAMS, MAX_CONCURRENT_STREAMS, CONNECTION_WINDOW),
+            Class::Intercepts => (INTERCEPT_STREAMS, INTERCEPT_STREAMS, INTERCEPT_STREAMS * INTERCEPT_STREAM_WINDOW),
+        }
+    }
+
+    /// The transport parameters of the class, once authenticated.
+    pub fn transport(self) -> TransportConfig {
+        let mut t = transport_config();
+        if self == Class::Intercepts {
+            let (streams, _, window) = self.limits();
+            t.max_concurrent_bidi_streams(VarInt::from_u32(streams))
+                .stream_receive_window(VarInt::from_u32(INTERCEPT_STREAM_WINDOW))
+                .receive_window(VarInt::from_u32(window))
+                .send_window(u64::from(window));
+        }
+        t
+    }
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -71,34 +130,36 @@ pub fn transport_config() -> TransportConfig {
     t
 }
 
-/// The server's transport parameters: those of [`transport_config`], except that a new
-/// connection may open only [`PREAUTH_STREAMS`] stream and send [`PREAUTH_WINDOW`] bytes
-/// until [`grant_full_limits`] is called for it.
-fn server_transport_config() -> TransportConfig {
-    let mut t = transport_config();
+/// The server's transport parameters: those of `class`, except that a new connection
+/// may open only [`PREAUTH_STREAMS`] stream and send [`PREAUTH_WINDOW`] bytes until
+/// [`grant_full_limits`] is called for it.
+fn server_transport_config(class: Class) -> TransportConfig {
+    let mut t = class.transport();
     t.max_concurrent_bidi_streams(VarInt::from_u32(PREAUTH_STREAMS)).receive_window(VarInt::from_u32(PREAUTH_WINDOW));
     t
 }
 
-/// Raises an authenticated connection's limits to those of [`transport_config`].
-pub fn grant_full_limits(conn: &quinn::Connection) -> StreamGrant {
-    conn.set_max_concurrent_bi_streams(VarInt::from_u32(INITIAL_STREAMS));
-    conn.set_receive_window(VarInt::from_u32(CONNECTION_WINDOW));
-    StreamGrant { granted: INITIAL_STREAMS }
+/// Raises an authenticated connection's limits to those of its `class`.
+pub fn grant_full_limits(conn: &quinn::Connection, class: Class) -> StreamGrant {
+    let (granted, max, window) = class.limits();
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(granted));
+    conn.set_receive_window(VarInt::from_u32(window));
+    StreamGrant { granted, max }
 }
 
-/// How many concurrent streams the peer may open: doubled (up to
-/// [`MAX_CONCURRENT_STREAMS`]) whenever it has half of them open.
+/// How many concurrent streams the peer may open: doubled (up to the class's maximum)
+/// whenever it has half of them open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamGrant {
     granted: u32,
+    max: u32,
 }
 
 impl StreamGrant {
     /// The peer has `open` streams open: widen the grant if that is half of it.
     pub fn in_use(&mut self, conn: &quinn::Connection, open: usize) {
-        if open.saturating_mul(2) >= self.granted as usize && self.granted < MAX_CONCURRENT_STREAMS {
-            self.granted = (self.granted * 2).min(MAX_CONCURRENT_STREAMS);
+        if open.saturating_mul(2) >= self.granted as usize && self.granted < self.max {
+            self.granted = (self.granted * 2).min(self.max);
             conn.set_max_concurrent_bi_streams(VarInt::from_u32(self.granted));
         }
     }
@@ -150,17 +211,20 @@ pub fn server_config(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'st
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| Error::Stream(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(Arc::new(server_transport_config()))
+    cfg.transport_config(Arc::new(server_transport_config(Class::Tunnel)))
         .incoming_buffer_size(INCOMING_BUFFER)
         .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(cfg)
 }
 
-/// The server configuration for a stream carrier ([`crate::stream`]): `server`'s TLS
-/// and limits, with [`crate::stream::STREAM_MTU`]-byte packets.
-pub fn stream_server_config(server: &quinn::ServerConfig) -> quinn::ServerConfig {
-    let mut t = server_transport_config();
-    crate::stream::tune_transport(&mut t);
+/// `server`'s TLS and limits with the transport parameters of `class`; with
+/// `over_stream`, for a stream carrier ([`crate::stream`]: packets of
+/// [`crate::stream::STREAM_MTU`] bytes).
+pub fn server_config_for(server: &quinn::ServerConfig, class: Class, over_stream: bool) -> quinn::ServerConfig {
+    let mut t = server_transport_config(class);
+    if over_stream {
+        crate::stream::tune_transport(&mut t);
+    }
     let mut cfg = server.clone();
     cfg.transport_config(Arc::new(t));
     cfg
@@ -169,9 +233,19 @@ pub fn stream_server_config(server: &quinn::ServerConfig) -> quinn::ServerConfig
 /// Client-side QUIC configuration that accepts exactly the certificate `pinned`; with
 /// `over_stream`, for a stream carrier ([`crate::stream`]).
 pub fn client_config(pinned: CertificateDer<'static>, over_stream: bool) -> Result<quinn::ClientConfig> {
+    client_config_for(pinned, over_stream, Class::Tunnel)
+}
+
+/// [`client_config`] for a connection of `class`: its transport parameters, and for
+/// [`Class::Intercepts`] an initial destination connection ID that asks the manager for it.
+pub fn client_config_for(
+    pinned: CertificateDer<'static>,
+    over_stream: bool,
+    class: Class,
+) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let verifier = PinnedCert { cert: pinned, provider: provider.clone() };
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Stream(e.to_string()))?
         .dangerous()
@@ -180,10 +254,22 @@ pub fn client_config(pinned: CertificateDer<'static>, over_stream: bool) -> Resu
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| Error::Stream(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    // The manager opens a stream per intercepted connection toward a client: a laptop
-    // allows all of them (the per-stream memory is the laptop's own, for one connection).
-    let mut t = transport_config();
-    t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS));
+    let mut t = class.transport();
+    if class == Class::Tunnel {
+        // The manager opens a stream per intercepted connection toward a client: a laptop
+        // allows all of them (the per-stream memory is the laptop's own, for one connection).
+        t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_CONCURRENT_STREAMS));
+    } else {
+        let random = provider.secure_random;
+        cfg.initial_dst_cid_provider(Arc::new(move || {
+            let mut cid = [0u8; 20];
+            cid[..4].copy_from_slice(&INTERCEPT_CID_PREFIX);
+            // A failing system RNG leaves zeros: the ID stays valid (and is still unique
+            // enough to route on, with the endpoint's own IDs after the handshake).
+            let _ = random.fill(&mut cid[4..]);
+            quinn::ConnectionId::new(&cid)
+        }));
+    }
     if over_stream {
         crate::stream::tune_transport(&mut t);
     }
@@ -259,5 +345,77 @@ impl ServerCertVerifier for PinnedCert {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_class_is_asked_for_with_the_first_connection_id() {
+        assert_eq!(Class::of(b"tpvi0123456789abcdef"), Class::Intercepts);
+        assert_eq!(Class::of(b"\x01tpvi"), Class::Tunnel);
+        assert_eq!(Class::of(b""), Class::Tunnel);
+        let (streams, _, window) = Class::Intercepts.limits();
+        assert_eq!(u64::from(window), u64::from(streams) * u64::from(INTERCEPT_STREAM_WINDOW), "every stream at once");
+    }
+
+    /// 80 streams with 1 MiB sent on each that the server never reads, then one more
+    /// stream: whether its 64 KiB reach the server.
+    async fn room_left_beside_stalled_streams(class: Class) -> bool {
+        let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let server = server_config_for(&server_config(vec![ck.cert.der().clone()], key).unwrap(), class, false);
+        let server = endpoint(([127, 0, 0, 1], 0).into(), Some(server)).unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
+        let cfg = client_config_for(ck.cert.der().clone(), false, class).unwrap();
+        let (conn, accepted) =
+            tokio::join!(async { client.connect_with(cfg, addr, SERVER_NAME).unwrap().await.unwrap() }, async {
+                let incoming = server.accept().await.unwrap();
+                assert_eq!(Class::of(&incoming.orig_dst_cid()), class, "the client asked for its class");
+                incoming.await.unwrap()
+            });
+        let _grant = grant_full_limits(&accepted, class);
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (_, mut recv) = accepted.accept_bi().await.unwrap();
+                if held.len() == 80 {
+                    // The last stream: read it to its end.
+                    return recv.read_to_end(1 << 20).await.map(|d| d.len()).unwrap_or(0);
+                }
+                held.push(recv);
+            }
+        });
+        let mut writers = Vec::new();
+        for _ in 0..80 {
+            let (mut send, _recv) = conn.open_bi().await.unwrap();
+            send.write_all(b"x").await.unwrap();
+            writers.push(tokio::spawn(async move {
+                let _keep = _recv;
+                let _ = send.write_all(&vec![0u8; 1 << 20]).await;
+                std::future::pending::<()>().await
+            }));
+        }
+        // Let the stalled streams take what they can.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        let last = async {
+            send.write_all(&[7u8; 64 << 10]).await.unwrap();
+            send.finish().unwrap();
+            held.await.unwrap()
+        };
+        let got = tokio::time::timeout(Duration::from_secs(5), last).await;
+        writers.iter().for_each(tokio::task::JoinHandle::abort);
+        got == Ok(64 << 10)
+    }
+
+    #[tokio::test]
+    async fn stalled_streams_leave_room_on_an_intercepts_connection_only() {
+        assert!(room_left_beside_stalled_streams(Class::Intercepts).await, "intercepts");
+        // Against a tunnel's windows, the same stalled streams take the whole connection.
+        assert!(!room_left_beside_stalled_streams(Class::Tunnel).await, "tunnel");
     }
 }

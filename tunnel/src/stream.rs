@@ -400,7 +400,7 @@ mod tests {
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
         let server = crate::quic::server_config(vec![ck.cert.der().clone()], key).unwrap();
         let client = crate::quic::client_config(ck.cert.der().clone(), true).unwrap();
-        (crate::quic::stream_server_config(&server), client)
+        (crate::quic::server_config_for(&server, crate::quic::Class::Tunnel, true), client)
     }
 
     /// A client and a server endpoint over an in-memory byte stream: the handshake, a

@@ -58,8 +58,8 @@ pub async fn start_manager_with(tag: &str, adjust: impl FnOnce(&mut tpvpn_manage
     config.dial_timeout = Duration::from_secs(2);
     adjust(&mut config);
     let manager = tpvpn_manager::Server::new(config);
-    tokio::spawn(manager.clone().serve_tcp(tcp, server));
-    tokio::spawn(manager.serve_quic(endpoint));
+    tokio::spawn(manager.clone().serve_tcp(tcp, server.clone()));
+    tokio::spawn(manager.serve_quic(endpoint, server));
     Fixture { dir, addr, tcp_addr }
 }
 
