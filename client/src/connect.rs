@@ -10,9 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
-use tpvpn_tunnel::handshake::{Accepted, ClientHandshake, ClientStep, Hello, Refusal};
+use tpvpn_tunnel::handshake::{Accepted, ClientHandshake, ClientStep, Hello, Refusal, FEATURE_INTERCEPT_CONNECTION};
 use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::quic::{client_config, parse_certs, PIN_MISMATCH, SERVER_NAME};
+use tpvpn_tunnel::quic::{client_config_for, parse_certs, Class, PIN_MISMATCH, SERVER_NAME};
 use tpvpn_tunnel::{ClusterInfo, ErrorCode, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
@@ -38,6 +38,32 @@ pub struct Session {
     pub features: u64,
     /// The control stream; kept open for the life of the session.
     pub control: (quinn::SendStream, quinn::RecvStream),
+    /// The second connection the manager opens this client's intercept streams on, when it
+    /// takes one ([`FEATURE_INTERCEPT_CONNECTION`]): callers of an intercept who stop
+    /// reading then hold its windows, never the tunnel's.
+    pub intercepts: Option<quinn::Connection>,
+}
+
+/// Closes a session's tunnel connection and its intercepts connection.
+pub fn close_all(conn: &quinn::Connection, intercepts: Option<&quinn::Connection>, reason: &[u8]) {
+    conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), reason);
+    if let Some(c) = intercepts {
+        c.close(tpvpn_tunnel::CLOSE_NORMAL.into(), reason);
+    }
+}
+
+/// The client configurations of a session's two connections.
+struct Configs {
+    tunnel: quinn::ClientConfig,
+    intercepts: quinn::ClientConfig,
+}
+
+impl Configs {
+    fn new(pinned: CertificateDer<'static>, over_stream: bool) -> Result<Configs, Error> {
+        let make =
+            |class| client_config_for(pinned.clone(), over_stream, class).map_err(|e| Error::Config(e.to_string()));
+        Ok(Configs { tunnel: make(Class::Tunnel)?, intercepts: make(Class::Intercepts)? })
+    }
 }
 
 /// The carrier of the connection to the manager.
@@ -205,13 +231,13 @@ async fn via_quic(
         .map_err(|e| Error::Config(format!("--manager {manager}: {e} (expected HOST:PORT)")))?
         .next()
         .ok_or_else(|| Error::Config(format!("--manager {manager}: no address")))?;
-    let config = client_config(pinned, false).map_err(|e| Error::Config(e.to_string()))?;
+    let configs = Configs::new(pinned, false)?;
     let bind: SocketAddr =
         if addr.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let endpoint = tpvpn_tunnel::quic::endpoint(bind, None)
         .map_err(|e| Error::System(format!("cannot open a UDP socket: {e}")))?;
     let peer = Peer { addr, via: Via::Quic(addr), deadline };
-    handshake(endpoint, &config, &peer, target).await
+    handshake(endpoint, &configs, &peer, target).await
 }
 
 async fn via_portforward(target: &Target, pf: &PortForward, pinned: CertificateDer<'static>) -> Result<Session, Error> {
@@ -263,7 +289,7 @@ where
     let addr: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, port).into();
     let (endpoint, socket) = tpvpn_tunnel::stream::client_endpoint(stream, addr)
         .map_err(|e| StreamError::Other(Error::System(format!("cannot make a QUIC endpoint over the stream: {e}"))))?;
-    let config = client_config(pinned, true).map_err(|e| StreamError::Other(Error::Config(e.to_string())))?;
+    let configs = Configs::new(pinned, true).map_err(StreamError::Other)?;
     let peer = Peer { addr, via, deadline: CONNECT_TIMEOUT };
     let failed = {
         let (socket, mut said) = (socket.clone(), said.clone());
@@ -276,7 +302,7 @@ where
         }
     };
     let connected = tokio::select! {
-        r = handshake(endpoint, &config, &peer, target) => r.map_err(StreamError::Other),
+        r = handshake(endpoint, &configs, &peer, target) => r.map_err(StreamError::Other),
         msg = failed => Err(StreamError::Closed(msg)),
     };
     let session = match connected {
@@ -287,13 +313,13 @@ where
             return Err(e);
         }
     };
-    let conn = session.conn.clone();
+    let (conn, intercepts) = (session.conn.clone(), session.intercepts.clone());
     tokio::spawn(async move {
         tokio::select! {
             why = socket.closed() => {
                 let why = said.borrow().clone().unwrap_or(why);
                 warn!(%why, "the stream to the manager ended");
-                conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"the stream ended");
+                close_all(&conn, intercepts.as_ref(), b"the stream ended");
             }
             _ = conn.closed() => socket.close("the connection ended".into()),
         }
@@ -312,23 +338,60 @@ struct Peer {
 /// older manager's own).
 async fn handshake(
     endpoint: quinn::Endpoint,
-    config: &quinn::ClientConfig,
+    configs: &Configs,
     peer: &Peer,
     target: &Target,
 ) -> Result<Session, Error> {
     let mut versions = (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
     loop {
-        match attempt(&endpoint, config, peer, target, versions).await? {
+        match attempt(&endpoint, &configs.tunnel, peer, target, versions, Role::Client).await? {
             Attempt::Accepted(conn, accepted, control) => {
                 let Accepted { version, cluster, manager_versions, features } = accepted;
+                let intercepts = if features & FEATURE_INTERCEPT_CONNECTION != 0 {
+                    intercepts_connection(&endpoint, configs, peer, target, version).await
+                } else {
+                    None
+                };
                 let via = peer.via.clone();
-                return Ok(Session { endpoint, conn, via, cluster, version, manager_versions, features, control });
+                return Ok(Session {
+                    endpoint,
+                    conn,
+                    via,
+                    cluster,
+                    version,
+                    manager_versions,
+                    features,
+                    control,
+                    intercepts,
+                });
             }
             // An older manager: speak its version, once.
             Attempt::Retry(version) if versions.1 != version => versions = (version, version),
             Attempt::Retry(version) => {
                 return Err(Error::Protocol(format!("the manager asked for protocol v{version} twice")))
             }
+        }
+    }
+}
+
+/// The session's intercepts connection (`Role::Intercepts`, [`Class::Intercepts`]); without
+/// it (a warning says why) the manager opens intercept streams on the tunnel's connection.
+async fn intercepts_connection(
+    endpoint: &quinn::Endpoint,
+    configs: &Configs,
+    peer: &Peer,
+    target: &Target,
+    version: u16,
+) -> Option<quinn::Connection> {
+    match attempt(endpoint, &configs.intercepts, peer, target, (version, version), Role::Intercepts).await {
+        Ok(Attempt::Accepted(conn, ..)) => Some(conn),
+        Ok(Attempt::Retry(v)) => {
+            warn!(v, "the manager asked the intercepts connection for another version: intercepts share the tunnel");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "no intercepts connection: intercepts share the tunnel");
+            None
         }
     }
 }
@@ -345,6 +408,7 @@ async fn attempt(
     peer: &Peer,
     target: &Target,
     versions: (u16, u16),
+    role: Role,
 ) -> Result<Attempt, Error> {
     let unreachable = || peer.via.unreachable(peer.deadline);
     let connecting =
@@ -355,7 +419,7 @@ async fn attempt(
         .map_err(|e| map_connection_error(e, peer, target))?;
     let mut handshake = ClientHandshake::new(Hello {
         token: target.token.clone(),
-        role: Role::Client,
+        role,
         user: target.identity.user.clone(),
         host: target.identity.host.clone(),
         client_id: target.identity.client_id.clone(),

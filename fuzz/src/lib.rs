@@ -184,6 +184,7 @@ mod gen {
         Ok(match u.arbitrary::<u8>()? {
             0 => Role::Client,
             1 => Role::Agent { node: u.arbitrary()? },
+            2 => Role::Intercepts,
             o => Role::Other(o),
         })
     }
@@ -325,7 +326,7 @@ pub fn handshakes(data: &[u8]) {
                 let kind = tokens(&token).expect("accepted without a valid token");
                 assert!(peer.version >= MIN_PROTOCOL_VERSION && peer.version <= PROTOCOL_VERSION.min(offered));
                 match (&peer.role, kind) {
-                    (Role::Client, TokenKind::Client) => {}
+                    (Role::Client | Role::Intercepts, TokenKind::Client) => {}
                     (Role::Agent { node }, TokenKind::Agent) => assert!(!node.is_empty()),
                     other => panic!("accepted {other:?}"),
                 }

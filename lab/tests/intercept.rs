@@ -485,3 +485,41 @@ fn uninstall_leaves_no_agent_and_no_capture_table() {
     }
     assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
 }
+
+/// Audit B-5: callers of a global intercept that ask the laptop for much and never read
+/// hold only that intercept's streams. Before, they filled the flow-control window the
+/// developer's whole tunnel shares: every outbound flow and cluster DNS query stalled.
+#[test]
+fn callers_that_never_read_do_not_freeze_the_developers_tunnel() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_servers(18901, 18903).unwrap();
+    assert_ok(&intercept(&lab, &["web", "--port", "18903:http"]), "intercept web to the laptop's source");
+    // 64 callers ask the laptop's source for 32 MiB each with a 4 KiB receive buffer, and
+    // never read; held 25 s.
+    let script = format!(
+        "import socket, time\nheld = []\nfor _ in range(64):\n  s = socket.socket()\n  s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n  s.settimeout(5)\n  s.connect(('{WEB_IP}', 80))\n  s.sendall((32 << 20).to_bytes(8, 'big'))\n  held.append(s)\nprint('holding', len(held), flush=True)\ntime.sleep(25)\nfor s in held: s.close()\nprint('closed', flush=True)\n"
+    );
+    let caller = lab.caller().to_string();
+    lab.spawn_background(&caller, "stalled", &[tpvpn_lab::pods::PYTHON, "-c", &script]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || lab.background_log("stalled").contains("holding 64")),
+        "the stalled callers did not connect:\n{}",
+        lab.background_log("stalled")
+    );
+    // Time for the laptop's answers to fill every window they can.
+    std::thread::sleep(Duration::from_secs(3));
+    let frontend = format!("http://{}/", tpvpn_lab::FRONTEND_IP);
+    for _ in 0..3 {
+        let out =
+            lab.exec_timeout(lab.laptop(), &["curl", "-sS", "--max-time", "5", &frontend], Duration::from_secs(10));
+        assert!(
+            out.status.success(),
+            "the laptop's own flows stall:\n{}\nmanager log:\n{}",
+            show(&out),
+            lab.manager_log()
+        );
+        let dig =
+            lab.exec(lab.laptop(), &["dig", "+short", "+time=3", "+tries=1", "frontend.default.svc.cluster.local"]);
+        assert!(stdout(&dig).contains(tpvpn_lab::FRONTEND_IP), "cluster DNS stalls:\n{}", show(&dig));
+    }
+}

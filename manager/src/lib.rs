@@ -120,8 +120,9 @@ impl Config {
     /// The features this manager offers in its hello: intercepts when it watches the
     /// cluster and agents can connect.
     pub(crate) fn features(&self) -> u64 {
+        use tpvpn_tunnel::handshake::{FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION};
         if self.views.objects.is_some() && self.agent_token.is_some() {
-            tpvpn_tunnel::handshake::FEATURE_INTERCEPTS
+            FEATURE_INTERCEPTS | FEATURE_INTERCEPT_CONNECTION
         } else {
             0
         }

@@ -153,22 +153,37 @@ impl Server {
             }))
         };
         let mut ticket = Some(ticket);
+        // A client's tunnel connection and its intercepts connection share the stream; while
+        // none runs, the next must come within the hello's deadline.
+        let mut sessions = tokio::task::JoinSet::new();
         loop {
-            let incoming = match tokio::time::timeout(HELLO_TIMEOUT, endpoint.accept()).await {
-                Ok(Some(incoming)) => incoming,
-                Ok(None) => break,
-                Err(_) => {
-                    debug!("no QUIC connection on the TCP connection in time");
-                    break;
+            let idle = sessions.is_empty();
+            let next = async {
+                if idle {
+                    tokio::time::timeout(HELLO_TIMEOUT, endpoint.accept()).await
+                } else {
+                    Ok(endpoint.accept().await)
                 }
+            };
+            let incoming = tokio::select! {
+                next = next => match next {
+                    Ok(Some(incoming)) => incoming,
+                    Ok(None) => break,
+                    Err(_) => {
+                        debug!("no QUIC connection on the TCP connection in time");
+                        break;
+                    }
+                },
+                Some(_) = sessions.join_next(), if !idle => continue,
             };
             let Some(ticket) = ticket.take().or_else(|| self.admit_stream(remote)) else {
                 incoming.refuse();
                 continue;
             };
             let class = Class::of(&incoming.orig_dst_cid());
-            self.clone().run(accept(incoming, class, &intercepts), class, ticket).await;
+            sessions.spawn(self.clone().run(accept(incoming, class, &intercepts), class, ticket).in_current_span());
         }
+        sessions.shutdown().await;
         drop(watcher);
         socket.close("done".into());
         endpoint.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"done");
@@ -400,6 +415,9 @@ async fn session(
         write_message(&mut send, &frame).await?;
     }
     let id = hub.session_id();
+    if peer.role == Role::Intercepts {
+        return intercepts_session(conn, class, &peer.client_id, send, hub).await;
+    }
     if let Role::Agent { node } = &peer.role {
         info!(version = peer.version, %node, ?class, "agent authenticated");
         return agent_session(conn, id, (node.clone(), peer.version), (send, recv), hub, grant).await;
@@ -552,6 +570,28 @@ async fn agent_session(
             Some(_) = captured.join_next(), if !captured.is_empty() => {}
         }
     }
+}
+
+/// A client's intercepts connection: the streams of its captured connections go on it
+/// (the manager opens them) until it or the client's session ends. It carries nothing
+/// else: the client may open no stream on it.
+async fn intercepts_session(
+    conn: quinn::Connection,
+    class: Class,
+    client_id: &[u8],
+    _control: quinn::SendStream,
+    hub: Arc<Hub>,
+) -> Result<(), Error> {
+    conn.set_max_concurrent_bi_streams(0u32.into());
+    let Some(session) = hub.intercepts_connected(client_id, conn.clone()) else {
+        conn.close(CLOSE_REFUSED.into(), b"no session of this client to join");
+        return Err(Error::BadHello("an intercepts connection without a session".into()));
+    };
+    info!(session, ?class, "the client's intercepts connection joined its session");
+    let why = conn.closed().await;
+    hub.intercepts_gone(session, &conn, matches!(why, quinn::ConnectionError::TimedOut));
+    debug!(%why, "the intercepts connection ended");
+    Ok(())
 }
 
 /// How long the owner of an intercept may take to answer for a captured connection.

@@ -258,6 +258,10 @@ pub enum Role {
     Client,
     /// The node agent of `node`.
     Agent { node: String },
+    /// A laptop's second connection, for the streams of its intercepts only (a
+    /// `Class::Intercepts` connection): attached to its live session with the same
+    /// client id (`FEATURE_INTERCEPT_CONNECTION`).
+    Intercepts,
     /// A role this version does not know, kept.
     Other(u8),
 }
@@ -584,6 +588,7 @@ impl Message {
                 let role = match r.u8()? {
                     0 => Role::Client,
                     1 => Role::Agent { node: r.string16("agent node")? },
+                    2 => Role::Intercepts,
                     o => Role::Other(o),
                 };
                 Message::ClientInfo {
@@ -780,9 +785,10 @@ impl Message {
                         out.push(1);
                         put_bytes16(out, &mut cut, node.as_bytes());
                     }
+                    Role::Intercepts => out.push(2),
                     Role::Other(o) => {
-                        // 0 and 1 are Client and Agent: as `Other` they would not read back.
-                        cut |= *o <= 1;
+                        // 0 to 2 are known roles: as `Other` they would not read back.
+                        cut |= *o <= 2;
                         out.push(*o)
                     }
                 }
@@ -1272,6 +1278,14 @@ mod tests {
                 host: "node-1".into(),
                 client_id: vec![],
                 features: u64::MAX,
+            },
+            Message::ClientInfo {
+                min_version: 3,
+                role: Role::Intercepts,
+                user: "alice".into(),
+                host: "laptop".into(),
+                client_id: vec![7; 16],
+                features: 0,
             },
             Message::ClientInfo {
                 min_version: 9,

@@ -33,6 +33,10 @@ pub const PERSONAL_VERSION: u16 = 3;
 
 /// Feature bit: the manager serves intercepts (it may run without agents).
 pub const FEATURE_INTERCEPTS: u64 = 1 << 0;
+/// Feature bit: the manager takes a client's second connection, `Role::Intercepts` on a
+/// `quic::Class::Intercepts` connection, and opens that client's intercept streams on it
+/// (so that callers who stop reading never hold the window of the client's tunnel).
+pub const FEATURE_INTERCEPT_CONNECTION: u64 = 1 << 1;
 
 /// What the connecting side says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,7 +267,7 @@ impl ServerHandshake {
                     return refuse(ErrorCode::VersionMismatch, code_version, msg);
                 }
                 let allowed = match (&role, kind) {
-                    (Role::Client, TokenKind::Client) => true,
+                    (Role::Client | Role::Intercepts, TokenKind::Client) => true,
                     (Role::Agent { node }, TokenKind::Agent) => !node.is_empty(),
                     _ => false,
                 };
@@ -429,8 +433,11 @@ mod tests {
             s.on_message(Message::ClientHello { version: 2, token: b"nope".to_vec() }, tokens),
             ServerStep::Refuse { reply: Message::Error { code: ErrorCode::Unauthorized, .. } }
         ));
-        // A client token cannot act as an agent, nor an agent token as a client.
-        for (token, role) in [(&b"t"[..], Role::Agent { node: "n".into() }), (b"agent", Role::Client)] {
+        // A client token cannot act as an agent, nor an agent token as a client (or a
+        // client's intercepts connection).
+        for (token, role) in
+            [(&b"t"[..], Role::Agent { node: "n".into() }), (b"agent", Role::Client), (b"agent", Role::Intercepts)]
+        {
             let mut s = ServerHandshake::new((1, 2), 0);
             assert_eq!(
                 s.on_message(Message::ClientHello { version: 2, token: token.to_vec() }, tokens),
@@ -446,6 +453,18 @@ mod tests {
             };
             assert!(matches!(s.on_message(info, tokens), ServerStep::Refuse { .. }));
         }
+        // A client's intercepts connection presents the client token.
+        let mut s = ServerHandshake::new((1, 3), 0);
+        s.on_message(Message::ClientHello { version: 3, token: b"t".to_vec() }, tokens);
+        let info = Message::ClientInfo {
+            min_version: 3,
+            role: Role::Intercepts,
+            user: String::new(),
+            host: String::new(),
+            client_id: vec![7; 16],
+            features: 0,
+        };
+        assert!(matches!(s.on_message(info, tokens), ServerStep::Accept(Peer { role: Role::Intercepts, .. })));
         // An agent token from a version-1 hello (no role to speak of) is refused.
         let mut s = ServerHandshake::new((1, 2), 0);
         assert!(matches!(

@@ -69,7 +69,8 @@ pub enum Class {
     /// A laptop's tunnel: flows to anywhere over any distance (large per-stream windows,
     /// one connection window shared by all).
     Tunnel,
-    /// A node agent's: intercepted connections only, each its own stream. Their peers (a
+    /// A node agent's, and a laptop's second connection (`Role::Intercepts`): intercepted
+    /// connections only, each its own stream. Their peers (a
     /// cluster caller, a laptop) may stop reading at any time, so no set of stalled
     /// streams may use up the connection: small per-stream windows, and connection windows
     /// (receive and send) that cover every stream it may have at once.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tracing::{debug, info, warn};
 
-use crate::connect::{connect, Target, Via};
+use crate::connect::{close_all, connect, Target, Via};
 use crate::control::{self, Dns, Reply, Request, Status, Tun};
 use crate::dataplane::Dataplane;
 use crate::intercept::Intercepts;
@@ -148,13 +148,14 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             target: plan.target.clone(),
             rediscover: plan.rediscover.clone(),
             version: session.version,
+            intercepts: session.intercepts.clone(),
         };
         let running = Running { dataplane, tun, stack_config, link };
         let (why, down_reply, link) =
             serve(running, calls, status, (initial, updates), &mut routing, dns, intercepts.clone()).await;
         // Intercepts end first, so that the cluster's traffic goes back to the pods at once.
         intercepts.leave_all(&link.conn, link.version).await;
-        link.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
+        close_all(&link.conn, link.intercepts.as_ref(), b"client down");
         info!(%why, "shutting down");
         Ok::<_, Error>((why, down_reply, link.endpoint))
     }
@@ -162,7 +163,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
     control_task.abort();
     // (On the error paths before `serve`, this closes the first connection; `serve` closed
     // the one it ended with.)
-    session.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"client down");
+    close_all(&session.conn, session.intercepts.as_ref(), b"client down");
     // Undo in reverse order of doing; the TUN device goes when its file descriptor closes
     // (the data plane is dropped by now), and `undo` deletes it if it is still there.
     let undo = state.undo();
@@ -401,6 +402,8 @@ struct Link {
     rediscover: Option<Rediscover>,
     /// The protocol version spoken on `conn`.
     version: u16,
+    /// The session's intercepts connection, if the manager takes one.
+    intercepts: Option<quinn::Connection>,
 }
 
 /// What `serve` runs: the data plane of the current connection, the device (kept across
@@ -434,9 +437,16 @@ async fn serve(
     // what this daemon (or a crashed one before it) held: per connection.
     let start_intercepts = |link: &Link| {
         let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
-        // Serving and re-claiming run together and end together (aborted with the link).
+        let second = link.intercepts.clone();
+        // Serving (on the intercepts connection, and on the tunnel's until the manager has
+        // it) and re-claiming run together and end together (aborted with the link).
         tokio::spawn(async move {
-            tokio::join!(i.clone().serve(conn.clone()), i.reclaim(&conn, version));
+            let serve_second = async {
+                if let Some(c) = second {
+                    i.clone().serve(c).await;
+                }
+            };
+            tokio::join!(i.clone().serve(conn.clone()), serve_second, i.reclaim(&conn, version));
         })
     };
     let mut intercept_task = start_intercepts(&link);
@@ -481,13 +491,14 @@ async fn serve(
                             target,
                             rediscover,
                             version: session.version,
+                            intercepts: session.intercepts.clone(),
                         },
                     );
                     intercept_task.abort();
                     intercept_task = start_intercepts(&link);
                     status.protocol = Some(session.version);
 
-                    old.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"replaced");
+                    close_all(&old.conn, old.intercepts.as_ref(), b"replaced");
                     let (send, recv) = session.control;
                     updates = cluster_updates(session.conn.clone(), send, recv);
                     handle_update(Update::Cluster(session.cluster), &mut status, &mut listing, routing, dns.as_deref());

@@ -139,9 +139,12 @@ fn owner_key(client_id: &[u8], session: u64) -> Vec<u8> {
     }
 }
 
-/// A connected client: where captured connections go.
+/// A connected client: where captured connections go (its intercepts connection, else
+/// its tunnel's).
 struct ClientLink {
     conn: quinn::Connection,
+    /// Its second connection, for intercept streams only (`Role::Intercepts`).
+    intercepts: Option<quinn::Connection>,
     key: Vec<u8>,
     who: String,
 }
@@ -208,14 +211,48 @@ impl Hub {
     pub fn client_connected(&self, session: u64, conn: quinn::Connection, client_id: &[u8], who: String) {
         let key = owner_key(client_id, session);
         let who: String = who.chars().take(WHO_MAX).collect();
-        self.lock().clients.insert(session, ClientLink { conn, key, who });
+        self.lock().clients.insert(session, ClientLink { conn, intercepts: None, key, who });
+    }
+
+    /// A client's intercepts connection (`Role::Intercepts`, the same client id as its
+    /// session's): from now on its captured connections go there. Returns the session it
+    /// joined (the newest with that id), or `None` when there is none (or the client has
+    /// no stable id) to join.
+    pub fn intercepts_connected(&self, client_id: &[u8], conn: quinn::Connection) -> Option<u64> {
+        if client_id.len() != 16 {
+            return None;
+        }
+        let key = owner_key(client_id, 0);
+        let mut r = self.lock();
+        let (session, link) = r.clients.iter_mut().filter(|(_, l)| l.key == key).max_by_key(|(s, _)| **s)?;
+        if let Some(old) = link.intercepts.replace(conn) {
+            old.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"replaced");
+        }
+        Some(*session)
+    }
+
+    /// The intercepts connection `conn` of `session` ended: its captured connections go on
+    /// the session's own connection again. Lost (timed out, not closed by the client), it
+    /// takes the session with it: both share the client's path, and the session's own
+    /// connection may notice up to a keep-alive interval later, holding the captures.
+    pub fn intercepts_gone(&self, session: u64, conn: &quinn::Connection, lost: bool) {
+        if let Some(link) = self.lock().clients.get_mut(&session) {
+            if link.intercepts.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                link.intercepts = None;
+                if lost {
+                    link.conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"the client is unreachable");
+                }
+            }
+        }
     }
 
     /// A client's connection ended: its captures are released now, its claims kept for
     /// [`RECLAIM`].
     pub fn client_gone(&self, session: u64) {
         let mut r = self.lock();
-        r.clients.remove(&session);
+        if let Some(intercepts) = r.clients.remove(&session).and_then(|l| l.intercepts) {
+            intercepts.close(tpvpn_tunnel::CLOSE_NORMAL.into(), b"the session ended");
+        }
         let now = Instant::now();
         let ids: Vec<u64> =
             r.intercepts.iter().filter(|(_, i)| i.owner == Owner::Connected(session)).map(|(id, _)| *id).collect();
@@ -529,7 +566,7 @@ impl Hub {
         let i = r.intercepts.get(&c.intercept)?;
         let Owner::Connected(session) = i.owner else { return None };
         let owner = r.clients.get(&session)?;
-        Some((c.intercept, owner.conn.clone()))
+        Some((c.intercept, owner.intercepts.clone().unwrap_or_else(|| owner.conn.clone())))
     }
 
     /// Every Service's intercept state as the client of `session` sees it.
