@@ -117,8 +117,13 @@ fn with_udp_dropped_up_goes_through_the_port_forward_and_everything_works() {
     assert_eq!(stdout(&dig).trim(), tpvpn_lab::REDIS_IP, "{}", show(&dig));
     let list = lab.tpvpn(&["list"]);
     assert!(list.status.success() && stdout(&list).contains("frontend"), "{}", show(&list));
-    // The manager saw it arrive on its TCP port.
+    // The manager saw it arrive on its TCP port, and the intercepts connection beside it.
     assert!(lab.manager_log().contains("transport=\"tcp\"") || lab.manager_log().contains("transport=tcp"));
+    assert!(
+        lab.manager_log().lines().any(|l| l.contains("tcp") && l.contains("intercepts connection joined its session")),
+        "{}",
+        lab.manager_log()
+    );
 
     // A restarted manager is reached again through the port-forward, without waiting for
     // UDP first: the daemon remembers that UDP did not answer.
