@@ -91,8 +91,15 @@ pub enum Sniff {
     Other,
 }
 
+/// Longest first line taken for an HTTP/1 request line (nginx's default limit); a
+/// connection whose first line is longer passes whole.
+pub const REQUEST_LINE_MAX: usize = 8 * 1024;
+
 /// Classifies the first bytes of a connection. Only tells the protocol apart: hyper
-/// parses. Once it is not [`Sniff::NeedMore`], more bytes never change the answer.
+/// parses. Once it is not [`Sniff::NeedMore`], more bytes never change the answer. HTTP/1
+/// is a whole first line `METHOD TARGET HTTP/1.x` (within [`REQUEST_LINE_MAX`]): other
+/// client-first text that starts like one (a PROXY protocol preamble, `SET key value`)
+/// is not, and passes whole.
 pub fn sniff(b: &[u8]) -> Sniff {
     if b.is_empty() {
         return Sniff::NeedMore;
@@ -107,7 +114,7 @@ pub fn sniff(b: &[u8]) -> Sniff {
             return match (i, b.get(i + 1)) {
                 (0, _) => Sniff::Other,
                 (_, None) => Sniff::NeedMore,
-                (_, Some(t)) if *t == b'/' || *t == b'*' || t.is_ascii_alphanumeric() => Sniff::Http1,
+                (_, Some(t)) if *t == b'/' || *t == b'*' || t.is_ascii_alphanumeric() => request_line(b),
                 _ => Sniff::Other,
             };
         }
@@ -119,6 +126,23 @@ pub fn sniff(b: &[u8]) -> Sniff {
         Sniff::Other
     } else {
         Sniff::NeedMore
+    }
+}
+
+/// Whether the first line of `b` (which starts like a request line) ends as one.
+fn request_line(b: &[u8]) -> Sniff {
+    let head = &b[..b.len().min(REQUEST_LINE_MAX + 1)];
+    match head.iter().position(|&c| c == b'\n') {
+        Some(end) => {
+            let line = head[..end].strip_suffix(b"\r").unwrap_or(&head[..end]);
+            if line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0") {
+                Sniff::Http1
+            } else {
+                Sniff::Other
+            }
+        }
+        None if b.len() > REQUEST_LINE_MAX => Sniff::Other,
+        None => Sniff::NeedMore,
     }
 }
 
@@ -385,7 +409,7 @@ impl Router {
             let (mut send, mut recv) = self.conn.open_bi().await.map_err(lost)?;
             write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await.map_err(|_| DialError::NoOwner)?;
             match read_message(&mut recv).await.map_err(|_| DialError::NoOwner)? {
-                Some(Message::FlowReply { status: FlowStatus::Ok, .. }) => Ok(Tunnel { send, recv, _permit: permit }),
+                Some(Message::FlowReply { status: FlowStatus::Ok, .. }) => Ok(Tunnel { send, recv, permit }),
                 Some(Message::FlowReply { status: FlowStatus::Denied, .. }) => Err(DialError::NoOwner),
                 Some(Message::FlowReply { message, .. }) => Err(DialError::Refused(message)),
                 other => Err(DialError::Failed(format!("unexpected reply {:?}", other.as_ref().map(Message::kind)))),
@@ -402,11 +426,7 @@ impl Router {
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Result<(quinn::SendStream, quinn::RecvStream, OwnedSemaphorePermit), DialError> {
-        self.open_laptop(id, src, dst).await.map(|t| (t.send, t.recv, t._permit))
-    }
-
-    pub fn conn(&self) -> &quinn::Connection {
-        &self.conn
+        self.open_laptop(id, src, dst).await.map(|t| (t.send, t.recv, t.permit))
     }
 
     pub fn ns(&self) -> &PathBuf {
@@ -712,7 +732,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 struct Tunnel {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 impl AsyncRead for Tunnel {
@@ -815,6 +835,19 @@ mod tests {
         assert_eq!(sniff(b"*1\r\n$4\r\nPING\r\n"), Sniff::Other, "redis");
         assert_eq!(sniff(b"get / HTTP/1.1"), Sniff::Other);
         assert_eq!(sniff(&[b'A'; 40]), Sniff::Other);
+        // Audit B-16: client-first text protocols shaped like a request line are not HTTP
+        // (hyper would answer them 400): a PROXY protocol preamble (ingress controllers
+        // behind a load balancer), a command of a text protocol.
+        let proxy = b"PROXY TCP4 192.0.2.1 10.244.2.10 5555 8080\r\nGET / HTTP/1.1\r\nHost: web\r\n\r\n";
+        assert_eq!(sniff(proxy), Sniff::Other);
+        assert_eq!(sniff(b"PROXY TCP4 192.0.2.1 10.244.2.10 5555"), Sniff::NeedMore, "until the line ends");
+        assert_eq!(sniff(b"\r\n\r\n\0\r\nQUIT\n\x21\x11"), Sniff::Other, "PROXY protocol v2");
+        assert_eq!(sniff(b"SET key value\r\n"), Sniff::Other);
+        assert_eq!(sniff(b"GET /a HTTP/1.0\n"), Sniff::Http1, "a bare LF ends a line too");
+        assert_eq!(sniff(b"GET /a HTTP/1.1 \r\n"), Sniff::Other);
+        let mut long = b"GET /".to_vec();
+        long.resize(REQUEST_LINE_MAX + 1, b'a');
+        assert_eq!(sniff(&long), Sniff::Other, "a request line past the bound passes whole");
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

@@ -513,9 +513,10 @@ pub fn stream_packets(data: &[u8]) {
 
 /// The agent's protocol sniffing of a captured connection's first bytes: decided once
 /// (more bytes never change a decision, however they arrive), HTTP/2 only for the
-/// preface, and every input decided by the time the longest method would have ended.
+/// preface, HTTP/1 only for a first line ending in ` HTTP/1.x`, and every input decided
+/// once its first line ended or passed the bound.
 pub fn http_sniff(data: &[u8]) {
-    use tpvpn_agent::http::{sniff, Sniff, H2_PREFACE};
+    use tpvpn_agent::http::{sniff, Sniff, H2_PREFACE, REQUEST_LINE_MAX};
     let mut decided = None;
     for n in 0..=data.len() {
         let s = sniff(&data[..n]);
@@ -528,7 +529,14 @@ pub fn http_sniff(data: &[u8]) {
     if decided == Some(Sniff::Http2) {
         assert!(data.starts_with(H2_PREFACE));
     }
-    if data.len() > H2_PREFACE.len() && !data.starts_with(&H2_PREFACE[..data.len().min(H2_PREFACE.len())]) {
+    if decided == Some(Sniff::Http1) {
+        let line = data.split(|&c| c == b'\n').next().unwrap_or_default();
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        assert!(line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0"), "{line:?}");
+    }
+    let line_ended = data[..data.len().min(REQUEST_LINE_MAX + 1)].contains(&b'\n');
+    let preface = data.starts_with(&H2_PREFACE[..data.len().min(H2_PREFACE.len())]);
+    if data.len() > H2_PREFACE.len() && !preface && (line_ended || data.len() > REQUEST_LINE_MAX) {
         assert_ne!(sniff(data), Sniff::NeedMore, "undecided after {} bytes", data.len());
     }
 }
