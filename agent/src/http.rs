@@ -63,7 +63,7 @@ const LAPTOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// global intercept). Past it, connections and requests for that laptop go to the pod:
 /// callers that stall many streams (asking for answers they never read) hold these,
 /// never the node's other intercepts' share of the agent's connection.
-pub const LAPTOP_STREAMS: usize = 64;
+pub const LAPTOP_STREAMS: usize = 256;
 /// How long a caller's connection may take to send a request head, counted (as hyper
 /// does) from when the agent waits for it: it also ends a keep-alive connection idle that
 /// long. nginx's own `keepalive_timeout`, which callers of such apps already live with.

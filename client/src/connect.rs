@@ -12,7 +12,7 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use tpvpn_tunnel::handshake::{Accepted, ClientHandshake, ClientStep, Hello, Refusal, FEATURE_INTERCEPT_CONNECTION};
 use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::quic::{client_config_for, parse_certs, Class, PIN_MISMATCH, SERVER_NAME};
+use tpvpn_tunnel::quic::{client_config, parse_certs, PIN_MISMATCH, SERVER_NAME};
 use tpvpn_tunnel::{ClusterInfo, ErrorCode, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
@@ -49,20 +49,6 @@ pub fn close_all(conn: &quinn::Connection, intercepts: Option<&quinn::Connection
     conn.close(tpvpn_tunnel::CLOSE_NORMAL.into(), reason);
     if let Some(c) = intercepts {
         c.close(tpvpn_tunnel::CLOSE_NORMAL.into(), reason);
-    }
-}
-
-/// The client configurations of a session's two connections.
-struct Configs {
-    tunnel: quinn::ClientConfig,
-    intercepts: quinn::ClientConfig,
-}
-
-impl Configs {
-    fn new(pinned: CertificateDer<'static>, over_stream: bool) -> Result<Configs, Error> {
-        let make =
-            |class| client_config_for(pinned.clone(), over_stream, class).map_err(|e| Error::Config(e.to_string()));
-        Ok(Configs { tunnel: make(Class::Tunnel)?, intercepts: make(Class::Intercepts)? })
     }
 }
 
@@ -231,13 +217,13 @@ async fn via_quic(
         .map_err(|e| Error::Config(format!("--manager {manager}: {e} (expected HOST:PORT)")))?
         .next()
         .ok_or_else(|| Error::Config(format!("--manager {manager}: no address")))?;
-    let configs = Configs::new(pinned, false)?;
+    let config = client_config(pinned, false).map_err(|e| Error::Config(e.to_string()))?;
     let bind: SocketAddr =
         if addr.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let endpoint = tpvpn_tunnel::quic::endpoint(bind, None)
         .map_err(|e| Error::System(format!("cannot open a UDP socket: {e}")))?;
     let peer = Peer { addr, via: Via::Quic(addr), deadline };
-    handshake(endpoint, &configs, &peer, target).await
+    handshake(endpoint, &config, &peer, target).await
 }
 
 async fn via_portforward(target: &Target, pf: &PortForward, pinned: CertificateDer<'static>) -> Result<Session, Error> {
@@ -289,7 +275,7 @@ where
     let addr: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, port).into();
     let (endpoint, socket) = tpvpn_tunnel::stream::client_endpoint(stream, addr)
         .map_err(|e| StreamError::Other(Error::System(format!("cannot make a QUIC endpoint over the stream: {e}"))))?;
-    let configs = Configs::new(pinned, true).map_err(StreamError::Other)?;
+    let config = client_config(pinned, true).map_err(|e| StreamError::Other(Error::Config(e.to_string())))?;
     let peer = Peer { addr, via, deadline: CONNECT_TIMEOUT };
     let failed = {
         let (socket, mut said) = (socket.clone(), said.clone());
@@ -302,7 +288,7 @@ where
         }
     };
     let connected = tokio::select! {
-        r = handshake(endpoint, &configs, &peer, target) => r.map_err(StreamError::Other),
+        r = handshake(endpoint, &config, &peer, target) => r.map_err(StreamError::Other),
         msg = failed => Err(StreamError::Closed(msg)),
     };
     let session = match connected {
@@ -338,17 +324,17 @@ struct Peer {
 /// older manager's own).
 async fn handshake(
     endpoint: quinn::Endpoint,
-    configs: &Configs,
+    config: &quinn::ClientConfig,
     peer: &Peer,
     target: &Target,
 ) -> Result<Session, Error> {
     let mut versions = (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
     loop {
-        match attempt(&endpoint, &configs.tunnel, peer, target, versions, Role::Client).await? {
+        match attempt(&endpoint, config, peer, target, versions, Role::Client).await? {
             Attempt::Accepted(conn, accepted, control) => {
                 let Accepted { version, cluster, manager_versions, features } = accepted;
                 let intercepts = if features & FEATURE_INTERCEPT_CONNECTION != 0 {
-                    intercepts_connection(&endpoint, configs, peer, target, version).await
+                    intercepts_connection(&endpoint, config, peer, target, version).await
                 } else {
                     None
                 };
@@ -374,16 +360,17 @@ async fn handshake(
     }
 }
 
-/// The session's intercepts connection (`Role::Intercepts`, [`Class::Intercepts`]); without
-/// it (a warning says why) the manager opens intercept streams on the tunnel's connection.
+/// The session's intercepts connection (`Role::Intercepts`: a second connection with the
+/// tunnel's windows, so that what stalls there never stalls the tunnel); without it (a
+/// warning says why) the manager opens intercept streams on the tunnel's connection.
 async fn intercepts_connection(
     endpoint: &quinn::Endpoint,
-    configs: &Configs,
+    config: &quinn::ClientConfig,
     peer: &Peer,
     target: &Target,
     version: u16,
 ) -> Option<quinn::Connection> {
-    match attempt(endpoint, &configs.intercepts, peer, target, (version, version), Role::Intercepts).await {
+    match attempt(endpoint, config, peer, target, (version, version), Role::Intercepts).await {
         Ok(Attempt::Accepted(conn, ..)) => Some(conn),
         Ok(Attempt::Retry(v)) => {
             warn!(v, "the manager asked the intercepts connection for another version: intercepts share the tunnel");

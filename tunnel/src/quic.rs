@@ -55,8 +55,9 @@ const INCOMING_BUFFER_TOTAL: u64 = 8 << 20;
 /// still carries ~1 Gbit/s per stream at 1 ms.
 pub const INTERCEPT_STREAM_WINDOW: u32 = 128 << 10;
 /// Streams a [`Class::Intercepts`] peer may have open at once; its connection windows
-/// cover all of them at once ([`INTERCEPT_STREAMS`] × [`INTERCEPT_STREAM_WINDOW`]).
-pub const INTERCEPT_STREAMS: u32 = 1024;
+/// cover all of them at once ([`INTERCEPT_STREAMS`] × [`INTERCEPT_STREAM_WINDOW`],
+/// 256 MiB of credit, memory only while streams are stalled).
+pub const INTERCEPT_STREAMS: u32 = 2048;
 /// First bytes of the initial destination connection ID a peer picks to ask for
 /// [`Class::Intercepts`]. A peer gains nothing by picking it: only smaller windows.
 pub const INTERCEPT_CID_PREFIX: [u8; 4] = *b"tpvi";
@@ -69,8 +70,7 @@ pub enum Class {
     /// A laptop's tunnel: flows to anywhere over any distance (large per-stream windows,
     /// one connection window shared by all).
     Tunnel,
-    /// A node agent's, and a laptop's second connection (`Role::Intercepts`): intercepted
-    /// connections only, each its own stream. Their peers (a
+    /// A node agent's: intercepted connections only, each its own stream. Their peers (a
     /// cluster caller, a laptop) may stop reading at any time, so no set of stalled
     /// streams may use up the connection: small per-stream windows, and connection windows
     /// (receive and send) that cover every stream it may have at once.
