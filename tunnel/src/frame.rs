@@ -258,9 +258,8 @@ pub enum Role {
     Client,
     /// The node agent of `node`.
     Agent { node: String },
-    /// A laptop's second connection, for the streams of its intercepts only (a
-    /// `Class::Intercepts` connection): attached to its live session with the same
-    /// client id (`FEATURE_INTERCEPT_CONNECTION`).
+    /// A laptop's second connection, for the streams of its intercepts only: attached
+    /// to its live session with the same client id (`FEATURE_INTERCEPT_CONNECTION`).
     Intercepts,
     /// A role this version does not know, kept.
     Other(u8),

@@ -33,9 +33,9 @@ pub const PERSONAL_VERSION: u16 = 3;
 
 /// Feature bit: the manager serves intercepts (it may run without agents).
 pub const FEATURE_INTERCEPTS: u64 = 1 << 0;
-/// Feature bit: the manager takes a client's second connection, `Role::Intercepts` on a
-/// `quic::Class::Intercepts` connection, and opens that client's intercept streams on it
-/// (so that callers who stop reading never hold the window of the client's tunnel).
+/// Feature bit: the manager takes a client's second connection, `Role::Intercepts`, and
+/// opens that client's intercept streams on it (so that callers who stop reading never
+/// hold the window of the client's tunnel).
 pub const FEATURE_INTERCEPT_CONNECTION: u64 = 1 << 1;
 
 /// What the connecting side says about itself.
