@@ -187,6 +187,33 @@ impl Lab {
         &self.caller_ns
     }
 
+    /// From the caller pod, `n` connections to Service `web` (port 80), each sending
+    /// `payload` (a Python bytes expression) and then nothing, never reading (with a 4 KiB
+    /// receive buffer when `small_rcvbuf`), held `hold` and then closed; returns once all
+    /// are connected (≤ 20 s). [`Lab::background_log`]`(name)` says `holding N`, then
+    /// `closed`.
+    pub fn hold_callers(
+        &mut self,
+        name: &str,
+        n: usize,
+        payload: &str,
+        small_rcvbuf: bool,
+        hold: Duration,
+    ) -> Result<()> {
+        let rcvbuf = if small_rcvbuf { "  s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n" } else { "" };
+        let script = format!(
+            "import socket, time\nheld = []\nfor _ in range({n}):\n  s = socket.socket()\n{rcvbuf}  s.settimeout(5)\n  s.connect(('{WEB_IP}', 80))\n  s.sendall({payload})\n  held.append(s)\nprint('holding', len(held), flush=True)\ntime.sleep({})\nfor s in held: s.close()\nprint('closed', flush=True)\n",
+            hold.as_secs()
+        );
+        let caller = self.caller_ns.clone();
+        self.spawn_background(&caller, name, &[PYTHON, "-c", &script])?;
+        let ready = format!("holding {n}");
+        if !crate::wait_until(Duration::from_secs(20), || self.background_log(name).contains(&ready)) {
+            bail!("the {n} callers of {name} did not connect:\n{}", self.background_log(name));
+        }
+        Ok(())
+    }
+
     /// Starts nginx in the laptop namespace on `127.0.0.1:PORT`, answering `body` (the
     /// developer's local server an intercept sends to).
     pub fn start_laptop_web(&mut self, port: u16, body: &str) -> Result<()> {

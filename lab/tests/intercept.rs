@@ -200,17 +200,9 @@ fn hundreds_of_slow_callers_do_not_take_the_pods_down() {
     let a = intercept(&lab, &["web", "--port", "18801:http", "--http-header", "x-dev=a"]);
     assert_ok(&a, "a personal intercept: every connection to the pods is parsed");
     // 600 connections that trickle a request head (slowloris), held 8 s, from one caller.
-    let script = format!(
-        "import socket, time\nheld = []\nfor _ in range(600):\n  s = socket.create_connection(('{WEB_IP}', 80), timeout=5)\n  s.sendall(b'GET / HTTP/1.1\\r\\nHost: web\\r\\nX-Slow: ')\n  held.append(s)\nprint('holding', len(held), flush=True)\ntime.sleep(8)\nfor s in held: s.close()\nprint('closed', flush=True)\n"
-    );
-    let caller = lab.caller().to_string();
-    lab.spawn_background(&caller, "slowloris", &[tpvpn_lab::pods::PYTHON, "-c", &script]).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || lab.background_log("slowloris").contains("holding 600")),
-        "the slow callers did not connect:\n{}\n{}",
-        lab.background_log("slowloris"),
-        lab.agent_log()
-    );
+    let slow = "b'GET / HTTP/1.1\\r\\nHost: web\\r\\nX-Slow: '";
+    lab.hold_callers("slowloris", 600, slow, false, Duration::from_secs(8))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", lab.agent_log()));
     // The pods' own traffic keeps flowing (past the parsing caps, connections pass whole).
     for _ in 0..5 {
         assert_answers(&lab, &format!("http://{WEB_IP}/"), "pod web-");
@@ -496,16 +488,7 @@ fn callers_that_never_read_do_not_freeze_the_developers_tunnel() {
     assert_ok(&intercept(&lab, &["web", "--port", "18903:http"]), "intercept web to the laptop's source");
     // 64 callers ask the laptop's source for 32 MiB each with a 4 KiB receive buffer, and
     // never read; held 25 s.
-    let script = format!(
-        "import socket, time\nheld = []\nfor _ in range(64):\n  s = socket.socket()\n  s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n  s.settimeout(5)\n  s.connect(('{WEB_IP}', 80))\n  s.sendall((32 << 20).to_bytes(8, 'big'))\n  held.append(s)\nprint('holding', len(held), flush=True)\ntime.sleep(25)\nfor s in held: s.close()\nprint('closed', flush=True)\n"
-    );
-    let caller = lab.caller().to_string();
-    lab.spawn_background(&caller, "stalled", &[tpvpn_lab::pods::PYTHON, "-c", &script]).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || lab.background_log("stalled").contains("holding 64")),
-        "the stalled callers did not connect:\n{}",
-        lab.background_log("stalled")
-    );
+    lab.hold_callers("stalled", 64, "(32 << 20).to_bytes(8, 'big')", true, Duration::from_secs(25)).unwrap();
     // Time for the laptop's answers to fill every window they can.
     std::thread::sleep(Duration::from_secs(3));
     let frontend = format!("http://{}/", tpvpn_lab::FRONTEND_IP);

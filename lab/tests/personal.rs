@@ -401,17 +401,9 @@ fn callers_that_never_read_stall_only_their_own_intercept() {
     );
     // 200 callers (below the agent's 256 parsed connections per source) ask laptop A for
     // 1 MiB each with a 4 KiB receive buffer, and never read; held 25 s.
-    let script = format!(
-        "import socket, time\nheld = []\nfor _ in range(200):\n  s = socket.socket()\n  s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)\n  s.settimeout(5)\n  s.connect(('{WEB_IP}', 80))\n  s.sendall(b'GET /big HTTP/1.1\\r\\nHost: web\\r\\nx-dev: a\\r\\n\\r\\n')\n  held.append(s)\nprint('holding', len(held), flush=True)\ntime.sleep(25)\nfor s in held: s.close()\nprint('closed', flush=True)\n"
-    );
-    let caller = lab.caller().to_string();
-    lab.spawn_background(&caller, "stalled", &[PYTHON, "-c", &script]).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(20), || lab.background_log("stalled").contains("holding 200")),
-        "the stalled callers did not connect:\n{}\n{}",
-        lab.background_log("stalled"),
-        logs(&lab)
-    );
+    let big = "b'GET /big HTTP/1.1\\r\\nHost: web\\r\\nx-dev: a\\r\\n\\r\\n'";
+    lab.hold_callers("stalled", 200, big, true, Duration::from_secs(25))
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", logs(&lab)));
     // Time for the answers to fill every window they can.
     std::thread::sleep(Duration::from_secs(3));
     let whoami = format!("http://{WEB_IP}/whoami");
