@@ -17,7 +17,7 @@ use crate::http::{self, DialError, Route, Router, Sniff};
 use crate::load::Load;
 use crate::nft::{self, CaptureRules, AGENT_MARK};
 use crate::runtime::{self, Bundle};
-use crate::{addrs, netns, Error, Result};
+use crate::{addrs, netns, replies, sockdiag, Error, Result};
 
 /// Relay buffer per direction of a captured connection.
 const RELAY_BUFFER: usize = 256 * 1024;
@@ -129,10 +129,11 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
     let ns = located.ns.clone();
     let mut node_addrs = node.addrs.clone();
     let exempt = addrs::exempt(&node_addrs.borrow_and_update(), req.host_ip, req.pod_ip);
-    let (listener, meshed) = {
+    let (listener, meshed, routed_back) = {
         let req = req.clone();
         blocking(move || {
-            netns::run_in(&ns, move || {
+            let at = ns.clone();
+            netns::run_in(&at, move || {
                 let meshed = nft::redirects_inbound(&nft::ruleset()?);
                 let listener = transparent_listener(req.pod_ip)?;
                 let rules = CaptureRules {
@@ -143,12 +144,23 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
                     exempt,
                     loopback_only: meshed,
                 };
-                nft::apply(&nft::capture_document(&rules))?;
-                Ok((listener, meshed))
+                {
+                    let _rules = replies::lock();
+                    nft::apply(&nft::capture_document(&rules))?;
+                }
+                let routed_back = replies::Replies::install(ns.clone(), req.id, req.pod_ip.is_ipv6());
+                Ok((listener, meshed, routed_back))
             })
         })
         .await?
     };
+    // Without the policy route the app's answers to a caller's address would leave the
+    // pod: requests pass on from the pod's own address then, as they did before.
+    let routed_back = routed_back
+        .inspect_err(
+            |e| warn!(pod = %req.pod, error = %e, "requests passed on to the app come from the pod's own address"),
+        )
+        .ok();
     let table = nft::table_name(req.id);
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
@@ -159,7 +171,7 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
     };
     info!(pod = %req.pod, ip = %req.pod_ip, port = req.port, meshed, "capturing");
     let span = info_span!("capture", id = req.id, pod = %req.pod, port = req.port);
-    let router = Router::new(conn, located.ns.clone());
+    let router = Router::new(conn, located.ns.clone(), routed_back);
     let accept = tokio::spawn(accept_loop(listener, router.clone(), node.load.clone()).instrument(span.clone()));
     let follow = tokio::spawn(follow_node(node_addrs, req.clone(), located.ns.clone(), table.clone()).instrument(span));
     let capture = Capture { id: req.id, router, ns: located.ns, table, accept: Some(accept), follow, stopped: false };
@@ -226,7 +238,7 @@ impl Drop for Capture {
         if !self.stopped {
             let (ns, table) = (self.ns.clone(), self.table.clone());
             // Namespace work runs on a thread of its own (see `netns::run_in`).
-            let _ = netns::run_in(&ns, move || nft::apply(&nft::delete_document(&table)));
+            let _ = netns::run_in(&ns, move || replies::delete_table(&table));
         }
         close_after_drain(self.accept.take());
     }
@@ -234,7 +246,7 @@ impl Drop for Capture {
 
 async fn remove_table(ns: PathBuf, table: String) {
     let shown = ns.display().to_string();
-    let result = blocking(move || netns::run_in(&ns, move || nft::apply(&nft::delete_document(&table)))).await;
+    let result = blocking(move || netns::run_in(&ns, move || replies::delete_table(&table))).await;
     if let Err(e) = result {
         // The pod may be gone, and its namespace with it.
         debug!(ns = %shown, error = %e, "capture table not removed");
@@ -255,10 +267,12 @@ pub fn remove_stale(proc_root: &Path, runtime_roots: &[PathBuf]) -> Vec<String> 
     for ns in namespaces {
         let shown = ns.display().to_string();
         let result = netns::run_in(&ns, || {
+            let _rules = replies::lock();
             let tables = nft::tpvpn_tables(&nft::ruleset()?);
             for t in &tables {
                 nft::apply(&nft::delete_document(t))?;
             }
+            replies::remove();
             Ok(tables)
         });
         match result {
@@ -343,7 +357,7 @@ async fn handle(router: Arc<Router>, load: Arc<Load>, mut caller: TcpStream, src
     drop(slot);
     match global {
         Some(id) => to_laptop(&router, id, caller, &prefix, src, dst).await,
-        None => pass_through(caller, &prefix, dst, router.ns().clone()).await,
+        None => pass_through(caller, &prefix, src, dst, &router).await,
     }
 }
 
@@ -362,7 +376,7 @@ async fn to_laptop(router: &Router, id: u64, caller: TcpStream, prefix: &[u8], s
         }
         Err(why @ (DialError::NoOwner | DialError::Busy | DialError::Timeout)) => {
             debug!(%why, "on to the app");
-            pass_through(caller, prefix, dst, router.ns().clone()).await;
+            pass_through(caller, prefix, src, dst, router).await;
         }
         Err(why @ (DialError::Refused(_) | DialError::Failed(_))) => {
             debug!(%why, "the laptop did not take it: reset");
@@ -372,26 +386,55 @@ async fn to_laptop(router: &Router, id: u64, caller: TcpStream, prefix: &[u8], s
 }
 
 /// A connection to the app at `dst` from a socket in the pod's namespace that capture
-/// lets through ([`AGENT_MARK`]).
-pub(crate) async fn connect_app(dst: SocketAddr, ns: PathBuf) -> std::io::Result<TcpStream> {
-    let socket = blocking(move || {
-        netns::run_in(&ns, move || {
-            let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-            s.set_mark(AGENT_MARK)?;
-            s.set_nonblocking(true)?;
-            Ok(std::net::TcpStream::from(s))
-        })
-    })
-    .await
-    .map_err(|e| std::io::Error::other(e.to_string()))?;
+/// lets through ([`AGENT_MARK`]), from the caller's address `from` when given (audit
+/// B-13: the app sees its callers, not itself; see [`crate::replies`]).
+pub(crate) async fn connect_app(dst: SocketAddr, ns: PathBuf, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let socket = blocking(move || netns::run_in(&ns, move || app_socket(dst, from)))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let app = TcpSocket::from_std_stream(socket).connect(dst).await?;
     let _ = app.set_nodelay(true);
     Ok(app)
 }
 
+/// Tries at most this many source ports for a transparent connection.
+const SOURCE_PORT_TRIES: usize = 8;
+
+/// A socket for a connection to the app at `dst`, in the calling thread's namespace,
+/// marked; with `from`, bound to that address (`IP_TRANSPARENT`) on a port the kernel
+/// picks. The caller's own connection to the app has the same addresses: a port that
+/// makes the 4-tuple of a live socket there (the caller's captured connection, one it
+/// opened before the capture) would land this connection's packets in that socket, so
+/// such a port is passed over, kept bound meanwhile, so that the kernel offers another.
+fn app_socket(dst: SocketAddr, from: Option<IpAddr>) -> Result<std::net::TcpStream> {
+    let new = || -> Result<Socket> {
+        let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
+        s.set_mark(AGENT_MARK)?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    };
+    let Some(from) = from else { return Ok(new()?.into()) };
+    let mut passed_over = Vec::new();
+    for _ in 0..SOURCE_PORT_TRIES {
+        let s = new()?;
+        if from.is_ipv4() {
+            s.set_ip_transparent_v4(true)?;
+        } else {
+            s.set_ip_transparent_v6(true)?;
+        }
+        s.bind(&SocketAddr::new(from, 0).into())?;
+        let local = s.local_addr()?.as_socket().ok_or_else(|| Error::Netns("a socket without an address".into()))?;
+        if !sockdiag::taken(dst, local)? {
+            return Ok(s.into());
+        }
+        passed_over.push(s);
+    }
+    Err(Error::Netns(format!("no free source port for {from} to {dst} in {SOURCE_PORT_TRIES} tries")))
+}
+
 /// Joins the caller to the app (`prefix` first).
-async fn pass_through(mut caller: TcpStream, prefix: &[u8], dst: SocketAddr, ns: PathBuf) {
-    match connect_app(dst, ns).await {
+async fn pass_through(mut caller: TcpStream, prefix: &[u8], src: SocketAddr, dst: SocketAddr, router: &Router) {
+    match connect_app(dst, router.ns().clone(), router.source_of(src)).await {
         Ok(mut app) => {
             if app.write_all(prefix).await.is_ok() {
                 let _ = tokio::io::copy_bidirectional(&mut caller, &mut app).await;

@@ -11,15 +11,18 @@
 //! says nothing for [`SNIFF_TIMEOUT`]) goes whole to the global intercept or the pod,
 //! untouched.
 //!
-//! Upstream connections are kept per caller connection, destination and protocol (a
-//! laptop that vanished, or a caller's stalled HTTP/2 stream, holds up no other caller);
-//! idle HTTP/1 connections to the pod go to the [`Router`]'s pool for every caller when
-//! their caller connection ends. To the pod: from a socket in its namespace that capture
-//! lets through (the agent's mark); to a laptop: over a tunnel stream (`InterceptOpen`
-//! with the personal intercept's capture id, the manager's `FlowReply`, then a byte
-//! stream to the laptop's server). Requests
-//! pass with their method, path, `Host` and every header unchanged (HTTP/1 header case
-//! kept), plus the caller's address in `X-Forwarded-For`. An `Upgrade` (WebSocket)
+//! Upstream connections are kept per caller connection, destination and protocol, and
+//! end with it: never shared between caller connections (a laptop that vanished, or a
+//! caller's stalled HTTP/2 stream, holds up no other caller; one caller's framing, read
+//! differently by the app, never meets another caller's request: audit B-11). To the
+//! pod: from a socket in its namespace that capture lets through (the agent's mark),
+//! from the caller's own address (see [`crate::replies`]); to a laptop: over a tunnel
+//! stream (`InterceptOpen` with the personal intercept's capture id, the manager's
+//! `FlowReply`, then a byte stream to the laptop's server). Requests pass with their
+//! method, path, `Host` and end-to-end headers unchanged (HTTP/1 header case kept), less
+//! what was for the hop to the agent only ([`for_next_hop`]); toward a laptop the
+//! caller's address is added to `X-Forwarded-For` (the pod sees it as the connection's
+//! source). An `Upgrade` (WebSocket)
 //! answered with 101 joins the two upgraded connections; an offer to upgrade to HTTP/2
 //! ([`decline_h2c`]) is declined, so the connection stays routed per request. A laptop
 //! whose intercept has no owner any more (`FlowReply` denied, or no manager) gives its
@@ -28,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
@@ -38,7 +41,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, CONNECTION, UPGRADE, VARY};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, EXPECT, HOST, TE, UPGRADE, VARY};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -54,7 +57,7 @@ pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 pub const SNIFF_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest method name taken for HTTP.
 const METHOD_MAX: usize = 20;
-/// Idle HTTP/1 connections kept per destination.
+/// Idle HTTP/1 connections a caller connection keeps per destination.
 const POOL_MAX: usize = 32;
 /// How long a laptop may take to answer for a request's connection.
 const LAPTOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -254,6 +257,52 @@ pub fn decline_h2c(headers: &mut HeaderMap) {
     put(headers, CONNECTION, connection);
 }
 
+/// Readies a request's headers for the hop from the agent to the app or a laptop, as an
+/// intermediary does (RFC 9110 7.6.1; audit B-11): removes the headers `Connection`
+/// names (never `Host`), `Connection` itself, `Keep-Alive`, `Proxy-Connection`, `Expect`
+/// (hyper has answered `100 Continue` to the caller as it reads the body, which it sends
+/// on whole), `TE` other than `trailers` (gRPC's), `Upgrade` unless the request
+/// `upgrade`s (then `Connection: upgrade` is all that is left of `Connection`), and
+/// every header whose name has an `_` (servers that read it as `-` would see a second
+/// `Content-Length` or `Transfer-Encoding` no one else saw). The framing headers are
+/// hyper's own: `Content-Length` is written anew from the body's length.
+pub fn for_next_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let nominated: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| *n != HOST && !(upgrade && *n == UPGRADE))
+        .collect();
+    for name in nominated {
+        headers.remove(name);
+    }
+    for name in [CONNECTION, EXPECT, HeaderName::from_static("keep-alive"), HeaderName::from_static("proxy-connection")]
+    {
+        headers.remove(name);
+    }
+    let trailers = headers
+        .get_all(TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    headers.remove(TE);
+    if trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+    }
+    let underscored: Vec<HeaderName> = headers.keys().filter(|n| n.as_str().contains('_')).cloned().collect();
+    for name in underscored {
+        headers.remove(name);
+    }
+    if upgrade && headers.contains_key(UPGRADE) {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(UPGRADE);
+    }
+}
+
 /// Why an upstream connection could not be had.
 #[derive(Debug, Clone)]
 pub(crate) enum DialError {
@@ -321,9 +370,10 @@ pub struct Router {
     conn: quinn::Connection,
     /// The pod's network namespace (where pod connections are made from).
     ns: PathBuf,
+    /// In place while connections to the pod come from their callers' addresses
+    /// ([`crate::replies`]); without it, from the pod's own.
+    replies: Option<crate::replies::Replies>,
     routes: RwLock<Vec<Route>>,
-    /// Connections to the pod.
-    pools: Pools,
     laptop_streams: LaptopStreams,
 }
 
@@ -338,15 +388,6 @@ struct Pools {
 impl Pools {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Dest, bool), Vec<Sender>>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// An idle HTTP/1 connection to `dest` that can take a request now.
-    fn take_idle(&self, dest: Dest) -> Option<Sender> {
-        let mut pools = self.lock();
-        let list = pools.get_mut(&(dest, false))?;
-        list.retain(|s| !s.is_closed());
-        let i = list.iter().position(|s| matches!(s, Sender::H1(s) if s.is_ready()))?;
-        Some(list.swap_remove(i))
     }
 
     /// This caller connection's connection to `dest`: an HTTP/1 one once its last
@@ -372,11 +413,6 @@ impl Pools {
         }
     }
 
-    /// Every HTTP/1 connection kept for `dest`.
-    fn drain_h1(&self, dest: Dest) -> Vec<Sender> {
-        self.lock().remove(&(dest, false)).unwrap_or_default()
-    }
-
     fn put(&self, dest: Dest, h2: bool, s: Sender) {
         let mut pools = self.lock();
         let list = pools.entry((dest, h2)).or_default();
@@ -387,14 +423,14 @@ impl Pools {
 }
 
 impl Router {
-    pub fn new(conn: quinn::Connection, ns: PathBuf) -> Arc<Router> {
-        Arc::new(Router {
-            conn,
-            ns,
-            routes: RwLock::default(),
-            pools: Pools::default(),
-            laptop_streams: LaptopStreams::default(),
-        })
+    pub fn new(conn: quinn::Connection, ns: PathBuf, replies: Option<crate::replies::Replies>) -> Arc<Router> {
+        Arc::new(Router { conn, ns, replies, routes: RwLock::default(), laptop_streams: LaptopStreams::default() })
+    }
+
+    /// The address a connection to the pod for a caller at `src` comes from: the
+    /// caller's, or (without the policy route) the pod's own.
+    pub(crate) fn source_of(&self, src: SocketAddr) -> Option<IpAddr> {
+        self.replies.as_ref().map(|_| src.ip())
     }
 
     /// Opens a stream to the laptop of intercept `id` through the manager and asks for
@@ -498,10 +534,6 @@ impl Router {
         if let Err(e) = result {
             debug!(error = %e, "caller connection ended with an error");
         }
-        // Its idle HTTP/1 connections to the pod serve other callers now.
-        for s in own.drain_h1(Dest::Pod) {
-            self.pools.put(Dest::Pod, false, s);
-        }
     }
 
     /// One request: to the laptop it matches or to the pod.
@@ -518,17 +550,18 @@ impl Router {
             let dest = choose(&routes, req.headers(), req.uri().path());
             (dest, vary_of(&routes, dest))
         };
-        let forwarded = match req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(before) => format!("{before}, {}", src.ip()),
-            None => src.ip().to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&forwarded) {
-            req.headers_mut().insert("x-forwarded-for", v);
-        }
         if !h2 {
             decline_h2c(req.headers_mut());
         }
-        let upgrade = (!h2 && req.headers().contains_key(UPGRADE)).then(|| hyper::upgrade::on(&mut req));
+        let upgrading = !h2 && req.headers().contains_key(UPGRADE);
+        for_next_hop(req.headers_mut(), upgrading);
+        match hyper::body::Body::size_hint(req.body()).exact() {
+            Some(n) if req.headers().contains_key(CONTENT_LENGTH) => {
+                req.headers_mut().insert(CONTENT_LENGTH, HeaderValue::from(n));
+            }
+            _ => drop(req.headers_mut().remove(CONTENT_LENGTH)),
+        }
+        let upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
         let sender = match self.sender(&own, dest, h2, src, dst).await {
             Err(e @ (DialError::NoOwner | DialError::Busy)) if dest != Dest::Pod => {
                 debug!(%e, "on to the pod");
@@ -537,6 +570,16 @@ impl Router {
             }
             other => other,
         };
+        // A laptop sees the connection come from the tunnel: it learns the caller here.
+        if let Dest::Laptop(_) = dest {
+            let forwarded = match req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(before) => format!("{before}, {}", src.ip()),
+                None => src.ip().to_string(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&forwarded) {
+                req.headers_mut().insert("x-forwarded-for", v);
+            }
+        }
         let sender = match sender {
             Ok(s) => s,
             Err(e) => return Ok(bad_gateway(&format!("{dest}: {e}"))),
@@ -580,7 +623,7 @@ impl Router {
     }
 
     /// A connection to `dest` that can take a request now: this caller connection's own,
-    /// an idle one of the router's (HTTP/1 to the pod), or a new one.
+    /// or a new one.
     async fn sender(
         self: &Arc<Self>,
         own: &Arc<Pools>,
@@ -591,11 +634,6 @@ impl Router {
     ) -> Result<Sender, DialError> {
         if let Some(s) = own.take_own(dest, h2).await {
             return Ok(s);
-        }
-        if dest == Dest::Pod && !h2 {
-            if let Some(s) = self.pools.take_idle(dest) {
-                return Ok(s);
-            }
         }
         self.dial(dest, h2, src, dst, own).await
     }
@@ -666,7 +704,7 @@ impl Router {
     async fn connect(&self, dest: Dest, src: SocketAddr, dst: SocketAddr) -> Result<TokioIo<EitherIo>, DialError> {
         let io = match dest {
             Dest::Pod => Either::Left(
-                crate::capture::connect_app(dst, self.ns.clone())
+                crate::capture::connect_app(dst, self.ns.clone(), self.source_of(src))
                     .await
                     .map_err(|e| DialError::Failed(e.to_string()))?,
             ),
@@ -820,6 +858,28 @@ mod tests {
         let mut h = ws.clone();
         decline_h2c(&mut h);
         assert_eq!(h, ws, "a WebSocket upgrade is left alone");
+    }
+
+    #[test]
+    fn what_was_for_the_hop_to_the_agent_stops_there() {
+        let mut h = headers(&[
+            ("host", "web"),
+            ("connection", "keep-alive, X-Nominated, Host"),
+            ("x-nominated", "secret"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("expect", "100-continue"),
+            ("content_length", "5"),
+            ("te", "trailers, gzip"),
+            ("upgrade", "websocket"),
+            ("x-dev", "a"),
+        ]);
+        for_next_hop(&mut h, false);
+        assert_eq!(h, headers(&[("host", "web"), ("te", "trailers"), ("x-dev", "a")]));
+        // A WebSocket upgrade keeps its `Upgrade`, and `Connection: upgrade` alone.
+        let mut h = headers(&[("connection", "Upgrade, keep-alive"), ("upgrade", "websocket"), ("te", "gzip")]);
+        for_next_hop(&mut h, true);
+        assert_eq!(h, headers(&[("upgrade", "websocket"), ("connection", "upgrade")]));
     }
 
     #[test]

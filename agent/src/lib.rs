@@ -20,8 +20,10 @@ pub mod http;
 pub mod load;
 pub mod netns;
 pub mod nft;
+pub mod replies;
 pub mod runtime;
 pub mod session;
+pub mod sockdiag;
 pub mod watchdog;
 
 /// Errors of the agent.
@@ -31,6 +33,8 @@ pub enum Error {
     Netns(String),
     #[error("nft: {0}")]
     Nft(String),
+    #[error("policy routing: {0}")]
+    Route(String),
     #[error("{0}")]
     Locate(String),
     #[error("environment: {0}")]

@@ -11,6 +11,10 @@
 //!    `tproxy` (behind a mesh sidecar: only those arriving over loopback, the sidecar's
 //!    plaintext hop to the app).
 //!
+//! Beside it, an empty table `inet tpvpn-<capture id>-replies` says that connections the
+//! agent made through the capture may still be open (they need the namespace's policy
+//! route, [`crate::replies`]), after the capture ends.
+//!
 //! `tproxy` only assigns a packet to a *transparent listening socket*: when the agent is
 //! gone, so is its socket, the rule does nothing and the kernel delivers the connection
 //! to the app as before (fail open). Packets of connections that already exist keep
@@ -95,6 +99,16 @@ pub fn capture_document(r: &CaptureRules) -> Value {
     capture.push(json!({"tproxy": {"family": fam, "port": r.listener_port}}));
     cmds.push(rule(capture));
     json!({"nftables": cmds})
+}
+
+/// The name of the replies table of capture `id`.
+pub fn replies_table_name(id: u64) -> String {
+    format!("{TABLE_PREFIX}{id}-replies")
+}
+
+/// The document that creates the (empty) replies table `table`.
+pub fn replies_document(table: &str) -> Value {
+    json!({"nftables": [{"add": {"table": {"family": "inet", "name": table}}}]})
 }
 
 /// The set of a capture table holding the sources it never captures.
@@ -244,6 +258,14 @@ mod tests {
             .iter()
             .any(|c| c.pointer("/add/set/type") == Some(&json!("ipv6_addr"))));
         assert_eq!(exprs[2].as_array().unwrap().last().unwrap()["tproxy"]["family"], json!("ip6"));
+    }
+
+    #[test]
+    fn a_replies_table_is_an_empty_table_of_the_agents() {
+        let name = replies_table_name(7);
+        let doc = replies_document(&name);
+        assert_eq!(doc, json!({"nftables": [{"add": {"table": {"family": "inet", "name": "tpvpn-7-replies"}}}]}));
+        assert_eq!(tpvpn_tables(&json!({"nftables": [{"table": {"family": "inet", "name": name}}]})), vec![name]);
     }
 
     #[test]

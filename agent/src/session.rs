@@ -32,13 +32,7 @@ pub struct Config {
 /// Connects, serves, and connects again, until `stop` resolves; then every capture is
 /// removed.
 pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) {
-    let removed = {
-        let node = config.node.clone();
-        tokio::task::spawn_blocking(move || capture::remove_stale(&node.proc_root, &node.runtime_roots))
-            .await
-            .unwrap_or_default()
-    };
-    for t in removed {
+    for t in remove_stale(&config).await {
         info!(table = %t, "removed a capture table an earlier agent left");
     }
     let mut captures = Captures::default();
@@ -68,7 +62,18 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) {
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
     captures.stop_all().await;
+    // And the replies tables of connections that outlived their captures (they end with
+    // the agent).
+    remove_stale(&config).await;
     info!("stopped; every capture removed");
+}
+
+/// Every tpvpn table on the node, removed ([`capture::remove_stale`]).
+async fn remove_stale(config: &Config) -> Vec<String> {
+    let node = config.node.clone();
+    tokio::task::spawn_blocking(move || capture::remove_stale(&node.proc_root, &node.runtime_roots))
+        .await
+        .unwrap_or_default()
 }
 
 async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStream, quinn::RecvStream))> {

@@ -89,8 +89,8 @@ pub fn section(lab: &mut Lab) -> Result<()> {
     println!(
         "wrk -t2 -c{CONNECTIONS} -d{SECONDS}s --latency from the caller pod to {URL} (nginx's index page). \
          Direct: no intercept. Pass-through: `tpvpn intercept web --port 18890:http --http-header x-dev=bench` \
-         in place, requests without the header (the agent reads each and sends it to the pod over its pooled \
-         upstream connections). Matched: requests with the header, to the laptop's nginx through the tunnel. \
+         in place, requests without the header (the agent reads each and sends it to the pod over an upstream \
+         connection of that caller connection's own, from the caller's address). Matched: requests with the header, to the laptop's nginx through the tunnel. \
          For reference, a plain byte relay (`tpvpn-lab relay`, tokio, two worker threads as the agent) in the \
          pod in front of the same nginx: a reference point for what a userspace proxy in the path costs here."
     );

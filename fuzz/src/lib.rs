@@ -451,7 +451,8 @@ pub fn dns_queries(data: &[u8]) {
 /// The laptop's system texts, as the daemon reads them: resolv.conf (tpvpn's own file
 /// carries the original byte for byte, and its only nameserver is tpvpn's), `netstat -rn`
 /// output (every route parsed is a network address), and kubeconfigs with tpvpn's
-/// extension (accepted, or refused with a message).
+/// extension (accepted, or refused with a message); on the node, the kernel's socket
+/// diagnostics answers ([`tpvpn_agent::sockdiag::parse_reply`]).
 pub fn system_texts(data: &[u8]) {
     use tpvpn_client::{kubeconfig, macos, osdns};
     let text = String::from_utf8_lossy(data);
@@ -463,6 +464,15 @@ pub fn system_texts(data: &[u8]) {
     for r in macos::parse_netstat(&text) {
         assert_eq!(r.dst, r.dst.trunc(), "a parsed route is a network address");
         assert!(!r.netif.is_empty());
+    }
+    // The kernel's socket-diagnostics answer, as the node agent reads it: taken, free or
+    // an error, and "no such socket" is free.
+    let _ = tpvpn_agent::sockdiag::parse_reply(data);
+    if data.len() >= 20
+        && u16::from_ne_bytes([data[4], data[5]]) == 2
+        && i32::from_ne_bytes([data[16], data[17], data[18], data[19]]) == -2
+    {
+        assert!(!tpvpn_agent::sockdiag::parse_reply(data).unwrap(), "ENOENT is a free tuple");
     }
     if let Ok(k) = kube::config::Kubeconfig::from_yaml(&text) {
         for c in k.clusters.iter().filter_map(|c| c.cluster.as_ref()) {
@@ -546,9 +556,12 @@ pub fn http_sniff(data: &[u8]) {
 /// that offer (the `h2c` token, `HTTP2-Settings`, their `Connection` tokens), leaves every
 /// other header and token as it was, and changes nothing when done again; a personal
 /// route made of one of the request's own headers matches it, and one asking for a value
-/// it lacks does not.
+/// it lacks does not. Readied for the next hop ([`tpvpn_agent::http::for_next_hop`]), a
+/// request keeps no hop-by-hop header, `Expect`, header `Connection` names (but `Host`),
+/// name with `_` or `TE` but `trailers`, keeps every other header as it was, keeps an
+/// upgrade's `Upgrade` with `Connection: upgrade`, and is the same readied twice.
 pub fn http_headers(data: &[u8]) {
-    use tpvpn_agent::http::{choose, decline_h2c, matches, Dest, Route};
+    use tpvpn_agent::http::{choose, decline_h2c, for_next_hop, matches, Dest, Route};
     use tpvpn_tunnel::Matchers;
     let mut headers = http::HeaderMap::new();
     for line in data.split(|&b| b == b'\n') {
@@ -592,6 +605,37 @@ pub fn http_headers(data: &[u8]) {
     let mut twice = declined.clone();
     decline_h2c(&mut twice);
     assert_eq!(twice, declined, "declining again changes nothing");
+
+    for upgrade in [false, true] {
+        let mut next = headers.clone();
+        for_next_hop(&mut next, upgrade);
+        let nominated: Vec<String> = tokens(&headers, connection.clone())
+            .into_iter()
+            .filter(|t| t != "host" && !(upgrade && t == "upgrade"))
+            .collect();
+        let hop = ["connection", "keep-alive", "proxy-connection", "expect", "te", "upgrade"];
+        for name in next.keys() {
+            let n = name.as_str();
+            assert!(!n.contains('_') && !nominated.iter().any(|t| t == n), "{n} passed");
+            assert!(!hop.contains(&n) || (n == "te" || upgrade), "{n} passed");
+        }
+        if let Some(te) = next.get("te") {
+            assert_eq!(te, "trailers");
+        }
+        if upgrade && next.contains_key("upgrade") {
+            assert_eq!(next.get_all("connection").iter().collect::<Vec<_>>(), ["upgrade"]);
+        }
+        for name in headers.keys() {
+            let n = name.as_str();
+            if !hop.contains(&n) && !n.contains('_') && !nominated.iter().any(|t| t == n) {
+                let before: Vec<_> = headers.get_all(name).iter().collect();
+                assert_eq!(before, next.get_all(name).iter().collect::<Vec<_>>(), "{n} changed");
+            }
+        }
+        let mut again = next.clone();
+        for_next_hop(&mut again, upgrade);
+        assert_eq!(again, next, "readied twice");
+    }
 
     if let Some((name, value)) = headers.iter().find(|(_, v)| v.to_str().is_ok()) {
         let own = Matchers {
@@ -777,6 +821,8 @@ mod tests {
         // Request headers offering h2c (alone, and beside a WebSocket upgrade).
         v.push(b"connection: Upgrade, HTTP2-Settings\nupgrade: h2c\nhttp2-settings: AAMAAABk\nx-dev: a\n".to_vec());
         v.push(b"Connection: keep-alive, upgrade\nconnection: http2-settings\nUpgrade: websocket, H2C\nHTTP2-Settings: AA\n".to_vec());
+        // Headers meant for the hop to the agent only (audit B-11).
+        v.push(b"Expect: 100-continue\nKeep-Alive: timeout=5\nConnection: keep-alive, X-Nominated, Host\nX-Nominated: s\nHost: web\nContent_Length: 5\nTE: trailers, gzip\nProxy-Connection: x\n".to_vec());
         // Port-forward messages: both openings (port 8443), data, an error text.
         v.push(vec![3, 0, 0xfb, 0x20, 3, 1, 0xfb, 0x20, 4, 0, 1, 2, 3, 7, 1, b'r', b'e', b'f', b'u', b's', b'e']);
         v.push(b"# from dhcp\nnameserver 192.0.2.53\nsearch corp.example\noptions edns0\n".to_vec());

@@ -588,8 +588,10 @@ fn nft(ns: &str, rules: &str) -> Result<()> {
 
 /// Writes `DIR/nginx.conf` and `DIR/www` for a lab web server named `name`: `/` answers
 /// the name, `/whoami` the name and what the request carried (Host, path,
-/// `X-Forwarded-For`, `x-dev`, body length), `/big` [`BIG_LEN`] bytes of the name
-/// repeated.
+/// `X-Forwarded-For`, `x-dev`, body length), `/received` the name, the connection's
+/// peer address and the headers no server behind a proxy should see (hop-by-hop ones,
+/// `Expect`, a name with `_`: nginx is told to take those), `/big` [`BIG_LEN`] bytes of
+/// the name repeated.
 fn write_web_conf(dir: &std::path::Path, name: &str, listen: &str) -> Result<()> {
     fs::create_dir_all(dir.join("www"))?;
     fs::create_dir_all(dir.join("tmp"))?;
@@ -603,7 +605,10 @@ fn write_web_conf(dir: &std::path::Path, name: &str, listen: &str) -> Result<()>
          events {{ worker_connections 1024; }}\n\
          http {{\n  access_log off;\n  client_max_body_size 64m;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
          fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  \
-         server {{\n    {listen}\n    root {d}/www;\n    index index.html;\n    \
+         server {{\n    {listen}\n    root {d}/www;\n    index index.html;\n    underscores_in_headers on;\n    \
+         location = /received {{ default_type text/plain; return 200 \"{name} peer=$remote_addr:$remote_port \
+         expect=$http_expect keep-alive=$http_keep_alive proxy-connection=$http_proxy_connection \
+         nominated=$http_x_nominated underscore=$http_x_smuggle te=$http_te cl=$http_content_length\\n\"; }}\n    \
          location = /whoami {{ default_type text/plain; return 200 \"{name} host=$host uri=$request_uri xff=$http_x_forwarded_for dev=$http_x_dev len=$content_length\\n\"; }}\n  }}\n}}\n"
     );
     fs::write(dir.join("nginx.conf"), conf)?;
