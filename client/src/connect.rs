@@ -12,7 +12,7 @@ use std::time::Duration;
 use rustls::pki_types::CertificateDer;
 use tpvpn_tunnel::handshake::{Accepted, ClientHandshake, ClientStep, Hello, Refusal, FEATURE_INTERCEPT_CONNECTION};
 use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::quic::{client_config, parse_certs, PIN_MISMATCH, SERVER_NAME};
+use tpvpn_tunnel::quic::{client_config_for, parse_certs, Class, PIN_MISMATCH, SERVER_NAME};
 use tpvpn_tunnel::{ClusterInfo, ErrorCode, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
@@ -217,7 +217,7 @@ async fn via_quic(
         .map_err(|e| Error::Config(format!("--manager {manager}: {e} (expected HOST:PORT)")))?
         .next()
         .ok_or_else(|| Error::Config(format!("--manager {manager}: no address")))?;
-    let config = client_config(pinned, false).map_err(|e| Error::Config(e.to_string()))?;
+    let config = Configs::new(pinned, false)?;
     let bind: SocketAddr =
         if addr.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let endpoint = tpvpn_tunnel::quic::endpoint(bind, None)
@@ -275,7 +275,7 @@ where
     let addr: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, port).into();
     let (endpoint, socket) = tpvpn_tunnel::stream::client_endpoint(stream, addr)
         .map_err(|e| StreamError::Other(Error::System(format!("cannot make a QUIC endpoint over the stream: {e}"))))?;
-    let config = client_config(pinned, true).map_err(|e| StreamError::Other(Error::Config(e.to_string())))?;
+    let config = Configs::new(pinned, true).map_err(StreamError::Other)?;
     let peer = Peer { addr, via, deadline: CONNECT_TIMEOUT };
     let failed = {
         let (socket, mut said) = (socket.clone(), said.clone());
@@ -313,6 +313,23 @@ where
     Ok(session)
 }
 
+/// The QUIC client configurations of a session's two connections: the tunnel's, and the
+/// intercepts connection's ([`Class::Intercepts`]: small stream windows and a connection
+/// window that covers every stream the manager may open, so that callers that stop
+/// reading one intercept's answers never use up the room of the developer's others).
+struct Configs {
+    tunnel: quinn::ClientConfig,
+    intercepts: quinn::ClientConfig,
+}
+
+impl Configs {
+    fn new(pinned: CertificateDer<'static>, over_stream: bool) -> Result<Configs, Error> {
+        let config =
+            |class| client_config_for(pinned.clone(), over_stream, class).map_err(|e| Error::Config(e.to_string()));
+        Ok(Configs { tunnel: config(Class::Tunnel)?, intercepts: config(Class::Intercepts)? })
+    }
+}
+
 /// Where the QUIC connection goes, and how long its handshake may take.
 struct Peer {
     addr: SocketAddr,
@@ -324,17 +341,17 @@ struct Peer {
 /// older manager's own).
 async fn handshake(
     endpoint: quinn::Endpoint,
-    config: &quinn::ClientConfig,
+    config: &Configs,
     peer: &Peer,
     target: &Target,
 ) -> Result<Session, Error> {
     let mut versions = (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION);
     loop {
-        match attempt(&endpoint, config, peer, target, versions, Role::Client).await? {
+        match attempt(&endpoint, &config.tunnel, peer, target, versions, Role::Client).await? {
             Attempt::Accepted(conn, accepted, control) => {
                 let Accepted { version, cluster, manager_versions, features } = accepted;
                 let intercepts = if features & FEATURE_INTERCEPT_CONNECTION != 0 {
-                    intercepts_connection(&endpoint, config, peer, target, version).await
+                    intercepts_connection(&endpoint, &config.intercepts, peer, target, version).await
                 } else {
                     None
                 };
@@ -360,9 +377,10 @@ async fn handshake(
     }
 }
 
-/// The session's intercepts connection (`Role::Intercepts`: a second connection with the
-/// tunnel's windows, so that what stalls there never stalls the tunnel); without it (a
-/// warning says why) the manager opens intercept streams on the tunnel's connection.
+/// The session's intercepts connection (`Role::Intercepts`: a second connection, of
+/// [`Class::Intercepts`], so that what stalls there never stalls the tunnel, nor one
+/// intercept the others); without it (a warning says why) the manager opens intercept
+/// streams on the tunnel's connection.
 async fn intercepts_connection(
     endpoint: &quinn::Endpoint,
     config: &quinn::ClientConfig,

@@ -517,3 +517,30 @@ fn callers_that_never_read_do_not_freeze_the_developers_tunnel() {
         assert!(stdout(&dig).contains(tpvpn_lab::FRONTEND_IP), "cluster DNS stalls:\n{}", show(&dig));
     }
 }
+
+/// Audit B-5, the laptop's side: callers of one of a developer's intercepts that ask for
+/// much and never read stall only their own streams. Before, they filled the windows of
+/// the laptop's intercepts connection, which all that developer's intercepts share: the
+/// developer's other intercepts stopped answering (their callers went to the pods).
+#[test]
+fn callers_that_never_read_stall_none_of_the_developers_other_intercepts() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_servers(18901, 18903).unwrap();
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    assert_ok(&intercept(&lab, &["web", "--port", "18903:http"]), "intercept web to the laptop's source");
+    assert_ok(&intercept(&lab, &["mesh", "--port", "18888"]), "intercept mesh to the laptop's nginx");
+    // 64 callers ask the laptop's source for 32 MiB each with a 4 KiB receive buffer, and
+    // never read; held 25 s.
+    lab.hold_callers("stalled", 64, "(32 << 20).to_bytes(8, 'big')", true, Duration::from_secs(25)).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let mesh = format!("http://{}/", tpvpn_lab::pods::MESH_IP);
+    for _ in 0..3 {
+        let out = curl(&lab, &mesh);
+        assert!(
+            stdout(&out).contains("answered by the laptop"),
+            "the developer's other intercept stalls:\n{}\nmanager log:\n{}",
+            show(&out),
+            lab.manager_log()
+        );
+    }
+}

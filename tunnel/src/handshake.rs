@@ -35,7 +35,8 @@ pub const PERSONAL_VERSION: u16 = 3;
 pub const FEATURE_INTERCEPTS: u64 = 1 << 0;
 /// Feature bit: the manager takes a client's second connection, `Role::Intercepts`, and
 /// opens that client's intercept streams on it (so that callers who stop reading never
-/// hold the window of the client's tunnel).
+/// hold the window of the client's tunnel; the client asks for `quic::Class::Intercepts`
+/// windows on it, so neither those of its other intercepts).
 pub const FEATURE_INTERCEPT_CONNECTION: u64 = 1 << 1;
 
 /// What the connecting side says about itself.

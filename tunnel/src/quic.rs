@@ -50,10 +50,10 @@ pub const PREAUTH_WINDOW: u32 = 32 * 1024;
 const INCOMING_BUFFER: u64 = 64 * 1024;
 const INCOMING_BUFFER_TOTAL: u64 = 8 << 20;
 
-/// Per-stream receive window of a [`Class::Intercepts`] connection: intercepted
-/// connections cross the cluster's own network (sub-millisecond round trips), where this
-/// still carries ~2 Gbit/s per stream at 1 ms (128 KiB cost the lab's intercept bench a
-/// fifth of its stream rate; 512 KiB measured as the tunnel's 8 MiB did).
+/// Per-stream receive window of a [`Class::Intercepts`] connection: ~2 Gbit/s per stream
+/// at 1 ms, in the cluster's own network (128 KiB cost the lab's intercept bench a fifth
+/// of its stream rate; 512 KiB measured as the tunnel's 8 MiB did); ~5 MiB/s at 50 ms, over
+/// a developer's network to the laptop, about a home uplink.
 pub const INTERCEPT_STREAM_WINDOW: u32 = 256 << 10;
 /// Streams a [`Class::Intercepts`] peer may have open at once; its connection windows
 /// cover all of them at once ([`INTERCEPT_STREAMS`] × [`INTERCEPT_STREAM_WINDOW`],
@@ -71,8 +71,9 @@ pub enum Class {
     /// A laptop's tunnel: flows to anywhere over any distance (large per-stream windows,
     /// one connection window shared by all).
     Tunnel,
-    /// A node agent's: intercepted connections only, each its own stream. Their peers (a
-    /// cluster caller, a laptop) may stop reading at any time, so no set of stalled
+    /// A node agent's, and a laptop's intercepts connection: intercepted connections only,
+    /// each its own stream. Their peers (a cluster caller, a laptop) may stop reading at
+    /// any time, so no set of stalled
     /// streams may use up the connection: small per-stream windows, and connection windows
     /// (receive and send) that cover every stream it may have at once.
     Intercepts,
