@@ -7,17 +7,20 @@ use std::sync::Arc;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tpvpn_tunnel::relay;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::http::{self, DialError, Route, Router, Sniff};
+use crate::http::{self, Router};
 use crate::load::Load;
-use crate::nft::{self, CaptureRules, AGENT_MARK};
-use crate::runtime::{self, Bundle};
-use crate::{addrs, netns, replies, sockdiag, Error, Result};
+use crate::locate::locate;
+use crate::netns::NsHandle;
+use crate::nft::{self, CaptureRules};
+use crate::route::{Route, Sniff};
+use crate::upstream::{DialError, Tunnel, Upstream};
+use crate::{addrs, netns, replies, runtime, Error, Result};
 
 /// Relay buffer per direction of a captured connection.
 const RELAY_BUFFER: usize = 256 * 1024;
@@ -44,39 +47,6 @@ pub struct Request {
     pub port: u16,
     pub host_ip: Option<IpAddr>,
     pub container_id: String,
-}
-
-/// A pod's network namespace, and where its environment comes from.
-#[derive(Debug, Clone)]
-pub struct Located {
-    pub ns: PathBuf,
-    pub pid: u32,
-    pub bundle: Option<Bundle>,
-}
-
-/// Finds the network namespace of the pod at `pod_ip`: from the runtime bundle of
-/// `container_id`, the pid of its first process, `/proc/PID/ns/net`, checked to hold
-/// `pod_ip`; without a bundle, the one namespace on the node that holds `pod_ip`.
-pub fn locate(node: &Node, pod_ip: IpAddr, container_id: &str) -> Result<Located> {
-    if let Some(bundle) = runtime::find(&node.runtime_roots, container_id) {
-        let pid = bundle.pid()?;
-        let ns = netns::of_pid(&node.proc_root, pid);
-        if !netns::holds(&ns, pod_ip)? {
-            return Err(Error::Locate(format!(
-                "container {container_id} (pid {pid}) is not in a network namespace holding {pod_ip}"
-            )));
-        }
-        return Ok(Located { ns, pid, bundle: Some(bundle) });
-    }
-    let ns = netns::find_by_ip(&node.proc_root, pod_ip)?;
-    let pid = ns
-        .parent()
-        .and_then(Path::parent)
-        .and_then(|p| p.file_name())
-        .and_then(|n| n.to_str())
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| Error::Locate(format!("no pid in {}", ns.display())))?;
-    Ok(Located { ns, pid, bundle: None })
 }
 
 /// A capture of one pod port in place, shared by every intercept of that port (its
@@ -109,7 +79,7 @@ pub struct Started {
 pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result<Started> {
     let located = {
         let (node, ip, cid) = (node.clone(), req.pod_ip, req.container_id.clone());
-        blocking(move || locate(&node, ip, &cid)).await?
+        blocking(move || locate(&node.proc_root, &node.runtime_roots, ip, &cid)).await?
     };
     // Without the runtime's bundle, only a process of the intercepted container itself
     // (its cgroup names the container id) may tell the environment: another process of
@@ -129,11 +99,13 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
     let ns = located.ns.clone();
     let mut node_addrs = node.addrs.clone();
     let exempt = addrs::exempt(&node_addrs.borrow_and_update(), req.host_ip, req.pod_ip);
+    // The pod's namespace thread: it makes the capture, then the sockets of connections
+    // to the app.
+    let pod_ns = blocking(move || NsHandle::new(&ns)).await?;
     let (listener, meshed, routed_back) = {
-        let req = req.clone();
-        blocking(move || {
-            let at = ns.clone();
-            netns::run_in(&at, move || {
+        let (req, ns) = (req.clone(), located.ns.clone());
+        pod_ns
+            .run(move || {
                 let meshed = nft::redirects_inbound(&nft::ruleset()?);
                 let listener = transparent_listener(req.pod_ip)?;
                 let rules = CaptureRules {
@@ -148,11 +120,10 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
                     let _rules = replies::lock();
                     nft::apply(&nft::capture_document(&rules))?;
                 }
-                let routed_back = replies::Replies::install(ns.clone(), req.id, req.pod_ip.is_ipv6());
+                let routed_back = replies::Replies::install(ns, req.id, req.pod_ip.is_ipv6());
                 Ok((listener, meshed, routed_back))
             })
-        })
-        .await?
+            .await?
     };
     // Without the policy route the app's answers to a caller's address would leave the
     // pod: requests pass on from the pod's own address then, as they did before.
@@ -171,7 +142,7 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
     };
     info!(pod = %req.pod, ip = %req.pod_ip, port = req.port, meshed, "capturing");
     let span = info_span!("capture", id = req.id, pod = %req.pod, port = req.port);
-    let router = Router::new(conn, located.ns.clone(), routed_back);
+    let router = Router::new(Upstream::new(conn, pod_ns, routed_back));
     let accept = tokio::spawn(accept_loop(listener, router.clone(), node.load.clone()).instrument(span.clone()));
     let follow = tokio::spawn(follow_node(node_addrs, req.clone(), located.ns.clone(), table.clone()).instrument(span));
     let capture = Capture { id: req.id, router, ns: located.ns, table, accept: Some(accept), follow, stopped: false };
@@ -357,7 +328,7 @@ async fn handle(router: Arc<Router>, load: Arc<Load>, mut caller: TcpStream, src
     drop(slot);
     match global {
         Some(id) => to_laptop(&router, id, caller, &prefix, src, dst).await,
-        None => pass_through(caller, &prefix, src, dst, &router).await,
+        None => pass_through(caller, &prefix, src, dst, router.upstream()).await,
     }
 }
 
@@ -366,8 +337,8 @@ async fn handle(router: Arc<Router>, load: Arc<Load>, mut caller: TcpStream, src
 /// time, on to the app (a refusal by the laptop resets it); `prefix` was read from it
 /// already.
 async fn to_laptop(router: &Router, id: u64, caller: TcpStream, prefix: &[u8], src: SocketAddr, dst: SocketAddr) {
-    match router.open_whole(id, src, dst).await {
-        Ok((mut send, recv, _permit)) => {
+    match router.upstream().laptop(id, src, dst).await {
+        Ok(Tunnel { mut send, recv, permit: _permit }) => {
             if send.write_all(prefix).await.is_err() {
                 return relay::reset(caller);
             }
@@ -376,7 +347,7 @@ async fn to_laptop(router: &Router, id: u64, caller: TcpStream, prefix: &[u8], s
         }
         Err(why @ (DialError::NoOwner | DialError::Busy | DialError::Timeout)) => {
             debug!(%why, "on to the app");
-            pass_through(caller, prefix, src, dst, router).await;
+            pass_through(caller, prefix, src, dst, router.upstream()).await;
         }
         Err(why @ (DialError::Refused(_) | DialError::Failed(_))) => {
             debug!(%why, "the laptop did not take it: reset");
@@ -385,56 +356,9 @@ async fn to_laptop(router: &Router, id: u64, caller: TcpStream, prefix: &[u8], s
     }
 }
 
-/// A connection to the app at `dst` from a socket in the pod's namespace that capture
-/// lets through ([`AGENT_MARK`]), from the caller's address `from` when given (audit
-/// B-13: the app sees its callers, not itself; see [`crate::replies`]).
-pub(crate) async fn connect_app(dst: SocketAddr, ns: PathBuf, from: Option<IpAddr>) -> std::io::Result<TcpStream> {
-    let socket = blocking(move || netns::run_in(&ns, move || app_socket(dst, from)))
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let app = TcpSocket::from_std_stream(socket).connect(dst).await?;
-    let _ = app.set_nodelay(true);
-    Ok(app)
-}
-
-/// Tries at most this many source ports for a transparent connection.
-const SOURCE_PORT_TRIES: usize = 8;
-
-/// A socket for a connection to the app at `dst`, in the calling thread's namespace,
-/// marked; with `from`, bound to that address (`IP_TRANSPARENT`) on a port the kernel
-/// picks. The caller's own connection to the app has the same addresses: a port that
-/// makes the 4-tuple of a live socket there (the caller's captured connection, one it
-/// opened before the capture) would land this connection's packets in that socket, so
-/// such a port is passed over, kept bound meanwhile, so that the kernel offers another.
-fn app_socket(dst: SocketAddr, from: Option<IpAddr>) -> Result<std::net::TcpStream> {
-    let new = || -> Result<Socket> {
-        let s = Socket::new(Domain::for_address(dst), Type::STREAM, Some(Protocol::TCP))?;
-        s.set_mark(AGENT_MARK)?;
-        s.set_nonblocking(true)?;
-        Ok(s)
-    };
-    let Some(from) = from else { return Ok(new()?.into()) };
-    let mut passed_over = Vec::new();
-    for _ in 0..SOURCE_PORT_TRIES {
-        let s = new()?;
-        if from.is_ipv4() {
-            s.set_ip_transparent_v4(true)?;
-        } else {
-            s.set_ip_transparent_v6(true)?;
-        }
-        s.bind(&SocketAddr::new(from, 0).into())?;
-        let local = s.local_addr()?.as_socket().ok_or_else(|| Error::Netns("a socket without an address".into()))?;
-        if !sockdiag::taken(dst, local)? {
-            return Ok(s.into());
-        }
-        passed_over.push(s);
-    }
-    Err(Error::Netns(format!("no free source port for {from} to {dst} in {SOURCE_PORT_TRIES} tries")))
-}
-
 /// Joins the caller to the app (`prefix` first).
-async fn pass_through(mut caller: TcpStream, prefix: &[u8], src: SocketAddr, dst: SocketAddr, router: &Router) {
-    match connect_app(dst, router.ns().clone(), router.source_of(src)).await {
+async fn pass_through(mut caller: TcpStream, prefix: &[u8], src: SocketAddr, dst: SocketAddr, upstream: &Upstream) {
+    match upstream.app(dst, src).await {
         Ok(mut app) => {
             if app.write_all(prefix).await.is_ok() {
                 let _ = tokio::io::copy_bidirectional(&mut caller, &mut app).await;

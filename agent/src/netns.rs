@@ -1,7 +1,7 @@
 //! Network namespaces of pods: running work inside one (a thread that joined it with
-//! `setns`; sockets it creates stay in that namespace, processes it starts run there),
-//! and finding a pod's namespace the way a node can, from the container runtime's files
-//! and `/proc`.
+//! `setns`; sockets it creates stay in that namespace, processes it starts run there:
+//! [`run_in`] for one-off work, [`NsHandle`] for a pod's sockets), and finding the
+//! namespace that holds an address.
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -22,6 +22,60 @@ pub fn run_in<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> Result<T> + Send
     })
     .join()
     .map_err(|_| Error::Netns("a thread in a pod's network namespace panicked".into()))?
+}
+
+/// A thread that joined a pod's network namespace and stays there, running what must be
+/// made inside it (the sockets of connections to the app) one after the other: one per
+/// captured pod for as long as its capture and connections last, instead of a fresh
+/// thread (and `setns`) per connection. It ends when the last handle is dropped.
+pub struct NsHandle {
+    jobs: std::sync::mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl NsHandle {
+    /// Starts the thread in the namespace at `ns` (a `/proc/PID/ns/net` path). Blocking:
+    /// call it from `spawn_blocking`.
+    pub fn new(ns: &Path) -> Result<NsHandle> {
+        let file = File::open(ns).map_err(|e| Error::Netns(format!("cannot open {}: {e}", ns.display())))?;
+        let shown = ns.display().to_string();
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let (joined_tx, joined) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("tpvpn-pod-ns".into())
+            .spawn(move || {
+                let entered = setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| format!("cannot enter {shown}: {e}"));
+                let ok = entered.is_ok();
+                let _ = joined_tx.send(entered);
+                if ok {
+                    for job in queue {
+                        job();
+                    }
+                }
+            })
+            .map_err(|e| Error::Netns(format!("cannot start a thread: {e}")))?;
+        joined.recv().map_err(|_| Error::Netns("the namespace's thread ended".into()))?.map_err(Error::Netns)?;
+        Ok(NsHandle { jobs, path: ns.to_path_buf() })
+    }
+
+    /// The namespace's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the namespace's thread.
+    pub async fn run<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let gone = || Error::Netns(format!("the thread in {} is gone", self.path.display()));
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
 }
 
 /// The addresses of every interface in the calling thread's network namespace.

@@ -2,7 +2,7 @@
 //! connections, in a pod's network namespace (with `iproute2`'s `ip`).
 //!
 //! The agent passes requests on to a pod's app from the caller's own address
-//! (`capture::connect_app`: `IP_TRANSPARENT`, bound to the caller's address),
+//! ([`crate::upstream::Upstream::app`]: `IP_TRANSPARENT`, bound to the caller's address),
 //! so the app answers to an address that is not the pod's: routed as usual, the answer
 //! would leave by the pod's interface. The agent's sockets carry its mark, and so do the
 //! app's sockets of those connections: with `net.ipv4.tcp_fwmark_accept` on in the pod's

@@ -16,7 +16,7 @@ use tpvpn_tunnel::{Matchers, Message, Role, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
 use crate::capture::{self, Node, Request};
-use crate::http::Route;
+use crate::route::Route;
 use crate::{Error, Result};
 
 /// How the agent reaches the manager.

@@ -2,7 +2,7 @@
 //! kernel's socket table (`NETLINK_SOCK_DIAG`, one exact lookup, as `ss` does with
 //! filters): the agent's transparent-source connections to a pod's app pick a source
 //! port the kernel offers, and one that equals the port of a caller's live connection to
-//! the same app would land in that connection (see `capture::connect_app`).
+//! the same app would land in that connection (see [`crate::upstream::Upstream::app`]).
 //!
 //! The messages are built and read here as bytes ([`request`], [`parse_reply`]); only
 //! [`taken`] talks to the kernel.

@@ -526,7 +526,7 @@ pub fn stream_packets(data: &[u8]) {
 /// preface, HTTP/1 only for a first line ending in ` HTTP/1.x`, and every input decided
 /// once its first line ended or passed the bound.
 pub fn http_sniff(data: &[u8]) {
-    use tpvpn_agent::http::{sniff, Sniff, H2_PREFACE, REQUEST_LINE_MAX};
+    use tpvpn_agent::route::{sniff, Sniff, H2_PREFACE, REQUEST_LINE_MAX};
     let mut decided = None;
     for n in 0..=data.len() {
         let s = sniff(&data[..n]);
@@ -556,12 +556,12 @@ pub fn http_sniff(data: &[u8]) {
 /// that offer (the `h2c` token, `HTTP2-Settings`, their `Connection` tokens), leaves every
 /// other header and token as it was, and changes nothing when done again; a personal
 /// route made of one of the request's own headers matches it, and one asking for a value
-/// it lacks does not. Readied for the next hop ([`tpvpn_agent::http::for_next_hop`]), a
+/// it lacks does not. Readied for the next hop ([`tpvpn_agent::route::for_next_hop`]), a
 /// request keeps no hop-by-hop header, `Expect`, header `Connection` names (but `Host`),
 /// name with `_` or `TE` but `trailers`, keeps every other header as it was, keeps an
 /// upgrade's `Upgrade` with `Connection: upgrade`, and is the same readied twice.
 pub fn http_headers(data: &[u8]) {
-    use tpvpn_agent::http::{choose, decline_h2c, for_next_hop, matches, Dest, Route};
+    use tpvpn_agent::route::{choose, decline_h2c, for_next_hop, matches, Dest, Route};
     use tpvpn_tunnel::Matchers;
     let mut headers = http::HeaderMap::new();
     for line in data.split(|&b| b == b'\n') {
@@ -795,7 +795,7 @@ mod tests {
             .to_vec()
             .unwrap(),
             b"GET /whoami HTTP/1.1\r\nHost: web\r\nx-dev: a\r\n\r\n".to_vec(),
-            tpvpn_agent::http::H2_PREFACE.to_vec(),
+            tpvpn_agent::route::H2_PREFACE.to_vec(),
             Message::CaptureStatus {
                 id: 2,
                 ok: true,
