@@ -74,6 +74,15 @@ pub struct Started {
     pub note: String,
 }
 
+impl crate::ports::Routed for Started {
+    fn set_route(&self, route: Route) {
+        self.capture.set_route(route);
+    }
+    fn remove_route(&self, id: u64) -> bool {
+        self.capture.remove_route(id)
+    }
+}
+
 /// Captures `req.port` in the pod's namespace and hands each connection to the manager
 /// over `conn`.
 pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result<Started> {

@@ -23,6 +23,7 @@ pub mod load;
 pub mod locate;
 pub mod netns;
 pub mod nft;
+pub mod ports;
 pub mod replies;
 pub mod route;
 pub mod runtime;

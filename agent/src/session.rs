@@ -1,22 +1,21 @@
 //! The agent's connection to the manager: the hello as `Role::Agent`, then `Capture`
 //! and `Release` from the manager on the control stream, each answered with a
-//! `CaptureStatus`. Captures of the same pod port (a global intercept and personal
-//! ones) share one capture there, each a [`Route`] of it. When the connection is lost every capture is stopped (the pods get
+//! `CaptureStatus`, as [`crate::ports`] decides (captures of the same pod port share one
+//! capture there). When the connection is lost every capture is stopped (the pods get
 //! their traffic back) and the agent connects again with backoff.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tpvpn_tunnel::handshake::{ClientHandshake, ClientStep, Hello, INTERCEPT_VERSION};
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::quic::{client_config_for, parse_certs, Class, SERVER_NAME};
-use tpvpn_tunnel::{Matchers, Message, Role, PROTOCOL_VERSION};
+use tpvpn_tunnel::{Message, Role, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
 use crate::capture::{self, Node, Request};
-use crate::route::Route;
+use crate::ports::{Effect, PortKey, Ports};
 use crate::{Error, Result};
 
 /// How the agent reaches the manager.
@@ -54,14 +53,14 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) {
             _ = served => {}
             _ = &mut stop => break,
         }
-        captures.stop_all().await;
+        stop_all(&mut captures).await;
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = &mut stop => break,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
-    captures.stop_all().await;
+    stop_all(&mut captures).await;
     // And the replies tables of connections that outlived their captures (they end with
     // the agent).
     remove_stale(&config).await;
@@ -133,52 +132,58 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
     }
 }
 
-/// A captured pod port: starting (the captures waiting for it), or in place.
-enum Port {
-    Starting(Vec<(u64, Matchers)>),
-    Running(capture::Started),
-}
+/// What the agent captures.
+type Captures = Ports<capture::Started>;
 
-/// A pod port: the pod's IP, the port, and the container (a pod recreated with the same
-/// IP is another).
-type PortKey = (IpAddr, u16, String);
-
-/// What the agent captures: by pod port, and each capture id's port.
-#[derive(Default)]
-pub struct Captures {
-    ports: HashMap<PortKey, Port>,
-    ids: HashMap<u64, PortKey>,
-}
-
-impl Captures {
-    async fn stop_all(&mut self) {
-        self.ids.clear();
-        for (_, p) in self.ports.drain() {
-            if let Port::Running(s) = p {
-                s.capture.stop().await;
-            }
-        }
+/// Stops every capture.
+async fn stop_all(captures: &mut Captures) {
+    for s in captures.stop_all() {
+        s.capture.stop().await;
     }
+}
 
-    /// Ends capture `id`: its route, and the port's capture once no route is left.
-    async fn release(&mut self, id: u64) {
-        let Some(key) = self.ids.remove(&id) else { return };
-        let emptied = match self.ports.get_mut(&key) {
-            Some(Port::Starting(waiting)) => {
-                waiting.retain(|(w, _)| *w != id);
-                false
+/// What the core's effects are done with: the manager's connection, where started
+/// captures come back, where statuses go.
+struct Link<'a> {
+    config: &'a Config,
+    conn: &'a quinn::Connection,
+    started: &'a StartedTx,
+    status: &'a mpsc::UnboundedSender<Message>,
+}
+
+/// Does what the core says: starts a port's capture (with `req`, the request of the
+/// `Capture` being handled), stops one, writes a status.
+async fn apply(link: &Link<'_>, captures: &Captures, effects: Vec<Effect<capture::Started>>, req: Option<Request>) {
+    let status = link.status;
+    for effect in effects {
+        match effect {
+            Effect::Start { key, .. } => {
+                let Some(req) = req.clone() else { continue };
+                let (node, conn, tx) = (link.config.node.clone(), link.conn.clone(), link.started.clone());
+                tokio::spawn(async move {
+                    let r = capture::start(&node, conn, req).await.map_err(|e| e.to_string());
+                    let _ = tx.send((key, r));
+                });
             }
-            Some(Port::Running(s)) => !s.capture.remove_route(id),
-            None => false,
-        };
-        if emptied {
-            if let Some(Port::Running(s)) = self.ports.remove(&key) {
+            Effect::Stop(s) => {
+                let id = s.capture.id;
                 s.capture.stop().await;
                 info!(id, "capture released");
             }
+            Effect::Ready { id } => {
+                if let Some(s) = captures.running(id) {
+                    let _ = status.send(ok_status(id, s));
+                }
+            }
+            Effect::Failed { id, why } => {
+                let _ = status.send(Message::CaptureStatus { id, ok: false, message: why, meshed: false, env: vec![] });
+            }
         }
     }
 }
+
+/// Where started captures come back to the session.
+type StartedTx = mpsc::UnboundedSender<(PortKey, std::result::Result<capture::Started, String>)>;
 
 /// Capture `id` is in place; `message` says what was left out of the environment.
 fn ok_status(id: u64, s: &capture::Started) -> Message {
@@ -208,59 +213,30 @@ async fn serve(
     };
     tokio::pin!(writer);
     // Ports start concurrently; their results come back here.
-    let (started_tx, mut started_rx) = mpsc::unbounded_channel::<(PortKey, Result<capture::Started>)>();
+    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
+    let link = Link { config, conn: &conn, started: &started_tx, status: &status_tx };
     loop {
         tokio::select! {
             msg = control.recv() => match msg.unwrap_or(Ok(None)) {
                 Ok(Some(Message::Capture { id, pod_namespace, pod_name, pod_ip, port, host_ip, container: _, container_id, matchers })) => {
-                    captures.release(id).await;
-                    let key = (pod_ip, port, container_id.clone());
-                    captures.ids.insert(id, key.clone());
-                    match captures.ports.get_mut(&key) {
-                        Some(Port::Starting(waiting)) => waiting.push((id, matchers)),
-                        Some(Port::Running(s)) => {
-                            s.capture.set_route(Route { id, matchers });
-                            let _ = status_tx.send(ok_status(id, s));
-                        }
-                        None => {
-                            captures.ports.insert(key.clone(), Port::Starting(vec![(id, matchers)]));
-                            let req = Request { id, pod: format!("{pod_namespace}/{pod_name}"), pod_ip, port, host_ip, container_id };
-                            let (node, conn, tx) = (config.node.clone(), conn.clone(), started_tx.clone());
-                            tokio::spawn(async move {
-                                let r = capture::start(&node, conn, req).await;
-                                let _ = tx.send((key, r));
-                            });
-                        }
-                    }
+                    let effects = captures.capture(id, (pod_ip, port, container_id.clone()), matchers);
+                    let req = Request { id, pod: format!("{pod_namespace}/{pod_name}"), pod_ip, port, host_ip, container_id };
+                    apply(&link, captures, effects, Some(req)).await;
                 }
-                Ok(Some(Message::Release { id })) => captures.release(id).await,
+                Ok(Some(Message::Release { id })) => {
+                    let effects = captures.release(id);
+                    apply(&link, captures, effects, None).await;
+                }
                 Ok(Some(other)) => warn!(kind = other.kind(), "unexpected message from the manager"),
                 Ok(None) => return "the manager closed the control stream".into(),
                 Err(e) => return format!("control stream: {e}"),
             },
             Some((key, result)) = started_rx.recv() => {
-                let waiting = match captures.ports.remove(&key) {
-                    Some(Port::Starting(w)) => w,
-                    _ => Vec::new(),
-                };
-                match result {
-                    // Every capture of the port was released while it started.
-                    Ok(s) if waiting.is_empty() => s.capture.stop().await,
-                    Ok(s) => {
-                        for (id, matchers) in waiting {
-                            s.capture.set_route(Route { id, matchers });
-                            let _ = status_tx.send(ok_status(id, &s));
-                        }
-                        captures.ports.insert(key, Port::Running(s));
-                    }
-                    Err(e) => {
-                        warn!(pod_ip = %key.0, port = key.1, error = %e, "cannot capture");
-                        for (id, _) in waiting {
-                            captures.ids.remove(&id);
-                            let _ = status_tx.send(Message::CaptureStatus { id, ok: false, message: e.to_string(), meshed: false, env: vec![] });
-                        }
-                    }
+                if let Err(why) = &result {
+                    warn!(pod_ip = %key.0, port = key.1, error = %why, "cannot capture");
                 }
+                let effects = captures.started(key, result);
+                apply(&link, captures, effects, None).await;
             }
             _ = &mut writer => return "the control stream failed".into(),
             e = conn.closed() => return format!("connection closed: {e}"),
