@@ -516,3 +516,54 @@ fn server_side_apply_get_reapply_delete() {
     assert_eq!(get(&lab, "/api/v1/namespaces/ssa/serviceaccounts/sa").0, 404);
     assert_eq!(get(&lab, "/apis/apps/v1/namespaces/ssa/deployments/tpvpn-manager").0, 404);
 }
+
+/// The reviews the manager will ask (issue 21): who a bearer token is (TokenReview) and
+/// what RBAC lets a user do (SubjectAccessReview), each only for callers RBAC lets create
+/// them.
+#[test]
+fn reviews_say_who_a_token_is_and_what_rbac_allows() {
+    let Some(lab) = lab() else { return };
+    let admin = lab.api_token();
+    let post = |token: &str, path: &str, body: &Value| {
+        lab.kube_request(Some(token), "POST", path, Some(body)).unwrap_or_else(|e| panic!("POST {path}: {e:#}"))
+    };
+    let tokens = "/apis/authentication.k8s.io/v1/tokenreviews";
+    let review = |token: &str| json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}});
+    let (code, answer) = post(&admin, tokens, &review(&lab.user_token()));
+    assert_eq!(code, 201, "{answer}");
+    assert_eq!(answer["status"]["authenticated"], true, "{answer}");
+    assert_eq!(answer["status"]["user"]["username"], tpvpn_lab::LAB_USER);
+    let groups = answer["status"]["user"]["groups"].as_array().unwrap();
+    assert!(groups.contains(&json!(tpvpn_lab::LAB_USER_GROUP)) && groups.contains(&json!("system:authenticated")));
+    let (_, answer) = post(&admin, tokens, &review("not-a-token"));
+    assert_ne!(answer["status"]["authenticated"], true, "{answer}");
+
+    let access = "/apis/authorization.k8s.io/v1/subjectaccessreviews";
+    let may_intercept = json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {
+        "user": tpvpn_lab::LAB_USER, "groups": [tpvpn_lab::LAB_USER_GROUP],
+        "resourceAttributes": {"namespace": "default", "verb": "create", "group": "tpvpn.dev",
+            "resource": "services", "subresource": "intercept", "name": "web"}}});
+    // The user itself may not ask: it holds no `create` on the reviews.
+    let (code, answer) = post(&lab.user_token(), access, &may_intercept);
+    assert_eq!(code, 403, "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("cannot create resource \"subjectaccessreviews\""),
+        "{answer}"
+    );
+    let (code, answer) = post(&admin, access, &may_intercept);
+    assert_eq!((code, &answer["status"]["allowed"]), (201, &json!(false)), "nothing grants it yet: {answer}");
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "interceptor", "namespace": "default"},
+        "rules": [{"apiGroups": ["tpvpn.dev"], "resources": ["services/intercept"], "verbs": ["create"]}]});
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "developers", "namespace": "default"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "interceptor"},
+        "subjects": [{"kind": "Group", "name": tpvpn_lab::LAB_USER_GROUP}]});
+    lab.kube_apply("POST", "/apis/rbac.authorization.k8s.io/v1/namespaces/default/roles", Some(&role)).unwrap();
+    lab.kube_apply("POST", "/apis/rbac.authorization.k8s.io/v1/namespaces/default/rolebindings", Some(&binding))
+        .unwrap();
+    let (_, answer) = post(&admin, access, &may_intercept);
+    assert_eq!(answer["status"]["allowed"], true, "{answer}");
+    let (code, _) = lab.kube_request(Some(&admin), "GET", access, None).unwrap();
+    assert_eq!(code, 405, "reviews are only created");
+}

@@ -177,6 +177,19 @@ impl ApiServer {
         ctype: &str,
         body: &[u8],
     ) -> Result<Response<Body>, ApiError> {
+        if let Some(review) = Review::of_path(path) {
+            if *method != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            if let User::Rbac(u) = &user {
+                let a = review.attributes();
+                if !self.store().authorize(u, &a) {
+                    return Err(rbac_forbidden(u, &a));
+                }
+            }
+            let answer = review.answer(&parse_body(body)?, &self.cfg.users, &self.store())?;
+            return Ok(json_response(StatusCode::CREATED, &answer));
+        }
         let route = Route::parse(path);
         let q = |k: &str| query.get(k).map(String::as_str);
         let watching = matches!(q("watch"), Some("true" | "1"));

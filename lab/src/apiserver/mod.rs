@@ -53,6 +53,8 @@
 //!   optional "no-secrets" token that gets RBAC-style 403s for `secrets`, and a
 //!   "no-portforward" one that gets them for `pods/portforward`; users of a token
 //!   file (`--token-auth-file`) get what RBAC grants them ([`rbac`]).
+//! - `TokenReview` and `SubjectAccessReview` (`POST`, answered from the token file's
+//!   users and the RBAC authorizer; [`review`]'s docs say what is kept).
 //! - `pods/{name}/portforward` over WebSocket, the kubelet's part included
 //!   ([`portforward`]'s docs say what is kept).
 //! - Service defaulting: `type: ClusterIP`, port `protocol: TCP` and
@@ -74,6 +76,7 @@ mod http;
 mod portforward;
 mod rbac;
 mod resource;
+mod review;
 mod store;
 #[cfg(test)]
 mod tests;
@@ -83,6 +86,7 @@ pub use http::*;
 pub use portforward::PORTFORWARD_PROTOCOL;
 pub use rbac::*;
 pub use resource::*;
+pub use review::*;
 pub use store::*;
 
 /// Events kept for watch replay.

@@ -27,6 +27,7 @@ pub struct UserInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenUser {
     pub token: String,
+    pub uid: String,
     pub user: UserInfo,
 }
 
@@ -38,7 +39,7 @@ pub fn parse_token_file(text: &str) -> Result<Vec<TokenUser>> {
             continue;
         }
         let mut fields = line.splitn(4, ',');
-        let (Some(token), Some(name), Some(_uid)) = (fields.next(), fields.next(), fields.next()) else {
+        let (Some(token), Some(name), Some(uid)) = (fields.next(), fields.next(), fields.next()) else {
             bail!("token file line {n}: expected token,user,uid[,\"groups\"]");
         };
         if token.is_empty() || name.is_empty() {
@@ -48,7 +49,7 @@ pub fn parse_token_file(text: &str) -> Result<Vec<TokenUser>> {
         let mut groups: Vec<String> =
             groups.split(',').map(str::trim).filter(|g| !g.is_empty()).map(str::to_string).collect();
         groups.push("system:authenticated".into());
-        out.push(TokenUser { token: token.into(), user: UserInfo { name: name.into(), groups } });
+        out.push(TokenUser { token: token.into(), uid: uid.into(), user: UserInfo { name: name.into(), groups } });
     }
     Ok(out)
 }
