@@ -14,8 +14,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::{FlowStatus, Message};
+use tpvpn_tunnel::io::open_intercept;
+use tpvpn_tunnel::FlowStatus;
 
 use crate::netns::NsHandle;
 use crate::nft::AGENT_MARK;
@@ -113,14 +113,11 @@ impl Upstream {
         let permit = self.laptop_streams.permit(id).ok_or(DialError::Busy)?;
         let opened = async {
             // Without the manager no laptop can be reached: the connection is the pod's.
-            let lost = |_| DialError::NoOwner;
-            let (mut send, mut recv) = self.conn.open_bi().await.map_err(lost)?;
-            write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await.map_err(|_| DialError::NoOwner)?;
-            match read_message(&mut recv).await.map_err(|_| DialError::NoOwner)? {
-                Some(Message::FlowReply { status: FlowStatus::Ok, .. }) => Ok(Tunnel { send, recv, permit }),
-                Some(Message::FlowReply { status: FlowStatus::Denied, .. }) => Err(DialError::NoOwner),
-                Some(Message::FlowReply { message, .. }) => Err(DialError::Refused(message)),
-                other => Err(DialError::Failed(format!("unexpected reply {:?}", other.as_ref().map(Message::kind)))),
+            let o = open_intercept(&self.conn, id, src, dst).await.map_err(|_| DialError::NoOwner)?;
+            match o.status {
+                FlowStatus::Ok => Ok(Tunnel { send: o.send, recv: o.recv, permit }),
+                FlowStatus::Denied => Err(DialError::NoOwner),
+                _ => Err(DialError::Refused(o.message)),
             }
         };
         tokio::time::timeout(LAPTOP_TIMEOUT, opened).await.map_err(|_| DialError::Timeout)?

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tpvpn_tunnel::datagram::Datagram;
 use tpvpn_tunnel::handshake::{Peer, ServerHandshake, ServerStep, INTERCEPT_VERSION};
-use tpvpn_tunnel::io::{read_message, read_message_max, write_message};
+use tpvpn_tunnel::io::{read_message, read_message_max, write_message, Offered};
 use tpvpn_tunnel::quic::{self, Class};
 use tpvpn_tunnel::{
     relay, ErrorCode, FlowStatus, Message, Protocol, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
@@ -618,18 +618,13 @@ async fn intercepted(
             let _ = agent_send.finish();
             return;
         };
-        let toward_client = async {
-            let (mut send, mut recv) = owner.open_bi().await?;
-            write_message(&mut send, &Message::InterceptOpen { id: intercept, src, dst }).await?;
-            let reply = read_message(&mut recv).await?;
-            Ok::<_, Error>((send, recv, reply))
-        };
         // A live client answers at once (its dial is on its own loopback); one that does not
         // may be gone without the connection knowing yet: the caller goes to the pod.
+        let toward_client = tpvpn_tunnel::io::open_intercept(&owner, intercept, src, dst);
         match tokio::time::timeout(OWNER_ANSWER, toward_client).await {
-            Ok(Ok((send, recv, Some(reply @ Message::FlowReply { .. })))) => {
-                let ok = matches!(reply, Message::FlowReply { status: FlowStatus::Ok, .. });
-                if write_message(&mut agent_send, &reply).await.is_err() {
+            Ok(Ok(Offered { send, recv, status, message })) => {
+                let ok = status == FlowStatus::Ok;
+                if write_message(&mut agent_send, &Message::FlowReply { status, message }).await.is_err() {
                     return;
                 }
                 if ok {

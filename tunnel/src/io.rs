@@ -74,6 +74,34 @@ pub async fn write_message(send: &mut SendStream, msg: &Message) -> Result<()> {
     send.write_all(&msg.to_vec()?).await.map_err(|e| Error::Stream(e.to_string()))
 }
 
+/// The far side's answer to an intercepted connection offered with [`open_intercept`].
+#[derive(Debug)]
+pub struct Offered {
+    pub send: SendStream,
+    pub recv: RecvStream,
+    pub status: crate::FlowStatus,
+    pub message: String,
+}
+
+/// Offers an intercepted connection from `src` to `dst`, for intercept `id`, on a new
+/// stream of `conn` (the agent to the manager, the manager to the laptop): `InterceptOpen`,
+/// then the far side's `FlowReply`. With `FlowStatus::Ok` the stream then carries the
+/// connection's bytes. Bounded by nothing: the caller sets the deadline.
+pub async fn open_intercept(
+    conn: &quinn::Connection,
+    id: u64,
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+) -> Result<Offered> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| Error::Stream(e.to_string()))?;
+    write_message(&mut send, &Message::InterceptOpen { id, src, dst }).await?;
+    match read_message(&mut recv).await? {
+        Some(Message::FlowReply { status, message }) => Ok(Offered { send, recv, status, message }),
+        Some(other) => Err(Error::Stream(format!("expected a FlowReply, got {}", other.kind()))),
+        None => Err(Error::UnexpectedEnd),
+    }
+}
+
 /// Reads one UDP record into `buf` (replacing its contents); `Ok(false)` at a clean end.
 pub async fn read_udp_record(recv: &mut RecvStream, buf: &mut Vec<u8>) -> Result<bool> {
     let mut header = [0u8; UdpRecord::HEADER_LEN];
