@@ -142,3 +142,32 @@ pub fn find_by_ip(proc_root: &Path, ip: IpAddr) -> Result<PathBuf> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent runs as root; so does CI. Joining one's own namespace needs
+    /// `CAP_SYS_ADMIN` all the same: without it the handle says why.
+    #[tokio::test]
+    async fn a_namespace_thread_runs_every_job_on_one_thread_there() {
+        let ns = Path::new("/proc/self/ns/net");
+        let handle = match NsHandle::new(ns) {
+            Ok(h) => h,
+            Err(e) => {
+                assert!(e.to_string().contains("cannot enter"), "{e}");
+                eprintln!("skipped: {e}");
+                return;
+            }
+        };
+        assert_eq!(handle.path(), ns);
+        let thread = handle.run(|| Ok(std::thread::current().id())).await.unwrap();
+        assert_ne!(thread, std::thread::current().id(), "on a thread of its own");
+        assert_eq!(handle.run(|| Ok(std::thread::current().id())).await.unwrap(), thread, "the same thread every time");
+        let addrs = handle.run(local_addresses).await.unwrap();
+        assert!(addrs.contains(&IpAddr::from([127, 0, 0, 1])), "{addrs:?}");
+        let failed = handle.run(|| Err::<(), _>(Error::Netns("no".into()))).await;
+        assert!(failed.is_err(), "a job's error comes back");
+        assert!(NsHandle::new(Path::new("/nonexistent/ns/net")).is_err());
+    }
+}
