@@ -16,7 +16,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::http::{self, Router};
 use crate::load::Load;
 use crate::locate::locate;
-use crate::netns::NsHandle;
+use crate::netns::{Ns, NsHandle};
 use crate::nft::{self, CaptureRules};
 use crate::route::{Route, Sniff};
 use crate::upstream::{DialError, Tunnel, Upstream};
@@ -55,7 +55,7 @@ pub struct Request {
 pub struct Capture {
     pub id: u64,
     router: Arc<Router>,
-    ns: PathBuf,
+    ns: Ns,
     table: String,
     /// Taken when the listener is to close ([`close_after_drain`]).
     accept: Option<JoinHandle<()>>,
@@ -160,7 +160,7 @@ pub async fn start(node: &Node, conn: quinn::Connection, req: Request) -> Result
 
 /// Refills the exempt set of `table` whenever the node's addresses change (a bridge
 /// that came up after the capture, a new address).
-async fn follow_node(mut node_addrs: watch::Receiver<Vec<IpAddr>>, req: Request, ns: PathBuf, table: String) {
+async fn follow_node(mut node_addrs: watch::Receiver<Vec<IpAddr>>, req: Request, ns: Ns, table: String) {
     while node_addrs.changed().await.is_ok() {
         let exempt = addrs::exempt(&node_addrs.borrow_and_update(), req.host_ip, req.pod_ip);
         let (ns, table, shown) = (ns.clone(), table.clone(), exempt.clone());
@@ -224,8 +224,8 @@ impl Drop for Capture {
     }
 }
 
-async fn remove_table(ns: PathBuf, table: String) {
-    let shown = ns.display().to_string();
+async fn remove_table(ns: Ns, table: String) {
+    let shown = ns.path().display().to_string();
     let result = blocking(move || netns::run_in(&ns, move || replies::delete_table(&table))).await;
     if let Err(e) = result {
         // The pod may be gone, and its namespace with it.
@@ -244,16 +244,18 @@ pub fn remove_stale(proc_root: &Path, runtime_roots: &[PathBuf]) -> Vec<String> 
     namespaces.sort();
     namespaces.dedup();
     let mut removed = Vec::new();
-    for ns in namespaces {
-        let shown = ns.display().to_string();
-        let result = netns::run_in(&ns, || {
-            let _rules = replies::lock();
-            let tables = nft::tpvpn_tables(&nft::ruleset()?);
-            for t in &tables {
-                nft::apply(&nft::delete_document(t))?;
-            }
-            replies::remove();
-            Ok(tables)
+    for path in namespaces {
+        let shown = path.display().to_string();
+        let result = netns::Ns::open(&path).and_then(|ns| {
+            netns::run_in(&ns, || {
+                let _rules = replies::lock();
+                let tables = nft::tpvpn_tables(&nft::ruleset()?);
+                for t in &tables {
+                    nft::apply(&nft::delete_document(t))?;
+                }
+                replies::remove();
+                Ok(tables)
+            })
         });
         match result {
             Ok(tables) => removed.extend(tables.into_iter().map(|t| format!("{t} in {shown}"))),

@@ -20,15 +20,15 @@
 //! first and removed (the setting restored) with its last tpvpn table, under one lock
 //! (`lock`) so that a capture starting meanwhile cannot lose them.
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tracing::debug;
 
+use crate::netns::{self, Ns};
 use crate::nft::{self, AGENT_MARK};
-use crate::{netns, Error, Result};
+use crate::{Error, Result};
 
 /// The rule's priority and its routing table (`tp` in ASCII), out of the way of the
 /// usual ones (0, 32766, 32767) and of meshes' (Istio's 32765, table 133).
@@ -83,14 +83,14 @@ const LINGER: Duration = Duration::from_secs(2);
 
 /// One capture's replies table and the namespace's policy route, in place until dropped.
 pub struct Replies {
-    ns: PathBuf,
+    ns: Ns,
     table: String,
 }
 
 impl Replies {
-    /// Makes them in the calling thread's namespace (`ns`, its path) for capture `id`'s
-    /// address family.
-    pub fn install(ns: PathBuf, id: u64, v6: bool) -> Result<Replies> {
+    /// Makes them in the calling thread's namespace (`ns`) for capture `id`'s address
+    /// family.
+    pub fn install(ns: Ns, id: u64, v6: bool) -> Result<Replies> {
         let table = nft::replies_table_name(id);
         let made = {
             let _rules = lock();
@@ -113,7 +113,7 @@ impl Drop for Replies {
             // Namespace work runs on a thread of its own (see `netns::run_in`).
             if let Err(e) = netns::run_in(&ns, move || delete_table(&table)) {
                 // The pod may be gone, and its namespace with it.
-                debug!(ns = %ns.display(), error = %e, "replies table not removed");
+                debug!(ns = %ns.path().display(), error = %e, "replies table not removed");
             }
         };
         match tokio::runtime::Handle::try_current() {
