@@ -9,7 +9,8 @@
 set -euo pipefail
 
 PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dbus-daemon systemd nftables
-  python3-grpcio python3-websockets python3-h2)
+  python3-grpcio python3-websockets python3-h2
+  containerd runc containernetworking-plugins busybox-static protobuf-compiler)
 BENCH=""
 case "${1:-}" in
   "") ;;

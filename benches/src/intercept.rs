@@ -17,7 +17,6 @@ use crate::paths::us;
 const STREAM_FRACTION: f64 = 0.5;
 /// The bar: added ping-pong p50 allowance over two tunnel round trips, µs.
 const PINGPONG_SLACK_US: f64 = 100.0;
-const POD: &str = "10.244.2.10";
 
 struct Path {
     /// Bits per second caller→server and server→caller.
@@ -39,6 +38,8 @@ fn leave(lab: &Lab) {
 pub fn section(lab: &mut Lab) -> Result<()> {
     lab.start_pods().context("pods for the intercept section")?;
     let pod_ns = lab.pod_ns("web-0").context("pod web-0")?.to_string();
+    let pod = lab.pod_ip("web-0").context("pod web-0")?.to_string();
+    let pod = pod.as_str();
     let (caller, laptop) = (lab.caller().to_string(), lab.laptop().to_string());
 
     // tpvpn's own stream, laptop → a ClusterIP and back.
@@ -47,23 +48,23 @@ pub fn section(lab: &mut Lab) -> Result<()> {
     let direct = {
         let _pp = latency::start_server_in(lab, &pod_ns, "0.0.0.0")?;
         Path {
-            up: iperf::stream_between(lab, (&pod_ns, None), (&caller, POD), false)?,
-            down: iperf::stream_between(lab, (&pod_ns, None), (&caller, POD), true)?,
-            latency: latency::measure_from(lab, &caller, POD)?,
+            up: iperf::stream_between(lab, (&pod_ns, None), (&caller, pod), false)?,
+            down: iperf::stream_between(lab, (&pod_ns, None), (&caller, pod), true)?,
+            latency: latency::measure_from(lab, &caller, pod)?,
         }
     };
     intercept(lab, "5201:iperf")?;
     let streams = (|| {
         Ok::<_, anyhow::Error>((
-            iperf::stream_between(lab, (&laptop, Some("127.0.0.1")), (&caller, POD), false)?,
-            iperf::stream_between(lab, (&laptop, Some("127.0.0.1")), (&caller, POD), true)?,
+            iperf::stream_between(lab, (&laptop, Some("127.0.0.1")), (&caller, pod), false)?,
+            iperf::stream_between(lab, (&laptop, Some("127.0.0.1")), (&caller, pod), true)?,
         ))
     })();
     leave(lab);
     let (up, down) = streams?;
     let _pp = latency::start_server_in(lab, &laptop, "127.0.0.1")?;
     intercept(lab, "9100:pingpong")?;
-    let lat = latency::measure_from(lab, &caller, POD);
+    let lat = latency::measure_from(lab, &caller, pod);
     leave(lab);
     let intercepted = Path { up, down, latency: lat? };
     let rtt = crate::paths::tunnel_rtt_us(lab);

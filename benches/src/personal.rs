@@ -15,9 +15,6 @@ use tpvpn_lab::{show, Lab};
 const RATE_FRACTION: f64 = 0.7;
 /// The bar: added p50 latency, µs.
 const ADDED_P50_US: f64 = 100.0;
-const URL: &str = "http://10.244.2.10:8080/";
-/// The same page through a plain byte relay in the pod (`tpvpn-lab relay`).
-const RELAY_URL: &str = "http://10.244.2.10:8095/";
 const SECONDS: u32 = 5;
 const CONNECTIONS: u32 = 16;
 
@@ -75,19 +72,22 @@ pub fn section(lab: &mut Lab) -> Result<()> {
         lab.start_pods().context("pods for the personal-intercept section")?;
     }
     lab.start_laptop_web(18890, "laptop")?;
-    lab.start_pod_relay("web-0", "10.244.2.10:8095".parse()?, "10.244.2.10:8080".parse()?)?;
-    let direct = wrk(lab, URL, None)?;
-    let relayed = wrk(lab, RELAY_URL, None)?;
+    let pod = lab.pod_ip("web-0").context("pod web-0")?.to_string();
+    let url = &format!("http://{pod}:8080/");
+    // The same page through a plain byte relay in the pod (`tpvpn-lab relay`).
+    lab.start_pod_relay("web-0", format!("{pod}:8095").parse()?, format!("{pod}:8080").parse()?)?;
+    let direct = wrk(lab, url, None)?;
+    let relayed = wrk(lab, &format!("http://{pod}:8095/"), None)?;
     let out = lab.tpvpn(&["intercept", "web", "--port", "18890:http", "--http-header", "x-dev=bench"]);
     anyhow::ensure!(out.status.success(), "tpvpn intercept --http-header: {}", show(&out));
-    let runs = (|| Ok::<_, anyhow::Error>((wrk(lab, URL, None)?, wrk(lab, URL, Some("x-dev: bench"))?)))();
+    let runs = (|| Ok::<_, anyhow::Error>((wrk(lab, url, None)?, wrk(lab, url, Some("x-dev: bench"))?)))();
     let _ = lab.tpvpn(&["leave", "web"]);
     let (passed, routed) = runs?;
 
     println!("## Personal intercepts: HTTP/1.1 keep-alive requests through the agent");
     println!();
     println!(
-        "wrk -t2 -c{CONNECTIONS} -d{SECONDS}s --latency from the caller pod to {URL} (nginx's index page). \
+        "wrk -t2 -c{CONNECTIONS} -d{SECONDS}s --latency from the caller pod to {url} (nginx's index page). \
          Direct: no intercept. Pass-through: `tpvpn intercept web --port 18890:http --http-header x-dev=bench` \
          in place, requests without the header (the agent reads each and sends it to the pod over an upstream \
          connection of that caller connection's own, from the caller's address). Matched: requests with the header, to the laptop's nginx through the tunnel. \

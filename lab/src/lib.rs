@@ -31,7 +31,9 @@ pub mod data;
 pub mod hostile;
 pub mod pods;
 pub mod resolved;
+pub mod runtime;
 pub mod serve;
+pub mod volumes;
 pub mod wan;
 
 use std::fs;
@@ -191,6 +193,8 @@ pub struct Lab {
     agent: Option<Child>,
     /// Pods started by [`Lab::start_pods`] / [`Lab::add_pod`].
     pods: Vec<pods::RunningPod>,
+    /// The node's container runtime, once started ([`Lab::start_pods`]).
+    containerd: Option<runtime::Containerd>,
     /// The caller pod's namespace (empty until [`Lab::start_pods`]).
     caller_ns: String,
     /// A second laptop's namespace, once added ([`Lab::add_second_laptop`]).
@@ -346,6 +350,7 @@ impl Lab {
             manager: None,
             agent: None,
             pods: Vec::new(),
+            containerd: None,
             caller_ns: String::new(),
             laptop2: None,
             manager_listen: MANAGER_ADDR.to_string(),
@@ -1266,6 +1271,9 @@ impl Drop for Lab {
         // The agent first: it removes its capture tables from the pods on SIGTERM.
         self.stop_agent();
         self.stop_manager();
+        // Then the pods, through the CRI, and containerd; then their volumes' tmpfs.
+        self.containerd.take();
+        runtime::unmount_under(&self.dir);
         while let Some((_, child)) = self.children.pop() {
             terminate(child);
         }
@@ -1320,6 +1328,8 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         removed.push(format!("namespace {name}"));
         let dir = PathBuf::from(format!("/tmp/tpvpn-lab-{pid}-{n}"));
         if dir.is_dir() {
+            runtime::remove_leftovers(&dir.join("containerd"), &format!("tpvpn-lab-{pid}-{n}"));
+            runtime::unmount_under(&dir);
             fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
             removed.push(format!("directory {}", dir.display()));
         }

@@ -1,22 +1,23 @@
 //! Real pods for intercepts, and what a node has around them.
 //!
-//! Each pod is its own network namespace with its pod IP, joined to the cluster
-//! namespace (the node, `lab-node`) by a veth, running nginx with a known environment,
-//! and registered in the API stand-in as a Pod (labels, `spec.nodeName`,
-//! `status.podIP`, Ready, a `containerID`) selected by a Service. Stand-ins, for what a
-//! node would have and this machine does not run:
-//! - **the kubelet's part**: the lab resolves the container's `env` as the kubelet does
-//!   (`valueFrom.fieldRef`, `$(VAR)`) and starts nginx with exactly that environment;
-//! - **the container runtime's files**: the OCI bundle containerd keeps per container,
-//!   `RUNTIME/io.containerd.runtime.v2.task/k8s.io/ID/{config.json,init.pid}`, with the
-//!   resolved `process.env` and the pid, as containerd writes them;
+//! Each pod is real: a containerd sandbox and an nginx container made through the CRI
+//! ([`crate::runtime`]), on the node's pod network by the CNI `bridge` plugin (its IP
+//! from `host-local`), with a known environment, and registered in the API stand-in as
+//! a Pod (labels, `spec.nodeName`, `status.podIP`, Ready, the real `containerID`)
+//! selected by a Service. The agent reads containerd's own files for it. Stand-ins, for
+//! what a node would have and this machine does not run:
+//! - **the kubelet's sequencing**: the lab makes the CRI calls, and resolves the
+//!   container's `env` as the kubelet does (`valueFrom.fieldRef`, `$(VAR)`);
 //! - **kube-proxy**: nft DNAT of the Services' ClusterIPs to their pods, in the node;
 //! - **a mesh sidecar** (pod `mesh-0`): istio-init's nat REDIRECT of inbound TCP to
-//!   15006, where `tpvpn-lab sidecar` relays each connection to the app over loopback.
+//!   15006 in the sandbox's namespace, where a second container, `istio-proxy` (uid
+//!   1337, running `tpvpn-lab sidecar`), relays each connection to the app over
+//!   loopback. Only the inbound half of a mesh: no outbound redirect, no mTLS.
 //!
 //! The agent runs in the node namespace, as the DaemonSet's pod would (host network,
-//! the node's `/proc`), pointed at the runtime stand-in with `--runtime-root`.
-//! A caller pod (namespace only, [`CALLER_IP`]) makes requests as another pod would.
+//! the node's `/proc`), pointed at containerd's state with `--runtime-root`.
+//! A caller pod of another node (namespace only, [`CALLER_IP`], routed by the node)
+//! makes requests as another pod would.
 
 use std::fs;
 use std::net::SocketAddr;
@@ -27,13 +28,27 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::runtime::{ContainerSpec, Containerd, ImageSpec, PodNetwork, SandboxSpec, State};
+use crate::volumes::{Source, Volume};
 use crate::{find_bin, ip, Lab, MANAGER_ADDR};
 
 /// The node every lab pod runs on, and its address (`status.hostIP`).
 pub const NODE_NAME: &str = "lab-node";
 pub const NODE_IP: &str = "10.250.1.1";
-/// The caller pod's IP.
-pub const CALLER_IP: &str = "10.244.2.20";
+/// The caller pod's IP: a pod of another node, routed through this one.
+pub const CALLER_IP: &str = "10.244.4.20";
+/// This node's pod network (the CNI `bridge` plugin's `cni0`, addresses from `host-local`).
+pub const POD_SUBNET: &str = "10.244.2.0/24";
+/// The image of the web pods: nginx and the libraries it loads, from this machine.
+pub const WEB_IMAGE: &str = "lab.local/web:1";
+/// The mesh sidecar's image (`tpvpn-lab sidecar`), its uid and its own variable (which
+/// must never be mistaken for the app container's).
+pub const SIDECAR_IMAGE: &str = "lab.local/sidecar:1";
+pub const SIDECAR_UID: i64 = 1337;
+pub const SIDECAR_ENV: (&str, &str) = ("ISTIO_META_CLUSTER_ID", "lab-mesh");
+/// The web image's `ENV` (merged by containerd before the container's own variables).
+pub const IMAGE_ENV: &[(&str, &str)] =
+    &[("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), ("NGINX_VERSION", "1.22.1")];
 /// Service `default/web` (two pods) and `default/mesh` (one meshed pod).
 pub const WEB_IP: &str = "10.96.0.90";
 pub const MESH_IP: &str = "10.96.0.91";
@@ -55,24 +70,18 @@ pub const BIG_LEN: usize = 1 << 20;
 /// The value of `GREETING` in the pods' environment.
 pub const GREETING: &str = "hello from the web pods";
 
-/// One lab pod.
+/// One lab pod (its IP is the CNI's to give: [`Lab::pod_ip`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodSpec {
     pub name: String,
-    pub ip: String,
     pub app: String,
     pub meshed: bool,
 }
 
 /// The pods [`Lab::start_pods`] creates.
 pub fn initial_pods() -> Vec<PodSpec> {
-    let pod =
-        |name: &str, ip: &str, app: &str, meshed| PodSpec { name: name.into(), ip: ip.into(), app: app.into(), meshed };
-    vec![
-        pod("web-0", "10.244.2.10", "web", false),
-        pod("web-1", "10.244.2.11", "web", false),
-        pod("mesh-0", "10.244.2.30", "mesh", true),
-    ]
+    let pod = |name: &str, app: &str, meshed| PodSpec { name: name.into(), app: app.into(), meshed };
+    vec![pod("web-0", "web", false), pod("web-1", "web", false), pod("mesh-0", "mesh", true)]
 }
 
 /// The size of `LARGE_CONFIG`, which the mesh pods carry in their environment: over
@@ -97,18 +106,52 @@ fn env_spec(app: &str) -> Value {
     env
 }
 
+/// The contents of ConfigMap `web-config`'s key `app.conf`, mounted at `/etc/config` in
+/// the web pods.
+pub const APP_CONF: &str = "greeting = hello from the config map\n";
+
+/// The web pods' volumes, as their Pod spec declares them: a configMap, a Secret, an
+/// emptyDir and the ServiceAccount token (`token`, a random stand-in; `ca.crt`, the lab's
+/// CA; `namespace`).
+fn web_volumes(token: String, ca: String) -> Vec<Volume> {
+    let vol = |name: &str, source, mount_path: &str, read_only| Volume {
+        name: name.into(),
+        source,
+        mount_path: mount_path.into(),
+        read_only,
+    };
+    vec![
+        vol(
+            "config",
+            Source::ConfigMap { name: "web-config".into(), items: vec![("app.conf".into(), APP_CONF.into())] },
+            "/etc/config",
+            true,
+        ),
+        vol(
+            "db",
+            Source::Secret { name: "web-db".into(), items: vec![("password".into(), SECRET_VALUE.into())] },
+            "/etc/db",
+            true,
+        ),
+        vol("scratch", Source::EmptyDir, "/var/scratch", false),
+        vol(
+            "kube-api-access",
+            Source::ServiceAccountToken { token, ca, namespace: "default".into() },
+            "/var/run/secrets/kubernetes.io/serviceaccount",
+            true,
+        ),
+    ]
+}
+
 /// What the kubelet stand-in reads for `DB_PASSWORD` from Secret `web-db` (which the
 /// manager cannot read, and clients must not get).
 pub const SECRET_VALUE: &str = "s3cr3t-from-a-secret";
 
-/// The environment the kubelet stand-in resolves for `pod` (what the runtime starts
-/// the container with): the image's, then the container's in order, `valueFrom` read
-/// and `$(VAR)` expanded from the variables before it.
+/// The container's environment as the kubelet stand-in resolves it for `pod` (what it
+/// hands the runtime): the container's variables in order, `valueFrom` read and `$(VAR)`
+/// expanded from the variables before it.
 pub fn resolved_env(pod: &str, app: &str) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
-        ("HOSTNAME".into(), pod.into()),
-    ];
+    let mut env: Vec<(String, String)> = Vec::new();
     for e in env_spec(app).as_array().into_iter().flatten() {
         let name = e["name"].as_str().unwrap_or_default().to_string();
         let value = if e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" {
@@ -127,12 +170,39 @@ pub fn resolved_env(pod: &str, app: &str) -> Vec<(String, String)> {
     env
 }
 
+/// The web image: nginx with the libraries `ldd` names, the users nginx looks up.
+fn web_image() -> ImageSpec {
+    ImageSpec {
+        name: WEB_IMAGE.into(),
+        env: IMAGE_ENV.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        cmd: vec!["nginx".into(), "-g".into(), "daemon off;".into()],
+        binaries: vec!["/usr/sbin/nginx".into()],
+        files: vec![
+            (
+                "etc/passwd".into(),
+                b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/sh\n".to_vec(),
+            ),
+            ("etc/group".into(), b"root:x:0:\nnogroup:x:65534:\n".to_vec()),
+        ],
+        dirs: vec!["var/lib/nginx".into(), "var/log/nginx".into()],
+    }
+}
+
 /// A running lab pod.
 pub(crate) struct RunningPod {
     pub spec: PodSpec,
+    /// Its network namespace's name (`cni-…` under `/run/netns`, made by containerd).
     pub ns: String,
-    /// The command line of its server (what a container restart runs again).
-    pub server: Vec<String>,
+    pub ip: String,
+    pub sandbox: SandboxSpec,
+    pub sandbox_id: String,
+    /// The app container as last started (a restart starts it again, one attempt later).
+    pub container: ContainerSpec,
+    pub container_id: String,
+    /// The mesh sidecar container's id, in meshed pods.
+    pub sidecar_id: Option<String>,
+    /// The app container's volumes.
+    pub volumes: Vec<Volume>,
 }
 
 impl Lab {
@@ -141,6 +211,7 @@ impl Lab {
     pub fn start_pods(&mut self) -> Result<()> {
         let c = self.cluster.clone();
         ip(&["netns", "exec", &c, "sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        self.start_containerd()?;
         for spec in initial_pods() {
             self.add_pod(&spec)?;
         }
@@ -276,78 +347,102 @@ impl Lab {
         self.pods.iter().find(|p| p.spec.name == name).map(|p| p.ns.as_str())
     }
 
-    fn pod_veth(&mut self, ns_role: &str, ip_addr: &str) -> Result<String> {
-        let ns = format!("tpvpn-{}-{ns_role}", self.id);
-        ip(&["netns", "add", &ns])?;
-        self.namespaces.push(ns.clone());
-        let c = self.cluster.clone();
-        let host_side = format!("v{ns_role}");
-        ip(&["-n", &c, "link", "add", &host_side, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
-        ip(&["-n", &c, "link", "set", &host_side, "up"])?;
-        ip(&["-n", &c, "route", "add", &format!("{ip_addr}/32"), "dev", &host_side, "src", NODE_IP])?;
-        ip(&["-n", &ns, "addr", "add", &format!("{ip_addr}/32"), "dev", "eth0"])?;
-        for dev in ["lo", "eth0"] {
-            ip(&["-n", &ns, "link", "set", dev, "up"])?;
-        }
-        // Point-to-point to the node, as many CNIs do.
-        ip(&["-n", &ns, "route", "add", &format!("{NODE_IP}/32"), "dev", "eth0"])?;
-        ip(&["-n", &ns, "route", "add", "default", "via", NODE_IP, "dev", "eth0", "onlink"])?;
-        Ok(ns)
-    }
-
-    fn add_caller(&mut self) -> Result<()> {
-        self.caller_ns = self.pod_veth("caller", CALLER_IP)?;
+    /// The node's containerd, with the web image imported.
+    fn start_containerd(&mut self) -> Result<()> {
+        let net = PodNetwork {
+            bridge: "cni0".into(),
+            subnet: POD_SUBNET.into(),
+            gateway: "10.244.2.1".into(),
+            range: ("10.244.2.10".into(), "10.244.2.250".into()),
+        };
+        let dir = self.dir.join("containerd");
+        let ctd = Containerd::start(&dir, &self.cluster, &format!("tpvpn-lab-{}", self.id), &net)
+            .context("the node's container runtime")?;
+        ctd.import(&web_image())?;
+        self.containerd = Some(ctd);
         Ok(())
     }
 
-    /// Adds one pod: namespace, nginx with the kubelet-resolved environment, the
-    /// runtime's bundle, the Pod object (Ready).
+    fn containerd(&mut self) -> Result<&mut Containerd> {
+        self.containerd.as_mut().context("the node's containerd is not running (Lab::start_pods)")
+    }
+
+    /// The caller pod: a namespace routed from the node by a veth, as a pod of another
+    /// node is reached.
+    fn add_caller(&mut self) -> Result<()> {
+        let ns = format!("tpvpn-{}-caller", self.id);
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        let c = self.cluster.clone();
+        ip(&["-n", &c, "link", "add", "vcaller", "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&["-n", &c, "link", "set", "vcaller", "up"])?;
+        ip(&["-n", &c, "route", "add", &format!("{CALLER_IP}/32"), "dev", "vcaller", "src", NODE_IP])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{CALLER_IP}/32"), "dev", "eth0"])?;
+        for dev in ["lo", "eth0"] {
+            ip(&["-n", &ns, "link", "set", dev, "up"])?;
+        }
+        ip(&["-n", &ns, "route", "add", &format!("{NODE_IP}/32"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "route", "add", "default", "via", NODE_IP, "dev", "eth0", "onlink"])?;
+        self.caller_ns = ns;
+        Ok(())
+    }
+
+    /// Adds one pod as a kubelet would, through the CRI: RunPodSandbox (its network by
+    /// the CNI plugins), then CreateContainer and StartContainer of nginx with the
+    /// resolved environment and the pod's files mounted; then the Pod object (Ready,
+    /// with the real container id).
     pub fn add_pod(&mut self, spec: &PodSpec) -> Result<()> {
-        let role = format!("pod{}", self.pods.len());
-        let ns = self.pod_veth(&role, &spec.ip)?;
         let dir = self.dir.join("pods").join(&spec.name);
-        fs::create_dir_all(dir.join("www"))?;
-        fs::create_dir_all(dir.join("tmp"))?;
         let listen = format!("listen {HTTP_PORT};\n    listen {ALT_PORT};\n    listen {H2_PORT} http2;");
         write_web_conf(&dir, &format!("pod {}", spec.name), &listen)?;
-        let d = dir.display();
-        let env = resolved_env(&spec.name, &spec.app);
-        let vars: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let mut cmd: Vec<String> = vec!["env".into(), "-i".into()];
-        cmd.extend(vars.iter().cloned());
-        cmd.extend(["nginx", "-c"].map(String::from));
-        cmd.push(dir.join("nginx.conf").display().to_string());
-        cmd.extend(["-p".to_string(), d.to_string(), "-e".into(), format!("{d}/nginx.err")]);
-        let argv: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        self.spawn_in(&ns, &format!("nginx-{}", spec.name), &argv)?;
-        let pid = self.children.last().map(|(_, c)| c.id()).context("nginx child")?;
-        self.wait_listening(&ns, HTTP_PORT)?;
-        if spec.meshed {
-            self.mesh_sidecar(&ns, &spec.name)?;
+        let sandbox = SandboxSpec {
+            name: spec.name.clone(),
+            namespace: "default".into(),
+            uid: crate::random_token()?,
+            labels: [("app".to_string(), spec.app.clone())].into(),
+            log_dir: dir.join("logs"),
+            cgroup_parent: format!("/{}", self.containerd()?.cgroup_parent()),
+        };
+        let d = dir.display().to_string();
+        let volumes = web_volumes(crate::random_token()?, fs::read_to_string(self.manager_ca())?);
+        // The pod's files (nginx's configuration and logs), as a hostPath volume at the
+        // same path; then its declared volumes, laid out as the kubelet does.
+        let mut mounts = vec![(dir.clone(), d.clone(), false)];
+        for v in &volumes {
+            mounts.push((v.set_up(&dir)?, v.mount_path.clone(), v.read_only));
         }
-        // The container runtime's bundle (stand-in), as containerd keeps it.
-        let container_id = crate::random_token()? + &crate::random_token()?;
-        let bundle = self.runtime_root().join("io.containerd.runtime.v2.task/k8s.io").join(&container_id);
-        fs::create_dir_all(&bundle)?;
-        fs::write(bundle.join("init.pid"), pid.to_string())?;
-        let config = json!({"ociVersion": "1.1.0", "process": {"args": ["nginx"], "env": vars, "cwd": "/"},
-            "hostname": spec.name,
-            "linux": {"namespaces": [{"type": "network", "path": format!("/proc/{pid}/ns/net")}]},
-            "annotations": {"io.kubernetes.cri.container-name": "nginx", "io.kubernetes.cri.sandbox-name": spec.name}});
-        fs::write(bundle.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
-        let pod = json!({"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": spec.name, "namespace": "default", "labels": {"app": spec.app}},
-            "spec": {"nodeName": NODE_NAME, "containers": [{"name": "nginx", "image": "nginx:1.22",
-                "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
-                          {"containerPort": ALT_PORT, "protocol": "TCP"},
-                          {"containerPort": H2_PORT, "protocol": "TCP"}],
-                "env": env_spec(&spec.app)}]},
-            "status": {"phase": "Running", "hostIP": NODE_IP, "podIP": spec.ip, "podIPs": [{"ip": spec.ip}],
-                "conditions": [{"type": "Ready", "status": "True"}],
-                "containerStatuses": [{"name": "nginx", "ready": true, "restartCount": 0, "image": "nginx:1.22",
-                    "imageID": "", "containerID": format!("containerd://{container_id}")}]}});
-        self.kube_apply("POST", "/api/v1/namespaces/default/pods", Some(&pod))?;
-        self.pods.push(RunningPod { spec: spec.clone(), ns, server: cmd });
+        let container = ContainerSpec {
+            name: "nginx".into(),
+            attempt: 0,
+            image: WEB_IMAGE.into(),
+            command: ["nginx", "-c", &format!("{d}/nginx.conf"), "-p", &d, "-e", &format!("{d}/nginx.err")]
+                .map(String::from)
+                .to_vec(),
+            env: resolved_env(&spec.name, &spec.app),
+            mounts,
+            run_as_user: None,
+        };
+        let cri = self.containerd()?.cri()?;
+        let sb = cri.run_pod(&sandbox)?;
+        let container_id = cri.start_container(&sb.id, &sandbox, &container)?;
+        let ns = sb.netns.file_name().context("the sandbox's netns path")?.to_string_lossy().into_owned();
+        let mut pod = RunningPod {
+            spec: spec.clone(),
+            ns: ns.clone(),
+            ip: sb.ip,
+            sandbox,
+            sandbox_id: sb.id,
+            container,
+            container_id,
+            sidecar_id: None,
+            volumes,
+        };
+        self.wait_started(&pod)?;
+        if spec.meshed {
+            pod.sidecar_id = Some(self.mesh_sidecar(&pod)?);
+        }
+        self.kube_apply("POST", "/api/v1/namespaces/default/pods", Some(&pod_object(&pod)))?;
+        self.pods.push(pod);
         // kube-proxy follows the Service's endpoints: a new pod is a backend too.
         if !self.caller_ns.is_empty() {
             self.kube_proxy()?;
@@ -355,15 +450,45 @@ impl Lab {
         Ok(())
     }
 
-    /// The container runtime stand-in's root (the agent's `--runtime-root`).
-    pub fn runtime_root(&self) -> PathBuf {
-        self.dir.join("runtime")
+    /// Waits (≤ 10 s) until the pod's nginx listens; an error carries nginx's own words
+    /// when its container exited (nginx says `bind() ... failed (98: Address already in
+    /// use)` after about 2.5 s of tries).
+    fn wait_started(&mut self, pod: &RunningPod) -> Result<()> {
+        let err_log = self.dir.join("pods").join(&pod.spec.name).join("nginx.err");
+        for _ in 0..100 {
+            if self.listens(&pod.ns, HTTP_PORT) {
+                return Ok(());
+            }
+            if let (State::Exited, code) = self.containerd()?.cri()?.container_state(&pod.container_id)? {
+                bail!(
+                    "{}'s container exited ({code}): {}",
+                    pod.spec.name,
+                    fs::read_to_string(&err_log).unwrap_or_default().trim()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("{}'s nginx does not listen after 10 s", pod.spec.name)
     }
 
-    /// The environment the runtime stand-in recorded for pod `name`'s container.
+    /// The IP the CNI gave pod `name`.
+    pub fn pod_ip(&self, name: &str) -> Option<&str> {
+        self.pods.iter().find(|p| p.spec.name == name).map(|p| p.ip.as_str())
+    }
+
+    /// The container runtime's state directory (the agent's `--runtime-root`).
+    pub fn runtime_root(&self) -> PathBuf {
+        self.dir.join("containerd").join("state")
+    }
+
+    /// The environment pod `name`'s container runs with: the image's, the hostname the
+    /// runtime sets, the container's as the kubelet resolved it.
     pub fn pod_env(&self, name: &str) -> Vec<(String, String)> {
         let app = self.pods.iter().find(|p| p.spec.name == name).map_or("", |p| p.spec.app.as_str());
-        resolved_env(name, app)
+        let mut env: Vec<(String, String)> = IMAGE_ENV.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        env.push(("HOSTNAME".into(), name.into()));
+        env.extend(resolved_env(name, app));
+        env
     }
 
     fn wait_listening(&self, ns: &str, port: u16) -> Result<()> {
@@ -385,49 +510,89 @@ impl Lab {
             .any(|l| l.split_whitespace().nth(3).is_some_and(|a| a.ends_with(&want)))
     }
 
-    /// Restarts pod `pod`'s server as a container restart would: stopped (SIGTERM, its
-    /// listening socket closed once it exits), then started again at once, in the same
-    /// namespace. An error carries the server's own words when it cannot start (nginx
-    /// says `bind() ... failed (98: Address already in use)` after about 2.5 s of tries).
+    /// Restarts pod `pod`'s container as the kubelet does after it exited: StopContainer
+    /// (SIGTERM), then a new container of the next attempt in the same sandbox (a new
+    /// container id, which the Pod's status then carries, with `restartCount`). An error
+    /// carries nginx's own words when it cannot start again.
     pub fn restart_pod_server(&mut self, pod: &str) -> Result<()> {
-        let p = self.pods.iter().find(|p| p.spec.name == pod).context("no such pod")?;
-        let (ns, server) = (p.ns.clone(), p.server.clone());
-        let name = format!("nginx-{pod}");
-        let at = self.children.iter().position(|(n, _)| *n == name).context("the pod's server is not running")?;
-        let (_, mut old) = self.children.remove(at);
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(old.id())?);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        old.wait()?;
-        let err_log = self.dir.join("pods").join(pod).join("nginx.err");
-        let _ = fs::remove_file(&err_log);
-        let argv: Vec<&str> = server.iter().map(String::as_str).collect();
-        self.spawn_in(&ns, &name, &argv)?;
-        for _ in 0..100 {
-            if self.listens(&ns, HTTP_PORT) {
-                return Ok(());
-            }
-            let exited = self.children.iter_mut().find(|(n, _)| *n == name).map(|(_, c)| c.try_wait());
-            if let Some(Ok(Some(status))) = exited {
-                bail!("{pod}'s server exited ({status}): {}", fs::read_to_string(&err_log).unwrap_or_default().trim());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("{pod}'s server does not listen again after 10 s")
+        let at = self.pods.iter().position(|p| p.spec.name == pod).context("no such pod")?;
+        let old = self.pods[at].container_id.clone();
+        self.containerd()?.cri()?.stop_container(&old, Duration::from_secs(10))?;
+        let _ = fs::remove_file(self.dir.join("pods").join(pod).join("nginx.err"));
+        let (sandbox_id, sandbox, mut container) =
+            (self.pods[at].sandbox_id.clone(), self.pods[at].sandbox.clone(), self.pods[at].container.clone());
+        container.attempt += 1;
+        let id = self.containerd()?.cri()?.start_container(&sandbox_id, &sandbox, &container)?;
+        self.pods[at].container = container;
+        self.pods[at].container_id = id;
+        let path = format!("/api/v1/namespaces/default/pods/{pod}");
+        self.kube_apply("PUT", &path, Some(&pod_object(&self.pods[at])))?;
+        let p = self.pods.remove(at);
+        let started = self.wait_started(&p);
+        self.pods.insert(at, p);
+        started
     }
 
-    /// istio-init's part (nat REDIRECT of inbound TCP to 15006) and the proxy's.
-    fn mesh_sidecar(&mut self, ns: &str, pod: &str) -> Result<()> {
-        nft(ns, &format!(
+    /// Deletes pod `name` as the kubelet and the API do: its sandbox stopped and removed
+    /// through the CRI (containers killed, network torn down by the CNI, namespaces
+    /// removed), then the Pod object deleted, and kube-proxy's backends updated.
+    pub fn delete_pod(&mut self, name: &str) -> Result<()> {
+        let at = self.pods.iter().position(|p| p.spec.name == name).context("no such pod")?;
+        let pod = self.pods.remove(at);
+        self.containerd()?.cri()?.remove_pod(&pod.sandbox_id)?;
+        self.kube_apply("DELETE", &format!("/api/v1/namespaces/default/pods/{name}"), None)?;
+        self.kube_proxy()
+    }
+
+    /// Runs `cmd` in pod `name`'s app container (CRI ExecSync): stdout, stderr, exit code.
+    pub fn exec_in_container(&mut self, name: &str, cmd: &[&str]) -> Result<(String, String, i32)> {
+        let id = self.pod_container_id(name).context("no such pod")?.to_string();
+        self.containerd()?.cri()?.exec(&id, cmd)
+    }
+
+    /// The directory of pod `name` on the node (its volumes under `volumes/`).
+    pub fn pod_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("pods").join(name)
+    }
+
+    /// The id of pod `name`'s app container (as its Pod's status names it).
+    pub fn pod_container_id(&self, name: &str) -> Option<&str> {
+        self.pods.iter().find(|p| p.spec.name == name).map(|p| p.container_id.as_str())
+    }
+
+    /// istio-init's part (nat REDIRECT of inbound TCP to 15006, in the sandbox's
+    /// namespace) and the proxy's: container `istio-proxy` of the pod, as uid 1337.
+    fn mesh_sidecar(&mut self, pod: &RunningPod) -> Result<String> {
+        nft(&pod.ns, &format!(
             "table ip istio-stand-in {{\n  chain ISTIO_INBOUND {{ type nat hook prerouting priority dstnat; policy accept;\n    tcp dport {HTTP_PORT} redirect to :15006\n  }}\n}}\n"
         ))?;
-        let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
-        self.spawn_in(ns, &format!("sidecar-{pod}"), &[&lab_bin, "sidecar", "--listen", "0.0.0.0:15006"])?;
-        self.wait_listening(ns, 15006)
+        let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?;
+        let ctd = self.containerd()?;
+        ctd.import(&ImageSpec {
+            name: SIDECAR_IMAGE.into(),
+            cmd: vec![lab_bin.display().to_string(), "sidecar".into()],
+            binaries: vec![lab_bin.clone()],
+            ..ImageSpec::default()
+        })?;
+        let container = ContainerSpec {
+            name: "istio-proxy".into(),
+            image: SIDECAR_IMAGE.into(),
+            command: vec![lab_bin.display().to_string(), "sidecar".into(), "--listen".into(), "0.0.0.0:15006".into()],
+            env: vec![(SIDECAR_ENV.0.into(), SIDECAR_ENV.1.into())],
+            run_as_user: Some(SIDECAR_UID),
+            ..ContainerSpec::default()
+        };
+        let id = ctd.cri()?.start_container(&pod.sandbox_id, &pod.sandbox, &container)?;
+        self.wait_listening(&pod.ns, 15006)?;
+        Ok(id)
     }
 
-    /// What the mesh sidecar stand-in of pod `name` relayed (one line per connection).
+    /// What the mesh sidecar of pod `name` printed (one line per connection relayed),
+    /// from its container log (CRI format: time, stream, tag, then the line).
     pub fn sidecar_log(&self, name: &str) -> String {
-        fs::read_to_string(self.dir.join(format!("sidecar-{name}.log"))).unwrap_or_default()
+        let log = self.dir.join("pods").join(name).join("logs/istio-proxy/0.log");
+        let text = fs::read_to_string(log).unwrap_or_default();
+        text.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).map(|l| format!("{l}\n")).collect()
     }
 
     /// kube-proxy's part: each Service's ClusterIP:port DNATed to its pods, for traffic
@@ -436,8 +601,11 @@ impl Lab {
         let mut rules = String::new();
         for (svc_ip, app) in [(WEB_IP, "web"), (MESH_IP, "mesh")] {
             let backends: Vec<&RunningPod> = self.pods.iter().filter(|p| p.spec.app == app).collect();
+            if backends.is_empty() {
+                continue;
+            }
             let map: Vec<String> =
-                backends.iter().enumerate().map(|(i, p)| format!("{i} : {} . {HTTP_PORT}", p.spec.ip)).collect();
+                backends.iter().enumerate().map(|(i, p)| format!("{i} : {} . {HTTP_PORT}", p.ip)).collect();
             rules.push_str(&format!(
                 "    ip daddr {svc_ip} tcp dport 80 dnat ip addr . port to numgen inc mod {} map {{ {} }}\n",
                 backends.len(),
@@ -527,6 +695,11 @@ impl Lab {
         }
     }
 
+    /// The agent's pid, if it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
     /// Sends the agent `signal` (SIGSTOP, SIGCONT); its pid, if it runs.
     pub fn signal_agent(&self, signal: nix::sys::signal::Signal) -> Option<u32> {
         let pid = self.agent.as_ref()?.id();
@@ -565,6 +738,33 @@ impl Lab {
             .map(str::to_string)
             .collect()
     }
+}
+
+/// The Pod object of `pod` as the API has it once the kubelet reported it running.
+fn pod_object(pod: &RunningPod) -> Value {
+    let spec = &pod.spec;
+    let status = |name: &str, image: &str, restarts: u32, id: &str| {
+        json!({"name": name, "ready": true, "restartCount": restarts, "image": image, "imageID": "",
+               "containerID": format!("containerd://{id}")})
+    };
+    let mut containers = vec![json!({"name": "nginx", "image": WEB_IMAGE,
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"},
+                  {"containerPort": ALT_PORT, "protocol": "TCP"},
+                  {"containerPort": H2_PORT, "protocol": "TCP"}],
+        "env": env_spec(&spec.app),
+        "volumeMounts": pod.volumes.iter().map(Volume::mount_spec).collect::<Vec<_>>()})];
+    let mut statuses = vec![status("nginx", WEB_IMAGE, pod.container.attempt, &pod.container_id)];
+    if let Some(id) = &pod.sidecar_id {
+        containers.push(json!({"name": "istio-proxy", "image": SIDECAR_IMAGE,
+            "env": [{"name": SIDECAR_ENV.0, "value": SIDECAR_ENV.1}]}));
+        statuses.push(status("istio-proxy", SIDECAR_IMAGE, 0, id));
+    }
+    json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": spec.name, "namespace": "default", "uid": pod.sandbox.uid, "labels": {"app": spec.app}},
+        "spec": {"nodeName": NODE_NAME, "containers": containers,
+            "volumes": pod.volumes.iter().map(Volume::spec).collect::<Vec<_>>()},
+        "status": {"phase": "Running", "hostIP": NODE_IP, "podIP": pod.ip, "podIPs": [{"ip": pod.ip}],
+            "conditions": [{"type": "Ready", "status": "True"}], "containerStatuses": statuses}})
 }
 
 /// Loads `rules` (nft syntax) in namespace `ns`: the lab's stand-ins of components that

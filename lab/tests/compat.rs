@@ -80,7 +80,7 @@ fn v2_and_v3_intercept_together_and_personal_intercepts_name_the_side_to_upgrade
     let v2 = |name: &str| release("v2", name);
     lab.start_pods().unwrap_or_else(|e| panic!("pods: {e:#}\nagent log:\n{}", lab.agent_log()));
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
-    let pod = "http://10.244.2.10:8080/";
+    let pod = &format!("http://{}:8080/", lab.pod_ip("web-0").expect("pod web-0"));
     let reaches = |lab: &Lab, body: &str| {
         let out = lab.exec_timeout(lab.caller(), &["curl", "-sS", "--max-time", "5", pod], Duration::from_secs(10));
         assert!(

@@ -10,6 +10,11 @@ use serde_json::Value;
 use tpvpn_lab::pods::{ALT_PORT, CALLER_IP, H2_PORT, HTTP_PORT, WEB_IP};
 use tpvpn_lab::{show, wait_until, Lab};
 
+/// Pod `pod`'s IP (the CNI's choice).
+fn ip(lab: &Lab, pod: &str) -> String {
+    lab.pod_ip(pod).unwrap_or_else(|| panic!("no pod {pod}")).to_string()
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -84,7 +89,8 @@ fn nginx_pid(lab: &Lab, pod: &str) -> String {
 fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
     let Some(mut lab) = lab_with_pods() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
-    let pods = [format!("http://10.244.2.10:{HTTP_PORT}/"), format!("http://10.244.2.11:{HTTP_PORT}/")];
+    let pods =
+        [format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0")), format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-1"))];
     assert_answers(&lab, &pods[0], "pod web-0");
     assert_answers(&lab, &pods[1], "pod web-1");
     let versions = pod_versions(&lab);
@@ -113,7 +119,7 @@ fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
         assert_answers(&lab, &url, "answered by the laptop");
     }
     // The other port of the same pods is not intercepted.
-    assert_answers(&lab, &format!("http://10.244.2.10:{ALT_PORT}/"), "pod web-0");
+    assert_answers(&lab, &format!("http://{}:{ALT_PORT}/", ip(&lab, "web-0")), "pod web-0");
 
     // The environment of the container serving the port, as the kubelet resolved it.
     let env = std::fs::read_to_string(&env_file).unwrap();
@@ -134,7 +140,7 @@ fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
         .filter_map(|l| l.split_whitespace().nth(3)?.rsplit_once(':')?.1.parse::<u16>().ok())
         .find(|p| ![HTTP_PORT, ALT_PORT, H2_PORT].contains(p))
         .expect("the agent's transparent listener");
-    let out = from_caller(&lab, &["reset", &format!("10.244.2.10:{listener}")]);
+    let out = from_caller(&lab, &["reset", &format!("{}:{listener}", ip(&lab, "web-0"))]);
     assert_eq!(stdout(&out).trim(), "reset", "{}", show(&out));
     assert!(env.contains("SELF_URL=http://web-0:8080/"), "$(VAR) expanded:\n{env}");
     let json: Value = serde_json::from_str(&std::fs::read_to_string(&env_json).unwrap()).unwrap();
@@ -173,7 +179,7 @@ fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
 fn a_stuck_agent_gives_the_pods_back_within_seconds() {
     let Some(mut lab) = lab_with_pods() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
-    let pod = format!("http://10.244.2.10:{HTTP_PORT}/");
+    let pod = format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0"));
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
     assert_answers(&lab, &pod, "answered by the laptop");
     // Stopped, not dead: its listening sockets stay, nobody accepts on them, and the rules
@@ -239,13 +245,17 @@ fn a_pod_restarting_right_after_leave_binds_its_port() {
     // so the agent's end of each connection, which carries the pod's own address and port,
     // is left in TIME-WAIT in the pod's namespace.
     let script = format!(
-        "import socket\nfor _ in range(3):\n  s = socket.create_connection(('10.244.2.10', {HTTP_PORT}), timeout=5)\n  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n  d = b''\n  while True:\n    b = s.recv(65536)\n    if not b: break\n    d += b\n  print(d.decode().splitlines()[-1])\n  s.close()\n"
+        "import socket\nfor _ in range(3):\n  s = socket.create_connection(('{}', {HTTP_PORT}), timeout=5)\n  s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n  d = b''\n  while True:\n    b = s.recv(65536)\n    if not b: break\n    d += b\n  print(d.decode().splitlines()[-1])\n  s.close()\n",
+        ip(&lab, "web-0")
     );
     let out = lab.exec_timeout(lab.caller(), &[tpvpn_lab::pods::PYTHON, "-c", &script], Duration::from_secs(30));
     assert_eq!(stdout(&out).matches("answered by the laptop").count(), 3, "{}", show(&out));
     let ns = lab.pod_ns("web-0").unwrap().to_string();
     let waiting = stdout(&lab.exec(&ns, &["ss", "-Htan", "state", "time-wait"]));
-    assert!(waiting.contains(&format!("10.244.2.10:{HTTP_PORT}")), "the agent's sockets are in TIME-WAIT:\n{waiting}");
+    assert!(
+        waiting.contains(&format!("{}:{HTTP_PORT}", ip(&lab, "web-0"))),
+        "the agent's sockets are in TIME-WAIT:\n{waiting}"
+    );
 
     assert_ok(&lab.tpvpn(&["leave", "web"]), "tpvpn leave web");
     // (`leave` returns once the manager released the captures; the agent removes its rules
@@ -257,7 +267,7 @@ fn a_pod_restarting_right_after_leave_binds_its_port() {
     );
     // The container restarts (a crash, a rollout) and binds its port at once.
     lab.restart_pod_server("web-0").unwrap_or_else(|e| panic!("the pod's server cannot bind its port again: {e:#}"));
-    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
+    assert_answers(&lab, &format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0")), "pod web-0");
 }
 
 /// Runs a lab client (`tpvpn-lab client ...`) in the caller pod.
@@ -276,17 +286,16 @@ fn numeric_target_ports_bytes_both_ways_new_pods_and_a_refusing_laptop() {
 
     // Port 81 targets 8081 by number; the laptop's sink hashes what it gets.
     assert_ok(&intercept(&lab, &["web", "--port", "19001:alt"]), "intercept web alt -> sink");
-    let out = from_caller(&lab, &["upload", &alt("10.244.2.10"), BIG]);
+    let out = from_caller(&lab, &["upload", &alt(&ip(&lab, "web-0")), BIG]);
     assert_ok(&out, "32 MiB from the caller to the laptop's sink (half-closed, then its reply)");
     assert_ok(&lab.tpvpn(&["leave", "web"]), "leave");
 
     assert_ok(&intercept(&lab, &["web", "--port", "19003:81"]), "intercept web 81 -> source");
-    let out = from_caller(&lab, &["download", &alt("10.244.2.11"), BIG]);
+    let out = from_caller(&lab, &["download", &alt(&ip(&lab, "web-1")), BIG]);
     assert_ok(&out, "32 MiB from the laptop's source to the caller, byte for byte");
 
     // A pod that becomes ready while intercepted is intercepted too.
-    let new =
-        tpvpn_lab::pods::PodSpec { name: "web-2".into(), ip: "10.244.2.12".into(), app: "web".into(), meshed: false };
+    let new = tpvpn_lab::pods::PodSpec { name: "web-2".into(), app: "web".into(), meshed: false };
     lab.add_pod(&new).unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || !lab.capture_tables("web-2").is_empty()),
@@ -294,15 +303,15 @@ fn numeric_target_ports_bytes_both_ways_new_pods_and_a_refusing_laptop() {
         lab.agent_log(),
         lab.manager_log()
     );
-    assert_ok(&from_caller(&lab, &["download", &alt("10.244.2.12"), "1048576"]), "download from the new pod");
+    assert_ok(&from_caller(&lab, &["download", &alt(&ip(&lab, "web-2")), "1048576"]), "download from the new pod");
     assert_ok(&lab.tpvpn(&["leave", "web"]), "leave");
 
     // Nothing listens on the laptop's port: the caller sees a reset, not a hang.
     assert_ok(&intercept(&lab, &["web", "--port", "19999:http"]), "intercept to a closed laptop port");
-    let out = from_caller(&lab, &["reset", &format!("10.244.2.10:{HTTP_PORT}")]);
+    let out = from_caller(&lab, &["reset", &format!("{}:{HTTP_PORT}", ip(&lab, "web-0"))]);
     assert_eq!(stdout(&out).trim(), "reset", "{}", show(&out));
     assert_ok(&lab.tpvpn(&["leave", "web"]), "leave");
-    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
+    assert_answers(&lab, &format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0")), "pod web-0");
 }
 
 #[test]
@@ -365,7 +374,7 @@ fn an_agent_that_loses_the_manager_removes_its_rules() {
         "the agent kept its rules without a manager:\n{}",
         lab.agent_log()
     );
-    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
+    assert_answers(&lab, &format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0")), "pod web-0");
     assert!(lab.agent_log().contains("lost the manager"), "{}", lab.agent_log());
 }
 
@@ -373,7 +382,7 @@ fn an_agent_that_loses_the_manager_removes_its_rules() {
 fn losing_the_agent_or_the_laptop_gives_the_pods_back_and_a_new_daemon_reclaims() {
     let Some(mut lab) = lab_with_pods() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
-    let pod = format!("http://10.244.2.10:{HTTP_PORT}/");
+    let pod = format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0"));
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
     assert_answers(&lab, &pod, "answered by the laptop");
 
@@ -431,7 +440,7 @@ fn losing_the_agent_or_the_laptop_gives_the_pods_back_and_a_new_daemon_reclaims(
 fn a_meshed_pod_is_captured_behind_its_sidecar() {
     let Some(mut lab) = lab_with_pods() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
-    let pod = format!("http://10.244.2.30:{HTTP_PORT}/");
+    let pod = format!("http://{}:{HTTP_PORT}/", ip(&lab, "mesh-0"));
     assert_answers(&lab, &pod, "pod mesh-0");
     let relayed = || lab.sidecar_log("mesh-0").lines().filter(|l| l.starts_with("sidecar:")).count();
     let before = relayed();
@@ -440,12 +449,18 @@ fn a_meshed_pod_is_captured_behind_its_sidecar() {
     let env_file = lab.dir().join("mesh.env");
     let out = intercept(&lab, &["mesh", "--port", "18888", "--env-file", &env_file.display().to_string()]);
     assert_ok(&out, "intercept mesh");
+    // The sidecar is a container of its own, as uid 1337 (what istio-init's rules exempt).
+    let ss = lab.exec(lab.pod_ns("mesh-0").unwrap(), &["ss", "-Hltne", "sport", "= :15006"]);
+    assert!(stdout(&ss).contains(" uid:1337 "), "{}", show(&ss));
     assert!(stdout(&out).contains("behind its mesh sidecar"), "{}", show(&out));
     // A variable too large for the frames that carry it is left out, with a note; the
     // rest of the environment arrives and the node's agent keeps its captures.
     assert!(stdout(&out).contains("too large to copy") && stdout(&out).contains("LARGE_CONFIG"), "{}", show(&out));
     let env = std::fs::read_to_string(&env_file).unwrap();
     assert!(env.contains("GREETING=") && !env.contains("LARGE_CONFIG"), "{env}");
+    // The pod has two containers: the environment is the one of the container serving
+    // the port (nginx's), never the sidecar's.
+    assert!(!env.contains(tpvpn_lab::pods::SIDECAR_ENV.0), "the sidecar container's environment:\n{env}");
     assert!(!lab.agent_log().contains("lost the manager"), "{}", lab.agent_log());
     assert_answers(&lab, &pod, "answered by the laptop");
     assert_answers(&lab, &format!("http://{}/", tpvpn_lab::pods::MESH_IP), "answered by the laptop");
@@ -461,12 +476,63 @@ fn a_meshed_pod_is_captured_behind_its_sidecar() {
     assert_eq!(relayed(), n + 1, "after leave, requests go through the sidecar to the app as before");
 }
 
+/// The network namespaces the agent's threads are in or hold open (by inode).
+fn agent_namespaces(lab: &Lab) -> Vec<u64> {
+    let Some(pid) = lab.agent_pid() else { return vec![] };
+    let inode = |link: std::path::PathBuf| {
+        let target = std::fs::read_link(link).ok()?;
+        target.to_str()?.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+    };
+    let dirs = |p: String| std::fs::read_dir(p).into_iter().flatten().flatten().map(|e| e.path());
+    let threads = dirs(format!("/proc/{pid}/task")).filter_map(|t| inode(t.join("ns/net")));
+    threads.chain(dirs(format!("/proc/{pid}/fd")).filter_map(inode)).collect()
+}
+
+#[test]
+fn a_container_restart_and_a_pod_deletion_while_intercepted() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
+    let web0 = format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0"));
+    assert_answers(&lab, &web0, "answered by the laptop");
+
+    // The kubelet restarts web-0's container: a new container id in the same sandbox
+    // (and network namespace), which the Pod's status then names. The pod stays captured.
+    let old = lab.pod_container_id("web-0").unwrap().to_string();
+    lab.restart_pod_server("web-0").unwrap_or_else(|e| panic!("restart: {e:#}\n{}", lab.agent_log()));
+    assert_ne!(lab.pod_container_id("web-0").unwrap(), old, "a restarted container has a new id");
+    assert_answers(&lab, &web0, "answered by the laptop");
+    assert_eq!(captures(&lab, "web-0"), 1, "{:?}", lab.capture_tables("web-0"));
+
+    // web-1 is deleted while captured: the agent lets go of its namespace (no thread in
+    // it, no handle on it), and the Service keeps going to the laptop through web-0.
+    let ns = lab.pod_ns("web-1").unwrap().to_string();
+    let inode = std::fs::metadata(format!("/run/netns/{ns}")).unwrap().ino();
+    assert!(agent_namespaces(&lab).contains(&inode), "the agent works in web-1's namespace while it is captured");
+    lab.delete_pod("web-1").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || !agent_namespaces(&lab).contains(&inode)),
+        "the agent still holds the deleted pod's network namespace:\n{}",
+        lab.agent_log()
+    );
+    assert_answers(&lab, &format!("http://{WEB_IP}/"), "answered by the laptop");
+    assert_ok(&lab.tpvpn(&["leave", "web"]), "leave");
+    assert_answers(&lab, &web0, "pod web-0");
+    assert!(
+        wait_until(Duration::from_secs(5), || lab.capture_tables("web-0").is_empty()),
+        "{:?}\n{}",
+        lab.capture_tables("web-0"),
+        lab.agent_log()
+    );
+}
+
 #[test]
 fn uninstall_leaves_no_agent_and_no_capture_table() {
     let Some(mut lab) = lab_with_pods() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
-    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "answered by the laptop");
+    assert_answers(&lab, &format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0")), "answered by the laptop");
     let kc = lab.kubeconfig().display().to_string();
     let kube = |lab: &Lab, args: &[&str]| lab.tpvpn_env(args, &[("KUBECONFIG", kc.as_str())], Duration::from_secs(60));
     let out = kube(&lab, &["manager", "install"]);
@@ -486,7 +552,7 @@ fn uninstall_leaves_no_agent_and_no_capture_table() {
     for pod in ["web-0", "web-1", "mesh-0"] {
         assert!(lab.capture_tables(pod).is_empty(), "{pod} kept {:?}", lab.capture_tables(pod));
     }
-    assert_answers(&lab, &format!("http://10.244.2.10:{HTTP_PORT}/"), "pod web-0");
+    assert_answers(&lab, &format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0")), "pod web-0");
 }
 
 /// Audit B-5: callers of a global intercept that ask the laptop for much and never read

@@ -9,6 +9,11 @@ use std::time::Duration;
 use tpvpn_lab::pods::{BIG_LEN, CALLER_IP, GRPC_PORT, H2_PORT, NODE_IP, PYTHON, RPC_SCRIPT, WEB_IP, WS_PORT};
 use tpvpn_lab::{show, wait_until, Lab};
 
+/// Pod `pod`'s IP (the CNI's choice).
+fn ip(lab: &Lab, pod: &str) -> String {
+    lab.pod_ip(pod).unwrap_or_else(|| panic!("no pod {pod}")).to_string()
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -90,11 +95,21 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
     // the pod answers it, header or not (and nothing was added to it).
     let probe = lab.exec_timeout(
         lab.cluster(),
-        &["curl", "-sS", "--max-time", "5", "--interface", NODE_IP, "-H", "x-dev: a", "http://10.244.2.10:8080/whoami"],
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--interface",
+            NODE_IP,
+            "-H",
+            "x-dev: a",
+            &format!("http://{}:8080/whoami", ip(&lab, "web-0")),
+        ],
         Duration::from_secs(10),
     );
     assert!(
-        stdout(&probe).starts_with("pod web-0 host=10.244.2.10 uri=/whoami xff= dev=a "),
+        stdout(&probe).starts_with(&format!("pod web-0 host={} uri=/whoami xff= dev=a ", ip(&lab, "web-0"))),
         "a probe from the node must reach the pod untouched:\n{}",
         show(&probe)
     );
@@ -113,7 +128,7 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
                 addr,
                 "-H",
                 "x-dev: a",
-                "http://10.244.2.10:8080/whoami",
+                &format!("http://{}:8080/whoami", ip(&lab, "web-0")),
             ],
             Duration::from_secs(10),
         )
@@ -134,7 +149,7 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
         logs(&lab)
     );
     // A caller pod's request, header and all, is still the laptop's.
-    let caller = curl(&lab, &["-H", "x-dev: a", "http://10.244.2.10:8080/whoami"]);
+    let caller = curl(&lab, &["-H", "x-dev: a", &format!("http://{}:8080/whoami", ip(&lab, "web-0"))]);
     assert!(stdout(&caller).starts_with("laptop-a"), "{}", show(&caller));
 
     // Nobody takes another developer's requests by asking for more (or fewer) of the same
@@ -218,7 +233,7 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
     // stream. (Each from a connection of its own: curl 7.88 cannot reuse a
     // prior-knowledge connection, even to nginx alone.) Laptop a takes the h2 port too.
     assert_ok(&intercept_for_a(&lab, "18811:h2"), "laptop a intercepts the h2 port");
-    let h2 = format!("http://10.244.2.10:{H2_PORT}/whoami");
+    let h2 = format!("http://{}:{H2_PORT}/whoami", ip(&lab, "web-0"));
     for (header, want) in [(Some("x-dev: a"), "laptop-a"), (None, "pod web-0"), (Some("x-dev: b"), "pod web-0")] {
         let mut args = vec!["--http2-prior-knowledge", "-w", "%{http_version}\n"];
         if let Some(h) = header {
@@ -230,7 +245,8 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
         assert!(
             text.starts_with(want)
                 && text.contains(&format!(
-                    "host=10.244.2.10 uri=/whoami xff={} ",
+                    "host={} uri=/whoami xff={} ",
+                    ip(&lab, "web-0"),
                     if want == "laptop-a" { CALLER_IP } else { "" }
                 ))
                 && text.ends_with("\n2\n"),
@@ -246,7 +262,10 @@ fn each_request_lands_where_its_header_says_and_the_pod_keeps_the_rest() {
         &[
             "bash",
             "-c",
-            "exec 3<>/dev/tcp/10.244.2.10/8080; printf '\\x16\\x03\\x01\\x00\\x05hello' >&3; timeout 5 cat <&3",
+            &format!(
+                "exec 3<>/dev/tcp/{}/8080; printf '\\x16\\x03\\x01\\x00\\x05hello' >&3; timeout 5 cat <&3",
+                ip(&lab, "web-0")
+            ),
         ],
         Duration::from_secs(10),
     );
@@ -302,7 +321,7 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
 
     // One channel (one HTTP/2 connection), calls with and without the header in turn:
     // unary and server streaming each land where their metadata says.
-    let target = format!("10.244.2.10:{GRPC_PORT}");
+    let target = format!("{}:{GRPC_PORT}", ip(&lab, "web-0"));
     let out = py(&["grpc-client", &target, "who:a", "who", "count:3:a", "count:2", "who:b", "who:a"]);
     assert_ok(&out, "the gRPC calls");
     let got: Vec<String> = stdout(&out).lines().map(str::to_string).collect();
@@ -334,7 +353,7 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
 
     // A WebSocket whose upgrade request matches is the laptop's for its whole life (1 MiB
     // binary message both ways); one without the header is the pod's.
-    let url = format!("ws://10.244.2.10:{WS_PORT}/ws");
+    let url = format!("ws://{}:{WS_PORT}/ws", ip(&lab, "web-0"));
     let out = py(&["ws-client", &url, "a"]);
     assert_eq!(stdout(&out), "laptop-a: one\nlaptop-a: two\nbinary 1048576 same\n", "{}\n{}", show(&out), logs(&lab));
     let out = py(&["ws-client", &url]);
@@ -347,12 +366,13 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
     lab.spawn_background(&laptop, "h2c", &[&[PYTHON, RPC_SCRIPT][..], &h2c].concat()).unwrap();
     assert!(wait_until(Duration::from_secs(10), || lab.background_log("h2c").contains("listening")), "h2c server");
     assert_ok(&intercept_for_a(&lab, "18823:http"), "intercept the http port for x-dev: a");
-    let whoami = "http://10.244.2.10:8080/whoami";
+    let whoami = &format!("http://{}:8080/whoami", ip(&lab, "web-0"));
     let out =
         curl(&lab, &["--http2", "-H", "x-dev: a", whoami, "--next", "-sS", "--http2", whoami, "-w", "%{num_connects}"]);
     let got = stdout(&out);
     assert!(
-        got.starts_with("laptop-a h1 dev=a\npod web-0 host=10.244.2.10 uri=/whoami ") && got.ends_with("\n0"),
+        got.starts_with(&format!("laptop-a h1 dev=a\npod web-0 host={} uri=/whoami ", ip(&lab, "web-0")))
+            && got.ends_with("\n0"),
         "the upgrade offer must be declined and the connection kept:\n{}\n{}",
         show(&out),
         logs(&lab)
@@ -365,11 +385,12 @@ fn grpc_calls_and_websockets_are_routed_by_their_header() {
     // Nothing listens on the laptop's port yet: `intercept` says so, and the caller gets
     // a 502 that says so too.
     assert!(stdout(&out).contains("nothing listens on 127.0.0.1:18801 yet"), "{}", show(&out));
-    let out = curl(&lab, &["-H", "x-dev: a", "-w", "%{http_code}", "http://10.244.2.10:8080/"]);
+    let out = curl(&lab, &["-H", "x-dev: a", "-w", "%{http_code}", &format!("http://{}:8080/", ip(&lab, "web-0"))]);
     let got = stdout(&out);
     assert!(got.contains("the laptop's port 18801: Connection refused") && got.ends_with("502"), "{}", show(&out));
     lab.start_web_in(&laptop, 18801, None, "laptop-a").unwrap();
-    let script = ["keepalive", "10.244.2.10", "8080", "/", "a", "4"];
+    let web0 = ip(&lab, "web-0");
+    let script = ["keepalive", &web0, "8080", "/", "a", "4"];
     let mut cmd = vec![PYTHON, RPC_SCRIPT];
     cmd.extend_from_slice(&script);
     let caller = lab.caller().to_string();
@@ -445,7 +466,7 @@ fn requests_passed_to_the_pod_arrive_as_the_caller_sent_them() {
     let before = rules();
     assert_ok(&intercept_for_a(&lab, "18801:http"), "laptop a intercepts for x-dev: a");
 
-    let received = "http://10.244.2.10:8080/received";
+    let received = &format!("http://{}:8080/received", ip(&lab, "web-0"));
     let peer = |out: &Output| -> String {
         let text = stdout(out);
         text.split_whitespace().find_map(|w| w.strip_prefix("peer=")).unwrap_or_default().to_string()

@@ -646,7 +646,7 @@ pub(super) fn new_uid() -> String {
 }
 
 /// Now as `2006-01-02T15:04:05Z`.
-pub(super) fn rfc3339_now() -> String {
+pub(crate) fn rfc3339_now() -> String {
     let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = ((secs / 86400) as i64, secs % 86400);
     // Civil date from days since the epoch (H. Hinnant's algorithm).
