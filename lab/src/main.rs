@@ -197,9 +197,12 @@ fn demo() -> Result<()> {
     let mut failed = Vec::new();
     let ns = lab.laptop().to_string();
     println!(
-        "# pods web-0/web-1 (Service web), a caller pod and the node agent; nginx on the laptop's 127.0.0.1:18888..."
+        "# pods web-0/web-1 (Service web) and mesh-0: real containers (containerd, runc, CNI), made through the CRI; a caller pod and the node agent; nginx on the laptop's 127.0.0.1:18888..."
     );
     lab.start_pods()?;
+    let socket = lab.containerd_socket().context("the node's containerd")?.display().to_string();
+    let ctr = ["ctr", "--address", socket.as_str(), "--namespace", "k8s.io", "tasks", "ls"];
+    step(&mut failed, "", &ctr, |a| lab.exec_timeout(lab.cluster(), a, std::time::Duration::from_secs(15)));
     lab.start_web_in(&ns, 18888, None, "answered by the laptop")?;
 
     // As a user does it: only a kubeconfig (the lab's API stand-in plays the cluster).

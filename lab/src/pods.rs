@@ -253,6 +253,19 @@ impl Lab {
         self.start_agent()
     }
 
+    /// For tests: [`Lab::start_pods`], or `false` (the test is skipped, loudly) where
+    /// containers cannot run ([`crate::runtime::available_or_skip`]: never under CI). Pods
+    /// that cannot start fail the test.
+    pub fn start_pods_or_skip(&mut self) -> bool {
+        if !crate::runtime::available_or_skip() {
+            return false;
+        }
+        if let Err(e) = self.start_pods() {
+            panic!("pods: {e:#}\nagent log:\n{}", self.agent_log());
+        }
+        true
+    }
+
     /// The caller pod's namespace.
     pub fn caller(&self) -> &str {
         &self.caller_ns
@@ -361,6 +374,11 @@ impl Lab {
         ctd.import(&web_image())?;
         self.containerd = Some(ctd);
         Ok(())
+    }
+
+    /// The node's containerd socket, once it runs.
+    pub fn containerd_socket(&self) -> Option<PathBuf> {
+        self.containerd.as_ref().map(Containerd::socket)
     }
 
     fn containerd(&mut self) -> Result<&mut Containerd> {

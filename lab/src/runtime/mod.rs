@@ -58,13 +58,8 @@ impl Containerd {
     /// runs make the pods' network there), with pods in cgroup `/<cgroup_parent>`, and
     /// imports the pause image. Ready in about a second.
     pub fn start(dir: &Path, node_ns: &str, cgroup_parent: &str, net: &PodNetwork) -> Result<Containerd> {
-        for (bin, pkg) in [("containerd", "containerd"), ("runc", "runc"), ("ctr", "containerd")] {
-            if !on_path(bin) {
-                bail!("{bin} is not installed (Debian package {pkg}; scripts/install-deps.sh installs it)");
-            }
-        }
-        if !Path::new(CNI_BIN_DIR).join("bridge").exists() {
-            bail!("the CNI plugins are not installed (Debian package containernetworking-plugins)");
+        if let Some(why) = unavailable() {
+            bail!("{why}");
         }
         for sub in ["root", "state", "opt", "cni-conf", "cni-ipam", "images", "pods"] {
             fs::create_dir_all(dir.join(sub))?;
@@ -266,6 +261,36 @@ fn remove_cgroup(dir: &Path) -> bool {
     }
     let _ = fs::remove_dir(dir);
     !dir.exists()
+}
+
+/// Why containers cannot run here, if they cannot: a package missing, no cgroup
+/// filesystem, not root.
+pub fn unavailable() -> Option<String> {
+    for (bin, pkg) in [("containerd", "containerd"), ("runc", "runc"), ("ctr", "containerd"), ("nsenter", "util-linux")]
+    {
+        if !on_path(bin) {
+            return Some(format!("{bin} is not installed (Debian package {pkg}; scripts/install-deps.sh installs it)"));
+        }
+    }
+    if !Path::new(CNI_BIN_DIR).join("bridge").exists() {
+        return Some("the CNI plugins are not installed (Debian package containernetworking-plugins)".into());
+    }
+    if fs::read_dir("/sys/fs/cgroup").map_or(true, |mut d| d.next().is_none()) {
+        return Some("no cgroup filesystem at /sys/fs/cgroup".into());
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Some("containers need root".into());
+    }
+    None
+}
+
+/// For tests: whether containers can run here; where they cannot, says so loudly (the
+/// test is skipped), except under CI (`CI` set), which must run them: that fails.
+pub fn available_or_skip() -> bool {
+    let Some(why) = unavailable() else { return true };
+    assert!(std::env::var_os("CI").is_none(), "CI must run the tests with real containers, and cannot: {why}");
+    eprintln!("SKIPPED: this test needs real containers: {why}");
+    false
 }
 
 fn on_path(bin: &str) -> bool {
