@@ -18,6 +18,7 @@
 
 pub mod addrs;
 pub mod capture;
+pub mod files;
 pub mod http;
 pub mod load;
 pub mod locate;

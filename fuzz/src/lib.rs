@@ -697,6 +697,23 @@ pub fn portforward_channels(data: &[u8]) {
     }
 }
 
+/// A path asked of the agent's container files ([`tpvpn_agent::files::normal`]): accepted
+/// only when absolute and made of plain names, and then exactly those names, so that no
+/// `.`, `..`, empty part or NUL ever reaches the kernel's resolution.
+pub fn volume_paths(data: &[u8]) {
+    let path = String::from_utf8_lossy(data);
+    let Ok(rel) = tpvpn_agent::files::normal(&path) else { return };
+    let parts: Vec<&str> = path[1..].split('/').collect();
+    if path == "/" {
+        assert_eq!(rel.as_os_str(), "");
+        return;
+    }
+    assert!(parts.iter().all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains('\0')), "{path:?}");
+    let names: Vec<String> = rel.iter().map(|c| c.to_string_lossy().into_owned()).collect();
+    assert_eq!(names, parts, "{path:?}");
+    assert!(rel.components().all(|c| matches!(c, std::path::Component::Normal(_))), "{path:?}");
+}
+
 /// Every target, for the corpus tests.
 #[cfg(test)]
 const TARGETS: &[fn(&[u8])] = &[
@@ -710,6 +727,7 @@ const TARGETS: &[fn(&[u8])] = &[
     http_sniff,
     http_headers,
     portforward_channels,
+    volume_paths,
 ];
 
 #[cfg(test)]
@@ -825,6 +843,8 @@ mod tests {
         v.push(b"Expect: 100-continue\nKeep-Alive: timeout=5\nConnection: keep-alive, X-Nominated, Host\nX-Nominated: s\nHost: web\nContent_Length: 5\nTE: trailers, gzip\nProxy-Connection: x\n".to_vec());
         // Port-forward messages: both openings (port 8443), data, an error text.
         v.push(vec![3, 0, 0xfb, 0x20, 3, 1, 0xfb, 0x20, 4, 0, 1, 2, 3, 7, 1, b'r', b'e', b'f', b'u', b's', b'e']);
+        v.push(b"/etc/config/..2026_12_07_05_00_00.1/app.conf".to_vec());
+        v.push(b"/var/scratch/../../etc/passwd".to_vec());
         v.push(b"# from dhcp\nnameserver 192.0.2.53\nsearch corp.example\noptions edns0\n".to_vec());
         v.push(
             b"Destination        Gateway            Flags               Netif Expire\ndefault 192.168.1.1 UGScg en0\n10.96/16 link#20 UCS utun4\n192.168.1 link#6 UCS en0 !\nfe80::%lo0/64 fe80::1%lo0 UcI lo0\n"

@@ -158,3 +158,52 @@ fn a_runtime_whose_lab_died_is_removed_by_the_next_cleanup() {
     let cgroups: Vec<_> = fs::read_dir("/sys/fs/cgroup").unwrap().flatten().map(|c| c.path().join(&cgroup)).collect();
     assert!(cgroups.iter().all(|c| !c.exists()), "cgroups left: {cgroups:?}");
 }
+
+#[test]
+fn a_containers_volumes_are_read_through_its_root_and_never_beyond() {
+    use tpvpn_agent::files::{FileError, Kind, Volumes};
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    if !lab.start_pods_or_skip() {
+        return;
+    }
+    // What the app may make in its emptyDir: a link to a file only the node has, one up
+    // into the image, a FIFO nobody writes.
+    let node_only = lab.dir().join("node-only");
+    fs::write(&node_only, "the node's own\n").unwrap();
+    let script = format!(
+        "ln -s {} /var/scratch/node && ln -s ../../etc /var/scratch/up && mkfifo /var/scratch/fifo && echo fresh > /var/scratch/new",
+        node_only.display()
+    );
+    let (out, err, code) = lab.exec_in_container("web-0", &["sh", "-c", &script]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let id = lab.pod_container_id("web-0").unwrap().to_string();
+    let pid =
+        fs::read_to_string(lab.runtime_root().join("io.containerd.runtime.v2.task/k8s.io").join(&id).join("init.pid"))
+            .unwrap();
+    let root = Path::new("/proc").join(pid.trim()).join("root");
+    let mounts = ["/etc/config", "/etc/db", "/var/scratch", "/var/run/secrets/kubernetes.io/serviceaccount"];
+    let v = Volumes::open(&root, &mounts).unwrap();
+
+    // The kubelet's layout, followed as a reader of a mount follows it.
+    let listed: Vec<(String, Kind)> =
+        v.read_dir("/etc/config").unwrap().into_iter().map(|(n, a)| (n, a.kind)).collect();
+    assert!(
+        listed.contains(&("app.conf".into(), Kind::Symlink)) && listed.contains(&("..data".into(), Kind::Symlink)),
+        "{listed:?}"
+    );
+    assert_eq!(v.readlink("/etc/config/app.conf").unwrap(), "..data/app.conf");
+    let stamp = v.readlink("/etc/config/..data").unwrap();
+    assert_eq!(v.read(&format!("/etc/config/{stamp}/app.conf"), 0, 4096).unwrap(), APP_CONF.as_bytes());
+    assert_eq!(v.read("/var/scratch/new", 0, 4096).unwrap(), b"fresh\n", "what the app just wrote");
+    let names: Vec<String> = v.read_dir("/etc").unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["config", "db"], "only the volumes of /etc, never the image's files");
+
+    // Never beyond: not the node's file, not the image's, not a FIFO.
+    assert!(matches!(v.read("/var/scratch/node", 0, 64), Err(FileError::NotRegular(_))), "a symlink is not followed");
+    let target = v.readlink("/var/scratch/node").unwrap();
+    assert!(matches!(v.read(&target, 0, 64), Err(FileError::OutsideVolumes(_))), "{target} is the node's");
+    assert!(matches!(v.read("/var/scratch/up/passwd", 0, 64), Err(FileError::Symlink(_))));
+    assert!(matches!(v.read("/usr/sbin/nginx", 0, 64), Err(FileError::OutsideVolumes(_))));
+    assert!(matches!(v.read("/var/scratch/fifo", 0, 64), Err(FileError::NotRegular(_))), "a FIFO is never opened");
+    assert_eq!(v.stat("/var/scratch/fifo").unwrap().kind, Kind::Other, "but listed");
+}

@@ -1,0 +1,321 @@
+//! A container's volume mounts, read as the container sees them and never beyond (the
+//! agent's half of `tpvpn intercept --mount`, issue 23; not yet reachable from a laptop).
+//!
+//! Everything is resolved under the container's own root (`/proc/PID/root` of its first
+//! process, where its mount namespace's volumes are) with `openat2(RESOLVE_IN_ROOT |
+//! RESOLVE_NO_SYMLINKS)`: a path is absolute, made only of plain names (no `.`, `..` or
+//! empty parts), lies in one of the container's volume mounts (or is a directory on the
+//! way to one, listing only what leads to them), and no part of it may be a symlink. A
+//! symlink is reported as one ([`Kind::Symlink`], [`Volumes::readlink`]) for the reader
+//! to follow itself, as a kernel does over a FUSE mount: the kubelet's `..data` layout
+//! is made of relative symlinks, and the agent never follows one, so neither an absolute
+//! target nor `..` can lead it to the image's or the node's files. Only regular files
+//! are ever opened for reading (checked before and, against a swap, after opening with
+//! `O_NONBLOCK`): a FIFO, socket or device in a volume is listed, never opened.
+
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
+
+/// The most one read returns.
+pub const READ_MAX: usize = 1 << 20;
+
+/// Why a file is not served.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("{0}: not an absolute path of plain names (no `.`, `..` or empty parts)")]
+    NotNormal(String),
+    #[error("{0}: not in a volume mount of the container")]
+    OutsideVolumes(String),
+    #[error("{0}: a part of it is a symlink, which the agent never follows")]
+    Symlink(String),
+    #[error("{0}: not a regular file, never opened")]
+    NotRegular(String),
+    #[error("{0}: {1}")]
+    Sys(String, Errno),
+}
+
+/// What an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+    Symlink,
+    /// A FIFO, socket or device: listed, never opened.
+    Other,
+}
+
+/// An entry's attributes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub kind: Kind,
+    pub size: u64,
+    /// Permission bits.
+    pub mode: u32,
+    /// Modification time, seconds since the epoch.
+    pub mtime: i64,
+}
+
+impl Attr {
+    fn of(st: &FileStat) -> Attr {
+        let kind = match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
+            SFlag::S_IFDIR => Kind::Dir,
+            SFlag::S_IFREG => Kind::File,
+            SFlag::S_IFLNK => Kind::Symlink,
+            _ => Kind::Other,
+        };
+        Attr { kind, size: u64::try_from(st.st_size).unwrap_or(0), mode: st.st_mode & 0o7777, mtime: st.st_mtime }
+    }
+}
+
+/// How a path stands to the volume mounts.
+#[derive(Debug, PartialEq, Eq)]
+enum Place {
+    /// In a mount: everything below is served.
+    Inside,
+    /// A directory on the way to mounts: only the names leading to them are listed.
+    Above(Vec<String>),
+}
+
+/// The volume mounts of one container.
+#[derive(Debug)]
+pub struct Volumes {
+    root: OwnedFd,
+    mounts: Vec<PathBuf>,
+}
+
+impl Volumes {
+    /// The container whose root is `root` (`/proc/PID/root`), serving `mounts` (the
+    /// `mountPath`s of its volume mounts).
+    pub fn open(root: &Path, mounts: &[&str]) -> Result<Volumes, FileError> {
+        let shown = root.display().to_string();
+        let root = nix::fcntl::open(
+            root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| FileError::Sys(shown, e))?;
+        let mounts = mounts.iter().filter_map(|m| normal(m).ok()).collect();
+        Ok(Volumes { root, mounts })
+    }
+
+    /// Where `path` is, relative to the root (empty for `/`).
+    fn place(&self, path: &str) -> Result<(PathBuf, Place), FileError> {
+        let rel = normal(path)?;
+        if self.mounts.iter().any(|m| rel.starts_with(m)) {
+            return Ok((rel, Place::Inside));
+        }
+        let below: Vec<String> = self
+            .mounts
+            .iter()
+            .filter_map(|m| m.strip_prefix(&rel).ok())
+            .filter_map(|rest| rest.iter().next())
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        if below.is_empty() {
+            return Err(FileError::OutsideVolumes(path.into()));
+        }
+        Ok((rel, Place::Above(below)))
+    }
+
+    /// Opens `rel` under the root, never through a symlink.
+    fn open_at(&self, path: &str, rel: &Path, flags: OFlag) -> Result<OwnedFd, FileError> {
+        // openat2 refuses O_PATH with any flag but these.
+        let extra = if flags.contains(OFlag::O_PATH) { OFlag::O_CLOEXEC } else { OFlag::O_CLOEXEC | OFlag::O_NOCTTY };
+        let how = OpenHow::new().flags(flags | extra).resolve(
+            ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+        let rel = if rel.as_os_str().is_empty() { Path::new(".") } else { rel };
+        openat2(&self.root, rel, how).map_err(|e| match e {
+            Errno::ELOOP => FileError::Symlink(path.into()),
+            e => FileError::Sys(path.into(), e),
+        })
+    }
+
+    /// The directory holding `rel`, and `rel`'s last name (`None` for the root).
+    fn parent(&self, path: &str, rel: &Path) -> Result<(OwnedFd, Option<PathBuf>), FileError> {
+        match (rel.parent(), rel.file_name()) {
+            (Some(parent), Some(name)) => {
+                Ok((self.open_at(path, parent, OFlag::O_PATH | OFlag::O_DIRECTORY)?, Some(PathBuf::from(name))))
+            }
+            _ => Ok((self.open_at(path, rel, OFlag::O_PATH | OFlag::O_DIRECTORY)?, None)),
+        }
+    }
+
+    /// The attributes of `path` itself (a symlink is not followed).
+    pub fn stat(&self, path: &str) -> Result<Attr, FileError> {
+        let (rel, _) = self.place(path)?;
+        let (dir, name) = self.parent(path, &rel)?;
+        let st = match name {
+            Some(name) => fstatat(&dir, name.as_path(), AtFlags::AT_SYMLINK_NOFOLLOW),
+            None => fstat(&dir),
+        };
+        Ok(Attr::of(&st.map_err(|e| FileError::Sys(path.into(), e))?))
+    }
+
+    /// The entries of directory `path` with their attributes, by name (above the mounts,
+    /// only the names that lead to them).
+    pub fn read_dir(&self, path: &str) -> Result<Vec<(String, Attr)>, FileError> {
+        let (rel, place) = self.place(path)?;
+        let fd = self.open_at(path, &rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+        let probe =
+            fd.try_clone().map_err(|e| FileError::Sys(path.into(), Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        let mut dir = nix::dir::Dir::from_fd(fd).map_err(|e| FileError::Sys(path.into(), e))?;
+        let mut out = Vec::new();
+        for entry in dir.iter().flatten() {
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
+            if name == "." || name == ".." {
+                continue;
+            }
+            let shown = name.to_string_lossy().into_owned();
+            if let Place::Above(leading) = &place {
+                if !leading.contains(&shown) {
+                    continue;
+                }
+            }
+            if let Ok(st) = fstatat(&probe, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                out.push((shown, Attr::of(&st)));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Up to `len` bytes (at most [`READ_MAX`]) of regular file `path` from `offset`.
+    pub fn read(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>, FileError> {
+        let (rel, place) = self.place(path)?;
+        if place != Place::Inside {
+            return Err(FileError::NotRegular(path.into()));
+        }
+        if self.stat(path)?.kind != Kind::File {
+            return Err(FileError::NotRegular(path.into()));
+        }
+        let fd = self.open_at(path, &rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;
+        // Swapped for something else between the two looks: still never read.
+        if Attr::of(&fstat(&fd).map_err(|e| FileError::Sys(path.into(), e))?).kind != Kind::File {
+            return Err(FileError::NotRegular(path.into()));
+        }
+        let file = std::fs::File::from(fd);
+        let mut buf = vec![0; len.min(READ_MAX)];
+        let mut got = 0;
+        while got < buf.len() {
+            match file.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FileError::Sys(path.into(), Errno::from_raw(e.raw_os_error().unwrap_or(0)))),
+            }
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// The target of symlink `path`, as written (for the reader to follow).
+    pub fn readlink(&self, path: &str) -> Result<String, FileError> {
+        let (rel, _) = self.place(path)?;
+        let (dir, name) = self.parent(path, &rel)?;
+        let name = name.ok_or_else(|| FileError::NotRegular(path.into()))?;
+        let target = nix::fcntl::readlinkat(&dir, name.as_path()).map_err(|e| FileError::Sys(path.into(), e))?;
+        Ok(target.to_string_lossy().into_owned())
+    }
+}
+
+/// `path` (absolute, plain names only) relative to the root: the only paths the agent
+/// resolves (fuzzed: `fuzz/` target `volume_paths`).
+pub fn normal(path: &str) -> Result<PathBuf, FileError> {
+    let rest = path.strip_prefix('/').ok_or_else(|| FileError::NotNormal(path.into()))?;
+    let mut out = PathBuf::new();
+    for part in rest.split('/') {
+        if part.is_empty() && rest.is_empty() {
+            break; // `/` itself
+        }
+        if part.is_empty() || part == "." || part == ".." || part.contains('\0') {
+            return Err(FileError::NotNormal(path.into()));
+        }
+        out.push(part);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::symlink;
+
+    /// A root with a volume at `/etc/config` (the kubelet's layout), an emptyDir at
+    /// `/data` holding escapes and a FIFO, and an image file outside both.
+    fn root() -> (PathBuf, Volumes) {
+        let dir =
+            std::env::temp_dir().join(format!("tpvpn-files-{}-{:?}", std::process::id(), std::thread::current().id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("etc/config/..2026_12_07_05_00_00.1")).unwrap();
+        fs::write(dir.join("etc/config/..2026_12_07_05_00_00.1/app.conf"), "conf\n").unwrap();
+        symlink("..2026_12_07_05_00_00.1", dir.join("etc/config/..data")).unwrap();
+        symlink("..data/app.conf", dir.join("etc/config/app.conf")).unwrap();
+        fs::write(dir.join("etc/shadow"), "image secret\n").unwrap();
+        fs::create_dir_all(dir.join("data")).unwrap();
+        symlink("/etc", dir.join("data/abs")).unwrap();
+        symlink("../etc", dir.join("data/up")).unwrap();
+        nix::unistd::mkfifo(&dir.join("data/fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let v = Volumes::open(&dir, &["/etc/config", "/data"]).unwrap();
+        (dir, v)
+    }
+
+    #[test]
+    fn volumes_are_read_and_nothing_else() {
+        let (dir, v) = root();
+        let names = |p: &str| v.read_dir(p).unwrap().into_iter().map(|(n, a)| (n, a.kind)).collect::<Vec<_>>();
+        assert_eq!(names("/"), vec![("data".into(), Kind::Dir), ("etc".into(), Kind::Dir)]);
+        assert_eq!(names("/etc"), vec![("config".into(), Kind::Dir)], "shadow is the image's, not a volume's");
+        assert_eq!(
+            names("/etc/config"),
+            vec![
+                ("..2026_12_07_05_00_00.1".into(), Kind::Dir),
+                ("..data".into(), Kind::Symlink),
+                ("app.conf".into(), Kind::Symlink)
+            ]
+        );
+        assert_eq!(v.readlink("/etc/config/app.conf").unwrap(), "..data/app.conf");
+        assert_eq!(v.read("/etc/config/..2026_12_07_05_00_00.1/app.conf", 0, 100).unwrap(), b"conf\n");
+        assert_eq!(v.read("/etc/config/..2026_12_07_05_00_00.1/app.conf", 2, 2).unwrap(), b"nf");
+        assert_eq!(v.stat("/data/fifo").unwrap().kind, Kind::Other);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn no_path_leads_out_of_the_volumes_nor_opens_what_is_not_a_file() {
+        let (dir, v) = root();
+        let refused = |p: &str| v.read(p, 0, 100).expect_err(p);
+        assert!(matches!(refused("/etc/shadow"), FileError::OutsideVolumes(_)));
+        assert!(matches!(refused("/data/../etc/shadow"), FileError::NotNormal(_)));
+        assert!(matches!(refused("data/x"), FileError::NotNormal(_)));
+        assert!(matches!(refused("/data//x"), FileError::NotNormal(_)));
+        // Symlinks are never followed: not the relative ones of the kubelet's layout
+        // (the reader follows them), not an absolute one, not one going up.
+        assert!(matches!(refused("/etc/config/app.conf"), FileError::NotRegular(_)), "a symlink is not read");
+        assert!(matches!(refused("/etc/config/..data/app.conf"), FileError::Symlink(_)));
+        assert!(matches!(refused("/data/abs/shadow"), FileError::Symlink(_)));
+        assert!(matches!(refused("/data/up/shadow"), FileError::Symlink(_)));
+        assert!(matches!(v.read_dir("/data/abs"), Err(FileError::Symlink(_))));
+        // A FIFO with no writer: refused at once, never opened (which would block).
+        assert!(matches!(refused("/data/fifo"), FileError::NotRegular(_)));
+        assert!(matches!(refused("/etc"), FileError::NotRegular(_)));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn only_plain_absolute_paths_are_normal() {
+        assert_eq!(normal("/").unwrap(), PathBuf::new());
+        assert_eq!(normal("/a/b").unwrap(), PathBuf::from("a/b"));
+        for bad in ["", "a", "/a/", "/./a", "/a/..", "//a", "/a\0b"] {
+            assert!(normal(bad).is_err(), "{bad:?}");
+        }
+    }
+}
