@@ -568,6 +568,18 @@ impl Lab {
         self.containerd()?.cri()?.exec(&id, cmd)
     }
 
+    /// The kubelet's part of a ConfigMap update: pod `pod`'s configMap volume `volume`
+    /// rewritten with `items` by the atomic writer (a new timestamped directory, `..data`
+    /// swapped to it with one rename).
+    pub fn update_config_volume(&mut self, pod: &str, volume: &str, items: &[(&str, &str)]) -> Result<()> {
+        let p = self.pods.iter_mut().find(|p| p.spec.name == pod).context("no such pod")?;
+        let v = p.volumes.iter_mut().find(|v| v.name == volume).context("no such volume")?;
+        let dir = v.host_dir(&self.dir.join("pods").join(pod));
+        let Source::ConfigMap { items: held, .. } = &mut v.source else { bail!("{volume} is not a configMap volume") };
+        *held = items.iter().map(|(k, val)| (k.to_string(), val.to_string())).collect();
+        crate::volumes::atomic_write(&dir, held)
+    }
+
     /// The directory of pod `name` on the node (its volumes under `volumes/`).
     pub fn pod_dir(&self, name: &str) -> PathBuf {
         self.dir.join("pods").join(name)

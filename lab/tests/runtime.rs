@@ -206,4 +206,13 @@ fn a_containers_volumes_are_read_through_its_root_and_never_beyond() {
     assert!(matches!(v.read("/usr/sbin/nginx", 0, 64), Err(FileError::OutsideVolumes(_))));
     assert!(matches!(v.read("/var/scratch/fifo", 0, 64), Err(FileError::NotRegular(_))), "a FIFO is never opened");
     assert_eq!(v.stat("/var/scratch/fifo").unwrap().kind, Kind::Other, "but listed");
+
+    // A ConfigMap update as the kubelet makes it: `..data` swapped to a new directory.
+    lab.update_config_volume("web-0", "config", &[("app.conf", "updated\n")]).unwrap();
+    let now = v.readlink("/etc/config/..data").unwrap();
+    assert_ne!(now, stamp);
+    assert_eq!(v.read(&format!("/etc/config/{now}/app.conf"), 0, 4096).unwrap(), b"updated\n");
+    assert!(v.read(&format!("/etc/config/{stamp}/app.conf"), 0, 4096).is_err(), "the old directory is gone");
+    let (seen, _, _) = lab.exec_in_container("web-0", &["cat", "/etc/config/app.conf"]).unwrap();
+    assert_eq!(seen, "updated\n", "and the container sees the update");
 }
