@@ -37,6 +37,7 @@ pub mod io;
 pub mod quic;
 #[cfg(feature = "quic")]
 pub mod relay;
+pub mod resume;
 #[cfg(feature = "quic")]
 pub mod stream;
 
