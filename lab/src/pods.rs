@@ -410,7 +410,7 @@ impl Lab {
     /// resolved environment and the pod's files mounted; then the Pod object (Ready,
     /// with the real container id).
     pub fn add_pod(&mut self, spec: &PodSpec) -> Result<()> {
-        let dir = self.dir.join("pods").join(&spec.name);
+        let dir = self.pod_dir(&spec.name);
         let listen = format!("listen {HTTP_PORT};\n    listen {ALT_PORT};\n    listen {H2_PORT} http2;");
         write_web_conf(&dir, &format!("pod {}", spec.name), &listen)?;
         let sandbox = SandboxSpec {
@@ -472,7 +472,7 @@ impl Lab {
     /// when its container exited (nginx says `bind() ... failed (98: Address already in
     /// use)` after about 2.5 s of tries).
     fn wait_started(&mut self, pod: &RunningPod) -> Result<()> {
-        let err_log = self.dir.join("pods").join(&pod.spec.name).join("nginx.err");
+        let err_log = self.pod_dir(&pod.spec.name).join("nginx.err");
         for _ in 0..100 {
             if self.listens(&pod.ns, HTTP_PORT) {
                 return Ok(());
@@ -536,7 +536,7 @@ impl Lab {
         let at = self.pods.iter().position(|p| p.spec.name == pod).context("no such pod")?;
         let old = self.pods[at].container_id.clone();
         self.containerd()?.cri()?.stop_container(&old, Duration::from_secs(10))?;
-        let _ = fs::remove_file(self.dir.join("pods").join(pod).join("nginx.err"));
+        let _ = fs::remove_file(self.pod_dir(pod).join("nginx.err"));
         let (sandbox_id, sandbox, mut container) =
             (self.pods[at].sandbox_id.clone(), self.pods[at].sandbox.clone(), self.pods[at].container.clone());
         container.attempt += 1;
@@ -620,7 +620,7 @@ impl Lab {
     /// What the mesh sidecar of pod `name` printed (one line per connection relayed),
     /// from its container log (CRI format: time, stream, tag, then the line).
     pub fn sidecar_log(&self, name: &str) -> String {
-        let log = self.dir.join("pods").join(name).join("logs/istio-proxy/0.log");
+        let log = self.pod_dir(name).join("logs/istio-proxy/0.log");
         let text = fs::read_to_string(log).unwrap_or_default();
         text.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).map(|l| format!("{l}\n")).collect()
     }
