@@ -219,15 +219,14 @@ impl Resumption {
         }
     }
 
-    /// Connected again: our statement for the peer, (flow, bytes delivered) of every flow.
-    /// `None` when the session ended (past the grace, or never lost).
-    pub fn reconnected(&mut self, now: Instant) -> Option<Vec<(u64, u64)>> {
-        if !self.poll(now).is_empty() || self.phase == Phase::Ended {
-            return None;
-        }
-        let (Phase::Parked { since } | Phase::Resuming { since }) = self.phase else { return None };
+    /// Connected again: our statement for the peer, (flow, bytes delivered) of every flow;
+    /// or, when the session cannot resume (past the grace, or never lost), the flows to
+    /// reset.
+    pub fn reconnected(&mut self, now: Instant) -> Result<Vec<(u64, u64)>, Vec<Effect>> {
+        let ended = self.poll(now);
+        let (Phase::Parked { since } | Phase::Resuming { since }) = self.phase else { return Err(ended) };
         self.phase = Phase::Resuming { since };
-        Some(self.flows.iter().map(|(id, f)| (*id, f.delivered)).collect())
+        Ok(self.flows.iter().map(|(id, f)| (*id, f.delivered)).collect())
     }
 
     /// The peer's statement arrived: what to send again on each flow, which to reset. The
@@ -279,14 +278,14 @@ mod tests {
         let mut a = session();
         assert_eq!(a.send(1, b"0123456789"), 10);
         a.lost(t0);
-        assert_eq!(a.reconnected(t0 + Duration::from_secs(30)), Some(vec![(1, 0)]));
+        assert_eq!(a.reconnected(t0 + Duration::from_secs(30)), Ok(vec![(1, 0)]));
         // The peer had delivered 4 of them before the outage.
         let effects = a.peer_resumed(t0 + Duration::from_secs(31), &[(1, 4)]);
         assert_eq!(effects, vec![Effect::Replay { flow: 1, bytes: b"456789".to_vec() }]);
         assert_eq!(a.phase(), Phase::Live);
         // All delivered before the outage: nothing to send again.
         a.lost(t0 + Duration::from_secs(40));
-        a.reconnected(t0 + Duration::from_secs(41));
+        a.reconnected(t0 + Duration::from_secs(41)).unwrap();
         assert_eq!(
             a.peer_resumed(t0 + Duration::from_secs(41), &[(1, 10)]),
             vec![Effect::Replay { flow: 1, bytes: vec![] }]
@@ -299,14 +298,14 @@ mod tests {
         let mut a = session();
         a.send(1, b"abcdefghij");
         a.lost(t0);
-        a.reconnected(t0 + Duration::from_secs(1));
+        a.reconnected(t0 + Duration::from_secs(1)).unwrap();
         assert_eq!(
             a.peer_resumed(t0 + Duration::from_secs(1), &[(1, 2)]),
             vec![Effect::Replay { flow: 1, bytes: b"cdefghij".to_vec() }]
         );
         // Lost again while replaying: the peer got three more.
         a.lost(t0 + Duration::from_secs(2));
-        a.reconnected(t0 + Duration::from_secs(3));
+        a.reconnected(t0 + Duration::from_secs(3)).unwrap();
         assert_eq!(
             a.peer_resumed(t0 + Duration::from_secs(3), &[(1, 5)]),
             vec![Effect::Replay { flow: 1, bytes: b"fghij".to_vec() }]
@@ -319,13 +318,28 @@ mod tests {
         let mut a = session();
         a.send(1, b"xyz");
         a.lost(t0);
-        a.reconnected(t0 + Duration::from_secs(500));
+        a.reconnected(t0 + Duration::from_secs(500)).unwrap();
         // Lost again before the peer's statement: still counted from t0.
         a.lost(t0 + Duration::from_secs(501));
         assert_eq!(a.phase(), Phase::Parked { since: t0 });
         assert!(a.poll(t0 + Duration::from_secs(599)).is_empty());
         assert_eq!(a.poll(t0 + GRACE), vec![Effect::Reset { flow: 1, why: ResumeError::GraceExpired }]);
-        assert_eq!(a.reconnected(t0 + GRACE), None, "an ended session is not resumed");
+        assert_eq!(a.reconnected(t0 + GRACE), Err(vec![]), "an ended session is not resumed");
+    }
+
+    #[test]
+    fn connected_again_after_the_grace_resets_every_flow() {
+        let t0 = Instant::now();
+        let mut a = session();
+        a.lost(t0);
+        assert_eq!(
+            a.reconnected(t0 + GRACE + Duration::from_secs(1)),
+            Err(vec![Effect::Reset { flow: 1, why: ResumeError::GraceExpired }])
+        );
+        assert_eq!(a.phase(), Phase::Ended);
+        let mut live = session();
+        assert_eq!(live.reconnected(t0), Err(vec![]), "a live session has nothing to resume");
+        assert_eq!(live.phase(), Phase::Live);
     }
 
     #[test]
@@ -334,7 +348,7 @@ mod tests {
         let mut a = session();
         a.open(2);
         a.lost(t0);
-        assert!(a.reconnected(t0 + GRACE - Duration::from_secs(1)).is_some());
+        assert!(a.reconnected(t0 + GRACE - Duration::from_secs(1)).is_ok());
         let effects = a.peer_resumed(t0 + GRACE, &[(1, 0), (2, 0)]);
         assert_eq!(
             effects,
@@ -358,7 +372,7 @@ mod tests {
         }
         a.peer_acked(3, 4).unwrap();
         a.lost(t0);
-        a.reconnected(t0);
+        a.reconnected(t0).unwrap();
         let effects = a.peer_resumed(t0, &[(1, 5), (2, 9), (3, 1)]);
         assert_eq!(
             effects,
