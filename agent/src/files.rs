@@ -249,11 +249,19 @@ mod tests {
     use std::fs;
     use std::os::unix::fs::symlink;
 
+    /// A test's directory, removed when the test ends, passed or failed.
+    struct TempRoot(PathBuf);
+
+    impl Drop for TempRoot {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// A root with a volume at `/etc/config` (the kubelet's layout), an emptyDir at
     /// `/data` holding escapes and a FIFO, and an image file outside both.
-    fn root() -> (PathBuf, Volumes) {
-        let dir =
-            std::env::temp_dir().join(format!("tpvpn-files-{}-{:?}", std::process::id(), std::thread::current().id()));
+    fn root(name: &str) -> (TempRoot, Volumes) {
+        let dir = std::env::temp_dir().join(format!("tpvpn-files-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("etc/config/..2026_12_07_05_00_00.1")).unwrap();
         fs::write(dir.join("etc/config/..2026_12_07_05_00_00.1/app.conf"), "conf\n").unwrap();
@@ -265,12 +273,12 @@ mod tests {
         symlink("../etc", dir.join("data/up")).unwrap();
         nix::unistd::mkfifo(&dir.join("data/fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
         let v = Volumes::open(&dir, &["/etc/config", "/data"]).unwrap();
-        (dir, v)
+        (TempRoot(dir), v)
     }
 
     #[test]
     fn volumes_are_read_and_nothing_else() {
-        let (dir, v) = root();
+        let (_dir, v) = root("read");
         let names = |p: &str| v.read_dir(p).unwrap().into_iter().map(|(n, a)| (n, a.kind)).collect::<Vec<_>>();
         assert_eq!(names("/"), vec![("data".into(), Kind::Dir), ("etc".into(), Kind::Dir)]);
         assert_eq!(names("/etc"), vec![("config".into(), Kind::Dir)], "shadow is the image's, not a volume's");
@@ -286,12 +294,11 @@ mod tests {
         assert_eq!(v.read("/etc/config/..2026_12_07_05_00_00.1/app.conf", 0, 100).unwrap(), b"conf\n");
         assert_eq!(v.read("/etc/config/..2026_12_07_05_00_00.1/app.conf", 2, 2).unwrap(), b"nf");
         assert_eq!(v.stat("/data/fifo").unwrap().kind, Kind::Other);
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn no_path_leads_out_of_the_volumes_nor_opens_what_is_not_a_file() {
-        let (dir, v) = root();
+        let (_dir, v) = root("refused");
         let refused = |p: &str| v.read(p, 0, 100).expect_err(p);
         assert!(matches!(refused("/etc/shadow"), FileError::OutsideVolumes(_)));
         assert!(matches!(refused("/data/../etc/shadow"), FileError::NotNormal(_)));
@@ -307,7 +314,6 @@ mod tests {
         // A FIFO with no writer: refused at once, never opened (which would block).
         assert!(matches!(refused("/data/fifo"), FileError::NotRegular(_)));
         assert!(matches!(refused("/etc"), FileError::NotRegular(_)));
-        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
