@@ -19,7 +19,7 @@ use tpvpn_tunnel::{
 };
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::intercepts::Hub;
+use crate::intercepts::{Captured, Hub};
 use crate::metrics::{self, Gauge};
 use crate::policy::{Kind, Usage};
 use crate::{Config, Error, Shared, HELLO_TIMEOUT, MAX_HELLO};
@@ -51,6 +51,7 @@ impl Server {
     pub fn new(config: crate::Config) -> Arc<Server> {
         let config: Shared = Arc::new(config);
         let hub = Hub::new(config.views.objects.clone(), config.intercept_namespaces.clone());
+        tokio::spawn(crate::intercepts::maintain(Arc::downgrade(&hub)));
         let admission = Arc::new(Admission::new(config.limits.clone()));
         Arc::new(Server { config, hub, admission })
     }
@@ -554,7 +555,8 @@ async fn agent_session(
         tokio::select! {
             msg = control.recv() => match msg.unwrap_or(Ok(None)) {
                 Ok(Some(Message::CaptureStatus { id: capture, ok, message, meshed, env })) => {
-                    hub.capture_status(&node, capture, ok, message, meshed, env);
+                    let result = if ok { Ok(Captured { meshed, env, note: message }) } else { Err(message) };
+                    hub.capture_status(&node, capture, result);
                 }
                 Ok(Some(other)) => warn!(kind = other.kind(), "unexpected message from the agent"),
                 Ok(None) | Err(_) => return Ok(()),
