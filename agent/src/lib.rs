@@ -50,6 +50,9 @@ pub enum Error {
     Config(String),
     #[error("manager: {0}")]
     Manager(String),
+    /// The manager refused this agent's credential: trying again would not help.
+    #[error("the manager refused this agent: {0}")]
+    Refused(String),
     #[error(transparent)]
     Tunnel(#[from] tpvpn_tunnel::Error),
     #[error("quic: {0}")]

@@ -16,7 +16,9 @@ struct Args {
     /// The manager's certificate (PEM), pinned.
     #[arg(long, env = "TPVPN_MANAGER_CA", default_value = "/var/run/secrets/tpvpn/ca.crt")]
     manager_ca: PathBuf,
-    /// File holding the agent token (Secret `tpvpn-agent`).
+    /// File holding the agent's credential, read again for every connection: its pod's
+    /// projected ServiceAccount token (audience `tpvpn.dev/manager`, renewed by the
+    /// kubelet), or the shared agent token of a manager in `--auth token`.
     #[arg(long, env = "TPVPN_AGENT_TOKEN_FILE", default_value = "/var/run/secrets/tpvpn-agent/token")]
     token_file: PathBuf,
     /// The name of the node this agent runs on (the DaemonSet sets it from `spec.nodeName`).
@@ -72,31 +74,25 @@ fn run(args: Args) -> Result<()> {
     }
     let ca_pem = std::fs::read(&args.manager_ca)
         .with_context(|| format!("cannot read --manager-ca {}", args.manager_ca.display()))?;
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("cannot read --token-file {}", args.token_file.display()))?
-        .trim()
-        .as_bytes()
-        .to_vec();
-    if token.is_empty() {
-        bail!("token file {} is empty", args.token_file.display());
-    }
+    session::read_token(&args.token_file)?;
     raise_descriptor_limit();
     let own_args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let (mut watchdog, pipe) = tpvpn_agent::watchdog::spawn(&own_args).context("cannot start the agent's watchdog")?;
     let caps = tpvpn_agent::load::Caps { total: args.max_parsed_connections, per_source: args.max_parsed_per_source };
     let rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.workers)).enable_all().build()?;
-    rt.block_on(async move {
+    let ended = rt.block_on(async move {
         tokio::spawn(tpvpn_agent::watchdog::heartbeat(pipe));
         let addrs = tpvpn_agent::addrs::follow();
         let node = Node { proc_root: args.proc_root, runtime_roots, addrs, load: tpvpn_agent::load::Load::new(caps) };
-        let config = session::Config { manager: args.manager, ca_pem, token, node_name: args.node, node };
+        let config =
+            session::Config { manager: args.manager, ca_pem, token_file: args.token_file, node_name: args.node, node };
         session::run(config, shutdown_signal()).await
     });
     // The heartbeat's pipe closes with the runtime: the watchdog ends.
     drop(rt);
     let _ = watchdog.wait();
-    Ok(())
+    Ok(ended?)
 }
 
 /// Raises the soft limit on open descriptors to the hard one: every captured connection

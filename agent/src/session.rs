@@ -5,6 +5,7 @@
 //! their traffic back) and the agent connects again with backoff.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -23,20 +24,34 @@ use crate::{Error, Result};
 pub struct Config {
     pub manager: String,
     pub ca_pem: Vec<u8>,
-    pub token: Vec<u8>,
+    /// The token file, read again for each connection: a projected ServiceAccount token
+    /// is replaced by the kubelet before it expires.
+    pub token_file: PathBuf,
     pub node_name: String,
     pub node: Node,
 }
 
+/// The token in `path` (surrounding white space removed).
+pub fn read_token(path: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("cannot read --token-file {}: {e}", path.display())))?;
+    let token = text.trim().as_bytes().to_vec();
+    if token.is_empty() {
+        return Err(Error::Config(format!("token file {} is empty", path.display())));
+    }
+    Ok(token)
+}
+
 /// Connects, serves, and connects again, until `stop` resolves; then every capture is
-/// removed.
-pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) {
+/// removed. Ends with an error only when the manager refuses the agent's credential.
+pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) -> Result<()> {
     for t in remove_stale(&config).await {
         info!(table = %t, "removed a capture table an earlier agent left");
     }
     let mut captures = Captures::default();
     tokio::pin!(stop);
     let mut backoff = Duration::from_millis(200);
+    let mut ended = Ok(());
     loop {
         let served = async {
             match connect(&config).await {
@@ -45,12 +60,20 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) {
                     info!(manager = %config.manager, node = %config.node_name, "connected to the manager");
                     let why = serve(&config, conn, control, &mut captures).await;
                     warn!(%why, "lost the manager; stopping every capture");
+                    Ok(())
                 }
-                Err(e) => warn!(error = %e, "cannot connect to the manager"),
+                Err(e @ Error::Refused(_)) => Err(e),
+                Err(e) => {
+                    warn!(error = %e, "cannot connect to the manager");
+                    Ok(())
+                }
             }
         };
         tokio::select! {
-            _ = served => {}
+            r = served => if let Err(e) = r {
+                ended = Err(e);
+                break;
+            },
             _ = &mut stop => break,
         }
         stop_all(&mut captures).await;
@@ -65,6 +88,7 @@ pub async fn run(config: Config, stop: impl std::future::Future<Output = ()>) {
     // the agent).
     remove_stale(&config).await;
     info!("stopped; every capture removed");
+    ended
 }
 
 /// Every tpvpn table on the node, removed ([`capture::remove_stale`]).
@@ -94,7 +118,7 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
     .await
     .map_err(|_| Error::Manager(format!("no answer from {addr} within 5 s")))??;
     let mut hs = ClientHandshake::new(Hello {
-        token: config.token.clone(),
+        token: read_token(&config.token_file)?,
         role: Role::Agent { node: config.node_name.clone() },
         user: String::new(),
         host: config.node_name.clone(),
@@ -121,10 +145,11 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
     .map_err(|_| Error::Manager("the manager did not answer the hello".into()))??;
     match step {
         ClientStep::Accepted(_) => Ok((conn, (send, recv))),
-        ClientStep::Refused(r) => Err(Error::Manager(match r.code {
-            tpvpn_tunnel::ErrorCode::VersionMismatch => hs.upgrade_hint(&r),
-            _ => r.message,
-        })),
+        ClientStep::Refused(r) => Err(match r.code {
+            tpvpn_tunnel::ErrorCode::VersionMismatch => Error::Manager(hs.upgrade_hint(&r)),
+            tpvpn_tunnel::ErrorCode::Unauthorized => Error::Refused(r.message),
+            _ => Error::Manager(r.message),
+        }),
         ClientStep::Retry { version } => Err(Error::Manager(format!(
             "the manager speaks tpvpn protocol v{version}, which has no agents: upgrade the manager"
         ))),

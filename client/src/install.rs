@@ -5,11 +5,12 @@
 //! `<it>-agents` for the node agents, which no user Role covers), image and Service
 //! type, and creates the Secrets if they do not exist: `tpvpn-manager-tls` (a fresh
 //! self-signed certificate and key), `tpvpn-client` (that certificate as `ca.crt`
-//! and a fresh random `token`) and `tpvpn-agent` (the node agents' own random
-//! `token`, in both namespaces; the agents' copy also holds `ca.crt`). Running it again
-//! changes nothing that is already right and never rotates existing credentials; an
-//! agent DaemonSet an older release put in the manager's namespace is removed. Uninstall
-//! deletes the same objects.
+//! and a fresh random `token`) and `tpvpn-agent` in the agents' namespace (that
+//! certificate as `ca.crt`, which the agents pin; they present no shared secret but their
+//! pods' ServiceAccount tokens). Running it again changes nothing that is already right
+//! and never rotates existing credentials; what an older release left (an agent DaemonSet
+//! in the manager's namespace, the shared agent token) is removed. Uninstall deletes the
+//! same objects.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -28,7 +29,7 @@ use crate::Error;
 pub const MANIFESTS: &str = include_str!("../../deploy/manifests/manager.yaml");
 /// Name of the Secret with the manager's certificate and key.
 pub const TLS_SECRET: &str = "tpvpn-manager-tls";
-/// Name of the Secret with the node agents' token.
+/// Name of the Secret with what the node agents pin (`ca.crt`).
 pub const AGENT_SECRET: &str = "tpvpn-agent";
 /// The field manager of tpvpn's server-side applies.
 const FIELD_MANAGER: &str = "tpvpn";
@@ -239,27 +240,31 @@ async fn ensure_secrets(client: &kube::Client, opts: &InstallOptions, r: &Resolv
         apply(client, &secret(ns, CLIENT_SECRET, "Opaque", data), r).await?;
         created.push(CLIENT_SECRET.to_string());
     }
-    // The agents' token, in the manager's namespace (for the manager) and in the agents'
-    // (with the certificate they pin): one token, whichever copy exists is kept.
-    let agents: Api<Secret> = Api::namespaced(client.clone(), &opts.agent_namespace());
+    // The certificate the agents pin, in their namespace. An older release's shared agent
+    // token goes (its manager-namespace copy, and the key in the agents' copy): nothing
+    // accepts it any more.
     let agent_ns = opts.agent_namespace();
+    let agents: Api<Secret> = Api::namespaced(client.clone(), &agent_ns);
     let theirs = agents
         .get_opt(AGENT_SECRET)
         .await
         .map_err(|e| kube_error(e, &format!("read Secret {agent_ns}/{AGENT_SECRET}"), r))?;
-    let ours = get(AGENT_SECRET).await?;
-    let token_of = |s: &Option<Secret>| s.as_ref().and_then(|s| s.data.as_ref()?.get("token").cloned());
-    let token = match token_of(&ours).or_else(|| token_of(&theirs)) {
-        Some(t) => t,
-        None => ByteString(random_token()?.into_bytes()),
+    let delete = |api: Api<Secret>, what: String| async move {
+        match api.delete(AGENT_SECRET, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(kube_error(e, &format!("delete Secret {what}"), r)),
+        }
     };
-    if ours.is_none() {
-        let data = BTreeMap::from([("token".to_string(), token.clone())]);
-        apply(client, &secret(ns, AGENT_SECRET, "Opaque", data), r).await?;
-        created.push(AGENT_SECRET.to_string());
+    if get(AGENT_SECRET).await?.is_some() {
+        delete(secrets.clone(), format!("{ns}/{AGENT_SECRET}")).await?;
     }
-    if theirs.is_none() {
-        let data = BTreeMap::from([("token".to_string(), token), ("ca.crt".to_string(), certificate(&tls, ns)?)]);
+    let has_token = theirs.as_ref().and_then(|s| s.data.as_ref()).is_some_and(|d| d.contains_key("token"));
+    if has_token {
+        delete(agents.clone(), format!("{agent_ns}/{AGENT_SECRET}")).await?;
+    }
+    if theirs.is_none() || has_token {
+        let data = BTreeMap::from([("ca.crt".to_string(), certificate(&tls, ns)?)]);
         apply(client, &secret(&agent_ns, AGENT_SECRET, "Opaque", data), r).await?;
         created.push(format!("{agent_ns}/{AGENT_SECRET}"));
     }
@@ -373,6 +378,7 @@ mod tests {
                 "Role",
                 "Deployment",
                 "ResourceQuota",
+                "ServiceAccount",
                 "DaemonSet",
                 "Service",
                 "Service"
@@ -380,15 +386,20 @@ mod tests {
         );
         for o in &objs {
             assert!(plural(o["kind"].as_str().unwrap()).is_some());
-            let agents = o["kind"] == "DaemonSet" || o["kind"] == "ResourceQuota";
+            let agents = o["kind"] == "DaemonSet"
+                || o["kind"] == "ResourceQuota"
+                || (o["kind"] == "ServiceAccount" && o["metadata"]["name"] == "tpvpn-agent");
             match o["kind"].as_str().unwrap() {
                 "Namespace" => assert!(o["metadata"]["name"] == "vpn" || o["metadata"]["name"] == "vpn-agents"),
                 "ClusterRole" => {
                     assert!(o["metadata"].get("namespace").is_none());
-                    // Least privilege: list and watch of what the manager reads, nothing else.
+                    // Least privilege: list and watch of what the manager reads, and token
+                    // reviews (whose token an agent presents), nothing else.
                     let rules = o["rules"].as_array().unwrap();
-                    assert_eq!(rules.len(), 1);
+                    assert_eq!(rules.len(), 2);
                     assert_eq!(rules[0]["verbs"], serde_json::json!(["list", "watch"]));
+                    assert_eq!(rules[1]["resources"], serde_json::json!(["tokenreviews"]));
+                    assert_eq!(rules[1]["verbs"], serde_json::json!(["create"]));
                 }
                 "ClusterRoleBinding" => assert_eq!(o["subjects"][0]["namespace"], "vpn"),
                 _ if agents => assert_eq!(o["metadata"]["namespace"], "vpn-agents"),
@@ -405,6 +416,17 @@ mod tests {
         let agent = &spec["containers"][0];
         assert_eq!(agent["image"], "reg/m:1");
         assert_eq!(agent["env"][0]["value"], "tpvpn-manager.vpn.svc:4443");
+        // Its credential: a projected token of its own ServiceAccount, for the manager only.
+        assert_eq!(spec["serviceAccountName"], "tpvpn-agent");
+        assert_eq!(spec["automountServiceAccountToken"], false);
+        let token = spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == "token").unwrap();
+        let projected = &token["projected"]["sources"][0]["serviceAccountToken"];
+        assert_eq!(
+            (projected["audience"].as_str(), projected["path"].as_str()),
+            (Some("tpvpn.dev/manager"), Some("token"))
+        );
+        let dep_args = dep["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        assert!(!dep_args.contains("agent-token"), "no shared agent token: {dep_args}");
         // Only the agents' namespace admits privileged pods.
         let psa = |name: &str| {
             let ns = objs.iter().find(|o| o["kind"] == "Namespace" && o["metadata"]["name"] == name).unwrap();

@@ -50,6 +50,8 @@ use serde_json::{json, Value};
 pub const MANAGER_ADDR: &str = "10.250.1.1:4443";
 /// The manager's Pod object (namespace `tpvpn`), what the port-forward goes to.
 pub const MANAGER_POD: &str = "tpvpn-manager-0";
+/// The audience of the node agents' tokens (the manager's `auth::AUDIENCE`).
+pub const AGENT_AUDIENCE: &str = "tpvpn.dev/manager";
 /// Laptop address on the node network.
 pub const LAPTOP_NODE_IP: &str = "10.250.1.2";
 /// The frontend Service ClusterIP (nginx on :80).
@@ -1222,8 +1224,14 @@ impl Lab {
             ])
             .arg("--token-file")
             .arg(token_file)
-            .arg("--agent-token-file")
-            .arg(self.agent_token_file())
+            // This build's manager authenticates agents by their ServiceAccount tokens
+            // (`--auth kubernetes`, its default with an API); older builds know only the
+            // shared token.
+            .args(if self.manager_bin.is_some() {
+                vec!["--agent-token-file".into(), self.shared_agent_token_file()]
+            } else {
+                vec![]
+            })
             // The manager learns CIDRs and DNS from the API stand-in, as in a cluster.
             .arg("--kubeconfig")
             .arg(self.kubeconfig())

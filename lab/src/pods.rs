@@ -21,8 +21,8 @@
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -34,6 +34,9 @@ use crate::{find_bin, ip, Lab, MANAGER_ADDR};
 
 /// The node every lab pod runs on, and its address (`status.hostIP`).
 pub const NODE_NAME: &str = "lab-node";
+/// Where the node agents run and hold their ServiceAccount (`tpvpn manager install`'s
+/// `<namespace>-agents`).
+pub const AGENT_NAMESPACE: &str = "tpvpn-agents";
 pub const NODE_IP: &str = "10.250.1.1";
 /// The caller pod's IP: a pod of another node, routed through this one.
 pub const CALLER_IP: &str = "10.244.4.20";
@@ -660,6 +663,7 @@ impl Lab {
     /// with `args` added.
     pub fn start_agent_with(&mut self, prefix: &[&str], args: &[&str]) -> Result<()> {
         self.stop_agent();
+        let token_file = self.agent_token_file()?;
         let bin = match &self.agent_bin {
             Some(b) => b.clone(),
             None => find_bin(&self.bin_dir, "tpvpn-agent")?,
@@ -678,7 +682,7 @@ impl Lab {
             .arg("--manager-ca")
             .arg(self.manager_ca())
             .arg("--token-file")
-            .arg(self.agent_token_file())
+            .arg(&token_file)
             .arg("--runtime-root")
             .arg(self.runtime_root())
             .env("RUST_LOG", rust_log)
@@ -703,6 +707,17 @@ impl Lab {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Runs an agent of this build for `node` presenting `token_file`, until it exits or
+    /// `timeout` passes (then it is killed): what it printed, and how it ended.
+    pub fn run_agent(&self, node: &str, token_file: &Path, timeout: Duration) -> Result<Output> {
+        let bin = find_bin(&self.bin_dir, "tpvpn-agent")?.display().to_string();
+        let (ca, token) = (self.manager_ca().display().to_string(), token_file.display().to_string());
+        let root = self.runtime_root().display().to_string();
+        let cmd = [&bin, "--manager", MANAGER_ADDR, "--node", node, "--manager-ca", &ca, "--token-file", &token];
+        let cmd: Vec<&str> = cmd.into_iter().chain(["--runtime-root", &root]).collect();
+        Ok(self.exec_env(&self.cluster, &cmd, &[("RUST_LOG", "warn"), ("NO_COLOR", "1")], timeout))
     }
 
     /// The kubelet's part for DaemonSet `tpvpn-agent` in namespace `namespace` (stand-in):
@@ -749,9 +764,61 @@ impl Lab {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
-    /// The token the agent presents (and the manager's `--agent-token-file`).
-    pub fn agent_token_file(&self) -> PathBuf {
+    /// The credential file the agent presents: this build's manager (`--auth kubernetes`)
+    /// takes the agent pod's ServiceAccount token ([`Lab::agent_service_account_token`]),
+    /// a manager of another build the shared token of its `--agent-token-file`.
+    pub fn agent_token_file(&self) -> Result<PathBuf> {
+        if self.manager_bin.is_some() {
+            return Ok(self.shared_agent_token_file());
+        }
+        let path = self.dir.join("agent-sa-token");
+        fs::write(
+            &path,
+            self.agent_service_account_token(NODE_NAME, crate::AGENT_AUDIENCE)?
+                + "
+",
+        )?;
+        Ok(path)
+    }
+
+    /// The shared agent token of a manager in `--auth token` (`--agent-token-file`).
+    pub(crate) fn shared_agent_token_file(&self) -> PathBuf {
         self.dir.join("agent-token")
+    }
+
+    /// The kubelet's part for the agent pod on `node` (stand-in): ServiceAccount
+    /// `tpvpn-agent` in namespace `tpvpn-agents` (as `tpvpn manager install` makes them),
+    /// the DaemonSet's pod there bound to `node`, and a token for `audience` bound to
+    /// that pod, from the API's `TokenRequest`, as the kubelet fills a projected
+    /// `serviceAccountToken` volume.
+    pub fn agent_service_account_token(&self, node: &str, audience: &str) -> Result<String> {
+        let ns = AGENT_NAMESPACE;
+        let objects = [
+            ("/api/v1/namespaces", json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})),
+            (
+                &format!("/api/v1/namespaces/{ns}/serviceaccounts") as &str,
+                json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "tpvpn-agent", "namespace": ns}}),
+            ),
+            (
+                &format!("/api/v1/namespaces/{ns}/pods"),
+                json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": format!("tpvpn-agent-{node}"), "namespace": ns, "labels": {"app.kubernetes.io/name": "tpvpn-agent"}},
+                    "spec": {"nodeName": node, "hostNetwork": true, "serviceAccountName": "tpvpn-agent",
+                             "containers": [{"name": "agent", "image": "tpvpn-agent"}]}}),
+            ),
+        ];
+        for (path, obj) in objects {
+            let (code, v) = self.kube_request(Some(&self.api_token), "POST", path, Some(&obj))?;
+            if code != 201 && code != 409 {
+                bail!("POST {path}: {code} {v}");
+            }
+        }
+        let request = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {
+            "audiences": [audience], "expirationSeconds": 3600,
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": format!("tpvpn-agent-{node}")}}});
+        let path = format!("/api/v1/namespaces/{ns}/serviceaccounts/tpvpn-agent/token");
+        let answer = self.kube_apply("POST", &path, Some(&request))?;
+        answer["status"]["token"].as_str().map(str::to_string).context("TokenRequest: no status.token")
     }
 
     /// The names of tpvpn's nftables tables in pod `name`'s namespace.

@@ -545,7 +545,8 @@ fn uninstall_leaves_no_agent_and_no_capture_table() {
     assert_eq!(ds["spec"]["template"]["spec"]["hostPID"], true);
     let secret =
         lab.kube_apply("GET", "/api/v1/namespaces/tpvpn-agents/secrets/tpvpn-agent", None).expect("the agent Secret");
-    assert!(secret["data"]["token"].is_string(), "{secret}");
+    assert!(secret["data"]["ca.crt"].is_string() && secret["data"].get("token").is_none(), "{secret}");
+    assert_eq!(ds["spec"]["template"]["spec"]["serviceAccountName"], "tpvpn-agent");
     assert!(lab.kubelet_sync_agent("tpvpn-agents").unwrap(), "the agent runs while its DaemonSet exists");
 
     assert_ok(&kube(&lab, &["manager", "uninstall"]), "tpvpn manager uninstall");

@@ -160,8 +160,7 @@ fn manager_install_is_idempotent_and_uninstall_removes_everything() {
     let out = lab.tpvpn(&install);
     assert!(out.status.success(), "{}", show(&out));
     assert!(
-        stdout(&out)
-            .contains("created Secrets tpvpn-manager-tls, tpvpn-client, tpvpn-agent, tpvpn-test-agents/tpvpn-agent"),
+        stdout(&out).contains("created Secrets tpvpn-manager-tls, tpvpn-client, tpvpn-test-agents/tpvpn-agent"),
         "{}",
         show(&out)
     );
@@ -192,11 +191,13 @@ fn manager_install_is_idempotent_and_uninstall_removes_everything() {
 
     let ds = get(&lab, "/apis/apps/v1/namespaces/tpvpn-test-agents/daemonsets/tpvpn-agent").expect("agent DaemonSet");
     assert_eq!(ds["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"], "tpvpn-manager.tpvpn-test.svc:4443");
-    let agent = get(&lab, &format!("{ns}/secrets/tpvpn-agent")).expect("agent Secret");
-    assert_ne!(b64(&agent, "token"), token, "agents have a token of their own");
+    // The agents present their pods' ServiceAccount tokens: no shared secret anywhere.
+    assert_eq!(ds["spec"]["template"]["spec"]["serviceAccountName"], "tpvpn-agent");
+    assert!(get(&lab, "/api/v1/namespaces/tpvpn-test-agents/serviceaccounts/tpvpn-agent").is_some());
+    assert!(get(&lab, &format!("{ns}/secrets/tpvpn-agent")).is_none(), "a shared agent token");
     let agents_copy = get(&lab, "/api/v1/namespaces/tpvpn-test-agents/secrets/tpvpn-agent").expect("agents' Secret");
-    assert_eq!(b64(&agents_copy, "token"), b64(&agent, "token"), "one agent token in both namespaces");
     assert_eq!(b64(&agents_copy, "ca.crt"), b64(&tls, "tls.crt"), "agents pin the manager's certificate");
+    assert!(agents_copy["data"].get("token").is_none(), "{agents_copy}");
 
     let uninstall = ["manager", "uninstall", "--kubeconfig", &kc, "--namespace", "tpvpn-test"];
     let out = lab.tpvpn(&uninstall);
@@ -226,10 +227,15 @@ fn the_client_role_reaches_the_manager_but_no_node_agent() {
     let old = serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
         "metadata": {"name": "tpvpn-agent", "namespace": "tpvpn-test"}, "spec": {}});
     assert_eq!(request(&admin, "POST", "/apis/apps/v1/namespaces/tpvpn-test/daemonsets", Some(old)).0, 201);
+    // And its shared agent token: the install removes it (nothing accepts it any more).
+    let old = serde_json::json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "tpvpn-agent", "namespace": "tpvpn-test"}, "data": {"token": "c2hhcmVk"}});
+    assert_eq!(request(&admin, "POST", "/api/v1/namespaces/tpvpn-test/secrets", Some(old)).0, 201);
     let kc = lab.kubeconfig().display().to_string();
     let out = lab.tpvpn(&["manager", "install", "--kubeconfig", &kc, "--namespace", "tpvpn-test"]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(get(&lab, "/apis/apps/v1/namespaces/tpvpn-test/daemonsets/tpvpn-agent").is_none(), "old agents kept");
+    assert!(get(&lab, "/api/v1/namespaces/tpvpn-test/secrets/tpvpn-agent").is_none(), "old agent token kept");
     let binding = serde_json::json!({
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": {"name": "tpvpn-client-alice", "namespace": "tpvpn-test"},

@@ -11,6 +11,7 @@
 //! client, from watches of Services and Nodes ([`cluster`]); changes are pushed to
 //! every connected client on its control stream.
 
+pub mod auth;
 pub mod catalog;
 pub mod cluster;
 pub mod dns;
@@ -58,9 +59,8 @@ pub enum Error {
 pub struct Config {
     /// The token clients must present.
     pub token: Vec<u8>,
-    /// The token node agents present (`--agent-token-file`); without it no agent can
-    /// connect.
-    pub agent_token: Option<Vec<u8>>,
+    /// How node agents authenticate ([`auth`]); without a way no agent can connect.
+    pub agents: auth::AgentAuth,
     /// What clients are told about the cluster; changes are pushed to them.
     pub views: cluster::Views,
     /// How long a TCP dial may take before the client is told "timed out".
@@ -91,7 +91,7 @@ impl Config {
     pub fn with_views(token: Vec<u8>, views: cluster::Views) -> Self {
         Config {
             token,
-            agent_token: None,
+            agents: auth::AgentAuth::None,
             views,
 
             dial_timeout: Duration::from_secs(10),
@@ -107,9 +107,15 @@ impl Config {
 }
 
 impl Config {
-    /// Which token `given` is, compared in constant time.
+    /// Which token `given` is, compared in constant time. With agents authenticated by
+    /// Kubernetes any other token may be an agent's: the API server is asked once the
+    /// hello says it is from an agent, and for which node.
     pub(crate) fn token_kind(&self, given: &[u8]) -> Option<TokenKind> {
-        let agent = self.agent_token.as_deref().is_some_and(|t| token_matches(given, t));
+        let agent = match &self.agents {
+            auth::AgentAuth::None => false,
+            auth::AgentAuth::Token(t) => token_matches(given, t),
+            auth::AgentAuth::Kubernetes(_) => true,
+        };
         match (token_matches(given, &self.token), agent) {
             (true, _) => Some(TokenKind::Client),
             (false, true) => Some(TokenKind::Agent),
@@ -121,7 +127,7 @@ impl Config {
     /// cluster and agents can connect.
     pub(crate) fn features(&self) -> u64 {
         use tpvpn_tunnel::handshake::{FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION};
-        if self.views.objects.is_some() && self.agent_token.is_some() {
+        if self.views.objects.is_some() && !matches!(self.agents, auth::AgentAuth::None) {
             FEATURE_INTERCEPTS | FEATURE_INTERCEPT_CONNECTION
         } else {
             0

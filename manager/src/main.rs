@@ -27,8 +27,21 @@ struct Args {
     /// File holding the token clients must present.
     #[arg(long)]
     token_file: PathBuf,
-    /// File holding the token node agents present (Secret `tpvpn-agent`); without it no
-    /// agent can connect, and intercepts are refused for want of one.
+    /// How node agents authenticate: `kubernetes` (the default with a Kubernetes API):
+    /// each presents its pod's projected ServiceAccount token (audience
+    /// `tpvpn.dev/manager`), which the API server reviews: only
+    /// --agent-service-account, and only for the node its pod runs on; `token`: every
+    /// agent presents the --agent-token-file token (single-tenant setups without
+    /// Kubernetes). Clients still present the shared --token-file token in both modes.
+    #[arg(long, value_enum)]
+    auth: Option<AuthMode>,
+    /// The ServiceAccount node agents run as (`--auth kubernetes`), as NAMESPACE/NAME.
+    /// Default: `<--namespace>-agents/tpvpn-agent`, where `tpvpn manager install` puts
+    /// the DaemonSet.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    agent_service_account: Option<String>,
+    /// File holding the token node agents present (`--auth token`); without it no
+    /// agent can connect there, and intercepts are refused for want of one.
     #[arg(long)]
     agent_token_file: Option<PathBuf>,
     /// Kubeconfig to watch the cluster with when running outside it (its current context).
@@ -104,6 +117,12 @@ struct Args {
     workers: u16,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AuthMode {
+    Kubernetes,
+    Token,
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
@@ -148,10 +167,28 @@ fn run(args: Args) -> Result<()> {
         bail!("no cluster CIDRs: give --cluster-cidr (the service and pod CIDRs), or --kubeconfig to learn them from the cluster");
     }
     let token = read_token(&args.token_file)?;
+    let auth = args.auth.unwrap_or(if use_kubernetes { AuthMode::Kubernetes } else { AuthMode::Token });
+    if auth == AuthMode::Kubernetes && !use_kubernetes {
+        bail!(
+            "--auth kubernetes needs the Kubernetes API (--kubeconfig, or run in a pod); without it use --auth token"
+        );
+    }
+    if auth == AuthMode::Kubernetes && args.agent_token_file.is_some() {
+        bail!(
+            "--agent-token-file is for --auth token: with --auth kubernetes agents present their ServiceAccount tokens"
+        );
+    }
     let agent_token = args.agent_token_file.as_deref().map(read_token).transpose()?;
     if agent_token.as_ref() == Some(&token) {
         bail!("--agent-token-file holds the client token: agents need a token of their own");
     }
+    let agent_account =
+        args.agent_service_account.clone().unwrap_or_else(|| format!("{}-agents/tpvpn-agent", args.namespace));
+    let Some((agent_ns, agent_sa)) = agent_account.split_once('/').filter(|(n, s)| !n.is_empty() && !s.is_empty())
+    else {
+        bail!("--agent-service-account {agent_account}: expected NAMESPACE/NAME");
+    };
+    let (agent_ns, agent_sa) = (agent_ns.to_string(), agent_sa.to_string());
     let certs = tpvpn_tunnel::quic::load_certs(&args.tls_cert)?;
     let key = tpvpn_tunnel::quic::load_key(&args.tls_key)?;
     let server = tpvpn_tunnel::quic::server_config(certs, key)?;
@@ -162,14 +199,23 @@ fn run(args: Args) -> Result<()> {
         tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.workers)).enable_all().build()?;
     let tcp_listen = args.tcp_listen.unwrap_or(args.listen);
     rt.block_on(async move {
-        let cluster = if use_kubernetes {
+        let (cluster, agents) = if use_kubernetes {
             let client = kube_client(args.kubeconfig.as_deref()).await?;
-            tpvpn_manager::cluster::watch(client, base, std::time::Duration::from_secs(10)).await
+            let agents = match auth {
+                AuthMode::Kubernetes => {
+                    tracing::info!(service_account = %agent_account, "agents authenticate with their ServiceAccount tokens");
+                    let reviewer = tpvpn_manager::auth::Reviewer::new(client.clone(), &agent_ns, &agent_sa);
+                    tpvpn_manager::auth::AgentAuth::Kubernetes(std::sync::Arc::new(reviewer))
+                }
+                AuthMode::Token => agent_token.map_or(tpvpn_manager::auth::AgentAuth::None, tpvpn_manager::auth::AgentAuth::Token),
+            };
+            (tpvpn_manager::cluster::watch(client, base, std::time::Duration::from_secs(10)).await, agents)
         } else {
-            tpvpn_manager::cluster::fixed(base)
+            let agents = agent_token.map_or(tpvpn_manager::auth::AgentAuth::None, tpvpn_manager::auth::AgentAuth::Token);
+            (tpvpn_manager::cluster::fixed(base), agents)
         };
         let mut config = tpvpn_manager::Config::with_views(token, cluster);
-        config.agent_token = agent_token;
+        config.agents = agents;
 
         config.dial_timeout = std::time::Duration::from_secs(args.dial_timeout);
         config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);

@@ -19,6 +19,7 @@ use tpvpn_tunnel::{
 };
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::auth::AgentAuth;
 use crate::intercepts::{Captured, Hub};
 use crate::metrics::{self, Gauge};
 use crate::policy::{Kind, Usage};
@@ -357,13 +358,29 @@ async fn hello(
     config: &Config,
 ) -> Result<Option<(Peer, ServerHandshake)>, Error> {
     let mut handshake = ServerHandshake::new((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), config.features());
+    let mut presented = Vec::new();
     loop {
         let Some(msg) = read_message_max(recv, MAX_HELLO).await? else {
             return Err(Error::BadHello("end of stream".into()));
         };
-        match handshake.on_message(msg, |t| config.token_kind(t)) {
+        let kind = |t: &[u8]| {
+            presented = t.to_vec();
+            config.token_kind(t)
+        };
+        match handshake.on_message(msg, kind) {
             ServerStep::NeedMore => continue,
-            ServerStep::Accept(peer) => return Ok(Some((peer, handshake))),
+            ServerStep::Accept(peer) => {
+                // An agent in `--auth kubernetes`: the API server says whose token it is.
+                if let (Role::Agent { node }, AgentAuth::Kubernetes(reviewer)) = (&peer.role, &config.agents) {
+                    if let Err(r) = reviewer.agent(&presented, node).await {
+                        metrics::add(&config.metrics.refused_total, 1);
+                        let reply = Message::Error { code: r.code, version: PROTOCOL_VERSION, message: r.message };
+                        refuse(conn, send, reply).await;
+                        return Ok(None);
+                    }
+                }
+                return Ok(Some((peer, handshake)));
+            }
             ServerStep::Refuse { reply } => {
                 metrics::add(&config.metrics.refused_total, 1);
                 refuse(conn, send, reply).await;

@@ -58,6 +58,8 @@ pub struct ApiServer {
     pub(super) changed: watch::Sender<u64>,
     pub(super) cfg: Config,
     pub(super) listen: String,
+    /// The ServiceAccount tokens issued ([`tokens`]).
+    pub(super) issued: Mutex<Vec<Issued>>,
 }
 
 pub(super) type Body = BoxBody<Bytes, Infallible>;
@@ -84,7 +86,7 @@ pub fn run(listen: SocketAddr, fixtures: &Path, cfg: Config) -> Result<()> {
 impl ApiServer {
     pub fn new(store: Store, cfg: Config, listen: String) -> Arc<ApiServer> {
         let (changed, _) = watch::channel(store.resource_version());
-        Arc::new(ApiServer { store: Mutex::new(store), changed, cfg, listen })
+        Arc::new(ApiServer { store: Mutex::new(store), changed, cfg, listen, issued: Mutex::default() })
     }
 
     pub(super) fn store(&self) -> MutexGuard<'_, Store> {
@@ -187,7 +189,28 @@ impl ApiServer {
                     return Err(rbac_forbidden(u, &a));
                 }
             }
-            let answer = review.answer(&parse_body(body)?, &self.cfg.users, &self.store())?;
+            let issued = self.issued.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let answer = review.answer(&parse_body(body)?, &self.cfg.users, &issued, &self.store())?;
+            return Ok(json_response(StatusCode::CREATED, &answer));
+        }
+        if let Some((ns, name)) = tokens::token_request_path(path) {
+            if *method != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            if let User::Rbac(u) = &user {
+                let a = Attributes {
+                    verb: "create",
+                    group: "",
+                    resource: "serviceaccounts/token".into(),
+                    namespace: Some(ns),
+                    name: Some(name),
+                };
+                if !self.store().authorize(u, &a) {
+                    return Err(rbac_forbidden(u, &a));
+                }
+            }
+            let (answer, issued) = tokens::request(ns, name, &parse_body(body)?, &self.store())?;
+            self.issued.lock().unwrap_or_else(|e| e.into_inner()).push(issued);
             return Ok(json_response(StatusCode::CREATED, &answer));
         }
         let route = Route::parse(path);

@@ -54,7 +54,9 @@
 //!   "no-portforward" one that gets them for `pods/portforward`; users of a token
 //!   file (`--token-auth-file`) get what RBAC grants them ([`rbac`]).
 //! - `TokenReview` and `SubjectAccessReview` (`POST`, answered from the token file's
-//!   users and the RBAC authorizer; [`review`]'s docs say what is kept).
+//!   users, the ServiceAccount tokens it issued and the RBAC authorizer; [`review`]'s docs
+//!   say what is kept), and ServiceAccount tokens by `TokenRequest` (`POST
+//!   …/serviceaccounts/NAME/token`, [`tokens`]).
 //! - `pods/{name}/portforward` over WebSocket, the kubelet's part included
 //!   ([`portforward`]'s docs say what is kept).
 //! - Service defaulting: `type: ClusterIP`, port `protocol: TCP` and
@@ -80,6 +82,7 @@ mod review;
 mod store;
 #[cfg(test)]
 mod tests;
+mod tokens;
 
 pub use filter::*;
 pub use http::*;
@@ -88,6 +91,7 @@ pub use rbac::*;
 pub use resource::*;
 pub use review::*;
 pub use store::*;
+pub use tokens::{Issued, API_AUDIENCE};
 
 /// Events kept for watch replay.
 pub const DEFAULT_HISTORY: usize = 1000;

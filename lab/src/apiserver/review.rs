@@ -12,8 +12,9 @@
 //! `spec.user` and `spec.groups` given (nothing added to them, as the real one adds
 //! nothing) and says `allowed`, with a reason naming RBAC when it is. Simplified: no
 //! `nonResourceAttributes` (answered not allowed, with an `evaluationError`), no
-//! `denied`/`extra`, no audience checks (the stand-in's tokens have no audience), the
-//! stand-in's own special tokens are not reviewable users.
+//! `denied`/`extra`, no audience checks for the token file's users (they have no
+//! audience), the stand-in's own special tokens are not reviewable users. ServiceAccount
+//! tokens it issued are reviewed as [`tokens`] says (audiences, expiry, bound pod).
 
 use serde_json::{json, Value};
 
@@ -53,14 +54,20 @@ impl Review {
     }
 
     /// The answer to `body`: the review with its `status`.
-    pub fn answer(self, body: &Value, users: &[TokenUser], store: &Store) -> Result<Value, ApiError> {
+    pub fn answer(
+        self,
+        body: &Value,
+        users: &[TokenUser],
+        issued: &[Issued],
+        store: &Store,
+    ) -> Result<Value, ApiError> {
         let (api_version, kind) = self.kind();
         if body["apiVersion"] != api_version || body["kind"] != kind {
             return Err(ApiError::bad_request(format!("the body must be a {api_version} {kind}")));
         }
         let spec = &body["spec"];
         let status = match self {
-            Review::Token => token_status(spec, users)?,
+            Review::Token => token_status(spec, users, issued, store)?,
             Review::Access => access_status(spec, store)?,
         };
         Ok(json!({"apiVersion": api_version, "kind": kind, "metadata": {"creationTimestamp": null},
@@ -68,11 +75,16 @@ impl Review {
     }
 }
 
-fn token_status(spec: &Value, users: &[TokenUser]) -> Result<Value, ApiError> {
+fn token_status(spec: &Value, users: &[TokenUser], issued: &[Issued], store: &Store) -> Result<Value, ApiError> {
     let token = spec["token"]
         .as_str()
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::bad_request("spec.token: Required value"))?;
+    if let Some(t) = issued.iter().find(|t| t.token() == token) {
+        let audiences: Vec<String> =
+            spec["audiences"].as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect();
+        return Ok(t.review(&audiences, store));
+    }
     Ok(match users.iter().find(|u| u.token == token) {
         Some(u) => json!({
             "authenticated": true,
@@ -148,7 +160,7 @@ mod tests {
     fn an_access_review_runs_rbac_for_the_user_and_groups_given() {
         let (s, users) = (store(), Vec::new());
         let review = Review::of_path("/apis/authorization.k8s.io/v1/subjectaccessreviews").unwrap();
-        let answer = |body: &Value| review.answer(body, &users, &s).unwrap()["status"].clone();
+        let answer = |body: &Value| review.answer(body, &users, &[], &s).unwrap()["status"].clone();
         assert_eq!(answer(&access("alice", &["developers"], "shop", "intercept"))["allowed"], true);
         assert_eq!(
             answer(&access("alice", &["developers"], "other", "intercept"))["allowed"],
@@ -164,8 +176,8 @@ mod tests {
         let mut non_resource = access("alice", &["developers"], "shop", "intercept");
         non_resource["spec"].as_object_mut().unwrap().remove("resourceAttributes");
         assert!(answer(&non_resource)["evaluationError"].is_string());
-        assert_eq!(review.answer(&access("", &[], "shop", "x"), &users, &s).unwrap_err().code, 400);
-        assert_eq!(review.answer(&json!({"kind": "TokenReview"}), &users, &s).unwrap_err().code, 400);
+        assert_eq!(review.answer(&access("", &[], "shop", "x"), &users, &[], &s).unwrap_err().code, 400);
+        assert_eq!(review.answer(&json!({"kind": "TokenReview"}), &users, &[], &s).unwrap_err().code, 400);
         assert_eq!(review.attributes().resource, "subjectaccessreviews");
     }
 
@@ -177,16 +189,16 @@ mod tests {
             json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": ["tpvpn"]}})
         };
-        let status = review.answer(&body("tok-a"), &users, &Store::default()).unwrap()["status"].clone();
+        let status = review.answer(&body("tok-a"), &users, &[], &Store::default()).unwrap()["status"].clone();
         assert_eq!(status["authenticated"], true);
         assert_eq!(
             status["user"],
             json!({"username": "alice", "uid": "u-1", "groups": ["developers", "system:authenticated"]})
         );
         assert_eq!(status["audiences"], json!(["tpvpn"]));
-        let status = review.answer(&body("nope"), &users, &Store::default()).unwrap()["status"].clone();
+        let status = review.answer(&body("nope"), &users, &[], &Store::default()).unwrap()["status"].clone();
         assert_eq!(status["authenticated"], Value::Null, "not authenticated");
-        assert_eq!(review.answer(&body(""), &users, &Store::default()).unwrap_err().code, 400);
+        assert_eq!(review.answer(&body(""), &users, &[], &Store::default()).unwrap_err().code, 400);
         assert_eq!(Review::of_path("/apis/authentication.k8s.io/v1/tokenreviews/x"), None);
     }
 }
