@@ -10,7 +10,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
-use tpvpn_tunnel::handshake::{Accepted, ClientHandshake, ClientStep, Hello, Refusal, FEATURE_INTERCEPT_CONNECTION};
+use tpvpn_tunnel::handshake::{
+    Accepted, ClientHandshake, ClientStep, Hello, Negotiated, Refusal, FEATURE_INTERCEPT_CONNECTION,
+};
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::quic::{client_config_for, parse_certs, Class, PIN_MISMATCH, SERVER_NAME};
 use tpvpn_tunnel::{ClusterInfo, ErrorCode, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
@@ -33,7 +35,7 @@ pub struct Session {
     pub via: Via,
     pub cluster: ClusterInfo,
     /// The protocol version both speak, and the manager's range and features.
-    pub version: u16,
+    pub version: Negotiated,
     pub manager_versions: (u16, u16),
     pub features: u64,
     /// The control stream; kept open for the life of the session.
@@ -386,8 +388,9 @@ async fn intercepts_connection(
     config: &quinn::ClientConfig,
     peer: &Peer,
     target: &Target,
-    version: u16,
+    version: Negotiated,
 ) -> Option<quinn::Connection> {
+    let version = version.number();
     match attempt(endpoint, config, peer, target, (version, version), Role::Intercepts).await {
         Ok(Attempt::Accepted(conn, ..)) => Some(conn),
         Ok(Attempt::Retry(v)) => {

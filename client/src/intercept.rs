@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
-use tpvpn_tunnel::handshake::{INTERCEPT_VERSION, PERSONAL_VERSION};
+use tpvpn_tunnel::handshake::Negotiated;
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::{relay, ErrorCode, FlowStatus, InterceptRow, InterceptState, Matchers, Message};
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -123,12 +123,12 @@ impl Intercepts {
     }
 
     /// Asks the manager (protocol `version`) to intercept `spec`.
-    pub async fn request(&self, conn: &quinn::Connection, version: u16, spec: Spec) -> Result<Outcome, Error> {
+    pub async fn request(&self, conn: &quinn::Connection, version: Negotiated, spec: Spec) -> Result<Outcome, Error> {
         supported(version)?;
         let matchers = spec.matchers();
-        if !matchers.is_empty() && version < PERSONAL_VERSION {
+        if !matchers.is_empty() && !version.personal() {
             return Err(Error::Config(format!(
-                "the manager speaks tpvpn protocol v{version}, which has no personal intercepts (--http-header, --http-path-prefix): upgrade the manager (tpvpn manager install)"
+                "the manager speaks tpvpn protocol {version}, which has no personal intercepts (--http-header, --http-path-prefix): upgrade the manager (tpvpn manager install)"
             )));
         }
         let req = Message::InterceptRequest {
@@ -170,7 +170,7 @@ impl Intercepts {
     pub async fn leave(
         &self,
         conn: &quinn::Connection,
-        version: u16,
+        version: Negotiated,
         namespace: &str,
         service: &str,
     ) -> Result<String, Error> {
@@ -196,7 +196,7 @@ impl Intercepts {
     }
 
     /// Leaves every intercept (on `down`), bounded in time; forgets them all.
-    pub async fn leave_all(&self, conn: &quinn::Connection, version: u16) {
+    pub async fn leave_all(&self, conn: &quinn::Connection, version: Negotiated) {
         let services: Vec<(String, String)> =
             self.list().into_iter().map(|h| (h.spec.namespace, h.spec.service)).collect();
         for (ns, svc) in services {
@@ -215,7 +215,7 @@ impl Intercepts {
     /// agent back, a pod restarting, this client's old connection not yet timed out) is
     /// asked again with backoff while the claim lasts; what the manager says is gone
     /// (another holder, no such Service) is forgotten.
-    pub async fn reclaim(&self, conn: &quinn::Connection, version: u16) {
+    pub async fn reclaim(&self, conn: &quinn::Connection, version: Negotiated) {
         let deadline = tokio::time::Instant::now() + RECLAIM;
         let mut pending = self.list();
         let mut wait = Duration::from_millis(500);
@@ -246,7 +246,7 @@ impl Intercepts {
     }
 
     /// Every Service's intercept state, for `tpvpn list`.
-    pub async fn table(conn: &quinn::Connection, version: u16) -> Result<Vec<InterceptRow>, Error> {
+    pub async fn table(conn: &quinn::Connection, version: Negotiated) -> Result<Vec<InterceptRow>, Error> {
         supported(version)?;
         // The table comes in frames of bounded size, until the stream ends.
         let run = async {
@@ -389,10 +389,10 @@ pub fn check_path_prefix(prefix: &str, headers: &[(String, String)]) -> Result<(
     Ok(())
 }
 
-fn supported(version: u16) -> Result<(), Error> {
-    if version < INTERCEPT_VERSION {
+fn supported(version: Negotiated) -> Result<(), Error> {
+    if !version.intercepts() {
         return Err(Error::Config(format!(
-            "the manager speaks tpvpn protocol v{version}, which has no intercepts: upgrade the manager (tpvpn manager install)"
+            "the manager speaks tpvpn protocol {version}, which has no intercepts: upgrade the manager (tpvpn manager install)"
         )));
     }
     Ok(())

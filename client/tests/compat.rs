@@ -79,7 +79,7 @@ async fn this_client_connects_to_a_v1_manager_and_carries_flows() {
     let m = start_old_manager();
     let t = Target::from_files(m.addr.to_string(), &m.dir.join("manager.crt"), &m.dir.join("token")).unwrap();
     let s = connect(&t).await.expect("connects to the v1 manager");
-    assert_eq!(s.version, 1, "negotiated down to v1");
+    assert_eq!(s.version.number(), 1, "negotiated down to v1");
     assert_eq!(s.manager_versions, (1, 1));
     assert_eq!(s.cluster.cidrs, vec!["10.96.0.0/12".parse().unwrap()]);
 

@@ -20,7 +20,7 @@ async fn good_token_gets_the_cluster_and_bad_inputs_get_clear_errors() {
     let s = connect(&target(&f, "manager.crt", "token")).await.expect("connects");
     assert_eq!(s.cluster.cidrs, vec!["10.96.0.0/12".parse().unwrap()]);
     assert_eq!(s.cluster.domain, "cluster.local");
-    assert_eq!(s.version, tpvpn_tunnel::PROTOCOL_VERSION, "both speak the newest version");
+    assert_eq!(s.version.number(), tpvpn_tunnel::PROTOCOL_VERSION, "both speak the newest version");
 
     let e = connect(&target(&f, "manager.crt", "bad-token")).await.err().expect("bad token refused");
     assert!(matches!(e, Error::BadToken(_)), "{e}");

@@ -324,14 +324,14 @@ pub fn handshakes(data: &[u8]) {
             ServerStep::Accept(peer) => {
                 let (token, offered) = presented.clone().expect("accepted without a ClientHello");
                 let kind = tokens(&token).expect("accepted without a valid token");
-                assert!(peer.version >= MIN_PROTOCOL_VERSION && peer.version <= PROTOCOL_VERSION.min(offered));
+                assert!(peer.version.number() >= MIN_PROTOCOL_VERSION && peer.version.number() <= PROTOCOL_VERSION.min(offered));
                 match (&peer.role, kind) {
                     (Role::Client | Role::Intercepts, TokenKind::Client) => {}
                     (Role::Agent { node }, TokenKind::Agent) => assert!(!node.is_empty()),
                     other => panic!("accepted {other:?}"),
                 }
                 let frames = server.accept_frames(peer.version, Default::default());
-                assert!(matches!(frames[0], Message::ServerHello { version, .. } if version == peer.version));
+                assert!(matches!(frames[0], Message::ServerHello { version, .. } if version == peer.version.number()));
                 break;
             }
             ServerStep::Refuse { reply } => {
@@ -355,7 +355,7 @@ pub fn handshakes(data: &[u8]) {
         match client.on_message(m) {
             ClientStep::NeedMore => continue,
             ClientStep::Accepted(a) => {
-                assert!(a.version >= offered.0 && a.version <= offered.1, "accepted v{}", a.version);
+                assert!(a.version.number() >= offered.0 && a.version.number() <= offered.1, "accepted {}", a.version);
                 break;
             }
             ClientStep::Retry { version } => {

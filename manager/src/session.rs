@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tpvpn_tunnel::datagram::Datagram;
-use tpvpn_tunnel::handshake::{Peer, ServerHandshake, ServerStep, INTERCEPT_VERSION};
+use tpvpn_tunnel::handshake::{Negotiated, Peer, ServerHandshake, ServerStep};
 use tpvpn_tunnel::io::{read_message, read_message_max, write_message, Offered};
 use tpvpn_tunnel::quic::{self, Class};
 use tpvpn_tunnel::{
@@ -437,7 +437,7 @@ async fn session(
         return intercepts_session(conn, class, &peer.client_id, send, hub).await;
     }
     if let Role::Agent { node } = &peer.role {
-        info!(version = peer.version, %node, ?class, "agent authenticated");
+        info!(version = peer.version.number(), %node, ?class, "agent authenticated");
         return agent_session(conn, id, (node.clone(), peer.version), (send, recv), hub, grant).await;
     }
     let mut catalog = config.views.catalog.clone();
@@ -445,7 +445,7 @@ async fn session(
     let first = catalog.borrow_and_update().clone();
     write_catalog(&mut send, &first, None, version).await?;
     let mut sent = first.number;
-    info!(version = peer.version, user = %peer.user, host = %peer.host, "client authenticated");
+    info!(version = peer.version.number(), user = %peer.user, host = %peer.host, "client authenticated");
     let _session_gauge = Gauge::new(&config.metrics.sessions, &config.metrics.sessions_total);
     let who = if peer.user.is_empty() && peer.host.is_empty() {
         conn.remote_address().to_string()
@@ -528,7 +528,7 @@ struct Ctx {
     udp_flows: UdpFlows,
     hub: Arc<Hub>,
     session: u64,
-    version: u16,
+    version: Negotiated,
     /// This session's flows against `config.session_limits`.
     usage: Arc<Usage>,
 }
@@ -547,7 +547,7 @@ impl<F: FnMut()> Drop for OnDrop<F> {
 async fn agent_session(
     conn: quinn::Connection,
     id: u64,
-    (node, version): (String, u16),
+    (node, version): (String, Negotiated),
     (mut send, recv): (quinn::SendStream, quinn::RecvStream),
     hub: Arc<Hub>,
     mut grant: tpvpn_tunnel::quic::StreamGrant,
@@ -680,9 +680,9 @@ async fn write_catalog(
     send: &mut quinn::SendStream,
     v: &crate::catalog::Version,
     sent: Option<u64>,
-    version: u16,
+    version: Negotiated,
 ) -> Result<(), tpvpn_tunnel::Error> {
-    let frames = if version >= INTERCEPT_VERSION { Some(v.frames_since(sent)) } else { v.v1_frames() };
+    let frames = if version.intercepts() { Some(v.frames_since(sent)) } else { v.v1_frames() };
     for f in frames.into_iter().flatten() {
         send.write_chunk(f.clone()).await.map_err(|e| tpvpn_tunnel::Error::Stream(e.to_string()))?;
     }
@@ -723,7 +723,7 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
             Ok(_permit) => crate::dns::answer(send, query, config).await,
             Err(why) => {
                 metrics::add(&config.metrics.flows_denied_limit, 1);
-                let reply = Message::Error { code: ErrorCode::Limit, version: ctx.version, message: why };
+                let reply = Message::Error { code: ErrorCode::Limit, version: ctx.version.number(), message: why };
                 let _ = write_message(&mut send, &reply).await;
                 let _ = send.finish();
             }
@@ -733,7 +733,7 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
             flow(&ctx, send, recv, protocol, flow_id, dst).instrument(span).await
         }
         request @ (Message::InterceptRequest { .. } | Message::Leave { .. } | Message::InterceptList) => {
-            let reply = if ctx.version < INTERCEPT_VERSION {
+            let reply = if !ctx.version.intercepts() {
                 Err(crate::intercepts::Refusal {
                     code: ErrorCode::Unsupported,
                     message: "intercepts need tpvpn protocol v2: upgrade the client".into(),
@@ -745,7 +745,7 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
                 // A table of every Service goes in frames of bounded size.
                 Ok(Message::InterceptTable { rows }) => table_frames(rows),
                 Ok(m) => vec![m],
-                Err(r) => vec![Message::Error { code: r.code, version: ctx.version, message: r.message }],
+                Err(r) => vec![Message::Error { code: r.code, version: ctx.version.number(), message: r.message }],
             };
             for m in &replies {
                 if let Err(e) = write_message(&mut send, m).await {

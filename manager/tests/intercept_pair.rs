@@ -20,7 +20,7 @@ use tpvpn_agent::ports::{Effect as AgentEffect, PortKey, Ports, Routed};
 use tpvpn_agent::route::{Dest, Route, Routes};
 use tpvpn_manager::intercepts::claims::{Claims, Effect};
 use tpvpn_manager::intercepts::{Captured, NamespacePolicy, Refusal, Request, World};
-use tpvpn_tunnel::handshake::PERSONAL_VERSION;
+use tpvpn_tunnel::handshake::Negotiated;
 use tpvpn_tunnel::{ErrorCode, Matchers, Message};
 
 const ALICE: [u8; 16] = [1; 16];
@@ -132,8 +132,8 @@ impl Pair {
             answers: HashMap::new(),
             next_session: 100,
         };
-        pair.agent_connects("n1", PERSONAL_VERSION);
-        pair.agent_connects("n2", PERSONAL_VERSION);
+        pair.agent_connects("n1", 3);
+        pair.agent_connects("n2", 3);
         pair
     }
 
@@ -154,6 +154,7 @@ impl Pair {
 
     /// An agent (a new session of it) connects for `node`.
     fn agent_connects(&mut self, node: &str, version: u16) {
+        let version = Negotiated::assumed(version);
         let s = self.session();
         self.agents.insert(node.to_string(), Agent::new(s));
         self.claims.agent_connected(node, s, version);
@@ -308,7 +309,7 @@ fn a_lost_agent_gives_its_pods_back_and_gets_every_capture_again_when_it_returns
     let e = p.intercept(1, bob, &[("x-dev", "bob")]).unwrap_err();
     assert!(e.message.contains("no tpvpn agent on node n1"), "{e:?}");
 
-    p.agent_connects("n1", PERSONAL_VERSION);
+    p.agent_connects("n1", 3);
     assert_eq!(p.request("n1", "10.244.1.10", &[]), Some(alice), "captured again without a command");
 }
 
@@ -355,7 +356,7 @@ fn personal_intercepts_wait_for_upgraded_agents() {
 
     // The DaemonSet rolls n2's agent to this version.
     p.agent_lost("n2");
-    p.agent_connects("n2", PERSONAL_VERSION);
+    p.agent_connects("n2", 3);
     assert_eq!(p.request("n2", "10.244.2.10", &[]), Some(alice), "the new agent got Alice's capture");
     p.intercept(2, bob, &[("x-dev", "bob")]).unwrap();
     assert_eq!(p.request("n2", "10.244.2.10", &[("x-dev", "bob")]), Some(bob));

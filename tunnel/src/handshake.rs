@@ -31,6 +31,41 @@ pub const INTERCEPT_VERSION: u16 = 2;
 /// The first version with personal intercepts (per-request routing by the agent).
 pub const PERSONAL_VERSION: u16 = 3;
 
+/// The version both sides of a connection agreed on: what each may send the other. Made
+/// by the handshake ([`Accepted::version`], [`Peer::version`]); every "does the peer know
+/// X" is asked of it, never of a raw number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Negotiated(u16);
+
+impl Negotiated {
+    /// What a test, or a tool that skips the hello, assumes; a connection's version comes
+    /// from the handshake.
+    pub fn assumed(version: u16) -> Negotiated {
+        Negotiated(version)
+    }
+
+    /// The version number (for logs, status and the `Error` frames that name it).
+    pub fn number(self) -> u16 {
+        self.0
+    }
+
+    /// The info frames, intercepts and node agents (v2).
+    pub fn intercepts(self) -> bool {
+        self.0 >= INTERCEPT_VERSION
+    }
+
+    /// Personal intercepts: matchers trailing `InterceptRequest` and `Capture` (v3).
+    pub fn personal(self) -> bool {
+        self.0 >= PERSONAL_VERSION
+    }
+}
+
+impl std::fmt::Display for Negotiated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "v{}", self.0)
+    }
+}
+
 /// Feature bit: the manager serves intercepts (it may run without agents).
 pub const FEATURE_INTERCEPTS: u64 = 1 << 0;
 /// Feature bit: the manager takes a client's second connection, `Role::Intercepts`, and
@@ -56,7 +91,7 @@ pub struct Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Accepted {
     /// The version both speak from now on.
-    pub version: u16,
+    pub version: Negotiated,
     pub cluster: ClusterInfo,
     /// The manager's range and features (version 1 managers: `(1, 1)`, none).
     pub manager_versions: (u16, u16),
@@ -106,7 +141,7 @@ impl ClientHandshake {
     pub fn hello_frames(&self) -> Vec<Message> {
         let (min, max) = self.hello.versions;
         let mut frames = vec![Message::ClientHello { version: max, token: self.hello.token.clone() }];
-        if max >= 2 {
+        if max >= INTERCEPT_VERSION {
             frames.push(Message::ClientInfo {
                 min_version: min,
                 role: self.hello.role.clone(),
@@ -129,9 +164,9 @@ impl ClientHandshake {
                         "the manager chose protocol v{version}, outside the offered v{min}..v{max}"
                     ));
                 }
-                if version < 2 {
+                if !Negotiated(version).intercepts() {
                     return ClientStep::Accepted(Accepted {
-                        version,
+                        version: Negotiated(version),
                         cluster,
                         manager_versions: (version, version),
                         features: 0,
@@ -142,7 +177,7 @@ impl ClientHandshake {
             }
             (Message::ServerInfo { min_version, max_version, features }, Some((version, cluster))) => {
                 ClientStep::Accepted(Accepted {
-                    version,
+                    version: Negotiated(version),
                     cluster,
                     manager_versions: (min_version, max_version),
                     features,
@@ -185,7 +220,7 @@ pub enum TokenKind {
 /// The accepting side's view of a peer it accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
-    pub version: u16,
+    pub version: Negotiated,
     pub role: Role,
     pub user: String,
     pub host: String,
@@ -236,7 +271,7 @@ impl ServerHandshake {
                     return refuse(ErrorCode::Unauthorized, max, "the client token is not valid".into());
                 };
                 // From version 2 on an info frame follows: its range decides.
-                if version >= 2 {
+                if version >= INTERCEPT_VERSION {
                     self.pending = Some((version, kind));
                     return ServerStep::NeedMore;
                 }
@@ -245,7 +280,7 @@ impl ServerHandshake {
                     return refuse(ErrorCode::Unauthorized, max, "the client token is not valid".into());
                 }
                 ServerStep::Accept(Peer {
-                    version,
+                    version: Negotiated(version),
                     role: Role::Client,
                     user: String::new(),
                     host: String::new(),
@@ -279,16 +314,16 @@ impl ServerHandshake {
                     };
                     return refuse(ErrorCode::Unauthorized, max, format!("the {what} token is not valid"));
                 }
-                ServerStep::Accept(Peer { version: chosen, role, user, host, client_id, features })
+                ServerStep::Accept(Peer { version: Negotiated(chosen), role, user, host, client_id, features })
             }
             (other, _) => ServerStep::Invalid(format!("{} where a hello was expected", other.kind())),
         }
     }
 
     /// The frames that accept a peer at `version`.
-    pub fn accept_frames(&self, version: u16, cluster: ClusterInfo) -> Vec<Message> {
-        let mut frames = vec![Message::ServerHello { version, cluster }];
-        if version >= 2 {
+    pub fn accept_frames(&self, version: Negotiated, cluster: ClusterInfo) -> Vec<Message> {
+        let mut frames = vec![Message::ServerHello { version: version.number(), cluster }];
+        if version.intercepts() {
             frames.push(Message::ServerInfo {
                 min_version: self.versions.0,
                 max_version: self.versions.1,
@@ -381,9 +416,9 @@ mod tests {
     fn same_range_picks_the_newest() {
         let (step, peer) = run((1, 2), (1, 2));
         let ClientStep::Accepted(a) = step else { panic!("{step:?}") };
-        assert_eq!((a.version, a.manager_versions, a.features), (2, (1, 2), FEATURE_INTERCEPTS));
+        assert_eq!((a.version.number(), a.manager_versions, a.features), (2, (1, 2), FEATURE_INTERCEPTS));
         let p = peer.unwrap();
-        assert_eq!((p.version, p.user.as_str(), p.host.as_str()), (2, "alice", "laptop"));
+        assert_eq!((p.version.number(), p.user.as_str(), p.host.as_str()), (2, "alice", "laptop"));
     }
 
     #[test]
@@ -391,7 +426,7 @@ mod tests {
         // A version-1 client: one frame, and it accepts only a version-1 answer.
         let (step, peer) = run((1, 1), (1, 2));
         let ClientStep::Accepted(a) = step else { panic!("{step:?}") };
-        assert_eq!(a.version, 1);
+        assert_eq!(a.version, Negotiated(1));
         assert_eq!(peer.unwrap().role, Role::Client);
     }
 
@@ -399,7 +434,7 @@ mod tests {
     fn a_client_one_version_newer_falls_back_to_a_version_1_manager() {
         assert_eq!(run_v1((1, 2)), ClientStep::Retry { version: 1 });
         let again = run_v1((1, 1));
-        assert!(matches!(again, ClientStep::Accepted(Accepted { version: 1, .. })), "{again:?}");
+        assert!(matches!(again, ClientStep::Accepted(Accepted { version: Negotiated(1), .. })), "{again:?}");
         // A client that no longer speaks 1 is refused and told to upgrade the manager.
         let c = ClientHandshake::new(hello((2, 3)));
         let ClientStep::Refused(r) = run_v1((2, 3)) else { panic!() };
@@ -409,8 +444,8 @@ mod tests {
     #[test]
     fn a_future_client_one_version_newer_connects_at_ours() {
         let (step, peer) = run((2, 3), (1, 2));
-        assert!(matches!(step, ClientStep::Accepted(Accepted { version: 2, .. })), "{step:?}");
-        assert_eq!(peer.unwrap().version, 2);
+        assert!(matches!(step, ClientStep::Accepted(Accepted { version: Negotiated(2), .. })), "{step:?}");
+        assert_eq!(peer.unwrap().version, Negotiated(2));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UnixListener;
+use tpvpn_tunnel::handshake::Negotiated;
 use tracing::{debug, info, warn};
 
 use crate::connect::{close_all, connect, Target, Via};
@@ -129,7 +130,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             flows: Default::default(),
             pid: Some(std::process::id()),
             tunnel_rtt_us: None,
-            protocol: Some(session.version),
+            protocol: Some(session.version.number()),
             intercepts: vec![],
             namespace: Some(plan.namespace.clone()),
         };
@@ -401,7 +402,7 @@ struct Link {
     target: Target,
     rediscover: Option<Rediscover>,
     /// The protocol version spoken on `conn`.
-    version: u16,
+    version: Negotiated,
     /// The session's intercepts connection, if the manager takes one.
     intercepts: Option<quinn::Connection>,
 }
@@ -496,7 +497,7 @@ async fn serve(
                     );
                     intercept_task.abort();
                     intercept_task = start_intercepts(&link);
-                    status.protocol = Some(session.version);
+                    status.protocol = Some(session.version.number());
 
                     close_all(&old.conn, old.intercepts.as_ref(), b"replaced");
                     let (send, recv) = session.control;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
-use tpvpn_tunnel::handshake::PERSONAL_VERSION;
+use tpvpn_tunnel::handshake::Negotiated;
 use tpvpn_tunnel::{ErrorCode, InterceptRow, InterceptState, InterceptTarget, Matchers, Message};
 use tracing::{info, warn};
 
@@ -148,7 +148,7 @@ struct Client {
 
 struct Agent {
     session: u64,
-    version: u16,
+    version: Negotiated,
 }
 
 /// The key a client's intercepts are claimed under: its 16-byte client id, or, without
@@ -224,7 +224,7 @@ impl Claims {
 
     /// An agent connected for `node`, speaking protocol `version`: it gets every capture
     /// of its node.
-    pub fn agent_connected(&mut self, node: &str, session: u64, version: u16) {
+    pub fn agent_connected(&mut self, node: &str, session: u64, version: Negotiated) {
         self.agents.insert(node.to_string(), Agent { session, version });
         let mine: Vec<u64> = self.captures.iter().filter(|(_, c)| c.target.node == node).map(|(id, _)| *id).collect();
         for id in mine {
@@ -351,14 +351,14 @@ impl Claims {
             ));
         }
         if !req.matchers.is_empty() {
-            let old = pods.iter().find_map(|t| {
-                self.agents.get(&t.node).filter(|a| a.version < PERSONAL_VERSION).map(|a| (&t.node, a.version))
-            });
+            let old = pods
+                .iter()
+                .find_map(|t| self.agents.get(&t.node).filter(|a| !a.version.personal()).map(|a| (&t.node, a.version)));
             if let Some((node, version)) = old {
                 return Err(refuse(
                     ErrorCode::Unsupported,
                     format!(
-                        "the tpvpn agent on node {node} speaks protocol v{version}, which has no personal intercepts (--http-header): upgrade the agents (tpvpn manager install)"
+                        "the tpvpn agent on node {node} speaks protocol {version}, which has no personal intercepts (--http-header): upgrade the agents (tpvpn manager install)"
                     ),
                 ));
             }
@@ -545,8 +545,8 @@ impl Claims {
         let t = &c.target;
         match self.agents.get(&t.node) {
             None => warn!(node = %t.node, pod = %t.name, "no agent on the pod's node: not captured until one connects"),
-            Some(a) if a.version < PERSONAL_VERSION && !i.matchers.is_empty() => warn!(
-                node = %t.node, pod = %t.name, version = a.version,
+            Some(a) if !a.version.personal() && !i.matchers.is_empty() => warn!(
+                node = %t.node, pod = %t.name, version = a.version.number(),
                 "the agent is too old for personal intercepts: not captured until it is upgraded"
             ),
             Some(_) => {

@@ -163,7 +163,13 @@ impl Hub {
     }
 
     /// An agent connected for `node`: it gets every capture of its node.
-    pub fn agent_connected(&self, node: &str, session: u64, version: u16, tx: mpsc::UnboundedSender<Message>) {
+    pub fn agent_connected(
+        &self,
+        node: &str,
+        session: u64,
+        version: tpvpn_tunnel::handshake::Negotiated,
+        tx: mpsc::UnboundedSender<Message>,
+    ) {
         self.with(|h| {
             h.agents.insert(node.to_string(), AgentLink { session, tx });
             h.claims.agent_connected(node, session, version);

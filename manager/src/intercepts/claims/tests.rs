@@ -83,8 +83,8 @@ struct Lab {
 impl Lab {
     fn new(pods: Vec<Arc<Pod>>) -> Lab {
         let mut claims = Claims::new(rules::NamespacePolicy::default());
-        claims.agent_connected("n1", 101, PERSONAL_VERSION);
-        claims.agent_connected("n2", 102, PERSONAL_VERSION);
+        claims.agent_connected("n1", 101, Negotiated::assumed(3));
+        claims.agent_connected("n2", 102, Negotiated::assumed(3));
         let world = World { services: vec![service("web"), service("db")], pods };
         let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_115_723);
         Lab { claims, world, start: Instant::now(), wall }
@@ -282,7 +282,7 @@ fn the_earlier_connection_of_a_client_still_open_holds_its_claim() {
 #[test]
 fn personal_intercepts_need_agents_that_know_them() {
     let mut lab = Lab::new(vec![web0(), web1()]);
-    lab.claims.agent_connected("n2", 202, 2);
+    lab.claims.agent_connected("n2", 202, Negotiated::assumed(2));
     lab.claims.client_connected(1, &ALICE, "alice@laptop");
     let e = lab.ask(0, 1, &request(&[("x-dev", "alice")])).unwrap_err();
     assert_eq!(e.code, ErrorCode::Unsupported);
@@ -293,10 +293,10 @@ fn personal_intercepts_need_agents_that_know_them() {
     // A personal intercept held while n2's agent is replaced by an old one: nothing it
     // cannot read is sent to it.
     lab.claims.client_connected(2, &BOB, "bob@laptop");
-    lab.claims.agent_connected("n2", 203, PERSONAL_VERSION);
+    lab.claims.agent_connected("n2", 203, Negotiated::assumed(3));
     lab.effects();
     lab.intercept(1, 2, &request(&[("x-dev", "bob")]), ok()).unwrap();
-    lab.claims.agent_connected("n2", 204, 2);
+    lab.claims.agent_connected("n2", 204, Negotiated::assumed(2));
     let effects = lab.effects();
     let sent: Vec<&Matchers> = effects
         .iter()
@@ -411,7 +411,7 @@ fn an_agent_that_connects_gets_every_capture_of_its_node() {
     lab.intercept(0, 1, &request(&[]), ok()).unwrap();
     let before: Vec<u64> =
         lab.claims.captures.iter().filter(|(_, c)| c.target.node == "n1").map(|(id, _)| *id).collect();
-    lab.claims.agent_connected("n1", 301, PERSONAL_VERSION);
+    lab.claims.agent_connected("n1", 301, Negotiated::assumed(3));
     let sent = captures(&lab.effects());
     assert_eq!(sent.iter().map(|(n, id, _)| (n.as_str(), *id)).collect::<Vec<_>>(), [("n1", before[0])]);
 }
