@@ -96,7 +96,7 @@ pub fn parse_existing(json: &str) -> Vec<Existing> {
 pub fn existing() -> Result<Vec<Existing>, Error> {
     let mut all = Vec::new();
     for family in ["-4", "-6"] {
-        let out = Command::new("ip")
+        let out = system("ip")
             .args(["-j", family, "route", "show", "table", "main"])
             .output()
             .map_err(|e| Error::System(format!("cannot run ip: {e}")))?;
@@ -112,6 +112,16 @@ pub fn conflict<'a>(route: &IpNet, existing: &'a [Existing], own_device: &str) -
         .find(|e| e.dev != own_device && (route.contains(&e.dst.network()) || e.dst.contains(&route.network())))
 }
 
+/// A system tool whose error words are matched below (`File exists`, `No such
+/// process`): run in the C locale, so that they are the same words on every machine.
+/// (`ip` does not call `setlocale` today, so its words are English anyway; nothing here
+/// should depend on that.)
+fn system(program: &str) -> Command {
+    let mut c = Command::new(program);
+    c.env("LC_ALL", "C").env_remove("LANGUAGE");
+    c
+}
+
 /// The single-address CIDR of `ip`.
 pub fn host(ip: IpAddr) -> IpNet {
     IpNet::from(ip)
@@ -119,7 +129,7 @@ pub fn host(ip: IpAddr) -> IpNet {
 
 #[cfg(target_os = "linux")]
 fn ip(args: &[&str]) -> Result<(), Error> {
-    let out = Command::new("ip").args(args).output().map_err(|e| Error::System(format!("cannot run ip: {e}")))?;
+    let out = system("ip").args(args).output().map_err(|e| Error::System(format!("cannot run ip: {e}")))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -168,7 +178,7 @@ fn batch(lines: impl Iterator<Item = String>) -> Result<(), Error> {
     if input.is_empty() {
         return Ok(());
     }
-    let mut child = Command::new("ip")
+    let mut child = system("ip")
         .args(["-force", "-batch", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
@@ -259,7 +269,7 @@ pub fn delete_device(device: &str) -> Result<(), Error> {
 /// The machine's routes, from `netstat -rn` (macOS; not yet run on a Mac).
 #[cfg(target_os = "macos")]
 pub fn existing() -> Result<Vec<Existing>, Error> {
-    let out = Command::new("netstat")
+    let out = system("netstat")
         .args(["-rn"])
         .output()
         .map_err(|e| Error::System(format!("cannot run netstat: {e}")))?;
@@ -274,7 +284,7 @@ pub fn existing() -> Result<Vec<Existing>, Error> {
 fn run(cmd: &[String]) -> Result<(), Error> {
     let (program, args) = cmd.split_first().ok_or_else(|| Error::System("empty command".into()))?;
     let out =
-        Command::new(program).args(args).output().map_err(|e| Error::System(format!("cannot run {program}: {e}")))?;
+        system(program).args(args).output().map_err(|e| Error::System(format!("cannot run {program}: {e}")))?;
     if out.status.success() {
         return Ok(());
     }
