@@ -269,10 +269,8 @@ pub fn delete_device(device: &str) -> Result<(), Error> {
 /// The machine's routes, from `netstat -rn` (macOS; not yet run on a Mac).
 #[cfg(target_os = "macos")]
 pub fn existing() -> Result<Vec<Existing>, Error> {
-    let out = system("netstat")
-        .args(["-rn"])
-        .output()
-        .map_err(|e| Error::System(format!("cannot run netstat: {e}")))?;
+    let out =
+        system("netstat").args(["-rn"]).output().map_err(|e| Error::System(format!("cannot run netstat: {e}")))?;
     Ok(crate::macos::parse_netstat(&String::from_utf8_lossy(&out.stdout))
         .into_iter()
         .map(|r| Existing { dst: r.dst, dev: r.netif, connected: r.connected })
@@ -283,8 +281,7 @@ pub fn existing() -> Result<Vec<Existing>, Error> {
 #[cfg(target_os = "macos")]
 fn run(cmd: &[String]) -> Result<(), Error> {
     let (program, args) = cmd.split_first().ok_or_else(|| Error::System("empty command".into()))?;
-    let out =
-        system(program).args(args).output().map_err(|e| Error::System(format!("cannot run {program}: {e}")))?;
+    let out = system(program).args(args).output().map_err(|e| Error::System(format!("cannot run {program}: {e}")))?;
     if out.status.success() {
         return Ok(());
     }

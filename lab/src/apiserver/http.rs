@@ -214,6 +214,9 @@ impl ApiServer {
             return Ok(json_response(StatusCode::CREATED, &answer));
         }
         let route = Route::parse(path);
+        if let Route::Sub { res, name, sub } = &route {
+            return self.subresource(&user, method, *res, name, *sub, body);
+        }
         let q = |k: &str| query.get(k).map(String::as_str);
         let watching = matches!(q("watch"), Some("true" | "1"));
         if let Route::List { res, ns } | Route::Item { res, ns, .. } = &route {
@@ -295,7 +298,10 @@ impl ApiServer {
                 if res.namespaced() && ns.is_none() {
                     return Err(ApiError::method_not_allowed());
                 }
-                let obj = parse_body(body)?;
+                let mut obj = parse_body(body)?;
+                if res == Resource::CertificateSigningRequests {
+                    csr::stamp(&mut obj, &self.requester(&user))?;
+                }
                 let created = self.mutate(|s| s.create(res, ns.as_deref(), obj))?;
                 Ok(json_response(StatusCode::CREATED, &created))
             }
@@ -314,7 +320,10 @@ impl ApiServer {
                 let obj = match *m {
                     Method::GET => self.store().get(res, ns, &name)?,
                     Method::PUT => {
-                        let obj = parse_body(body)?;
+                        let mut obj = parse_body(body)?;
+                        if res == Resource::CertificateSigningRequests {
+                            csr::keep_spec_and_status(&mut obj, &self.store().get(res, ns, &name)?);
+                        }
                         self.mutate(|s| s.replace(res, ns, &name, obj))?
                     }
                     Method::PATCH => {
@@ -329,6 +338,11 @@ impl ApiServer {
                             ));
                         }
                         let patch = parse_body(body)?;
+                        if res == Resource::CertificateSigningRequests
+                            && (!patch["spec"].is_null() || !patch["status"].is_null())
+                        {
+                            return Err(ApiError::invalid(res, &name, "spec: Forbidden: field is immutable"));
+                        }
                         self.mutate(|s| s.merge_patch(res, ns, &name, &patch))?
                     }
                     Method::DELETE => self.mutate(|s| s.delete(res, ns, &name))?,
@@ -339,6 +353,82 @@ impl ApiServer {
             (Route::Unknown, _) => Err(ApiError::unknown_path()),
             _ => Err(ApiError::method_not_allowed()),
         }
+    }
+
+    /// Who `user` is, as the API server stamps it on what it creates.
+    fn requester(&self, user: &User) -> csr::Requester {
+        let authenticated = "system:authenticated".to_string();
+        let plain = |name: &str| csr::Requester {
+            username: name.into(),
+            uid: String::new(),
+            groups: vec![authenticated.clone()],
+        };
+        match user {
+            User::Admin => csr::Requester {
+                username: "lab-admin".into(),
+                uid: String::new(),
+                groups: vec!["system:masters".into(), authenticated.clone()],
+            },
+            User::NoSecrets => plain(NO_SECRETS_USER),
+            User::NoPortforward => plain(NO_PORTFORWARD_USER),
+            User::Rbac(u) => csr::Requester {
+                username: u.name.clone(),
+                uid: self.cfg.users.iter().find(|t| t.user.name == u.name).map(|t| t.uid.clone()).unwrap_or_default(),
+                groups: u.groups.clone(),
+            },
+        }
+    }
+
+    /// GET or PUT of a CertificateSigningRequest's `approval` or `status` ([`csr`]).
+    fn subresource(
+        &self,
+        user: &User,
+        method: &Method,
+        res: Resource,
+        name: &str,
+        sub: csr::Sub,
+        body: &[u8],
+    ) -> Result<Response<Body>, ApiError> {
+        let old = self.store().get(res, None, name)?;
+        if *method == Method::GET {
+            return Ok(json_response(StatusCode::OK, &old));
+        }
+        if *method != Method::PUT {
+            return Err(ApiError::method_not_allowed());
+        }
+        if let User::Rbac(u) = user {
+            let (resource, verb) = sub.rbac();
+            let own = Attributes {
+                verb: "update",
+                group: res.group(),
+                resource: resource.into(),
+                namespace: None,
+                name: Some(name),
+            };
+            if !self.store().authorize(u, &own) {
+                return Err(rbac_forbidden(u, &own));
+            }
+            let signer = old["spec"]["signerName"].as_str().unwrap_or_default();
+            let names = csr::signer_names(signer);
+            let allowed = names.iter().any(|n| {
+                let a =
+                    Attributes { verb, group: res.group(), resource: "signers".into(), namespace: None, name: Some(n) };
+                self.store().authorize(u, &a)
+            });
+            if !allowed {
+                let a = Attributes {
+                    verb,
+                    group: res.group(),
+                    resource: "signers".into(),
+                    namespace: None,
+                    name: Some(signer),
+                };
+                return Err(rbac_forbidden(u, &a));
+            }
+        }
+        let new = sub.apply(&old, &parse_body(body)?)?;
+        let updated = self.mutate(|s| s.replace(res, None, name, new))?;
+        Ok(json_response(StatusCode::OK, &updated))
     }
 
     /// Runs a store mutation and wakes the watchers.
@@ -519,6 +609,12 @@ pub(super) enum Route {
         ns: Option<String>,
         name: String,
     },
+    /// A CertificateSigningRequest's `approval` or `status` ([`csr`]).
+    Sub {
+        res: Resource,
+        name: String,
+        sub: csr::Sub,
+    },
     Unknown,
 }
 
@@ -554,6 +650,10 @@ impl Route {
             [r, name] if !name.is_empty() => {
                 cluster(r).map(|res| Route::Item { res, ns: None, name: name.to_string() })
             }
+            [r, name, sub] if !name.is_empty() => cluster(r)
+                .filter(|res| *res == Resource::CertificateSigningRequests)
+                .zip(csr::Sub::parse(sub))
+                .map(|(res, sub)| Route::Sub { res, name: name.to_string(), sub }),
             _ => None,
         };
         route.unwrap_or(Route::Unknown)

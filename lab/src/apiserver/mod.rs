@@ -11,7 +11,9 @@
 //!   `namespaces`, `nodes` (cluster-scoped), `services`, `pods`, `secrets`,
 //!   `serviceaccounts` (namespaced); `rbac.authorization.k8s.io/v1`
 //!   (`/apis/{group}/v1`): `clusterroles`, `clusterrolebindings`
-//!   (cluster-scoped), `roles`, `rolebindings`; `apps/v1`: `deployments`, `daemonsets`.
+//!   (cluster-scoped), `roles`, `rolebindings`; `apps/v1`: `deployments`, `daemonsets`;
+//!   `certificates.k8s.io/v1`: `certificatesigningrequests` (cluster-scoped; the
+//!   requester stamped on create, the `approval` and `status` subresources, [`csr`]).
 //!   Other paths: 404 `the server could not find the requested resource`.
 //!   Discovery: `/api`, `/api/v1`, `/apis` (APIGroupList), `/apis/{group}`,
 //!   `/apis/{group}/v1` (APIResourceList); no aggregated discovery.
@@ -65,7 +67,8 @@
 //!
 //! Not kept: other resources and API groups, protobuf, HTTP/2, `limit`/
 //! `continue` paging (everything is returned, no continue token), set-based
-//! label selectors, subresources, JSON/strategic patches, `managedFields`,
+//! label selectors, subresources (but port-forward, ServiceAccount tokens and a CSR's
+//! `approval` and `status`, by PUT), JSON/strategic patches, `managedFields`,
 //! `dryRun` (400), finalizers, garbage collection by owner references, controllers
 //! (no Pods for Deployments), admission and validation.
 //!
@@ -73,6 +76,7 @@
 //! history, so any older resourceVersion then yields 410 Gone, and ends every open
 //! watch with a 410 ERROR event (a watch that fell behind), so clients must list again.
 
+mod csr;
 mod filter;
 mod http;
 mod portforward;

@@ -18,13 +18,14 @@ pub enum Resource {
     Deployments,
     DaemonSets,
     ResourceQuotas,
+    CertificateSigningRequests,
 }
 
 /// The API groups served besides the core group (all at version `v1`).
-pub const API_GROUPS: [&str; 2] = ["apps", "rbac.authorization.k8s.io"];
+pub const API_GROUPS: [&str; 3] = ["apps", "certificates.k8s.io", "rbac.authorization.k8s.io"];
 
 impl Resource {
-    pub const ALL: [Resource; 13] = [
+    pub const ALL: [Resource; 14] = [
         Resource::Namespaces,
         Resource::Nodes,
         Resource::Pods,
@@ -38,6 +39,7 @@ impl Resource {
         Resource::Deployments,
         Resource::DaemonSets,
         Resource::ResourceQuotas,
+        Resource::CertificateSigningRequests,
     ];
 
     /// (group, kind, plural, namespaced, short names); the version is always `v1`.
@@ -57,6 +59,9 @@ impl Resource {
             Resource::Deployments => ("apps", "Deployment", "deployments", true, &["deploy"]),
             Resource::DaemonSets => ("apps", "DaemonSet", "daemonsets", true, &["ds"]),
             Resource::ResourceQuotas => ("", "ResourceQuota", "resourcequotas", true, &["quota"]),
+            Resource::CertificateSigningRequests => {
+                ("certificates.k8s.io", "CertificateSigningRequest", "certificatesigningrequests", false, &["csr"])
+            }
         }
     }
 

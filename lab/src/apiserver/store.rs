@@ -481,7 +481,8 @@ impl Store {
             | Resource::ClusterRoleBindings
             | Resource::Roles
             | Resource::RoleBindings
-            | Resource::ResourceQuotas => {}
+            | Resource::ResourceQuotas
+            | Resource::CertificateSigningRequests => {}
         }
         Ok(())
     }

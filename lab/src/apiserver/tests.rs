@@ -437,7 +437,7 @@ fn http_discovery_apply_and_unknown() {
         let (code, v) = get("/apis").await;
         assert_eq!((code, v["kind"].as_str()), (200, Some("APIGroupList")));
         let groups: Vec<&str> = v["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
-        assert_eq!(groups, ["apps", "rbac.authorization.k8s.io"]);
+        assert_eq!(groups, ["apps", "certificates.k8s.io", "rbac.authorization.k8s.io"]);
         assert_eq!(v["groups"][0]["preferredVersion"]["groupVersion"], "apps/v1");
         let (_, v) = get("/apis/rbac.authorization.k8s.io/v1").await;
         assert_eq!(v["groupVersion"], "rbac.authorization.k8s.io/v1");
@@ -480,4 +480,88 @@ fn timestamp_format() {
     let t = rfc3339_now();
     assert_eq!(t.len(), 20, "{t}");
     assert!(t.starts_with("20"), "{t}");
+}
+
+/// CertificateSigningRequests over HTTP as the API server handles them: the requester
+/// stamped (not what the body claims), approval and signing each needing their own
+/// RBAC on the signer, a certificate only once approved.
+#[test]
+fn csrs_are_stamped_and_approved_and_signed_only_by_whom_rbac_allows() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let users = parse_token_file("alice-t,alice,u-alice,\"dev\"\nsigner-t,signer,u-signer\n").unwrap();
+        let cfg = Config {
+            admin_token: "t".into(),
+            no_secrets_token: None,
+            no_portforward_token: None,
+            users,
+            bookmark_interval: Duration::from_secs(5),
+        };
+        let mut st = store();
+        let rbac = "rbac.authorization.k8s.io/v1";
+        st.load(vec![
+            json!({"apiVersion": rbac, "kind": "ClusterRole", "metadata": {"name": "csr-user"},
+                "rules": [{"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get"]}]}),
+            json!({"apiVersion": rbac, "kind": "ClusterRoleBinding", "metadata": {"name": "csr-users"},
+                "roleRef": {"kind": "ClusterRole", "name": "csr-user"},
+                "subjects": [{"kind": "Group", "name": "system:authenticated"}]}),
+            json!({"apiVersion": rbac, "kind": "ClusterRole", "metadata": {"name": "signer"},
+                "rules": [
+                    {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests/approval", "certificatesigningrequests/status"], "verbs": ["update"]},
+                    {"apiGroups": ["certificates.k8s.io"], "resources": ["signers"], "resourceNames": ["tpvpn.dev/*"], "verbs": ["approve", "sign"]}]}),
+            json!({"apiVersion": rbac, "kind": "ClusterRoleBinding", "metadata": {"name": "signer"},
+                "roleRef": {"kind": "ClusterRole", "name": "signer"}, "subjects": [{"kind": "User", "name": "signer"}]}),
+        ])
+        .unwrap();
+        tokio::spawn(ApiServer::new(st, cfg, addr.to_string()).serve(listener));
+        let call = |token: &'static str, method: &'static str, path: &'static str, body: Value| async move {
+            let body = if body.is_null() { String::new() } else { body.to_string() };
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!(
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\
+                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            c.write_all(req.as_bytes()).await.unwrap();
+            let mut buf = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await.unwrap().unwrap();
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let code: u16 = text[9..12].parse().unwrap();
+            (code, serde_json::from_str::<Value>(text.split_once("\r\n\r\n").unwrap().1).unwrap_or(Value::Null))
+        };
+        let pem = "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n";
+        let request = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem);
+        let csr = json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+            "metadata": {"name": "alice-1"},
+            "spec": {"request": request, "signerName": "tpvpn.dev/client", "usages": ["client auth"],
+                     "username": "admin", "groups": ["system:masters"]}});
+        let base = "/apis/certificates.k8s.io/v1/certificatesigningrequests";
+        let (code, created) = call("alice-t", "POST", base, csr).await;
+        assert_eq!(code, 201, "{created}");
+        assert_eq!(created["spec"]["username"], "alice", "stamped by the server: {created}");
+        assert_eq!(created["spec"]["uid"], "u-alice");
+        assert_eq!(created["spec"]["groups"], json!(["dev", "system:authenticated"]));
+
+        let approve = json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+            "metadata": {"name": "alice-1"},
+            "status": {"conditions": [{"type": "Approved", "status": "True", "reason": "Test"}]}});
+        let approval = "/apis/certificates.k8s.io/v1/certificatesigningrequests/alice-1/approval";
+        let (code, body) = call("alice-t", "PUT", approval, approve.clone()).await;
+        assert_eq!(code, 403, "a requester approving its own request: {body}");
+        assert!(body["message"].as_str().unwrap().contains("certificatesigningrequests/approval"), "{body}");
+        let status = "/apis/certificates.k8s.io/v1/certificatesigningrequests/alice-1/status";
+        let signed = json!({"status": {"certificate": "Y2VydA=="}});
+        let (code, body) = call("signer-t", "PUT", status, signed.clone()).await;
+        assert_eq!(code, 422, "signed before approval: {body}");
+        let (code, body) = call("signer-t", "PUT", approval, approve).await;
+        assert_eq!((code, body["status"]["conditions"][0]["type"].as_str()), (200, Some("Approved")), "{body}");
+        let (code, body) = call("signer-t", "PUT", status, signed).await;
+        assert_eq!((code, body["status"]["certificate"].as_str()), (200, Some("Y2VydA==")), "{body}");
+        let (code, body) = call("alice-t", "GET", "/apis/certificates.k8s.io/v1/certificatesigningrequests/alice-1", Value::Null).await;
+        assert_eq!((code, body["status"]["certificate"].as_str()), (200, Some("Y2VydA==")), "{body}");
+        assert_eq!(body["spec"]["username"], "alice");
+    });
 }
