@@ -229,17 +229,7 @@ impl Pair {
     }
 
     fn intercept(&mut self, secs: u64, session: u64, headers: &[(&str, &str)]) -> Result<Message, Refusal> {
-        let req = Request {
-            namespace: "default".into(),
-            service: "web".into(),
-            port: "80".into(),
-            local_port: 8080,
-            container: String::new(),
-            matchers: Matchers {
-                headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-                path_prefix: String::new(),
-            },
-        };
+        let req = request(headers);
         let now = self.at(secs);
         let id = self.claims.intercept(now, SystemTime::now(), session, &req, &self.world)?;
         self.settle();
@@ -262,6 +252,21 @@ impl Pair {
                 Some(session)
             }
         }
+    }
+}
+
+/// An intercept of `default/web` port 80 to local port 8080, personal with `headers`.
+fn request(headers: &[(&str, &str)]) -> Request {
+    Request {
+        namespace: "default".into(),
+        service: "web".into(),
+        port: "80".into(),
+        local_port: 8080,
+        container: String::new(),
+        matchers: Matchers {
+            headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            path_prefix: String::new(),
+        },
     }
 }
 
@@ -317,15 +322,7 @@ fn a_lost_agent_gives_its_pods_back_and_gets_every_capture_again_when_it_returns
 fn an_agent_lost_while_a_request_waits_fails_it_and_the_pods_keep_their_traffic() {
     let mut p = Pair::new();
     let alice = p.laptop_connects(&ALICE, "alice@laptop");
-    let req = Request {
-        namespace: "default".into(),
-        service: "web".into(),
-        port: "80".into(),
-        local_port: 8080,
-        container: String::new(),
-        matchers: Matchers::default(),
-    };
-    let id = p.claims.intercept(p.at(0), SystemTime::now(), alice, &req, &p.world).unwrap();
+    let id = p.claims.intercept(p.at(0), SystemTime::now(), alice, &request(&[]), &p.world).unwrap();
     // n2's agent gets the capture but is lost before it answers.
     while let Some(e) = p.claims.poll_effect() {
         if let Effect::ToAgent { node, message: Message::Capture { id, pod_ip, port, container_id, matchers, .. } } = e

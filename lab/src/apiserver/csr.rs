@@ -138,21 +138,12 @@ impl Sub {
                         "status.conditions: Forbidden: updates may not change an Approved or Denied decision",
                     ));
                 }
-                let mut conditions: Vec<Value> = old["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|c| c["type"] == "Failed")
-                    .cloned()
-                    .collect();
-                for c in body["status"]["conditions"].as_array().into_iter().flatten() {
-                    if c["type"] == "Approved" || c["type"] == "Denied" {
-                        let mut c = c.clone();
-                        if c["lastUpdateTime"].is_null() {
-                            c["lastUpdateTime"] = json!(rfc3339_now());
-                        }
-                        conditions.push(c);
+                let mut conditions = conditions(old, |t| t == "Failed");
+                for mut c in self::conditions(body, |t| t == "Approved" || t == "Denied") {
+                    if c["lastUpdateTime"].is_null() {
+                        c["lastUpdateTime"] = json!(rfc3339_now());
                     }
+                    conditions.push(c);
                 }
                 new["status"]["conditions"] = json!(conditions);
             }
@@ -173,17 +164,9 @@ impl Sub {
                     }
                     new["status"]["certificate"] = json!(certificate);
                 }
-                let failed: Vec<Value> = body["status"]["conditions"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter(|c| c["type"] == "Failed")
-                    .cloned()
-                    .collect();
+                let failed = conditions(body, |t| t == "Failed");
                 if !failed.is_empty() {
-                    let mut conditions: Vec<Value> =
-                        old["status"]["conditions"].as_array().cloned().unwrap_or_default();
-                    conditions.retain(|c| c["type"] != "Failed");
+                    let mut conditions = conditions(old, |t| t != "Failed");
                     conditions.extend(failed);
                     new["status"]["conditions"] = json!(conditions);
                 }
@@ -191,6 +174,12 @@ impl Sub {
         }
         Ok(new)
     }
+}
+
+/// The conditions of `obj`'s status whose type `keep` says.
+fn conditions(obj: &Value, keep: impl Fn(&str) -> bool) -> Vec<Value> {
+    let all = obj["status"]["conditions"].as_array().into_iter().flatten();
+    all.filter(|c| keep(c["type"].as_str().unwrap_or_default())).cloned().collect()
 }
 
 #[cfg(test)]

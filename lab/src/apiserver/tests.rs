@@ -224,6 +224,31 @@ async fn serve_on_loopback() -> std::net::SocketAddr {
     addr
 }
 
+/// One request on its own connection (`Connection: close`), the response read to the
+/// end: its status code and JSON body.
+async fn one_request(
+    addr: std::net::SocketAddr,
+    token: &str,
+    method: &str,
+    path: String,
+    ctype: &str,
+    body: String,
+) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\
+         Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code: u16 = text[9..12].parse().unwrap();
+    (code, serde_json::from_str::<Value>(text.split_once("\r\n\r\n").unwrap().1).unwrap_or(Value::Null))
+}
+
 /// Raw HTTP/1.1 on loopback: keep-alive, errors as Status, a chunked watch.
 #[test]
 fn http_keep_alive_and_chunked_watch() {
@@ -413,25 +438,11 @@ fn namespace_delete_cascades() {
 /// Discovery, unknown resources, apply over HTTP (raw HTTP/1.1 on loopback).
 #[test]
 fn http_discovery_apply_and_unknown() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let addr = serve_on_loopback().await;
-        // One request per connection (Connection: close), response read to the end.
-        let call = |method: &'static str, path: String, ctype: &'static str, body: String| async move {
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let req = format!(
-                "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\nConnection: close\r\n\
-                 Content-Type: {ctype}\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            c.write_all(req.as_bytes()).await.unwrap();
-            let mut buf = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await.unwrap().unwrap();
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            let code: u16 = text[9..12].parse().unwrap();
-            let body = text.split_once("\r\n\r\n").unwrap().1;
-            (code, serde_json::from_str::<Value>(body).unwrap_or(Value::Null))
+        let call = |method: &'static str, path: String, ctype: &'static str, body: String| {
+            one_request(addr, "t", method, path, ctype, body)
         };
         let get = |p: &str| call("GET", p.to_string(), "application/json", String::new());
         let (code, v) = get("/apis").await;
@@ -487,7 +498,6 @@ fn timestamp_format() {
 /// RBAC on the signer, a certificate only once approved.
 #[test]
 fn csrs_are_stamped_and_approved_and_signed_only_by_whom_rbac_allows() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -517,20 +527,9 @@ fn csrs_are_stamped_and_approved_and_signed_only_by_whom_rbac_allows() {
         ])
         .unwrap();
         tokio::spawn(ApiServer::new(st, cfg, addr.to_string()).serve(listener));
-        let call = |token: &'static str, method: &'static str, path: &'static str, body: Value| async move {
+        let call = |token: &'static str, method: &'static str, path: &'static str, body: Value| {
             let body = if body.is_null() { String::new() } else { body.to_string() };
-            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let req = format!(
-                "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\
-                 Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            );
-            c.write_all(req.as_bytes()).await.unwrap();
-            let mut buf = Vec::new();
-            tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut buf)).await.unwrap().unwrap();
-            let text = String::from_utf8_lossy(&buf).into_owned();
-            let code: u16 = text[9..12].parse().unwrap();
-            (code, serde_json::from_str::<Value>(text.split_once("\r\n\r\n").unwrap().1).unwrap_or(Value::Null))
+            one_request(addr, token, method, path.to_string(), "application/json", body)
         };
         let pem = "-----BEGIN CERTIFICATE REQUEST-----\nMIIB\n-----END CERTIFICATE REQUEST-----\n";
         let request = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem);
