@@ -15,13 +15,11 @@ use kube::config::KubeConfigOptions;
 
 use crate::connect::{Target, Transport};
 use crate::kubeconfig::Resolved;
-use crate::portforward::PortForward;
+use crate::portforward::{PortForward, MANAGER_SERVICE};
 use crate::Error;
 
 /// Name of the Secret holding the client credentials.
 pub const CLIENT_SECRET: &str = "tpvpn-client";
-/// Name of the manager's Service (and Deployment).
-pub const MANAGER_SERVICE: &str = "tpvpn-manager";
 /// Default namespace of the manager.
 pub const MANAGER_NAMESPACE: &str = "tpvpn";
 /// Time allowed for each API request.

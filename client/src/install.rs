@@ -21,8 +21,9 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::Value;
 
-use crate::discovery::{CLIENT_SECRET, MANAGER_SERVICE};
+use crate::discovery::CLIENT_SECRET;
 use crate::kubeconfig::Resolved;
+use crate::portforward::MANAGER_SERVICE;
 use crate::Error;
 
 /// The manifests, as shipped in `deploy/manifests/manager.yaml`.

@@ -10,9 +10,10 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams};
 use kube::core::Resource;
 
-use crate::discovery::MANAGER_SERVICE;
 use crate::Error;
 
+/// Name of the manager's Service (and Deployment), which this transport reaches.
+pub const MANAGER_SERVICE: &str = "tpvpn-manager";
 /// Name of the manager Service's (and container's) port for QUIC over TCP.
 pub const TUNNEL_PORT: &str = "tunnel";
 /// Time allowed for each API request, the port-forward's upgrade included.

@@ -18,7 +18,12 @@ use bytes::Bytes;
 use tpvpn_tunnel::{Message, ServiceInfo};
 use tracing::warn;
 
-use crate::cluster::Catalog;
+/// Every namespace and Service, sorted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    pub namespaces: Vec<String>,
+    pub services: Vec<ServiceInfo>,
+}
 
 /// Most bytes of entries in one chunk.
 pub const CHUNK_BYTES: usize = 256 * 1024;

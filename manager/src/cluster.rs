@@ -28,6 +28,8 @@ use tokio::sync::{watch, Notify};
 use tpvpn_tunnel::{ClusterInfo, Protocol, ServiceInfo, ServicePort};
 use tracing::{info, warn};
 
+use crate::catalog::Catalog;
+
 /// Time to let a burst of watch events settle before recomputing.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
@@ -54,13 +56,6 @@ fn covering(ips: &[IpAddr]) -> Option<IpNet> {
         net = IpNet::new(net.addr(), widest).ok()?.trunc();
     }
     Some(net)
-}
-
-/// Every namespace and Service, sorted.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Catalog {
-    pub namespaces: Vec<String>,
-    pub services: Vec<ServiceInfo>,
 }
 
 /// The catalog from the watched objects.

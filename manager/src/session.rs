@@ -8,7 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tpvpn_tunnel::datagram::Datagram;
 use tpvpn_tunnel::handshake::{Negotiated, Peer, ServerHandshake, ServerStep};
@@ -23,10 +22,8 @@ use crate::auth::AgentAuth;
 use crate::intercepts::{Captured, Hub};
 use crate::metrics::{self, Gauge};
 use crate::policy::{Kind, Usage};
+use crate::udp::UdpFlows;
 use crate::{Config, Error, Shared, HELLO_TIMEOUT, MAX_HELLO};
-
-/// UDP flows of one session, by flow id: where their datagrams go.
-pub(crate) type UdpFlows = Arc<Mutex<HashMap<u64, mpsc::Sender<Bytes>>>>;
 
 /// Accepts clients on `endpoint`, made with `server`, until it is closed (QUIC over UDP
 /// only). See [`Server`].

@@ -13,8 +13,10 @@ use tpvpn_tunnel::{FlowStatus, Message};
 use tracing::debug;
 
 use crate::metrics::add;
-use crate::session::UdpFlows;
 use crate::Config;
+
+/// UDP flows of one session, by flow id: where their datagrams go.
+pub(crate) type UdpFlows = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, mpsc::Sender<Bytes>>>>;
 
 async fn connect(dst: SocketAddr) -> std::io::Result<UdpSocket> {
     let any: IpAddr = if dst.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
