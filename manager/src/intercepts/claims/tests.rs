@@ -90,6 +90,14 @@ impl Lab {
         Lab { claims, world, start: Instant::now(), wall }
     }
 
+    /// [`Lab::new`] with Alice's laptop connected as session 1 and Bob's as session 2.
+    fn alice_and_bob(pods: Vec<Arc<Pod>>) -> Lab {
+        let mut lab = Lab::new(pods);
+        lab.claims.client_connected(1, &ALICE, "alice@laptop");
+        lab.claims.client_connected(2, &BOB, "bob@laptop");
+        lab
+    }
+
     fn at(&self, secs: u64) -> Instant {
         self.start + Duration::from_secs(secs)
     }
@@ -189,9 +197,7 @@ fn a_request_is_answered_once_every_pod_is_captured() {
 
 #[test]
 fn overlapping_intercepts_of_one_port_are_refused_with_the_holder_named() {
-    let mut lab = Lab::new(vec![web0()]);
-    lab.claims.client_connected(1, &ALICE, "alice@laptop");
-    lab.claims.client_connected(2, &BOB, "bob@laptop");
+    let mut lab = Lab::alice_and_bob(vec![web0()]);
     lab.claims.client_connected(3, &CAROL, "carol@laptop");
     lab.intercept(0, 1, &request(&[]), ok()).unwrap();
 
@@ -224,9 +230,7 @@ fn overlapping_intercepts_of_one_port_are_refused_with_the_holder_named() {
 
 #[test]
 fn a_disconnected_owner_may_reclaim_within_the_grace_and_nobody_else() {
-    let mut lab = Lab::new(vec![web0()]);
-    lab.claims.client_connected(1, &ALICE, "alice@laptop");
-    lab.claims.client_connected(2, &BOB, "bob@laptop");
+    let mut lab = Lab::alice_and_bob(vec![web0()]);
     lab.intercept(0, 1, &request(&[]), ok()).unwrap();
     let (capture, ..) = lab.claims.captures.iter().map(|(id, c)| (*id, c.intercept)).next().unwrap();
 
@@ -254,9 +258,7 @@ fn captures_of(claims: &Claims, intercept: u64) -> u64 {
 
 #[test]
 fn a_claim_lapses_after_the_grace() {
-    let mut lab = Lab::new(vec![web0()]);
-    lab.claims.client_connected(1, &ALICE, "alice@laptop");
-    lab.claims.client_connected(2, &BOB, "bob@laptop");
+    let mut lab = Lab::alice_and_bob(vec![web0()]);
     lab.intercept(0, 1, &request(&[]), ok()).unwrap();
     lab.claims.client_gone(lab.at(0), 1);
     lab.claims.handle_timeout(lab.at(60));
@@ -310,9 +312,7 @@ fn personal_intercepts_need_agents_that_know_them() {
 
 #[test]
 fn a_failed_reclaim_keeps_the_claim_it_was_to_renew() {
-    let mut lab = Lab::new(vec![web0()]);
-    lab.claims.client_connected(1, &ALICE, "alice@laptop");
-    lab.claims.client_connected(2, &BOB, "bob@laptop");
+    let mut lab = Lab::alice_and_bob(vec![web0()]);
     lab.intercept(0, 1, &request(&[]), ok()).unwrap();
     lab.claims.client_gone(lab.at(0), 1);
     lab.claims.client_connected(3, &ALICE, "alice@laptop");
@@ -367,9 +367,7 @@ fn pods_that_become_ready_change_or_go_are_followed() {
 
 #[test]
 fn a_lost_agent_fails_the_requests_waiting_for_it() {
-    let mut lab = Lab::new(vec![web0(), web1()]);
-    lab.claims.client_connected(1, &ALICE, "alice@laptop");
-    lab.claims.client_connected(2, &BOB, "bob@laptop");
+    let mut lab = Lab::alice_and_bob(vec![web0(), web1()]);
     let id = lab.ask(0, 1, &request(&[])).unwrap();
     let sent = captures(&lab.effects());
     lab.claims.capture_status("n1", sent[0].1, ok());
@@ -418,9 +416,7 @@ fn an_agent_that_connects_gets_every_capture_of_its_node() {
 
 #[test]
 fn leave_ends_only_ones_own_intercepts_and_a_request_under_way() {
-    let mut lab = Lab::new(vec![web0()]);
-    lab.claims.client_connected(1, &ALICE, "alice@laptop");
-    lab.claims.client_connected(2, &BOB, "bob@laptop");
+    let mut lab = Lab::alice_and_bob(vec![web0()]);
     let Message::InterceptReply { id, .. } = lab.intercept(0, 1, &request(&[]), ok()).unwrap() else { panic!() };
     let capture = captures_of(&lab.claims, id);
     let e = lab.claims.leave(2, "default", "web").unwrap_err();
