@@ -110,7 +110,8 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
     let endpoint = tpvpn_tunnel::quic::endpoint(bind, None)?;
     // Intercepted connections only, each its own stream: windows no set of stalled
     // streams can use up (see `Class::Intercepts`).
-    let qc = client_config_for(certs[0].clone(), false, Class::Intercepts).map_err(|e| Error::Config(e.to_string()))?;
+    let qc = client_config_for(certs[0].clone(), false, Class::Intercepts, None)
+        .map_err(|e| Error::Config(e.to_string()))?;
     let conn = tokio::time::timeout(
         Duration::from_secs(5),
         endpoint.connect_with(qc, addr, SERVER_NAME).map_err(|e| Error::Config(e.to_string()))?,

@@ -7,6 +7,7 @@
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::CertificateDer;
@@ -18,6 +19,7 @@ use tpvpn_tunnel::quic::{client_config_for, parse_certs, Class, PIN_MISMATCH, SE
 use tpvpn_tunnel::{ClusterInfo, ErrorCode, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
+use crate::certificate::Issued;
 use crate::portforward::{Forwarded, PortForward};
 use crate::Error;
 
@@ -151,9 +153,12 @@ pub struct Target {
     pub ca_pem: Vec<u8>,
     /// Where the certificate came from, for messages ("--manager-ca FILE").
     pub ca_source: String,
+    /// The shared client token (none with a certificate).
     pub token: Vec<u8>,
-    /// Where the token came from, for messages.
+    /// Where the token or certificate came from, for messages.
     pub token_source: String,
+    /// The client certificate from the manager's signer, presented instead of a token.
+    pub certificate: Option<Arc<Issued>>,
     pub identity: Identity,
 }
 
@@ -176,6 +181,7 @@ impl Target {
             ca_source: format!("--manager-ca {}", ca_file.display()),
             token: token.as_bytes().to_vec(),
             token_source: format!("--token-file {}", token_file.display()),
+            certificate: None,
             identity: Identity::default(),
         })
     }
@@ -219,7 +225,7 @@ async fn via_quic(
         .map_err(|e| Error::Config(format!("--manager {manager}: {e} (expected HOST:PORT)")))?
         .next()
         .ok_or_else(|| Error::Config(format!("--manager {manager}: no address")))?;
-    let config = Configs::new(pinned, false)?;
+    let config = Configs::new(pinned, false, target)?;
     let bind: SocketAddr =
         if addr.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { (Ipv6Addr::UNSPECIFIED, 0).into() };
     let endpoint = tpvpn_tunnel::quic::endpoint(bind, None)
@@ -277,7 +283,7 @@ where
     let addr: SocketAddr = (std::net::Ipv4Addr::LOCALHOST, port).into();
     let (endpoint, socket) = tpvpn_tunnel::stream::client_endpoint(stream, addr)
         .map_err(|e| StreamError::Other(Error::System(format!("cannot make a QUIC endpoint over the stream: {e}"))))?;
-    let config = Configs::new(pinned, true).map_err(StreamError::Other)?;
+    let config = Configs::new(pinned, true, target).map_err(StreamError::Other)?;
     let peer = Peer { addr, via, deadline: CONNECT_TIMEOUT };
     let failed = {
         let (socket, mut said) = (socket.clone(), said.clone());
@@ -325,9 +331,11 @@ struct Configs {
 }
 
 impl Configs {
-    fn new(pinned: CertificateDer<'static>, over_stream: bool) -> Result<Configs, Error> {
-        let config =
-            |class| client_config_for(pinned.clone(), over_stream, class).map_err(|e| Error::Config(e.to_string()));
+    fn new(pinned: CertificateDer<'static>, over_stream: bool, target: &Target) -> Result<Configs, Error> {
+        let cert = target.certificate.as_ref().map(|c| &c.cert);
+        let config = |class| {
+            client_config_for(pinned.clone(), over_stream, class, cert).map_err(|e| Error::Config(e.to_string()))
+        };
         Ok(Configs { tunnel: config(Class::Tunnel)?, intercepts: config(Class::Intercepts)? })
     }
 }

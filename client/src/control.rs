@@ -49,6 +49,25 @@ pub struct Status {
     /// The manager pod (`namespace/name`) when port-forwarded.
     #[serde(default)]
     pub manager_pod: Option<String>,
+    /// Who the manager knows this laptop as, when it connected with a client certificate.
+    #[serde(default)]
+    pub identity: Option<Authenticated>,
+}
+
+/// The identity of a client certificate: the user and groups the API server
+/// authenticated, and when the certificate expires (RFC 3339).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Authenticated {
+    pub user: String,
+    pub groups: Vec<String>,
+    pub expires: String,
+}
+
+impl Authenticated {
+    pub fn of(issued: &crate::certificate::Issued) -> Authenticated {
+        let expires = k8s_openapi::jiff::Timestamp::try_from(issued.expires).map(|t| t.to_string()).unwrap_or_default();
+        Authenticated { user: issued.user.clone(), groups: issued.groups.clone(), expires }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -1,25 +1,34 @@
 //! Finding and authenticating to the manager through the Kubernetes API.
 //!
-//! Credentials come from Secret `tpvpn-client` (`ca.crt`, `token`) in the manager's
-//! namespace. The manager's address, first that applies: `--manager`; the kubeconfig
+//! Credentials: where the manager signs client certificates (ConfigMap `tpvpn-trust`
+//! names a client CA), its certificate from that map and a client certificate of the
+//! laptop's own ([`crate::certificate`]); otherwise Secret `tpvpn-client` (`ca.crt`,
+//! `token`) in the manager's namespace. The manager's address, first that applies: `--manager`; the kubeconfig
 //! extension's `manager-address`; the LoadBalancer ingress of Service `tpvpn-manager`
 //! (port `quic`); that Service's NodePort on the API server's host. Without one, the
 //! manager is reached through the API server's port-forward ([`crate::portforward`]).
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::Api;
 use kube::config::KubeConfigOptions;
 
+use crate::certificate::{self, Issued};
 use crate::connect::{Target, Transport};
 use crate::kubeconfig::Resolved;
 use crate::portforward::{PortForward, MANAGER_SERVICE};
 use crate::Error;
 
-/// Name of the Secret holding the client credentials.
+/// Name of the Secret holding the shared client token (managers in `--auth token`).
 pub const CLIENT_SECRET: &str = "tpvpn-client";
+/// The manager's public ConfigMap: its certificate and, when it signs laptops'
+/// certificates, the client CA (the manager's `auth::csr` writes it).
+pub const TRUST_CONFIGMAP: &str = "tpvpn-trust";
+const TRUST_SERVER_CA: &str = "ca.crt";
+const TRUST_CLIENT_CA: &str = "client-ca.crt";
 /// Default namespace of the manager.
 pub const MANAGER_NAMESPACE: &str = "tpvpn";
 /// Time allowed for each API request.
@@ -117,19 +126,43 @@ pub async fn discover(
     manager_flag: Option<String>,
     namespace: &str,
     transport: Transport,
+    keep: Option<&Arc<Issued>>,
 ) -> Result<Discovered, Error> {
     let client = client(r).await?;
-    let secret_name = format!("Secret {namespace}/{CLIENT_SECRET}");
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let secret = timed(&secret_name, r, secrets.get(CLIENT_SECRET)).await?;
-    let data = secret.data.unwrap_or_default();
-    let field = |key: &str| {
-        data.get(key).map(|b| b.0.clone()).filter(|b| !b.is_empty()).ok_or_else(|| {
-            Error::Kubernetes(format!("{secret_name} has no `{key}`; reinstall the manager: tpvpn manager install"))
-        })
+    let credentials = match trusted(&client, r, namespace).await? {
+        Some(ca_pem) => {
+            // The manager signs client certificates: a fresh one unless `keep` still is.
+            let issued = match keep.filter(|c| c.fresh(SystemTime::now())) {
+                Some(c) => c.clone(),
+                None => certificate::request(&client, &r.context).await?,
+            };
+            let source = format!(
+                "the certificate of {} from signer {} (context `{}`)",
+                issued.user,
+                certificate::SIGNER_NAME,
+                r.context
+            );
+            let ca_source = format!("ConfigMap {namespace}/{TRUST_CONFIGMAP} (context `{}`)", r.context);
+            (ca_pem, ca_source, Vec::new(), source, Some(issued))
+        }
+        None => {
+            let secret_name = format!("Secret {namespace}/{CLIENT_SECRET}");
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+            let secret = timed(&secret_name, r, secrets.get(CLIENT_SECRET)).await?;
+            let data = secret.data.unwrap_or_default();
+            let field = |key: &str| {
+                data.get(key).map(|b| b.0.clone()).filter(|b| !b.is_empty()).ok_or_else(|| {
+                    Error::Kubernetes(format!(
+                        "{secret_name} has no `{key}`; reinstall the manager: tpvpn manager install"
+                    ))
+                })
+            };
+            let token = String::from_utf8_lossy(&field("token")?).trim().as_bytes().to_vec();
+            let source = format!("{secret_name} (context `{}`)", r.context);
+            (field("ca.crt")?, source.clone(), token, source, None)
+        }
     };
-    let ca_pem = field("ca.crt")?;
-    let token = String::from_utf8_lossy(&field("token")?).trim().as_bytes().to_vec();
+    let (ca_pem, ca_source, token, token_source, certificate) = credentials;
 
     let (api_host, api_port) = server_host_port(&r.server)?;
     let api_server_ips: Vec<IpAddr> = tokio::net::lookup_host((api_host.as_str(), api_port))
@@ -149,7 +182,6 @@ pub async fn discover(
             manager_address(&svc, &api_host)
         }
     };
-    let source = format!("{secret_name} (context `{}`)", r.context);
     let portforward =
         PortForward { client, namespace: namespace.to_string(), context: r.context.clone(), server: r.server.clone() };
     Ok(Discovered {
@@ -158,13 +190,33 @@ pub async fn discover(
             transport,
             portforward: Some(portforward),
             ca_pem,
-            ca_source: source.clone(),
+            ca_source,
             token,
-            token_source: source,
+            token_source,
+            certificate,
             identity: Default::default(),
         },
         api_server_ips,
     })
+}
+
+/// The manager's certificate from ConfigMap [`TRUST_CONFIGMAP`], when the manager signs
+/// client certificates (the map names a client CA). `None` otherwise: a manager in
+/// `--auth token` or older than certificates, or a context that may not read the map
+/// (a 403 for a map that is absent, too): the shared token of Secret `tpvpn-client` then.
+async fn trusted(client: &kube::Client, r: &Resolved, namespace: &str) -> Result<Option<Vec<u8>>, Error> {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let what = format!("ConfigMap {namespace}/{TRUST_CONFIGMAP}");
+    let map = timed(&what, r, async {
+        match maps.get_opt(TRUST_CONFIGMAP).await {
+            Err(kube::Error::Api(s)) if s.code == 403 => Ok(None),
+            other => other,
+        }
+    })
+    .await?;
+    let data = map.and_then(|m| m.data).unwrap_or_default();
+    let present = |k: &str| data.get(k).filter(|v| !v.trim().is_empty());
+    Ok(present(TRUST_CLIENT_CA).and(present(TRUST_SERVER_CA)).map(|ca| ca.as_bytes().to_vec()))
 }
 
 /// The manager's address from its Service: LoadBalancer ingress with the `quic` port,

@@ -93,17 +93,16 @@ pub fn objects(opts: &InstallOptions) -> Result<Vec<Value>, Error> {
                 let name = opts.namespace_for(doc["metadata"]["name"].as_str().unwrap_or(MANIFEST_NAMESPACE));
                 doc["metadata"]["name"] = Value::from(name);
             }
-            "ClusterRole" => {}
-            "ClusterRoleBinding" => {
-                if let Some(subjects) = doc["subjects"].as_array_mut() {
-                    for s in subjects {
-                        s["namespace"] = Value::from(opts.namespace.clone());
-                    }
-                }
-            }
+            "ClusterRole" | "ClusterRoleBinding" => {}
             _ => {
                 let ns = opts.namespace_for(doc["metadata"]["namespace"].as_str().unwrap_or(MANIFEST_NAMESPACE));
                 doc["metadata"]["namespace"] = Value::from(ns);
+            }
+        }
+        // Bindings name the manager's ServiceAccount, in the manager's namespace.
+        for subject in doc["subjects"].as_array_mut().into_iter().flatten() {
+            if subject["kind"] == "ServiceAccount" {
+                subject["namespace"] = Value::from(opts.namespace.clone());
             }
         }
         if kind == "Deployment" || kind == "DaemonSet" {
@@ -377,6 +376,10 @@ mod tests {
                 "ClusterRole",
                 "ClusterRoleBinding",
                 "Role",
+                "RoleBinding",
+                "ClusterRole",
+                "Role",
+                "Role",
                 "Deployment",
                 "ResourceQuota",
                 "ServiceAccount",
@@ -392,17 +395,37 @@ mod tests {
                 || (o["kind"] == "ServiceAccount" && o["metadata"]["name"] == "tpvpn-agent");
             match o["kind"].as_str().unwrap() {
                 "Namespace" => assert!(o["metadata"]["name"] == "vpn" || o["metadata"]["name"] == "vpn-agents"),
-                "ClusterRole" => {
+                "ClusterRole" if o["metadata"]["name"] == "tpvpn-manager" => {
                     assert!(o["metadata"].get("namespace").is_none());
-                    // Least privilege: list and watch of what the manager reads, and token
-                    // reviews (whose token an agent presents), nothing else.
+                    // Least privilege: list and watch of what the manager reads, reviews
+                    // (tokens, access), certificate requests, and signing only for its
+                    // own signer; no write to anything else.
                     let rules = o["rules"].as_array().unwrap();
-                    assert_eq!(rules.len(), 2);
                     assert_eq!(rules[0]["verbs"], serde_json::json!(["list", "watch"]));
-                    assert_eq!(rules[1]["resources"], serde_json::json!(["tokenreviews"]));
-                    assert_eq!(rules[1]["verbs"], serde_json::json!(["create"]));
+                    let writes: Vec<String> = rules
+                        .iter()
+                        .filter(|r| {
+                            r["verbs"].as_array().unwrap().iter().any(|v| v != "list" && v != "watch" && v != "get")
+                        })
+                        .map(|r| format!("{} {}", r["resources"], r["verbs"]))
+                        .collect();
+                    assert_eq!(
+                        writes,
+                        [
+                            r#"["tokenreviews"] ["create"]"#,
+                            r#"["subjectaccessreviews"] ["create"]"#,
+                            r#"["certificatesigningrequests/approval","certificatesigningrequests/status"] ["update"]"#,
+                            r#"["signers"] ["approve","sign"]"#
+                        ]
+                    );
+                    assert_eq!(rules[5]["resourceNames"], serde_json::json!(["tpvpn.dev/client"]));
                 }
+                "ClusterRole" => assert!(o["metadata"].get("namespace").is_none()),
                 "ClusterRoleBinding" => assert_eq!(o["subjects"][0]["namespace"], "vpn"),
+                "RoleBinding" => {
+                    assert_eq!(o["metadata"]["namespace"], "vpn");
+                    assert_eq!(o["subjects"][0]["namespace"], "vpn");
+                }
                 _ if agents => assert_eq!(o["metadata"]["namespace"], "vpn-agents"),
                 _ => assert_eq!(o["metadata"]["namespace"], "vpn"),
             }
@@ -447,13 +470,16 @@ mod tests {
         let pod: k8s_openapi::api::core::v1::Pod =
             serde_json::from_value(serde_json::json!({"spec": dep["spec"]["template"]["spec"]})).unwrap();
         assert_eq!(crate::portforward::pod_port(&pod, &target), Some(4443));
-        let role = objs.iter().find(|o| o["kind"] == "Role").unwrap();
-        let pf = role["rules"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["resources"] == serde_json::json!(["pods/portforward"]));
-        assert_eq!(pf.map(|r| &r["verbs"]), Some(&serde_json::json!(["get", "create"])), "{role}");
+        // Users of either kind of manager (certificates, or the shared token) port-forward.
+        for name in ["tpvpn-user", "tpvpn-client"] {
+            let role = objs.iter().find(|o| o["kind"] == "Role" && o["metadata"]["name"] == name).unwrap();
+            let pf = role["rules"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["resources"] == serde_json::json!(["pods/portforward"]));
+            assert_eq!(pf.map(|r| &r["verbs"]), Some(&serde_json::json!(["get", "create"])), "{role}");
+        }
         let metrics = objs.iter().find(|o| o["metadata"]["name"] == "tpvpn-manager-metrics").unwrap();
         assert_eq!(metrics["spec"]["type"], "ClusterIP", "metrics stay inside the cluster");
     }

@@ -9,6 +9,7 @@
 //! `TPVPN_RUNTIME_DIR` ([`state`]) so that a later `up` or `down` can undo them after a
 //! crash.
 
+pub mod certificate;
 pub mod connect;
 pub mod control;
 pub mod daemon;

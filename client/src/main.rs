@@ -489,6 +489,9 @@ fn print_status(s: &tpvpn_client::control::Status) {
     }
     println!("connected");
     println!("  manager:     {}", s.manager.as_deref().unwrap_or("-"));
+    if let Some(who) = &s.identity {
+        println!("  identity:    {} (groups {}; certificate expires {})", who.user, who.groups.join(", "), who.expires);
+    }
     if let Some(t) = &s.transport {
         match &s.manager_pod {
             Some(pod) => println!("  transport:   {t} (pod {pod})"),

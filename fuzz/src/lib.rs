@@ -714,6 +714,37 @@ pub fn volume_paths(data: &[u8]) {
     assert!(rel.components().all(|c| matches!(c, std::path::Component::Normal(_))), "{path:?}");
 }
 
+/// What the manager reads from laptops' certificates and certificate requests
+/// ([`tpvpn_manager::auth::signer`]): a certificate's identity never panics to read, and
+/// a request with `data` as its PEM is signed only if it is a PKCS#10 request whose
+/// signature verifies with its own key.
+pub fn client_certificates(data: &[u8]) {
+    use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestSpec};
+    use tpvpn_manager::auth::signer::{decide, identity_of, Decision, SIGNER_NAME};
+    let _ = identity_of(data);
+    let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+    let created = k8s_openapi::jiff::Timestamp::from_second(1_800_000_000 - 5).unwrap();
+    let csr = CertificateSigningRequest {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(created)),
+            ..Default::default()
+        },
+        spec: CertificateSigningRequestSpec {
+            request: k8s_openapi::ByteString(data.to_vec()),
+            signer_name: SIGNER_NAME.into(),
+            usages: Some(vec!["client auth".into()]),
+            username: Some("alice".into()),
+            groups: Some(vec!["system:authenticated".into()]),
+            ..Default::default()
+        },
+        status: None,
+    };
+    if let Decision::Review { .. } = decide(&csr, now) {
+        let pem = String::from_utf8_lossy(data);
+        assert!(rcgen::CertificateSigningRequestParams::from_pem(&pem).is_ok(), "{pem:?}");
+    }
+}
+
 /// Every target, for the corpus tests.
 #[cfg(test)]
 const TARGETS: &[fn(&[u8])] = &[
@@ -728,6 +759,7 @@ const TARGETS: &[fn(&[u8])] = &[
     http_headers,
     portforward_channels,
     volume_paths,
+    client_certificates,
 ];
 
 #[cfg(test)]
@@ -744,6 +776,24 @@ mod tests {
             self.0 ^= self.0 << 17;
             self.0
         }
+    }
+
+    /// A laptop's certificate request (PEM), as `tpvpn up` makes it.
+    fn laptop_request() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    /// A certificate the manager's signer issued (DER).
+    fn laptop_certificate() -> Vec<u8> {
+        use tpvpn_manager::auth::signer::{identity_of, Ca, Identity};
+        let now = std::time::SystemTime::now();
+        let ca = Ca::generate(now).unwrap();
+        let who = Identity { username: "alice".into(), groups: vec!["dev".into()], ..Identity::default() };
+        let pem = ca.issue(&laptop_request(), &who, now, std::time::Duration::from_secs(600)).unwrap();
+        let der = tpvpn_tunnel::quic::parse_certs(pem.as_bytes(), "the seed").unwrap().remove(0).to_vec();
+        assert_eq!(identity_of(&der), Some(who), "the seed is a real one");
+        der
     }
 
     fn seeds() -> Vec<Vec<u8>> {
@@ -813,6 +863,8 @@ mod tests {
             .to_vec()
             .unwrap(),
             b"GET /whoami HTTP/1.1\r\nHost: web\r\nx-dev: a\r\n\r\n".to_vec(),
+            laptop_request().into_bytes(),
+            laptop_certificate(),
             tpvpn_agent::route::H2_PREFACE.to_vec(),
             Message::CaptureStatus {
                 id: 2,

@@ -136,7 +136,10 @@ fn lists_gets_and_errors() {
     let (_, v) = get(&lab, "/api/v1");
     let mut res: Vec<&str> = v["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
     res.sort();
-    assert_eq!(res, ["namespaces", "nodes", "pods", "resourcequotas", "secrets", "serviceaccounts", "services"]);
+    assert_eq!(
+        res,
+        ["configmaps", "namespaces", "nodes", "pods", "resourcequotas", "secrets", "serviceaccounts", "services"]
+    );
     let (code, v) = get(&lab, "/apis");
     assert_eq!((code, &v["kind"]), (200, &json!("APIGroupList")), "{v}");
     let (_, v) = get(&lab, "/apis/apps/v1");

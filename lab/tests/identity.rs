@@ -50,3 +50,87 @@ fn tempdir(lab: &tpvpn_lab::Lab) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A laptop is who the API server says it is: `up` with a user's kubeconfig gets a
+/// client certificate from the manager's signer through a CertificateSigningRequest, only
+/// if RBAC lets the user connect, and the manager knows the laptop by that user.
+#[test]
+fn a_laptop_connects_as_the_user_its_kubeconfig_authenticates() {
+    let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
+    let kc = lab.kubeconfig().display().to_string();
+    let up =
+        || lab.tpvpn_env(&["up", "--context", tpvpn_lab::LAB_USER], &[("KUBECONFIG", &kc)], Duration::from_secs(60));
+    let apply = |path: &str, body: serde_json::Value| lab.kube_apply("POST", path, Some(&body)).unwrap();
+    let rbac = "/apis/rbac.authorization.k8s.io/v1";
+    let group = [serde_json::json!({"kind": "Group", "name": tpvpn_lab::LAB_USER_GROUP})];
+    // What every user needs to find the manager: its public ConfigMap and its Service.
+    apply(
+        &format!("{rbac}/namespaces/tpvpn/roles"),
+        serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "tpvpn-user", "namespace": "tpvpn"},
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tpvpn-trust"], "verbs": ["get"]},
+                  {"apiGroups": [""], "resources": ["services"], "resourceNames": ["tpvpn-manager"], "verbs": ["get"]}]}),
+    );
+    apply(
+        &format!("{rbac}/namespaces/tpvpn/rolebindings"),
+        serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "tpvpn-user", "namespace": "tpvpn"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tpvpn-user"}, "subjects": group}),
+    );
+    let cluster_role = |name: &str, connect: bool| {
+        let mut rules = vec![serde_json::json!({"apiGroups": ["certificates.k8s.io"],
+            "resources": ["certificatesigningrequests"], "verbs": ["create", "get"]})];
+        if connect {
+            rules.push(
+                serde_json::json!({"apiGroups": ["tpvpn.dev"], "resources": ["connections"], "verbs": ["create"]}),
+            );
+        }
+        apply(
+            &format!("{rbac}/clusterroles"),
+            serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole", "metadata": {"name": name}, "rules": rules}),
+        );
+        apply(
+            &format!("{rbac}/clusterrolebindings"),
+            serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding", "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}, "subjects": group}),
+        );
+    };
+
+    // Nothing granted but finding the manager: no certificate request may be made.
+    let out = up();
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("may not create CertificateSigningRequests") && err.contains("tpvpn-user"), "{}", show(&out));
+    // A request, but no right to connect: the manager denies it, saying which permission.
+    cluster_role("requests-only", false);
+    let out = up();
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("the manager refused alice a certificate: user \"alice\" may not create connections.tpvpn.dev"),
+        "{}\nmanager:\n{}",
+        show(&out),
+        lab.manager_log()
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let link = lab.exec(lab.laptop(), &["ip", "link", "show", "tpvpn0"]);
+    assert!(!link.status.success(), "nothing is left behind: {}", show(&link));
+
+    // Allowed to connect: connected as alice, with the certificate's identity.
+    cluster_role("tpvpn-user", true);
+    let out = up();
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    let st = lab.tpvpn(&["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&st)));
+    assert_eq!(v["identity"]["user"], "alice", "{v}");
+    assert!(v["identity"]["groups"].to_string().contains(tpvpn_lab::LAB_USER_GROUP), "{v}");
+    assert!(v["identity"]["expires"].as_str().is_some_and(|t| t.starts_with("20")), "{v}");
+    let log = lab.manager_log();
+    assert!(log.contains("client certificate accepted") && log.contains("user=alice"), "{log}");
+    let page = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", "http://10.96.0.10/"]);
+    assert!(String::from_utf8_lossy(&page.stdout).contains(tpvpn_lab::FRONTEND_BODY), "{}", show(&page));
+}

@@ -188,7 +188,9 @@ fn a_restarted_api_server_is_reached_again_through_a_new_port_forward() {
 
 #[test]
 fn a_user_without_pods_portforward_gets_one_line_naming_it() {
-    let Some(lab) = lab() else { return };
+    let Some(mut lab) = lab() else { return };
+    // A manager that signs no certificates: the user reads the shared token, then port-forwards.
+    lab.restart_manager_with(&[], &["--auth", "token"]).unwrap();
     let out = up_kube(&lab, &["--context", "lab-no-portforward", "--transport", "portforward"]);
     assert!(!out.status.success(), "{}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr);

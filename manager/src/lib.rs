@@ -20,7 +20,6 @@ pub mod intercepts;
 pub mod metrics;
 pub mod policy;
 mod session;
-pub mod signer;
 pub mod targets;
 mod tcp;
 mod udp;

@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -149,6 +150,29 @@ fn own_addresses() -> Vec<IpAddr> {
         .collect()
 }
 
+/// Reads (or makes) the client CA, trusts it for client certificates, then signs laptops'
+/// certificate requests; retried every few seconds while the API does not answer.
+async fn sign_certificates(
+    client: kube::Client,
+    namespace: String,
+    serving_pem: String,
+    cas: Arc<tpvpn_tunnel::quic::ClientCas>,
+) {
+    use tpvpn_manager::auth::csr;
+    let ca = loop {
+        match csr::client_ca(&client, &namespace, &serving_pem).await {
+            Ok(ca) => break ca,
+            Err(e) => tracing::warn!(error = %e, "no client CA yet: laptops cannot get certificates; retrying"),
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    };
+    if let Err(e) = cas.set(ca.cert_pem().as_bytes()) {
+        tracing::error!(error = %e, "the client CA cannot be used");
+        return;
+    }
+    csr::sign_requests(client, Arc::new(ca)).await;
+}
+
 /// Raises the soft open-files limit to the hard one: every flow holds a socket.
 fn raise_nofile_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
@@ -191,7 +215,11 @@ fn run(args: Args) -> Result<()> {
     let (agent_ns, agent_sa) = (agent_ns.to_string(), agent_sa.to_string());
     let certs = tpvpn_tunnel::quic::load_certs(&args.tls_cert)?;
     let key = tpvpn_tunnel::quic::load_key(&args.tls_key)?;
-    let server = tpvpn_tunnel::quic::server_config(certs, key)?;
+    let serving_pem = std::fs::read_to_string(&args.tls_cert)?;
+    // Laptops' certificates from this manager's signer (`--auth kubernetes`), trusted once
+    // the client CA is read from the cluster.
+    let client_cas = (auth == AuthMode::Kubernetes).then(|| Arc::new(tpvpn_tunnel::quic::ClientCas::default()));
+    let server = tpvpn_tunnel::quic::server_config_with(certs, key, client_cas.clone())?;
     let base =
         tpvpn_tunnel::ClusterInfo { cidrs: args.cluster_cidrs, dns: args.cluster_dns, domain: args.cluster_domain };
 
@@ -201,6 +229,17 @@ fn run(args: Args) -> Result<()> {
     rt.block_on(async move {
         let (cluster, agents) = if use_kubernetes {
             let client = kube_client(args.kubeconfig.as_deref()).await?;
+            match client_cas {
+                Some(cas) => drop(tokio::spawn(sign_certificates(client.clone(), args.namespace.clone(), serving_pem, cas))),
+                None => {
+                    let (client, namespace) = (client.clone(), args.namespace.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = tpvpn_manager::auth::csr::withdraw_client_ca(&client, &namespace).await {
+                            tracing::warn!(error = %e, "laptops may ask for certificates this manager does not sign");
+                        }
+                    });
+                }
+            }
             let agents = match auth {
                 AuthMode::Kubernetes => {
                     tracing::info!(service_account = %agent_account, "agents authenticate with their ServiceAccount tokens");

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tpvpn_tunnel::datagram::Datagram;
-use tpvpn_tunnel::handshake::{Negotiated, Peer, ServerHandshake, ServerStep};
+use tpvpn_tunnel::handshake::{Negotiated, Peer, ServerHandshake, ServerStep, TokenKind};
 use tpvpn_tunnel::io::{read_message, read_message_max, write_message, Offered};
 use tpvpn_tunnel::quic::{self, Class};
 use tpvpn_tunnel::{
@@ -18,6 +18,7 @@ use tpvpn_tunnel::{
 };
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::auth::signer::identity_of;
 use crate::auth::AgentAuth;
 use crate::intercepts::{Captured, Hub};
 use crate::metrics::{self, Gauge};
@@ -356,17 +357,27 @@ async fn hello(
 ) -> Result<Option<(Peer, ServerHandshake)>, Error> {
     let mut handshake = ServerHandshake::new((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), config.features());
     let mut presented = Vec::new();
+    // A laptop's certificate from this manager's signer, verified in the TLS handshake,
+    // stands for the client token; its user is the one the API server authenticated.
+    let identity = quic::peer_certificate(conn).and_then(|der| identity_of(&der));
     loop {
         let Some(msg) = read_message_max(recv, MAX_HELLO).await? else {
             return Err(Error::BadHello("end of stream".into()));
         };
         let kind = |t: &[u8]| {
             presented = t.to_vec();
-            config.token_kind(t)
+            match &identity {
+                Some(_) if t.is_empty() => Some(TokenKind::Client),
+                _ => config.token_kind(t),
+            }
         };
         match handshake.on_message(msg, kind) {
             ServerStep::NeedMore => continue,
-            ServerStep::Accept(peer) => {
+            ServerStep::Accept(mut peer) => {
+                if let Some(identity) = &identity {
+                    info!(user = %identity.username, claimed = %peer.user, "client certificate accepted");
+                    peer.user = identity.username.clone();
+                }
                 // An agent in `--auth kubernetes`: the API server says whose token it is.
                 if let (Role::Agent { node }, AgentAuth::Kubernetes(reviewer)) = (&peer.role, &config.agents) {
                     if let Err(r) = reviewer.agent(&presented, node).await {

@@ -204,10 +204,23 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
 
 /// Server-side QUIC configuration from the manager's certificate chain and key.
 pub fn server_config(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<quinn::ServerConfig> {
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+    server_config_with(certs, key, None)
+}
+
+/// [`server_config`] that also takes client certificates issued by `clients`' CA.
+pub fn server_config_with(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    clients: Option<Arc<ClientCas>>,
+) -> Result<quinn::ServerConfig> {
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| Error::Stream(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| Error::Stream(e.to_string()))?;
+    let builder = match clients {
+        Some(c) => builder.with_client_cert_verifier(c),
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
         .with_single_cert(certs, key)
         .map_err(|e| Error::Stream(format!("certificate and key do not fit together: {e}")))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -236,24 +249,38 @@ pub fn server_config_for(server: &quinn::ServerConfig, class: Class, over_stream
 /// Client-side QUIC configuration that accepts exactly the certificate `pinned`; with
 /// `over_stream`, for a stream carrier ([`crate::stream`]).
 pub fn client_config(pinned: CertificateDer<'static>, over_stream: bool) -> Result<quinn::ClientConfig> {
-    client_config_for(pinned, over_stream, Class::Tunnel)
+    client_config_for(pinned, over_stream, Class::Tunnel, None)
+}
+
+/// A client certificate (with the chain to its CA) and its key.
+#[derive(Debug)]
+pub struct ClientCert {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
 }
 
 /// [`client_config`] for a connection of `class`: its transport parameters, and for
-/// [`Class::Intercepts`] an initial destination connection ID that asks the manager for it.
+/// [`Class::Intercepts`] an initial destination connection ID that asks the manager for
+/// it; presenting `cert` if given.
 pub fn client_config_for(
     pinned: CertificateDer<'static>,
     over_stream: bool,
     class: Class,
+    cert: Option<&ClientCert>,
 ) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let verifier = PinnedCert { cert: pinned, provider: provider.clone() };
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Stream(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut tls = match cert {
+        Some(c) => builder
+            .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
+            .map_err(|e| Error::Stream(format!("the client certificate and key do not fit together: {e}")))?,
+        None => builder.with_no_client_auth(),
+    };
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| Error::Stream(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
@@ -351,6 +378,97 @@ impl ServerCertVerifier for PinnedCert {
     }
 }
 
+/// The CA whose client certificates a server accepts, settable after the server started
+/// (the manager reads its client CA from the cluster). A client may present no
+/// certificate at all (agents, token clients: they authenticate in the hello); one it
+/// presents must chain to the CA, be valid now and be for client authentication, or the
+/// handshake fails before any stream. Until a CA is set every presented certificate fails.
+#[derive(Debug)]
+pub struct ClientCas {
+    verifier: std::sync::RwLock<Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl Default for ClientCas {
+    fn default() -> ClientCas {
+        ClientCas { verifier: Default::default(), provider: provider() }
+    }
+}
+
+impl ClientCas {
+    /// Trusts the CA certificate(s) of `pem` (replacing any before).
+    pub fn set(&self, pem: &[u8]) -> Result<()> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| Error::Stream(format!("the client CA: {e}")))?;
+            roots.add(cert).map_err(|e| Error::Stream(format!("the client CA: {e}")))?;
+        }
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| Error::Stream(format!("the client CA: {e}")))?;
+        *self.verifier.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(verifier);
+        Ok(())
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for ClientCas {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> std::result::Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verifier = self.verifier.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        match verifier {
+            Some(v) => v.verify_client_cert(end_entity, intermediates, now),
+            None => Err(rustls::Error::General("this manager issues no client certificates yet".into())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The certificate a client presented and the server verified, if any.
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    chain.into_iter().next()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,6 +482,64 @@ mod tests {
         assert_eq!(u64::from(window), u64::from(streams) * u64::from(INTERCEPT_STREAM_WINDOW), "every stream at once");
     }
 
+    /// A CA and a client certificate it issued (with its key).
+    fn issued_by_a_ca() -> (String, ClientCert) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "alice");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let key = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        (ca_cert.pem(), ClientCert { chain: vec![cert.der().clone()], key })
+    }
+
+    /// Connects with `cert` to a server trusting `cas`: the certificate the server saw,
+    /// or the handshake's failure.
+    async fn present(cas: Arc<ClientCas>, cert: Option<&ClientCert>) -> std::result::Result<Option<Vec<u8>>, String> {
+        let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let server = server_config_with(vec![ck.cert.der().clone()], key, Some(cas)).unwrap();
+        let server = endpoint(([127, 0, 0, 1], 0).into(), Some(server)).unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
+        let cfg = client_config_for(ck.cert.der().clone(), false, Class::Tunnel, cert).unwrap();
+        let accept = async {
+            let conn = server.accept().await.unwrap().await.map_err(|e| e.to_string())?;
+            Ok(peer_certificate(&conn).map(|c| c.to_vec()))
+        };
+        let connect = async {
+            let conn = client.connect_with(cfg, addr, SERVER_NAME).unwrap().await;
+            // Keep the client's side open until the server has decided.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            conn.map(drop).map_err(|e| e.to_string())
+        };
+        let (accepted, _) = tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(accept, connect) })
+            .await
+            .expect("the handshake ends in time");
+        accepted
+    }
+
+    #[tokio::test]
+    async fn a_client_certificate_counts_only_from_the_trusted_ca() {
+        let (ca, alice) = issued_by_a_ca();
+        let (_, forged) = issued_by_a_ca();
+        let cas = Arc::new(ClientCas::default());
+        // No CA yet: no certificate is believed; none presented is fine.
+        assert!(present(cas.clone(), Some(&alice)).await.is_err());
+        assert_eq!(present(cas.clone(), None).await, Ok(None));
+        cas.set(ca.as_bytes()).unwrap();
+        assert_eq!(present(cas.clone(), Some(&alice)).await, Ok(Some(alice.chain[0].to_vec())));
+        assert!(present(cas.clone(), Some(&forged)).await.is_err(), "a certificate of another CA");
+        assert_eq!(present(cas.clone(), None).await, Ok(None), "a token client (or an agent)");
+        assert!(cas.set(b"").is_err(), "no CA in it");
+    }
+
     /// 80 streams with 1 MiB sent on each that the server never reads, then one more
     /// stream: whether its 64 KiB reach the server.
     async fn room_left_beside_stalled_streams(class: Class) -> bool {
@@ -373,7 +549,7 @@ mod tests {
         let server = endpoint(([127, 0, 0, 1], 0).into(), Some(server)).unwrap();
         let addr = server.local_addr().unwrap();
         let client = endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
-        let cfg = client_config_for(ck.cert.der().clone(), false, class).unwrap();
+        let cfg = client_config_for(ck.cert.der().clone(), false, class, None).unwrap();
         let (conn, accepted) =
             tokio::join!(async { client.connect_with(cfg, addr, SERVER_NAME).unwrap().await.unwrap() }, async {
                 let incoming = server.accept().await.unwrap();

@@ -41,7 +41,9 @@ impl Rediscover {
     /// reinstalled since). The address is kept: the routes keep exactly that address out
     /// of the tunnel.
     async fn refresh(&self, target: &Target) -> Result<Target, Error> {
-        let d = discovery::discover(&self.resolved, self.manager_flag.clone(), &self.namespace, self.transport).await?;
+        let keep = target.certificate.as_ref();
+        let d = discovery::discover(&self.resolved, self.manager_flag.clone(), &self.namespace, self.transport, keep)
+            .await?;
         Ok(Target { manager: target.manager.clone(), identity: target.identity.clone(), ..d.target })
     }
 }
@@ -60,7 +62,7 @@ pub(super) async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
         }),
         Source::Kube { kubeconfig, context, manager, manager_namespace } => {
             let r = kubeconfig::resolve(kubeconfig.as_deref(), context.as_deref())?;
-            let d = discovery::discover(&r, manager.clone(), manager_namespace, opts.transport).await?;
+            let d = discovery::discover(&r, manager.clone(), manager_namespace, opts.transport, None).await?;
             info!(context = %r.context, manager = ?d.target.manager, transport = ?opts.transport, "discovered the manager");
             let mut never = opts.never_proxy.clone();
             never.extend(r.extension.never_proxy.iter().copied());
@@ -85,6 +87,13 @@ pub(super) async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
                 exclude_suffixes: r.extension.exclude_suffixes,
             })
         }
+    }
+}
+
+fn same_certificate(a: &Target, b: &Target) -> bool {
+    match (&a.certificate, &b.certificate) {
+        (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+        (a, b) => a.is_none() && b.is_none(),
     }
 }
 
@@ -128,7 +137,11 @@ pub(super) async fn reconnect(
                 warn!(error = %e, "reconnecting to the manager failed");
                 if let Some(r) = &rediscover {
                     match r.refresh(&target).await {
-                        Ok(fresh) if fresh.ca_pem != target.ca_pem || fresh.token != target.token => {
+                        Ok(fresh)
+                            if fresh.ca_pem != target.ca_pem
+                                || fresh.token != target.token
+                                || !same_certificate(&fresh, &target) =>
+                        {
                             info!(source = %fresh.token_source, "the manager's credentials changed; using the new ones");
                             target = fresh;
                             // New credentials deserve a try at once.

@@ -10,7 +10,7 @@ use tpvpn_tunnel::handshake::Negotiated;
 use tracing::{debug, info, warn};
 
 use crate::connect::{close_all, connect, Target, Via};
-use crate::control::{self, Dns, Reply, Request, Status, Tun};
+use crate::control::{self, Authenticated, Dns, Reply, Request, Status, Tun};
 use crate::dataplane::Dataplane;
 use crate::intercept::Intercepts;
 use crate::osdns;
@@ -133,6 +133,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             protocol: Some(session.version.number()),
             intercepts: vec![],
             namespace: Some(plan.namespace.clone()),
+            identity: plan.target.certificate.as_deref().map(Authenticated::of),
         };
         ready.send(&format!(
             "ok connected to {}; routing {} through {}",
@@ -506,6 +507,7 @@ async fn serve(
                     status.manager = Some(session.via.to_string());
                     status.transport = Some(session.via.transport().into());
                     status.manager_pod = pod_of(&session.via);
+                    status.identity = link.target.certificate.as_deref().map(Authenticated::of);
                     status.connected = true;
                 }
             },

@@ -9,7 +9,7 @@
 //! - A static table of resources ([`Resource`]), as plain Kubernetes JSON
 //!   objects; lists are sorted by namespace and name. Core `v1` (`/api/v1`):
 //!   `namespaces`, `nodes` (cluster-scoped), `services`, `pods`, `secrets`,
-//!   `serviceaccounts` (namespaced); `rbac.authorization.k8s.io/v1`
+//!   `configmaps`, `serviceaccounts` (namespaced); `rbac.authorization.k8s.io/v1`
 //!   (`/apis/{group}/v1`): `clusterroles`, `clusterrolebindings`
 //!   (cluster-scoped), `roles`, `rolebindings`; `apps/v1`: `deployments`, `daemonsets`;
 //!   `certificates.k8s.io/v1`: `certificatesigningrequests` (cluster-scoped; the

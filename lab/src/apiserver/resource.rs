@@ -10,6 +10,7 @@ pub enum Resource {
     Services,
     Pods,
     Secrets,
+    ConfigMaps,
     ServiceAccounts,
     ClusterRoles,
     ClusterRoleBindings,
@@ -25,11 +26,12 @@ pub enum Resource {
 pub const API_GROUPS: [&str; 3] = ["apps", "certificates.k8s.io", "rbac.authorization.k8s.io"];
 
 impl Resource {
-    pub const ALL: [Resource; 14] = [
+    pub const ALL: [Resource; 15] = [
         Resource::Namespaces,
         Resource::Nodes,
         Resource::Pods,
         Resource::Secrets,
+        Resource::ConfigMaps,
         Resource::Services,
         Resource::ServiceAccounts,
         Resource::ClusterRoles,
@@ -51,6 +53,7 @@ impl Resource {
             Resource::Services => ("", "Service", "services", true, &["svc"]),
             Resource::Pods => ("", "Pod", "pods", true, &["po"]),
             Resource::Secrets => ("", "Secret", "secrets", true, &[]),
+            Resource::ConfigMaps => ("", "ConfigMap", "configmaps", true, &["cm"]),
             Resource::ServiceAccounts => ("", "ServiceAccount", "serviceaccounts", true, &["sa"]),
             Resource::ClusterRoles => (RBAC, "ClusterRole", "clusterroles", false, &[]),
             Resource::ClusterRoleBindings => (RBAC, "ClusterRoleBinding", "clusterrolebindings", false, &[]),

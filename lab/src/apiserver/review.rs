@@ -173,6 +173,7 @@ mod tests {
             false,
             "no group added by the server"
         );
+        assert_eq!(answer(&access("root", &["system:masters"], "x", "y"))["allowed"], true, "the privileged group");
         let mut non_resource = access("alice", &["developers"], "shop", "intercept");
         non_resource["spec"].as_object_mut().unwrap().remove("resourceAttributes");
         assert!(answer(&non_resource)["evaluationError"].is_string());

@@ -482,6 +482,7 @@ impl Store {
             | Resource::Roles
             | Resource::RoleBindings
             | Resource::ResourceQuotas
+            | Resource::ConfigMaps
             | Resource::CertificateSigningRequests => {}
         }
         Ok(())

@@ -1,7 +1,7 @@
 //! The `tpvpn.dev/client` signer (issue 21's client identities), sans-IO: whether a
 //! laptop's CertificateSigningRequest may be signed ([`decide`]), the certificate it gets
 //! ([`Ca::issue`]), and the identity a presented certificate carries ([`identity_of`]).
-//! Not wired yet: the manager does not watch CSRs nor take client certificates so far.
+//! [`super::csr`] applies the decisions to the requests the API server holds.
 //!
 //! Only what the API server stamped on the request is believed (`spec.username`, `uid`,
 //! `groups`, `extra`): the request's own subject and extensions are ignored, its public
@@ -43,13 +43,15 @@ pub struct Identity {
 /// What to do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Another signer's, or decided already: leave it alone.
+    /// Another signer's, or finished (denied, failed or signed): leave it alone.
     NotOurs,
     /// Deny it, saying why.
     Deny(String),
     /// It may be signed if the requester may connect (the caller asks the API server:
     /// `create` on `connections.tpvpn.dev`); the certificate then lives `lifetime`.
-    Review { identity: Identity, lifetime: Duration },
+    /// `approved`: approved already (by this manager before a restart, or by an admin),
+    /// so only the signing is left.
+    Review { identity: Identity, lifetime: Duration, approved: bool },
 }
 
 /// The decision on `csr` at `now`, from what the API server stamped on it.
@@ -59,11 +61,12 @@ pub fn decide(csr: &CertificateSigningRequest, now: SystemTime) -> Decision {
         return Decision::NotOurs;
     }
     let status = csr.status.as_ref();
-    let decided = status.and_then(|s| s.conditions.as_ref()).is_some_and(|c| !c.is_empty())
-        || status.and_then(|s| s.certificate.as_ref()).is_some();
-    if decided {
+    let conditions = status.and_then(|s| s.conditions.as_deref()).unwrap_or_default();
+    let has = |t: &str| conditions.iter().any(|c| c.type_ == t && c.status == "True");
+    if has("Denied") || has("Failed") || status.and_then(|s| s.certificate.as_ref()).is_some() {
         return Decision::NotOurs;
     }
+    let approved = has("Approved");
     let usages = spec.usages.clone().unwrap_or_default();
     if !usages.iter().any(|u| u == "client auth")
         || usages.iter().any(|u| u != "client auth" && u != "digital signature")
@@ -94,7 +97,7 @@ pub fn decide(csr: &CertificateSigningRequest, now: SystemTime) -> Decision {
         groups,
         extra: spec.extra.clone().unwrap_or_default(),
     };
-    Decision::Review { identity, lifetime }
+    Decision::Review { identity, lifetime, approved }
 }
 
 /// The client CA: signs laptops' certificates; the manager trusts only it for them.
@@ -126,6 +129,11 @@ impl Ca {
 
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// The CA's key (PEM), for its Secret.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
     }
 
     /// The client certificate for `request_pem`'s key: `identity`, valid from a minute
@@ -190,7 +198,9 @@ pub fn identity_of(der: &[u8]) -> Option<Identity> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::certificates::v1::{CertificateSigningRequestSpec, CertificateSigningRequestStatus};
+    use k8s_openapi::api::certificates::v1::{
+        CertificateSigningRequestCondition, CertificateSigningRequestSpec, CertificateSigningRequestStatus,
+    };
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
     use k8s_openapi::ByteString;
 
@@ -227,7 +237,9 @@ mod tests {
     fn only_fresh_authenticated_client_auth_requests_of_this_signer_are_reviewed() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_115_723);
         let ok = csr(now, Duration::from_secs(5), &["digital signature", "client auth"]);
-        let Decision::Review { identity, lifetime } = decide(&ok, now) else { panic!("{:?}", decide(&ok, now)) };
+        let Decision::Review { identity, lifetime, approved: false } = decide(&ok, now) else {
+            panic!("{:?}", decide(&ok, now))
+        };
         assert_eq!((identity.username.as_str(), identity.uid.as_str()), ("alice", "u-1"));
         assert_eq!(lifetime, Duration::from_secs(600));
         let mut other = ok.clone();
@@ -237,6 +249,20 @@ mod tests {
         decided.status =
             Some(CertificateSigningRequestStatus { certificate: Some(ByteString(b"x".to_vec())), conditions: None });
         assert_eq!(decide(&decided, now), Decision::NotOurs);
+        let condition = |t: &str| CertificateSigningRequestCondition {
+            type_: t.into(),
+            status: "True".into(),
+            ..CertificateSigningRequestCondition::default()
+        };
+        let mut denied = ok.clone();
+        denied.status =
+            Some(CertificateSigningRequestStatus { certificate: None, conditions: Some(vec![condition("Denied")]) });
+        assert_eq!(decide(&denied, now), Decision::NotOurs);
+        // Approved but never signed (a restart between the two): signed now.
+        let mut approved = ok.clone();
+        approved.status =
+            Some(CertificateSigningRequestStatus { certificate: None, conditions: Some(vec![condition("Approved")]) });
+        assert!(matches!(decide(&approved, now), Decision::Review { approved: true, .. }));
         let server = csr(now, Duration::from_secs(5), &["client auth", "server auth"]);
         assert!(matches!(decide(&server, now), Decision::Deny(why) if why.contains("usages")));
         let old = csr(now, Duration::from_secs(11 * 60), &["client auth"]);
@@ -269,7 +295,7 @@ mod tests {
         let text = String::from_utf8_lossy(&der);
         assert!(!text.contains("wannabe"), "the request's own subject is not copied");
         // The CA round-trips through its PEM (as kept in its Secret).
-        let again = Ca::from_pem(ca.cert_pem(), &ca.issuer.key().serialize_pem()).unwrap();
+        let again = Ca::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
         assert!(again.issue(&request_pem(), &identity, now, Duration::from_secs(600)).is_ok());
     }
 

@@ -1,5 +1,5 @@
-//! Who a peer is. Node agents, in `--auth kubernetes` (the default whenever the manager
-//! talks to a Kubernetes API): each presents its pod's projected ServiceAccount token
+//! Node agents' identities. In `--auth kubernetes` (the default whenever the manager
+//! talks to a Kubernetes API) each presents its pod's projected ServiceAccount token
 //! with audience [`AUDIENCE`], and the API server says whose it is (a `TokenReview`):
 //! only the agents' ServiceAccount (`<namespace>-agents/tpvpn-agent` unless
 //! `--agent-service-account` says otherwise), and only for the node its pod runs on
