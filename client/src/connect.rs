@@ -477,7 +477,7 @@ async fn attempt(
 
 fn refusal(handshake: &ClientHandshake, r: Refusal, target: &Target) -> Error {
     match r.code {
-        ErrorCode::Unauthorized => Error::BadToken(target.token_source.clone()),
+        ErrorCode::Unauthorized => Error::BadToken(target.token_source.clone(), r.message),
         ErrorCode::VersionMismatch => Error::VersionMismatch(handshake.upgrade_hint(&r)),
         _ => Error::Protocol(format!("manager refused the connection: {}", r.message)),
     }
@@ -494,7 +494,7 @@ fn map_connection_error(e: quinn::ConnectionError, peer: &Peer, target: &Target)
         {
             let reason = String::from_utf8_lossy(&c.reason).into_owned();
             match tpvpn_tunnel::refusal_code(c.error_code.into_inner()) {
-                Some(ErrorCode::Unauthorized) => Error::BadToken(target.token_source.clone()),
+                Some(ErrorCode::Unauthorized) => Error::BadToken(target.token_source.clone(), reason),
                 Some(ErrorCode::VersionMismatch) => Error::VersionMismatch(reason),
                 _ => Error::Protocol(format!("manager refused the connection: {reason}")),
             }
@@ -503,7 +503,7 @@ fn map_connection_error(e: quinn::ConnectionError, peer: &Peer, target: &Target)
         quinn::ConnectionError::ApplicationClosed(c) if c.error_code == CLOSE_REFUSED.into() => {
             let reason = String::from_utf8_lossy(&c.reason).into_owned();
             if reason.contains("token") {
-                Error::BadToken(target.token_source.clone())
+                Error::BadToken(target.token_source.clone(), reason)
             } else if reason.contains("version") {
                 Error::VersionMismatch(reason)
             } else {

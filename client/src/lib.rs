@@ -38,8 +38,8 @@ pub enum Error {
     ManagerUnreachable { addr: String, secs: u64, hint: &'static str },
     #[error("the manager at {addr} presented a certificate that is not the one from {ca}; check that certificate")]
     CertificateMismatch { addr: String, ca: String },
-    #[error("the manager refused the token from {0}; check that token")]
-    BadToken(String),
+    #[error("the manager refused the token from {0}: {1}")]
+    BadToken(String, String),
     #[error("{0}")]
     Kubernetes(String),
     #[error("{0}; install matching versions of tpvpn and tpvpn-manager")]

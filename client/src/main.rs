@@ -338,6 +338,16 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
                 return Err(Error::Protocol("unexpected reply from the daemon".into()));
             };
             print_intercepted(&intercepted);
+            if env_file.is_some() || env_json.is_some() {
+                let withheld =
+                    intercepted.warnings.iter().find_map(|w| w.strip_prefix(tpvpn_tunnel::ENVIRONMENT_WITHHELD));
+                if let Some(why) = withheld {
+                    return Err(Error::Refused {
+                        code: Some(tpvpn_tunnel::ErrorCode::Forbidden),
+                        message: format!("no environment for --env-file/--env-json (the intercept stands): {why}"),
+                    });
+                }
+            }
             if let Some(path) = env_file {
                 write_env(&path, &intercepted.env, false)?;
             }

@@ -207,6 +207,9 @@ pub struct Lab {
     /// arguments for it ([`Lab::restart_manager_with`]).
     manager_wrapper: Vec<String>,
     manager_extra: Vec<String>,
+    /// Whether the manager accepts the shared client token (`--token-file`): lab tests
+    /// connect in direct mode with it.
+    client_token: bool,
     /// Other builds of the manager and the agent to run (an earlier release's, for
     /// version skew; [`Lab::use_manager_bin`], [`Lab::use_agent_bin`]).
     manager_bin: Option<PathBuf>,
@@ -358,6 +361,7 @@ impl Lab {
             manager_listen: MANAGER_ADDR.to_string(),
             manager_wrapper: Vec::new(),
             manager_extra: Vec::new(),
+            client_token: true,
             manager_bin: None,
             agent_bin: None,
             used_tpvpn: AtomicBool::new(false),
@@ -1118,6 +1122,13 @@ impl Lab {
         self.start_manager_with_token(&token)
     }
 
+    /// Restarts the manager without the shared client token (`--auth kubernetes` and no
+    /// `--token-file`): laptops connect only with certificates of their users.
+    pub fn restart_manager_identity_only(&mut self) -> Result<()> {
+        self.client_token = false;
+        self.start_manager()
+    }
+
     /// Restarts the manager listening on `listen` (say `0.0.0.0:4443`, to be reachable
     /// over the WAN emulator's link too) with the lab's token file.
     pub fn restart_manager_listening(&mut self, listen: &str) -> Result<()> {
@@ -1222,8 +1233,11 @@ impl Lab {
                 "--tls-key",
                 &format!("{d}/manager.key"),
             ])
-            .arg("--token-file")
-            .arg(token_file)
+            .args(if self.client_token {
+                vec!["--token-file".into(), token_file.display().to_string()]
+            } else {
+                vec![]
+            })
             // This build's manager authenticates agents by their ServiceAccount tokens
             // (`--auth kubernetes`, its default with an API); older builds know only the
             // shared token.

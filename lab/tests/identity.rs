@@ -51,63 +51,62 @@ fn tempdir(lab: &tpvpn_lab::Lab) -> std::path::PathBuf {
     d
 }
 
+/// Grants `rules` to the lab user's group: a ClusterRole and ClusterRoleBinding `name`,
+/// or with `namespace` a Role and RoleBinding there.
+fn grant(lab: &tpvpn_lab::Lab, name: &str, namespace: Option<&str>, rules: serde_json::Value) {
+    let rbac = "/apis/rbac.authorization.k8s.io/v1";
+    let (role, binding, at) = match namespace {
+        Some(ns) => ("Role", "RoleBinding", format!("{rbac}/namespaces/{ns}")),
+        None => ("ClusterRole", "ClusterRoleBinding", rbac.to_string()),
+    };
+    let meta = serde_json::json!({"name": name, "namespace": namespace});
+    let plural = |kind: &str| format!("{at}/{}s", kind.to_lowercase());
+    let role_obj = serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": role, "metadata": meta,
+        "rules": rules});
+    lab.kube_apply("POST", &plural(role), Some(&role_obj)).unwrap();
+    let binding_obj = serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": binding,
+        "metadata": meta, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role, "name": name},
+        "subjects": [{"kind": "Group", "name": tpvpn_lab::LAB_USER_GROUP}]});
+    lab.kube_apply("POST", &plural(binding), Some(&binding_obj)).unwrap();
+}
+
+/// What every user needs to find the manager: its public ConfigMap and its Service.
+fn grant_finding_the_manager(lab: &tpvpn_lab::Lab) {
+    let rules = serde_json::json!([
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tpvpn-trust"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["services"], "resourceNames": ["tpvpn-manager"], "verbs": ["get"]}]);
+    grant(lab, "tpvpn-user", Some("tpvpn"), rules);
+}
+
+const REQUESTS: &str = r#"{"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get"]}"#;
+const CONNECT: &str = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["connections"], "verbs": ["create"]}"#;
+
+fn rules(rules: &[&str]) -> serde_json::Value {
+    serde_json::Value::Array(rules.iter().map(|r| serde_json::from_str(r).unwrap()).collect())
+}
+
+/// `tpvpn up` with the lab user's own context.
+fn up_as_user(lab: &tpvpn_lab::Lab) -> std::process::Output {
+    let kc = lab.kubeconfig().display().to_string();
+    lab.tpvpn_env(&["up", "--context", tpvpn_lab::LAB_USER], &[("KUBECONFIG", &kc)], Duration::from_secs(60))
+}
+
 /// A laptop is who the API server says it is: `up` with a user's kubeconfig gets a
 /// client certificate from the manager's signer through a CertificateSigningRequest, only
 /// if RBAC lets the user connect, and the manager knows the laptop by that user.
 #[test]
 fn a_laptop_connects_as_the_user_its_kubeconfig_authenticates() {
     let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
-    let kc = lab.kubeconfig().display().to_string();
-    let up =
-        || lab.tpvpn_env(&["up", "--context", tpvpn_lab::LAB_USER], &[("KUBECONFIG", &kc)], Duration::from_secs(60));
-    let apply = |path: &str, body: serde_json::Value| lab.kube_apply("POST", path, Some(&body)).unwrap();
-    let rbac = "/apis/rbac.authorization.k8s.io/v1";
-    let group = [serde_json::json!({"kind": "Group", "name": tpvpn_lab::LAB_USER_GROUP})];
-    // What every user needs to find the manager: its public ConfigMap and its Service.
-    apply(
-        &format!("{rbac}/namespaces/tpvpn/roles"),
-        serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-        "metadata": {"name": "tpvpn-user", "namespace": "tpvpn"},
-        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["tpvpn-trust"], "verbs": ["get"]},
-                  {"apiGroups": [""], "resources": ["services"], "resourceNames": ["tpvpn-manager"], "verbs": ["get"]}]}),
-    );
-    apply(
-        &format!("{rbac}/namespaces/tpvpn/rolebindings"),
-        serde_json::json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "tpvpn-user", "namespace": "tpvpn"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "tpvpn-user"}, "subjects": group}),
-    );
-    let cluster_role = |name: &str, connect: bool| {
-        let mut rules = vec![serde_json::json!({"apiGroups": ["certificates.k8s.io"],
-            "resources": ["certificatesigningrequests"], "verbs": ["create", "get"]})];
-        if connect {
-            rules.push(
-                serde_json::json!({"apiGroups": ["tpvpn.dev"], "resources": ["connections"], "verbs": ["create"]}),
-            );
-        }
-        apply(
-            &format!("{rbac}/clusterroles"),
-            serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole", "metadata": {"name": name}, "rules": rules}),
-        );
-        apply(
-            &format!("{rbac}/clusterrolebindings"),
-            serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding", "metadata": {"name": name},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name}, "subjects": group}),
-        );
-    };
+    grant_finding_the_manager(&lab);
 
     // Nothing granted but finding the manager: no certificate request may be made.
-    let out = up();
+    let out = up_as_user(&lab);
     assert!(!out.status.success(), "{}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(err.contains("may not create CertificateSigningRequests") && err.contains("tpvpn-user"), "{}", show(&out));
     // A request, but no right to connect: the manager denies it, saying which permission.
-    cluster_role("requests-only", false);
-    let out = up();
+    grant(&lab, "requests-only", None, rules(&[REQUESTS]));
+    let out = up_as_user(&lab);
     assert!(!out.status.success(), "{}", show(&out));
     let err = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(
@@ -121,8 +120,8 @@ fn a_laptop_connects_as_the_user_its_kubeconfig_authenticates() {
     assert!(!link.status.success(), "nothing is left behind: {}", show(&link));
 
     // Allowed to connect: connected as alice, with the certificate's identity.
-    cluster_role("tpvpn-user", true);
-    let out = up();
+    grant(&lab, "tpvpn-user", None, rules(&[REQUESTS, CONNECT]));
+    let out = up_as_user(&lab);
     assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
     let st = lab.tpvpn(&["status", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|e| panic!("{e}: {}", show(&st)));
@@ -133,4 +132,68 @@ fn a_laptop_connects_as_the_user_its_kubeconfig_authenticates() {
     assert!(log.contains("client certificate accepted") && log.contains("user=alice"), "{log}");
     let page = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", "http://10.96.0.10/"]);
     assert!(String::from_utf8_lossy(&page.stdout).contains(tpvpn_lab::FRONTEND_BODY), "{}", show(&page));
+}
+
+/// A manager without the shared token (`--auth kubernetes`, no `--token-file`) takes
+/// laptops by certificate only; and what a laptop may intercept, and whether it gets the
+/// container's environment, are RBAC's `intercepts` and `intercepts/environment` of
+/// API group `tpvpn.dev`, per Service.
+#[test]
+fn each_intercept_and_each_environment_is_authorized_per_service() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    lab.restart_manager_identity_only().unwrap();
+    if !lab.start_pods_or_skip() {
+        return;
+    }
+    let out = lab.tpvpn(&lab.up_args().iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("accepts laptops by their Kubernetes identity only: connect with a kubeconfig"), "{err}");
+
+    grant_finding_the_manager(&lab);
+    grant(&lab, "tpvpn-user", None, rules(&[REQUESTS, CONNECT]));
+    let out = up_as_user(&lab);
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let env_file = lab.dir().join("web.env").display().to_string();
+    let intercept = |extra: &[&str]| {
+        let mut args = vec!["intercept", "web", "--port", "18888:http"];
+        args.extend_from_slice(extra);
+        lab.tpvpn_env(&args, &[], Duration::from_secs(40))
+    };
+
+    // Connecting is not intercepting.
+    let out = intercept(&[]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("user \"alice\" may not create intercepts.tpvpn.dev \"web\" in namespace \"default\""),
+        "{err}"
+    );
+    assert!(lab.manager_log().contains("access review"), "every decision is logged");
+
+    // Intercepting (this Service only), but not its environment: the intercept stands,
+    // the env-file is refused, and `list` shows who holds it.
+    let may_intercept =
+        r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts"], "verbs": ["create"], "resourceNames": ["web"]}"#;
+    grant(&lab, "intercept-web", Some("default"), rules(&[may_intercept]));
+    let out = intercept(&["--env-file", &env_file]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("no environment for --env-file/--env-json (the intercept stands)"), "{err}");
+    assert!(err.contains("may not get intercepts/environment.tpvpn.dev \"web\""), "{err}");
+    assert!(!std::path::Path::new(&env_file).exists(), "no env-file written");
+    let list = lab.tpvpn(&["list", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_else(|_| panic!("{}", show(&list)));
+    let web = v["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").cloned().unwrap();
+    assert!(web["intercept"].as_str().unwrap_or_default().contains("by alice@"), "the authenticated user: {web}");
+    assert!(lab.tpvpn(&["leave", "web"]).status.success());
+
+    // With the environment granted, the env-file is written.
+    let may_read_env = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts/environment"], "verbs": ["get"]}"#;
+    grant(&lab, "intercept-web-env", Some("default"), rules(&[may_read_env]));
+    let out = intercept(&["--env-file", &env_file]);
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    assert!(env.contains(&format!("GREETING={}", tpvpn_lab::pods::GREETING)), "{env}");
 }

@@ -57,8 +57,12 @@ pub enum Error {
 /// What the manager serves.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The token clients must present.
+    /// The shared token clients may present (empty: none is accepted; laptops then need
+    /// a client certificate of this manager's signer).
     pub token: Vec<u8>,
+    /// What laptops with certificates may do, asked of the API server (`--auth
+    /// kubernetes`): a client for SubjectAccessReviews.
+    pub access: Option<auth::access::Access>,
     /// How node agents authenticate ([`auth`]); without a way no agent can connect.
     pub agents: auth::AgentAuth,
     /// What clients are told about the cluster; changes are pushed to them.
@@ -92,6 +96,7 @@ impl Config {
         Config {
             token,
             agents: auth::AgentAuth::None,
+            access: None,
             views,
 
             dial_timeout: Duration::from_secs(10),
@@ -142,7 +147,8 @@ pub fn bind(listen: SocketAddr, server: quinn::ServerConfig) -> std::io::Result<
 
 /// Compares tokens in time independent of where they differ.
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = given.len() ^ expected.len();
+    // No token configured: none matches (not even an empty one).
+    let mut diff = (given.len() ^ expected.len()) | usize::from(expected.is_empty());
     for (i, e) in expected.iter().enumerate() {
         diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ e);
     }
@@ -162,5 +168,9 @@ mod tests {
         assert!(!token_matches(b"ab", b"abc"));
         assert!(!token_matches(b"abcd", b"abc"));
         assert!(!token_matches(b"", b"abc"));
+        // No shared token configured (`--auth kubernetes` without --token-file): none
+        // matches, an empty one least of all.
+        assert!(!token_matches(b"", b""));
+        assert!(!token_matches(b"abc", b""));
     }
 }

@@ -25,15 +25,20 @@ struct Args {
     /// PEM private key of the certificate.
     #[arg(long)]
     tls_key: PathBuf,
-    /// File holding the token clients must present.
+    /// File holding the shared token clients may present. Required with `--auth token`;
+    /// with `--auth kubernetes` laptops present certificates of their users, and this
+    /// token is accepted besides only if given (for direct mode and earlier releases'
+    /// clients: whoever holds it connects without an identity).
     #[arg(long)]
-    token_file: PathBuf,
-    /// How node agents authenticate: `kubernetes` (the default with a Kubernetes API):
-    /// each presents its pod's projected ServiceAccount token (audience
-    /// `tpvpn.dev/manager`), which the API server reviews: only
-    /// --agent-service-account, and only for the node its pod runs on; `token`: every
-    /// agent presents the --agent-token-file token (single-tenant setups without
-    /// Kubernetes). Clients still present the shared --token-file token in both modes.
+    token_file: Option<PathBuf>,
+    /// How peers authenticate: `kubernetes` (the default with a Kubernetes API): laptops
+    /// with client certificates this manager signs for their Kubernetes identities
+    /// (CertificateSigningRequests of signer `tpvpn.dev/client`, only for users RBAC lets
+    /// `create` `connections.tpvpn.dev`), node agents with their pods' projected
+    /// ServiceAccount tokens (audience `tpvpn.dev/manager`), which the API server
+    /// reviews: only --agent-service-account, and only for the node its pod runs on;
+    /// `token`: the shared --token-file and --agent-token-file tokens (single-tenant
+    /// setups without Kubernetes).
     #[arg(long, value_enum)]
     auth: Option<AuthMode>,
     /// The ServiceAccount node agents run as (`--auth kubernetes`), as NAMESPACE/NAME.
@@ -190,8 +195,19 @@ fn run(args: Args) -> Result<()> {
     if !use_kubernetes && args.cluster_cidrs.is_empty() {
         bail!("no cluster CIDRs: give --cluster-cidr (the service and pod CIDRs), or --kubeconfig to learn them from the cluster");
     }
-    let token = read_token(&args.token_file)?;
     let auth = args.auth.unwrap_or(if use_kubernetes { AuthMode::Kubernetes } else { AuthMode::Token });
+    let token = match (&args.token_file, auth) {
+        (Some(path), AuthMode::Kubernetes) => {
+            tracing::warn!(
+                file = %path.display(),
+                "the shared client token is accepted besides laptops' certificates: whoever holds it connects without an identity; drop --token-file to refuse it"
+            );
+            read_token(path)?
+        }
+        (Some(path), AuthMode::Token) => read_token(path)?,
+        (None, AuthMode::Kubernetes) => Vec::new(),
+        (None, AuthMode::Token) => bail!("--auth token needs --token-file (the token clients present)"),
+    };
     if auth == AuthMode::Kubernetes && !use_kubernetes {
         bail!(
             "--auth kubernetes needs the Kubernetes API (--kubeconfig, or run in a pod); without it use --auth token"
@@ -203,7 +219,7 @@ fn run(args: Args) -> Result<()> {
         );
     }
     let agent_token = args.agent_token_file.as_deref().map(read_token).transpose()?;
-    if agent_token.as_ref() == Some(&token) {
+    if !token.is_empty() && agent_token.as_ref() == Some(&token) {
         bail!("--agent-token-file holds the client token: agents need a token of their own");
     }
     let agent_account =
@@ -227,7 +243,7 @@ fn run(args: Args) -> Result<()> {
         tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.workers)).enable_all().build()?;
     let tcp_listen = args.tcp_listen.unwrap_or(args.listen);
     rt.block_on(async move {
-        let (cluster, agents) = if use_kubernetes {
+        let (cluster, agents, access) = if use_kubernetes {
             let client = kube_client(args.kubeconfig.as_deref()).await?;
             match client_cas {
                 Some(cas) => drop(tokio::spawn(sign_certificates(client.clone(), args.namespace.clone(), serving_pem, cas))),
@@ -248,13 +264,15 @@ fn run(args: Args) -> Result<()> {
                 }
                 AuthMode::Token => agent_token.map_or(tpvpn_manager::auth::AgentAuth::None, tpvpn_manager::auth::AgentAuth::Token),
             };
-            (tpvpn_manager::cluster::watch(client, base, std::time::Duration::from_secs(10)).await, agents)
+            let access = (auth == AuthMode::Kubernetes).then(|| tpvpn_manager::auth::access::Access::new(client.clone()));
+            (tpvpn_manager::cluster::watch(client, base, std::time::Duration::from_secs(10)).await, agents, access)
         } else {
             let agents = agent_token.map_or(tpvpn_manager::auth::AgentAuth::None, tpvpn_manager::auth::AgentAuth::Token);
-            (tpvpn_manager::cluster::fixed(base), agents)
+            (tpvpn_manager::cluster::fixed(base), agents, None)
         };
         let mut config = tpvpn_manager::Config::with_views(token, cluster);
         config.agents = agents;
+        config.access = access;
 
         config.dial_timeout = std::time::Duration::from_secs(args.dial_timeout);
         config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);

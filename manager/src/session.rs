@@ -18,7 +18,8 @@ use tpvpn_tunnel::{
 };
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::auth::signer::identity_of;
+use crate::auth::access::{Denied, Permission};
+use crate::auth::signer::{identity_of, Identity};
 use crate::auth::AgentAuth;
 use crate::intercepts::{Captured, Hub};
 use crate::metrics::{self, Gauge};
@@ -349,12 +350,15 @@ async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, reply: M
 
 /// Reads and checks the hello (the sans-IO [`ServerHandshake`]): the accepted peer with
 /// the handshake (for its reply), or `None` when it was refused (already told).
+/// Why a client without a certificate is refused by a manager that takes no shared token.
+const IDENTITY_ONLY: &str = "this manager accepts laptops by their Kubernetes identity only: connect with a kubeconfig (tpvpn up --context NAME), with a tpvpn at least as new as the manager";
+
 async fn hello(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     config: &Config,
-) -> Result<Option<(Peer, ServerHandshake)>, Error> {
+) -> Result<Option<(Peer, ServerHandshake, Option<Identity>)>, Error> {
     let mut handshake = ServerHandshake::new((MIN_PROTOCOL_VERSION, PROTOCOL_VERSION), config.features());
     let mut presented = Vec::new();
     // A laptop's certificate from this manager's signer, verified in the TLS handshake,
@@ -387,10 +391,16 @@ async fn hello(
                         return Ok(None);
                     }
                 }
-                return Ok(Some((peer, handshake)));
+                return Ok(Some((peer, handshake, identity)));
             }
-            ServerStep::Refuse { reply } => {
+            ServerStep::Refuse { mut reply } => {
                 metrics::add(&config.metrics.refused_total, 1);
+                // No shared token here: a laptop is known by its certificate alone.
+                if let Message::Error { code: ErrorCode::Unauthorized, message, .. } = &mut reply {
+                    if config.token.is_empty() && identity.is_none() && config.access.is_some() {
+                        *message = IDENTITY_ONLY.into();
+                    }
+                }
                 refuse(conn, send, reply).await;
                 return Ok(None);
             }
@@ -410,7 +420,7 @@ async fn session(
     let greeting = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
         let accepted = hello(&conn, &mut send, &mut recv, &config).await?;
-        Ok::<_, Error>(accepted.map(|(peer, handshake)| (send, recv, peer, handshake)))
+        Ok::<_, Error>(accepted.map(|(peer, handshake, identity)| (send, recv, peer, handshake, identity)))
     };
     let outcome = tokio::select! {
         r = tokio::time::timeout(HELLO_TIMEOUT, greeting) => r,
@@ -421,7 +431,7 @@ async fn session(
             return Err(Error::BadHello("a datagram".into()));
         }
     };
-    let (mut send, recv, peer, handshake) = match outcome {
+    let (mut send, recv, peer, handshake, identity) = match outcome {
         Err(_) => {
             conn.close(CLOSE_REFUSED.into(), b"no hello in time");
             return Err(Error::HandshakeTimeout);
@@ -509,6 +519,7 @@ async fn session(
         session: id,
         version: peer.version,
         usage: Arc::default(),
+        identity,
     });
     let result = loop {
         tokio::select! {
@@ -539,6 +550,9 @@ struct Ctx {
     version: Negotiated,
     /// This session's flows against `config.session_limits`.
     usage: Arc<Usage>,
+    /// Who the laptop is, when it presented a certificate: what it may do is asked of
+    /// the API server.
+    identity: Option<Identity>,
 }
 
 /// Runs a closure when dropped.
@@ -790,13 +804,42 @@ fn table_frames(rows: Vec<tpvpn_tunnel::InterceptRow>) -> Vec<Message> {
     frames.into_iter().map(|rows| Message::InterceptTable { rows }).collect()
 }
 
+/// Whether the session's identity has `permission` (a session without one, on the shared
+/// token, may do anything the token may: single-tenant).
+async fn allowed(ctx: &Ctx, permission: &Permission<'_>) -> Result<(), crate::intercepts::Refusal> {
+    let (Some(who), Some(access)) = (&ctx.identity, &ctx.config.access) else { return Ok(()) };
+    access.check(who, permission).await.map_err(|denied| crate::intercepts::Refusal {
+        code: match denied {
+            Denied::NotAllowed { .. } => ErrorCode::Forbidden,
+            Denied::Unavailable(_) => ErrorCode::Unavailable,
+        },
+        message: denied.to_string(),
+    })
+}
+
 async fn intercept_request(ctx: &Ctx, request: Message) -> Result<Message, crate::intercepts::Refusal> {
     match request {
         Message::InterceptRequest { namespace, service, port, local_port, container, matchers } => {
             let matchers = crate::intercepts::rules::checked(&matchers)
                 .map_err(|message| crate::intercepts::Refusal { code: ErrorCode::Protocol, message })?;
-            let req = crate::intercepts::Request { namespace, service, port, local_port, container, matchers };
-            ctx.hub.intercept(ctx.session, req).await
+            let may = |verb, resource| Permission { verb, resource, namespace: Some(&namespace), name: Some(&service) };
+            allowed(ctx, &may("create", "intercepts")).await?;
+            // Containers' environments may hold Secret values: a right of their own.
+            let environment = allowed(ctx, &may("get", "intercepts/environment")).await;
+            let req = crate::intercepts::Request {
+                namespace: namespace.clone(),
+                service: service.clone(),
+                port,
+                local_port,
+                container,
+                matchers,
+            };
+            let mut reply = ctx.hub.intercept(ctx.session, req).await?;
+            if let (Err(denied), Message::InterceptReply { env, warnings, .. }) = (environment, &mut reply) {
+                env.clear();
+                warnings.push(format!("{}{}", tpvpn_tunnel::ENVIRONMENT_WITHHELD, denied.message));
+            }
+            Ok(reply)
         }
         Message::Leave { namespace, service } => {
             ctx.hub.leave(ctx.session, &namespace, &service).map(|message| Message::Ack { message })

@@ -50,6 +50,11 @@ pub use handshake::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 /// ALPN identifier of the tpvpn tunnel protocol.
 pub const ALPN: &[u8] = b"tpvpn/1";
 
+/// How a warning of an intercept reply starts when the container's environment was left
+/// out (the identity may not `get` `intercepts/environment`); the client then fails
+/// `--env-file`/`--env-json` with it.
+pub const ENVIRONMENT_WITHHELD: &str = "environment withheld: ";
+
 /// QUIC application error code used to reset a flow stream: a TCP RST.
 pub const RESET_CODE: u32 = 1;
 

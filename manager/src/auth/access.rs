@@ -79,8 +79,31 @@ pub fn review(who: &Identity, permission: &Permission<'_>) -> SubjectAccessRevie
     }
 }
 
+/// Asks the API server what identities may do.
+#[derive(Clone)]
+pub struct Access {
+    client: kube::Client,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Access")
+    }
+}
+
+impl Access {
+    pub fn new(client: kube::Client) -> Access {
+        Access { client }
+    }
+
+    /// Whether `who` has `permission`.
+    pub async fn check(&self, who: &Identity, permission: &Permission<'_>) -> Result<(), Denied> {
+        check(&self.client, who, permission).await
+    }
+}
+
 /// Whether `who` has `permission`, asked of the API server.
-pub async fn check(client: &kube::Client, who: &Identity, permission: &Permission<'_>) -> Result<(), Denied> {
+async fn check(client: &kube::Client, who: &Identity, permission: &Permission<'_>) -> Result<(), Denied> {
     let api: kube::Api<SubjectAccessReview> = kube::Api::all(client.clone());
     let answer = api.create(&PostParams::default(), &review(who, permission)).await;
     let allowed = match &answer {

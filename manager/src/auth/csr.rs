@@ -27,7 +27,7 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 use tracing::{info, warn};
 
-use super::access::{self, Denied, CONNECT};
+use super::access::{Access, Denied, CONNECT};
 use super::signer::{decide, Ca, Decision, MAX_AGE, SIGNER_NAME};
 
 /// The Secret holding the client CA's certificate and key (`tls.crt`, `tls.key`).
@@ -143,7 +143,7 @@ async fn answer(
         }
         Decision::Review { identity, lifetime, approved } => (identity, lifetime, approved),
     };
-    if let Err(denied) = access::check(client, &identity, &CONNECT).await {
+    if let Err(denied) = Access::new(client.clone()).check(&identity, &CONNECT).await {
         let why = match denied {
             Denied::NotAllowed { .. } => format!("{denied}: ask for the ClusterRole tpvpn-user"),
             Denied::Unavailable(_) => denied.to_string(),
