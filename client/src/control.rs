@@ -16,7 +16,14 @@ pub enum Request {
     Down,
     List,
     Intercept(crate::intercept::Spec),
-    Leave { namespace: String, service: String },
+    /// Leave one's own intercepts of a Service; with `revoke`, end everyone's
+    /// (`tpvpn revoke`).
+    Leave {
+        namespace: String,
+        service: String,
+        #[serde(default)]
+        revoke: bool,
+    },
 }
 
 /// `tpvpn status -o json`: the contract of the design brief, section 3.

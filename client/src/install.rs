@@ -378,6 +378,8 @@ mod tests {
                 "Role",
                 "RoleBinding",
                 "ClusterRole",
+                "ClusterRole",
+                "ClusterRole",
                 "Role",
                 "Role",
                 "Deployment",

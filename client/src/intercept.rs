@@ -195,6 +195,31 @@ impl Intercepts {
         }
     }
 
+    /// Ends every intercept of a Service, whoever holds it (`tpvpn revoke`; the
+    /// manager checks that this laptop's identity may `delete` `intercepts`).
+    pub async fn revoke(
+        &self,
+        conn: &quinn::Connection,
+        features: u64,
+        namespace: &str,
+        service: &str,
+    ) -> Result<String, Error> {
+        if features & tpvpn_tunnel::handshake::FEATURE_REVOKE == 0 {
+            return Err(Error::Config(
+                "this manager cannot end others' intercepts: upgrade the manager (tpvpn manager install)".into(),
+            ));
+        }
+        let req = Message::Revoke { namespace: namespace.into(), service: service.into() };
+        let message = match exchange(conn, &req).await? {
+            Message::Ack { message } => message,
+            other => return Err(unexpected(other)),
+        };
+        // This daemon's own intercepts of it ended too.
+        self.held().retain(|h| !(h.spec.namespace == namespace && h.spec.service == service));
+        self.save();
+        Ok(message)
+    }
+
     /// Leaves every intercept (on `down`), bounded in time; forgets them all.
     pub async fn leave_all(&self, conn: &quinn::Connection, version: Negotiated) {
         let services: Vec<(String, String)> =

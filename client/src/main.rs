@@ -175,6 +175,14 @@ enum Cmd {
         #[arg(long, short = 'n')]
         namespace: Option<String>,
     },
+    /// End everyone's intercepts of a Service (needs `delete` on `intercepts.tpvpn.dev`
+    /// of it, ClusterRole tpvpn-intercept-admin).
+    Revoke {
+        service: String,
+        /// The Service's namespace (default: the connected namespace).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
     /// Install, update or remove the in-cluster manager.
     Manager {
         #[command(subcommand)]
@@ -356,14 +364,8 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             }
             Ok(())
         }
-        Cmd::Leave { service, namespace } => {
-            let req = tpvpn_client::control::Request::Leave { namespace: namespace.unwrap_or_default(), service };
-            match daemon::intercept_request(&paths, req)? {
-                tpvpn_client::control::Reply::Left { left } => println!("{left}"),
-                _ => return Err(Error::Protocol("unexpected reply from the daemon".into())),
-            }
-            Ok(())
-        }
+        Cmd::Leave { service, namespace } => leave(&paths, service, namespace, false),
+        Cmd::Revoke { service, namespace } => leave(&paths, service, namespace, true),
         Cmd::Manager { action } => {
             let (cluster, opts, uninstall) = match action {
                 ManagerCmd::Install { cluster, image, service_type } => {
@@ -489,6 +491,21 @@ fn write_env(path: &std::path::Path, env: &[(String, String)], json: bool) -> Re
     tpvpn_client::state::write_private(path, text.as_bytes())
         .map_err(|e| tpvpn_client::Error::System(format!("cannot write {}: {e}", path.display())))?;
     println!("environment ({} variables) written to {}", env.len(), path.display());
+    Ok(())
+}
+
+/// `leave`, or with `revoke` `revoke`: asks the daemon, prints its answer.
+fn leave(
+    paths: &tpvpn_client::state::Paths,
+    service: String,
+    namespace: Option<String>,
+    revoke: bool,
+) -> Result<(), tpvpn_client::Error> {
+    let req = tpvpn_client::control::Request::Leave { namespace: namespace.unwrap_or_default(), service, revoke };
+    match daemon::intercept_request(paths, req)? {
+        tpvpn_client::control::Reply::Left { left } => println!("{left}"),
+        _ => return Err(tpvpn_client::Error::Protocol("unexpected reply from the daemon".into())),
+    }
     Ok(())
 }
 

@@ -251,7 +251,8 @@ mod gen {
                     warnings: strings(u)?,
                 }
             }
-            15 => Message::Leave { namespace: u.arbitrary()?, service: u.arbitrary()? },
+            15 if u.arbitrary()? => Message::Leave { namespace: u.arbitrary()?, service: u.arbitrary()? },
+            15 => Message::Revoke { namespace: u.arbitrary()?, service: u.arbitrary()? },
             16 => Message::Ack { message: u.arbitrary()? },
             17 => Message::InterceptOpen { id: u.arbitrary()?, src: addr(u)?, dst: addr(u)? },
             18 => Message::InterceptList,

@@ -54,6 +54,18 @@ fn tempdir(lab: &tpvpn_lab::Lab) -> std::path::PathBuf {
 /// Grants `rules` to the lab user's group: a ClusterRole and ClusterRoleBinding `name`,
 /// or with `namespace` a Role and RoleBinding there.
 fn grant(lab: &tpvpn_lab::Lab, name: &str, namespace: Option<&str>, rules: serde_json::Value) {
+    let group = serde_json::json!({"kind": "Group", "name": tpvpn_lab::LAB_USER_GROUP});
+    grant_to(lab, group, name, namespace, rules);
+}
+
+/// [`grant`] to `subject` (an RBAC subject).
+fn grant_to(
+    lab: &tpvpn_lab::Lab,
+    subject: serde_json::Value,
+    name: &str,
+    namespace: Option<&str>,
+    rules: serde_json::Value,
+) {
     let rbac = "/apis/rbac.authorization.k8s.io/v1";
     let (role, binding, at) = match namespace {
         Some(ns) => ("Role", "RoleBinding", format!("{rbac}/namespaces/{ns}")),
@@ -66,7 +78,7 @@ fn grant(lab: &tpvpn_lab::Lab, name: &str, namespace: Option<&str>, rules: serde
     lab.kube_apply("POST", &plural(role), Some(&role_obj)).unwrap();
     let binding_obj = serde_json::json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": binding,
         "metadata": meta, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role, "name": name},
-        "subjects": [{"kind": "Group", "name": tpvpn_lab::LAB_USER_GROUP}]});
+        "subjects": [subject]});
     lab.kube_apply("POST", &plural(binding), Some(&binding_obj)).unwrap();
 }
 
@@ -196,4 +208,50 @@ fn each_intercept_and_each_environment_is_authorized_per_service() {
     assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
     let env = std::fs::read_to_string(&env_file).unwrap();
     assert!(env.contains(&format!("GREETING={}", tpvpn_lab::pods::GREETING)), "{env}");
+}
+
+/// Ending someone else's intercept (`tpvpn revoke`) needs `delete` on
+/// `intercepts.tpvpn.dev` of that Service; the holder's captures end.
+#[test]
+fn only_an_identity_allowed_to_delete_intercepts_revokes_anothers() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    if !lab.start_pods_or_skip() {
+        return;
+    }
+    grant_finding_the_manager(&lab);
+    let may_intercept = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts"], "verbs": ["create"]}"#;
+    grant(&lab, "tpvpn-user", None, rules(&[REQUESTS, CONNECT, may_intercept]));
+    let out = up_as_user(&lab);
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let out = lab.tpvpn_env(&["intercept", "web", "--port", "18888:http"], &[], Duration::from_secs(40));
+    assert!(out.status.success(), "{}", show(&out));
+
+    // Another user, on another laptop, who may connect (the lab's "no-secrets" context).
+    let other = serde_json::json!({"kind": "User", "name": tpvpn_lab::apiserver::NO_SECRETS_USER});
+    grant_to(&lab, other.clone(), "other-user", None, rules(&[REQUESTS, CONNECT]));
+    lab.add_second_laptop().unwrap();
+    let kc = lab.kubeconfig().display().to_string();
+    let out = lab.tpvpn2(&["up", "--kubeconfig", &kc, "--context", "lab-no-secrets", "--dns-mode", "off"]);
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    let out = lab.tpvpn2(&["revoke", "web", "-n", "default"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("may not delete intercepts.tpvpn.dev \"web\" in namespace \"default\""), "{err}");
+    let holder = |lab: &tpvpn_lab::Lab| {
+        let list = lab.tpvpn(&["list", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap_or_else(|_| panic!("{}", show(&list)));
+        let web = v["services"].as_array().unwrap().iter().find(|s| s["name"] == "web").cloned().unwrap();
+        web["intercept"].as_str().unwrap_or_default().to_string()
+    };
+    assert!(holder(&lab).contains("by alice@"), "still alice's: {}", holder(&lab));
+
+    let may_end = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts"], "verbs": ["delete"]}"#;
+    grant_to(&lab, other, "intercept-admin", Some("default"), rules(&[may_end]));
+    let out = lab.tpvpn2(&["revoke", "web", "-n", "default"]);
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("revoked default/web: port 80 held by alice@"), "{said}");
+    assert!(!holder(&lab).contains("alice"), "ended: {}", holder(&lab));
+    assert!(wait_until(Duration::from_secs(5), || lab.capture_tables("web-0").is_empty()), "the pods' capture is gone");
 }

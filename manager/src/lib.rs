@@ -131,9 +131,9 @@ impl Config {
     /// The features this manager offers in its hello: intercepts when it watches the
     /// cluster and agents can connect.
     pub(crate) fn features(&self) -> u64 {
-        use tpvpn_tunnel::handshake::{FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION};
+        use tpvpn_tunnel::handshake::{FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION, FEATURE_REVOKE};
         if self.views.objects.is_some() && !matches!(self.agents, auth::AgentAuth::None) {
-            FEATURE_INTERCEPTS | FEATURE_INTERCEPT_CONNECTION
+            FEATURE_INTERCEPTS | FEATURE_INTERCEPT_CONNECTION | FEATURE_REVOKE
         } else {
             0
         }

@@ -451,8 +451,9 @@ async fn session(
         write_message(&mut send, &frame).await?;
     }
     let id = hub.session_id();
+    let owner = owner_key(&peer.client_id, identity.as_ref());
     if peer.role == Role::Intercepts {
-        return intercepts_session(conn, class, &peer.client_id, send, hub).await;
+        return intercepts_session(conn, class, &owner, send, hub).await;
     }
     if let Role::Agent { node } = &peer.role {
         info!(version = peer.version.number(), %node, ?class, "agent authenticated");
@@ -470,7 +471,7 @@ async fn session(
     } else {
         format!("{}@{}", peer.user, peer.host)
     };
-    hub.client_connected(id, conn.clone(), &peer.client_id, who);
+    hub.client_connected(id, conn.clone(), &owner, who);
     let _registered = OnDrop(|| hub.client_gone(id));
 
     let udp_flows: UdpFlows = Arc::default();
@@ -754,7 +755,10 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
             let span = info_span!("flow", proto = ?protocol, %src, %dst, id = flow_id);
             flow(&ctx, send, recv, protocol, flow_id, dst).instrument(span).await
         }
-        request @ (Message::InterceptRequest { .. } | Message::Leave { .. } | Message::InterceptList) => {
+        request @ (Message::InterceptRequest { .. }
+        | Message::Leave { .. }
+        | Message::Revoke { .. }
+        | Message::InterceptList) => {
             let reply = if !ctx.version.intercepts() {
                 Err(crate::intercepts::Refusal {
                     code: ErrorCode::Unsupported,
@@ -804,6 +808,21 @@ fn table_frames(rows: Vec<tpvpn_tunnel::InterceptRow>) -> Vec<Message> {
     frames.into_iter().map(|rows| Message::InterceptTable { rows }).collect()
 }
 
+/// Whom a session's intercepts belong to: the laptop's own id (which it states) and,
+/// with a certificate, the identity the API server authenticated, so that another user
+/// stating the same id can neither re-claim its intercepts nor join its session. Empty
+/// (no stable id: an old client) stays empty.
+fn owner_key(client_id: &[u8], identity: Option<&Identity>) -> Vec<u8> {
+    let mut key = client_id.to_vec();
+    if let (false, Some(who)) = (client_id.is_empty(), identity) {
+        for part in [who.username.as_bytes(), who.uid.as_bytes()] {
+            key.push(0);
+            key.extend_from_slice(part);
+        }
+    }
+    key
+}
+
 /// Whether the session's identity has `permission` (a session without one, on the shared
 /// token, may do anything the token may: single-tenant).
 async fn allowed(ctx: &Ctx, permission: &Permission<'_>) -> Result<(), crate::intercepts::Refusal> {
@@ -843,6 +862,16 @@ async fn intercept_request(ctx: &Ctx, request: Message) -> Result<Message, crate
         }
         Message::Leave { namespace, service } => {
             ctx.hub.leave(ctx.session, &namespace, &service).map(|message| Message::Ack { message })
+        }
+        Message::Revoke { namespace, service } => {
+            let end = Permission {
+                verb: "delete",
+                resource: "intercepts",
+                namespace: Some(&namespace),
+                name: Some(&service),
+            };
+            allowed(ctx, &end).await?;
+            ctx.hub.revoke(&namespace, &service).map(|message| Message::Ack { message })
         }
         // O(Services + Pods) of work: on a blocking thread, not the session's worker.
         _ => {
@@ -908,6 +937,18 @@ async fn deny(send: &mut quinn::SendStream, message: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn intercepts_belong_to_the_laptop_and_its_authenticated_user() {
+        let alice = Identity { username: "alice".into(), uid: "u-1".into(), ..Identity::default() };
+        let mallory = Identity { username: "mallory".into(), uid: "u-2".into(), ..Identity::default() };
+        let id = b"laptop-id".as_slice();
+        assert_eq!(owner_key(id, None), id, "the shared token: the id alone, as before");
+        assert_eq!(owner_key(id, Some(&alice)), owner_key(id, Some(&alice.clone())));
+        assert_ne!(owner_key(id, Some(&alice)), owner_key(id, Some(&mallory)), "another user stating alice's id");
+        assert_ne!(owner_key(id, Some(&alice)), owner_key(id, None), "the token stating alice's id");
+        assert!(owner_key(b"", Some(&alice)).is_empty(), "no id, no re-claim");
+    }
 
     fn limits() -> ConnectionLimits {
         ConnectionLimits {

@@ -44,6 +44,7 @@ mod ty {
     pub const INTERCEPT_OPEN: u8 = 0x34;
     pub const INTERCEPT_LIST: u8 = 0x35;
     pub const INTERCEPT_TABLE: u8 = 0x36;
+    pub const REVOKE: u8 = 0x37;
     pub const CAPTURE: u8 = 0x40;
     pub const RELEASE: u8 = 0x41;
     pub const CAPTURE_STATUS: u8 = 0x42;
@@ -436,6 +437,11 @@ pub enum Message {
     },
     /// First frame of a stream a client opens to end its intercept of a Service.
     Leave { namespace: String, service: String },
+    /// Client → manager, on its own stream: end every intercept of the Service, whoever
+    /// holds it (an identity needs `delete` on `intercepts.tpvpn.dev`); answered `Ack`
+    /// naming the holders, or `Error`. Only to a manager offering
+    /// [`crate::handshake::FEATURE_REVOKE`].
+    Revoke { namespace: String, service: String },
     /// A request was done; `message` is for humans.
     Ack { message: String },
     /// First frame of a stream carrying one captured connection: from the agent to the
@@ -505,6 +511,7 @@ impl Message {
             Message::InterceptRequest { .. } => "intercept-request",
             Message::InterceptReply { .. } => "intercept-reply",
             Message::Leave { .. } => "leave",
+            Message::Revoke { .. } => "revoke",
             Message::Ack { .. } => "ack",
             Message::InterceptOpen { .. } => "intercept-open",
             Message::InterceptList => "intercept-list",
@@ -628,6 +635,7 @@ impl Message {
                 }
             }
             ty::LEAVE => Message::Leave { namespace: r.string16("namespace")?, service: r.string16("service")? },
+            ty::REVOKE => Message::Revoke { namespace: r.string16("namespace")?, service: r.string16("service")? },
             ty::ACK => Message::Ack { message: r.string16("ack message")? },
             ty::INTERCEPT_OPEN => Message::InterceptOpen { id: r.u64()?, src: r.socket_addr()?, dst: r.socket_addr()? },
             ty::INTERCEPT_LIST => Message::InterceptList,
@@ -827,10 +835,14 @@ impl Message {
                 put_strings(out, &mut cut, warnings);
                 ty::INTERCEPT_REPLY
             }
-            Message::Leave { namespace, service } => {
+            Message::Leave { namespace, service } | Message::Revoke { namespace, service } => {
                 put_bytes16(out, &mut cut, namespace.as_bytes());
                 put_bytes16(out, &mut cut, service.as_bytes());
-                ty::LEAVE
+                if matches!(self, Message::Leave { .. }) {
+                    ty::LEAVE
+                } else {
+                    ty::REVOKE
+                }
             }
             Message::Ack { message } => {
                 put_bytes16(out, &mut cut, message.as_bytes());
@@ -1322,6 +1334,7 @@ mod tests {
                 warnings: vec!["port looks like TLS".into()],
             },
             Message::Leave { namespace: "default".into(), service: "web".into() },
+            Message::Revoke { namespace: "default".into(), service: "web".into() },
             Message::Ack { message: "left".into() },
             Message::InterceptOpen {
                 id: 3,

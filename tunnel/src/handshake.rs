@@ -73,6 +73,9 @@ pub const FEATURE_INTERCEPTS: u64 = 1 << 0;
 /// hold the window of the client's tunnel; the client asks for `quic::Class::Intercepts`
 /// windows on it, so neither those of its other intercepts).
 pub const FEATURE_INTERCEPT_CONNECTION: u64 = 1 << 1;
+/// Feature bit: the manager ends another holder's intercepts on request
+/// ([`crate::Message::Revoke`], `tpvpn revoke`).
+pub const FEATURE_REVOKE: u64 = 1 << 2;
 
 /// What the connecting side says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -150,6 +150,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             target: plan.target.clone(),
             rediscover: plan.rediscover.clone(),
             version: session.version,
+            features: session.features,
             intercepts: session.intercepts.clone(),
         };
         let running = Running { dataplane, tun, stack_config, link };
@@ -404,6 +405,8 @@ struct Link {
     rediscover: Option<Rediscover>,
     /// The protocol version spoken on `conn`.
     version: Negotiated,
+    /// The manager's features ([`tpvpn_tunnel::handshake`]'s `FEATURE_*`).
+    features: u64,
     /// The session's intercepts connection, if the manager takes one.
     intercepts: Option<quinn::Connection>,
 }
@@ -493,6 +496,7 @@ async fn serve(
                             target,
                             rediscover,
                             version: session.version,
+                            features: session.features,
                             intercepts: session.intercepts.clone(),
                         },
                     );
@@ -552,13 +556,19 @@ async fn serve(
                             call.reply(&reply).await;
                         });
                     }
-                    Request::Leave { mut namespace, service } => {
+                    Request::Leave { mut namespace, service, revoke } => {
                         if namespace.is_empty() {
                             namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
                         }
-                        let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+                        let (i, conn, version, features) =
+                            (intercepts.clone(), link.conn.clone(), link.version, link.features);
                         tokio::spawn(async move {
-                            let reply = match i.leave(&conn, version, &namespace, &service).await {
+                            let left = if revoke {
+                                i.revoke(&conn, features, &namespace, &service).await
+                            } else {
+                                i.leave(&conn, version, &namespace, &service).await
+                            };
+                            let reply = match left {
                                 Ok(left) => Reply::Left { left },
                                 Err(e) => Reply::Failed { error: e.to_string() },
                             };

@@ -410,28 +410,49 @@ impl Claims {
     /// Ends the intercepts of `namespace/service` that the client of `session` holds.
     pub fn leave(&mut self, session: u64, namespace: &str, service: &str) -> Result<String, Refusal> {
         let key = self.clients.get(&session).map(|c| c.key.clone()).unwrap_or_default();
+        let ended = self.end(namespace, service, Some(&key), "left while the intercept was being set up");
+        if ended.is_empty() {
+            return Err(refuse(ErrorCode::NotFound, format!("you do not intercept {namespace}/{service}")));
+        }
+        info!(service = %format!("{namespace}/{service}"), "left");
+        let ports: Vec<String> = ended.iter().map(|(port, _)| port.to_string()).collect();
+        Ok(format!("left {namespace}/{service} port {}", ports.join(", ")))
+    }
+
+    /// Ends every intercept of a Service, whoever holds it (the caller checked that the
+    /// asker may: `tpvpn revoke`). Its holders' sessions go on; their captures end.
+    pub fn revoke(&mut self, namespace: &str, service: &str) -> Result<String, Refusal> {
+        let ended = self.end(namespace, service, None, "revoked while the intercept was being set up");
+        if ended.is_empty() {
+            return Err(refuse(ErrorCode::NotFound, format!("no one intercepts {namespace}/{service}")));
+        }
+        let held: Vec<String> = ended.iter().map(|(port, who)| format!("port {port} held by {who}")).collect();
+        info!(service = %format!("{namespace}/{service}"), held = %held.join(", "), "revoked");
+        Ok(format!("revoked {namespace}/{service}: {}", held.join(", ")))
+    }
+
+    /// Ends the intercepts of a Service (of the owner `key`, else all): each one's port
+    /// and holder, in the order they were made.
+    fn end(&mut self, namespace: &str, service: &str, key: Option<&[u8]>, why: &str) -> Vec<(u16, String)> {
         let mut ids: Vec<u64> = self
             .intercepts
             .iter()
-            .filter(|(_, i)| i.namespace == namespace && i.service == service && i.owner_key == key)
+            .filter(|(_, i)| i.namespace == namespace && i.service == service)
+            .filter(|(_, i)| key.is_none_or(|k| i.owner_key == k))
             .map(|(id, _)| *id)
             .collect();
-        if ids.is_empty() {
-            return Err(refuse(ErrorCode::NotFound, format!("you do not intercept {namespace}/{service}")));
-        }
         ids.sort_unstable();
-        let mut ports = Vec::new();
+        let mut ended = Vec::new();
         for id in ids {
             if self.pending.remove(&id).is_some() {
-                let why = refuse(ErrorCode::Unavailable, "left while the intercept was being set up");
-                self.effects.push_back(Effect::Answer { request: id, result: Err(why) });
+                self.effects
+                    .push_back(Effect::Answer { request: id, result: Err(refuse(ErrorCode::Unavailable, why)) });
             }
             if let Some(i) = self.remove(id) {
-                ports.push(i.port.port.to_string());
+                ended.push((i.port.port, i.owner_who));
             }
         }
-        info!(service = %format!("{namespace}/{service}"), "left");
-        Ok(format!("left {namespace}/{service} port {}", ports.join(", ")))
+        ended
     }
 
     /// Fails requests whose agents did not answer in time; ends claims whose owner did

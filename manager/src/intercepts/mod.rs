@@ -226,6 +226,11 @@ impl Hub {
         self.with(|h| h.claims.leave(session, namespace, service))
     }
 
+    /// Ends every intercept of a Service, whoever holds it.
+    pub fn revoke(&self, namespace: &str, service: &str) -> Result<String, Refusal> {
+        self.with(|h| h.claims.revoke(namespace, service))
+    }
+
     /// Where a connection captured by `capture` goes: the intercept's id and its owner's
     /// connection, while it has one.
     pub fn route(&self, node: &str, capture: u64) -> Option<(u64, quinn::Connection)> {

@@ -433,6 +433,30 @@ fn leave_ends_only_ones_own_intercepts_and_a_request_under_way() {
 }
 
 #[test]
+fn revoke_ends_everyones_intercepts_of_the_service_and_names_the_holders() {
+    let mut lab = Lab::alice_and_bob(vec![web0()]);
+    let Message::InterceptReply { id, .. } = lab.intercept(0, 1, &request(&[]), ok()).unwrap() else { panic!() };
+    let capture = captures_of(&lab.claims, id);
+    assert_eq!(lab.claims.revoke("default", "web").unwrap(), "revoked default/web: port 80 held by alice@laptop");
+    assert_eq!(releases(&lab.effects()), [("n1".to_string(), capture)]);
+    // Gone for good: alice's session may not re-claim what was revoked (she asks again).
+    let e = lab.claims.leave(1, "default", "web").unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotFound);
+    let e = lab.claims.revoke("default", "web").unwrap_err();
+    assert_eq!((e.code, e.message.as_str()), (ErrorCode::NotFound, "no one intercepts default/web"));
+    // The Service is free: bob takes it.
+    assert!(lab.intercept(1, 2, &request(&[]), ok()).is_ok());
+    // A request still being set up is failed, not left dangling.
+    lab.claims.revoke("default", "web").unwrap();
+    lab.effects();
+    let id = lab.ask(2, 1, &request(&[])).unwrap();
+    lab.effects();
+    lab.claims.revoke("default", "web").unwrap();
+    let e = answer_of(id, &lab.effects()).unwrap_err();
+    assert!(e.message.contains("revoked while the intercept was being set up"), "{e:?}");
+}
+
+#[test]
 fn protected_namespaces_and_unknown_services_are_refused() {
     let mut lab = Lab::new(vec![web0()]);
     lab.claims.client_connected(1, &ALICE, "alice@laptop");
