@@ -808,19 +808,19 @@ fn table_frames(rows: Vec<tpvpn_tunnel::InterceptRow>) -> Vec<Message> {
     frames.into_iter().map(|rows| Message::InterceptTable { rows }).collect()
 }
 
-/// Whom a session's intercepts belong to: the laptop's own id (which it states) and,
-/// with a certificate, the identity the API server authenticated, so that another user
-/// stating the same id can neither re-claim its intercepts nor join its session. Empty
-/// (no stable id: an old client) stays empty.
+/// Whom a session's intercepts belong to: the laptop's own 16-byte id (which it states)
+/// and, with a certificate, the identity the API server authenticated, so that another
+/// user stating the same id can neither re-claim its intercepts nor join its session.
+/// Each kind has its own first byte, so that no stated id equals an identity's key. No
+/// stable id (an old client): empty, and the claims key the session instead.
 fn owner_key(client_id: &[u8], identity: Option<&Identity>) -> Vec<u8> {
-    let mut key = client_id.to_vec();
-    if let (false, Some(who)) = (client_id.is_empty(), identity) {
-        for part in [who.username.as_bytes(), who.uid.as_bytes()] {
-            key.push(0);
-            key.extend_from_slice(part);
-        }
+    if client_id.len() != 16 {
+        return Vec::new();
     }
-    key
+    match identity {
+        None => [&[0u8][..], client_id].concat(),
+        Some(who) => [&[1u8][..], client_id, b"\0", who.username.as_bytes(), b"\0", who.uid.as_bytes()].concat(),
+    }
 }
 
 /// Whether the session's identity has `permission` (a session without one, on the shared
@@ -942,12 +942,19 @@ mod tests {
     fn intercepts_belong_to_the_laptop_and_its_authenticated_user() {
         let alice = Identity { username: "alice".into(), uid: "u-1".into(), ..Identity::default() };
         let mallory = Identity { username: "mallory".into(), uid: "u-2".into(), ..Identity::default() };
-        let id = b"laptop-id".as_slice();
-        assert_eq!(owner_key(id, None), id, "the shared token: the id alone, as before");
+        let id = b"laptop-id-16-byte".as_slice()[..16].to_vec();
+        let id = id.as_slice();
+        assert!(owner_key(id, None).ends_with(id), "the shared token: the id alone, as before");
         assert_eq!(owner_key(id, Some(&alice)), owner_key(id, Some(&alice.clone())));
         assert_ne!(owner_key(id, Some(&alice)), owner_key(id, Some(&mallory)), "another user stating alice's id");
         assert_ne!(owner_key(id, Some(&alice)), owner_key(id, None), "the token stating alice's id");
         assert!(owner_key(b"", Some(&alice)).is_empty(), "no id, no re-claim");
+        // A token client stating as its id what alice's key is.
+        let forged = &owner_key(id, Some(&alice))[..];
+        assert_ne!(owner_key(&forged[..16], None), owner_key(id, Some(&alice)));
+        assert!(owner_key(forged, None).is_empty(), "not a 16-byte id");
+        // Both keys are stable ones for the claims.
+        assert!(owner_key(id, None).len() >= 16 && owner_key(id, Some(&alice)).len() >= 16);
     }
 
     fn limits() -> ConnectionLimits {

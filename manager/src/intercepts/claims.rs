@@ -151,10 +151,11 @@ struct Agent {
     version: Negotiated,
 }
 
-/// The key a client's intercepts are claimed under: its 16-byte client id, or, without
-/// one, its session; the two never collide.
+/// The key a client's intercepts are claimed under: its stable id (at least 16 bytes: the
+/// laptop's id, which the session binds to its identity), or, without one, its session;
+/// the two never collide.
 fn owner_key(client_id: &[u8], session: u64) -> Vec<u8> {
-    if client_id.len() == 16 {
+    if client_id.len() >= 16 {
         [&[0u8][..], client_id].concat()
     } else {
         [&[1u8][..], &session.to_be_bytes()[..]].concat()
@@ -203,7 +204,7 @@ impl Claims {
 
     /// The newest connected session of `client_id`, if it has a stable one.
     pub fn session_of(&self, client_id: &[u8]) -> Option<u64> {
-        let key = (client_id.len() == 16).then(|| owner_key(client_id, 0))?;
+        let key = (client_id.len() >= 16).then(|| owner_key(client_id, 0))?;
         self.clients.iter().filter(|(_, c)| c.key == key).map(|(s, _)| *s).max()
     }
 
