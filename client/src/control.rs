@@ -59,6 +59,13 @@ pub struct Status {
     /// Who the manager knows this laptop as, when it connected with a client certificate.
     #[serde(default)]
     pub identity: Option<Authenticated>,
+    /// The running daemon's own version (`tpvpn version`: a daemon older than the
+    /// command's binary after an upgrade).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The protocol versions the manager speaks (its range; `protocol` is the one spoken).
+    #[serde(default)]
+    pub manager_protocols: Option<(u16, u16)>,
 }
 
 /// The identity of a client certificate: the user and groups the API server

@@ -394,7 +394,27 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             Ok(())
         }
         Cmd::Version => {
-            println!("tpvpn {} (tunnel protocol v{})", env!("CARGO_PKG_VERSION"), tpvpn_tunnel::PROTOCOL_VERSION);
+            println!(
+                "client:  tpvpn {} (protocol v{}-v{})",
+                env!("CARGO_PKG_VERSION"),
+                tpvpn_tunnel::MIN_PROTOCOL_VERSION,
+                tpvpn_tunnel::PROTOCOL_VERSION
+            );
+            // What runs: the daemon (it may predate an upgrade of this binary) and the
+            // manager it reached.
+            match daemon::status(&paths) {
+                Ok(s) if s.connected || s.pid.is_some() => {
+                    let version = s.version.as_deref().unwrap_or("older than 0.1.0 (it does not say)");
+                    println!("daemon:  tpvpn {version} (pid {})", s.pid.map_or("-".into(), |p| p.to_string()));
+                    match (s.manager_protocols, s.protocol) {
+                        (Some((min, max)), Some(v)) => println!("manager: protocol v{min}-v{max}, speaking v{v}"),
+                        (None, Some(v)) => println!("manager: speaking protocol v{v}"),
+                        _ if s.connected => println!("manager: connected (the daemon is too old to say its protocol)"),
+                        _ => println!("manager: not connected"),
+                    }
+                }
+                _ => println!("daemon:  not running (tpvpn up starts it)"),
+            }
             Ok(())
         }
         Cmd::Completion { shell } => {

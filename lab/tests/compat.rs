@@ -48,6 +48,9 @@ fn a_v1_client_connects_to_this_manager_and_carries_traffic() {
     let status = run(&["status", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap_or_else(|_| panic!("{}", show(&status)));
     assert_eq!(v["connected"], true, "{v}");
+    // This build's `version` names the older daemon running.
+    let said = String::from_utf8_lossy(&lab.tpvpn(&["version"]).stdout).to_string();
+    assert!(said.contains("daemon:  tpvpn older than") && said.contains("too old to say its protocol"), "{said}");
     assert!(
         lab.manager_log().contains("client authenticated version=1"),
         "the manager did not accept it at v1:\n{}",
@@ -113,6 +116,12 @@ fn v2_and_v3_intercept_together_and_personal_intercepts_name_the_side_to_upgrade
     assert_refused(&lab.tpvpn(&personal), &["protocol v2", "personal intercepts", "upgrade the manager"]);
     assert_ok(&lab.tpvpn(&["intercept", "web", "--port", "18888:http"]), "a global intercept through the v2 manager");
     reaches(&lab, "answered by the laptop");
+    assert_refused(&lab.tpvpn(&["revoke", "web"]), &["cannot end others' intercepts", "upgrade the manager"]);
+    // What users check first when the sides disagree: each side's version.
+    let version = lab.tpvpn(&["version"]);
+    let said = String::from_utf8_lossy(&version.stdout).to_string();
+    assert!(said.contains(&format!("client:  tpvpn {}", env!("CARGO_PKG_VERSION"))), "{said}");
+    assert!(said.contains("daemon:  tpvpn ") && said.contains("manager: protocol v1-v2, speaking v2"), "{said}");
     assert_ok(&lab.tpvpn(&["down"]), "down");
 
     // This manager and agent: a global intercept of one port, a personal one of another.

@@ -134,6 +134,8 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             intercepts: vec![],
             namespace: Some(plan.namespace.clone()),
             identity: plan.target.certificate.as_deref().map(Authenticated::of),
+            version: Some(env!("CARGO_PKG_VERSION").into()),
+            manager_protocols: Some(session.manager_versions),
         };
         ready.send(&format!(
             "ok connected to {}; routing {} through {}",
@@ -503,6 +505,7 @@ async fn serve(
                     intercept_task.abort();
                     intercept_task = start_intercepts(&link);
                     status.protocol = Some(session.version.number());
+                    status.manager_protocols = Some(session.manager_versions);
 
                     close_all(&old.conn, old.intercepts.as_ref(), b"replaced");
                     let (send, recv) = session.control;
