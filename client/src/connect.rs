@@ -15,7 +15,7 @@ use tpvpn_tunnel::handshake::{
     Accepted, ClientHandshake, ClientStep, Hello, Negotiated, Refusal, FEATURE_INTERCEPT_CONNECTION,
 };
 use tpvpn_tunnel::io::{read_message, write_message};
-use tpvpn_tunnel::quic::{client_config_for, parse_certs, Class, PIN_MISMATCH, SERVER_NAME};
+use tpvpn_tunnel::quic::{client_config_for, is_pin_mismatch, parse_certs, Class, SERVER_NAME};
 use tpvpn_tunnel::{ClusterInfo, ErrorCode, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
@@ -486,7 +486,7 @@ fn refusal(handshake: &ClientHandshake, r: Refusal, target: &Target) -> Error {
 fn map_connection_error(e: quinn::ConnectionError, peer: &Peer, target: &Target) -> Error {
     match e {
         quinn::ConnectionError::TimedOut => peer.via.unreachable(peer.deadline),
-        quinn::ConnectionError::TransportError(t) if t.to_string().contains(PIN_MISMATCH) => {
+        ref e if is_pin_mismatch(e) => {
             Error::CertificateMismatch { addr: peer.via.to_string(), ca: target.ca_source.clone() }
         }
         quinn::ConnectionError::ApplicationClosed(c)
@@ -509,9 +509,6 @@ fn map_connection_error(e: quinn::ConnectionError, peer: &Peer, target: &Target)
             } else {
                 Error::Protocol(format!("manager refused the connection: {reason}"))
             }
-        }
-        quinn::ConnectionError::ConnectionClosed(c) if c.to_string().contains(PIN_MISMATCH) => {
-            Error::CertificateMismatch { addr: peer.via.to_string(), ca: target.ca_source.clone() }
         }
         other => Error::Connection(other),
     }

@@ -335,9 +335,18 @@ struct PinnedCert {
     provider: Arc<CryptoProvider>,
 }
 
-/// Text of the error the client shows when the manager's certificate is not the pinned
-/// one; the client matches on it to explain the failure.
-pub const PIN_MISMATCH: &str = "manager certificate does not match the pinned certificate";
+/// Whether a connection failed because the manager's certificate is not the pinned one:
+/// the pinning verifier fails as an application's verification
+/// (`ApplicationVerificationFailure`), which TLS sends as alert `access_denied`, and
+/// nothing else on the client's side of the handshake does.
+pub fn is_pin_mismatch(e: &quinn::ConnectionError) -> bool {
+    let access_denied = quinn::TransportErrorCode::crypto(u8::from(rustls::AlertDescription::AccessDenied));
+    match e {
+        quinn::ConnectionError::TransportError(t) => t.code == access_denied,
+        quinn::ConnectionError::ConnectionClosed(c) => c.error_code == access_denied,
+        _ => false,
+    }
+}
 
 impl ServerCertVerifier for PinnedCert {
     fn verify_server_cert(
@@ -351,7 +360,7 @@ impl ServerCertVerifier for PinnedCert {
         if end_entity.as_ref() == self.cert.as_ref() {
             Ok(ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(PIN_MISMATCH.into()))
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
         }
     }
 
