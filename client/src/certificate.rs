@@ -32,12 +32,33 @@ pub struct Issued {
     pub groups: Vec<String>,
     /// The certificate's `notAfter`.
     pub expires: SystemTime,
+    /// When it was received.
+    pub received: SystemTime,
 }
 
 impl Issued {
     /// Whether a new connection may still use it.
     pub fn fresh(&self, now: SystemTime) -> bool {
         self.expires.duration_since(now).is_ok_and(|left| left > RENEW_BEFORE)
+    }
+
+    /// When to renew it on a live session: at two thirds of its life.
+    pub fn renew_at(&self) -> SystemTime {
+        self.received + self.expires.duration_since(self.received).unwrap_or_default() * 2 / 3
+    }
+}
+
+/// Presents `issued` on the live session `conn` in place of its certificate (a manager
+/// offering [`tpvpn_tunnel::handshake::FEATURE_RENEW`]): with a proof that this end of
+/// the connection holds its key. The manager's answer, or why not.
+pub async fn renew(conn: &quinn::Connection, issued: &Issued) -> Result<String, Error> {
+    let der = issued.cert.chain.first().ok_or_else(|| Error::System("no certificate to present".into()))?;
+    let binding = tpvpn_tunnel::quic::renewal_binding(conn, der)?;
+    let proof = tpvpn_tunnel::quic::sign(&issued.cert.key, &binding)?;
+    let req = tpvpn_tunnel::Message::Renew { certificate: der.to_vec(), proof };
+    match crate::intercept::exchange(conn, &req).await? {
+        tpvpn_tunnel::Message::Ack { message } => Ok(message),
+        other => Err(crate::intercept::unexpected(other)),
     }
 }
 
@@ -99,7 +120,8 @@ pub async fn request(client: &kube::Client, context: &str) -> Result<Arc<Issued>
     let expires = check(&der, &key)?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     tracing::info!(%user, csr = %name, "got a client certificate");
-    Ok(Arc::new(Issued { cert: ClientCert { chain: vec![der], key }, user, groups, expires }))
+    let received = SystemTime::now();
+    Ok(Arc::new(Issued { cert: ClientCert { chain: vec![der], key }, user, groups, expires, received }))
 }
 
 enum Answer {

@@ -424,7 +424,7 @@ fn supported(version: Negotiated) -> Result<(), Error> {
 }
 
 /// One request on its own stream, one answer.
-async fn exchange(conn: &quinn::Connection, req: &Message) -> Result<Message, Error> {
+pub(crate) async fn exchange(conn: &quinn::Connection, req: &Message) -> Result<Message, Error> {
     let run = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         write_message(&mut send, req).await?;
@@ -442,7 +442,7 @@ fn refusal(code: ErrorCode, message: String) -> Error {
     Error::Refused { code: Some(code), message }
 }
 
-fn unexpected(m: Message) -> Error {
+pub(crate) fn unexpected(m: Message) -> Error {
     Error::Protocol(format!("the manager answered {}", m.kind()))
 }
 

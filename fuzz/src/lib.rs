@@ -253,7 +253,8 @@ mod gen {
             }
             15 if u.arbitrary()? => Message::Leave { namespace: u.arbitrary()?, service: u.arbitrary()? },
             15 => Message::Revoke { namespace: u.arbitrary()?, service: u.arbitrary()? },
-            16 => Message::Ack { message: u.arbitrary()? },
+            16 if u.arbitrary()? => Message::Ack { message: u.arbitrary()? },
+            16 => Message::Renew { certificate: u.arbitrary()?, proof: u.arbitrary()? },
             17 => Message::InterceptOpen { id: u.arbitrary()?, src: addr(u)?, dst: addr(u)? },
             18 => Message::InterceptList,
             19 => {

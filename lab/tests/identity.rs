@@ -255,3 +255,68 @@ fn only_an_identity_allowed_to_delete_intercepts_revokes_anothers() {
     assert!(!holder(&lab).contains("alice"), "ended: {}", holder(&lab));
     assert!(wait_until(Duration::from_secs(5), || lab.capture_tables("web-0").is_empty()), "the pods' capture is gone");
 }
+
+/// Short-lived certificates (15 s here) are renewed on the live session: a TCP connection
+/// open across two renewals and an intercept keep working; when renewal becomes
+/// impossible (the user lost the right to ask), the session ends as its certificate
+/// expires.
+#[test]
+fn certificates_are_renewed_under_traffic_and_a_session_ends_when_its_certificate_does() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    lab.restart_manager_with(&[], &["--max-certificate-lifetime", "15"]).unwrap();
+    if !lab.start_pods_or_skip() {
+        return;
+    }
+    grant_finding_the_manager(&lab);
+    let may_intercept = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts"], "verbs": ["create"]}"#;
+    grant(&lab, "tpvpn-user", None, rules(&[REQUESTS, CONNECT, may_intercept]));
+    let out = up_as_user(&lab);
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    let expires = |lab: &tpvpn_lab::Lab| {
+        let st = lab.tpvpn(&["status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+        v["identity"]["expires"].as_str().unwrap_or_default().to_string()
+    };
+    let first = expires(&lab);
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let out = lab.tpvpn_env(&["intercept", "web", "--port", "18888:http"], &[], Duration::from_secs(40));
+    assert!(out.status.success(), "{}", show(&out));
+
+    // One TCP connection to redis, a PING a second for 30 s: two renewals happen on it.
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/6379; for i in $(seq 30); do printf 'PING\\r\\n' >&3; read -r -t 5 line <&3 || exit 1; echo \"$line\"; sleep 1; done",
+        tpvpn_lab::REDIS_IP
+    );
+    let out = lab.exec_timeout(lab.laptop(), &["bash", "-c", &script], Duration::from_secs(90));
+    let pongs = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.trim() == "+PONG").count();
+    assert_eq!(
+        pongs,
+        30,
+        "the connection lived through the renewals:\n{}\nmanager:\n{}",
+        show(&out),
+        lab.manager_log()
+    );
+    let log = lab.manager_log();
+    assert!(log.matches("the laptop's certificate renewed").count() >= 2, "{log}");
+    assert!(!log.contains("certificate expired"), "{log}");
+    assert_ne!(expires(&lab), first, "status shows the renewed certificate");
+    let curl = lab.exec_timeout(
+        lab.caller(),
+        &["curl", "-sS", "--max-time", "5", &format!("http://{}/", tpvpn_lab::pods::WEB_IP)],
+        Duration::from_secs(10),
+    );
+    assert!(
+        String::from_utf8_lossy(&curl.stdout).contains("answered by the laptop"),
+        "the intercept held: {}",
+        show(&curl)
+    );
+
+    // No more right to ask for certificates: the session ends when the current one expires.
+    lab.kube_apply("DELETE", "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/tpvpn-user", None).unwrap();
+    let ended =
+        wait_until(Duration::from_secs(40), || lab.manager_log().contains("certificate expired: session ended"));
+    assert!(ended, "{}", lab.manager_log());
+    let st = lab.tpvpn(&["status", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
+    assert_eq!(v["connected"], false, "not connected again without a certificate: {v}");
+}

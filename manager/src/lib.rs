@@ -63,6 +63,8 @@ pub struct Config {
     /// What laptops with certificates may do, asked of the API server (`--auth
     /// kubernetes`): a client for SubjectAccessReviews.
     pub access: Option<auth::access::Access>,
+    /// The CA laptops' certificates must chain to (`--auth kubernetes`), for renewals.
+    pub client_cas: Option<Arc<tpvpn_tunnel::quic::ClientCas>>,
     /// How node agents authenticate ([`auth`]); without a way no agent can connect.
     pub agents: auth::AgentAuth,
     /// What clients are told about the cluster; changes are pushed to them.
@@ -97,6 +99,7 @@ impl Config {
             token,
             agents: auth::AgentAuth::None,
             access: None,
+            client_cas: None,
             views,
 
             dial_timeout: Duration::from_secs(10),
@@ -131,11 +134,14 @@ impl Config {
     /// The features this manager offers in its hello: intercepts when it watches the
     /// cluster and agents can connect.
     pub(crate) fn features(&self) -> u64 {
-        use tpvpn_tunnel::handshake::{FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION, FEATURE_REVOKE};
+        use tpvpn_tunnel::handshake::{
+            FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION, FEATURE_RENEW, FEATURE_REVOKE,
+        };
+        let renew = if self.client_cas.is_some() { FEATURE_RENEW } else { 0 };
         if self.views.objects.is_some() && !matches!(self.agents, auth::AgentAuth::None) {
-            FEATURE_INTERCEPTS | FEATURE_INTERCEPT_CONNECTION | FEATURE_REVOKE
+            FEATURE_INTERCEPTS | FEATURE_INTERCEPT_CONNECTION | FEATURE_REVOKE | renew
         } else {
-            0
+            renew
         }
     }
 }

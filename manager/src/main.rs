@@ -41,6 +41,11 @@ struct Args {
     /// setups without Kubernetes).
     #[arg(long, value_enum)]
     auth: Option<AuthMode>,
+    /// The longest a laptop's certificate lives (seconds; `--auth kubernetes`). A laptop
+    /// renews its certificate on its live session at two thirds of its life; a session
+    /// whose certificate expired ends.
+    #[arg(long, default_value_t = 86_400, value_name = "SECONDS")]
+    max_certificate_lifetime: u64,
     /// The ServiceAccount node agents run as (`--auth kubernetes`), as NAMESPACE/NAME.
     /// Default: `<--namespace>-agents/tpvpn-agent`, where `tpvpn manager install` puts
     /// the DaemonSet.
@@ -162,6 +167,7 @@ async fn sign_certificates(
     namespace: String,
     serving_pem: String,
     cas: Arc<tpvpn_tunnel::quic::ClientCas>,
+    max_lifetime: std::time::Duration,
 ) {
     use tpvpn_manager::auth::csr;
     let ca = loop {
@@ -175,7 +181,7 @@ async fn sign_certificates(
         tracing::error!(error = %e, "the client CA cannot be used");
         return;
     }
-    csr::sign_requests(client, Arc::new(ca)).await;
+    csr::sign_requests(client, Arc::new(ca), max_lifetime).await;
 }
 
 /// Raises the soft open-files limit to the hard one: every flow holds a socket.
@@ -245,8 +251,11 @@ fn run(args: Args) -> Result<()> {
     rt.block_on(async move {
         let (cluster, agents, access) = if use_kubernetes {
             let client = kube_client(args.kubeconfig.as_deref()).await?;
-            match client_cas {
-                Some(cas) => drop(tokio::spawn(sign_certificates(client.clone(), args.namespace.clone(), serving_pem, cas))),
+            match client_cas.clone() {
+                Some(cas) => {
+                    let max = std::time::Duration::from_secs(args.max_certificate_lifetime.max(1));
+                    drop(tokio::spawn(sign_certificates(client.clone(), args.namespace.clone(), serving_pem, cas, max)))
+                }
                 None => {
                     let (client, namespace) = (client.clone(), args.namespace.clone());
                     tokio::spawn(async move {
@@ -273,6 +282,7 @@ fn run(args: Args) -> Result<()> {
         let mut config = tpvpn_manager::Config::with_views(token, cluster);
         config.agents = agents;
         config.access = access;
+        config.client_cas = client_cas;
 
         config.dial_timeout = std::time::Duration::from_secs(args.dial_timeout);
         config.udp_idle_timeout = std::time::Duration::from_secs(args.udp_idle_timeout);

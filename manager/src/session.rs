@@ -19,7 +19,7 @@ use tpvpn_tunnel::{
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::auth::access::{Denied, Permission};
-use crate::auth::signer::{identity_of, Identity};
+use crate::auth::signer::{identity_of, key_and_expiry, Identity};
 use crate::auth::AgentAuth;
 use crate::intercepts::{Captured, Hub};
 use crate::metrics::{self, Gauge};
@@ -512,6 +512,9 @@ async fn session(
     // Every flow is the session's: when it ends, the JoinSet aborts them all, and their
     // sockets close.
     let mut flows = tokio::task::JoinSet::new();
+    // A session on a certificate lasts as long as its certificate (renewals extend it).
+    let expiry = quic::peer_certificate(&conn).and_then(|der| key_and_expiry(&der)).map(|(_, t)| t);
+    let (expires, mut expiry_rx) = tokio::sync::watch::channel(expiry.filter(|_| identity.is_some()));
     let ctx = Arc::new(Ctx {
         conn: conn.clone(),
         config: config.clone(),
@@ -520,10 +523,18 @@ async fn session(
         session: id,
         version: peer.version,
         usage: Arc::default(),
-        identity,
+        identity: Mutex::new(identity),
+        expires,
     });
     let result = loop {
         tokio::select! {
+            () = until_expired(&mut expiry_rx) => {
+                let who = ctx.identity().map(|i| i.username).unwrap_or_default();
+                info!(user = %who, "the laptop's certificate expired: session ended");
+                let reason = format!("the certificate of {who} expired");
+                conn.close(tpvpn_tunnel::refusal_close_code(ErrorCode::Unauthorized).into(), reason.as_bytes());
+                break Ok(());
+            }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     flows.spawn(stream(ctx.clone(), send, recv).in_current_span());
@@ -552,8 +563,62 @@ struct Ctx {
     /// This session's flows against `config.session_limits`.
     usage: Arc<Usage>,
     /// Who the laptop is, when it presented a certificate: what it may do is asked of
-    /// the API server.
-    identity: Option<Identity>,
+    /// the API server. A renewal may bring new groups.
+    identity: Mutex<Option<Identity>>,
+    /// When the session's certificate expires (none: the shared token).
+    expires: tokio::sync::watch::Sender<Option<std::time::SystemTime>>,
+}
+
+impl Ctx {
+    fn identity(&self) -> Option<Identity> {
+        self.identity.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Returns once the time in `expiry` has come (never while it is `None`); follows changes.
+async fn until_expired(expiry: &mut tokio::sync::watch::Receiver<Option<std::time::SystemTime>>) {
+    loop {
+        let at = *expiry.borrow_and_update();
+        let wait = async {
+            match at {
+                Some(t) => tokio::time::sleep(t.duration_since(std::time::SystemTime::now()).unwrap_or_default()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = wait => return,
+            changed = expiry.changed() => if changed.is_err() { std::future::pending::<()>().await },
+        }
+    }
+}
+
+/// A new certificate for the session's identity, on the live connection: valid from
+/// this manager's client CA, the same user and uid, and proof that this end of the
+/// connection holds its key. The session then lasts until it expires.
+async fn renew(ctx: &Ctx, der: Vec<u8>, proof: Vec<u8>) -> Result<String, crate::intercepts::Refusal> {
+    let refuse = |message: String| crate::intercepts::Refusal { code: ErrorCode::Unauthorized, message };
+    let (Some(current), Some(cas)) = (ctx.identity(), ctx.config.client_cas.as_ref()) else {
+        return Err(crate::intercepts::Refusal {
+            code: ErrorCode::Unsupported,
+            message: "this session has no certificate to renew (it connected with the shared token)".into(),
+        });
+    };
+    cas.verify(&der).map_err(|e| refuse(format!("the new certificate is not valid: {e}")))?;
+    let (who, (key, expires)) = identity_of(&der)
+        .zip(key_and_expiry(&der))
+        .ok_or_else(|| refuse("the new certificate is not one of this manager's".into()))?;
+    if (who.username.as_str(), who.uid.as_str()) != (current.username.as_str(), current.uid.as_str()) {
+        return Err(refuse(format!("the new certificate is {}'s, this session {}'s", who.username, current.username)));
+    }
+    let binding = quic::renewal_binding(&ctx.conn, &der).map_err(|e| refuse(e.to_string()))?;
+    if !quic::verify(&key, &binding, &proof) {
+        return Err(refuse("the proof of the new certificate's key does not verify on this connection".into()));
+    }
+    let until = k8s_openapi::jiff::Timestamp::try_from(expires).map(|t| t.to_string()).unwrap_or_default();
+    info!(user = %who.username, %until, "the laptop's certificate renewed");
+    *ctx.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(who);
+    ctx.expires.send_replace(Some(expires));
+    Ok(format!("renewed until {until}"))
 }
 
 /// Runs a closure when dropped.
@@ -755,6 +820,18 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
             let span = info_span!("flow", proto = ?protocol, %src, %dst, id = flow_id);
             flow(&ctx, send, recv, protocol, flow_id, dst).instrument(span).await
         }
+        Message::Renew { certificate, proof } => {
+            let reply = match renew(&ctx, certificate, proof).await {
+                Ok(message) => Message::Ack { message },
+                Err(r) => {
+                    warn!(why = %r.message, "a certificate renewal refused");
+                    Message::Error { code: r.code, version: ctx.version.number(), message: r.message }
+                }
+            };
+            if write_message(&mut send, &reply).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
         request @ (Message::InterceptRequest { .. }
         | Message::Leave { .. }
         | Message::Revoke { .. }
@@ -826,8 +903,8 @@ fn owner_key(client_id: &[u8], identity: Option<&Identity>) -> Vec<u8> {
 /// Whether the session's identity has `permission` (a session without one, on the shared
 /// token, may do anything the token may: single-tenant).
 async fn allowed(ctx: &Ctx, permission: &Permission<'_>) -> Result<(), crate::intercepts::Refusal> {
-    let (Some(who), Some(access)) = (&ctx.identity, &ctx.config.access) else { return Ok(()) };
-    access.check(who, permission).await.map_err(|denied| crate::intercepts::Refusal {
+    let (Some(who), Some(access)) = (ctx.identity(), &ctx.config.access) else { return Ok(()) };
+    access.check(&who, permission).await.map_err(|denied| crate::intercepts::Refusal {
         code: match denied {
             Denied::NotAllowed { .. } => ErrorCode::Forbidden,
             Denied::Unavailable(_) => ErrorCode::Unavailable,

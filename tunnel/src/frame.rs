@@ -45,6 +45,7 @@ mod ty {
     pub const INTERCEPT_LIST: u8 = 0x35;
     pub const INTERCEPT_TABLE: u8 = 0x36;
     pub const REVOKE: u8 = 0x37;
+    pub const RENEW: u8 = 0x38;
     pub const CAPTURE: u8 = 0x40;
     pub const RELEASE: u8 = 0x41;
     pub const CAPTURE_STATUS: u8 = 0x42;
@@ -442,6 +443,12 @@ pub enum Message {
     /// naming the holders, or `Error`. Only to a manager offering
     /// [`crate::handshake::FEATURE_REVOKE`].
     Revoke { namespace: String, service: String },
+    /// Client → manager, on its own stream: a new client certificate (DER) for the same
+    /// identity, and the proof that this end of the connection holds its key (its
+    /// signature over [`crate::quic::renewal_binding`]); answered `Ack` or `Error`. The
+    /// session then lasts until the new certificate expires. Only to a manager offering
+    /// [`crate::handshake::FEATURE_RENEW`].
+    Renew { certificate: Vec<u8>, proof: Vec<u8> },
     /// A request was done; `message` is for humans.
     Ack { message: String },
     /// First frame of a stream carrying one captured connection: from the agent to the
@@ -512,6 +519,7 @@ impl Message {
             Message::InterceptReply { .. } => "intercept-reply",
             Message::Leave { .. } => "leave",
             Message::Revoke { .. } => "revoke",
+            Message::Renew { .. } => "renew",
             Message::Ack { .. } => "ack",
             Message::InterceptOpen { .. } => "intercept-open",
             Message::InterceptList => "intercept-list",
@@ -636,6 +644,9 @@ impl Message {
             }
             ty::LEAVE => Message::Leave { namespace: r.string16("namespace")?, service: r.string16("service")? },
             ty::REVOKE => Message::Revoke { namespace: r.string16("namespace")?, service: r.string16("service")? },
+            ty::RENEW => {
+                Message::Renew { certificate: r.bytes16("certificate")?.to_vec(), proof: r.bytes16("proof")?.to_vec() }
+            }
             ty::ACK => Message::Ack { message: r.string16("ack message")? },
             ty::INTERCEPT_OPEN => Message::InterceptOpen { id: r.u64()?, src: r.socket_addr()?, dst: r.socket_addr()? },
             ty::INTERCEPT_LIST => Message::InterceptList,
@@ -847,6 +858,11 @@ impl Message {
             Message::Ack { message } => {
                 put_bytes16(out, &mut cut, message.as_bytes());
                 ty::ACK
+            }
+            Message::Renew { certificate, proof } => {
+                put_bytes16(out, &mut cut, certificate);
+                put_bytes16(out, &mut cut, proof);
+                ty::RENEW
             }
             Message::InterceptOpen { id, src, dst } => {
                 out.extend_from_slice(&id.to_be_bytes());
@@ -1335,6 +1351,7 @@ mod tests {
             },
             Message::Leave { namespace: "default".into(), service: "web".into() },
             Message::Revoke { namespace: "default".into(), service: "web".into() },
+            Message::Renew { certificate: vec![0x30, 0x82, 1, 2], proof: vec![7; 72] },
             Message::Ack { message: "left".into() },
             Message::InterceptOpen {
                 id: 3,

@@ -76,6 +76,9 @@ pub const FEATURE_INTERCEPT_CONNECTION: u64 = 1 << 1;
 /// Feature bit: the manager ends another holder's intercepts on request
 /// ([`crate::Message::Revoke`], `tpvpn revoke`).
 pub const FEATURE_REVOKE: u64 = 1 << 2;
+/// Feature bit: the manager takes a new client certificate on a live session
+/// ([`crate::Message::Renew`]), and ends a session whose certificate expired.
+pub const FEATURE_RENEW: u64 = 1 << 3;
 
 /// What the connecting side says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -420,6 +420,13 @@ impl ClientCas {
         *self.verifier.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(verifier);
         Ok(())
     }
+
+    /// Whether `der` is a client certificate of the CA, valid now (what the handshake
+    /// checks; for a certificate presented later, a renewal).
+    pub fn verify(&self, der: &[u8]) -> std::result::Result<(), String> {
+        use rustls::server::danger::ClientCertVerifier;
+        self.verify_client_cert(&CertificateDer::from(der), &[], UnixTime::now()).map(drop).map_err(|e| e.to_string())
+    }
 }
 
 impl rustls::server::danger::ClientCertVerifier for ClientCas {
@@ -469,6 +476,44 @@ impl rustls::server::danger::ClientCertVerifier for ClientCas {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// The exporter label of the keying material a certificate renewal is bound to.
+pub const RENEW_LABEL: &[u8] = b"EXPORTER-tpvpn-certificate-renewal";
+
+/// What a renewal's proof signs: keying material exported from `conn`'s TLS session (the
+/// same at both ends of this connection and known to no one else), bound to the new
+/// certificate `cert_der`: a proof made for one connection or certificate is worth
+/// nothing for another.
+pub fn renewal_binding(conn: &quinn::Connection, cert_der: &[u8]) -> Result<[u8; 32]> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(&mut out, RENEW_LABEL, cert_der)
+        .map_err(|_| Error::Stream("cannot export keying material from the TLS session".into()))?;
+    Ok(out)
+}
+
+/// `key`'s signature over `message` (ECDSA P-256 with SHA-256: the keys `tpvpn up` makes).
+pub fn sign(key: &PrivateKeyDer<'_>, message: &[u8]) -> Result<Vec<u8>> {
+    let key = provider()
+        .key_provider
+        .load_private_key(key.clone_key())
+        .map_err(|e| Error::Stream(format!("the key: {e}")))?;
+    let signer = key
+        .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])
+        .ok_or_else(|| Error::Stream("the key cannot sign with ECDSA P-256".into()))?;
+    signer.sign(message).map_err(|e| Error::Stream(format!("signing: {e}")))
+}
+
+/// Whether `signature` over `message` verifies with `public_key` (a certificate's
+/// `subjectPublicKey`; ECDSA P-256 with SHA-256).
+pub fn verify(public_key: &[u8], message: &[u8], signature: &[u8]) -> bool {
+    provider()
+        .signature_verification_algorithms
+        .mapping
+        .iter()
+        .filter(|(scheme, _)| *scheme == SignatureScheme::ECDSA_NISTP256_SHA256)
+        .flat_map(|(_, algorithms)| algorithms.iter())
+        .any(|a| a.verify_signature(public_key, message, signature).is_ok())
 }
 
 /// The certificate a client presented and the server verified, if any.
@@ -547,6 +592,40 @@ mod tests {
         assert!(present(cas.clone(), Some(&forged)).await.is_err(), "a certificate of another CA");
         assert_eq!(present(cas.clone(), None).await, Ok(None), "a token client (or an agent)");
         assert!(cas.set(b"").is_err(), "no CA in it");
+    }
+
+    #[tokio::test]
+    async fn a_renewal_proof_holds_only_for_its_key_connection_and_certificate() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let other = rcgen::KeyPair::generate().unwrap();
+        // Both ends of a connection export the same binding; another connection another.
+        let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()]).unwrap();
+        let server_key = PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+        let server =
+            endpoint(([127, 0, 0, 1], 0).into(), Some(server_config(vec![ck.cert.der().clone()], server_key).unwrap()))
+                .unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
+        let pair = || async {
+            let cfg = client_config(ck.cert.der().clone(), false).unwrap();
+            let (c, s) =
+                tokio::join!(async { client.connect_with(cfg, addr, SERVER_NAME).unwrap().await.unwrap() }, async {
+                    server.accept().await.unwrap().await.unwrap()
+                });
+            (c, s)
+        };
+        let (c1, s1) = pair().await;
+        let (c2, _s2) = pair().await;
+        let binding = renewal_binding(&c1, b"certificate").unwrap();
+        assert_eq!(binding, renewal_binding(&s1, b"certificate").unwrap(), "the same at both ends");
+        assert_ne!(binding, renewal_binding(&c2, b"certificate").unwrap(), "another connection");
+        assert_ne!(binding, renewal_binding(&c1, b"another certificate").unwrap(), "another certificate");
+        let proof = sign(&der, &binding).unwrap();
+        assert!(verify(key.public_key_raw(), &binding, &proof));
+        assert!(!verify(other.public_key_raw(), &binding, &proof), "another key");
+        assert!(!verify(key.public_key_raw(), &renewal_binding(&c2, b"certificate").unwrap(), &proof), "replayed");
+        assert!(!verify(key.public_key_raw(), &binding, b"garbage"));
     }
 
     /// 80 streams with 1 MiB sent on each that the server never reads, then one more

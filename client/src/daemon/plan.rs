@@ -48,6 +48,14 @@ impl Rediscover {
     }
 }
 
+impl Rediscover {
+    /// A new client certificate, asked of the cluster with the context's credentials.
+    pub(super) async fn certificate(&self) -> Result<std::sync::Arc<crate::certificate::Issued>, Error> {
+        let client = discovery::client(&self.resolved).await?;
+        crate::certificate::request(&client, &self.resolved.context).await
+    }
+}
+
 pub(super) async fn plan(opts: &UpOptions) -> Result<Plan, Error> {
     match &opts.source {
         Source::Direct { manager, ca_file, token_file } => Ok(Plan {

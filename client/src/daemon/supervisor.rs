@@ -457,6 +457,17 @@ async fn serve(
         })
     };
     let mut intercept_task = start_intercepts(&link);
+    // Each link renews its certificate on its live session, where the manager takes that.
+    let (renewed_tx, mut renewed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let start_renewals = |link: &Link| {
+        let (issued, rediscover) = (link.target.certificate.clone()?, link.rediscover.clone()?);
+        if link.features & tpvpn_tunnel::handshake::FEATURE_RENEW == 0 {
+            info!("the manager cannot renew certificates on a session: it reconnects when one expires");
+            return None;
+        }
+        Some(tokio::spawn(renewals(link.conn.clone(), rediscover, issued, renewed_tx.clone())))
+    };
+    let mut renewal_task = start_renewals(&link);
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return ("cannot install signal handlers".into(), None, link);
     };
@@ -504,6 +515,10 @@ async fn serve(
                     );
                     intercept_task.abort();
                     intercept_task = start_intercepts(&link);
+                    if let Some(t) = renewal_task.take() {
+                        t.abort();
+                    }
+                    renewal_task = start_renewals(&link);
                     status.protocol = Some(session.version.number());
                     status.manager_protocols = Some(session.manager_versions);
 
@@ -521,6 +536,10 @@ async fn serve(
             _ = term.recv() => break "signal SIGTERM".into(),
             _ = int.recv() => break "signal SIGINT".into(),
             Some(update) = updates.recv() => handle_update(update, &mut status, &mut listing, routing, dns.as_deref()),
+            Some(issued) = renewed_rx.recv() => {
+                status.identity = Some(Authenticated::of(&issued));
+                link.target.certificate = Some(issued);
+            }
             Some(call) = calls.recv() => {
                 match call.request.clone() {
                     Request::Status => {
@@ -587,10 +606,55 @@ async fn serve(
         }
     };
     intercept_task.abort();
+    if let Some(t) = renewal_task {
+        t.abort();
+    }
     state.end().await;
     // With the data plane gone and `tun` dropped, so is the device.
     drop(tun);
     (why, down_reply, link)
+}
+
+/// Renews the certificate `issued` of the session `conn` at two thirds of its life (a
+/// new key and request, with the kubeconfig's credentials; the manager checks the new
+/// certificate's identity and key on this very connection), and each one after it; sends
+/// each to `renewed`. After a failure it tries again (every 30 s at most) until the
+/// certificate expires, when the manager ends the session and the daemon reconnects.
+async fn renewals(
+    conn: quinn::Connection,
+    rediscover: Rediscover,
+    mut issued: Arc<crate::certificate::Issued>,
+    renewed: tokio::sync::mpsc::UnboundedSender<Arc<crate::certificate::Issued>>,
+) {
+    use std::time::SystemTime;
+    let left = |at: SystemTime| at.duration_since(SystemTime::now()).unwrap_or_default();
+    loop {
+        tokio::time::sleep(left(issued.renew_at())).await;
+        loop {
+            let attempt = async {
+                let new = rediscover.certificate().await?;
+                let said = crate::certificate::renew(&conn, &new).await?;
+                Ok::<_, Error>((new, said))
+            };
+            match attempt.await {
+                Ok((new, said)) => {
+                    info!(user = %new.user, %said, "renewed the client certificate on the session");
+                    let _ = renewed.send(new.clone());
+                    issued = new;
+                    break;
+                }
+                Err(e) if left(issued.expires).is_zero() => {
+                    warn!(error = %e, "the client certificate expired and cannot be renewed");
+                    return;
+                }
+                Err(e) => {
+                    let again = (left(issued.expires) / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+                    warn!(error = %e, ?again, "cannot renew the client certificate; the session ends when it expires");
+                    tokio::time::sleep(again).await;
+                }
+            }
+        }
+    }
 }
 
 /// What the link to the manager is doing: each state holds the one task it waits for.

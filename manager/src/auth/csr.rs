@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::certificates::v1::{CertificateSigningRequest, CertificateSigningRequestCondition};
@@ -100,8 +100,9 @@ fn ca_of(secret: &Secret) -> Result<Ca, String> {
     Ca::from_pem(&field("tls.crt")?, &field("tls.key")?)
 }
 
-/// Answers every request of this signer, for as long as the manager runs.
-pub async fn sign_requests(client: kube::Client, ca: Arc<Ca>) {
+/// Answers every request of this signer, for as long as the manager runs; no
+/// certificate lives longer than `max_lifetime`.
+pub async fn sign_requests(client: kube::Client, ca: Arc<Ca>, max_lifetime: Duration) {
     let api: Api<CertificateSigningRequest> = Api::all(client.clone());
     let mut events = watcher(api.clone(), watcher::Config::default()).default_backoff().applied_objects().boxed();
     // Requests answered lately: the watch then shows each again (approved, signed).
@@ -120,7 +121,7 @@ pub async fn sign_requests(client: kube::Client, ca: Arc<Ca>) {
         if answered.contains_key(&uid) {
             continue;
         }
-        if answer(&api, &client, &ca, csr).await {
+        if answer(&api, &client, &ca, csr, max_lifetime).await {
             answered.insert(uid, Instant::now());
         }
     }
@@ -132,6 +133,7 @@ async fn answer(
     client: &kube::Client,
     ca: &Ca,
     csr: CertificateSigningRequest,
+    max_lifetime: Duration,
 ) -> bool {
     let name = csr.metadata.name.clone().unwrap_or_default();
     let now = SystemTime::now();
@@ -141,7 +143,7 @@ async fn answer(
             conclude(api, csr, "Denied", &why).await;
             return true;
         }
-        Decision::Review { identity, lifetime, approved } => (identity, lifetime, approved),
+        Decision::Review { identity, lifetime, approved } => (identity, lifetime.min(max_lifetime), approved),
     };
     if let Err(denied) = Access::new(client.clone()).check(&identity, &CONNECT).await {
         let why = match denied {

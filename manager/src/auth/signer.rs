@@ -180,6 +180,14 @@ fn der_utf8(s: &str) -> Vec<u8> {
     out
 }
 
+/// A certificate's `subjectPublicKey` and `notAfter`.
+pub fn key_and_expiry(der: &[u8]) -> Option<(Vec<u8>, SystemTime)> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some((cert.public_key().subject_public_key.data.to_vec(), SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
+}
+
 /// The identity a client certificate (DER) carries, if it is one of tpvpn's.
 pub fn identity_of(der: &[u8]) -> Option<Identity> {
     use x509_parser::prelude::*;
@@ -292,6 +300,9 @@ mod tests {
         let pem = ca.issue(&request_pem(), &identity, now, Duration::from_secs(600)).unwrap();
         let der = der_of(&pem);
         assert_eq!(identity_of(&der), Some(identity.clone()));
+        let (_, expires) = key_and_expiry(&der).unwrap();
+        let lifetime = expires.duration_since(now).unwrap().as_secs();
+        assert!((599..=600).contains(&lifetime), "{lifetime}");
         let text = String::from_utf8_lossy(&der);
         assert!(!text.contains("wannabe"), "the request's own subject is not copied");
         // The CA round-trips through its PEM (as kept in its Secret).
