@@ -45,6 +45,10 @@ pub struct InstallOptions {
     pub image: String,
     /// `NodePort` or `LoadBalancer`.
     pub service_type: String,
+    /// Whether the manager also accepts the shared client token of Secret `tpvpn-client`
+    /// (earlier releases' clients; whoever holds it connects without an identity).
+    /// Without it laptops connect only with certificates of their users.
+    pub shared_token: bool,
 }
 
 impl InstallOptions {
@@ -105,6 +109,9 @@ pub fn objects(opts: &InstallOptions) -> Result<Vec<Value>, Error> {
                 subject["namespace"] = Value::from(opts.namespace.clone());
             }
         }
+        if kind == "Deployment" && !opts.shared_token {
+            without_shared_token(&mut doc["spec"]["template"]["spec"]);
+        }
         if kind == "Deployment" || kind == "DaemonSet" {
             if let Some(containers) = doc["spec"]["template"]["spec"]["containers"].as_array_mut() {
                 for c in containers {
@@ -133,6 +140,30 @@ pub fn objects(opts: &InstallOptions) -> Result<Vec<Value>, Error> {
         out.push(doc);
     }
     Ok(out)
+}
+
+/// The manager's pod without the shared client token: no `--token-file`, no volume of
+/// Secret `tpvpn-client`.
+fn without_shared_token(pod: &mut Value) {
+    let client_volume = |v: &Value| v["secret"]["secretName"] == CLIENT_SECRET;
+    let names: Vec<Value> = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| client_volume(v))
+        .map(|v| v["name"].clone())
+        .collect();
+    if let Some(volumes) = pod.get_mut("volumes").and_then(Value::as_array_mut) {
+        volumes.retain(|v| !client_volume(v));
+    }
+    for c in pod.get_mut("containers").and_then(Value::as_array_mut).into_iter().flatten() {
+        if let Some(args) = c.get_mut("args").and_then(Value::as_array_mut) {
+            args.retain(|a| !a.as_str().is_some_and(|a| a.starts_with("--token-file")));
+        }
+        if let Some(mounts) = c.get_mut("volumeMounts").and_then(Value::as_array_mut) {
+            mounts.retain(|m| !names.contains(&m["name"]));
+        }
+    }
 }
 
 /// The API of the object `obj` (its kind, and its namespace if it has one).
@@ -232,7 +263,8 @@ async fn ensure_secrets(client: &kube::Client, opts: &InstallOptions, r: &Resolv
             serde_json::from_value(obj).map_err(|e| Error::System(e.to_string()))?
         }
     };
-    if get(CLIENT_SECRET).await?.is_none() {
+    let shared = get(CLIENT_SECRET).await?;
+    if opts.shared_token && shared.is_none() {
         let data = BTreeMap::from([
             ("ca.crt".to_string(), certificate(&tls, ns)?),
             ("token".to_string(), ByteString(random_token()?.into_bytes())),
@@ -249,19 +281,23 @@ async fn ensure_secrets(client: &kube::Client, opts: &InstallOptions, r: &Resolv
         .get_opt(AGENT_SECRET)
         .await
         .map_err(|e| kube_error(e, &format!("read Secret {agent_ns}/{AGENT_SECRET}"), r))?;
-    let delete = |api: Api<Secret>, what: String| async move {
-        match api.delete(AGENT_SECRET, &DeleteParams::default()).await {
+    let delete = |api: Api<Secret>, what: String, name: &'static str| async move {
+        match api.delete(name, &DeleteParams::default()).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(kube_error(e, &format!("delete Secret {what}"), r)),
         }
     };
     if get(AGENT_SECRET).await?.is_some() {
-        delete(secrets.clone(), format!("{ns}/{AGENT_SECRET}")).await?;
+        delete(secrets.clone(), format!("{ns}/{AGENT_SECRET}"), AGENT_SECRET).await?;
+    }
+    // Without the shared client token, an earlier install's goes: nothing accepts it.
+    if !opts.shared_token && shared.is_some() {
+        delete(secrets.clone(), format!("{ns}/{CLIENT_SECRET}"), CLIENT_SECRET).await?;
     }
     let has_token = theirs.as_ref().and_then(|s| s.data.as_ref()).is_some_and(|d| d.contains_key("token"));
     if has_token {
-        delete(agents.clone(), format!("{agent_ns}/{AGENT_SECRET}")).await?;
+        delete(agents.clone(), format!("{agent_ns}/{AGENT_SECRET}"), AGENT_SECRET).await?;
     }
     if theirs.is_none() || has_token {
         let data = BTreeMap::from([("ca.crt".to_string(), certificate(&tls, ns)?)]);
@@ -294,13 +330,18 @@ pub async fn install(r: &Resolved, opts: &InstallOptions) -> Result<String, Erro
         format!("created Secrets {}", created.join(", "))
     };
     Ok(format!(
-        "installed tpvpn-manager in namespace {} of context `{}` (image {}, Service {}; node agents in namespace {}, bind no user there); {secrets}. Let a user connect: kubectl create rolebinding tpvpn-client-USER -n {} --role tpvpn-client --user USER",
+        "installed tpvpn-manager in namespace {} of context `{}` (image {}, Service {}; node agents in namespace {}, bind no user there); {secrets}. Let a group connect: kubectl create clusterrolebinding tpvpn-users --clusterrole tpvpn-user --group GROUP; kubectl create rolebinding tpvpn-users -n {} --role tpvpn-user --group GROUP{}",
         opts.namespace,
         r.context,
         opts.image,
         opts.service_type,
         opts.agent_namespace(),
-        opts.namespace
+        opts.namespace,
+        if opts.shared_token {
+            " (the shared token of Secret tpvpn-client is accepted too: --no-shared-token to stop that)"
+        } else {
+            ""
+        }
     ))
 }
 
@@ -363,8 +404,12 @@ mod tests {
     #[test]
     fn manifests_parse_and_take_the_options() {
         use serde_json::json;
-        let opts =
-            InstallOptions { namespace: "vpn".into(), image: "reg/m:1".into(), service_type: "LoadBalancer".into() };
+        let opts = InstallOptions {
+            namespace: "vpn".into(),
+            image: "reg/m:1".into(),
+            service_type: "LoadBalancer".into(),
+            shared_token: true,
+        };
         let objs = objects(&opts).unwrap();
         let kinds: Vec<&str> = objs.iter().map(|o| o["kind"].as_str().unwrap()).collect();
         assert_eq!(
@@ -483,6 +528,13 @@ mod tests {
                 .find(|r| r["resources"] == serde_json::json!(["pods/portforward"]));
             assert_eq!(pf.map(|r| &r["verbs"]), Some(&serde_json::json!(["get", "create"])), "{role}");
         }
+        // Without the shared token the manager gets no --token-file and no volume of it.
+        let strict = objects(&InstallOptions { shared_token: false, ..opts.clone() }).unwrap();
+        let pod = &strict.iter().find(|o| o["kind"] == "Deployment").unwrap()["spec"]["template"]["spec"];
+        let text = pod.to_string();
+        assert!(!text.contains("--token-file") && !text.contains(CLIENT_SECRET), "{pod}");
+        assert!(text.contains("--tls-cert") && text.contains("tpvpn-manager-tls"), "the rest stays: {pod}");
+        assert!(dep.to_string().contains("--token-file"), "kept by default");
         let metrics = objs.iter().find(|o| o["metadata"]["name"] == "tpvpn-manager-metrics").unwrap();
         assert_eq!(metrics["spec"]["type"], "ClusterIP", "metrics stay inside the cluster");
     }

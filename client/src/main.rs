@@ -49,6 +49,11 @@ enum ManagerCmd {
         /// Type of the manager's Service: NodePort or LoadBalancer.
         #[arg(long, default_value = "NodePort")]
         service_type: String,
+        /// Laptops connect only with certificates of their users: the manager gets no
+        /// shared client token, and an earlier install's Secret tpvpn-client is deleted
+        /// (earlier releases' clients are then refused).
+        #[arg(long)]
+        no_shared_token: bool,
     },
     /// Delete everything `install` created, credentials and namespace included.
     Uninstall {
@@ -368,8 +373,13 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
         Cmd::Revoke { service, namespace } => leave(&paths, service, namespace, true),
         Cmd::Manager { action } => {
             let (cluster, opts, uninstall) = match action {
-                ManagerCmd::Install { cluster, image, service_type } => {
-                    let opts = InstallOptions { namespace: cluster.namespace.clone(), image, service_type };
+                ManagerCmd::Install { cluster, image, service_type, no_shared_token } => {
+                    let opts = InstallOptions {
+                        namespace: cluster.namespace.clone(),
+                        image,
+                        service_type,
+                        shared_token: !no_shared_token,
+                    };
                     (cluster, opts, false)
                 }
                 ManagerCmd::Uninstall { cluster } => {
@@ -377,6 +387,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
                         namespace: cluster.namespace.clone(),
                         image: String::new(),
                         service_type: "NodePort".into(),
+                        shared_token: true,
                     };
                     (cluster, opts, true)
                 }

@@ -201,6 +201,16 @@ fn manager_install_is_idempotent_and_uninstall_removes_everything() {
     assert_eq!(b64(&agents_copy, "ca.crt"), b64(&tls, "tls.crt"), "agents pin the manager's certificate");
     assert!(agents_copy["data"].get("token").is_none(), "{agents_copy}");
 
+    // Laptops by certificate only: the shared token and the manager's flag for it go.
+    let mut strict = install.to_vec();
+    strict.push("--no-shared-token");
+    let out = lab.tpvpn(&strict);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(get(&lab, &format!("{ns}/secrets/tpvpn-client")).is_none(), "the shared token kept");
+    let dep = get(&lab, dep_path).unwrap();
+    assert!(!dep["spec"].to_string().contains("--token-file"), "{dep}");
+    assert!(get(&lab, &format!("{ns}/secrets/tpvpn-manager-tls")).is_some(), "its own certificate kept");
+
     let uninstall = ["manager", "uninstall", "--kubeconfig", &kc, "--namespace", "tpvpn-test"];
     let out = lab.tpvpn(&uninstall);
     assert!(out.status.success() && stdout(&out).contains("uninstalled"), "{}", show(&out));
