@@ -97,6 +97,15 @@ fn rules(rules: &[&str]) -> serde_json::Value {
     serde_json::Value::Array(rules.iter().map(|r| serde_json::from_str(r).unwrap()).collect())
 }
 
+/// The lab user connected, allowed to intercept any Service.
+fn up_as_user_who_may_intercept(lab: &tpvpn_lab::Lab) {
+    grant_finding_the_manager(lab);
+    let may_intercept = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts"], "verbs": ["create"]}"#;
+    grant(lab, "tpvpn-user", None, rules(&[REQUESTS, CONNECT, may_intercept]));
+    let out = up_as_user(lab);
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+}
+
 /// `tpvpn up` with the lab user's own context.
 fn up_as_user(lab: &tpvpn_lab::Lab) -> std::process::Output {
     let kc = lab.kubeconfig().display().to_string();
@@ -218,11 +227,7 @@ fn only_an_identity_allowed_to_delete_intercepts_revokes_anothers() {
     if !lab.start_pods_or_skip() {
         return;
     }
-    grant_finding_the_manager(&lab);
-    let may_intercept = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts"], "verbs": ["create"]}"#;
-    grant(&lab, "tpvpn-user", None, rules(&[REQUESTS, CONNECT, may_intercept]));
-    let out = up_as_user(&lab);
-    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    up_as_user_who_may_intercept(&lab);
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     let out = lab.tpvpn_env(&["intercept", "web", "--port", "18888:http"], &[], Duration::from_secs(40));
     assert!(out.status.success(), "{}", show(&out));
@@ -267,11 +272,7 @@ fn certificates_are_renewed_under_traffic_and_a_session_ends_when_its_certificat
     if !lab.start_pods_or_skip() {
         return;
     }
-    grant_finding_the_manager(&lab);
-    let may_intercept = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts"], "verbs": ["create"]}"#;
-    grant(&lab, "tpvpn-user", None, rules(&[REQUESTS, CONNECT, may_intercept]));
-    let out = up_as_user(&lab);
-    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    up_as_user_who_may_intercept(&lab);
     let expires = |lab: &tpvpn_lab::Lab| {
         let st = lab.tpvpn(&["status", "-o", "json"]);
         let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_default();
