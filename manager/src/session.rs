@@ -348,11 +348,12 @@ async fn refuse(conn: &quinn::Connection, send: &mut quinn::SendStream, reply: M
     conn.close(close.into(), reason.as_bytes());
 }
 
-/// Reads and checks the hello (the sans-IO [`ServerHandshake`]): the accepted peer with
-/// the handshake (for its reply), or `None` when it was refused (already told).
 /// Why a client without a certificate is refused by a manager that takes no shared token.
 const IDENTITY_ONLY: &str = "this manager accepts laptops by their Kubernetes identity only: connect with a kubeconfig (tpvpn up --context NAME), with a tpvpn at least as new as the manager";
 
+/// Reads and checks the hello (the sans-IO [`ServerHandshake`]): the accepted peer with
+/// the handshake (for its reply) and the identity of its certificate, if any; or `None`
+/// when it was refused (already told).
 async fn hello(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
