@@ -573,14 +573,16 @@ mod tests {
         let addr = server.local_addr().unwrap();
         let client = endpoint(([127, 0, 0, 1], 0).into(), None).unwrap();
         let cfg = client_config_for(ck.cert.der().clone(), false, Class::Tunnel, cert).unwrap();
+        let decided = tokio::sync::Notify::new();
         let accept = async {
-            let conn = server.accept().await.unwrap().await.map_err(|e| e.to_string())?;
-            Ok(peer_certificate(&conn).map(|c| c.to_vec()))
+            let conn = server.accept().await.unwrap().await.map_err(|e| e.to_string());
+            decided.notify_one();
+            Ok(peer_certificate(&conn?).map(|c| c.to_vec()))
         };
         let connect = async {
             let conn = client.connect_with(cfg, addr, SERVER_NAME).unwrap().await;
-            // Keep the client's side open until the server has decided.
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The client's side stays open until the server has decided.
+            decided.notified().await;
             conn.map(drop).map_err(|e| e.to_string())
         };
         let (accepted, _) = tokio::time::timeout(Duration::from_secs(5), async { tokio::join!(accept, connect) })
