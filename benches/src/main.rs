@@ -7,12 +7,13 @@
 //! ping-pong, connect), [`scale`] (10,000 idle flows beside a bulk stream), [`wan`] (an
 //! emulated 20 ms RTT link at 0% and 1% loss), [`dns`] (dnsperf against tpvpn's table
 //! and dnsmasq), [`large`] (`up` with 50,000 Services), [`portforward`] (tpvpn through the API
-//! server's port-forward against the raw port-forward), [`intercept`] (a cluster caller
+//! server's port-forward against the raw port-forward), [`vnat`] (a stream through a cluster
+//! range reached by virtual addresses against one through an unmapped range), [`intercept`] (a cluster caller
 //! against a pod, directly and intercepted to the laptop) and [`personal`] (HTTP requests
 //! through the agent of a personal intercept against the pod directly).
 //!
 //! Run it with `sudo ./scripts/bench.sh`; `tpvpn-bench [paths] [scale] [wan] [dns] [large]
-//! [portforward] [intercept] [personal]` runs only the sections named. The subcommands
+//! [portforward] [vnat] [intercept] [personal]` runs only the sections named. The subcommands
 //! `pingpong-server` and `pingpong` are the latency tools the benchmark runs inside the
 //! namespaces ([`latency`]), `port-forward` the raw port-forward ([`portforward`]).
 
@@ -28,6 +29,7 @@ mod peers;
 mod personal;
 mod portforward;
 mod scale;
+mod vnat;
 mod wan;
 
 use anyhow::{bail, Result};
@@ -47,6 +49,7 @@ const SECTIONS: &[(&str, Section)] = &[
     ("dns", |lab| dns::run(lab).map(|table| println!("{table}"))),
     ("large", |lab| large::section(lab)),
     ("portforward", |lab| portforward::section(lab)),
+    ("vnat", |lab| vnat::section(lab)),
     // Last: they add pods and the agent to the lab.
     ("intercept", |lab| intercept::section(lab)),
     ("personal", |lab| personal::section(lab)),
@@ -59,7 +62,7 @@ fn main() -> Result<()> {
         Some("pingpong") => return latency::client_cmd(&args[1..]),
         Some("port-forward") => return portforward::forward_cmd(&args[1..]),
         Some(s) if !SECTIONS.iter().any(|(name, _)| *name == s) => {
-            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, large, portforward, intercept, personal; tools are pingpong-server, pingpong, port-forward")
+            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, large, portforward, vnat, intercept, personal; tools are pingpong-server, pingpong, port-forward")
         }
         _ => {}
     }

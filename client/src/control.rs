@@ -66,6 +66,27 @@ pub struct Status {
     /// The protocol versions the manager speaks (its range; `protocol` is the one spoken).
     #[serde(default)]
     pub manager_protocols: Option<(u16, u16)>,
+    /// Cluster ranges reached through virtual addresses (`--vnat`).
+    #[serde(default)]
+    pub vnat: Vec<VnatMapping>,
+}
+
+/// A cluster range and the virtual range this laptop reaches it through.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VnatMapping {
+    pub cluster: String,
+    #[serde(rename = "virtual")]
+    pub virtual_net: String,
+}
+
+impl VnatMapping {
+    pub fn all(table: &tpvpn_vnat::Table) -> Vec<VnatMapping> {
+        table
+            .mappings()
+            .iter()
+            .map(|m| VnatMapping { cluster: m.cluster.to_string(), virtual_net: m.virtual_net.to_string() })
+            .collect()
+    }
 }
 
 /// The identity of a client certificate: the user and groups the API server
@@ -129,6 +150,26 @@ pub struct ServiceRow {
     /// when the manager does not say (an older manager).
     #[serde(default)]
     pub intercept: Option<String>,
+    /// The addresses a laptop process uses instead of `cluster_ips`, when their range is
+    /// reached through virtual addresses (`--vnat`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtual_ips: Vec<String>,
+}
+
+impl Listing {
+    /// Fills `virtual_ips` of each row with an address in a mapped range from `table`
+    /// (every address of the row, as the laptop reaches it).
+    pub fn with_vnat(mut self, table: &tpvpn_vnat::Table) -> Listing {
+        for row in &mut self.services {
+            let ips: Vec<std::net::IpAddr> = row.cluster_ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+            row.virtual_ips = if ips.iter().any(|ip| table.is_shadowed(*ip)) {
+                ips.into_iter().map(|ip| table.to_virtual(ip).to_string()).collect()
+            } else {
+                vec![]
+            };
+        }
+        self
+    }
 }
 
 impl ServiceRow {
@@ -137,6 +178,7 @@ impl ServiceRow {
             namespace: s.namespace.clone(),
             name: s.name.clone(),
             cluster_ips: s.cluster_ips.iter().map(|ip| ip.to_string()).collect(),
+            virtual_ips: vec![],
             ports: s
                 .ports
                 .iter()

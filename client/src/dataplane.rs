@@ -248,6 +248,8 @@ pub struct Dataplane<D: PacketDevice = tun_rs::AsyncDevice> {
     epoch: StdInstant,
     /// When this machine's addresses were last given to the stack.
     local_read: Option<StdInstant>,
+    /// The virtual address mappings, given to the stack whenever they change.
+    vnat: Option<tokio::sync::watch::Receiver<tpvpn_vnat::Table>>,
 }
 
 impl<D: PacketDevice> Dataplane<D> {
@@ -263,7 +265,15 @@ impl<D: PacketDevice> Dataplane<D> {
             udp: FlowMap::default(),
             epoch: StdInstant::now(),
             local_read: None,
+            vnat: None,
         }
+    }
+
+    /// Keeps the stack's virtual address mappings those of `vnat` (from now on).
+    pub fn with_vnat(mut self, mut vnat: tokio::sync::watch::Receiver<tpvpn_vnat::Table>) -> Self {
+        self.stack.set_vnat(vnat.borrow_and_update().clone());
+        self.vnat = Some(vnat);
+        self
     }
 
     pub fn handle(&self) -> Handle {
@@ -322,6 +332,7 @@ impl<D: PacketDevice> Dataplane<D> {
                     let now = self.now();
                     self.stack.handle_timeout(now);
                 }
+                Some(table) = changed(&mut self.vnat) => self.stack.set_vnat(table),
                 e = self.conn.closed() => return format!("lost the connection to the manager: {e}"),
             }
         }
@@ -531,6 +542,16 @@ enum Opened {
     /// the reply included).
     ConnectedThenReset,
     Failed,
+}
+
+/// The next value of `watch`; never, without one (or once its sender is gone).
+async fn changed<T: Clone>(watch: &mut Option<tokio::sync::watch::Receiver<T>>) -> Option<T> {
+    let Some(w) = watch else { return std::future::pending().await };
+    if w.changed().await.is_err() {
+        *watch = None;
+        return None;
+    }
+    Some(w.borrow_and_update().clone())
 }
 
 /// Opens a flow stream and waits for the manager's dial result.

@@ -80,6 +80,42 @@ pub struct Outcome {
     pub warnings: Vec<String>,
 }
 
+impl Outcome {
+    /// Rewrites the environment's cluster addresses in a range reached through virtual
+    /// addresses (`--vnat`) to those: values that are an address (`*_SERVICE_HOST`,
+    /// `*_TCP_ADDR`) or `PROTO://ADDRESS:PORT` (`*_PORT`, `*_PORT_*_TCP`). Says so in a
+    /// warning naming the variables.
+    pub fn with_vnat(mut self, table: &tpvpn_vnat::Table) -> Outcome {
+        let mut changed = Vec::new();
+        for (name, value) in &mut self.env {
+            if let Some(v) = virtual_value(value, table) {
+                *value = v;
+                changed.push(name.clone());
+            }
+        }
+        if !changed.is_empty() {
+            self.warnings.push(format!(
+                "{} hold this laptop's virtual addresses for the cluster's (a cluster range overlaps a route of this machine; see `tpvpn status`)",
+                changed.join(", ")
+            ));
+        }
+        self
+    }
+}
+
+/// `value` with its cluster address made virtual, when it is (or holds, as
+/// `tcp://ADDRESS:PORT`) one in a mapped range.
+fn virtual_value(value: &str, table: &tpvpn_vnat::Table) -> Option<String> {
+    let map = |ip: std::net::IpAddr| table.is_shadowed(ip).then(|| table.to_virtual(ip));
+    if let Ok(ip) = value.parse() {
+        return map(ip).map(|v| v.to_string());
+    }
+    let (scheme, rest) = value.split_once("://")?;
+    let addr: std::net::SocketAddr = rest.parse().ok()?;
+    let ip = map(addr.ip())?;
+    Some(format!("{scheme}://{}", std::net::SocketAddr::new(ip, addr.port())))
+}
+
 /// The intercepts of this daemon.
 pub struct Intercepts {
     path: PathBuf,
@@ -461,6 +497,26 @@ pub fn state_text(row: &InterceptRow) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn environment_addresses_in_mapped_ranges_become_virtual() {
+        let cluster = ["10.96.0.0/16".parse().unwrap(), "fd00:96::/112".parse().unwrap()];
+        let routes = ["10.96.0.0/12".parse().unwrap(), "fd00::/16".parse().unwrap()];
+        let table = tpvpn_vnat::plan(&Default::default(), &cluster, &routes, &Default::default(), Default::default());
+        let table = table.unwrap();
+        let cases = [
+            ("10.96.0.20", Some("240.0.0.20")),
+            ("tcp://10.96.0.20:6379", Some("tcp://240.0.0.20:6379")),
+            ("udp://[fd00:96::7]:53", Some("udp://[fd74:7076:8000::7]:53")),
+            ("10.244.0.5", None),
+            ("tcp://10.244.0.5:80", None),
+            ("6379", None),
+            ("hello 10.96.0.20", None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(virtual_value(value, &table).as_deref(), want, "{value}");
+        }
+    }
 
     #[test]
     fn header_arguments() {

@@ -48,7 +48,7 @@ pub enum Error {
     Protocol(String),
     #[error("connection to the manager failed: {0}")]
     Connection(#[from] quinn::ConnectionError),
-    #[error("{0}; exclude it with --never-proxy, or pass --allow-route-conflicts to route it anyway")]
+    #[error("{0}; exclude it with --never-proxy, reach it through virtual addresses with --vnat auto, or pass --allow-route-conflicts to route it anyway")]
     RouteConflict(String),
     #[error("{0}")]
     System(String),

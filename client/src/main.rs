@@ -106,9 +106,20 @@ enum Cmd {
         /// An extra CIDR routed into the tunnel (repeatable).
         #[arg(long = "also-proxy", value_name = "CIDR")]
         also_proxy: Vec<IpNet>,
-        /// Route cluster CIDRs even where they overlap routes already on this machine.
+        /// Route cluster CIDRs even where they overlap routes already on this machine
+        /// (with `--vnat auto`, instead of mapping them to virtual addresses).
         #[arg(long)]
         allow_route_conflicts: bool,
+        /// Cluster ranges that overlap a route of this machine (a VPN's, a LAN's) are
+        /// reached through virtual addresses of a free range of the same size, and the
+        /// machine's own route is left alone (`auto`); `off` refuses such a cluster;
+        /// `always` maps every cluster range.
+        #[arg(long, default_value = "auto", value_name = "auto|off|always")]
+        vnat: tpvpn_vnat::Mode,
+        /// Where virtual ranges come from (repeatable; default 240.0.0.0/4, reserved and
+        /// never assigned, and fd74:7076:8000::/33).
+        #[arg(long = "virtual-subnet", value_name = "CIDR", value_parser = tpvpn_vnat::parse_subnet)]
+        virtual_subnets: Vec<IpNet>,
         /// How to point the OS resolver at tpvpn's DNS server: `resolvconf` replaces
         /// /etc/resolv.conf (restored on down); `resolved` gives systemd-resolved the
         /// cluster's routing domains on the TUN link (over D-Bus); `auto` picks `resolved`
@@ -251,6 +262,8 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             also_proxy,
             dns_mode,
             allow_route_conflicts,
+            vnat,
+            virtual_subnets,
             foreground,
             device,
             mtu,
@@ -284,6 +297,8 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
                 dns_mode,
                 namespace,
                 allow_route_conflicts,
+                vnat,
+                virtual_subnets,
                 transport,
             };
             if foreground {
@@ -442,7 +457,12 @@ fn print_listing(l: &tpvpn_client::control::Listing) {
         .services
         .iter()
         .map(|s| {
-            let ips = if s.cluster_ips.is_empty() { "None".to_string() } else { s.cluster_ips.join(",") };
+            let ips = match (s.cluster_ips.is_empty(), s.virtual_ips.is_empty()) {
+                (true, _) => "None".to_string(),
+                (false, true) => s.cluster_ips.join(","),
+                // What a laptop process uses, then the cluster's own address.
+                (false, false) => format!("{} (cluster {})", s.virtual_ips.join(","), s.cluster_ips.join(",")),
+            };
             let intercept = s.intercept.clone().unwrap_or_else(|| "-".into());
             [s.namespace.clone(), s.name.clone(), ips, s.ports.join(", "), intercept]
         })
@@ -560,6 +580,9 @@ fn print_status(s: &tpvpn_client::control::Status) {
         println!("  device:      {} ({}, mtu {})", t.name, t.address, t.mtu);
     }
     println!("  routes:      {}", s.routes.join(", "));
+    for m in &s.vnat {
+        println!("  vnat:        cluster {} reached as {}", m.cluster, m.virtual_net);
+    }
     println!("  never-proxy: {}", s.never_proxy.join(", "));
     match &s.dns.server {
         Some(server) => println!("  dns:         {} on {server}; domains: {}", s.dns.mode, s.dns.domains.join(", ")),

@@ -105,6 +105,74 @@ pub fn existing() -> Result<Vec<Existing>, Error> {
     Ok(all)
 }
 
+/// Tells when the machine's IPv4 or IPv6 routes change (a VPN coming up or going down),
+/// from the kernel's route notifications (netlink, `RTMGRP_IPV4_ROUTE`,
+/// `RTMGRP_IPV6_ROUTE`), so that nothing is polled.
+#[cfg(target_os = "linux")]
+pub struct Changes {
+    socket: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+#[cfg(target_os = "linux")]
+impl Changes {
+    #[allow(unsafe_code)]
+    pub fn new() -> std::io::Result<Changes> {
+        use nix::sys::socket::{bind, socket, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType};
+        use std::os::fd::AsRawFd;
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )?;
+        let groups = (libc::RTMGRP_IPV4_ROUTE | libc::RTMGRP_IPV6_ROUTE) as u32;
+        bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups))?;
+        // SAFETY: the `OwnedFd` is an open socket that the `AsyncFd` owns from here on, so
+        // it stays open and the same descriptor until the `AsyncFd` is dropped.
+        let socket = unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)?;
+        Ok(Changes { socket })
+    }
+
+    /// Waits for the next change, then takes every notification already waiting (their
+    /// content does not matter: the caller reads the routes afresh). An overrun of the
+    /// socket's buffer (`ENOBUFS`) is a change too.
+    pub async fn changed(&self) -> std::io::Result<()> {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let mut ready = self.socket.readable().await?;
+            let mut got = false;
+            loop {
+                match recv(self.socket.get_ref().as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                    Ok(_) | Err(nix::errno::Errno::ENOBUFS) => got = true,
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            ready.clear_ready();
+            if got {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Elsewhere route changes are not followed (yet): `changed` never returns.
+#[cfg(not(target_os = "linux"))]
+pub struct Changes;
+
+#[cfg(not(target_os = "linux"))]
+impl Changes {
+    pub fn new() -> std::io::Result<Changes> {
+        Ok(Changes)
+    }
+    pub async fn changed(&self) -> std::io::Result<()> {
+        std::future::pending().await
+    }
+}
+
 /// The first existing route (not on `own_device`) that overlaps `route`.
 pub fn conflict<'a>(route: &IpNet, existing: &'a [Existing], own_device: &str) -> Option<&'a Existing> {
     existing

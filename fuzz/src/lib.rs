@@ -747,6 +747,52 @@ pub fn client_certificates(data: &[u8]) {
     }
 }
 
+/// Virtual address plans (`tpvpn up --vnat`) from arbitrary cluster ranges, laptop routes
+/// and pools (the manager and the machine choose them): `plan` never panics, and a plan it
+/// makes is sound: each virtual range is as large as its cluster range and of its family,
+/// overlaps no route of the laptop, no cluster range and no other virtual range; every
+/// range that overlaps a route is mapped; translation there and back is the identity.
+pub fn vnat_plans(data: &[u8]) {
+    use std::net::{IpAddr, Ipv6Addr};
+    use tpvpn_vnat::{plan, Mode, Pool, Table};
+    let Some((&first, rest)) = data.split_first() else { return };
+    let mode = [Mode::Auto, Mode::Always, Mode::Off][usize::from(first % 3)];
+    let (mut cluster, mut routes, mut pool) = (Vec::new(), Vec::new(), Vec::new());
+    for c in rest.chunks_exact(6) {
+        let addr = if c[0] & 0x80 == 0 {
+            IpAddr::from([c[1], c[2], c[3], c[4]])
+        } else {
+            IpAddr::V6(Ipv6Addr::from([0xfd, c[1], c[2], c[3], c[4], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]))
+        };
+        let len = c[5] % if addr.is_ipv4() { 33 } else { 129 };
+        let Ok(net) = ipnet::IpNet::new(addr, len).map(|n| n.trunc()) else { return };
+        match c[0] % 3 {
+            0 => cluster.push(net),
+            1 => routes.push(net),
+            _ => pool.push(net),
+        }
+    }
+    let overlaps = |a: &ipnet::IpNet, b: &ipnet::IpNet| a.contains(&b.network()) || b.contains(&a.network());
+    let Ok(table) = plan(&Table::default(), &cluster, &routes, &Pool::new(pool), mode) else { return };
+    let maps = table.mappings();
+    for (i, m) in maps.iter().enumerate() {
+        let (c, v) = (m.cluster, m.virtual_net);
+        assert_eq!((c.prefix_len(), c.addr().is_ipv4()), (v.prefix_len(), v.addr().is_ipv4()), "{m:?}");
+        assert!(!routes.iter().chain(&cluster).any(|r| overlaps(r, &v)), "{m:?} {routes:?} {cluster:?}");
+        assert!(!maps[i + 1..].iter().any(|o| overlaps(&o.virtual_net, &v)), "{maps:?}");
+        for ip in [c.network(), c.broadcast()] {
+            let virtual_ip = table.to_virtual(ip);
+            assert!(v.contains(&virtual_ip) && table.is_virtual(virtual_ip), "{m:?}");
+            assert_eq!(table.to_cluster(virtual_ip), ip, "{m:?}");
+        }
+    }
+    if mode != Mode::Off {
+        for c in cluster.iter().filter(|c| routes.iter().any(|r| overlaps(r, c))) {
+            assert!(table.is_shadowed(c.network()), "{c} overlaps a route but is not mapped: {maps:?}");
+        }
+    }
+}
+
 /// Every target, for the corpus tests.
 #[cfg(test)]
 const TARGETS: &[fn(&[u8])] = &[
@@ -762,6 +808,7 @@ const TARGETS: &[fn(&[u8])] = &[
     portforward_channels,
     volume_paths,
     client_certificates,
+    vnat_plans,
 ];
 
 #[cfg(test)]

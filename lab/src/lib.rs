@@ -160,6 +160,10 @@ pub const SERVICES: &[LabService] = &[
 const EXTRA_CLUSTER_ADDRS: &[&str] = &[FRONTEND_POD_IP, NO_LISTENER_IP];
 /// The cluster DNS (dnsmasq serving `cluster.local`), the ClusterIP of `kube-system/kube-dns`.
 pub const CLUSTER_DNS_IP: &str = "10.96.0.53";
+/// The "VPN" of [`Lab::add_vpn`]: its gateway on the laptop's side, and its own server at
+/// an address that is the cluster's frontend ClusterIP too (no port 9003 there).
+pub const VPN_GATEWAY: &str = "192.168.77.1";
+pub const VPN_SERVER_ADDR: &str = "10.96.0.10:9003";
 /// The internet namespace's DNS server: the laptop's original nameserver.
 pub const UPSTREAM_DNS_IP: &str = "10.250.2.1";
 /// What the internet DNS answers for `docs.rs` (and other internet names).
@@ -1030,6 +1034,37 @@ impl Lab {
         ip(&["-n", &ns, "route", "add", "10.250.1.0/24", "via", "10.250.4.1"])?;
         fs::create_dir_all(self.dir.join("run2"))?;
         self.laptop2 = Some(ns);
+        Ok(())
+    }
+
+    /// Adds a "VPN" beside the laptop (namespace `vpn`, joined by the laptop's device
+    /// `vpn0`, gateway [`VPN_GATEWAY`]) with a server of its own at [`VPN_SERVER_ADDR`],
+    /// an address inside the cluster's service range (the data-stream source: it sends
+    /// as many bytes as asked). No route of the laptop points at it yet: the test adds
+    /// the route it needs (`ip route add 10.96.0.0/12 via VPN_GATEWAY`).
+    pub fn add_vpn(&mut self) -> Result<()> {
+        let ns = format!("tpvpn-{}-vpn", self.id);
+        ip(&["netns", "add", &ns])?;
+        self.namespaces.push(ns.clone());
+        let l = self.laptop.clone();
+        ip(&["-n", &l, "link", "add", "vpn0", "type", "veth", "peer", "name", "to-laptop", "netns", &ns])?;
+        ip(&["-n", &l, "addr", "add", "192.168.77.2/24", "dev", "vpn0"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{VPN_GATEWAY}/24"), "dev", "to-laptop"])?;
+        let server_ip = VPN_SERVER_ADDR.split(':').next().unwrap_or_default();
+        ip(&["-n", &ns, "addr", "add", &format!("{server_ip}/32"), "dev", "lo"])?;
+        for (n, dev) in [(l.as_str(), "vpn0"), (ns.as_str(), "lo"), (ns.as_str(), "to-laptop")] {
+            ip(&["-n", n, "link", "set", dev, "up"])?;
+        }
+        ip(&["-n", &ns, "route", "add", "default", "via", "192.168.77.2"])?;
+        let lab_bin = find_bin(&self.bin_dir, "tpvpn-lab")?.display().to_string();
+        self.spawn_in(&ns, "vpn-server", &[&lab_bin, "serve", "--source", VPN_SERVER_ADDR])?;
+        let listening = wait_until(Duration::from_secs(10), || {
+            let t = self.exec_timeout(&ns, &["ss", "-Hltn"], Duration::from_secs(5));
+            listens(&String::from_utf8_lossy(&t.stdout), VPN_SERVER_ADDR)
+        });
+        if !listening {
+            bail!("the VPN's server does not listen on {VPN_SERVER_ADDR}");
+        }
         Ok(())
     }
 

@@ -290,9 +290,12 @@ fn status_json_has_the_contract_fields() {
 fn conflicting_route_is_refused_unless_allowed() {
     let Some(lab) = lab() else { return };
     // The laptop already routes part of the service CIDR elsewhere (say, a VPN of its own).
+    // Without virtual addresses (`--vnat off`, see tests/vnat.rs for the default) that is
+    // refused.
     let add = lab.exec(lab.laptop(), &["ip", "route", "add", "10.96.7.0/24", "via", "10.250.2.1"]);
     assert_ok(&add, "add a conflicting route in the laptop namespace");
     let mut args: Vec<String> = lab.up_args();
+    args.extend(["--vnat".to_string(), "off".to_string()]);
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = lab.tpvpn(&argv);
     assert!(!out.status.success(), "up with a conflicting route succeeded:\n{}", show(&out));
@@ -300,7 +303,7 @@ fn conflicting_route_is_refused_unless_allowed() {
     assert!(err.contains("10.96.7.0/24") && err.contains("--allow-route-conflicts"), "{}", show(&out));
     assert_no_tun_left(&lab, "after a refused up");
     // Excluding it works; so does allowing it.
-    if let Err(e) = lab.up(&["--never-proxy", "10.96.7.0/24"]) {
+    if let Err(e) = lab.up(&["--never-proxy", "10.96.7.0/24", "--vnat", "off"]) {
         panic!("up with the conflict excluded: {e:#}");
     }
     assert_ok(&lab.tpvpn(&["down"]), "down");

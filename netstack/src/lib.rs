@@ -125,11 +125,13 @@ pub enum DialOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// A laptop application sent a SYN: dial `dst` and report with [`Stack::dial_result`].
+    /// `dst` is the cluster's address: a virtual one (see [`Stack::set_vnat`]) is
+    /// translated; the laptop's side of the flow keeps the address it used.
     TcpConnect { id: FlowId, src: SocketAddr, dst: SocketAddr },
     /// A TCP flow may have data to read, room to write, or may have closed: look at
     /// [`Stack::tcp_status`].
     TcpActivity { id: FlowId },
-    /// A new UDP flow; its first datagram follows as `UdpData`.
+    /// A new UDP flow; its first datagram follows as `UdpData`. `dst` as in `TcpConnect`.
     UdpOpen { id: FlowId, src: SocketAddr, dst: SocketAddr },
     /// A datagram from the laptop on a UDP flow.
     UdpData { id: FlowId, payload: Vec<u8> },
@@ -199,6 +201,8 @@ pub struct Stack {
     /// The machine's own addresses: packets from any other source are dropped (empty:
     /// every source is taken).
     local: Vec<IpAddr>,
+    /// Virtual addresses of cluster ranges, translated when a flow is announced.
+    vnat: tpvpn_vnat::Table,
 }
 
 impl Stack {
@@ -217,7 +221,16 @@ impl Stack {
             counters: Counters::default(),
             udp_flows: 0,
             local: Vec::new(),
+            vnat: tpvpn_vnat::Table::default(),
         }
+    }
+
+    /// Flows opened from now on to a virtual address of `table` are announced with the
+    /// cluster address it stands for ([`Event::TcpConnect`], [`Event::UdpOpen`]); every
+    /// packet toward the laptop keeps the virtual address, so applications never see the
+    /// translation. Flows already open keep their destination.
+    pub fn set_vnat(&mut self, table: tpvpn_vnat::Table) {
+        self.vnat = table;
     }
 
     /// Takes packets only from these source addresses (this machine's own), from now
@@ -284,6 +297,7 @@ impl Stack {
                     let flow = TcpFlow::pending(src, dst, packet.to_vec(), &self.config);
                     self.by_key.insert(key, id);
                     self.flows.insert(id, Flow::Tcp(Box::new(flow)));
+                    let dst = SocketAddr::new(self.vnat.to_cluster(dst.ip()), dst.port());
                     self.events.push_back(Event::TcpConnect { id, src, dst });
                 } else if !seg.rst {
                     // A segment of no flow we know (say, after a restart): a closed port.
@@ -308,6 +322,7 @@ impl Stack {
                         self.flows.insert(id, Flow::Udp(UdpFlow { src, dst, last_active: now }));
                         self.udp_flows += 1;
                         self.timers.push(Reverse((now + self.config.udp_idle_timeout, id)));
+                        let dst = SocketAddr::new(self.vnat.to_cluster(dst.ip()), dst.port());
                         self.events.push_back(Event::UdpOpen { id, src, dst });
                         id
                     }

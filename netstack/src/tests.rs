@@ -288,3 +288,39 @@ fn the_udp_table_is_bounded_and_the_idlest_flows_go_first() {
     assert_eq!(closed, 100, "every flow that went was announced");
     assert!(s.timers.len() <= 2 * 16, "{} timers left for 16 flows", s.timers.len());
 }
+
+#[test]
+fn flows_to_virtual_addresses_are_announced_with_cluster_addresses_and_answered_from_the_virtual_ones() {
+    let mut s = Stack::new(Config::default());
+    s.set_vnat(vnat_table("10.96.0.0/12", "240.0.0.0/12"));
+    let virt = "240.0.0.10:80";
+    s.input(&Seg::syn(APP, virt).build(), t(0)).unwrap();
+    let Some(Event::TcpConnect { id, dst, .. }) = s.poll_event() else { panic!("no connect event") };
+    assert_eq!(dst.to_string(), SVC, "the manager dials the cluster address");
+    s.dial_result(id, DialOutcome::Connected, t(1)).unwrap();
+    let synack = parse(&s.transmit().expect("syn-ack")).unwrap();
+    assert_eq!(synack.endpoints().unwrap().0.to_string(), virt, "the laptop sees the address it used");
+    // UDP: the flow is opened to the cluster address, replies come from the virtual one.
+    while s.poll_event().is_some() {}
+    let pkt = wire::udp_packet(APP.parse().unwrap(), "240.0.0.30:7".parse().unwrap(), b"q").unwrap();
+    s.input(&pkt, t(2)).unwrap();
+    let Some(Event::UdpOpen { id, dst, .. }) = s.poll_event() else { panic!("no udp open") };
+    assert_eq!(dst.to_string(), "10.96.0.30:7");
+    while s.poll_event().is_some() {}
+    s.udp_send(id, b"echo", t(3)).unwrap();
+    let reply = parse(&s.transmit().unwrap()).unwrap();
+    assert_eq!(reply.endpoints().unwrap().0.to_string(), "240.0.0.30:7");
+    // Addresses outside every virtual range are not touched.
+    s.input(&Seg::syn(APP, SVC).build(), t(4)).unwrap();
+    let Some(Event::TcpConnect { dst, .. }) = s.poll_event() else { panic!("no connect event") };
+    assert_eq!(dst.to_string(), SVC);
+}
+
+/// A table mapping `cluster` onto `virt` (through the planner, as the daemon makes it).
+fn vnat_table(cluster: &str, virt: &str) -> tpvpn_vnat::Table {
+    let c = tpvpn_vnat::parse_subnet(cluster).unwrap();
+    let pool = tpvpn_vnat::Pool::new(vec![tpvpn_vnat::parse_subnet(virt).unwrap()]);
+    let t = tpvpn_vnat::plan(&tpvpn_vnat::Table::default(), &[c], &[], &pool, tpvpn_vnat::Mode::Always).unwrap();
+    assert_eq!(t.virtual_of(&c).map(|v| v.to_string()).as_deref(), Some(virt));
+    t
+}

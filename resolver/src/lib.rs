@@ -234,6 +234,8 @@ pub struct Resolver {
     rng: u64,
     /// Whether the tunnel to the cluster is up; while it is not, cluster names fail fast.
     connected: bool,
+    /// Virtual addresses of cluster ranges the laptop routes elsewhere.
+    vnat: tpvpn_vnat::Table,
 }
 
 impl Resolver {
@@ -259,7 +261,38 @@ impl Resolver {
             // xorshift needs a non-zero state.
             rng: seed | 1,
             connected: true,
+            vnat: tpvpn_vnat::Table::default(),
         }
+    }
+
+    /// From now on, cluster addresses in a range of `table` are answered with their
+    /// virtual addresses (A and AAAA records of the table, of the cluster DNS and in SRV
+    /// answers' additionals), a PTR query for a virtual address is answered for the
+    /// cluster address it stands for, and one for a cluster address in a mapped range goes
+    /// upstream (on this laptop that address is the other network's). The cache keeps the
+    /// cluster's own addresses, so a new table applies to cached answers too.
+    pub fn set_vnat(&mut self, table: tpvpn_vnat::Table) {
+        self.replies.clear();
+        self.vnat = table;
+    }
+
+    /// `answer` with every A and AAAA address in a mapped cluster range made virtual.
+    fn translated(&self, mut answer: Answer) -> Answer {
+        if self.vnat.is_empty() {
+            return answer;
+        }
+        for r in answer.answers.iter_mut().chain(answer.additionals.iter_mut()) {
+            let virtual_ip = match &r.data {
+                RData::A(A(ip)) => self.vnat.to_virtual(IpAddr::V4(*ip)),
+                RData::AAAA(AAAA(ip)) => self.vnat.to_virtual(IpAddr::V6(*ip)),
+                _ => continue,
+            };
+            r.data = match virtual_ip {
+                IpAddr::V4(ip) => RData::A(A(ip)),
+                IpAddr::V6(ip) => RData::AAAA(AAAA(ip)),
+            };
+        }
+        answer
     }
 
     /// Tells the resolver whether the tunnel is up. While it is down every name routed to
@@ -405,11 +438,12 @@ impl Resolver {
                     return Action::Reply(reply(&client, answer));
                 };
                 if let Some(answer) = self.local(&fqdn, q) {
+                    let answer = self.translated(answer);
                     return Action::Reply(self.table_reply(packet, &client, answer));
                 }
                 let key = Key { name: fqdn_name.to_ascii(), rtype: q.query_type, class: q.query_class };
                 if let Some(entry) = self.cache.get(&key, now) {
-                    let answer = client_answer(entry, &fqdn_name, &q.name, false);
+                    let answer = self.translated(client_answer(entry, &fqdn_name, &q.name, false));
                     return Action::Reply(reply(&client, answer));
                 }
                 let cluster_id = self.next_id();
@@ -459,7 +493,7 @@ impl Resolver {
             let key = Key { name: pending.fqdn.to_ascii(), rtype: question.query_type, class: question.query_class };
             self.cache.insert(key, entry.clone(), now);
         }
-        reply(client, client_answer(entry, &pending.fqdn, &question.name, truncated))
+        reply(client, self.translated(client_answer(entry, &pending.fqdn, &question.name, truncated)))
     }
 
     /// SERVFAIL for the query `packet`, which the caller will not carry out (too many
@@ -517,9 +551,17 @@ impl Resolver {
             return Route::Upstream;
         }
         if qtype == RecordType::PTR && class == DNSClass::IN {
-            if let Some(key) = reverse_ip(labels).and_then(|ip| self.by_ip.get(&ip)) {
-                if let Some(target) = self.service_fqdn(&key.1, &key.0) {
+            if let Some(ip) = reverse_ip(labels) {
+                if self.vnat.is_shadowed(ip) {
+                    return Route::Upstream;
+                }
+                let cluster_ip = self.vnat.to_cluster(ip);
+                if let Some(target) = self.by_ip.get(&cluster_ip).and_then(|key| self.service_fqdn(&key.1, &key.0)) {
                     return Route::Ptr(target);
+                }
+                if cluster_ip != ip {
+                    // A virtual address of no Service: the cluster DNS knows its real one.
+                    return Route::Cluster(reverse_labels(cluster_ip));
                 }
             }
         }
@@ -734,6 +776,19 @@ fn to_name(labels: &[Vec<u8>]) -> Option<Name> {
     name.set_fqdn(true);
     // `from_labels` checks each label; the 255-byte wire limit is checked here.
     (name.len() <= 255).then_some(name)
+}
+
+/// The reverse name of `ip` (`4.3.2.1.in-addr.arpa`, 32 nibbles + `ip6.arpa`).
+fn reverse_labels(ip: IpAddr) -> Labels {
+    let mut labels: Labels = match ip {
+        IpAddr::V4(a) => a.octets().iter().rev().map(|o| o.to_string().into_bytes()).collect(),
+        IpAddr::V6(a) => {
+            a.octets().iter().rev().flat_map(|o| [o & 0x0f, o >> 4]).map(|n| format!("{n:x}").into_bytes()).collect()
+        }
+    };
+    let tail: &[&[u8]] = if ip.is_ipv4() { &[b"in-addr", b"arpa"] } else { &[b"ip6", b"arpa"] };
+    labels.extend(tail.iter().map(|l| l.to_vec()));
+    labels
 }
 
 /// The address of a reverse name (`4.3.2.1.in-addr.arpa`, 32 nibbles + `ip6.arpa`).

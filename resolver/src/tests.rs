@@ -688,3 +688,64 @@ fn servfail_for_a_query_not_carried_out() {
     assert_eq!(m.queries[0].name, n("docs.rs."));
     assert_eq!(Resolver::servfail(b"\x12", Transport::Udp), None);
 }
+
+/// The resolver of [`resolver`] with `10.96.0.0/12` and `fd00::/112` mapped (always), as
+/// the daemon maps them.
+fn resolver_with_vnat() -> Resolver {
+    let mut r = resolver();
+    let cluster: Vec<ipnet::IpNet> = ["10.96.0.0/12", "10.244.0.0/16", "fd00::/112"].map(|c| c.parse().unwrap()).into();
+    let routes: Vec<ipnet::IpNet> = ["10.96.0.0/12", "fd00::/64"].map(|c| c.parse().unwrap()).into();
+    let t = tpvpn_vnat::plan(&Default::default(), &cluster, &routes, &Default::default(), tpvpn_vnat::Mode::Auto);
+    r.set_vnat(t.unwrap());
+    r
+}
+
+#[test]
+fn mapped_cluster_addresses_are_answered_virtual_and_their_ptr_works_both_ways() {
+    let mut r = resolver();
+    // Before the table is set: cluster addresses (and a cached reply of the table).
+    let m = reply_msg(ask(&mut r, &q("frontend.default", RecordType::A), now()));
+    assert_eq!(a_ips(&m), vec![IpAddr::from_str("10.96.0.10").unwrap()]);
+    let mut r = resolver_with_vnat();
+    let m = reply_msg(ask(&mut r, &q("frontend.default", RecordType::A), now()));
+    assert_eq!(a_ips(&m), vec![IpAddr::from_str("240.0.0.10").unwrap()]);
+    let m = reply_msg(ask(&mut r, &q("frontend.default", RecordType::AAAA), now()));
+    assert_eq!(a_ips(&m), vec![IpAddr::from_str("fd74:7076:8000::10").unwrap()]);
+    // SRV: the target's addresses in the additionals are virtual too.
+    let m = reply_msg(ask(&mut r, &q("_http._tcp.frontend.default", RecordType::SRV), now()));
+    assert!(m.additionals.iter().all(|a| !matches!(&a.data, RData::A(a) if a.0.octets()[0] == 10)), "{m:?}");
+    // PTR of a virtual address: the Service; of the shadowed cluster address: upstream,
+    // which owns it on this laptop.
+    let m = reply_msg(ask(&mut r, &q("10.0.0.240.in-addr.arpa.", RecordType::PTR), now()));
+    assert!(m.queries[0].name.eq_case(&n("10.0.0.240.in-addr.arpa.")));
+    assert_eq!(m.answers[0].data, RData::PTR(PTR(n("frontend.default.svc.cluster.local."))));
+    assert_eq!(ask(&mut r, &q("10.0.96.10.in-addr.arpa.", RecordType::PTR), now()), Action::Upstream);
+    // A virtual address of no Service: the cluster DNS is asked for the real one and its
+    // answer renamed to the question.
+    let (cq, pending) = cluster(ask(&mut r, &q("5.0.0.240.in-addr.arpa.", RecordType::PTR), now()));
+    assert_eq!(cq.queries[0].name, n("5.0.96.10.in-addr.arpa."));
+    let answer = cluster_reply(&cq, ResponseCode::NoError, |name| {
+        (vec![Record::from_rdata(name.clone(), 30, RData::PTR(PTR(n("pod.default.svc.cluster.local."))))], vec![])
+    });
+    let m = Message::from_vec(&r.cluster_answer(&pending, &answer, now())).unwrap();
+    assert!(m.answers[0].name.eq_case(&n("5.0.0.240.in-addr.arpa.")), "{m:?}");
+    // Unmapped ranges and other names are untouched: a pod address of a headless Service.
+    let (cq, pending) = cluster(ask(&mut r, &q("headless.default", RecordType::A), now()));
+    let answer = cluster_reply(&cq, ResponseCode::NoError, |name| {
+        (
+            vec![
+                Record::from_rdata(name.clone(), 30, RData::A(A::new(10, 244, 0, 5))),
+                Record::from_rdata(name.clone(), 30, RData::A(A::new(10, 96, 3, 4))),
+            ],
+            vec![],
+        )
+    });
+    let m = Message::from_vec(&r.cluster_answer(&pending, &answer, now())).unwrap();
+    assert_eq!(a_ips(&m), vec![IpAddr::from_str("10.244.0.5").unwrap(), IpAddr::from_str("240.0.3.4").unwrap()]);
+    // The cache holds the cluster's addresses: a new table applies to it.
+    r.set_vnat(tpvpn_vnat::Table::default());
+    let m = reply_msg(ask(&mut r, &q("headless.default", RecordType::A), now()));
+    assert_eq!(a_ips(&m), vec![IpAddr::from_str("10.244.0.5").unwrap(), IpAddr::from_str("10.96.3.4").unwrap()]);
+    let m = reply_msg(ask(&mut r, &q("frontend.default", RecordType::A), now()));
+    assert_eq!(a_ips(&m), vec![IpAddr::from_str("10.96.0.10").unwrap()]);
+}

@@ -53,6 +53,11 @@ pub struct UpOptions {
 
     /// Route CIDRs that overlap routes already on the machine.
     pub allow_route_conflicts: bool,
+    /// `--vnat`: which cluster ranges are reached through virtual addresses.
+    pub vnat: tpvpn_vnat::Mode,
+    /// `--virtual-subnet`: where virtual ranges come from (the defaults for a family
+    /// none is given for).
+    pub virtual_subnets: Vec<IpNet>,
     /// How to reach the manager.
     pub transport: crate::connect::Transport,
 }

@@ -101,6 +101,10 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             state_path: paths.state(),
             v6_address: false,
             allow_conflicts: opts.allow_route_conflicts,
+            vnat_mode: opts.vnat,
+            pool: tpvpn_vnat::Pool::new(opts.virtual_subnets.clone()),
+            vnat: tokio::sync::watch::Sender::new(tpvpn_vnat::Table::default()),
+            cluster: vec![],
             dns_search: vec![],
         };
         let wanted = routing.apply(&session.cluster.cidrs)?;
@@ -113,7 +117,8 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         let stack_config =
             tpvpn_netstack::Config { mtu: usize::from(opts.mtu), checksum_offload, ..Default::default() };
         let dataplane =
-            Dataplane::new(tpvpn_netstack::Stack::new(stack_config.clone()), tun.clone(), session.conn.clone());
+            Dataplane::new(tpvpn_netstack::Stack::new(stack_config.clone()), tun.clone(), session.conn.clone())
+                .with_vnat(routing.vnat.subscribe());
         let status = Status {
             connected: true,
             context: plan.context.clone(),
@@ -136,6 +141,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             identity: plan.target.certificate.as_deref().map(Authenticated::of),
             version: Some(env!("CARGO_PKG_VERSION").into()),
             manager_protocols: Some(session.manager_versions),
+            vnat: control::VnatMapping::all(&routing.vnat.borrow()),
         };
         ready.send(&format!(
             "ok connected to {}; routing {} through {}",
@@ -220,13 +226,7 @@ fn handle_update(
 ) {
     match update {
         // Route changes fork `ip`: off the thread the data plane runs on.
-        Update::Cluster(cluster) => match tokio::task::block_in_place(|| routing.apply(&cluster.cidrs)) {
-            Ok(wanted) => {
-                info!(routes = ?wanted, "cluster changed: routes updated");
-                status.routes = wanted.iter().map(|r| r.to_string()).collect();
-            }
-            Err(e) => warn!(error = %e, "cluster changed but the routes could not be updated"),
-        },
+        Update::Cluster(cluster) => reroute(&cluster.cidrs, status, routing, dns, "cluster changed"),
         Update::Namespaces(names) => {
             if let Some(d) = dns {
                 d.resolver().set_namespaces(names.clone());
@@ -258,6 +258,63 @@ fn handle_update(
         }
         status.dns.domains = domains;
         status.dns.filtered_namespaces = r.filtered_namespaces();
+    }
+}
+
+/// A message each time the machine's routes changed and settled (a VPN adds several at
+/// once). A task of its own waits for them, so that the serving loop's other events never
+/// lose one.
+fn route_changes() -> Option<tokio::sync::mpsc::Receiver<()>> {
+    let changes =
+        routes::Changes::new().inspect_err(|e| warn!(error = %e, "cannot follow this machine's route changes"));
+    let changes = changes.ok()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Full: a change is already waiting to be handled, and covers this one.
+            if let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) = tx.try_send(()) {
+                break;
+            }
+        }
+    });
+    Some(rx)
+}
+
+/// The next message of `rx`; never, without one.
+async fn next(rx: &mut Option<tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies the manager's CIDRs `cidrs` to the routes (after the cluster or the laptop's
+/// own routes changed, `why`), and the virtual address mappings to DNS and the status.
+fn reroute(
+    cidrs: &[ipnet::IpNet],
+    status: &mut Status,
+    routing: &mut Routing<'_>,
+    dns: Option<&crate::dns::Shared>,
+    why: &str,
+) {
+    // Route changes fork `ip`: off the thread the data plane runs on.
+    match tokio::task::block_in_place(|| routing.apply(cidrs)) {
+        Ok(wanted) => {
+            let routes: Vec<String> = wanted.iter().map(|r| r.to_string()).collect();
+            if routes != status.routes {
+                info!(routes = ?wanted, "{why}: routes updated");
+            }
+            status.routes = routes;
+        }
+        Err(e) => warn!(error = %e, "{why} but the routes could not be updated"),
+    }
+    let vnat = control::VnatMapping::all(&routing.vnat.borrow());
+    if vnat != status.vnat {
+        if let Some(d) = dns {
+            d.resolver().set_vnat(routing.vnat.borrow().clone());
+        }
+        status.vnat = vnat;
     }
 }
 
@@ -472,6 +529,8 @@ async fn serve(
         return ("cannot install signal handlers".into(), None, link);
     };
     let mut state = LinkState::up(dataplane);
+    // The laptop's own routes, followed while `--vnat` may map what they come to overlap.
+    let mut route_changes = (routing.vnat_mode != tpvpn_vnat::Mode::Off).then(route_changes).flatten();
     let mut down_reply: Option<control::Call> = None;
     let mut listing = control::Listing::default();
     for u in initial {
@@ -494,7 +553,8 @@ async fn serve(
                     let (session, target) = *pair;
                     info!(manager = %session.via, "reconnected to the manager");
                     let stack = tpvpn_netstack::Stack::new(stack_config.clone());
-                    state = LinkState::up(Dataplane::new(stack, tun.clone(), session.conn.clone()));
+                    let dataplane = Dataplane::new(stack, tun.clone(), session.conn.clone());
+                    state = LinkState::up(dataplane.with_vnat(routing.vnat.subscribe()));
                     if let Some(d) = &dns {
                         *d.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.conn.clone());
                         d.resolver().set_connected(true);
@@ -536,6 +596,10 @@ async fn serve(
             _ = term.recv() => break "signal SIGTERM".into(),
             _ = int.recv() => break "signal SIGINT".into(),
             Some(update) = updates.recv() => handle_update(update, &mut status, &mut listing, routing, dns.as_deref()),
+            Some(()) = next(&mut route_changes) => {
+                let cidrs = routing.cluster.clone();
+                reroute(&cidrs, &mut status, routing, dns.as_deref(), "the routes of this machine changed");
+            }
             Some(issued) = renewed_rx.recv() => {
                 status.identity = Some(Authenticated::of(&issued));
                 link.target.certificate = Some(issued);
@@ -553,7 +617,8 @@ async fn serve(
                     }
                     // These wait for the manager: answered by a task of their own.
                     Request::List => {
-                        let (mut listing, conn, version) = (listing.clone(), link.conn.clone(), link.version);
+                        let listing = listing.clone().with_vnat(&routing.vnat.borrow());
+                        let (mut listing, conn, version) = (listing, link.conn.clone(), link.version);
                         let connected = status.connected;
                         tokio::spawn(async move {
                             if connected {
@@ -570,9 +635,10 @@ async fn serve(
                             spec.namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
                         }
                         let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+                        let vnat = routing.vnat.borrow().clone();
                         tokio::spawn(async move {
                             let reply = match i.request(&conn, version, spec).await {
-                                Ok(intercepted) => Reply::Intercepted { intercepted },
+                                Ok(intercepted) => Reply::Intercepted { intercepted: intercepted.with_vnat(&vnat) },
                                 Err(e) => Reply::Failed { error: e.to_string() },
                             };
                             call.reply(&reply).await;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::control::Dns;
 use crate::osdns;
@@ -33,6 +33,13 @@ pub(super) struct Routing<'a> {
     pub(super) state_path: PathBuf,
     pub(super) v6_address: bool,
     pub(super) allow_conflicts: bool,
+    /// `--vnat` and the pool of virtual ranges.
+    pub(super) vnat_mode: tpvpn_vnat::Mode,
+    pub(super) pool: tpvpn_vnat::Pool,
+    /// The mappings in force, watched by the data plane.
+    pub(super) vnat: tokio::sync::watch::Sender<tpvpn_vnat::Table>,
+    /// The manager's CIDRs last applied, for when the laptop's own routes change.
+    pub(super) cluster: Vec<IpNet>,
     /// The search path written with the resolver files (macOS).
     pub(super) dns_search: Vec<String>,
 }
@@ -57,17 +64,36 @@ impl Routing<'_> {
     /// manager is not trusted with the laptop's routing: its CIDRs wider than a /8 are
     /// refused (they would take over the default route), directly connected subnets and
     /// the laptop's own nameservers are never routed, and at most
-    /// [`routes::MAX_ROUTES`] routes are installed. Each batch is recorded in the state
-    /// file before it is made, and made with one `ip -batch`.
+    /// [`routes::MAX_ROUTES`] routes are installed. A cluster CIDR that overlaps a route
+    /// of the laptop is routed as its virtual range instead (`--vnat`, [`tpvpn_vnat::plan`]);
+    /// the new mappings are published before any route to them exists. Each batch is
+    /// recorded in the state file before it is made, and made with one `ip -batch`.
     pub(super) fn apply(&mut self, cluster_cidrs: &[IpNet]) -> Result<Vec<IpNet>, Error> {
         let (cluster, refused) = routes::acceptable(cluster_cidrs);
         if !refused.is_empty() {
             warn!(?refused, "the manager asked to route CIDRs wider than a /8: refused");
         }
+        self.cluster = cluster_cidrs.to_vec();
         let existing = routes::existing()?;
+        let elsewhere: Vec<IpNet> = existing.iter().filter(|e| e.dev != self.device).map(|e| e.dst).collect();
+        // `--allow-route-conflicts` takes an overlapping range from the other network, as
+        // it always did; `always` maps every range anyway.
+        let mode = match self.vnat_mode {
+            tpvpn_vnat::Mode::Auto if self.allow_conflicts => tpvpn_vnat::Mode::Off,
+            mode => mode,
+        };
+        // Aggregated, as the plan takes them (no address in two ranges).
+        let cluster: Vec<IpNet> = IpNet::aggregate(&cluster);
+        let table = tpvpn_vnat::plan(&self.vnat.borrow(), &cluster, &elsewhere, &self.pool, mode)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        for m in table.mappings().iter().filter(|m| self.vnat.borrow().virtual_of(&m.cluster).is_none()) {
+            info!(cluster = %m.cluster, virtual_range = %m.virtual_net, "a cluster range overlaps a route of this machine: reached through virtual addresses");
+        }
+        let routed: Vec<IpNet> = cluster.iter().map(|c| table.virtual_of(c).unwrap_or(*c)).collect();
+        self.vnat.send_replace(table);
         let mut never = self.never.clone();
         never.extend(existing.iter().filter(|e| e.connected && e.dev != self.device).map(|e| e.dst));
-        let mut wanted = routes::compute(&cluster, &self.also, &never);
+        let mut wanted = routes::compute(&routed, &self.also, &never);
         if wanted.len() > routes::MAX_ROUTES {
             warn!(
                 asked = wanted.len(),
@@ -227,8 +253,10 @@ pub(super) async fn start_dns(
         exclude_suffixes: plan.exclude_suffixes.clone(),
         ..Default::default()
     };
+    let mut resolver = tpvpn_resolver::Resolver::new(config, tpvpn_resolver::Psl::embedded());
+    resolver.set_vnat(routing.vnat.borrow().clone());
     let shared = Arc::new(crate::dns::Shared {
-        resolver: std::sync::Mutex::new(tpvpn_resolver::Resolver::new(config, tpvpn_resolver::Psl::embedded())),
+        resolver: std::sync::Mutex::new(resolver),
         upstreams,
         conn: std::sync::Mutex::new(Some(conn.clone())),
         resolved,
