@@ -433,13 +433,15 @@ async fn attempt(
         .await
         .map_err(|_| unreachable())?
         .map_err(|e| map_connection_error(e, peer, target))?;
+    // A client takes `Revoke` notices on its control stream.
+    let features = if role == Role::Client { tpvpn_tunnel::handshake::FEATURE_REVOKE } else { 0 };
     let mut handshake = ClientHandshake::new(Hello {
         token: target.token.clone(),
         role,
         user: target.identity.user.clone(),
         host: target.identity.host.clone(),
         client_id: target.identity.client_id.clone(),
-        features: 0,
+        features,
         versions,
     });
     let exchange = async {

@@ -306,6 +306,20 @@ impl Intercepts {
         }
     }
 
+    /// The manager ended this daemon's intercept of `namespace/service` (`tpvpn revoke` by
+    /// someone allowed to): forgotten, so that it is neither shown nor re-claimed.
+    pub fn revoked(&self, namespace: &str, service: &str) {
+        let mut held = self.held();
+        let before = held.len();
+        held.retain(|h| !(h.spec.namespace == namespace && h.spec.service == service));
+        let gone = before - held.len();
+        drop(held);
+        if gone > 0 {
+            self.save();
+            warn!(service = %format!("{namespace}/{service}"), "the intercept was revoked: its traffic goes to the pods again");
+        }
+    }
+
     /// Every Service's intercept state, for `tpvpn list`.
     pub async fn table(conn: &quinn::Connection, version: Negotiated) -> Result<Vec<InterceptRow>, Error> {
         supported(version)?;

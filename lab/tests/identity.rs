@@ -155,6 +155,31 @@ fn a_laptop_connects_as_the_user_its_kubeconfig_authenticates() {
     assert!(String::from_utf8_lossy(&page.stdout).contains(tpvpn_lab::FRONTEND_BODY), "{}", show(&page));
 }
 
+/// No signer answers (the manager is not running, or lacks its RBAC): `up` gives up after
+/// 30 s with one line saying so, and leaves nothing behind.
+#[test]
+fn up_says_so_in_one_line_when_no_signer_answers() {
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    grant_finding_the_manager(&lab);
+    grant(&lab, "tpvpn-user", None, rules(&[REQUESTS, CONNECT]));
+    // The manager published tpvpn-trust when it started (the laptop asks for a
+    // certificate), then stopped.
+    lab.stop_manager();
+    let started = std::time::Instant::now();
+    let out = up_as_user(&lab);
+    assert!(!out.status.success(), "{}", show(&out));
+    assert!(started.elapsed() >= Duration::from_secs(30), "gave up after {:?}", started.elapsed());
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        err.contains("within 30s: the manager is not running, or lacks the RBAC to sign for tpvpn.dev/client"),
+        "{}",
+        show(&out)
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let link = lab.exec(lab.laptop(), &["ip", "link", "show", "tpvpn0"]);
+    assert!(!link.status.success(), "nothing is left behind: {}", show(&link));
+}
+
 /// A manager without the shared token (`--auth kubernetes`, no `--token-file`) takes
 /// laptops by certificate only; and what a laptop may intercept, and whether it gets the
 /// container's environment, are RBAC's `intercepts` and `intercepts/environment` of
@@ -259,6 +284,16 @@ fn only_an_identity_allowed_to_delete_intercepts_revokes_anothers() {
     assert!(said.contains("revoked default/web: port 80 held by alice@"), "{said}");
     assert!(!holder(&lab).contains("alice"), "ended: {}", holder(&lab));
     assert!(wait_until(Duration::from_secs(5), || lab.capture_tables("web-0").is_empty()), "the pods' capture is gone");
+    // Alice's daemon is told: it no longer shows the intercept, and does not take it back
+    // when it reconnects.
+    let held = |lab: &tpvpn_lab::Lab| {
+        let st = lab.tpvpn(&["status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap_or_else(|_| panic!("{}", show(&st)));
+        v["intercepts"].as_array().map_or(0, Vec::len)
+    };
+    assert!(wait_until(Duration::from_secs(5), || held(&lab) == 0), "alice's daemon still holds it: {}", held(&lab));
+    let log = std::fs::read_to_string(lab.runtime_dir().join("tpvpn.log")).unwrap_or_default();
+    assert!(log.contains("the intercept was revoked"), "{log}");
 }
 
 /// Short-lived certificates (15 s here) are renewed on the live session: a TCP connection

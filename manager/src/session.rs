@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tpvpn_tunnel::datagram::Datagram;
-use tpvpn_tunnel::handshake::{Negotiated, Peer, ServerHandshake, ServerStep, TokenKind};
+use tpvpn_tunnel::handshake::{Negotiated, Peer, ServerHandshake, ServerStep, TokenKind, FEATURE_REVOKE};
 use tpvpn_tunnel::io::{read_message, read_message_max, write_message, Offered};
 use tpvpn_tunnel::quic::{self, Class};
 use tpvpn_tunnel::{
@@ -472,7 +472,15 @@ async fn session(
     } else {
         format!("{}@{}", peer.user, peer.host)
     };
-    hub.client_connected(id, conn.clone(), &owner, who);
+    // A client that takes notices (`Revoke`: an intercept of its ended) gets them on its
+    // control stream.
+    let (notices, mut notices_rx) = if peer.features & FEATURE_REVOKE != 0 {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    hub.client_connected(id, conn.clone(), &owner, who, notices);
     let _registered = OnDrop(|| hub.client_gone(id));
 
     let udp_flows: UdpFlows = Arc::default();
@@ -482,8 +490,12 @@ async fn session(
         async move {
             let _recv = recv;
             let (mut cluster_open, mut catalog_open) = (true, true);
-            while cluster_open || catalog_open {
+            while cluster_open || catalog_open || notices_rx.is_some() {
                 let sent = tokio::select! {
+                    m = next_notice(&mut notices_rx) => match m {
+                        Some(m) => write_message(&mut send, &m).await,
+                        None => { notices_rx = None; Ok(()) }
+                    },
                     r = cluster.changed(), if cluster_open => match r {
                         Ok(()) => {
                             let view = cluster.borrow_and_update().clone();
@@ -628,6 +640,14 @@ struct OnDrop<F: FnMut()>(F);
 impl<F: FnMut()> Drop for OnDrop<F> {
     fn drop(&mut self) {
         (self.0)();
+    }
+}
+
+/// The next notice for a client's control stream; never, when it takes none.
+async fn next_notice(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Message>>) -> Option<Message> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -949,7 +969,9 @@ async fn intercept_request(ctx: &Ctx, request: Message) -> Result<Message, crate
                 name: Some(&service),
             };
             allowed(ctx, &end).await?;
-            ctx.hub.revoke(&namespace, &service).map(|message| Message::Ack { message })
+            let by = ctx.identity.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|i| i.username.clone());
+            let by = by.unwrap_or_else(|| "a client with the shared token".into());
+            ctx.hub.revoke(&namespace, &service, &by).map(|message| Message::Ack { message })
         }
         // O(Services + Pods) of work: on a blocking thread, not the session's worker.
         _ => {

@@ -199,6 +199,8 @@ impl Pair {
                     Effect::Answer { request, result } => {
                         self.answers.insert(request, result);
                     }
+                    // Notices to clients: their control streams are not part of the pair.
+                    Effect::ToClient { .. } => {}
                 }
             }
             for (node, a) in &mut self.agents {

@@ -74,7 +74,9 @@ pub const FEATURE_INTERCEPTS: u64 = 1 << 0;
 /// windows on it, so neither those of its other intercepts).
 pub const FEATURE_INTERCEPT_CONNECTION: u64 = 1 << 1;
 /// Feature bit: the manager ends another holder's intercepts on request
-/// ([`crate::Message::Revoke`], `tpvpn revoke`).
+/// ([`crate::Message::Revoke`], `tpvpn revoke`). From a client (`ClientInfo.features`): it
+/// takes a `Revoke` on its control stream as the notice that its own intercept of that
+/// Service ended, so the manager sends it one.
 pub const FEATURE_REVOKE: u64 = 1 << 2;
 /// Feature bit: the manager takes a new client certificate on a live session
 /// ([`crate::Message::Renew`]), and ends a session whose certificate expired.

@@ -108,7 +108,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             dns_search: vec![],
         };
         let wanted = routing.apply(&session.cluster.cidrs)?;
-        let mut updates = cluster_updates(session.conn.clone(), control_send, control_recv);
+        let mut updates = cluster_updates(session.conn.clone(), control_send, control_recv, intercepts.clone());
         let initial = initial_updates(&mut updates).await;
         let dns = match opts.dns_mode {
             DnsMode::Off => None,
@@ -387,6 +387,7 @@ fn cluster_updates(
     conn: quinn::Connection,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    intercepts: Arc<Intercepts>,
 ) -> tokio::sync::mpsc::Receiver<Update> {
     use std::collections::{BTreeMap, BTreeSet};
     use tpvpn_tunnel::Message;
@@ -429,6 +430,10 @@ fn cluster_updates(
                         Update::Namespaces(namespaces.iter().cloned().collect()),
                         Update::Services(services.values().cloned().collect()),
                     ]
+                }
+                Ok(Some(Message::Revoke { namespace, service })) => {
+                    intercepts.revoked(&namespace, &service);
+                    continue;
                 }
                 Ok(Some(other)) => {
                     warn!(kind = other.kind(), "unexpected message on the control stream");
@@ -584,7 +589,7 @@ async fn serve(
 
                     close_all(&old.conn, old.intercepts.as_ref(), b"replaced");
                     let (send, recv) = session.control;
-                    updates = cluster_updates(session.conn.clone(), send, recv);
+                    updates = cluster_updates(session.conn.clone(), send, recv, intercepts.clone());
                     handle_update(Update::Cluster(session.cluster), &mut status, &mut listing, routing, dns.as_deref());
                     status.manager = Some(session.via.to_string());
                     status.transport = Some(session.via.transport().into());

@@ -83,6 +83,9 @@ pub enum Effect {
     ToAgent { node: String, message: Message },
     /// The answer to intercept request `request` ([`Claims::intercept`]'s id).
     Answer { request: u64, result: Result<Message, Refusal> },
+    /// Tell the client of `session` on its control stream (a `Revoke`: its intercept of
+    /// that Service ended).
+    ToClient { session: u64, message: Message },
 }
 
 /// What an agent says of one capture.
@@ -173,6 +176,9 @@ pub struct Claims {
     pending: HashMap<u64, Pending>,
     agents: HashMap<String, Agent>,
     clients: HashMap<u64, Client>,
+    /// Intercepts revoked while their owner was away, by owner key, namespace and
+    /// Service: who revoked it, and until when the owner could have re-claimed it.
+    revoked: HashMap<(Vec<u8>, String, String), (String, Instant)>,
     effects: VecDeque<Effect>,
 }
 
@@ -291,6 +297,15 @@ impl Claims {
         let port = targets::service_port(svc, &req.port).map_err(|e| refuse(ErrorCode::NotFound, e))?;
         let me = self.clients.get(&session).ok_or_else(|| refuse(ErrorCode::Unavailable, "the session ended"))?;
         let (key, who) = (me.key.clone(), me.who.clone());
+        // Revoked while this client was away: its daemon's re-claim is refused, once.
+        if let Some((by, until)) = self.revoked.remove(&(key.clone(), req.namespace.clone(), req.service.clone())) {
+            if until > now {
+                return Err(refuse(
+                    ErrorCode::Forbidden,
+                    format!("the intercept of {ns_name} was revoked by {by} while this client was away: intercept it again to take it back"),
+                ));
+            }
+        }
         let on_port = |i: &Intercept| i.is_on(&req.namespace, &req.service, port.port);
         // Someone else holding matchers that would take this request's traffic, or whose
         // traffic this request would take (for a global intercept: another global one).
@@ -422,7 +437,24 @@ impl Claims {
 
     /// Ends every intercept of a Service, whoever holds it (the caller checked that the
     /// asker may: `tpvpn revoke`). Its holders' sessions go on; their captures end.
-    pub fn revoke(&mut self, namespace: &str, service: &str) -> Result<String, Refusal> {
+    ///
+    /// Each holder is told: a connected one at once ([`Effect::ToClient`]), one that is
+    /// away when its daemon comes back to re-claim (refused once, naming `by`).
+    pub fn revoke(&mut self, now: Instant, namespace: &str, service: &str, by: &str) -> Result<String, Refusal> {
+        let mut told = HashSet::new();
+        for i in self.intercepts.values().filter(|i| i.namespace == namespace && i.service == service) {
+            match i.owner {
+                Owner::Connected(session) if told.insert(session) => {
+                    let message = Message::Revoke { namespace: namespace.into(), service: service.into() };
+                    self.effects.push_back(Effect::ToClient { session, message });
+                }
+                Owner::Connected(_) => {}
+                Owner::Dormant(until) => {
+                    let key = (i.owner_key.clone(), namespace.to_string(), service.to_string());
+                    self.revoked.insert(key, (by.chars().take(WHO_MAX).collect(), until.max(now)));
+                }
+            }
+        }
         let ended = self.end(namespace, service, None, "revoked while the intercept was being set up");
         if ended.is_empty() {
             return Err(refuse(ErrorCode::NotFound, format!("no one intercepts {namespace}/{service}")));
@@ -459,6 +491,7 @@ impl Claims {
     /// Fails requests whose agents did not answer in time; ends claims whose owner did
     /// not come back in time.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.revoked.retain(|_, (_, until)| *until > now);
         let late: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
         for id in late {
             let Some(p) = self.pending.get(&id) else { continue };

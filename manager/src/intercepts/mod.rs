@@ -46,7 +46,12 @@ struct ClientLink {
     conn: quinn::Connection,
     /// Its second connection, for intercept streams only (`Role::Intercepts`).
     intercepts: Option<quinn::Connection>,
+    /// What it is told on its control stream, when it takes that.
+    notices: Option<Notices>,
 }
+
+/// Messages for a client's control stream (its session writes them).
+pub type Notices = mpsc::UnboundedSender<Message>;
 
 struct AgentLink {
     session: u64,
@@ -74,6 +79,11 @@ impl Inner {
                 Effect::Answer { request, result } => {
                     if let Some(w) = self.waiters.remove(&request) {
                         let _ = w.send(result);
+                    }
+                }
+                Effect::ToClient { session, message } => {
+                    if let Some(tx) = self.clients.get(&session).and_then(|c| c.notices.as_ref()) {
+                        let _ = tx.send(message);
                     }
                 }
             }
@@ -113,10 +123,19 @@ impl Hub {
     }
 
     /// A client connected: captured connections of its intercepts go to `conn`.
-    pub fn client_connected(&self, session: u64, conn: quinn::Connection, client_id: &[u8], who: String) {
+    /// A client connected; `notices`, when it takes them, carries what it is told on its
+    /// control stream.
+    pub fn client_connected(
+        &self,
+        session: u64,
+        conn: quinn::Connection,
+        client_id: &[u8],
+        who: String,
+        notices: Option<Notices>,
+    ) {
         self.with(|h| {
             h.claims.client_connected(session, client_id, &who);
-            h.clients.insert(session, ClientLink { conn, intercepts: None });
+            h.clients.insert(session, ClientLink { conn, intercepts: None, notices });
         });
     }
 
@@ -227,8 +246,8 @@ impl Hub {
     }
 
     /// Ends every intercept of a Service, whoever holds it.
-    pub fn revoke(&self, namespace: &str, service: &str) -> Result<String, Refusal> {
-        self.with(|h| h.claims.revoke(namespace, service))
+    pub fn revoke(&self, namespace: &str, service: &str, by: &str) -> Result<String, Refusal> {
+        self.with(|h| h.claims.revoke(Instant::now(), namespace, service, by))
     }
 
     /// Where a connection captured by `capture` goes: the intercept's id and its owner's

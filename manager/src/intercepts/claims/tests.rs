@@ -437,23 +437,65 @@ fn revoke_ends_everyones_intercepts_of_the_service_and_names_the_holders() {
     let mut lab = Lab::alice_and_bob(vec![web0()]);
     let Message::InterceptReply { id, .. } = lab.intercept(0, 1, &request(&[]), ok()).unwrap() else { panic!() };
     let capture = captures_of(&lab.claims, id);
-    assert_eq!(lab.claims.revoke("default", "web").unwrap(), "revoked default/web: port 80 held by alice@laptop");
+    assert_eq!(
+        lab.claims.revoke(lab.at(0), "default", "web", "admin").unwrap(),
+        "revoked default/web: port 80 held by alice@laptop"
+    );
     assert_eq!(releases(&lab.effects()), [("n1".to_string(), capture)]);
     // Gone for good: alice's session may not re-claim what was revoked (she asks again).
     let e = lab.claims.leave(1, "default", "web").unwrap_err();
     assert_eq!(e.code, ErrorCode::NotFound);
-    let e = lab.claims.revoke("default", "web").unwrap_err();
+    let e = lab.claims.revoke(lab.at(0), "default", "web", "admin").unwrap_err();
     assert_eq!((e.code, e.message.as_str()), (ErrorCode::NotFound, "no one intercepts default/web"));
     // The Service is free: bob takes it.
     assert!(lab.intercept(1, 2, &request(&[]), ok()).is_ok());
     // A request still being set up is failed, not left dangling.
-    lab.claims.revoke("default", "web").unwrap();
+    lab.claims.revoke(lab.at(0), "default", "web", "admin").unwrap();
     lab.effects();
     let id = lab.ask(2, 1, &request(&[])).unwrap();
     lab.effects();
-    lab.claims.revoke("default", "web").unwrap();
+    lab.claims.revoke(lab.at(0), "default", "web", "admin").unwrap();
     let e = answer_of(id, &lab.effects()).unwrap_err();
     assert!(e.message.contains("revoked while the intercept was being set up"), "{e:?}");
+}
+
+#[test]
+fn a_revoked_holder_is_told_at_once_or_when_it_comes_back() {
+    let mut lab = Lab::alice_and_bob(vec![web0()]);
+    lab.intercept(0, 1, &request(&[]), ok()).unwrap();
+    // Connected: Alice's daemon gets a notice on its session, and Bob's gets nothing.
+    lab.claims.revoke(lab.at(1), "default", "web", "bob").unwrap();
+    let notices: Vec<(u64, Message)> = lab
+        .effects()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::ToClient { session, message } => Some((session, message)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(notices, [(1, Message::Revoke { namespace: "default".into(), service: "web".into() })]);
+    // She asks again: a fresh intercept of hers is hers to make.
+    assert!(lab.intercept(2, 1, &request(&[]), ok()).is_ok());
+
+    // Away (the claim kept for her): revoked meanwhile, her daemon's re-claim is refused
+    // once, naming who revoked it; what she asks for afterwards is hers again.
+    lab.claims.client_gone(lab.at(3), 1);
+    lab.effects();
+    lab.claims.revoke(lab.at(4), "default", "web", "bob").unwrap();
+    assert!(!lab.effects().iter().any(|e| matches!(e, Effect::ToClient { .. })), "no session to tell");
+    lab.claims.client_connected(7, &ALICE, "alice@laptop");
+    let e = lab.intercept(5, 7, &request(&[]), ok()).unwrap_err();
+    assert_eq!(e.code, ErrorCode::Forbidden);
+    assert!(e.message.contains("revoked by bob while this client was away"), "{e:?}");
+    assert!(lab.intercept(6, 7, &request(&[]), ok()).is_ok());
+
+    // The record of a revocation lasts as long as the claim would have.
+    lab.claims.client_gone(lab.at(7), 7);
+    lab.effects();
+    lab.claims.revoke(lab.at(8), "default", "web", "bob").unwrap();
+    lab.claims.handle_timeout(lab.at(8 + RECLAIM.as_secs()));
+    lab.claims.client_connected(8, &ALICE, "alice@laptop");
+    assert!(lab.intercept(9 + RECLAIM.as_secs(), 8, &request(&[]), ok()).is_ok());
 }
 
 #[test]
