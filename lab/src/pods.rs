@@ -152,7 +152,9 @@ pub const SECRET_VALUE: &str = "s3cr3t-from-a-secret";
 
 /// The container's environment as the kubelet stand-in resolves it for `pod` (what it
 /// hands the runtime): the container's variables in order, `valueFrom` read and `$(VAR)`
-/// expanded from the variables before it.
+/// expanded from the variables before it; then, as the kubelet adds them
+/// (`enableServiceLinks`), the variables of the lab's Services in the pod's namespace
+/// ([`service_links`]).
 pub fn resolved_env(pod: &str, app: &str) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = Vec::new();
     for e in env_spec(app).as_array().into_iter().flatten() {
@@ -169,6 +171,39 @@ pub fn resolved_env(pod: &str, app: &str) -> Vec<(String, String)> {
             v
         };
         env.push((name, value));
+    }
+    let links = service_links("default");
+    env.extend(links.into_iter().filter(|(k, _)| !env.iter().any(|(n, _)| n == k)).collect::<Vec<_>>());
+    env
+}
+
+/// The Docker-link style variables the kubelet gives a pod for each Service with a
+/// ClusterIP in its namespace: `NAME_SERVICE_HOST`, `NAME_SERVICE_PORT` (and per named
+/// port), `NAME_PORT=tcp://IP:PORT` and per port `NAME_PORT_80_TCP{,_PROTO,_PORT,_ADDR}`
+/// (NAME upper-cased, `-` as `_`). A simplification: only the lab's own Services.
+pub fn service_links(namespace: &str) -> Vec<(String, String)> {
+    let mut env = Vec::new();
+    for s in crate::SERVICES.iter().filter(|s| s.namespace == namespace) {
+        let name = s.name.to_uppercase().replace('-', "_");
+        let Some((_, first, _)) = s.ports.first() else { continue };
+        let ip = s.cluster_ip;
+        let url = |port: u16, proto: &str| {
+            let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+            format!("{}://{host}:{port}", proto.to_lowercase())
+        };
+        env.push((format!("{name}_SERVICE_HOST"), ip.to_string()));
+        env.push((format!("{name}_SERVICE_PORT"), first.to_string()));
+        for (port_name, port, _) in s.ports.iter().filter(|(n, _, _)| !n.is_empty()) {
+            env.push((format!("{name}_SERVICE_PORT_{}", port_name.to_uppercase().replace('-', "_")), port.to_string()));
+        }
+        env.push((format!("{name}_PORT"), url(*first, s.ports[0].2)));
+        for (_, port, proto) in s.ports {
+            let prefix = format!("{name}_PORT_{port}_{proto}");
+            env.push((prefix.clone(), url(*port, proto)));
+            env.push((format!("{prefix}_PROTO"), proto.to_lowercase()));
+            env.push((format!("{prefix}_PORT"), port.to_string()));
+            env.push((format!("{prefix}_ADDR"), ip.to_string()));
+        }
     }
     env
 }
@@ -923,5 +958,8 @@ mod tests {
         assert_eq!(get("GREETING"), Some(GREETING));
         assert_eq!(get("POD_NAME"), Some("web-0"));
         assert_eq!(get("SELF_URL"), Some("http://web-0:8080/"));
+        assert_eq!(get("FRONTEND_SERVICE_HOST"), Some(crate::FRONTEND_IP));
+        assert_eq!(get("REDIS_LEADER_PORT"), Some("tcp://10.96.0.20:6379"));
+        assert_eq!(get("REDIS_LEADER_PORT_6379_TCP_ADDR"), Some("10.96.0.20"));
     }
 }

@@ -159,3 +159,39 @@ fn a_vpn_that_comes_up_after_up_gets_its_range_and_the_cluster_moves_to_virtual_
     assert!(stdout(&page).contains(FRONTEND_BODY), "{}", show(&page));
     vpn_server_reached(&lab, "after the VPN came up");
 }
+
+/// An intercept's environment is for a laptop process: the Service addresses the kubelet
+/// gave the pod (`*_SERVICE_HOST`, `*_PORT`) are the virtual ones where mapped, and
+/// `intercept` says so. Intercepting itself is unaffected (traffic comes from the
+/// cluster side).
+#[test]
+fn an_intercepts_environment_carries_the_virtual_addresses_and_says_so() {
+    let Some(mut lab) = lab_with_vpn(true) else { return };
+    if !lab.start_pods_or_skip() {
+        return;
+    }
+    if let Err(e) = lab.up(&[]) {
+        panic!("up: {e:#}\nmanager log:\n{}", lab.manager_log());
+    }
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let env_file = lab.dir().join("web.env").display().to_string();
+    let out = lab.tpvpn_env(
+        &["intercept", "web", "--port", "18888:http", "--env-file", &env_file],
+        &[],
+        Duration::from_secs(40),
+    );
+    assert_ok(&out, "intercept web --env-file");
+    let said = stdout(&out);
+    assert!(said.contains("FRONTEND_SERVICE_HOST") && said.contains("virtual addresses"), "{said}");
+    let env = std::fs::read_to_string(&env_file).unwrap();
+    for line in [
+        "FRONTEND_SERVICE_HOST=240.0.0.10",
+        "REDIS_LEADER_PORT=tcp://240.0.0.20:6379",
+        "REDIS_LEADER_PORT_6379_TCP_ADDR=240.0.0.20",
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} missing:\n{env}");
+    }
+    assert!(env.lines().any(|l| l == format!("GREETING={}", tpvpn_lab::pods::GREETING)), "{env}");
+    // The IPv6 service range does not overlap: its address is the cluster's.
+    assert!(env.lines().any(|l| l == format!("FRONTEND6_SERVICE_HOST={}", tpvpn_lab::FRONTEND6_IP)), "{env}");
+}

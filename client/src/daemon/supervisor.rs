@@ -198,10 +198,31 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         call.reply(&Reply::Done { ok: undo.is_ok() }).await;
     }
     undo?;
-    if why.starts_with("down") || why.starts_with("signal") {
-        Ok(())
-    } else {
-        Err(Error::System(why))
+    match why {
+        Ended::Down | Ended::Signal(_) => Ok(()),
+        Ended::Failed(why) => Err(Error::System(why)),
+    }
+}
+
+/// Why the daemon stopped serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+enum Ended {
+    /// `tpvpn down`.
+    Down,
+    /// SIGTERM or SIGINT.
+    Signal(&'static str),
+    /// It could not go on: the daemon exits 1 saying this.
+    Failed(String),
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Down => f.write_str("down requested"),
+            Ended::Signal(name) => write!(f, "signal {name}"),
+            Ended::Failed(why) => f.write_str(why),
+        }
     }
 }
 
@@ -499,7 +520,7 @@ async fn serve(
     routing: &mut Routing<'_>,
     dns: Option<Arc<crate::dns::Shared>>,
     intercepts: Arc<Intercepts>,
-) -> (String, Option<control::Call>, Link) {
+) -> (Ended, Option<control::Call>, Link) {
     use tokio::signal::unix::{signal, SignalKind};
     let Running { dataplane, tun, stack_config, mut link } = running;
     // Connections the manager opens toward this client (intercepts), and re-claiming
@@ -531,7 +552,7 @@ async fn serve(
     };
     let mut renewal_task = start_renewals(&link);
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return ("cannot install signal handlers".into(), None, link);
+        return (Ended::Failed("cannot install signal handlers".into()), None, link);
     };
     let mut state = LinkState::up(dataplane);
     // The laptop's own routes, followed while `--vnat` may map what they come to overlap.
@@ -553,7 +574,7 @@ async fn serve(
                     }
                     state = LinkState::Reconnecting(tokio::spawn(reconnect(link.target.clone(), link.rediscover.clone(), link.via.clone())));
                 }
-                Change::Failed => break "reconnecting failed".to_string(),
+                Change::Failed => break Ended::Failed("reconnecting failed".into()),
                 Change::Reconnected(pair) => {
                     let (session, target) = *pair;
                     info!(manager = %session.via, "reconnected to the manager");
@@ -598,8 +619,8 @@ async fn serve(
                     status.connected = true;
                 }
             },
-            _ = term.recv() => break "signal SIGTERM".into(),
-            _ = int.recv() => break "signal SIGINT".into(),
+            _ = term.recv() => break Ended::Signal("SIGTERM"),
+            _ = int.recv() => break Ended::Signal("SIGINT"),
             Some(update) = updates.recv() => handle_update(update, &mut status, &mut listing, routing, dns.as_deref()),
             Some(()) = next(&mut route_changes) => {
                 let cidrs = routing.cluster.clone();
@@ -670,7 +691,7 @@ async fn serve(
                     }
                     Request::Down => {
                         down_reply = Some(call);
-                        break "down requested".into();
+                        break Ended::Down;
                     }
                 }
             }
