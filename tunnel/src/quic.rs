@@ -227,6 +227,10 @@ pub fn server_config_with(
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| Error::Stream(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    // A laptop whose address changes (a new Wi-Fi) keeps its connection: the client's
+    // new path is validated and taken (QUIC connection migration; quinn's default, said
+    // here because the sessions test depends on it).
+    cfg.migration(true);
     cfg.transport_config(Arc::new(server_transport_config(Class::Tunnel)))
         .incoming_buffer_size(INCOMING_BUFFER)
         .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
