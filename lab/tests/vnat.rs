@@ -57,11 +57,18 @@ fn vpn_server_reached(lab: &Lab, when: &str) {
 #[test]
 fn an_overlapping_service_range_is_reached_through_virtual_addresses_and_the_vpn_keeps_its_own() {
     let Some(lab) = lab_with_vpn(true) else { return };
+    // The VPN routes the IPv6 service range's /64 too.
+    let v6 = lab.exec(lab.laptop(), &["ip", "-6", "route", "add", "fd00:96::/64", "dev", "vpn0"]);
+    assert_ok(&v6, "the VPN's IPv6 route");
     if let Err(e) = lab.up(&[]) {
         panic!("up with the VPN's route in place: {e:#}\nmanager log:\n{}", lab.manager_log());
     }
     let s = status(&lab);
-    assert_eq!(s["vnat"], serde_json::json!([{"cluster": "10.96.0.0/16", "virtual": "240.0.0.0/16"}]), "{s}");
+    let both = serde_json::json!([
+        {"cluster": "10.96.0.0/16", "virtual": "240.0.0.0/16"},
+        {"cluster": "fd00:96::/112", "virtual": "fd74:7076:8000::/112"},
+    ]);
+    assert_eq!(s["vnat"], both, "{s}");
     let routes: Vec<&str> = s["routes"].as_array().expect("routes").iter().filter_map(|r| r.as_str()).collect();
     assert!(routes.contains(&"240.0.0.0/16") && !routes.iter().any(|r| r.starts_with("10.96.")), "{s}");
     let text = stdout(&lab.tpvpn(&["status"]));
@@ -78,6 +85,10 @@ fn an_overlapping_service_range_is_reached_through_virtual_addresses_and_the_vpn
     assert_ok(&page, "curl http://frontend.default/");
     let body = stdout(&page);
     assert!(body.contains(FRONTEND_BODY) && body.ends_with("from 240.0.0.10"), "{}", show(&page));
+    // IPv6 too: AAAA answers the virtual address, and nginx answers through it.
+    assert_eq!(dig(&lab, &["frontend6.default.svc.cluster.local", "AAAA"]), "fd74:7076:8000::10");
+    let page6 = lab.exec(lab.laptop(), &["curl", "-6", "-sS", "--max-time", "10", "http://frontend6.default/"]);
+    assert!(stdout(&page6).contains(FRONTEND_BODY), "{}", show(&page6));
     // Redis and UDP through mapped addresses.
     let pong = lab.exec(lab.laptop(), &["redis-cli", "-h", "redis-leader.default", "ping"]);
     assert_eq!(stdout(&pong).trim(), "PONG", "{}", show(&pong));
