@@ -68,76 +68,111 @@ enum Output {
     Json,
 }
 
-// Parsed once per run: the size of the `up` variant does not matter.
-#[allow(clippy::large_enum_variant)]
+/// `tpvpn up`.
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Kubeconfig context (default: the current context).
+    #[arg(long)]
+    context: Option<String>,
+    /// Kubeconfig file (default: KUBECONFIG, else ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace to connect to.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// The manager's address, HOST:PORT (overrides discovery).
+    #[arg(long)]
+    manager: Option<String>,
+    /// Namespace the manager is installed in.
+    #[arg(long, default_value = "tpvpn")]
+    manager_namespace: String,
+    /// How to reach the manager: `quic` over UDP to its address; `portforward`
+    /// through the Kubernetes API server (pods/portforward, wherever kubectl works);
+    /// `auto` tries QUIC for 2 s, then the port-forward.
+    #[arg(long, value_enum, default_value = "auto")]
+    transport: tpvpn_client::connect::Transport,
+    /// PEM certificate of the manager, pinned (direct mode, with --manager and --token-file).
+    #[arg(long, requires_all = ["manager", "token_file"])]
+    manager_ca: Option<PathBuf>,
+    /// File holding the client token (direct mode, with --manager and --manager-ca).
+    #[arg(long, requires_all = ["manager", "manager_ca"])]
+    token_file: Option<PathBuf>,
+    /// A CIDR that is never routed into the tunnel (repeatable).
+    #[arg(long = "never-proxy", value_name = "CIDR")]
+    never_proxy: Vec<IpNet>,
+    /// An extra CIDR routed into the tunnel (repeatable).
+    #[arg(long = "also-proxy", value_name = "CIDR")]
+    also_proxy: Vec<IpNet>,
+    /// Route cluster CIDRs even where they overlap routes already on this machine
+    /// (with `--vnat auto`, instead of mapping them to virtual addresses).
+    #[arg(long)]
+    allow_route_conflicts: bool,
+    /// Cluster ranges that overlap a route of this machine (a VPN's, a LAN's) are
+    /// reached through virtual addresses of a free range of the same size, and the
+    /// machine's own route is left alone (`auto`); `off` refuses such a cluster;
+    /// `always` maps every cluster range.
+    #[arg(long, default_value = "auto", value_name = "auto|off|always")]
+    vnat: tpvpn_vnat::Mode,
+    /// Where virtual ranges come from (repeatable; default 240.0.0.0/4, reserved and
+    /// never assigned, and fd74:7076:8000::/33).
+    #[arg(long = "virtual-subnet", value_name = "CIDR", value_parser = tpvpn_vnat::parse_subnet)]
+    virtual_subnets: Vec<IpNet>,
+    /// How to point the OS resolver at tpvpn's DNS server: `resolvconf` replaces
+    /// /etc/resolv.conf (restored on down); `resolved` gives systemd-resolved the
+    /// cluster's routing domains on the TUN link (over D-Bus); `auto` picks `resolved`
+    /// when systemd-resolved manages /etc/resolv.conf (off if it does not answer on
+    /// the system bus), else `resolvconf`; `off` changes nothing (the server still
+    /// listens on 198.18.0.2).
+    #[arg(long, value_enum, default_value = "auto")]
+    dns_mode: DnsMode,
+    /// Stay in the foreground instead of leaving a daemon.
+    #[arg(long)]
+    foreground: bool,
+    /// Name of the TUN device.
+    #[arg(long, default_value = "tpvpn0")]
+    device: String,
+    /// MTU of the TUN device. TCP ends on this machine, so large segments are free.
+    #[arg(long, default_value_t = 65000)]
+    mtu: u16,
+}
+
+/// `tpvpn intercept`.
+#[derive(Debug, clap::Args)]
+struct InterceptArgs {
+    /// The Service to intercept.
+    service: String,
+    /// LOCAL[:SERVICE_PORT]: this machine's port, and the Service's port (name or
+    /// number; may be left out when the Service has one port).
+    #[arg(long, value_name = "LOCAL[:SERVICE_PORT]")]
+    port: String,
+    /// The Service's namespace (default: the connected namespace).
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Write the environment of the container serving the port here (docker
+    /// env-file syntax).
+    #[arg(long)]
+    env_file: Option<PathBuf>,
+    /// Write that environment here as a JSON object.
+    #[arg(long)]
+    env_json: Option<PathBuf>,
+    /// The container whose environment to take, when the pods have several.
+    #[arg(long)]
+    container: Option<String>,
+    /// A personal intercept: only HTTP requests carrying this header come here
+    /// (repeat for several; all must match); every other request keeps going to the
+    /// pods, on the same connection. Without it every connection comes here.
+    #[arg(long = "http-header", value_name = "NAME=VALUE")]
+    http_headers: Vec<String>,
+    /// With --http-header: only the matching requests whose path starts with this
+    /// prefix come here.
+    #[arg(long, value_name = "PATH")]
+    http_path_prefix: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Connect: create the TUN device, route the cluster into it, and stay connected.
-    Up {
-        /// Kubeconfig context (default: the current context).
-        #[arg(long)]
-        context: Option<String>,
-        /// Kubeconfig file (default: KUBECONFIG, else ~/.kube/config).
-        #[arg(long)]
-        kubeconfig: Option<PathBuf>,
-        /// Namespace to connect to.
-        #[arg(long)]
-        namespace: Option<String>,
-        /// The manager's address, HOST:PORT (overrides discovery).
-        #[arg(long)]
-        manager: Option<String>,
-        /// Namespace the manager is installed in.
-        #[arg(long, default_value = "tpvpn")]
-        manager_namespace: String,
-        /// How to reach the manager: `quic` over UDP to its address; `portforward`
-        /// through the Kubernetes API server (pods/portforward, wherever kubectl works);
-        /// `auto` tries QUIC for 2 s, then the port-forward.
-        #[arg(long, value_enum, default_value = "auto")]
-        transport: tpvpn_client::connect::Transport,
-        /// PEM certificate of the manager, pinned (direct mode, with --manager and --token-file).
-        #[arg(long, requires_all = ["manager", "token_file"])]
-        manager_ca: Option<PathBuf>,
-        /// File holding the client token (direct mode, with --manager and --manager-ca).
-        #[arg(long, requires_all = ["manager", "manager_ca"])]
-        token_file: Option<PathBuf>,
-        /// A CIDR that is never routed into the tunnel (repeatable).
-        #[arg(long = "never-proxy", value_name = "CIDR")]
-        never_proxy: Vec<IpNet>,
-        /// An extra CIDR routed into the tunnel (repeatable).
-        #[arg(long = "also-proxy", value_name = "CIDR")]
-        also_proxy: Vec<IpNet>,
-        /// Route cluster CIDRs even where they overlap routes already on this machine
-        /// (with `--vnat auto`, instead of mapping them to virtual addresses).
-        #[arg(long)]
-        allow_route_conflicts: bool,
-        /// Cluster ranges that overlap a route of this machine (a VPN's, a LAN's) are
-        /// reached through virtual addresses of a free range of the same size, and the
-        /// machine's own route is left alone (`auto`); `off` refuses such a cluster;
-        /// `always` maps every cluster range.
-        #[arg(long, default_value = "auto", value_name = "auto|off|always")]
-        vnat: tpvpn_vnat::Mode,
-        /// Where virtual ranges come from (repeatable; default 240.0.0.0/4, reserved and
-        /// never assigned, and fd74:7076:8000::/33).
-        #[arg(long = "virtual-subnet", value_name = "CIDR", value_parser = tpvpn_vnat::parse_subnet)]
-        virtual_subnets: Vec<IpNet>,
-        /// How to point the OS resolver at tpvpn's DNS server: `resolvconf` replaces
-        /// /etc/resolv.conf (restored on down); `resolved` gives systemd-resolved the
-        /// cluster's routing domains on the TUN link (over D-Bus); `auto` picks `resolved`
-        /// when systemd-resolved manages /etc/resolv.conf (off if it does not answer on
-        /// the system bus), else `resolvconf`; `off` changes nothing (the server still
-        /// listens on 198.18.0.2).
-        #[arg(long, value_enum, default_value = "auto")]
-        dns_mode: DnsMode,
-        /// Stay in the foreground instead of leaving a daemon.
-        #[arg(long)]
-        foreground: bool,
-        /// Name of the TUN device.
-        #[arg(long, default_value = "tpvpn0")]
-        device: String,
-        /// MTU of the TUN device. TCP ends on this machine, so large segments are free.
-        #[arg(long, default_value_t = 65000)]
-        mtu: u16,
-    },
+    Up(UpArgs),
     /// Disconnect and undo every change (also after a crash).
     Down,
     /// Show the connection.
@@ -154,36 +189,7 @@ enum Cmd {
     /// Send a Service's traffic in the cluster to a port on this machine: every
     /// connection to the Service's pods on that port reaches 127.0.0.1:LOCAL instead,
     /// until `tpvpn leave` (or `down`).
-    Intercept {
-        /// The Service to intercept.
-        service: String,
-        /// LOCAL[:SERVICE_PORT]: this machine's port, and the Service's port (name or
-        /// number; may be left out when the Service has one port).
-        #[arg(long, value_name = "LOCAL[:SERVICE_PORT]")]
-        port: String,
-        /// The Service's namespace (default: the connected namespace).
-        #[arg(long, short = 'n')]
-        namespace: Option<String>,
-        /// Write the environment of the container serving the port here (docker
-        /// env-file syntax).
-        #[arg(long)]
-        env_file: Option<PathBuf>,
-        /// Write that environment here as a JSON object.
-        #[arg(long)]
-        env_json: Option<PathBuf>,
-        /// The container whose environment to take, when the pods have several.
-        #[arg(long)]
-        container: Option<String>,
-        /// A personal intercept: only HTTP requests carrying this header come here
-        /// (repeat for several; all must match); every other request keeps going to the
-        /// pods, on the same connection. Without it every connection comes here.
-        #[arg(long = "http-header", value_name = "NAME=VALUE")]
-        http_headers: Vec<String>,
-        /// With --http-header: only the matching requests whose path starts with this
-        /// prefix come here.
-        #[arg(long, value_name = "PATH")]
-        http_path_prefix: Option<String>,
-    },
+    Intercept(InterceptArgs),
     /// End an intercept: the Service's pods get their traffic again.
     Leave {
         service: String,
@@ -228,7 +234,7 @@ fn main() {
         std::process::exit(1);
     }
     let cli = Cli::parse();
-    let foreground = matches!(cli.command, Cmd::Up { foreground: true, .. });
+    let foreground = matches!(&cli.command, Cmd::Up(UpArgs { foreground: true, .. }));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -249,67 +255,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
     use tpvpn_client::Error;
     let paths = daemon::paths();
     match cli.command {
-        Cmd::Up {
-            context,
-            kubeconfig,
-            namespace,
-            manager,
-            manager_namespace,
-            transport,
-            manager_ca,
-            token_file,
-            never_proxy,
-            also_proxy,
-            dns_mode,
-            allow_route_conflicts,
-            vnat,
-            virtual_subnets,
-            foreground,
-            device,
-            mtu,
-        } => {
-            let source = match (manager, manager_ca, token_file) {
-                (Some(manager), Some(ca_file), Some(token_file)) => {
-                    if context.is_some() || kubeconfig.is_some() {
-                        return Err(Error::Config(
-                            "direct mode (--manager-ca, --token-file) does not use a kubeconfig: drop --context/--kubeconfig".into(),
-                        ));
-                    }
-                    Source::Direct { manager, ca_file, token_file }
-                }
-                (manager, _, _) => Source::Kube { kubeconfig, context, manager, manager_namespace },
-            };
-            let dns_mode = match dns_mode {
-                DnsMode::Auto => daemon::DnsMode::Auto,
-                DnsMode::Resolvconf => daemon::DnsMode::Resolvconf,
-                DnsMode::Off => daemon::DnsMode::Off,
-                DnsMode::Resolved => daemon::DnsMode::Resolved,
-            };
-            if mtu < 1280 {
-                return Err(Error::Config("--mtu must be at least 1280".into()));
-            }
-            let opts = UpOptions {
-                source,
-                never_proxy,
-                also_proxy,
-                device,
-                mtu,
-                dns_mode,
-                namespace,
-                allow_route_conflicts,
-                vnat,
-                virtual_subnets,
-                transport,
-            };
-            if foreground {
-                daemon::up_foreground(opts, paths)
-            } else {
-                let args: Vec<String> = std::env::args().skip(1).collect();
-                let msg = daemon::up_background(&args, &paths)?;
-                println!("{msg}");
-                Ok(())
-            }
-        }
+        Cmd::Up(args) => up(args, paths),
         Cmd::Down => {
             println!("{}", daemon::down(&paths)?);
             Ok(())
@@ -336,54 +282,7 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             }
             Ok(())
         }
-        Cmd::Intercept { service, port, namespace, env_file, env_json, container, http_headers, http_path_prefix } => {
-            let (local, service_port) = match port.split_once(':') {
-                Some((l, p)) => (l, p.to_string()),
-                None => (port.as_str(), String::new()),
-            };
-            let local_port: u16 = local
-                .parse()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| Error::Config(format!("--port {port}: LOCAL must be a port number (1-65535)")))?;
-            let headers =
-                http_headers.iter().map(|h| tpvpn_client::intercept::parse_header(h)).collect::<Result<Vec<_>, _>>()?;
-            let path_prefix = http_path_prefix.unwrap_or_default();
-            if !path_prefix.is_empty() {
-                tpvpn_client::intercept::check_path_prefix(&path_prefix, &headers)?;
-            }
-            let spec = tpvpn_client::intercept::Spec {
-                namespace: namespace.unwrap_or_default(),
-                service,
-                port: service_port,
-                local_port,
-                container: container.unwrap_or_default(),
-                headers,
-                path_prefix,
-            };
-            let reply = daemon::intercept_request(&paths, tpvpn_client::control::Request::Intercept(spec))?;
-            let tpvpn_client::control::Reply::Intercepted { intercepted } = reply else {
-                return Err(Error::Protocol("unexpected reply from the daemon".into()));
-            };
-            print_intercepted(&intercepted);
-            if env_file.is_some() || env_json.is_some() {
-                let withheld =
-                    intercepted.warnings.iter().find_map(|w| w.strip_prefix(tpvpn_tunnel::ENVIRONMENT_WITHHELD));
-                if let Some(why) = withheld {
-                    return Err(Error::Refused {
-                        code: Some(tpvpn_tunnel::ErrorCode::Forbidden),
-                        message: format!("no environment for --env-file/--env-json (the intercept stands): {why}"),
-                    });
-                }
-            }
-            if let Some(path) = env_file {
-                write_env(&path, &intercepted.env, false)?;
-            }
-            if let Some(path) = env_json {
-                write_env(&path, &intercepted.env, true)?;
-            }
-            Ok(())
-        }
+        Cmd::Intercept(args) => intercept(args, &paths),
         Cmd::Leave { service, namespace } => leave(&paths, service, namespace, false),
         Cmd::Revoke { service, namespace } => leave(&paths, service, namespace, true),
         Cmd::Manager { action } => {
@@ -449,6 +348,125 @@ fn run(cli: Cli) -> Result<(), tpvpn_client::Error> {
             Ok(())
         }
     }
+}
+
+/// `tpvpn up`: the options checked, then the daemon (in the foreground, or left
+/// running).
+fn up(args: UpArgs, paths: tpvpn_client::state::Paths) -> Result<(), tpvpn_client::Error> {
+    use tpvpn_client::Error;
+    let UpArgs {
+        context,
+        kubeconfig,
+        namespace,
+        manager,
+        manager_namespace,
+        transport,
+        manager_ca,
+        token_file,
+        never_proxy,
+        also_proxy,
+        dns_mode,
+        allow_route_conflicts,
+        vnat,
+        virtual_subnets,
+        foreground,
+        device,
+        mtu,
+    } = args;
+    let source = match (manager, manager_ca, token_file) {
+        (Some(manager), Some(ca_file), Some(token_file)) => {
+            if context.is_some() || kubeconfig.is_some() {
+                return Err(Error::Config(
+                    "direct mode (--manager-ca, --token-file) does not use a kubeconfig: drop --context/--kubeconfig"
+                        .into(),
+                ));
+            }
+            Source::Direct { manager, ca_file, token_file }
+        }
+        (manager, _, _) => Source::Kube { kubeconfig, context, manager, manager_namespace },
+    };
+    let dns_mode = match dns_mode {
+        DnsMode::Auto => daemon::DnsMode::Auto,
+        DnsMode::Resolvconf => daemon::DnsMode::Resolvconf,
+        DnsMode::Off => daemon::DnsMode::Off,
+        DnsMode::Resolved => daemon::DnsMode::Resolved,
+    };
+    if mtu < 1280 {
+        return Err(Error::Config("--mtu must be at least 1280".into()));
+    }
+    let opts = UpOptions {
+        source,
+        never_proxy,
+        also_proxy,
+        device,
+        mtu,
+        dns_mode,
+        namespace,
+        allow_route_conflicts,
+        vnat,
+        virtual_subnets,
+        transport,
+    };
+    if foreground {
+        daemon::up_foreground(opts, paths)
+    } else {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let msg = daemon::up_background(&args, &paths)?;
+        println!("{msg}");
+        Ok(())
+    }
+}
+
+/// `tpvpn intercept`: asks the daemon, prints what is intercepted, writes the environment.
+fn intercept(args: InterceptArgs, paths: &tpvpn_client::state::Paths) -> Result<(), tpvpn_client::Error> {
+    use tpvpn_client::Error;
+    let InterceptArgs { service, port, namespace, env_file, env_json, container, http_headers, http_path_prefix } =
+        args;
+    let (local, service_port) = match port.split_once(':') {
+        Some((l, p)) => (l, p.to_string()),
+        None => (port.as_str(), String::new()),
+    };
+    let local_port: u16 = local
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Error::Config(format!("--port {port}: LOCAL must be a port number (1-65535)")))?;
+    let headers =
+        http_headers.iter().map(|h| tpvpn_client::intercept::parse_header(h)).collect::<Result<Vec<_>, _>>()?;
+    let path_prefix = http_path_prefix.unwrap_or_default();
+    if !path_prefix.is_empty() {
+        tpvpn_client::intercept::check_path_prefix(&path_prefix, &headers)?;
+    }
+    let spec = tpvpn_client::intercept::Spec {
+        namespace: namespace.unwrap_or_default(),
+        service,
+        port: service_port,
+        local_port,
+        container: container.unwrap_or_default(),
+        headers,
+        path_prefix,
+    };
+    let reply = daemon::intercept_request(paths, tpvpn_client::control::Request::Intercept(spec))?;
+    let tpvpn_client::control::Reply::Intercepted { intercepted } = reply else {
+        return Err(Error::Protocol("unexpected reply from the daemon".into()));
+    };
+    print_intercepted(&intercepted);
+    if env_file.is_some() || env_json.is_some() {
+        let withheld = intercepted.warnings.iter().find_map(|w| w.strip_prefix(tpvpn_tunnel::ENVIRONMENT_WITHHELD));
+        if let Some(why) = withheld {
+            return Err(Error::Refused {
+                code: Some(tpvpn_tunnel::ErrorCode::Forbidden),
+                message: format!("no environment for --env-file/--env-json (the intercept stands): {why}"),
+            });
+        }
+    }
+    if let Some(path) = env_file {
+        write_env(&path, &intercepted.env, false)?;
+    }
+    if let Some(path) = env_json {
+        write_env(&path, &intercepted.env, true)?;
+    }
+    Ok(())
 }
 
 fn print_listing(l: &tpvpn_client::control::Listing) {
