@@ -150,7 +150,8 @@ pub fn forward_cmd(args: &[String]) -> Result<()> {
         let kc = kube::config::Kubeconfig::read_from(&kubeconfig)?;
         let opts = kube::config::KubeConfigOptions { context: Some(context), ..Default::default() };
         // With TCP_NODELAY, as kubectl (Go) has it.
-        let client = tpvpn_client::discovery::client_nodelay(kube::Config::from_custom_kubeconfig(kc, &opts).await?)?;
+        let client =
+            tpvpn_client::cluster::discovery::client_nodelay(kube::Config::from_custom_kubeconfig(kc, &opts).await?)?;
         let pods: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(client, &namespace);
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let serve = async {

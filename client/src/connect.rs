@@ -3,7 +3,7 @@
 //! negotiated as a range; a version-1 manager is met by connecting again with a
 //! version-1 hello). Every failure becomes an [`Error`] that says what is wrong and
 //! what to do. Two carriers: QUIC over UDP, and QUIC over the API server's port-forward
-//! ([`crate::portforward`], [`tpvpn_tunnel::stream`]); `--transport` picks.
+//! ([`crate::cluster::portforward`], [`tpvpn_tunnel::stream`]); `--transport` picks.
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -19,8 +19,8 @@ use tpvpn_tunnel::quic::{client_config_for, is_pin_mismatch, parse_certs, Class,
 use tpvpn_tunnel::{ClusterInfo, ErrorCode, Role, CLOSE_REFUSED, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use tracing::{info, warn};
 
-use crate::certificate::Issued;
-use crate::portforward::{Forwarded, PortForward};
+use crate::cluster::certificate::Issued;
+use crate::cluster::portforward::{Forwarded, PortForward};
 use crate::Error;
 
 /// How long to wait for the manager to answer the handshake.

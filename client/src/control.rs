@@ -99,7 +99,7 @@ pub struct Authenticated {
 }
 
 impl Authenticated {
-    pub fn of(issued: &crate::certificate::Issued) -> Authenticated {
+    pub fn of(issued: &crate::cluster::certificate::Issued) -> Authenticated {
         let expires = k8s_openapi::jiff::Timestamp::try_from(issued.expires).map(|t| t.to_string()).unwrap_or_default();
         Authenticated { user: issued.user.clone(), groups: issued.groups.clone(), expires }
     }

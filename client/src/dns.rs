@@ -31,7 +31,7 @@ pub struct Shared {
     /// The tunnel, while connected.
     pub conn: Mutex<Option<quinn::Connection>>,
     /// `--dns-mode resolved`: the link configured in systemd-resolved.
-    pub resolved: Option<crate::resolved::Link>,
+    pub resolved: Option<crate::os::resolved::Link>,
     /// Queries being carried out (upstream or through the tunnel): beyond, SERVFAIL.
     pub in_flight: Arc<tokio::sync::Semaphore>,
 }

@@ -1,7 +1,7 @@
 //! The tpvpn client: the `tpvpn` binary's library.
 //!
 //! Layer and I/O contract: `tpvpn up` connects to the manager ([`connect`]), creates the
-//! TUN device, routes the cluster's CIDRs into it ([`routes`]), and runs the data plane
+//! TUN device, routes the cluster's CIDRs into it ([`os::routes`]), and runs the data plane
 //! ([`dataplane`]): packets from the TUN device go through the sans-IO
 //! `tpvpn_netstack::Stack`, whose flows are carried as QUIC streams and datagrams to the
 //! manager. The daemon answers `tpvpn status` and `tpvpn down` on a Unix socket
@@ -9,25 +9,15 @@
 //! `TPVPN_RUNTIME_DIR` ([`state`]) so that a later `up` or `down` can undo them after a
 //! crash.
 
-pub mod certificate;
+pub mod cluster;
 pub mod connect;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
-pub mod discovery;
 pub mod dns;
-
-pub mod install;
 pub mod intercept;
-pub mod kubeconfig;
-pub mod macos;
-pub mod osdns;
-pub mod resolved;
-
-pub mod portforward;
-pub mod routes;
+pub mod os;
 pub mod state;
-pub mod user;
 
 /// Errors of the client. Messages are one line and say what to do.
 #[derive(Debug, thiserror::Error)]

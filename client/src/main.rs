@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use tpvpn_client::cluster::install::{self, InstallOptions};
+use tpvpn_client::cluster::kubeconfig;
 use tpvpn_client::daemon::{self, Source, UpOptions};
-use tpvpn_client::install::{self, InstallOptions};
-use tpvpn_client::kubeconfig;
 
 #[derive(Debug, Parser)]
 #[command(name = "tpvpn", version, about = "Put this machine inside a Kubernetes cluster's network")]
@@ -221,13 +221,13 @@ fn main() {
     // `tpvpn run-as-user UID GID -- COMMAND...`: tpvpn's own way to run a kubeconfig
     // credential plugin as the user who ran it (not a command for people: not in --help).
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == tpvpn_client::user::RUN_AS) {
+    if args.get(1).is_some_and(|a| a == tpvpn_client::os::user::RUN_AS) {
         let id = |i: usize| args.get(i).and_then(|a| a.to_str()?.parse::<u32>().ok());
         let error = match (id(2), id(3), args.get(4).is_some_and(|a| a == "--")) {
-            (Some(uid), Some(gid), true) => tpvpn_client::user::run_as(uid, gid, &args[5..]),
+            (Some(uid), Some(gid), true) => tpvpn_client::os::user::run_as(uid, gid, &args[5..]),
             _ => tpvpn_client::Error::Config(format!(
                 "usage: tpvpn {} UID GID -- COMMAND [ARGS...]",
-                tpvpn_client::user::RUN_AS
+                tpvpn_client::os::user::RUN_AS
             )),
         };
         eprintln!("tpvpn: {error}");

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::{routes, Error};
+use crate::os::routes;
+use crate::Error;
 
 /// Default runtime directory.
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/tpvpn";
@@ -206,15 +207,15 @@ impl State {
         if let Some(ifindex) = self.resolved_link {
             // After a crash the link may be gone already, and resolved with it forgot
             // its settings: nothing to undo then.
-            if let Err(e) = crate::resolved::revert(ifindex) {
+            if let Err(e) = crate::os::resolved::revert(ifindex) {
                 tracing::debug!(error = %e, "systemd-resolved link not reverted");
             }
         }
-        if let Err(e) = crate::macos::remove_ours(&self.resolver_files) {
+        if let Err(e) = crate::os::macos::remove_ours(&self.resolver_files) {
             first.get_or_insert(Error::System(format!("cannot remove tpvpn's resolver files: {e}")));
         }
         if let Some(b) = &self.resolv_conf {
-            if let Err(e) = crate::osdns::restore(&b.path, b.original.as_bytes()) {
+            if let Err(e) = crate::os::osdns::restore(&b.path, b.original.as_bytes()) {
                 first.get_or_insert(e);
             }
         }

@@ -326,7 +326,10 @@ pub fn handshakes(data: &[u8]) {
             ServerStep::Accept(peer) => {
                 let (token, offered) = presented.clone().expect("accepted without a ClientHello");
                 let kind = tokens(&token).expect("accepted without a valid token");
-                assert!(peer.version.number() >= MIN_PROTOCOL_VERSION && peer.version.number() <= PROTOCOL_VERSION.min(offered));
+                assert!(
+                    peer.version.number() >= MIN_PROTOCOL_VERSION
+                        && peer.version.number() <= PROTOCOL_VERSION.min(offered)
+                );
                 match (&peer.role, kind) {
                     (Role::Client | Role::Intercepts, TokenKind::Client) => {}
                     (Role::Agent { node }, TokenKind::Agent) => assert!(!node.is_empty()),
@@ -456,7 +459,8 @@ pub fn dns_queries(data: &[u8]) {
 /// extension (accepted, or refused with a message); on the node, the kernel's socket
 /// diagnostics answers ([`tpvpn_agent::sockdiag::parse_reply`]).
 pub fn system_texts(data: &[u8]) {
-    use tpvpn_client::{kubeconfig, macos, osdns};
+    use tpvpn_client::cluster::kubeconfig;
+    use tpvpn_client::os::{macos, osdns};
     let text = String::from_utf8_lossy(data);
     let server: std::net::IpAddr = "198.18.0.2".parse().unwrap();
     let _ = osdns::parse(&text);
@@ -660,13 +664,13 @@ pub fn http_headers(data: &[u8]) {
     }
 }
 
-/// The API server's port-forward channels ([`tpvpn_client::portforward::Channels`]), fed
+/// The API server's port-forward channels ([`tpvpn_client::cluster::portforward::Channels`]), fed
 /// messages cut from the input (each byte before a message gives its length): data comes
 /// only from channel 0 after its opening, byte for byte what the message carried after
 /// the channel byte; any channel but 0 and 1, and an opening other than the port's two
 /// bytes, ends the port-forward; nothing else does.
 pub fn portforward_channels(data: &[u8]) {
-    use tpvpn_client::portforward::{Channels, FromPod};
+    use tpvpn_client::cluster::portforward::{Channels, FromPod};
     let port = 8443u16;
     let mut c = Channels::new(port);
     let mut opened = [false; 2];

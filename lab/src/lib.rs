@@ -1369,7 +1369,7 @@ pub fn cleanup_stale() -> Result<Vec<String>> {
         };
         let parts: Vec<&str> = rest.split('-').collect();
         let [pid, n, role] = parts[..] else { continue };
-        let lab_role = ["laptop", "laptop2", "cluster", "inet", "caller"].contains(&role)
+        let lab_role = ["laptop", "laptop2", "cluster", "inet", "caller", "vpn"].contains(&role)
             || role.strip_prefix("pod").is_some_and(|i| i.parse::<u32>().is_ok());
         if !lab_role || n.parse::<u64>().is_err() {
             continue;

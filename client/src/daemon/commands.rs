@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::control::{self, Dns, Reply, Request, Status};
-use crate::osdns;
+use crate::os::osdns;
 use crate::state::{self, Paths};
 use crate::Error;
 

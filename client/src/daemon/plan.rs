@@ -6,9 +6,10 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
+use crate::cluster::{discovery, kubeconfig};
 use crate::connect::{connect, Target, Transport, Via};
-use crate::{discovery, kubeconfig};
-use crate::{routes, Error};
+use crate::os::routes;
+use crate::Error;
 
 use super::{Source, UpOptions};
 
@@ -50,9 +51,9 @@ impl Rediscover {
 
 impl Rediscover {
     /// A new client certificate, asked of the cluster with the context's credentials.
-    pub(super) async fn certificate(&self) -> Result<std::sync::Arc<crate::certificate::Issued>, Error> {
+    pub(super) async fn certificate(&self) -> Result<std::sync::Arc<crate::cluster::certificate::Issued>, Error> {
         let client = discovery::client(&self.resolved).await?;
-        crate::certificate::request(&client, &self.resolved.context).await
+        crate::cluster::certificate::request(&client, &self.resolved.context).await
     }
 }
 

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::control::{self, Reply, Request};
-use crate::osdns;
+use crate::os::osdns;
 use crate::state::{self, Paths};
 use crate::Error;
 

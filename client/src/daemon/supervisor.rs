@@ -13,9 +13,10 @@ use crate::connect::{close_all, connect, Target, Via};
 use crate::control::{self, Authenticated, Dns, Reply, Request, Status, Tun};
 use crate::dataplane::Dataplane;
 use crate::intercept::Intercepts;
-use crate::osdns;
+use crate::os::osdns;
+use crate::os::routes;
 use crate::state::{self, Paths, State};
-use crate::{routes, Error};
+use crate::Error;
 
 use super::plan::{plan, reconnect, Rediscover};
 use super::spawn::Ready;
@@ -67,7 +68,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         listener
     };
     let (calls_send, calls) = tokio::sync::mpsc::channel(16);
-    let control_task = tokio::spawn(control::serve(listener, crate::user::invoking().0, calls_send));
+    let control_task = tokio::spawn(control::serve(listener, crate::os::user::invoking().0, calls_send));
     state::write_atomic(&paths.pid(), format!("{}\n", std::process::id()).as_bytes(), 0o644)
         .map_err(|e| Error::System(format!("cannot write {}: {e}", paths.pid().display())))?;
     let (control_send, control_recv) = session.control;
@@ -715,8 +716,8 @@ async fn serve(
 async fn renewals(
     conn: quinn::Connection,
     rediscover: Rediscover,
-    mut issued: Arc<crate::certificate::Issued>,
-    renewed: tokio::sync::mpsc::UnboundedSender<Arc<crate::certificate::Issued>>,
+    mut issued: Arc<crate::cluster::certificate::Issued>,
+    renewed: tokio::sync::mpsc::UnboundedSender<Arc<crate::cluster::certificate::Issued>>,
 ) {
     use std::time::SystemTime;
     let left = |at: SystemTime| at.duration_since(SystemTime::now()).unwrap_or_default();
@@ -725,7 +726,7 @@ async fn renewals(
         loop {
             let attempt = async {
                 let new = rediscover.certificate().await?;
-                let said = crate::certificate::renew(&conn, &new).await?;
+                let said = crate::cluster::certificate::renew(&conn, &new).await?;
                 Ok::<_, Error>((new, said))
             };
             match attempt.await {

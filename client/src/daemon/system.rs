@@ -10,9 +10,10 @@ use ipnet::IpNet;
 use tracing::{info, warn};
 
 use crate::control::Dns;
-use crate::osdns;
+use crate::os::osdns;
+use crate::os::routes;
 use crate::state::{self, State};
-use crate::{routes, Error};
+use crate::Error;
 
 use super::plan::Plan;
 use super::supervisor::Update;
@@ -48,12 +49,12 @@ impl Routing<'_> {
     /// Makes `/etc/resolver` hold one file per routing domain (macOS): every path recorded
     /// before anything is written, files no longer wanted removed (only tpvpn's).
     pub(super) fn resolver_files(&mut self, domains: &[String]) -> Result<(), Error> {
-        let want = crate::macos::resolver_files(domains, IpAddr::V4(DNS_V4), &self.dns_search);
+        let want = crate::os::macos::resolver_files(domains, IpAddr::V4(DNS_V4), &self.dns_search);
         let had = std::mem::take(&mut self.state.resolver_files);
         self.state.resolver_files = had.iter().cloned().chain(want.iter().map(|(p, _)| p.clone())).collect();
         self.state.resolver_files.dedup();
         self.state.save(&self.state_path)?;
-        let applied = crate::macos::apply_resolver_files(&want, &had);
+        let applied = crate::os::macos::apply_resolver_files(&want, &had);
         self.state.resolver_files = want.into_iter().map(|(p, _)| p).collect();
         self.state.save(&self.state_path)?;
         applied.map_err(|e| Error::System(format!("cannot write the resolver files: {e}")))
@@ -165,7 +166,7 @@ impl DnsMode {
         }
         let stub =
             std::fs::read_link(RESOLV_CONF).is_ok_and(|target| target.to_string_lossy().contains("systemd/resolve"));
-        auto_mode(stub, crate::resolved::available)
+        auto_mode(stub, crate::os::resolved::available)
     }
 
     fn name(self) -> &'static str {
@@ -241,8 +242,8 @@ pub(super) async fn start_dns(
     let domain = if cluster_domain.is_empty() { "cluster.local".to_string() } else { cluster_domain.to_string() };
     let search = osdns::cluster_search(&plan.namespace, &domain);
     let (upstreams, resolved) = if mode == DnsMode::Resolved {
-        let ifindex = crate::resolved::ifindex(&routing.device)?;
-        (crate::resolved::upstreams(ifindex)?, Some(crate::resolved::Link { ifindex, search: search.clone() }))
+        let ifindex = crate::os::resolved::ifindex(&routing.device)?;
+        (crate::os::resolved::upstreams(ifindex)?, Some(crate::os::resolved::Link { ifindex, search: search.clone() }))
     } else {
         (osdns::upstreams(&parsed, IpAddr::V4(DNS_V4)), None)
     };
@@ -302,7 +303,7 @@ pub(super) async fn start_dns(
         routing.state.resolved_link = Some(link.ifindex);
         routing.state.save(&routing.state_path)?;
         let domains = shared.resolver().routing_domains();
-        crate::resolved::set_link(link, IpAddr::V4(DNS_V4), &domains)?;
+        crate::os::resolved::set_link(link, IpAddr::V4(DNS_V4), &domains)?;
     }
     Ok((shared, mode))
 }

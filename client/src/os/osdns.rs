@@ -5,7 +5,7 @@
 //!   bytes are recorded in the state file before the file is touched and written back,
 //!   in place (the file may be a bind mount), by `down`, on signals and after a crash.
 //!   The original nameservers become tpvpn's upstream servers.
-//! - macOS: one `/etc/resolver/<domain>` file per routing domain (`crate::macos`; built and
+//! - macOS: one `/etc/resolver/<domain>` file per routing domain (`crate::os::macos`; built and
 //!   unit-tested here, not yet used by the daemon).
 //! - `resolved`: systemd-resolved over D-Bus (`resolved.rs`).
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
 
-use crate::osdns::MARKER;
+use crate::os::osdns::MARKER;
 
 /// Where macOS looks for per-domain resolver files.
 pub const RESOLVER_DIR: &str = "/etc/resolver";

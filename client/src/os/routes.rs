@@ -339,13 +339,13 @@ pub fn delete_device(device: &str) -> Result<(), Error> {
 pub fn existing() -> Result<Vec<Existing>, Error> {
     let out =
         system("netstat").args(["-rn"]).output().map_err(|e| Error::System(format!("cannot run netstat: {e}")))?;
-    Ok(crate::macos::parse_netstat(&String::from_utf8_lossy(&out.stdout))
+    Ok(crate::os::macos::parse_netstat(&String::from_utf8_lossy(&out.stdout))
         .into_iter()
         .map(|r| Existing { dst: r.dst, dev: r.netif, connected: r.connected })
         .collect())
 }
 
-/// Runs one command of `crate::macos`'s plans.
+/// Runs one command of `crate::os::macos`'s plans.
 #[cfg(target_os = "macos")]
 fn run(cmd: &[String]) -> Result<(), Error> {
     let (program, args) = cmd.split_first().ok_or_else(|| Error::System("empty command".into()))?;
@@ -363,7 +363,7 @@ fn run(cmd: &[String]) -> Result<(), Error> {
 /// Adds every route of `routes` on the utun `device`, one `route` each (macOS).
 #[cfg(target_os = "macos")]
 pub fn add_all(routes: &[IpNet], device: &str, _src: impl Fn(&IpNet) -> IpAddr) -> Result<(), Error> {
-    routes.iter().try_for_each(|r| run(&crate::macos::route_add(r, device)))
+    routes.iter().try_for_each(|r| run(&crate::os::macos::route_add(r, device)))
 }
 
 /// Removes every route of `routes` from `device`; routes already gone are not an error.
@@ -375,7 +375,7 @@ pub fn remove_all(routes: &[IpNet], device: &str) -> Result<(), Error> {
 /// Removes `route` from `device`; a route that is already gone is not an error.
 #[cfg(target_os = "macos")]
 pub fn remove(route: &IpNet, device: &str) -> Result<(), Error> {
-    match run(&crate::macos::route_delete(route, device)) {
+    match run(&crate::os::macos::route_delete(route, device)) {
         Err(Error::System(m)) if m.contains("not in table") => Ok(()),
         r => r,
     }
@@ -384,7 +384,7 @@ pub fn remove(route: &IpNet, device: &str) -> Result<(), Error> {
 /// Adds an address to the utun `device` (macOS).
 #[cfg(target_os = "macos")]
 pub fn add_address(device: &str, addr: &IpNet) -> Result<(), Error> {
-    run(&crate::macos::address_add(device, addr.addr()))
+    run(&crate::os::macos::address_add(device, addr.addr()))
 }
 
 /// Whether a network interface named `device` exists.

@@ -21,13 +21,13 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::Value;
 
-use crate::discovery::CLIENT_SECRET;
-use crate::kubeconfig::Resolved;
-use crate::portforward::MANAGER_SERVICE;
+use crate::cluster::discovery::CLIENT_SECRET;
+use crate::cluster::kubeconfig::Resolved;
+use crate::cluster::portforward::MANAGER_SERVICE;
 use crate::Error;
 
 /// The manifests, as shipped in `deploy/manifests/manager.yaml`.
-pub const MANIFESTS: &str = include_str!("../../deploy/manifests/manager.yaml");
+pub const MANIFESTS: &str = include_str!("../../../deploy/manifests/manager.yaml");
 /// Name of the Secret with the manager's certificate and key.
 pub const TLS_SECRET: &str = "tpvpn-manager-tls";
 /// Name of the Secret with what the node agents pin (`ca.crt`).
@@ -312,7 +312,7 @@ pub async fn install(r: &Resolved, opts: &InstallOptions) -> Result<String, Erro
     if !matches!(opts.service_type.as_str(), "NodePort" | "LoadBalancer") {
         return Err(Error::Config(format!("--service-type {}: use NodePort or LoadBalancer", opts.service_type)));
     }
-    let client = crate::discovery::client(r).await?;
+    let client = crate::cluster::discovery::client(r).await?;
     let objects = objects(opts)?;
     // The namespace first: everything else lives in it.
     let (namespace, rest): (Vec<&Value>, Vec<&Value>) = objects.iter().partition(|o| o["kind"] == "Namespace");
@@ -371,7 +371,7 @@ async fn remove_old_agents(client: &kube::Client, opts: &InstallOptions, r: &Res
 
 /// Deletes everything `install` created, the Secrets and the namespace included.
 pub async fn uninstall(r: &Resolved, opts: &InstallOptions) -> Result<String, Error> {
-    let client = crate::discovery::client(r).await?;
+    let client = crate::cluster::discovery::client(r).await?;
     let mut objects = objects(opts)?;
     for name in [TLS_SECRET, CLIENT_SECRET, AGENT_SECRET] {
         objects.push(secret(&opts.namespace, name, "Opaque", BTreeMap::new()));
@@ -513,11 +513,11 @@ mod tests {
         assert_eq!(ports, ["quic", "tunnel"], "only the tunnel's ports are published: {svc}");
         // The client port-forwards to the pod port the Service's `tunnel` port targets.
         let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(svc.clone()).unwrap();
-        let (selector, target) = crate::portforward::tunnel_target(&svc).expect("a tunnel target");
+        let (selector, target) = crate::cluster::portforward::tunnel_target(&svc).expect("a tunnel target");
         assert_eq!(selector, "app.kubernetes.io/name=tpvpn-manager");
         let pod: k8s_openapi::api::core::v1::Pod =
             serde_json::from_value(serde_json::json!({"spec": dep["spec"]["template"]["spec"]})).unwrap();
-        assert_eq!(crate::portforward::pod_port(&pod, &target), Some(4443));
+        assert_eq!(crate::cluster::portforward::pod_port(&pod, &target), Some(4443));
         // Users of either kind of manager (certificates, or the shared token) port-forward.
         for name in ["tpvpn-user", "tpvpn-client"] {
             let role = objs.iter().find(|o| o["kind"] == "Role" && o["metadata"]["name"] == name).unwrap();

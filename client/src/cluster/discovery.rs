@@ -2,11 +2,11 @@
 //!
 //! Credentials: where the manager signs client certificates (ConfigMap `tpvpn-trust`
 //! names a client CA), its certificate from that map and a client certificate of the
-//! laptop's own ([`crate::certificate`]); otherwise Secret `tpvpn-client` (`ca.crt`,
+//! laptop's own ([`crate::cluster::certificate`]); otherwise Secret `tpvpn-client` (`ca.crt`,
 //! `token`) in the manager's namespace. The manager's address, first that applies: `--manager`; the kubeconfig
 //! extension's `manager-address`; the LoadBalancer ingress of Service `tpvpn-manager`
 //! (port `quic`); that Service's NodePort on the API server's host. Without one, the
-//! manager is reached through the API server's port-forward ([`crate::portforward`]).
+//! manager is reached through the API server's port-forward ([`crate::cluster::portforward`]).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -16,10 +16,10 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::Api;
 use kube::config::KubeConfigOptions;
 
-use crate::certificate::{self, Issued};
+use crate::cluster::certificate::{self, Issued};
+use crate::cluster::kubeconfig::Resolved;
+use crate::cluster::portforward::{PortForward, MANAGER_SERVICE};
 use crate::connect::{Target, Transport};
-use crate::kubeconfig::Resolved;
-use crate::portforward::{PortForward, MANAGER_SERVICE};
 use crate::Error;
 
 /// Name of the Secret holding the shared client token (managers in `--auth token`).
@@ -90,7 +90,7 @@ async fn timed<T>(what: &str, r: &Resolved, f: impl std::future::Future<Output =
 pub async fn client(r: &Resolved) -> Result<kube::Client, Error> {
     let options = KubeConfigOptions { context: Some(r.context.clone()), ..Default::default() };
     let mut kubeconfig = r.kubeconfig.clone();
-    crate::user::plugins_as_invoking_user(&mut kubeconfig)?;
+    crate::os::user::plugins_as_invoking_user(&mut kubeconfig)?;
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .map_err(|e| Error::Config(format!("context `{}`: {e}", r.context)))?;
