@@ -19,12 +19,21 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use nix::errno::Errno;
 use nix::fcntl::{openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
+use tpvpn_tunnel::files::{FileAnswer, FileFailure, FileOp, DIR_PAGE};
+use tpvpn_tunnel::io::write_message;
+use tpvpn_tunnel::{ErrorCode, Message};
+use tracing::warn;
+
+use crate::capture::Node;
+use crate::runtime;
 
 /// The most one read returns.
-pub const READ_MAX: usize = 1 << 20;
+pub const READ_MAX: usize = tpvpn_tunnel::files::READ_MAX as usize;
 
 /// Why a file is not served.
 #[derive(Debug, thiserror::Error)]
@@ -41,37 +50,17 @@ pub enum FileError {
     Sys(String, Errno),
 }
 
-/// What an entry is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Dir,
-    File,
-    Symlink,
-    /// A FIFO, socket or device: listed, never opened.
-    Other,
-}
+pub use tpvpn_tunnel::files::{FileAttr as Attr, FileKind as Kind};
 
-/// An entry's attributes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Attr {
-    pub kind: Kind,
-    pub size: u64,
-    /// Permission bits.
-    pub mode: u32,
-    /// Modification time, seconds since the epoch.
-    pub mtime: i64,
-}
-
-impl Attr {
-    fn of(st: &FileStat) -> Attr {
-        let kind = match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
-            SFlag::S_IFDIR => Kind::Dir,
-            SFlag::S_IFREG => Kind::File,
-            SFlag::S_IFLNK => Kind::Symlink,
-            _ => Kind::Other,
-        };
-        Attr { kind, size: u64::try_from(st.st_size).unwrap_or(0), mode: st.st_mode & 0o7777, mtime: st.st_mtime }
-    }
+/// The attributes `st` gives.
+fn attr_of(st: &FileStat) -> Attr {
+    let kind = match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
+        SFlag::S_IFDIR => Kind::Dir,
+        SFlag::S_IFREG => Kind::File,
+        SFlag::S_IFLNK => Kind::Symlink,
+        _ => Kind::Other,
+    };
+    Attr { kind, size: u64::try_from(st.st_size).unwrap_or(0), mode: st.st_mode & 0o7777, mtime: st.st_mtime }
 }
 
 /// How a path stands to the volume mounts.
@@ -156,7 +145,7 @@ impl Volumes {
             Some(name) => fstatat(&dir, name.as_path(), AtFlags::AT_SYMLINK_NOFOLLOW),
             None => fstat(&dir),
         };
-        Ok(Attr::of(&st.map_err(|e| FileError::Sys(path.into(), e))?))
+        Ok(attr_of(&st.map_err(|e| FileError::Sys(path.into(), e))?))
     }
 
     /// The entries of directory `path` with their attributes, by name (above the mounts,
@@ -180,7 +169,7 @@ impl Volumes {
                 }
             }
             if let Ok(st) = fstatat(&probe, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                out.push((shown, Attr::of(&st)));
+                out.push((shown, attr_of(&st)));
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -198,7 +187,7 @@ impl Volumes {
         }
         let fd = self.open_at(path, &rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK)?;
         // Swapped for something else between the two looks: still never read.
-        if Attr::of(&fstat(&fd).map_err(|e| FileError::Sys(path.into(), e))?).kind != Kind::File {
+        if attr_of(&fstat(&fd).map_err(|e| FileError::Sys(path.into(), e))?).kind != Kind::File {
             return Err(FileError::NotRegular(path.into()));
         }
         let file = std::fs::File::from(fd);
@@ -243,6 +232,87 @@ pub fn normal(path: &str) -> Result<PathBuf, FileError> {
     Ok(out)
 }
 
+impl FileError {
+    /// What the laptop's kernel is told.
+    fn failure(&self) -> FileFailure {
+        match self {
+            // Outside every volume: as if it did not exist (the laptop sees only them).
+            FileError::OutsideVolumes(_) => FileFailure::NotFound,
+            FileError::NotNormal(_) => FileFailure::Invalid,
+            FileError::Symlink(_) | FileError::NotRegular(_) => FileFailure::Denied,
+            FileError::Sys(_, Errno::ENOENT) => FileFailure::NotFound,
+            FileError::Sys(_, Errno::ENOTDIR) => FileFailure::NotDir,
+            FileError::Sys(_, Errno::EINVAL) => FileFailure::Invalid,
+            FileError::Sys(_, Errno::EACCES | Errno::EPERM) => FileFailure::Denied,
+            FileError::Sys(..) => FileFailure::Io,
+        }
+    }
+}
+
+/// The answer to `op` on `path`.
+pub fn answer(volumes: &Volumes, path: &str, op: FileOp) -> FileAnswer {
+    let result = match op {
+        FileOp::Stat => volumes.stat(path).map(FileAnswer::Attr),
+        FileOp::ReadDir { from } => volumes.read_dir(path).map(|all| {
+            let from = from as usize;
+            let end = all.len().min(from.saturating_add(DIR_PAGE as usize));
+            let next = if end < all.len() { end as u32 } else { 0 };
+            FileAnswer::Entries { entries: all.get(from..end).unwrap_or_default().to_vec(), next }
+        }),
+        FileOp::Read { offset, len } => volumes.read(path, offset, len as usize).map(FileAnswer::Data),
+        FileOp::ReadLink => volumes.readlink(path).map(FileAnswer::Target),
+    };
+    result.unwrap_or_else(|e| FileAnswer::Failed { failure: e.failure(), message: e.to_string() })
+}
+
+/// Serves a stream of file requests the manager opened: `FilesOpen` names the container
+/// and its volume mounts; answered `Ack` (or `Error`), then each request in order until
+/// the stream ends.
+pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStream) {
+    let mut frames = tpvpn_tunnel::io::frames(recv);
+    let Ok(Some(Message::FilesOpen { container_id, mounts, .. })) = frames.recv().await.unwrap_or(Ok(None)) else {
+        let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
+        return;
+    };
+    let opened = tokio::task::spawn_blocking(move || open_container(&node, &container_id, &mounts)).await;
+    let volumes = match opened {
+        Ok(Ok(v)) => Arc::new(v),
+        Ok(Err(why)) => {
+            let refusal =
+                Message::Error { code: ErrorCode::NotFound, version: tpvpn_tunnel::PROTOCOL_VERSION, message: why };
+            let _ = write_message(&mut send, &refusal).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(e) => {
+            warn!(error = %e, "opening a container's volumes failed");
+            return;
+        }
+    };
+    if write_message(&mut send, &Message::Ack { message: String::new() }).await.is_err() {
+        return;
+    }
+    while let Some(Ok(Some(Message::FileRequest { id, path, op }))) = frames.recv().await {
+        let v = volumes.clone();
+        let Ok(answer) = tokio::task::spawn_blocking(move || answer(&v, &path, op)).await else { return };
+        if write_message(&mut send, &Message::FileReply { id, answer }).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
+}
+
+/// The volume mounts `mounts` of container `container_id`, under its own root.
+fn open_container(node: &Node, container_id: &str, mounts: &[String]) -> Result<Volumes, String> {
+    let pid = match runtime::find(&node.runtime_roots, container_id) {
+        Some(bundle) => bundle.pid().map_err(|e| e.to_string())?,
+        None => runtime::pid_of_container(&node.proc_root, container_id)
+            .ok_or_else(|| format!("container {container_id} is not running on this node"))?,
+    };
+    let mounts: Vec<&str> = mounts.iter().map(String::as_str).collect();
+    Volumes::open(&node.proc_root.join(pid.to_string()).join("root"), &mounts).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -274,6 +344,39 @@ mod tests {
         nix::unistd::mkfifo(&dir.join("data/fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
         let v = Volumes::open(&dir, &["/etc/config", "/data"]).unwrap();
         (TempRoot(dir), v)
+    }
+
+    #[test]
+    fn answers_page_directories_and_name_each_refusal() {
+        let (dir, v) = root("answers");
+        for i in 0..(DIR_PAGE + 3) {
+            fs::write(dir.0.join(format!("data/f{i:04}")), "").unwrap();
+        }
+        let FileAnswer::Entries { entries, next } = answer(&v, "/data", FileOp::ReadDir { from: 0 }) else { panic!() };
+        assert_eq!((entries.len(), next), (DIR_PAGE as usize, DIR_PAGE));
+        let FileAnswer::Entries { entries: rest, next } = answer(&v, "/data", FileOp::ReadDir { from: next }) else {
+            panic!()
+        };
+        // The FIFO, the two links and the files: everything once, in order.
+        assert_eq!((entries.len() + rest.len(), next), (DIR_PAGE as usize + 3 + 3, 0));
+        assert!(entries.last().unwrap().0 < rest[0].0);
+        let failure = |path: &str, op| match answer(&v, path, op) {
+            FileAnswer::Failed { failure, .. } => failure,
+            other => panic!("{path}: {other:?}"),
+        };
+        assert_eq!(failure("/etc/shadow", FileOp::Stat), FileFailure::NotFound, "outside the volumes: not there");
+        assert_eq!(failure("/data/nope", FileOp::Stat), FileFailure::NotFound);
+        assert_eq!(failure("/data/fifo", FileOp::Read { offset: 0, len: 10 }), FileFailure::Denied);
+        assert_eq!(failure("/data/up/shadow", FileOp::Read { offset: 0, len: 10 }), FileFailure::Denied);
+        assert_eq!(failure("/data/../etc", FileOp::Stat), FileFailure::Invalid);
+        assert_eq!(answer(&v, "/data/up", FileOp::ReadLink), FileAnswer::Target("../etc".into()));
+        assert_eq!(
+            answer(&v, "/etc/config/..data/app.conf", FileOp::Read { offset: 1, len: 3 }),
+            FileAnswer::Failed {
+                failure: FileFailure::Denied,
+                message: "/etc/config/..data/app.conf: a part of it is a symlink, which the agent never follows".into()
+            }
+        );
     }
 
     #[test]

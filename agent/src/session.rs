@@ -124,7 +124,7 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
         user: String::new(),
         host: config.node_name.clone(),
         client_id: Vec::new(),
-        features: 0,
+        features: tpvpn_tunnel::handshake::FEATURE_FILES,
         versions: (INTERCEPT_VERSION, PROTOCOL_VERSION),
     });
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -264,6 +264,13 @@ async fn serve(
                 let effects = captures.started(key, result);
                 apply(&link, captures, effects, None).await;
             }
+            // The only streams the manager opens: a laptop's file requests (`--mount`).
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    tokio::spawn(crate::files::serve(config.node.clone(), send, recv));
+                }
+                Err(e) => return format!("connection closed: {e}"),
+            },
             _ = &mut writer => return "the control stream failed".into(),
             e = conn.closed() => return format!("connection closed: {e}"),
         }

@@ -207,7 +207,7 @@ pub enum Reply {
     Status(Box<Status>),
     List(Listing),
     Done { ok: bool },
-    Intercepted { intercepted: crate::intercept::Outcome },
+    Intercepted { intercepted: Box<crate::intercept::Outcome> },
     Left { left: String },
     Failed { error: String },
 }

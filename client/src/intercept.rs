@@ -23,7 +23,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::Error;
 
 /// How long a request to the manager may take (it waits for the agents).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long dialing the laptop's server may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Relay buffer per direction of an intercepted connection.
@@ -45,6 +45,9 @@ pub struct Spec {
     pub headers: Vec<(String, String)>,
     #[serde(default)]
     pub path_prefix: String,
+    /// Where the serving container's volume mounts are mounted (`--mount`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount: Option<PathBuf>,
 }
 
 impl Spec {
@@ -78,6 +81,9 @@ pub struct Outcome {
     pub held: Held,
     pub env: Vec<(String, String)>,
     pub warnings: Vec<String>,
+    /// With `--mount`: what is mounted where, and what was left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mounted: Option<String>,
 }
 
 impl Outcome {
@@ -120,6 +126,9 @@ fn virtual_value(value: &str, table: &tpvpn_vnat::Table) -> Option<String> {
 pub struct Intercepts {
     path: PathBuf,
     held: Mutex<Vec<Held>>,
+    /// Their files mounted (`--mount`), and the connection file streams are opened on.
+    pub mounts: Arc<crate::mount::Mounts>,
+    conn: tokio::sync::watch::Sender<Option<quinn::Connection>>,
 }
 
 impl Intercepts {
@@ -128,7 +137,22 @@ impl Intercepts {
     pub fn load(path: PathBuf) -> Arc<Intercepts> {
         let held =
             crate::state::read_file(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-        Arc::new(Intercepts { path, held: Mutex::new(held) })
+        let record = path.with_file_name("mounts.json");
+        // Mounts a crashed daemon left; the intercepts are re-claimed, not re-mounted.
+        crate::mount::Mounts::clean_up(&record);
+        let mounts = crate::mount::Mounts::new(record);
+        let conn = tokio::sync::watch::Sender::new(None);
+        Arc::new(Intercepts { path, held: Mutex::new(held), mounts, conn })
+    }
+
+    /// The daemon's connection to the manager is `conn` now.
+    pub fn connected(&self, conn: &quinn::Connection) {
+        self.conn.send_replace(Some(conn.clone()));
+    }
+
+    /// Mounts the files of the intercept of `namespace/service` at `dir`; what is served.
+    pub async fn mount(&self, namespace: &str, service: &str, dir: &std::path::Path) -> Result<String, Error> {
+        self.mounts.mount(self.conn.subscribe(), namespace, service, dir).await
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, Vec<Held>> {
@@ -196,7 +220,7 @@ impl Intercepts {
                     all.push(held.clone());
                 }
                 self.save();
-                Ok(Outcome { held, env, warnings })
+                Ok(Outcome { held, env, warnings, mounted: None })
             }
             other => Err(unexpected(other)),
         }
@@ -211,6 +235,7 @@ impl Intercepts {
         service: &str,
     ) -> Result<String, Error> {
         supported(version)?;
+        self.mounts.unmount(namespace, service);
         let req = Message::Leave { namespace: namespace.into(), service: service.into() };
         let result = match exchange(conn, &req).await {
             Ok(Message::Ack { message }) => Ok(message),
@@ -253,6 +278,7 @@ impl Intercepts {
         // This daemon's own intercepts of it ended too.
         self.held().retain(|h| !(h.spec.namespace == namespace && h.spec.service == service));
         self.save();
+        self.mounts.unmount(namespace, service);
         Ok(message)
     }
 
@@ -269,6 +295,7 @@ impl Intercepts {
         }
         self.held().clear();
         self.save();
+        self.mounts.unmount_all();
     }
 
     /// After (re)connecting: asks again for every intercept held, which the manager keeps
@@ -314,6 +341,7 @@ impl Intercepts {
         held.retain(|h| !(h.spec.namespace == namespace && h.spec.service == service));
         let gone = before - held.len();
         drop(held);
+        self.mounts.unmount(namespace, service);
         if gone > 0 {
             self.save();
             warn!(service = %format!("{namespace}/{service}"), "the intercept was revoked: its traffic goes to the pods again");
@@ -562,6 +590,7 @@ mod tests {
                 container: String::new(),
                 headers: vec![],
                 path_prefix: String::new(),
+                mount: None,
             },
             id: 3,
             service_port: 80,

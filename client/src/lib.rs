@@ -16,6 +16,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod dns;
 pub mod intercept;
+pub mod mount;
 pub mod os;
 pub mod state;
 

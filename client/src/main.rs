@@ -167,6 +167,10 @@ struct InterceptArgs {
     /// prefix come here.
     #[arg(long, value_name = "PATH")]
     http_path_prefix: Option<String>,
+    /// Mount the volume mounts of the container serving the port under this
+    /// directory, read-only and live (DIR/etc/config/..., as in the pod). Linux.
+    #[arg(long, value_name = "DIR")]
+    mount: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -420,8 +424,24 @@ fn up(args: UpArgs, paths: tpvpn_client::state::Paths) -> Result<(), tpvpn_clien
 /// `tpvpn intercept`: asks the daemon, prints what is intercepted, writes the environment.
 fn intercept(args: InterceptArgs, paths: &tpvpn_client::state::Paths) -> Result<(), tpvpn_client::Error> {
     use tpvpn_client::Error;
-    let InterceptArgs { service, port, namespace, env_file, env_json, container, http_headers, http_path_prefix } =
-        args;
+    let InterceptArgs {
+        service,
+        port,
+        namespace,
+        env_file,
+        env_json,
+        container,
+        http_headers,
+        http_path_prefix,
+        mount,
+    } = args;
+    // The daemon mounts: a path relative to where `intercept` runs is made absolute here.
+    let mount = match mount {
+        Some(dir) => {
+            Some(std::path::absolute(&dir).map_err(|e| Error::Config(format!("--mount {}: {e}", dir.display())))?)
+        }
+        None => None,
+    };
     let (local, service_port) = match port.split_once(':') {
         Some((l, p)) => (l, p.to_string()),
         None => (port.as_str(), String::new()),
@@ -445,6 +465,7 @@ fn intercept(args: InterceptArgs, paths: &tpvpn_client::state::Paths) -> Result<
         container: container.unwrap_or_default(),
         headers,
         path_prefix,
+        mount,
     };
     let reply = daemon::intercept_request(paths, tpvpn_client::control::Request::Intercept(spec))?;
     let tpvpn_client::control::Reply::Intercepted { intercepted } = reply else {
@@ -460,11 +481,16 @@ fn intercept(args: InterceptArgs, paths: &tpvpn_client::state::Paths) -> Result<
             });
         }
     }
+    let mut env = intercepted.env.clone();
+    if let Some(dir) = &intercepted.held.spec.mount {
+        // Where a local process finds the pod's files (`$TPVPN_ROOT/etc/config/...`).
+        env.push(("TPVPN_ROOT".into(), dir.display().to_string()));
+    }
     if let Some(path) = env_file {
-        write_env(&path, &intercepted.env, false)?;
+        write_env(&path, &env, false)?;
     }
     if let Some(path) = env_json {
-        write_env(&path, &intercepted.env, true)?;
+        write_env(&path, &env, true)?;
     }
     Ok(())
 }
@@ -510,6 +536,9 @@ fn print_intercepted(o: &tpvpn_client::intercept::Outcome) {
         pods.join(", "),
         h.spec.local_port
     );
+    if let (Some(dir), Some(mounted)) = (&h.spec.mount, &o.mounted) {
+        println!("mounted at {}: {mounted}", dir.display());
+    }
     if !matchers.is_empty() {
         let headers: Vec<String> = matchers.headers.iter().map(|(k, v)| format!("-H '{k}: {v}'")).collect();
         let path = if matchers.path_prefix.is_empty() { "/".to_string() } else { matchers.path_prefix.clone() };

@@ -40,6 +40,11 @@ impl Paths {
     pub fn log(&self) -> PathBuf {
         self.dir.join("tpvpn.log")
     }
+    /// Where the daemon mounted intercepts' files (`intercept --mount`), kept so that
+    /// the next `up` or `down` unmounts what a crash left.
+    pub fn mounts(&self) -> PathBuf {
+        self.dir.join("mounts.json")
+    }
     /// The intercepts the daemon holds, kept so that one started after a crash
     /// re-claims them.
     pub fn intercepts(&self) -> PathBuf {
@@ -271,6 +276,7 @@ pub fn clean_stale(paths: &Paths) -> Result<Option<u32>, Error> {
         )));
     }
     state.undo()?;
+    crate::mount::Mounts::clean_up(&paths.mounts());
     remove_files(paths);
     Ok(Some(state.pid))
 }

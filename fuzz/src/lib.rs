@@ -118,6 +118,7 @@ mod gen {
     use std::net::{IpAddr, SocketAddr};
 
     use arbitrary::{Result, Unstructured};
+    use tpvpn_tunnel::files::{FileAnswer, FileAttr, FileFailure, FileKind, FileOp};
     use tpvpn_tunnel::{
         ClusterInfo, ErrorCode, FlowStatus, InterceptRow, InterceptState, InterceptTarget, Message, Protocol, Role,
         ServiceInfo, ServicePort,
@@ -189,8 +190,18 @@ mod gen {
         })
     }
 
+    /// File attributes in the canonical form (`mode` within `0o7777`).
+    fn file_attr(u: &mut Unstructured) -> Result<FileAttr> {
+        Ok(FileAttr {
+            kind: FileKind::from(u.int_in_range(1..=4)?),
+            size: u.arbitrary()?,
+            mode: u.arbitrary::<u32>()? & 0o7777,
+            mtime: u.arbitrary()?,
+        })
+    }
+
     pub fn message(u: &mut Unstructured) -> Result<Message> {
-        Ok(match u.int_in_range(0..=24)? {
+        Ok(match u.int_in_range(0..=27)? {
             0 => Message::ClientHello { version: u.arbitrary()?, token: u.arbitrary()? },
             1 => Message::ServerHello { version: u.arbitrary()?, cluster: cluster(u)? },
             2 => Message::ClusterUpdate { cluster: cluster(u)? },
@@ -294,8 +305,42 @@ mod gen {
                 meshed: u.arbitrary()?,
                 env: pairs(u)?,
             },
+            23 => Message::FilesOpen {
+                namespace: u.arbitrary()?,
+                service: u.arbitrary()?,
+                container_id: u.arbitrary()?,
+                mounts: strings(u)?,
+            },
+            24 => Message::FileRequest {
+                id: u.arbitrary()?,
+                path: u.arbitrary()?,
+                op: match u.int_in_range(0..=3)? {
+                    0 => FileOp::Stat,
+                    1 => FileOp::ReadDir { from: u.arbitrary()? },
+                    2 => FileOp::Read { offset: u.arbitrary()?, len: u.arbitrary()? },
+                    _ => FileOp::ReadLink,
+                },
+            },
+            25 => Message::FileReply {
+                id: u.arbitrary()?,
+                answer: match u.int_in_range(0..=4)? {
+                    0 => FileAnswer::Attr(file_attr(u)?),
+                    1 => {
+                        let n = u.int_in_range(0..=4)?;
+                        FileAnswer::Entries {
+                            entries: (0..n).map(|_| Ok((u.arbitrary()?, file_attr(u)?))).collect::<Result<_>>()?,
+                            next: u.arbitrary()?,
+                        }
+                    }
+                    2 => FileAnswer::Data(u.arbitrary()?),
+                    3 => FileAnswer::Target(u.arbitrary()?),
+                    _ => {
+                        FileAnswer::Failed { failure: FileFailure::from(u.arbitrary::<u8>()?), message: u.arbitrary()? }
+                    }
+                },
+            },
             // Frame types no version has used yet: kept whole.
-            _ => Message::Unknown { frame_type: u.int_in_range(0x50..=0x7f)?, payload: u.arbitrary()? },
+            _ => Message::Unknown { frame_type: u.int_in_range(0x53..=0x7f)?, payload: u.arbitrary()? },
         })
     }
 }

@@ -924,6 +924,20 @@ impl Lab {
         self.dir.join("run")
     }
 
+    /// `path` as the laptop's daemon sees it: through its mount namespace (the lab's `ip
+    /// netns exec` gives each process tree one), where `intercept --mount` mounts.
+    pub fn daemon_view(&self, path: &str) -> PathBuf {
+        let pid = fs::read_to_string(self.runtime_dir().join("tpvpn.pid")).unwrap_or_default();
+        PathBuf::from(format!("/proc/{}/root{path}", pid.trim()))
+    }
+
+    /// Whether something is mounted at `dir` in the laptop's daemon's mount table.
+    pub fn daemon_mounted(&self, dir: &str) -> bool {
+        let pid = fs::read_to_string(self.runtime_dir().join("tpvpn.pid")).unwrap_or_default();
+        let table = fs::read_to_string(format!("/proc/{}/mountinfo", pid.trim())).unwrap_or_default();
+        table.lines().any(|l| l.split(' ').nth(4) == Some(dir))
+    }
+
     /// Runs `ip netns exec <ns> <cmd...>`, killed after [`EXEC_TIMEOUT`].
     pub fn exec(&self, ns: &str, cmd: &[&str]) -> Output {
         self.exec_timeout(ns, cmd, EXEC_TIMEOUT)

@@ -78,7 +78,7 @@ fn assert_refused(out: &std::process::Output, want: &[&str]) {
 }
 
 #[test]
-fn v2_and_v3_intercept_together_and_personal_intercepts_name_the_side_to_upgrade() {
+fn v2_and_v3_intercept_together_and_personal_intercepts_and_mounts_name_the_side_to_upgrade() {
     let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
     let v2 = |name: &str| release("v2", name);
     if !lab.start_pods_or_skip() {
@@ -117,6 +117,9 @@ fn v2_and_v3_intercept_together_and_personal_intercepts_name_the_side_to_upgrade
     assert_ok(&lab.tpvpn(&["intercept", "web", "--port", "18888:http"]), "a global intercept through the v2 manager");
     reaches(&lab, "answered by the laptop");
     assert_refused(&lab.tpvpn(&["revoke", "web"]), &["cannot end others' intercepts", "upgrade the manager"]);
+    let dir = lab.dir().join("files").display().to_string();
+    let mount = ["intercept", "web", "--port", "18888:http", "--mount", &dir];
+    assert_refused(&lab.tpvpn(&mount), &["cannot serve a pod's files (--mount)", "upgrade the manager"]);
     // What users check first when the sides disagree: each side's version.
     let version = lab.tpvpn(&["version"]);
     let said = String::from_utf8_lossy(&version.stdout).to_string();
@@ -149,6 +152,11 @@ fn v2_and_v3_intercept_together_and_personal_intercepts_name_the_side_to_upgrade
     assert!(wait_until(Duration::from_secs(10), laptop), "the v2 agent did not capture:\n{}", lab.agent_log());
     let personal = ["intercept", "web", "--port", "18888:http", "--http-header", "x-dev=b"];
     assert_refused(&lab.tpvpn(&personal), &["agent on node lab-node", "protocol v2", "upgrade the agents"]);
+    assert_refused(
+        &lab.tpvpn(&mount),
+        &["--mount", "the agent of node lab-node cannot serve files", "upgrade the agents"],
+    );
+    assert!(!lab.daemon_mounted(&dir));
     reaches(&lab, "answered by the laptop");
     assert_ok(&lab.tpvpn(&["down"]), "down");
     // The release that `down` caused came after everything sent to the agent when it

@@ -242,6 +242,25 @@ fn each_intercept_and_each_environment_is_authorized_per_service() {
     assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
     let env = std::fs::read_to_string(&env_file).unwrap();
     assert!(env.contains(&format!("GREETING={}", tpvpn_lab::pods::GREETING)), "{env}");
+
+    // The pod's files (`--mount`) are a right of their own: refused, the intercept
+    // standing and nothing mounted; granted, the Secret volume is served too.
+    let dir = lab.dir().join("web-files").display().to_string();
+    let out = intercept(&["--mount", &dir]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("may not get intercepts/files.tpvpn.dev \"web\""), "{err}");
+    assert!(!lab.daemon_mounted(&dir), "nothing mounted");
+    let may_read_files = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts/files"], "verbs": ["get"]}"#;
+    grant(&lab, "intercept-web-files", Some("default"), rules(&[may_read_files]));
+    let out = intercept(&["--mount", &dir]);
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("left out"), "{}", show(&out));
+    let secret = std::fs::read_to_string(lab.daemon_view(&dir).join("etc/db/password"));
+    assert_eq!(secret.unwrap(), tpvpn_lab::pods::SECRET_VALUE, "the Secret volume, for an identity allowed it");
+    assert!(lab.daemon_mounted(&dir) && lab.runtime_dir().join("mounts.json").exists());
+    assert!(lab.tpvpn(&["down"]).status.success());
+    assert!(!lab.runtime_dir().join("mounts.json").exists(), "down unmounts and forgets the record");
 }
 
 /// Ending someone else's intercept (`tpvpn revoke`) needs `delete` on

@@ -135,11 +135,11 @@ impl Config {
     /// cluster and agents can connect.
     pub(crate) fn features(&self) -> u64 {
         use tpvpn_tunnel::handshake::{
-            FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION, FEATURE_RENEW, FEATURE_REVOKE,
+            FEATURE_FILES, FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION, FEATURE_RENEW, FEATURE_REVOKE,
         };
         let renew = if self.client_cas.is_some() { FEATURE_RENEW } else { 0 };
         if self.views.objects.is_some() && !matches!(self.agents, auth::AgentAuth::None) {
-            FEATURE_INTERCEPTS | FEATURE_INTERCEPT_CONNECTION | FEATURE_REVOKE | renew
+            FEATURE_INTERCEPTS | FEATURE_INTERCEPT_CONNECTION | FEATURE_REVOKE | FEATURE_FILES | renew
         } else {
             renew
         }

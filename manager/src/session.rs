@@ -458,7 +458,7 @@ async fn session(
     }
     if let Role::Agent { node } = &peer.role {
         info!(version = peer.version.number(), %node, ?class, "agent authenticated");
-        return agent_session(conn, id, (node.clone(), peer.version), (send, recv), hub, grant).await;
+        return agent_session(conn, id, (node.clone(), peer.version, peer.features), (send, recv), hub, grant).await;
     }
     let mut catalog = config.views.catalog.clone();
     let version = peer.version;
@@ -656,14 +656,14 @@ async fn next_notice(rx: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Messag
 async fn agent_session(
     conn: quinn::Connection,
     id: u64,
-    (node, version): (String, Negotiated),
+    (node, version, features): (String, Negotiated, u64),
     (mut send, recv): (quinn::SendStream, quinn::RecvStream),
     hub: Arc<Hub>,
     mut grant: tpvpn_tunnel::quic::StreamGrant,
 ) -> Result<(), Error> {
     let mut control = tpvpn_tunnel::io::frames(recv);
     let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-    hub.agent_connected(&node, id, version, tx);
+    hub.agent_connected(&node, (id, conn.clone()), (version, features), tx);
     let _registered = OnDrop(|| hub.agent_gone(&node, id));
     let _writer = AbortOnDrop(tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
@@ -853,6 +853,10 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
                 let _ = send.finish();
             }
         }
+        Message::FilesOpen { namespace, service, .. } => {
+            let span = info_span!("files", %namespace, %service);
+            files(&ctx, send, recv, &namespace, &service).instrument(span).await
+        }
         request @ (Message::InterceptRequest { .. }
         | Message::Leave { .. }
         | Message::Revoke { .. }
@@ -883,6 +887,71 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
             let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
         }
     }
+}
+
+/// A stream of file requests for the client's intercept of `namespace/service`
+/// (`intercept --mount`): checked, then joined to a stream to the agent of a captured
+/// pod, which answers them; the manager only relays the bytes after the answer.
+async fn files(ctx: &Ctx, mut send: quinn::SendStream, recv: quinn::RecvStream, namespace: &str, service: &str) {
+    let opened = async {
+        if !ctx.version.intercepts() {
+            return Err(crate::intercepts::Refusal {
+                code: ErrorCode::Unsupported,
+                message: "files need tpvpn protocol v2: upgrade the client".into(),
+            });
+        }
+        let permission =
+            Permission { verb: "get", resource: "intercepts/files", namespace: Some(namespace), name: Some(service) };
+        allowed(ctx, &permission).await?;
+        let target = ctx.hub.files(ctx.session, namespace, service)?;
+        let spec = target.spec.as_deref();
+        let secrets = ctx.identity().is_some();
+        let (mounts, left_out) =
+            spec.map(|p| crate::targets::volume_mounts(p, &target.pod.container, secrets)).unwrap_or_default();
+        let unavailable = |e: String| crate::intercepts::Refusal { code: ErrorCode::Unavailable, message: e };
+        let (mut to_agent, mut from_agent) = target.agent.open_bi().await.map_err(|e| unavailable(e.to_string()))?;
+        let open = Message::FilesOpen {
+            namespace: namespace.into(),
+            service: service.into(),
+            container_id: target.pod.container_id.clone(),
+            mounts: mounts.clone(),
+        };
+        write_message(&mut to_agent, &open).await.map_err(|e| unavailable(e.to_string()))?;
+        match read_message(&mut from_agent).await {
+            Ok(Some(Message::Ack { .. })) => {}
+            Ok(Some(Message::Error { code, message, .. })) => {
+                return Err(crate::intercepts::Refusal { code, message: format!("pod {}: {message}", target.pod.name) })
+            }
+            other => {
+                return Err(unavailable(format!("the agent of node {} did not answer: {other:?}", target.pod.node)))
+            }
+        }
+        let mut said =
+            format!("files of pod {}/{} (container {})", target.pod.namespace, target.pod.name, target.pod.container);
+        said.push_str(&format!(": {}", if mounts.is_empty() { "no volume mounts".into() } else { mounts.join(", ") }));
+        if !left_out.is_empty() {
+            said.push_str(&format!("; left out: {}", left_out.join("; ")));
+        }
+        Ok((to_agent, from_agent, said))
+    };
+    let (to_agent, from_agent, said) = match opened.await {
+        Ok(joined) => joined,
+        Err(r) => {
+            let _ = write_message(
+                &mut send,
+                &Message::Error { code: r.code, version: ctx.version.number(), message: r.message },
+            )
+            .await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    if write_message(&mut send, &Message::Ack { message: said }).await.is_err() {
+        return;
+    }
+    // Requests one way, answers the other; an end or a reset passes through.
+    let end = tpvpn_tunnel::relay::streams((send, recv), (to_agent, from_agent)).await;
+    debug!(?end, "file stream ended");
 }
 
 /// Bytes of intercept-table rows per frame.

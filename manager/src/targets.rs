@@ -203,6 +203,33 @@ pub fn selected<'a>(svc: &Service, pods: &'a [Arc<Pod>]) -> Vec<&'a Arc<Pod>> {
     out
 }
 
+/// The volume mounts of container `container` of `pod` that a laptop may read
+/// (`intercept --mount`): their `mountPath`s, and a note for each one left out. Secret
+/// and projected volumes (the ServiceAccount token) only when `secrets` (an identity
+/// allowed `get` on `intercepts/files`; never on the shared token, like Secret values in
+/// the environment); hostPath volumes never (they are the node's files).
+pub fn volume_mounts(pod: &Pod, container: &str, secrets: bool) -> (Vec<String>, Vec<String>) {
+    let Some(spec) = pod.spec.as_ref() else { return (vec![], vec![]) };
+    let Some(c) = spec.containers.iter().find(|c| c.name == container) else { return (vec![], vec![]) };
+    let (mut served, mut left_out) = (Vec::new(), Vec::new());
+    for m in c.volume_mounts.iter().flatten() {
+        let volume = spec.volumes.iter().flatten().find(|v| v.name == m.name);
+        let why = match volume {
+            None => Some("no such volume in the pod"),
+            Some(v) if v.host_path.is_some() => Some("a hostPath volume: the node's files are never served"),
+            Some(v) if (v.secret.is_some() || v.projected.is_some()) && !secrets => {
+                Some("Secret or projected volume: served only to an identity (--auth kubeconfig) allowed `get` on `intercepts/files`")
+            }
+            Some(_) => None,
+        };
+        match why {
+            Some(why) => left_out.push(format!("{} ({why})", m.mount_path)),
+            None => served.push(m.mount_path.clone()),
+        }
+    }
+    (served, left_out)
+}
+
 /// Resolves `target` on `pod`, and the container serving it (`container`, if given,
 /// must exist: it picks whose environment is read).
 pub fn pod_target(pod: &Pod, target: &IntOrString, container: &str) -> Result<PodTarget, Why> {
@@ -330,6 +357,41 @@ mod tests {
             }))
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn only_the_serving_containers_volumes_and_secrets_only_for_an_identity() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "default"},
+            "spec": {"containers": [
+                {"name": "app", "volumeMounts": [
+                    {"name": "config", "mountPath": "/etc/config"},
+                    {"name": "creds", "mountPath": "/etc/secret"},
+                    {"name": "token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"},
+                    {"name": "node", "mountPath": "/host"},
+                    {"name": "scratch", "mountPath": "/tmp/work"}]},
+                {"name": "sidecar", "volumeMounts": [{"name": "other", "mountPath": "/etc/other"}]}],
+             "volumes": [
+                {"name": "config", "configMap": {"name": "c"}},
+                {"name": "creds", "secret": {"secretName": "s"}},
+                {"name": "token", "projected": {"sources": []}},
+                {"name": "node", "hostPath": {"path": "/"}},
+                {"name": "scratch", "emptyDir": {}},
+                {"name": "other", "emptyDir": {}}]}
+        }))
+        .unwrap();
+        let (served, left_out) = volume_mounts(&pod, "app", false);
+        assert_eq!(served, ["/etc/config", "/tmp/work"]);
+        assert_eq!(left_out.len(), 3, "{left_out:?}");
+        assert!(left_out[0].starts_with("/etc/secret (Secret") && left_out[2].starts_with("/host (a hostPath"));
+        let (served, left_out) = volume_mounts(&pod, "app", true);
+        assert_eq!(
+            served,
+            ["/etc/config", "/etc/secret", "/var/run/secrets/kubernetes.io/serviceaccount", "/tmp/work"]
+        );
+        assert_eq!(left_out.len(), 1, "the node's files never: {left_out:?}");
+        assert_eq!(volume_mounts(&pod, "sidecar", true).0, ["/etc/other"]);
+        assert_eq!(volume_mounts(&pod, "nope", true), (vec![], vec![]));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
 
+use crate::files::{FileAnswer, FileAttr, FileFailure, FileKind, FileOp};
 use crate::{Error, Result};
 
 /// Bytes before a frame's payload.
@@ -49,6 +50,9 @@ mod ty {
     pub const CAPTURE: u8 = 0x40;
     pub const RELEASE: u8 = 0x41;
     pub const CAPTURE_STATUS: u8 = 0x42;
+    pub const FILES_OPEN: u8 = 0x50;
+    pub const FILE_REQUEST: u8 = 0x51;
+    pub const FILE_REPLY: u8 = 0x52;
 }
 
 /// A zero-copy view of one frame.
@@ -480,6 +484,15 @@ pub enum Message {
     Release { id: u64 },
     /// Agent to manager: capture `id` is in place (`ok`) or why not.
     CaptureStatus { id: u64, ok: bool, message: String, meshed: bool, env: Vec<(String, String)> },
+    /// First frame of a stream of file requests ([`crate::files`]). Client to manager:
+    /// the files of its intercept of `namespace/service` (`container_id` and `mounts`
+    /// empty). Manager to agent: the volume `mounts` (their `mountPath`s) of container
+    /// `container_id`. Answered by `Ack` or `Error`.
+    FilesOpen { namespace: String, service: String, container_id: String, mounts: Vec<String> },
+    /// Laptop to agent: what `op` asks of `path` (absolute, in the container).
+    FileRequest { id: u32, path: String, op: FileOp },
+    /// Agent to laptop: the answer to request `id`.
+    FileReply { id: u32, answer: FileAnswer },
     /// A frame of a type this version does not know, kept whole.
     Unknown { frame_type: u8, payload: Vec<u8> },
 }
@@ -527,6 +540,9 @@ impl Message {
             Message::Capture { .. } => "capture",
             Message::Release { .. } => "release",
             Message::CaptureStatus { .. } => "capture-status",
+            Message::FilesOpen { .. } => "files-open",
+            Message::FileRequest { .. } => "file-request",
+            Message::FileReply { .. } => "file-reply",
             Message::Unknown { .. } => "unknown",
         }
     }
@@ -689,6 +705,48 @@ impl Message {
                 meshed: r.flag("meshed")?,
                 env: r.pairs("env")?,
             },
+            ty::FILES_OPEN => Message::FilesOpen {
+                namespace: r.string16("namespace")?,
+                service: r.string16("service")?,
+                container_id: r.string16("container id")?,
+                mounts: r.strings("mounts")?,
+            },
+            ty::FILE_REQUEST => {
+                let id = r.u32()?;
+                let path = r.string16("file path")?;
+                let op = match r.u8()? {
+                    1 => FileOp::Stat,
+                    2 => FileOp::ReadDir { from: r.u32()? },
+                    3 => FileOp::Read { offset: r.u64()?, len: r.u32()? },
+                    4 => FileOp::ReadLink,
+                    _ => return Err(Error::Malformed { what: "file operation" }),
+                };
+                Message::FileRequest { id, path, op }
+            }
+            ty::FILE_REPLY => {
+                let id = r.u32()?;
+                let answer = match r.u8()? {
+                    1 => FileAnswer::Attr(r.file_attr()?),
+                    2 => {
+                        let n = r.u32()?;
+                        let mut entries = Vec::with_capacity((n as usize).min(crate::files::DIR_PAGE as usize));
+                        for _ in 0..n {
+                            entries.push((r.string16("file name")?, r.file_attr()?));
+                        }
+                        FileAnswer::Entries { entries, next: r.u32()? }
+                    }
+                    3 => {
+                        let n = r.u32()?;
+                        FileAnswer::Data(r.take(n as usize)?.to_vec())
+                    }
+                    4 => FileAnswer::Target(r.string16("symlink target")?),
+                    5 => {
+                        FileAnswer::Failed { failure: FileFailure::from(r.u8()?), message: r.string16("file failure")? }
+                    }
+                    _ => return Err(Error::Malformed { what: "file answer" }),
+                };
+                Message::FileReply { id, answer }
+            }
             other => return Ok(Message::Unknown { frame_type: other, payload: frame.payload().to_vec() }),
         };
         if !r.is_empty() {
@@ -924,6 +982,64 @@ impl Message {
                 put_pairs(out, &mut cut, env);
                 ty::CAPTURE_STATUS
             }
+            Message::FilesOpen { namespace, service, container_id, mounts } => {
+                put_bytes16(out, &mut cut, namespace.as_bytes());
+                put_bytes16(out, &mut cut, service.as_bytes());
+                put_bytes16(out, &mut cut, container_id.as_bytes());
+                put_strings(out, &mut cut, mounts);
+                ty::FILES_OPEN
+            }
+            Message::FileRequest { id, path, op } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                put_bytes16(out, &mut cut, path.as_bytes());
+                match op {
+                    FileOp::Stat => out.push(1),
+                    FileOp::ReadDir { from } => {
+                        out.push(2);
+                        out.extend_from_slice(&from.to_be_bytes());
+                    }
+                    FileOp::Read { offset, len } => {
+                        out.push(3);
+                        out.extend_from_slice(&offset.to_be_bytes());
+                        out.extend_from_slice(&len.to_be_bytes());
+                    }
+                    FileOp::ReadLink => out.push(4),
+                }
+                ty::FILE_REQUEST
+            }
+            Message::FileReply { id, answer } => {
+                out.extend_from_slice(&id.to_be_bytes());
+                match answer {
+                    FileAnswer::Attr(a) => {
+                        out.push(1);
+                        put_file_attr(out, a);
+                    }
+                    FileAnswer::Entries { entries, next } => {
+                        out.push(2);
+                        out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+                        for (name, a) in entries {
+                            put_bytes16(out, &mut cut, name.as_bytes());
+                            put_file_attr(out, a);
+                        }
+                        out.extend_from_slice(&next.to_be_bytes());
+                    }
+                    FileAnswer::Data(d) => {
+                        out.push(3);
+                        out.extend_from_slice(&(d.len() as u32).to_be_bytes());
+                        out.extend_from_slice(d);
+                    }
+                    FileAnswer::Target(t) => {
+                        out.push(4);
+                        put_bytes16(out, &mut cut, t.as_bytes());
+                    }
+                    FileAnswer::Failed { failure, message } => {
+                        out.push(5);
+                        out.push(u8::from(*failure));
+                        put_bytes16(out, &mut cut, message.as_bytes());
+                    }
+                }
+                ty::FILE_REPLY
+            }
             Message::Unknown { frame_type, payload } => {
                 out.extend_from_slice(payload);
                 *frame_type
@@ -986,6 +1102,14 @@ fn put_bytes16(out: &mut Vec<u8>, cut: &mut bool, b: &[u8]) {
     let n = b.len().min(usize::from(u16::MAX));
     out.extend_from_slice(&(n as u16).to_be_bytes());
     out.extend_from_slice(&b[..n]);
+}
+
+/// A file's attributes: kind, size, mode, mtime.
+fn put_file_attr(out: &mut Vec<u8>, a: &FileAttr) {
+    out.push(u8::from(a.kind));
+    out.extend_from_slice(&a.size.to_be_bytes());
+    out.extend_from_slice(&a.mode.to_be_bytes());
+    out.extend_from_slice(&a.mtime.to_be_bytes());
 }
 
 /// A u16 count of strings (at most 65535 kept), each with a u16 length.
@@ -1182,6 +1306,13 @@ impl<'a> Reader<'a> {
             return Err(Error::Malformed { what: "matchers: present but empty" });
         }
         Ok(m)
+    }
+
+    fn file_attr(&mut self) -> Result<FileAttr> {
+        let kind = FileKind::from(self.u8()?);
+        let size = self.u64()?;
+        let mode = self.u32()? & 0o7777;
+        Ok(FileAttr { kind, size, mode, mtime: self.u64()? as i64 })
     }
 
     fn pairs(&mut self, what: &'static str) -> Result<Vec<(String, String)>> {
@@ -1412,6 +1543,40 @@ mod tests {
                 env: vec![("A".into(), "1".into())],
             },
             Message::CaptureStatus { id: 6, ok: false, message: "no such pod".into(), meshed: false, env: vec![] },
+            Message::FilesOpen {
+                namespace: "default".into(),
+                service: "web".into(),
+                container_id: "containerd://abc".into(),
+                mounts: vec!["/etc/config".into(), "/var/run/secrets/kubernetes.io/serviceaccount".into()],
+            },
+            Message::FileRequest { id: 1, path: "/etc/config".into(), op: FileOp::Stat },
+            Message::FileRequest { id: 2, path: "/etc/config".into(), op: FileOp::ReadDir { from: 512 } },
+            Message::FileRequest {
+                id: 3,
+                path: "/etc/config/a".into(),
+                op: FileOp::Read { offset: 1 << 40, len: 4096 },
+            },
+            Message::FileRequest { id: 4, path: "/etc/config/..data".into(), op: FileOp::ReadLink },
+            Message::FileReply {
+                id: 1,
+                answer: FileAnswer::Attr(FileAttr { kind: FileKind::Dir, size: 4096, mode: 0o755, mtime: -5 }),
+            },
+            Message::FileReply {
+                id: 2,
+                answer: FileAnswer::Entries {
+                    entries: vec![
+                        ("..data".into(), FileAttr { kind: FileKind::Symlink, size: 31, mode: 0o777, mtime: 1 }),
+                        ("fifo".into(), FileAttr { kind: FileKind::Other, size: 0, mode: 0o600, mtime: 2 }),
+                    ],
+                    next: 0,
+                },
+            },
+            Message::FileReply { id: 3, answer: FileAnswer::Data(vec![7; 70_000]) },
+            Message::FileReply { id: 4, answer: FileAnswer::Target("..2026_12_07".into()) },
+            Message::FileReply {
+                id: 5,
+                answer: FileAnswer::Failed { failure: FileFailure::Denied, message: "outside the volumes".into() },
+            },
             Message::CatalogChunk {
                 reset: true,
                 complete: false,

@@ -81,6 +81,11 @@ pub const FEATURE_REVOKE: u64 = 1 << 2;
 /// Feature bit: the manager takes a new client certificate on a live session
 /// ([`crate::Message::Renew`]), and ends a session whose certificate expired.
 pub const FEATURE_RENEW: u64 = 1 << 3;
+/// Feature bit: the manager serves the files of a client's intercept
+/// ([`crate::Message::FilesOpen`], `tpvpn intercept --mount`). From an agent
+/// (`ClientInfo.features`): it serves a container's volume mounts on a stream the
+/// manager opens.
+pub const FEATURE_FILES: u64 = 1 << 4;
 
 /// What the connecting side says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -29,6 +29,7 @@
 #[cfg(feature = "quic")]
 pub mod cc;
 pub mod datagram;
+pub mod files;
 pub mod frame;
 pub mod handshake;
 #[cfg(feature = "quic")]

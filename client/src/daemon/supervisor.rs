@@ -528,6 +528,7 @@ async fn serve(
     // what this daemon (or a crashed one before it) held: per connection.
     let start_intercepts = |link: &Link| {
         let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+        i.connected(&conn);
         let second = link.intercepts.clone();
         // Serving (on the intercepts connection, and on the tunnel's until the manager has
         // it) and re-claiming run together and end together (aborted with the link).
@@ -661,11 +662,16 @@ async fn serve(
                         if spec.namespace.is_empty() {
                             spec.namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
                         }
+                        if spec.mount.is_some() && link.features & tpvpn_tunnel::handshake::FEATURE_FILES == 0 {
+                            let error = "this manager cannot serve a pod's files (--mount): upgrade the manager (tpvpn manager install)";
+                            call.reply_later(Reply::Failed { error: error.into() });
+                            continue;
+                        }
                         let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
                         let vnat = routing.vnat.borrow().clone();
                         tokio::spawn(async move {
-                            let reply = match i.request(&conn, version, spec).await {
-                                Ok(intercepted) => Reply::Intercepted { intercepted: intercepted.with_vnat(&vnat) },
+                            let reply = match intercept_and_mount(&i, &conn, version, spec).await {
+                                Ok(intercepted) => Reply::Intercepted { intercepted: Box::new(intercepted.with_vnat(&vnat)) },
                                 Err(e) => Reply::Failed { error: e.to_string() },
                             };
                             call.reply(&reply).await;
@@ -706,6 +712,30 @@ async fn serve(
     // With the data plane gone and `tun` dropped, so is the device.
     drop(tun);
     (why, down_reply, link)
+}
+
+/// Intercepts as `spec` says and, with `--mount`, mounts the pod's files; a mount that
+/// fails fails the command (the intercept stands, as `leave` can end it).
+async fn intercept_and_mount(
+    i: &Intercepts,
+    conn: &quinn::Connection,
+    version: Negotiated,
+    spec: crate::intercept::Spec,
+) -> Result<crate::intercept::Outcome, Error> {
+    let mut outcome = i.request(conn, version, spec).await?;
+    let spec = &outcome.held.spec;
+    if let Some(dir) = &spec.mount {
+        let said = i.mount(&spec.namespace, &spec.service, dir).await.map_err(|e| {
+            Error::System(format!(
+                "intercepted {}/{}, but --mount {} failed: {e}",
+                spec.namespace,
+                spec.service,
+                dir.display()
+            ))
+        })?;
+        outcome.mounted = Some(said);
+    }
+    Ok(outcome)
 }
 
 /// Renews the certificate `issued` of the session `conn` at two thirds of its life (a

@@ -276,6 +276,34 @@ impl Claims {
         }
     }
 
+    /// The pod whose files the client of `session` may read for its intercept of
+    /// `namespace/service` (`intercept --mount`): a captured pod of it, on a node whose
+    /// agent is connected; the first by name, so that the choice is stable.
+    pub fn files_target(&self, session: u64, namespace: &str, service: &str) -> Result<&PodTarget, Refusal> {
+        let held = self
+            .intercepts
+            .values()
+            .find(|i| i.namespace == namespace && i.service == service && i.owner == Owner::Connected(session));
+        let Some(held) = held else {
+            return Err(refuse(
+                ErrorCode::NotFound,
+                format!("this client holds no intercept of {namespace}/{service}"),
+            ));
+        };
+        let mut pods: Vec<(&String, &u64)> = held.captures.iter().collect();
+        pods.sort();
+        pods.into_iter()
+            .filter_map(|(_, id)| self.captures.get(id))
+            .map(|c| &c.target)
+            .find(|t| self.agents.contains_key(&t.node))
+            .ok_or_else(|| {
+                refuse(
+                    ErrorCode::Unavailable,
+                    format!("no pod of {namespace}/{service} is captured now: no files to serve"),
+                )
+            })
+    }
+
     /// Intercepts a Service port for the client of `session`. Checks everything first
     /// (nothing changes on a refusal), then claims the port and sends the captures; the
     /// answer comes as [`Effect::Answer`] with the returned id once the agents answered.

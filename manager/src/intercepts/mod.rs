@@ -56,6 +56,17 @@ pub type Notices = mpsc::UnboundedSender<Message>;
 struct AgentLink {
     session: u64,
     tx: mpsc::UnboundedSender<Message>,
+    /// Its connection (the manager opens file streams on it) and what it serves.
+    conn: quinn::Connection,
+    features: u64,
+}
+
+/// Where the files of an intercept are: the agent's connection and the pod.
+pub struct FilesTarget {
+    pub agent: quinn::Connection,
+    pub pod: crate::targets::PodTarget,
+    /// The Pod object, for its volume mounts.
+    pub spec: Option<Arc<Pod>>,
 }
 
 struct Inner {
@@ -185,12 +196,12 @@ impl Hub {
     pub fn agent_connected(
         &self,
         node: &str,
-        session: u64,
-        version: tpvpn_tunnel::handshake::Negotiated,
+        (session, conn): (u64, quinn::Connection),
+        (version, features): (tpvpn_tunnel::handshake::Negotiated, u64),
         tx: mpsc::UnboundedSender<Message>,
     ) {
         self.with(|h| {
-            h.agents.insert(node.to_string(), AgentLink { session, tx });
+            h.agents.insert(node.to_string(), AgentLink { session, tx, conn, features });
             h.claims.agent_connected(node, session, version);
         });
     }
@@ -258,6 +269,30 @@ impl Hub {
             let owner = h.clients.get(&session)?;
             Some((intercept, owner.intercepts.clone().unwrap_or_else(|| owner.conn.clone())))
         })
+    }
+
+    /// Where the files of the intercept of `namespace/service` that the client of
+    /// `session` holds are served from.
+    pub fn files(&self, session: u64, namespace: &str, service: &str) -> Result<FilesTarget, Refusal> {
+        let (agent, pod) = self.with(|h| {
+            let pod = h.claims.files_target(session, namespace, service)?.clone();
+            let agent = h.agents.get(&pod.node).ok_or_else(|| refuse(ErrorCode::Unavailable, "no agent"))?;
+            if agent.features & tpvpn_tunnel::handshake::FEATURE_FILES == 0 {
+                return Err(refuse(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "the agent of node {} cannot serve files: upgrade the agents (tpvpn manager install)",
+                        pod.node
+                    ),
+                ));
+            }
+            Ok((agent.conn.clone(), pod))
+        })?;
+        let spec = self
+            .objects
+            .as_ref()
+            .and_then(|o| o.pods.get(&kube::runtime::reflector::ObjectRef::new(&pod.name).within(&pod.namespace)));
+        Ok(FilesTarget { agent, pod, spec })
     }
 
     /// Every Service's intercept state as the client of `session` sees it.

@@ -1,0 +1,93 @@
+//! `tpvpn intercept --mount DIR` on real containers: the intercepted container's volume
+//! mounts on the laptop, live, read-only, never beyond them, gone with `leave`.
+//!
+//! The daemon mounts in its own mount namespace (the lab's `ip netns exec` gives each
+//! process tree one), so the test reads the mount through `Lab::daemon_view`.
+
+use std::fs;
+use std::io::ErrorKind;
+use std::process::Output;
+use std::time::Duration;
+
+use tpvpn_lab::pods::{APP_CONF, SECRET_VALUE};
+use tpvpn_lab::{show, wait_until, Lab};
+
+fn lab_with_pods() -> Option<Lab> {
+    let mut lab = tpvpn_lab::lab_or_skip()?;
+    if !lab.start_pods_or_skip() {
+        return None;
+    }
+    if let Err(e) = lab.up(&[]) {
+        panic!("tpvpn up: {e:#}\nmanager log:\n{}", lab.manager_log());
+    }
+    Some(lab)
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    // What the app has made in its emptyDir: a link up into the image, a FIFO nobody
+    // writes, a file.
+    let script = "ln -s ../../usr /var/scratch/up && mkfifo /var/scratch/fifo && echo fresh > /var/scratch/new";
+    let (out, err, code) = lab.exec_in_container("web-0", &["sh", "-c", script]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+
+    let dir = lab.dir().join("pod-files").display().to_string();
+    let env_file = lab.dir().join("web.env").display().to_string();
+    let out = lab.tpvpn_env(
+        &["intercept", "web", "--port", "18888:http", "--mount", &dir, "--env-file", &env_file],
+        &[],
+        Duration::from_secs(40),
+    );
+    assert!(out.status.success(), "intercept --mount:\n{}", show(&out));
+    let said = stdout(&out);
+    assert!(said.contains(&format!("mounted at {dir}")) && said.contains("/etc/config"), "{said}");
+    // On the shared token, Secret and token volumes are left out, and the line says why.
+    assert!(said.contains("left out: /etc/db (Secret"), "{said}");
+    assert!(fs::read_to_string(&env_file).unwrap().contains(&format!("TPVPN_ROOT={dir}")));
+    assert!(lab.daemon_mounted(&dir), "the mount is in the daemon's table");
+
+    let root = lab.daemon_view(&dir);
+    // The configMap through the kubelet's `..data` symlinks, byte for byte.
+    assert_eq!(fs::read_to_string(root.join("etc/config/app.conf")).unwrap(), APP_CONF);
+    assert_eq!(fs::read_to_string(root.join("var/scratch/new")).unwrap(), "fresh\n");
+    // Only the volumes: /etc holds config (not db: left out), the image's files none.
+    let mut names: Vec<String> =
+        fs::read_dir(root.join("etc")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["config"], "only the served volumes of /etc");
+    assert_eq!(fs::read_to_string(root.join("etc/db/password")).map_err(|e| e.kind()), Err(ErrorKind::NotFound));
+    assert!(!fs::read_to_string(root.join("etc/config/app.conf")).unwrap().contains(SECRET_VALUE));
+    assert_eq!(fs::metadata(root.join("usr/sbin/nginx")).map_err(|e| e.kind()).err(), Some(ErrorKind::NotFound));
+    assert!(fs::read_dir(root.join("var/scratch/up")).is_err(), "a link up into the image leads nowhere");
+    // A FIFO is listed, and opening it fails at once instead of waiting for a writer.
+    assert!(fs::symlink_metadata(root.join("var/scratch/fifo")).is_ok());
+    assert!(fs::read(root.join("var/scratch/fifo")).is_err());
+    // Read-only.
+    assert!(fs::write(root.join("var/scratch/new"), "from the laptop").is_err());
+
+    // Live: what the app writes, and a ConfigMap update as the kubelet makes it.
+    let (_, _, code) = lab.exec_in_container("web-0", &["sh", "-c", "echo later > /var/scratch/later"]).unwrap();
+    assert_eq!(code, 0);
+    assert!(
+        wait_until(Duration::from_secs(2), || fs::read_to_string(root.join("var/scratch/later"))
+            .is_ok_and(|t| t == "later\n")),
+        "a file the app wrote appears within 2 s"
+    );
+    lab.update_config_volume("web-0", "config", &[("app.conf", "updated\n")]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(3), || fs::read_to_string(root.join("etc/config/app.conf"))
+            .is_ok_and(|t| t == "updated\n")),
+        "the configMap update shows"
+    );
+
+    // `leave` unmounts.
+    let left = lab.tpvpn(&["leave", "web"]);
+    assert!(left.status.success(), "{}", show(&left));
+    assert!(!lab.daemon_mounted(&dir), "leave removed the mount");
+}
