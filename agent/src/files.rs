@@ -27,7 +27,7 @@ use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
 use tpvpn_tunnel::files::{FileAnswer, FileFailure, FileOp, DIR_PAGE};
 use tpvpn_tunnel::io::write_message;
 use tpvpn_tunnel::{ErrorCode, Message};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::capture::Node;
 use crate::runtime;
@@ -274,9 +274,10 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
         let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
         return;
     };
+    let proc_root = node.proc_root.clone();
     let opened = tokio::task::spawn_blocking(move || open_container(&node, &container_id, &mounts)).await;
-    let volumes = match opened {
-        Ok(Ok(v)) => Arc::new(v),
+    let (volumes, pid) = match opened {
+        Ok(Ok((v, pid))) => (Arc::new(v), pid),
         Ok(Err(why)) => {
             let refusal =
                 Message::Error { code: ErrorCode::NotFound, version: tpvpn_tunnel::PROTOCOL_VERSION, message: why };
@@ -292,7 +293,15 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
     if write_message(&mut send, &Message::Ack { message: String::new() }).await.is_err() {
         return;
     }
+    let process = proc_root.join(pid.to_string());
     while let Some(Ok(Some(Message::FileRequest { id, path, op }))) = frames.recv().await {
+        // The container is gone (its pod deleted or restarted): the stream ends, and the
+        // laptop asks again, of a pod that is there.
+        if !process.exists() {
+            info!(pid, "the container of a file stream is gone: ending it");
+            let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
+            return;
+        }
         let v = volumes.clone();
         let Ok(answer) = tokio::task::spawn_blocking(move || answer(&v, &path, op)).await else { return };
         if write_message(&mut send, &Message::FileReply { id, answer }).await.is_err() {
@@ -302,15 +311,18 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
     let _ = send.finish();
 }
 
-/// The volume mounts `mounts` of container `container_id`, under its own root.
-fn open_container(node: &Node, container_id: &str, mounts: &[String]) -> Result<Volumes, String> {
+/// The volume mounts `mounts` of container `container_id`, under its own root, and the
+/// pid of its first process.
+fn open_container(node: &Node, container_id: &str, mounts: &[String]) -> Result<(Volumes, u32), String> {
     let pid = match runtime::find(&node.runtime_roots, container_id) {
         Some(bundle) => bundle.pid().map_err(|e| e.to_string())?,
         None => runtime::pid_of_container(&node.proc_root, container_id)
             .ok_or_else(|| format!("container {container_id} is not running on this node"))?,
     };
     let mounts: Vec<&str> = mounts.iter().map(String::as_str).collect();
-    Volumes::open(&node.proc_root.join(pid.to_string()).join("root"), &mounts).map_err(|e| e.to_string())
+    let volumes =
+        Volumes::open(&node.proc_root.join(pid.to_string()).join("root"), &mounts).map_err(|e| e.to_string())?;
+    Ok((volumes, pid))
 }
 
 #[cfg(test)]

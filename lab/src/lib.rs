@@ -924,6 +924,16 @@ impl Lab {
         self.dir.join("run")
     }
 
+    /// Whether this machine can mount FUSE file systems (`intercept --mount`); says so
+    /// on stderr when it cannot.
+    pub fn fuse_or_skip() -> bool {
+        let there = Path::new("/dev/fuse").exists();
+        if !there {
+            eprintln!("SKIPPED: no /dev/fuse on this machine: intercept --mount cannot be tested");
+        }
+        there
+    }
+
     /// `path` as the laptop's daemon sees it: through its mount namespace (the lab's `ip
     /// netns exec` gives each process tree one), where `intercept --mount` mounts.
     pub fn daemon_view(&self, path: &str) -> PathBuf {

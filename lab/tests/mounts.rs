@@ -29,6 +29,9 @@ fn stdout(out: &Output) -> String {
 
 #[test]
 fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
+    if !Lab::fuse_or_skip() {
+        return;
+    }
     let Some(mut lab) = lab_with_pods() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     // What the app has made in its emptyDir: a link up into the image, a FIFO nobody
@@ -90,4 +93,35 @@ fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
     let left = lab.tpvpn(&["leave", "web"]);
     assert!(left.status.success(), "{}", show(&left));
     assert!(!lab.daemon_mounted(&dir), "leave removed the mount");
+}
+
+#[test]
+fn the_mount_moves_to_another_pod_when_its_pod_is_deleted() {
+    if !Lab::fuse_or_skip() {
+        return;
+    }
+    let Some(mut lab) = lab_with_pods() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    for pod in ["web-0", "web-1"] {
+        let (out, err, code) =
+            lab.exec_in_container(pod, &["sh", "-c", &format!("echo {pod} > /var/scratch/who")]).unwrap();
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    let dir = lab.dir().join("pod-files").display().to_string();
+    let out =
+        lab.tpvpn_env(&["intercept", "web", "--port", "18888:http", "--mount", &dir], &[], Duration::from_secs(40));
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(stdout(&out).contains("files of pod default/web-0"), "the first captured pod by name: {}", show(&out));
+    let who = lab.daemon_view(&dir).join("var/scratch/who");
+    assert_eq!(fs::read_to_string(&who).unwrap(), "web-0\n");
+
+    // Its pod deleted: reads fail at once (never hang) until the mount is served by the
+    // pod that is left.
+    lab.delete_pod("web-0").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(15), || fs::read_to_string(&who).is_ok_and(|t| t == "web-1\n")),
+        "the mount did not move to web-1:\n{}",
+        lab.agent_log()
+    );
+    assert!(lab.daemon_mounted(&dir));
 }
