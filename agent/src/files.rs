@@ -21,6 +21,8 @@ use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use nix::errno::Errno;
 use nix::fcntl::{openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
@@ -265,6 +267,9 @@ pub fn answer(volumes: &Volumes, path: &str, op: FileOp) -> FileAnswer {
     result.unwrap_or_else(|e| FileAnswer::Failed { failure: e.failure(), message: e.to_string() })
 }
 
+/// Requests of one stream answered at once.
+const IN_FLIGHT: usize = 4;
+
 /// Serves a stream of file requests the manager opened: `FilesOpen` names the container
 /// and its volume mounts; answered `Ack` (or `Error`), then each request in order until
 /// the stream ends.
@@ -294,17 +299,35 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
         return;
     }
     let process = proc_root.join(pid.to_string());
-    while let Some(Ok(Some(Message::FileRequest { id, path, op }))) = frames.recv().await {
-        // The container is gone (its pod deleted or restarted): the stream ends, and the
-        // laptop asks again, of a pod that is there.
-        if !process.exists() {
-            info!(pid, "the container of a file stream is gone: ending it");
+    let requests = futures::stream::unfold(frames, |mut frames| async move {
+        match frames.recv().await {
+            Some(Ok(Some(Message::FileRequest { id, path, op }))) => Some(((id, path, op), frames)),
+            _ => None,
+        }
+    });
+    // A few answered at once (reads of a file in flight together), written in order.
+    let answers = requests
+        .map(|(id, path, op)| {
+            let (v, process) = (volumes.clone(), process.clone());
+            async move {
+                // The container is gone (its pod deleted or restarted): the stream ends,
+                // and the laptop asks again, of a pod that is there.
+                if !process.exists() {
+                    info!(pid, "the container of a file stream is gone: ending it");
+                    return None;
+                }
+                let answer = tokio::task::spawn_blocking(move || answer(&v, &path, op)).await.ok()?;
+                Some(Message::FileReply { id, answer })
+            }
+        })
+        .buffered(IN_FLIGHT);
+    tokio::pin!(answers);
+    while let Some(reply) = answers.next().await {
+        let Some(reply) = reply else {
             let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
             return;
-        }
-        let v = volumes.clone();
-        let Ok(answer) = tokio::task::spawn_blocking(move || answer(&v, &path, op)).await else { return };
-        if write_message(&mut send, &Message::FileReply { id, answer }).await.is_err() {
+        };
+        if write_message(&mut send, &reply).await.is_err() {
             return;
         }
     }

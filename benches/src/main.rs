@@ -24,6 +24,7 @@ mod iperf;
 mod large;
 mod latency;
 mod machine;
+mod mounts;
 mod paths;
 mod peers;
 mod personal;
@@ -53,6 +54,7 @@ const SECTIONS: &[(&str, Section)] = &[
     // Last: they add pods and the agent to the lab.
     ("intercept", |lab| intercept::section(lab)),
     ("personal", |lab| personal::section(lab)),
+    ("mounts", |lab| mounts::section(lab)),
 ];
 
 fn main() -> Result<()> {
@@ -62,7 +64,7 @@ fn main() -> Result<()> {
         Some("pingpong") => return latency::client_cmd(&args[1..]),
         Some("port-forward") => return portforward::forward_cmd(&args[1..]),
         Some(s) if !SECTIONS.iter().any(|(name, _)| *name == s) => {
-            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, large, portforward, vnat, intercept, personal; tools are pingpong-server, pingpong, port-forward")
+            bail!("unknown argument {s:?}: sections are paths, scale, wan, dns, large, portforward, vnat, intercept, personal, mounts; tools are pingpong-server, pingpong, port-forward")
         }
         _ => {}
     }

@@ -618,6 +618,12 @@ impl Lab {
         crate::volumes::atomic_write(&dir, held)
     }
 
+    /// Where pod `pod`'s volume `volume` is on the node (what its containers see of it).
+    pub fn pod_volume_dir(&self, pod: &str, volume: &str) -> Option<PathBuf> {
+        let p = self.pods.iter().find(|p| p.spec.name == pod)?;
+        Some(p.volumes.iter().find(|v| v.name == volume)?.host_dir(&self.pod_dir(pod)))
+    }
+
     /// The directory of pod `name` on the node (its volumes under `volumes/`).
     pub fn pod_dir(&self, name: &str) -> PathBuf {
         self.dir.join("pods").join(name)

@@ -125,3 +125,33 @@ fn the_mount_moves_to_another_pod_when_its_pod_is_deleted() {
     );
     assert!(lab.daemon_mounted(&dir));
 }
+
+#[test]
+fn a_large_file_and_a_large_directory_are_read_whole() {
+    if !Lab::fuse_or_skip() {
+        return;
+    }
+    let Some(lab) = lab_with_pods() else { return };
+    // Made as the app would, in its emptyDir (the node's directory the container sees).
+    let node = lab.pod_volume_dir("web-0", "scratch").unwrap();
+    let big: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    fs::write(node.join("big"), &big).unwrap();
+    fs::create_dir(node.join("many")).unwrap();
+    for i in 0..10_000 {
+        fs::write(node.join("many").join(format!("entry-{i:05}")), i.to_string()).unwrap();
+    }
+    let dir = lab.dir().join("pod-files").display().to_string();
+    let out =
+        lab.tpvpn_env(&["intercept", "web", "--port", "18888:http", "--mount", &dir], &[], Duration::from_secs(40));
+    assert!(out.status.success(), "{}", show(&out));
+    let root = lab.daemon_view(&dir).join("var/scratch");
+
+    let read = fs::read(root.join("big")).unwrap();
+    assert!(read.len() == big.len() && read == big, "256 MiB read whole and exact ({} bytes)", read.len());
+    let mut names: Vec<String> =
+        fs::read_dir(root.join("many")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    names.sort();
+    assert_eq!(names.len(), 10_000, "every entry listed once");
+    assert_eq!((names[0].as_str(), names[9_999].as_str()), ("entry-00000", "entry-09999"));
+    assert_eq!(fs::read_to_string(root.join("many/entry-04242")).unwrap(), "4242");
+}

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry,
-    ReplyOpen, Request,
+    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEntry, ReplyOpen, Request,
 };
 use tpvpn_tunnel::files::{FileAnswer, FileAttr as Attr, FileKind, FileOp, READ_MAX};
 
@@ -139,7 +139,10 @@ fn errno(answer: FileAnswer) -> i32 {
 
 impl Filesystem for Fs {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+        use fuser::consts::{FUSE_DO_READDIRPLUS, FUSE_PARALLEL_DIROPS};
+        // Reads of up to 1 MiB (fuser asks for max_pages from this), several in flight.
         let _ = config.set_max_readahead(1 << 20);
+        let _ = config.add_capabilities(FUSE_DO_READDIRPLUS | FUSE_PARALLEL_DIROPS);
         Ok(())
     }
 
@@ -209,14 +212,18 @@ impl Filesystem for Fs {
         let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
         self.on_path(ino, reply, ReplyData::error, move |files, path, reply| {
             Box::pin(async move {
+                // In questions of at most READ_MAX, asked together; a short one ends the file.
+                let chunks = (0..size.div_ceil(READ_MAX)).map(|i| {
+                    let (at, len) = (offset + u64::from(i * READ_MAX), (size - i * READ_MAX).min(READ_MAX));
+                    let (files, path) = (files.clone(), path.clone());
+                    async move { (len, files.ask(&path, FileOp::Read { offset: at, len }).await) }
+                });
                 let mut data = Vec::with_capacity(size as usize);
-                while data.len() < size as usize {
-                    let len = (size - data.len() as u32).min(READ_MAX);
-                    match files.ask(&path, FileOp::Read { offset: offset + data.len() as u64, len }).await {
+                for (len, answer) in futures::future::join_all(chunks).await {
+                    match answer {
                         FileAnswer::Data(d) => {
-                            let short = d.len() < len as usize;
                             data.extend_from_slice(&d);
-                            if short {
+                            if d.len() < len as usize {
                                 break;
                             }
                         }
@@ -229,44 +236,75 @@ impl Filesystem for Fs {
     }
 
     fn readdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
-        let inodes = self.inodes.clone();
         let Some(dir) = self.path(ino) else { return reply.error(libc::ENOENT) };
-        let files = self.files.clone();
-        // Offsets: 1 after ".", 2 after "..", 2 + n after the nth entry.
+        let (files, inodes) = (self.files.clone(), self.inodes.clone());
         self.rt.spawn(async move {
-            let mut at = u64::try_from(offset).unwrap_or(0);
-            if at == 0 {
-                if reply.add(ino, 1, FileType::Directory, ".") {
-                    return reply.ok();
-                }
-                at = 1;
-            }
-            if at == 1 {
-                if reply.add(ino, 2, FileType::Directory, "..") {
-                    return reply.ok();
-                }
-                at = 2;
-            }
-            let mut from = u32::try_from(at - 2).unwrap_or(u32::MAX);
-            loop {
-                let (entries, next) = match files.ask(&dir, FileOp::ReadDir { from }).await {
-                    FileAnswer::Entries { entries, next } => (entries, next),
-                    other => return reply.error(errno(other)),
-                };
-                for (name, a) in entries {
-                    from += 1;
-                    let ino = inodes.lock().unwrap_or_else(|e| e.into_inner()).seen(&child(&dir, &name), a.kind);
-                    let kind = attr(ino, &a, (0, 0)).kind;
-                    if reply.add(ino, 2 + i64::from(from), kind, &name) {
-                        return reply.ok();
-                    }
-                }
-                if next == 0 {
-                    return reply.ok();
-                }
-                from = next;
+            let listed = list(&files, &inodes, (&dir, ino), offset, |ino, next, name, a| {
+                reply.add(ino, next, attr(ino, a, (0, 0)).kind, name)
+            });
+            match listed.await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
         });
+    }
+
+    /// Entries with their attributes: `ls -l` of a directory in one question per page,
+    /// not one per entry.
+    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectoryPlus) {
+        let Some(dir) = self.path(ino) else { return reply.error(libc::ENOENT) };
+        let (files, inodes, owner) = (self.files.clone(), self.inodes.clone(), self.owner);
+        self.rt.spawn(async move {
+            let listed = list(&files, &inodes, (&dir, ino), offset, |ino, next, name, a| {
+                reply.add(ino, next, name, &TTL, &attr(ino, a, owner), 0)
+            });
+            match listed.await {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+}
+
+/// What "." and ".." are listed with.
+const DOT: Attr = Attr { kind: FileKind::Dir, size: 0, mode: 0o755, mtime: 0 };
+
+/// Lists directory `dir` (inode `ino`) from `offset`, giving each entry (its inode, the
+/// offset after it, its name and attributes) to `add` until `add` says the reply is
+/// full. Offsets: 1 after ".", 2 after "..", 2 + n after the nth entry.
+async fn list(
+    files: &Files,
+    inodes: &Mutex<Inodes>,
+    (dir, ino): (&str, u64),
+    offset: i64,
+    mut add: impl FnMut(u64, i64, &str, &Attr) -> bool,
+) -> Result<(), i32> {
+    let mut at = u64::try_from(offset).unwrap_or(0);
+    for (dot, name) in [(0, "."), (1, "..")] {
+        if at == dot {
+            if add(ino, dot as i64 + 1, name, &DOT) {
+                return Ok(());
+            }
+            at = dot + 1;
+        }
+    }
+    let mut from = u32::try_from(at - 2).unwrap_or(u32::MAX);
+    loop {
+        let (entries, next) = match files.ask(dir, FileOp::ReadDir { from }).await {
+            FileAnswer::Entries { entries, next } => (entries, next),
+            other => return Err(errno(other)),
+        };
+        for (name, a) in entries {
+            from += 1;
+            let ino = inodes.lock().unwrap_or_else(|e| e.into_inner()).seen(&child(dir, &name), a.kind);
+            if add(ino, 2 + i64::from(from), &name, &a) {
+                return Ok(());
+            }
+        }
+        if next == 0 {
+            return Ok(());
+        }
+        from = next;
     }
 }
 
