@@ -304,6 +304,19 @@ pub fn lab_or_skip() -> Option<Lab> {
     Some(Lab::new().unwrap_or_else(|e| panic!("cannot build the lab: {e:#}")))
 }
 
+/// For tests: a lab with pods and the agent, and `tpvpn up` on the laptop; `None` (the
+/// test skipped) without root or without the container runtime.
+pub fn lab_with_pods_or_skip() -> Option<Lab> {
+    let mut lab = lab_or_skip()?;
+    if !lab.start_pods_or_skip() {
+        return None;
+    }
+    if let Err(e) = lab.up(&[]) {
+        panic!("tpvpn up: {e:#}\nmanager log:\n{}", lab.manager_log());
+    }
+    Some(lab)
+}
+
 /// Path of one of the workspace's binaries, or a clear error.
 fn find_bin(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);

@@ -24,18 +24,6 @@ fn assert_ok(out: &Output, what: &str) {
     assert!(out.status.success(), "{what} failed:\n{}", show(out));
 }
 
-/// A lab with pods and the agent, and tpvpn up on the laptop.
-fn lab_with_pods() -> Option<Lab> {
-    let mut lab = tpvpn_lab::lab_or_skip()?;
-    if !lab.start_pods_or_skip() {
-        return None;
-    }
-    if let Err(e) = lab.up(&[]) {
-        panic!("tpvpn up: {e:#}\nmanager log:\n{}", lab.manager_log());
-    }
-    Some(lab)
-}
-
 /// curl from the caller pod.
 fn curl(lab: &Lab, url: &str) -> Output {
     lab.exec_timeout(lab.caller(), &["curl", "-sS", "--max-time", "5", url], Duration::from_secs(10))
@@ -89,7 +77,7 @@ fn nginx_pid(lab: &Lab, pod: &str) -> String {
 
 #[test]
 fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     let pods =
         [format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0")), format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-1"))];
@@ -179,7 +167,7 @@ fn a_global_intercept_takes_every_pod_and_leave_gives_them_back() {
 
 #[test]
 fn a_stuck_agent_gives_the_pods_back_within_seconds() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     let pod = format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0"));
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
@@ -206,7 +194,7 @@ fn a_stuck_agent_gives_the_pods_back_within_seconds() {
 
 #[test]
 fn hundreds_of_slow_callers_do_not_take_the_pods_down() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     // The agent with the soft descriptor limit a container may start with (containerd 2.0
     // gives 1,024; smaller here, for fewer connections to make the point).
     lab.start_agent_with(&["prlimit", "--nofile=256:"], &[]).unwrap();
@@ -240,7 +228,7 @@ fn hundreds_of_slow_callers_do_not_take_the_pods_down() {
 
 #[test]
 fn a_pod_restarting_right_after_leave_binds_its_port() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "tpvpn intercept web");
     // Callers that read until the server closes (HTTP/1.0): the laptop's side closes first,
@@ -281,7 +269,7 @@ fn from_caller(lab: &Lab, args: &[&str]) -> Output {
 
 #[test]
 fn numeric_target_ports_bytes_both_ways_new_pods_and_a_refusing_laptop() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_servers(19001, 19003).unwrap();
     let alt = |ip: &str| format!("{ip}:{ALT_PORT}");
     const BIG: &str = "33554432";
@@ -318,7 +306,7 @@ fn numeric_target_ports_bytes_both_ways_new_pods_and_a_refusing_laptop() {
 
 #[test]
 fn clear_errors_and_one_holder_per_port() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     let fails = |lab: &Lab, args: &[&str], want: &str| {
         let out = intercept(lab, args);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -365,7 +353,7 @@ fn clear_errors_and_one_holder_per_port() {
 
 #[test]
 fn an_agent_that_loses_the_manager_removes_its_rules() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
     assert_eq!(captures(&lab, "web-0"), 1);
@@ -382,7 +370,7 @@ fn an_agent_that_loses_the_manager_removes_its_rules() {
 
 #[test]
 fn losing_the_agent_or_the_laptop_gives_the_pods_back_and_a_new_daemon_reclaims() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     let pod = format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0"));
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
@@ -440,7 +428,7 @@ fn losing_the_agent_or_the_laptop_gives_the_pods_back_and_a_new_daemon_reclaims(
 
 #[test]
 fn a_meshed_pod_is_captured_behind_its_sidecar() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     let pod = format!("http://{}:{HTTP_PORT}/", ip(&lab, "mesh-0"));
     assert_answers(&lab, &pod, "pod mesh-0");
@@ -496,7 +484,7 @@ fn agent_namespaces(lab: &Lab) -> Vec<u64> {
 #[test]
 fn a_container_restart_and_a_pod_deletion_while_intercepted() {
     use std::os::unix::fs::MetadataExt;
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
     let web0 = format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0"));
@@ -534,7 +522,7 @@ fn a_container_restart_and_a_pod_deletion_while_intercepted() {
 
 #[test]
 fn uninstall_leaves_no_agent_and_no_capture_table() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     assert_ok(&intercept(&lab, &["web", "--port", "18888:http"]), "intercept");
     assert_answers(&lab, &format!("http://{}:{HTTP_PORT}/", ip(&lab, "web-0")), "answered by the laptop");
@@ -566,7 +554,7 @@ fn uninstall_leaves_no_agent_and_no_capture_table() {
 /// developer's whole tunnel shares: every outbound flow and cluster DNS query stalled.
 #[test]
 fn callers_that_never_read_do_not_freeze_the_developers_tunnel() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_servers(18901, 18903).unwrap();
     assert_ok(&intercept(&lab, &["web", "--port", "18903:http"]), "intercept web to the laptop's source");
     // 64 callers ask the laptop's source for 32 MiB each with a 4 KiB receive buffer, and
@@ -596,7 +584,7 @@ fn callers_that_never_read_do_not_freeze_the_developers_tunnel() {
 /// developer's other intercepts stopped answering (their callers went to the pods).
 #[test]
 fn callers_that_never_read_stall_none_of_the_developers_other_intercepts() {
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_servers(18901, 18903).unwrap();
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     assert_ok(&intercept(&lab, &["web", "--port", "18903:http"]), "intercept web to the laptop's source");

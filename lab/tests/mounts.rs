@@ -12,17 +12,6 @@ use std::time::Duration;
 use tpvpn_lab::pods::{APP_CONF, SECRET_VALUE};
 use tpvpn_lab::{show, wait_until, Lab};
 
-fn lab_with_pods() -> Option<Lab> {
-    let mut lab = tpvpn_lab::lab_or_skip()?;
-    if !lab.start_pods_or_skip() {
-        return None;
-    }
-    if let Err(e) = lab.up(&[]) {
-        panic!("tpvpn up: {e:#}\nmanager log:\n{}", lab.manager_log());
-    }
-    Some(lab)
-}
-
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -32,7 +21,7 @@ fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
     if !Lab::fuse_or_skip() {
         return;
     }
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     // What the app has made in its emptyDir: a link up into the image, a FIFO nobody
     // writes, a file.
@@ -100,7 +89,7 @@ fn the_mount_moves_to_another_pod_when_its_pod_is_deleted() {
     if !Lab::fuse_or_skip() {
         return;
     }
-    let Some(mut lab) = lab_with_pods() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     for pod in ["web-0", "web-1"] {
         let (out, err, code) =
@@ -131,7 +120,7 @@ fn a_large_file_and_a_large_directory_are_read_whole() {
     if !Lab::fuse_or_skip() {
         return;
     }
-    let Some(lab) = lab_with_pods() else { return };
+    let Some(lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     // Made as the app would, in its emptyDir (the node's directory the container sees).
     let node = lab.pod_volume_dir("web-0", "scratch").unwrap();
     let big: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
