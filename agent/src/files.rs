@@ -1,5 +1,5 @@
 //! A container's volume mounts, read as the container sees them and never beyond (the
-//! agent's half of `tpvpn intercept --mount`, issue 23; not yet reachable from a laptop).
+//! agent's half of `tpvpn intercept --mount`).
 //!
 //! Everything is resolved under the container's own root (`/proc/PID/root` of its first
 //! process, where its mount namespace's volumes are) with `openat2(RESOLVE_IN_ROOT |
@@ -251,16 +251,58 @@ impl FileError {
     }
 }
 
-/// The answer to `op` on `path`.
-pub fn answer(volumes: &Volumes, path: &str, op: FileOp) -> FileAnswer {
+/// A directory's entries, as listed once.
+type Listed = Arc<Vec<(String, Attr)>>;
+
+/// Directories being read on one stream. A reader asks for a directory from entry 0,
+/// then from where its buffer filled (a few dozen entries at a time): every question
+/// after the first is answered from the listing the first one made, so a directory is
+/// listed (each entry stat'ed) once per reading, not once per question, and no entry is
+/// skipped or repeated when it changes in between. A listing is dropped when its last
+/// entry is given, when the directory is read from 0 again, or, a few being kept, when
+/// others are read after it.
+#[derive(Default)]
+pub struct Listings(std::sync::Mutex<Vec<(String, Listed)>>);
+
+/// Directories read at once on one stream.
+const LISTINGS: usize = 8;
+
+impl Listings {
+    /// The page of `path` from entry `from`.
+    fn page(&self, volumes: &Volumes, path: &str, from: u32) -> Result<FileAnswer, FileError> {
+        let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let at = kept.iter().position(|(p, _)| p == path);
+        let all = match at.filter(|_| from > 0) {
+            Some(i) => kept.remove(i).1,
+            None => {
+                if let Some(i) = at {
+                    kept.remove(i);
+                }
+                drop(kept);
+                let all = Arc::new(volumes.read_dir(path)?);
+                kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+                all
+            }
+        };
+        let from = from as usize;
+        let end = all.len().min(from.saturating_add(DIR_PAGE as usize));
+        let next = if end < all.len() { end as u32 } else { 0 };
+        let entries = all.get(from..end).unwrap_or_default().to_vec();
+        if next != 0 {
+            if kept.len() == LISTINGS {
+                kept.remove(0);
+            }
+            kept.push((path.to_owned(), all));
+        }
+        Ok(FileAnswer::Entries { entries, next })
+    }
+}
+
+/// The answer to `op` on `path` (directories paged through `listings`).
+pub fn answer(volumes: &Volumes, listings: &Listings, path: &str, op: FileOp) -> FileAnswer {
     let result = match op {
         FileOp::Stat => volumes.stat(path).map(FileAnswer::Attr),
-        FileOp::ReadDir { from } => volumes.read_dir(path).map(|all| {
-            let from = from as usize;
-            let end = all.len().min(from.saturating_add(DIR_PAGE as usize));
-            let next = if end < all.len() { end as u32 } else { 0 };
-            FileAnswer::Entries { entries: all.get(from..end).unwrap_or_default().to_vec(), next }
-        }),
+        FileOp::ReadDir { from } => listings.page(volumes, path, from),
         FileOp::Read { offset, len } => volumes.read(path, offset, len as usize).map(FileAnswer::Data),
         FileOp::ReadLink => volumes.readlink(path).map(FileAnswer::Target),
     };
@@ -299,6 +341,7 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
         return;
     }
     let process = proc_root.join(pid.to_string());
+    let listings = Arc::new(Listings::default());
     let requests = futures::stream::unfold(frames, |mut frames| async move {
         match frames.recv().await {
             Some(Ok(Some(Message::FileRequest { id, path, op }))) => Some(((id, path, op), frames)),
@@ -308,7 +351,7 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
     // A few answered at once (reads of a file in flight together), written in order.
     let answers = requests
         .map(|(id, path, op)| {
-            let (v, process) = (volumes.clone(), process.clone());
+            let (v, listings, process) = (volumes.clone(), listings.clone(), process.clone());
             async move {
                 // The container is gone (its pod deleted or restarted): the stream ends,
                 // and the laptop asks again, of a pod that is there.
@@ -316,7 +359,7 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
                     info!(pid, "the container of a file stream is gone: ending it");
                     return None;
                 }
-                let answer = tokio::task::spawn_blocking(move || answer(&v, &path, op)).await.ok()?;
+                let answer = tokio::task::spawn_blocking(move || answer(&v, &listings, &path, op)).await.ok()?;
                 Some(Message::FileReply { id, answer })
             }
         })
@@ -387,15 +430,19 @@ mod tests {
         for i in 0..(DIR_PAGE + 3) {
             fs::write(dir.0.join(format!("data/f{i:04}")), "").unwrap();
         }
-        let FileAnswer::Entries { entries, next } = answer(&v, "/data", FileOp::ReadDir { from: 0 }) else { panic!() };
+        let l = Listings::default();
+        let FileAnswer::Entries { entries, next } = answer(&v, &l, "/data", FileOp::ReadDir { from: 0 }) else {
+            panic!()
+        };
         assert_eq!((entries.len(), next), (DIR_PAGE as usize, DIR_PAGE));
-        let FileAnswer::Entries { entries: rest, next } = answer(&v, "/data", FileOp::ReadDir { from: next }) else {
+        let FileAnswer::Entries { entries: rest, next } = answer(&v, &l, "/data", FileOp::ReadDir { from: next })
+        else {
             panic!()
         };
         // The FIFO, the two links and the files: everything once, in order.
         assert_eq!((entries.len() + rest.len(), next), (DIR_PAGE as usize + 3 + 3, 0));
         assert!(entries.last().unwrap().0 < rest[0].0);
-        let failure = |path: &str, op| match answer(&v, path, op) {
+        let failure = |path: &str, op| match answer(&v, &l, path, op) {
             FileAnswer::Failed { failure, .. } => failure,
             other => panic!("{path}: {other:?}"),
         };
@@ -404,14 +451,38 @@ mod tests {
         assert_eq!(failure("/data/fifo", FileOp::Read { offset: 0, len: 10 }), FileFailure::Denied);
         assert_eq!(failure("/data/up/shadow", FileOp::Read { offset: 0, len: 10 }), FileFailure::Denied);
         assert_eq!(failure("/data/../etc", FileOp::Stat), FileFailure::Invalid);
-        assert_eq!(answer(&v, "/data/up", FileOp::ReadLink), FileAnswer::Target("../etc".into()));
+        assert_eq!(answer(&v, &l, "/data/up", FileOp::ReadLink), FileAnswer::Target("../etc".into()));
         assert_eq!(
-            answer(&v, "/etc/config/..data/app.conf", FileOp::Read { offset: 1, len: 3 }),
+            answer(&v, &l, "/etc/config/..data/app.conf", FileOp::Read { offset: 1, len: 3 }),
             FileAnswer::Failed {
                 failure: FileFailure::Denied,
                 message: "/etc/config/..data/app.conf: a part of it is a symlink, which the agent never follows".into()
             }
         );
+    }
+
+    #[test]
+    fn a_directory_read_in_parts_is_listed_once() {
+        let (dir, v) = root("listed");
+        for i in 0..(DIR_PAGE + 20) {
+            fs::write(dir.0.join(format!("data/f{i:04}")), "").unwrap();
+        }
+        let listed = v.read_dir("/data").unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+        let l = Listings::default();
+        let names = |from| match answer(&v, &l, "/data", FileOp::ReadDir { from }) {
+            FileAnswer::Entries { entries, .. } => entries.into_iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(names(0), listed[..DIR_PAGE as usize]);
+        // Changed between two questions of one reading: the reading goes on as it began
+        // (nothing skipped or given twice); the next reading sees the change.
+        fs::write(dir.0.join("data/a-new"), "").unwrap();
+        fs::remove_file(dir.0.join("data/f0520")).unwrap();
+        assert_eq!(names(5), listed[5..5 + DIR_PAGE as usize], "asked again from further back");
+        assert_eq!(names(DIR_PAGE), listed[DIR_PAGE as usize..], "the last page");
+        let again = names(0);
+        assert_eq!(again[0], "a-new");
+        assert!(!names(DIR_PAGE).contains(&"f0520".to_string()));
     }
 
     #[test]

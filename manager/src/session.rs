@@ -892,6 +892,10 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
 /// A stream of file requests for the client's intercept of `namespace/service`
 /// (`intercept --mount`): checked, then joined to a stream to the agent of a captured
 /// pod, which answers them; the manager only relays the bytes after the answer.
+/// How long the manager waits for an agent to open a container's files (less than the
+/// laptop waits for the manager, so that the laptop hears why).
+const AGENT_ANSWER: Duration = Duration::from_secs(10);
+
 async fn files(ctx: &Ctx, mut send: quinn::SendStream, recv: quinn::RecvStream, namespace: &str, service: &str) {
     let opened = async {
         if !ctx.version.intercepts() {
@@ -917,12 +921,20 @@ async fn files(ctx: &Ctx, mut send: quinn::SendStream, recv: quinn::RecvStream, 
             mounts: mounts.clone(),
         };
         write_message(&mut to_agent, &open).await.map_err(|e| unavailable(e.to_string()))?;
-        match read_message(&mut from_agent).await {
-            Ok(Some(Message::Ack { .. })) => {}
-            Ok(Some(Message::Error { code, message, .. })) => {
+        match tokio::time::timeout(AGENT_ANSWER, read_message(&mut from_agent)).await {
+            Ok(Ok(Some(Message::Ack { .. }))) => {}
+            Ok(Ok(Some(Message::Error { code, message, .. }))) => {
                 return Err(crate::intercepts::Refusal { code, message: format!("pod {}: {message}", target.pod.name) })
             }
-            other => {
+            Err(_) => {
+                let _ = to_agent.reset(tpvpn_tunnel::RESET_CODE.into());
+                return Err(unavailable(format!(
+                    "the agent of node {} did not open the files within {} s",
+                    target.pod.node,
+                    AGENT_ANSWER.as_secs()
+                )));
+            }
+            Ok(other) => {
                 return Err(unavailable(format!("the agent of node {} did not answer: {other:?}", target.pod.node)))
             }
         }

@@ -69,16 +69,39 @@ fn child(dir: &str, name: &str) -> String {
     }
 }
 
+/// One answer to a directory question: entries from `from` on, `next` where the next
+/// page starts (0: none).
+struct Page {
+    from: u32,
+    entries: Vec<(String, Attr)>,
+    next: u32,
+}
+
+/// The last page answered per open directory. The kernel reads a directory a few dozen
+/// entries at a time; every question of it that falls in the page at hand is answered
+/// here, so a page of entries is asked of the pod once.
+#[derive(Default)]
+struct Pages {
+    last_handle: u64,
+    open: HashMap<u64, Arc<Page>>,
+}
+
 /// The read-only file system of one intercept's files.
 struct Fs {
     files: Arc<Files>,
     rt: tokio::runtime::Handle,
     inodes: Arc<Mutex<Inodes>>,
+    pages: Arc<Mutex<Pages>>,
     /// Who owns every file on the laptop: the user who ran `tpvpn up`.
     owner: (u32, u32),
 }
 
 impl Fs {
+    /// What reads open directory `handle`.
+    fn lister(&self, handle: u64) -> Lister {
+        Lister { files: self.files.clone(), inodes: self.inodes.clone(), pages: self.pages.clone(), handle }
+    }
+
     fn path(&self, ino: u64) -> Option<String> {
         self.inodes.lock().unwrap_or_else(|e| e.into_inner()).path(ino)
     }
@@ -235,13 +258,23 @@ impl Filesystem for Fs {
         });
     }
 
-    fn readdir(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectory) {
+    fn opendir(&mut self, _req: &Request<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
+        let mut pages = self.pages.lock().unwrap_or_else(|e| e.into_inner());
+        pages.last_handle += 1;
+        reply.opened(pages.last_handle, 0);
+    }
+
+    fn releasedir(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _flags: i32, reply: fuser::ReplyEmpty) {
+        self.pages.lock().unwrap_or_else(|e| e.into_inner()).open.remove(&fh);
+        reply.ok();
+    }
+
+    fn readdir(&mut self, _req: &Request<'_>, ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectory) {
         let Some(dir) = self.path(ino) else { return reply.error(libc::ENOENT) };
-        let (files, inodes) = (self.files.clone(), self.inodes.clone());
+        let lister = self.lister(fh);
         self.rt.spawn(async move {
-            let listed = list(&files, &inodes, (&dir, ino), offset, |ino, next, name, a| {
-                reply.add(ino, next, attr(ino, a, (0, 0)).kind, name)
-            });
+            let listed = lister
+                .list((&dir, ino), offset, |ino, next, name, a| reply.add(ino, next, attr(ino, a, (0, 0)).kind, name));
             match listed.await {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(e),
@@ -251,11 +284,11 @@ impl Filesystem for Fs {
 
     /// Entries with their attributes: `ls -l` of a directory in one question per page,
     /// not one per entry.
-    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, offset: i64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&mut self, _req: &Request<'_>, ino: u64, fh: u64, offset: i64, mut reply: ReplyDirectoryPlus) {
         let Some(dir) = self.path(ino) else { return reply.error(libc::ENOENT) };
-        let (files, inodes, owner) = (self.files.clone(), self.inodes.clone(), self.owner);
+        let (lister, owner) = (self.lister(fh), self.owner);
         self.rt.spawn(async move {
-            let listed = list(&files, &inodes, (&dir, ino), offset, |ino, next, name, a| {
+            let listed = lister.list((&dir, ino), offset, |ino, next, name, a| {
                 reply.add(ino, next, name, &TTL, &attr(ino, a, owner), 0)
             });
             match listed.await {
@@ -269,42 +302,65 @@ impl Filesystem for Fs {
 /// What "." and ".." are listed with.
 const DOT: Attr = Attr { kind: FileKind::Dir, size: 0, mode: 0o755, mtime: 0 };
 
-/// Lists directory `dir` (inode `ino`) from `offset`, giving each entry (its inode, the
-/// offset after it, its name and attributes) to `add` until `add` says the reply is
-/// full. Offsets: 1 after ".", 2 after "..", 2 + n after the nth entry.
-async fn list(
-    files: &Files,
-    inodes: &Mutex<Inodes>,
-    (dir, ino): (&str, u64),
-    offset: i64,
-    mut add: impl FnMut(u64, i64, &str, &Attr) -> bool,
-) -> Result<(), i32> {
-    let mut at = u64::try_from(offset).unwrap_or(0);
-    for (dot, name) in [(0, "."), (1, "..")] {
-        if at == dot {
-            if add(ino, dot as i64 + 1, name, &DOT) {
-                return Ok(());
+/// Reads one open directory.
+struct Lister {
+    files: Arc<Files>,
+    inodes: Arc<Mutex<Inodes>>,
+    pages: Arc<Mutex<Pages>>,
+    handle: u64,
+}
+
+impl Lister {
+    /// The page holding entry `from`: the one at hand, or a new one asked of the pod.
+    async fn page(&self, dir: &str, from: u32) -> Result<Arc<Page>, i32> {
+        let at_hand = self.pages.lock().unwrap_or_else(|e| e.into_inner()).open.get(&self.handle).cloned();
+        if let Some(page) = at_hand.filter(|p| from >= p.from && (from - p.from) as usize <= p.entries.len()) {
+            // In it, or just past its end: there, `next` says where to go on (or stop).
+            if (from - page.from) as usize != page.entries.len() || page.next == 0 {
+                return Ok(page);
             }
-            at = dot + 1;
         }
-    }
-    let mut from = u32::try_from(at - 2).unwrap_or(u32::MAX);
-    loop {
-        let (entries, next) = match files.ask(dir, FileOp::ReadDir { from }).await {
-            FileAnswer::Entries { entries, next } => (entries, next),
+        let page = match self.files.ask(dir, FileOp::ReadDir { from }).await {
+            FileAnswer::Entries { entries, next } => Arc::new(Page { from, entries, next }),
             other => return Err(errno(other)),
         };
-        for (name, a) in entries {
-            from += 1;
-            let ino = inodes.lock().unwrap_or_else(|e| e.into_inner()).seen(&child(dir, &name), a.kind);
-            if add(ino, 2 + i64::from(from), &name, &a) {
-                return Ok(());
+        self.pages.lock().unwrap_or_else(|e| e.into_inner()).open.insert(self.handle, page.clone());
+        Ok(page)
+    }
+
+    /// Lists directory `dir` (inode `ino`) from `offset`, giving each entry (its inode,
+    /// the offset after it, its name and attributes) to `add` until `add` says the reply
+    /// is full. Offsets: 1 after ".", 2 after "..", 2 + n after the nth entry.
+    async fn list(
+        &self,
+        (dir, ino): (&str, u64),
+        offset: i64,
+        mut add: impl FnMut(u64, i64, &str, &Attr) -> bool,
+    ) -> Result<(), i32> {
+        let mut at = u64::try_from(offset).unwrap_or(0);
+        for (dot, name) in [(0, "."), (1, "..")] {
+            if at == dot {
+                if add(ino, dot as i64 + 1, name, &DOT) {
+                    return Ok(());
+                }
+                at = dot + 1;
             }
         }
-        if next == 0 {
-            return Ok(());
+        let mut from = u32::try_from(at - 2).unwrap_or(u32::MAX);
+        loop {
+            let page = self.page(dir, from).await?;
+            for (name, a) in &page.entries[(from - page.from) as usize..] {
+                from += 1;
+                let ino = self.inodes.lock().unwrap_or_else(|e| e.into_inner()).seen(&child(dir, name), a.kind);
+                if add(ino, 2 + i64::from(from), name, a) {
+                    return Ok(());
+                }
+            }
+            if page.next == 0 {
+                return Ok(());
+            }
+            from = page.next;
         }
-        from = next;
     }
 }
 
@@ -317,7 +373,13 @@ pub fn mount(
 ) -> std::io::Result<fuser::BackgroundSession> {
     let mut inodes = Inodes::default();
     inodes.number("/");
-    let fs = Fs { files, rt, inodes: Arc::new(Mutex::new(inodes)), owner: crate::os::user::invoking() };
+    let fs = Fs {
+        files,
+        rt,
+        inodes: Arc::new(Mutex::new(inodes)),
+        pages: Arc::default(),
+        owner: crate::os::user::invoking(),
+    };
     let options = [
         MountOption::RO,
         MountOption::FSName(format!("tpvpn:{name}")),
