@@ -11,6 +11,9 @@ set -euo pipefail
 PKGS=(iproute2 nginx redis-server redis-tools curl dnsutils iperf3 dnsmasq-base procps dbus-daemon systemd nftables
   python3-grpcio python3-websockets python3-h2
   containerd runc containernetworking-plugins busybox-static protobuf-compiler)
+# kubectl, to check the API stand-in against a real client: Debian's (kubernetes-client)
+# unless the machine already has one.
+command -v kubectl >/dev/null 2>&1 || PKGS+=(kubernetes-client)
 BENCH=""
 case "${1:-}" in
   "") ;;

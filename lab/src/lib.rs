@@ -66,6 +66,9 @@ pub const REDIS_IP: &str = "10.96.0.20";
 pub const UDP_ECHO_ADDR: &str = "10.96.0.30:7";
 /// Where the Kubernetes API server stand-in listens (cluster side of the node network).
 pub const APISERVER_ADDR: &str = "10.250.1.1:6443";
+/// Where it also listens over HTTPS, for `kubectl` (client-go sends credentials only
+/// over TLS), with a certificate of the lab's own CA ([`Lab::kubectl`]).
+pub const APISERVER_TLS_ADDR: &str = "10.250.1.1:6444";
 /// A user of the API stand-in's token file (and a kubeconfig context of that name),
 /// allowed only what RBAC objects grant it, in group [`LAB_USER_GROUP`].
 pub const LAB_USER: &str = "alice";
@@ -462,6 +465,20 @@ impl Lab {
             .context("generating the manager certificate")?;
         fs::write(self.dir.join("manager.crt"), ck.cert.pem())?;
         fs::write(self.dir.join("manager.key"), ck.signing_key.serialize_pem())?;
+        // The API stand-in's HTTPS: a CA and a serving certificate for its address.
+        let ca_key = rcgen::KeyPair::generate()?;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(rcgen::DnType::CommonName, "tpvpn-lab apiserver CA");
+        ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key)?;
+        let ip = APISERVER_TLS_ADDR.split(':').next().unwrap_or_default();
+        let serving_key = rcgen::KeyPair::generate()?;
+        let serving = rcgen::CertificateParams::new(vec![ip.to_string(), "kubernetes.default.svc".into()])?
+            .signed_by(&serving_key, &ca)?;
+        fs::write(self.dir.join("apiserver-ca.crt"), ca.pem())?;
+        fs::write(self.dir.join("apiserver.crt"), serving.pem())?;
+        fs::write(self.dir.join("apiserver.key"), serving_key.serialize_pem())?;
         fs::write(self.dir.join("token"), random_token()? + "\n")?;
         fs::write(self.dir.join("agent-token"), random_token()? + "\n")?;
         Ok(())
@@ -768,6 +785,9 @@ impl Lab {
         cmd.extend_from_slice(&args);
         cmd.extend_from_slice(&["--no-secrets-token", &nosec, "--no-portforward-token", &nopf]);
         cmd.extend_from_slice(&["--token-auth-file", &users]);
+        let (cert, key) = (self.dir.join("apiserver.crt"), self.dir.join("apiserver.key"));
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        cmd.extend_from_slice(&["--tls-listen", APISERVER_TLS_ADDR, "--tls-cert", &cert, "--tls-key", &key]);
         self.spawn_server("apiserver", &cmd)?;
         let log = || fs::read_to_string(self.dir.join("apiserver.log")).unwrap_or_default();
         for _ in 0..100 {
@@ -1009,6 +1029,31 @@ impl Lab {
         let _ = fs::remove_file(&out_path);
         let _ = fs::remove_file(&err_path);
         result.unwrap_or_else(|e| failed_output(&format!("lab: cannot run {cmd:?} in {ns}: {e:#}")))
+    }
+
+    /// Runs the real `kubectl ARGS` (bounded, 30 s) in the laptop ns against the API
+    /// stand-in's HTTPS listener, as the admin (`user` None) or as [`LAB_USER`].
+    pub fn kubectl(&self, user: Option<&str>, args: &[&str]) -> Output {
+        let kubeconfig = self.dir.join("kubectl.kubeconfig");
+        let token = match user {
+            None => self.api_token.clone(),
+            Some(LAB_USER) => self.user_token.clone(),
+            Some(other) => return failed_output(&format!("lab: no token for user {other}")),
+        };
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: https://{APISERVER_TLS_ADDR}\n    \
+             certificate-authority: {}\nusers:\n- name: user\n  user:\n    token: {token}\ncontexts:\n- name: lab\n  \
+             context: {{cluster: lab, user: user, namespace: default}}\ncurrent-context: lab\n",
+            self.dir.join("apiserver-ca.crt").display()
+        );
+        if let Err(e) = fs::write(&kubeconfig, config) {
+            return failed_output(&format!("lab: write {}: {e}", kubeconfig.display()));
+        }
+        let (kubeconfig, cache) = (kubeconfig.display().to_string(), self.dir.join("kubectl-cache"));
+        let cache = cache.display().to_string();
+        let mut cmd = vec!["kubectl", "--kubeconfig", &kubeconfig, "--cache-dir", &cache, "--request-timeout", "10s"];
+        cmd.extend_from_slice(args);
+        self.exec_timeout(&self.laptop, &cmd, Duration::from_secs(30))
     }
 
     /// Runs `tpvpn <args>` in the laptop ns with `TPVPN_RUNTIME_DIR` set.

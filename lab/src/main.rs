@@ -70,6 +70,15 @@ enum Cmd {
         /// as the real API server's `--token-auth-file`.
         #[arg(long)]
         token_auth_file: Option<PathBuf>,
+        /// Also serve HTTPS here (with --tls-cert and --tls-key).
+        #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+        tls_listen: Option<SocketAddr>,
+        /// PEM certificate chain of the HTTPS listener.
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// PEM key of the HTTPS listener.
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
     },
     /// Test clients; each prints one line and exits 1 if its check failed.
     #[command(subcommand)]
@@ -129,6 +138,9 @@ fn main() -> ExitCode {
             no_portforward_token,
             bookmark_secs,
             token_auth_file,
+            tls_listen,
+            tls_cert,
+            tls_key,
         } => token_auth_file
             .map(|p| {
                 let text = std::fs::read_to_string(&p).with_context(|| format!("read {}", p.display()))?;
@@ -143,7 +155,12 @@ fn main() -> ExitCode {
                     users: users.unwrap_or_default(),
                     bookmark_interval: std::time::Duration::from_secs(bookmark_secs),
                 };
-                apiserver::run(listen, &fixtures, cfg).map(|()| true)
+                let tls = tls_listen.zip(tls_cert.zip(tls_key)).map(|(listen, (cert, key))| apiserver::Tls {
+                    listen,
+                    cert,
+                    key,
+                });
+                apiserver::run(listen, tls, &fixtures, cfg).map(|()| true)
             }),
         Cmd::Sidecar { listen } => serve::sidecar(listen).map(|()| true),
         Cmd::Relay { listen, to } => serve::relay(listen, to).map(|()| true),

@@ -64,8 +64,38 @@ pub struct ApiServer {
 
 pub(super) type Body = BoxBody<Bytes, Infallible>;
 
-/// Runs the stand-in on `listen` with the objects of the JSON array in `fixtures`, until killed.
-pub fn run(listen: SocketAddr, fixtures: &Path, cfg: Config) -> Result<()> {
+/// An HTTPS listener beside the plain one: what clients that send credentials only over
+/// TLS (kubectl, client-go) need. HTTP/1.1 only (ALPN `http/1.1`), as a real API server
+/// with HTTP/2 off.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub listen: SocketAddr,
+    /// PEM files of the serving certificate (chain) and its key.
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl Tls {
+    fn acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|c| c.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("read {}", self.cert.display()))?;
+        let key = PrivateKeyDer::from_pem_file(&self.key).with_context(|| format!("read {}", self.key.display()))?;
+        let mut config =
+            rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+/// Runs the stand-in on `listen` (and, HTTPS, on `tls`) with the objects of the JSON array
+/// in `fixtures`, until killed.
+pub fn run(listen: SocketAddr, tls: Option<Tls>, fixtures: &Path, cfg: Config) -> Result<()> {
     let text = std::fs::read_to_string(fixtures).with_context(|| format!("read {}", fixtures.display()))?;
     let objects: Vec<Value> = serde_json::from_str(&text).with_context(|| format!("parse {}", fixtures.display()))?;
     let mut store = Store::default();
@@ -77,8 +107,14 @@ pub fn run(listen: SocketAddr, fixtures: &Path, cfg: Config) -> Result<()> {
     rt.block_on(async move {
         let listener = TcpListener::bind(listen).await.with_context(|| format!("bind {listen}"))?;
         let srv = ApiServer::new(store, cfg, listen.to_string());
+        if let Some(tls) = tls {
+            let acceptor = tls.acceptor()?;
+            let secure = TcpListener::bind(tls.listen).await.with_context(|| format!("bind {}", tls.listen))?;
+            eprintln!("tpvpn-lab apiserver (stand-in): ready on https://{}", tls.listen);
+            tokio::spawn(srv.clone().serve(secure, Some(acceptor)));
+        }
         eprintln!("tpvpn-lab apiserver (stand-in): ready on http://{listen}");
-        srv.serve(listener).await;
+        srv.serve(listener, None).await;
         Ok(())
     })
 }
@@ -93,8 +129,9 @@ impl ApiServer {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Accepts connections forever; each is served (HTTP/1.1, keep-alive) in its own task.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts connections forever (through `tls` when given); each is served (HTTP/1.1,
+    /// keep-alive) in its own task.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,
@@ -107,20 +144,34 @@ impl ApiServer {
             // Go's net package, the real API server's, turns Nagle off on every connection.
             let _ = stream.set_nodelay(true);
             let srv = self.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let srv = srv.clone();
-                    async move { Ok::<_, Infallible>(srv.handle(req).await) }
-                });
-                let io = hyper_util::rt::TokioIo::new(stream);
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .serve_connection(io, svc)
-                    .with_upgrades();
-                if let Err(e) = conn.await {
-                    eprintln!("apiserver: connection: {e}");
+                match tls {
+                    None => srv.serve_connection(stream).await,
+                    Some(acceptor) => match acceptor.accept(stream).await {
+                        Ok(stream) => srv.serve_connection(stream).await,
+                        Err(e) => eprintln!("apiserver: TLS handshake: {e}"),
+                    },
                 }
             });
+        }
+    }
+
+    async fn serve_connection(
+        self: Arc<Self>,
+        stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    ) {
+        let svc = hyper::service::service_fn(move |req| {
+            let srv = self.clone();
+            async move { Ok::<_, Infallible>(srv.handle(req).await) }
+        });
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .serve_connection(io, svc)
+            .with_upgrades();
+        if let Err(e) = conn.await {
+            eprintln!("apiserver: connection: {e}");
         }
     }
 
@@ -179,18 +230,27 @@ impl ApiServer {
         ctype: &str,
         body: &[u8],
     ) -> Result<Response<Body>, ApiError> {
+        // kubectl's bodies of built-in kinds: decoded, then handled as JSON.
+        let decoded;
+        let (ctype, body) = if ctype.starts_with("application/vnd.kubernetes.protobuf") {
+            decoded = serde_json::to_vec(&protobuf::decode(body)?).unwrap_or_default();
+            ("application/json", decoded.as_slice())
+        } else {
+            (ctype, body)
+        };
         if let Some(review) = Review::of_path(path) {
             if *method != Method::POST {
                 return Err(ApiError::method_not_allowed());
             }
-            if let User::Rbac(u) = &user {
-                let a = review.attributes();
+            if let (User::Rbac(u), Some(a)) = (&user, review.attributes()) {
                 if !self.store().authorize(u, &a) {
                     return Err(rbac_forbidden(u, &a));
                 }
             }
             let issued = self.issued.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let answer = review.answer(&parse_body(body)?, &self.cfg.users, &issued, &self.store())?;
+            let caller = self.requester(&user);
+            let caller = UserInfo { name: caller.username, groups: caller.groups };
+            let answer = review.answer(&parse_body(body)?, &caller, &self.cfg.users, &issued, &self.store())?;
             return Ok(json_response(StatusCode::CREATED, &answer));
         }
         if let Some((ns, name)) = tokens::token_request_path(path) {

@@ -3,7 +3,9 @@
 //! No real API server (etcd, kube-apiserver) can run in the lab, so this is a
 //! small in-memory imitation of the few endpoints tpvpn uses, served
 //! over plain HTTP/1.1 (keep-alive, chunked watch streams) so that the real
-//! `kube` client works against it. It is not a Kubernetes implementation.
+//! `kube` client works against it, and over HTTPS ([`Tls`], HTTP/1.1 only) for the
+//! real `kubectl`, which sends credentials only over TLS (`lab/tests/kubectl.rs` runs
+//! the README's commands with it). It is not a Kubernetes implementation.
 //!
 //! Semantics kept from the real API server:
 //! - A static table of resources ([`Resource`]), as plain Kubernetes JSON
@@ -48,6 +50,9 @@
 //!   `BOOKMARK`s, `sendInitialEvents=true` (initial events, then a bookmark
 //!   annotated `k8s.io/initial-events-end`), `timeoutSeconds` (default 300 s,
 //!   capped at 600 s).
+//! - Request bodies in protobuf (what kubectl sends for built-in kinds) for the kinds
+//!   its `create rolebinding|clusterrolebinding` and `auth can-i` send ([`protobuf`]);
+//!   other protobuf bodies get `415`. Answers are always JSON (kubectl accepts them).
 //! - Errors are `Status` objects with the real reasons and messages (NotFound,
 //!   AlreadyExists, Conflict, Invalid, BadRequest, Unauthorized, Forbidden,
 //!   MethodNotAllowed, Expired).
@@ -55,7 +60,7 @@
 //!   optional "no-secrets" token that gets RBAC-style 403s for `secrets`, and a
 //!   "no-portforward" one that gets them for `pods/portforward`; users of a token
 //!   file (`--token-auth-file`) get what RBAC grants them ([`rbac`]).
-//! - `TokenReview` and `SubjectAccessReview` (`POST`, answered from the token file's
+//! - `TokenReview`, `SubjectAccessReview` and `SelfSubjectAccessReview` (`POST`, answered from the token file's
 //!   users, the ServiceAccount tokens it issued and the RBAC authorizer; [`review`]'s docs
 //!   say what is kept), and ServiceAccount tokens by `TokenRequest` (`POST
 //!   …/serviceaccounts/NAME/token`, [`tokens`]).
@@ -65,7 +70,9 @@
 //!   `targetPort`, a ClusterIP allocated from [`CLUSTER_IP_POOL`] when absent
 //!   (immutable on update), node ports allocated from 30000-32767.
 //!
-//! Not kept: other resources and API groups, protobuf, HTTP/2, `limit`/
+//! Not kept: other resources and API groups, protobuf answers (and bodies but above),
+//! server-side `Table`s (kubectl prints names and ages only), OpenAPI (`kubectl apply`
+//! and `create` need `--validate=false`), HTTP/2, `limit`/
 //! `continue` paging (everything is returned, no continue token), set-based
 //! label selectors, subresources (but port-forward, ServiceAccount tokens and a CSR's
 //! `approval` and `status`, by PUT), JSON/strategic patches, `managedFields`,
@@ -80,6 +87,7 @@ mod csr;
 mod filter;
 mod http;
 mod portforward;
+mod protobuf;
 mod rbac;
 mod resource;
 mod review;

@@ -1,12 +1,13 @@
 //! The reviews through which a component asks the API server who a bearer token is and
 //! what a user may do, as the manager will (issue 21): `TokenReview`
 //! (`authentication.k8s.io/v1`) and `SubjectAccessReview` (`authorization.k8s.io/v1`),
-//! both `POST`ed to a cluster-scoped collection and answered `201` with the review and its
+//! and `SelfSubjectAccessReview` (what the caller may do: `kubectl auth can-i`), each
+//! `POST`ed to a cluster-scoped collection and answered `201` with the review and its
 //! `status`, nothing stored.
 //!
 //! Kept from the real API server: the request and answer shapes; the caller itself needs
 //! RBAC's `create` on `tokenreviews` / `subjectaccessreviews` (what the
-//! `system:auth-delegator` ClusterRole grants); a token review knows the token file's
+//! `system:auth-delegator` ClusterRole grants), anyone may ask about itself; a token review knows the token file's
 //! users (name, uid, groups with `system:authenticated`) and echoes the audiences asked
 //! for; an access review runs the RBAC authorizer ([`Store::authorize`]) for the
 //! `spec.user` and `spec.groups` given (nothing added to them, as the real one adds
@@ -25,6 +26,8 @@ use super::*;
 pub enum Review {
     Token,
     Access,
+    /// What the caller itself may do (`kubectl auth can-i`).
+    SelfAccess,
 }
 
 impl Review {
@@ -33,30 +36,35 @@ impl Review {
         match path.trim_end_matches('/') {
             "/apis/authentication.k8s.io/v1/tokenreviews" => Some(Review::Token),
             "/apis/authorization.k8s.io/v1/subjectaccessreviews" => Some(Review::Access),
+            "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" => Some(Review::SelfAccess),
             _ => None,
         }
     }
 
-    /// The RBAC attributes of creating one.
-    pub fn attributes(self) -> Attributes<'static> {
+    /// The RBAC attributes of creating one; none for asking about oneself (what the
+    /// default `system:basic-user` binding grants every authenticated user).
+    pub fn attributes(self) -> Option<Attributes<'static>> {
         let (group, resource) = match self {
             Review::Token => ("authentication.k8s.io", "tokenreviews"),
             Review::Access => ("authorization.k8s.io", "subjectaccessreviews"),
+            Review::SelfAccess => return None,
         };
-        Attributes { verb: "create", group, resource: resource.into(), namespace: None, name: None }
+        Some(Attributes { verb: "create", group, resource: resource.into(), namespace: None, name: None })
     }
 
     fn kind(self) -> (&'static str, &'static str) {
         match self {
             Review::Token => ("authentication.k8s.io/v1", "TokenReview"),
             Review::Access => ("authorization.k8s.io/v1", "SubjectAccessReview"),
+            Review::SelfAccess => ("authorization.k8s.io/v1", "SelfSubjectAccessReview"),
         }
     }
 
-    /// The answer to `body`: the review with its `status`.
+    /// The answer to `body`, asked by `caller`: the review with its `status`.
     pub fn answer(
         self,
         body: &Value,
+        caller: &UserInfo,
         users: &[TokenUser],
         issued: &[Issued],
         store: &Store,
@@ -65,10 +73,18 @@ impl Review {
         if body["apiVersion"] != api_version || body["kind"] != kind {
             return Err(ApiError::bad_request(format!("the body must be a {api_version} {kind}")));
         }
-        let spec = &body["spec"];
+        let mut spec = body["spec"].clone();
         let status = match self {
-            Review::Token => token_status(spec, users, issued, store)?,
-            Review::Access => access_status(spec, store)?,
+            Review::Token => token_status(&spec, users, issued, store)?,
+            Review::Access => access_status(&spec, store)?,
+            Review::SelfAccess => {
+                // Asked about the caller, whoever the body names.
+                spec["user"] = json!(caller.name);
+                spec["groups"] = json!(caller.groups);
+                let status = access_status(&spec, store)?;
+                spec.as_object_mut().map(|o| (o.remove("user"), o.remove("groups")));
+                status
+            }
         };
         Ok(json!({"apiVersion": api_version, "kind": kind, "metadata": {"creationTimestamp": null},
             "spec": spec, "status": status}))
@@ -160,7 +176,8 @@ mod tests {
     fn an_access_review_runs_rbac_for_the_user_and_groups_given() {
         let (s, users) = (store(), Vec::new());
         let review = Review::of_path("/apis/authorization.k8s.io/v1/subjectaccessreviews").unwrap();
-        let answer = |body: &Value| review.answer(body, &users, &[], &s).unwrap()["status"].clone();
+        let caller = UserInfo { name: "manager".into(), groups: vec![] };
+        let answer = |body: &Value| review.answer(body, &caller, &users, &[], &s).unwrap()["status"].clone();
         assert_eq!(answer(&access("alice", &["developers"], "shop", "intercept"))["allowed"], true);
         assert_eq!(
             answer(&access("alice", &["developers"], "other", "intercept"))["allowed"],
@@ -177,9 +194,26 @@ mod tests {
         let mut non_resource = access("alice", &["developers"], "shop", "intercept");
         non_resource["spec"].as_object_mut().unwrap().remove("resourceAttributes");
         assert!(answer(&non_resource)["evaluationError"].is_string());
-        assert_eq!(review.answer(&access("", &[], "shop", "x"), &users, &[], &s).unwrap_err().code, 400);
-        assert_eq!(review.answer(&json!({"kind": "TokenReview"}), &users, &[], &s).unwrap_err().code, 400);
-        assert_eq!(review.attributes().resource, "subjectaccessreviews");
+        assert_eq!(review.answer(&access("", &[], "shop", "x"), &caller, &users, &[], &s).unwrap_err().code, 400);
+        assert_eq!(review.answer(&json!({"kind": "TokenReview"}), &caller, &users, &[], &s).unwrap_err().code, 400);
+        assert_eq!(review.attributes().unwrap().resource, "subjectaccessreviews");
+    }
+
+    #[test]
+    fn a_self_review_answers_for_the_caller_whoever_the_body_names() {
+        let (s, users) = (store(), Vec::new());
+        let review = Review::of_path("/apis/authorization.k8s.io/v1/selfsubjectaccessreviews").unwrap();
+        assert_eq!(review.attributes(), None, "anyone may ask about itself");
+        let ask = |caller: &UserInfo, body: &mut Value| {
+            body["kind"] = json!("SelfSubjectAccessReview");
+            review.answer(body, caller, &users, &[], &s).unwrap()
+        };
+        let alice = UserInfo { name: "alice".into(), groups: vec!["developers".into()] };
+        let bob = UserInfo { name: "bob".into(), groups: vec!["other".into()] };
+        let answer = ask(&alice, &mut access("", &[], "shop", "intercept"));
+        assert_eq!(answer["status"]["allowed"], true);
+        assert_eq!(answer["spec"].get("user"), None, "the spec as asked");
+        assert_eq!(ask(&bob, &mut access("alice", &["developers"], "shop", "intercept"))["status"]["allowed"], false);
     }
 
     #[test]
@@ -190,16 +224,17 @@ mod tests {
             json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "spec": {"token": token, "audiences": ["tpvpn"]}})
         };
-        let status = review.answer(&body("tok-a"), &users, &[], &Store::default()).unwrap()["status"].clone();
+        let caller = UserInfo { name: "manager".into(), groups: vec![] };
+        let status = review.answer(&body("tok-a"), &caller, &users, &[], &Store::default()).unwrap()["status"].clone();
         assert_eq!(status["authenticated"], true);
         assert_eq!(
             status["user"],
             json!({"username": "alice", "uid": "u-1", "groups": ["developers", "system:authenticated"]})
         );
         assert_eq!(status["audiences"], json!(["tpvpn"]));
-        let status = review.answer(&body("nope"), &users, &[], &Store::default()).unwrap()["status"].clone();
+        let status = review.answer(&body("nope"), &caller, &users, &[], &Store::default()).unwrap()["status"].clone();
         assert_eq!(status["authenticated"], Value::Null, "not authenticated");
-        assert_eq!(review.answer(&body(""), &users, &[], &Store::default()).unwrap_err().code, 400);
+        assert_eq!(review.answer(&body(""), &caller, &users, &[], &Store::default()).unwrap_err().code, 400);
         assert_eq!(Review::of_path("/apis/authentication.k8s.io/v1/tokenreviews/x"), None);
     }
 }
