@@ -137,3 +137,67 @@ fn kubectl_runs_the_readmes_commands_against_the_stand_in_and_a_developer_interc
     assert!(!out.status.success(), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("create intercepts.tpvpn.dev"), "{}", show(&out));
 }
+
+/// `kubectl create -f` of a CertificateSigningRequest (stamped with the admin's identity,
+/// whatever it claims), `kubectl certificate approve` of it, and a SubjectAccessReview
+/// created with `kubectl create -f`, answered by RBAC for the user it names.
+#[test]
+fn kubectl_makes_and_approves_a_certificate_request_and_asks_a_subject_access_review() {
+    let Some(lab) = tpvpn_lab::lab_or_skip() else { return };
+    let key = rcgen::KeyPair::generate().unwrap();
+    let pem = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap().serialize_request(&key).unwrap();
+    let request = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem.pem().unwrap());
+    // A signer of someone else's: the manager leaves it alone.
+    let csr = json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+        "metadata": {"name": "by-kubectl"},
+        "spec": {"request": request, "signerName": "example.com/lab", "usages": ["client auth"],
+            "expirationSeconds": 3600, "username": "mallory", "groups": ["system:masters"]}});
+    let file = lab.dir().join("csr.json");
+    std::fs::write(&file, csr.to_string()).unwrap();
+    kubectl(&lab, None, &["create", "--validate=false", "-f", &file.display().to_string()]);
+    let who = |path: &str| kubectl(&lab, None, &["get", "csr", "by-kubectl", "-o", &format!("jsonpath={path}")]);
+    assert_eq!(who("{.spec.username}"), "lab-admin", "stamped by the API server, not as claimed");
+    assert_eq!(who("{.spec.groups}"), r#"["system:masters","system:authenticated"]"#);
+    assert_eq!(who("{.status}"), "", "no decision yet");
+    let said = kubectl(&lab, None, &["certificate", "approve", "by-kubectl"]);
+    assert!(said.contains("approved"), "{said}");
+    assert_eq!(who("{.status.conditions[0].type} {.status.conditions[0].status}"), "Approved True");
+    // An approved request is never denied afterwards.
+    let out = lab.kubectl(None, &["certificate", "deny", "by-kubectl"]);
+    assert!(!out.status.success() || String::from_utf8_lossy(&out.stdout).contains("unchanged"), "{}", show(&out));
+    assert_eq!(who("{.status.conditions[*].type}"), "Approved");
+
+    // A SubjectAccessReview for the lab user, before and after a RoleBinding of the shipped
+    // intercept role.
+    let sar = json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": LAB_USER, "groups": [tpvpn_lab::LAB_USER_GROUP], "resourceAttributes": {
+            "group": "tpvpn.dev", "resource": "intercepts", "verb": "create", "namespace": "default", "name": "web"}}});
+    let file = lab.dir().join("sar.json");
+    std::fs::write(&file, sar.to_string()).unwrap();
+    let file = file.display().to_string();
+    let allowed = || {
+        let answer: Value =
+            serde_json::from_str(&kubectl(&lab, None, &["create", "--validate=false", "-f", &file, "-o", "json"]))
+                .expect("JSON");
+        answer["status"]["allowed"].as_bool().unwrap_or(false)
+    };
+    assert!(!allowed());
+    let roles = shipped_roles(&lab).display().to_string();
+    kubectl(&lab, None, &["apply", "--server-side", "--validate=false", "-f", &roles]);
+    kubectl(
+        &lab,
+        None,
+        &[
+            "create",
+            "rolebinding",
+            "tpvpn-intercept",
+            "-n",
+            "default",
+            "--clusterrole",
+            "tpvpn-intercept",
+            "--group",
+            "developers",
+        ],
+    );
+    assert!(allowed());
+}

@@ -722,7 +722,7 @@ impl Route {
 
 /// The `APIResourceList` of `/api/v1` (group `""`) or `/apis/{group}/v1`.
 pub(super) fn discovery(group: &str) -> Value {
-    let resources: Vec<Value> = Resource::of_group(group, "v1")
+    let mut resources: Vec<Value> = Resource::of_group(group, "v1")
         .map(|r| {
             let mut v = json!({
                 "name": r.plural(), "singularName": r.kind().to_lowercase(), "namespaced": r.namespaced(),
@@ -734,6 +734,7 @@ pub(super) fn discovery(group: &str) -> Value {
             v
         })
         .collect();
+    resources.extend(Review::discovery(group));
     let gv = if group.is_empty() { "v1".to_string() } else { format!("{group}/v1") };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources})
 }

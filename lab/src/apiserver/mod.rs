@@ -18,7 +18,9 @@
 //!   requester stamped on create, the `approval` and `status` subresources, [`csr`]).
 //!   Other paths: 404 `the server could not find the requested resource`.
 //!   Discovery: `/api`, `/api/v1`, `/apis` (APIGroupList), `/apis/{group}`,
-//!   `/apis/{group}/v1` (APIResourceList); no aggregated discovery.
+//!   `/apis/{group}/v1` (APIResourceList; the review kinds under
+//!   `authentication.k8s.io` and `authorization.k8s.io`, `create` only, which
+//!   `kubectl create -f` of a review needs); no aggregated discovery.
 //! - One global `resourceVersion` counter (like etcd's revision): every
 //!   create/update/delete bumps it and records an event in a bounded history
 //!   ([`DEFAULT_HISTORY`] events). Server-managed metadata (`uid`,
@@ -51,7 +53,8 @@
 //!   annotated `k8s.io/initial-events-end`), `timeoutSeconds` (default 300 s,
 //!   capped at 600 s).
 //! - Request bodies in protobuf (what kubectl sends for built-in kinds) for the kinds
-//!   its `create rolebinding|clusterrolebinding` and `auth can-i` send ([`protobuf`]);
+//!   its `create rolebinding|clusterrolebinding`, `auth can-i` and `certificate
+//!   approve|deny` send ([`protobuf`]);
 //!   other protobuf bodies get `415`. Answers are always JSON (kubectl accepts them).
 //! - Errors are `Status` objects with the real reasons and messages (NotFound,
 //!   AlreadyExists, Conflict, Invalid, BadRequest, Unauthorized, Forbidden,

@@ -6,10 +6,11 @@
 //!
 //! Kept from the real API server: the envelope and the field numbers of the kinds decoded
 //! (`k8s.io/api`'s `generated.proto`). Simplified: only the kinds `kubectl create
-//! rolebinding|clusterrolebinding` and `kubectl auth can-i` send (RoleBinding,
-//! ClusterRoleBinding, SelfSubjectAccessReview), and of `ObjectMeta` only name,
-//! generateName, namespace, labels and annotations; any other kind is refused `415`, as
-//! the real one refuses protobuf for a kind without it.
+//! rolebinding|clusterrolebinding`, `kubectl auth can-i` and `kubectl certificate
+//! approve|deny` send (RoleBinding, ClusterRoleBinding, SelfSubjectAccessReview,
+//! CertificateSigningRequest without its conditions' times), and of `ObjectMeta` only
+//! name, generateName, namespace, labels and annotations; any other kind is refused
+//! `415`, as the real one refuses protobuf for a kind without it.
 
 use serde_json::{Map, Value};
 
@@ -24,8 +25,13 @@ type Schema = &'static [(u64, Field)];
 /// How one field becomes JSON.
 enum Field {
     Str(&'static str),
+    /// `bytes`: base64 in JSON.
+    Bytes(&'static str),
+    /// A varint.
+    Int(&'static str),
     Msg(&'static str, Schema),
     Repeated(&'static str, Schema),
+    RepeatedStr(&'static str),
     /// `map<string, string>`: entries with key = 1, value = 2.
     StrMap(&'static str),
 }
@@ -61,6 +67,24 @@ const SELF_ACCESS_SPEC: Schema = &[
 ];
 const SELF_ACCESS_REVIEW: Schema =
     &[(1, Field::Msg("metadata", OBJECT_META)), (2, Field::Msg("spec", SELF_ACCESS_SPEC))];
+const CSR_SPEC: Schema = &[
+    (1, Field::Bytes("request")),
+    (2, Field::Str("username")),
+    (3, Field::Str("uid")),
+    (4, Field::RepeatedStr("groups")),
+    (5, Field::RepeatedStr("usages")),
+    (7, Field::Str("signerName")),
+    (8, Field::Int("expirationSeconds")),
+];
+/// Of a condition, its times are left out (the stand-in stamps `lastUpdateTime`).
+const CSR_CONDITION: Schema =
+    &[(1, Field::Str("type")), (2, Field::Str("reason")), (3, Field::Str("message")), (6, Field::Str("status"))];
+const CSR_STATUS: Schema = &[(1, Field::Repeated("conditions", CSR_CONDITION)), (2, Field::Bytes("certificate"))];
+const CSR: Schema = &[
+    (1, Field::Msg("metadata", OBJECT_META)),
+    (2, Field::Msg("spec", CSR_SPEC)),
+    (3, Field::Msg("status", CSR_STATUS)),
+];
 const TYPE_META: Schema = &[(1, Field::Str("apiVersion")), (2, Field::Str("kind"))];
 
 /// The object in protobuf body `body`, as JSON with its `apiVersion` and `kind`.
@@ -70,8 +94,8 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     let (mut type_meta, mut raw) = (Map::new(), None);
     for field in Fields(envelope) {
         match field.map_err(bad)? {
-            (1, Some(bytes)) => type_meta = message(bytes, TYPE_META).map_err(bad)?,
-            (2, Some(bytes)) => raw = Some(bytes),
+            (1, Wire::Bytes(bytes)) => type_meta = message(bytes, TYPE_META).map_err(bad)?,
+            (2, Wire::Bytes(bytes)) => raw = Some(bytes),
             _ => {}
         }
     }
@@ -79,6 +103,8 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     let schema = match kind {
         "RoleBinding" | "ClusterRoleBinding" => BINDING,
         "SelfSubjectAccessReview" => SELF_ACCESS_REVIEW,
+        // `kubectl certificate approve|deny` (the `approval` subresource).
+        "CertificateSigningRequest" => CSR,
         other => {
             return Err(ApiError::new(
                 415,
@@ -86,7 +112,7 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
                 format!(
                     "the body of the request was in an unknown format - accepted media types include: \
                      application/json, application/yaml (the stand-in decodes protobuf only for RoleBinding, \
-                     ClusterRoleBinding and SelfSubjectAccessReview, not {other:?})"
+                     ClusterRoleBinding, SelfSubjectAccessReview and CertificateSigningRequest, not {other:?})"
                 ),
             ))
         }
@@ -96,11 +122,18 @@ pub fn decode(body: &[u8]) -> Result<Value, ApiError> {
     Ok(Value::Object(object))
 }
 
-/// The fields of a message: number and, for length-delimited ones, the bytes.
+/// A field's value as the wire carries it.
+enum Wire<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// The fields of a message: number and value.
 struct Fields<'a>(&'a [u8]);
 
 impl<'a> Iterator for Fields<'a> {
-    type Item = Result<(u64, Option<&'a [u8]>), String>;
+    type Item = Result<(u64, Wire<'a>), String>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.0.is_empty() {
@@ -116,17 +149,17 @@ impl<'a> Iterator for Fields<'a> {
                 *buf = rest;
                 Ok(taken)
             };
-            let bytes = match key & 7 {
-                0 => varint(&mut self.0).map(|_| None)?,
-                1 => skip(&mut self.0, 8).map(|_| None)?,
-                5 => skip(&mut self.0, 4).map(|_| None)?,
+            let value = match key & 7 {
+                0 => Wire::Varint(varint(&mut self.0)?),
+                1 => skip(&mut self.0, 8).map(|_| Wire::Fixed)?,
+                5 => skip(&mut self.0, 4).map(|_| Wire::Fixed)?,
                 2 => {
                     let len = usize::try_from(varint(&mut self.0)?).map_err(|_| "a length too large".to_string())?;
-                    Some(skip(&mut self.0, len)?)
+                    Wire::Bytes(skip(&mut self.0, len)?)
                 }
                 wire => return Err(format!("wire type {wire} of field {}", key >> 3)),
             };
-            Ok((key >> 3, bytes))
+            Ok((key >> 3, value))
         })();
         if field.is_err() {
             self.0 = &[]; // nothing after a malformed field is read
@@ -150,26 +183,44 @@ fn varint(buf: &mut &[u8]) -> Result<u64, String> {
 /// The fields of `schema` in message `bytes`.
 fn message(bytes: &[u8], schema: Schema) -> Result<Map<String, Value>, String> {
     let mut out = Map::new();
+    // Appends `item` to the list `name`.
+    let push = |out: &mut Map<String, Value>, name: &str, item: Value| {
+        if let Value::Array(items) = out.entry(name).or_insert_with(|| Value::Array(Vec::new())) {
+            items.push(item);
+        }
+    };
     for field in Fields(bytes) {
-        let (number, Some(bytes)) = field? else { continue };
+        let (number, value) = field?;
         let Some((_, field)) = schema.iter().find(|(n, _)| *n == number) else { continue };
+        let bytes = match (field, value) {
+            (Field::Int(name), Wire::Varint(n)) => {
+                out.insert((*name).into(), n.into());
+                continue;
+            }
+            (Field::Int(_), _) | (_, Wire::Varint(_) | Wire::Fixed) => {
+                return Err(format!("field {number} has another wire type than its kind's"))
+            }
+            (_, Wire::Bytes(bytes)) => bytes,
+        };
+        let text = |name: &str| std::str::from_utf8(bytes).map_err(|_| format!("{name} is not UTF-8"));
         match field {
+            Field::Int(_) => {}
             Field::Str(name) => {
-                let text = std::str::from_utf8(bytes).map_err(|_| format!("{name} is not UTF-8"))?;
+                let text = text(name)?;
                 // Go sends an unset string as empty; its JSON leaves it out.
                 if !text.is_empty() {
                     out.insert((*name).into(), text.into());
                 }
             }
+            Field::Bytes(name) => {
+                let encoded = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes);
+                out.insert((*name).into(), encoded.into());
+            }
+            Field::RepeatedStr(name) => push(&mut out, name, text(name)?.into()),
             Field::Msg(name, schema) => {
                 out.insert((*name).into(), Value::Object(message(bytes, schema)?));
             }
-            Field::Repeated(name, schema) => {
-                let item = Value::Object(message(bytes, schema)?);
-                if let Value::Array(items) = out.entry(*name).or_insert_with(|| Value::Array(Vec::new())) {
-                    items.push(item);
-                }
-            }
+            Field::Repeated(name, schema) => push(&mut out, name, Value::Object(message(bytes, schema)?)),
             Field::StrMap(name) => {
                 let entry = message(bytes, &[(1, Field::Str("k")), (2, Field::Str("v"))])?;
                 let text = |k: &str| entry.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
@@ -239,6 +290,34 @@ mod tests {
                              {"kind": "Group", "apiGroup": "rbac.authorization.k8s.io", "name": "leads"}],
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "tpvpn-intercept"}})
         );
+    }
+
+    #[test]
+    fn a_csr_approval_as_kubectl_sends_it_becomes_its_json() {
+        let spec = [
+            field(1, b"PEM"),
+            field(4, b"developers"),
+            field(4, b"system:authenticated"),
+            field(5, b"client auth"),
+            field(7, b"tpvpn.dev/client"),
+            vec![8 << 3, 0x90, 0x1c], // expirationSeconds 3600
+        ]
+        .concat();
+        // A condition with a lastUpdateTime (a Time message), left out.
+        let condition =
+            [field(1, b"Approved"), field(2, b"KubectlApprove"), field(4, &[8, 1]), field(6, b"True")].concat();
+        let raw = [field(1, &field(1, b"tpvpn-1")), field(2, &spec), field(3, &field(1, &condition))].concat();
+        assert_eq!(
+            decode(&envelope("CertificateSigningRequest", &raw)).unwrap(),
+            json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "CertificateSigningRequest",
+                "metadata": {"name": "tpvpn-1"},
+                "spec": {"request": "UEVN", "groups": ["developers", "system:authenticated"], "usages": ["client auth"],
+                    "signerName": "tpvpn.dev/client", "expirationSeconds": 3600},
+                "status": {"conditions": [{"type": "Approved", "reason": "KubectlApprove", "status": "True"}]}})
+        );
+        // A varint where a string belongs: refused.
+        let wrong = [field(1, &field(1, b"x")), vec![2 << 3, 1]].concat();
+        assert_eq!(decode(&envelope("CertificateSigningRequest", &wrong)).unwrap_err().code, 400);
     }
 
     #[test]

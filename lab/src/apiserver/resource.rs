@@ -23,7 +23,8 @@ pub enum Resource {
 }
 
 /// The API groups served besides the core group (all at version `v1`).
-pub const API_GROUPS: [&str; 3] = ["apps", "certificates.k8s.io", "rbac.authorization.k8s.io"];
+pub const API_GROUPS: [&str; 5] =
+    ["apps", "authentication.k8s.io", "authorization.k8s.io", "certificates.k8s.io", "rbac.authorization.k8s.io"];
 
 impl Resource {
     pub const ALL: [Resource; 15] = [

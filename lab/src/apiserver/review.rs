@@ -41,6 +41,20 @@ impl Review {
         }
     }
 
+    /// The reviews of API group `group`, as discovery lists them (`create` only).
+    pub fn discovery(group: &str) -> Vec<Value> {
+        [Review::Token, Review::Access, Review::SelfAccess]
+            .into_iter()
+            .filter(|r| r.kind().0 == format!("{group}/v1"))
+            .map(|r| {
+                let (_, kind) = r.kind();
+                let plural = format!("{}s", kind.to_lowercase());
+                json!({"name": plural, "singularName": kind.to_lowercase(), "namespaced": false, "kind": kind,
+                    "verbs": ["create"]})
+            })
+            .collect()
+    }
+
     /// The RBAC attributes of creating one; none for asking about oneself (what the
     /// default `system:basic-user` binding grants every authenticated user).
     pub fn attributes(self) -> Option<Attributes<'static>> {

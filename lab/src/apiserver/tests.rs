@@ -448,8 +448,21 @@ fn http_discovery_apply_and_unknown() {
         let (code, v) = get("/apis").await;
         assert_eq!((code, v["kind"].as_str()), (200, Some("APIGroupList")));
         let groups: Vec<&str> = v["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
-        assert_eq!(groups, ["apps", "certificates.k8s.io", "rbac.authorization.k8s.io"]);
+        assert_eq!(
+            groups,
+            [
+                "apps",
+                "authentication.k8s.io",
+                "authorization.k8s.io",
+                "certificates.k8s.io",
+                "rbac.authorization.k8s.io"
+            ]
+        );
         assert_eq!(v["groups"][0]["preferredVersion"]["groupVersion"], "apps/v1");
+        let (_, v) = get("/apis/authorization.k8s.io/v1").await;
+        let reviews: Vec<&str> =
+            v["resources"].as_array().unwrap().iter().map(|r| r["name"].as_str().unwrap()).collect();
+        assert_eq!(reviews, ["subjectaccessreviews", "selfsubjectaccessreviews"]);
         let (_, v) = get("/apis/rbac.authorization.k8s.io/v1").await;
         assert_eq!(v["groupVersion"], "rbac.authorization.k8s.io/v1");
         assert_eq!(v["resources"].as_array().unwrap().len(), 4);
