@@ -104,6 +104,7 @@ enum Cmd {
         id: FlowId,
     },
     Stats(oneshot::Sender<Flows>),
+    Destinations(oneshot::Sender<Vec<std::net::IpAddr>>),
 }
 
 /// What the stack task sends a TCP flow task.
@@ -144,6 +145,15 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// The addresses the laptop's open flows go to (empty once the data plane is gone).
+    pub async fn destinations(&self) -> Vec<std::net::IpAddr> {
+        let (tx, rx) = oneshot::channel();
+        if self.cmd.send(Cmd::Destinations(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
+    }
+
     pub async fn flows(&self) -> Flows {
         let (tx, rx) = oneshot::channel();
         if self.cmd.send(Cmd::Stats(tx)).is_err() {
@@ -445,6 +455,9 @@ impl<D: PacketDevice> Dataplane<D> {
             Cmd::Stats(tx) => {
                 let denied = DENIED_FLOWS.load(Ordering::Relaxed);
                 let _ = tx.send(Flows { tcp: self.tcp.len(), udp: self.udp.len(), denied });
+            }
+            Cmd::Destinations(tx) => {
+                let _ = tx.send(self.stack.flow_destinations());
             }
         }
     }

@@ -6,7 +6,7 @@
 use std::process::Output;
 use std::time::Duration;
 
-use tpvpn_lab::{show, wait_until, Lab, FRONTEND_BODY, VPN_GATEWAY, VPN_SERVER_ADDR};
+use tpvpn_lab::{show, wait_until, Lab, FRONTEND_BODY, REDIS_IP, VPN_GATEWAY, VPN_SERVER_ADDR};
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -149,26 +149,56 @@ fn vnat_off_refuses_as_before_and_a_bad_virtual_subnet_gets_one_line() {
     assert_eq!(dig(&lab, &["frontend.default.svc.cluster.local"]), "100.80.0.10");
 }
 
+/// A connection open to a cluster address when a VPN takes its range keeps working:
+/// tpvpn keeps a host route to that address until the connection ends.
 #[test]
 fn a_vpn_that_comes_up_after_up_gets_its_range_and_the_cluster_moves_to_virtual_addresses() {
-    let Some(lab) = lab_with_vpn(false) else { return };
+    let Some(mut lab) = lab_with_vpn(false) else { return };
     if let Err(e) = lab.up(&[]) {
         panic!("up: {e:#}\nmanager log:\n{}", lab.manager_log());
     }
     assert_eq!(status(&lab)["vnat"], serde_json::json!([]));
     assert_eq!(dig(&lab, &["frontend.default.svc.cluster.local"]), "10.96.0.10");
+    // A redis connection, open across the change: a PING before, one after (bounded:
+    // 30 s of waiting for the go, 5 s per answer).
+    let go = lab.dir().join("go");
+    let held = format!(
+        "exec 3<>/dev/tcp/{REDIS_IP}/6379; printf 'PING\\r\\n' >&3; read -t 5 a <&3; echo \"before:$a\"; \
+         for i in $(seq 300); do [ -e {go} ] && break; sleep 0.1; done; \
+         printf 'PING\\r\\n' >&3; read -t 5 b <&3; echo \"after:$b\"",
+        go = go.display()
+    );
+    let laptop = lab.laptop().to_string();
+    lab.spawn_background(&laptop, "held", &["bash", "-c", &held]).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.background_log("held").contains("before:+PONG")),
+        "{}",
+        lab.background_log("held")
+    );
     // The VPN comes up (a route of its own beside tpvpn's, as VPN clients add them).
     vpn_route(&lab, &["metric", "50"]);
     let moved = wait_until(Duration::from_secs(10), || status(&lab)["vnat"].as_array().is_some_and(|m| !m.is_empty()));
     let s = status(&lab);
     assert!(moved, "the mapping did not follow the new route: {s}");
     assert_eq!(s["vnat"], serde_json::json!([{"cluster": "10.96.0.0/16", "virtual": "240.0.0.0/16"}]), "{s}");
-    let ours = stdout(&lab.exec(lab.laptop(), &["ip", "route", "show", "dev", "tpvpn0"]));
-    assert!(!ours.contains("10.96.0.0/16") && ours.contains("240.0.0.0/16"), "{ours}");
+    let ours = || stdout(&lab.exec(lab.laptop(), &["ip", "route", "show", "dev", "tpvpn0"]));
+    let routes = ours();
+    assert!(!routes.contains("10.96.0.0/16") && routes.contains("240.0.0.0/16"), "{routes}");
+    assert!(routes.lines().any(|l| l.starts_with(&format!("{REDIS_IP} "))), "the open connection's route: {routes}");
     assert_eq!(dig(&lab, &["frontend.default.svc.cluster.local"]), "240.0.0.10");
     let page = lab.exec(lab.laptop(), &["curl", "-sS", "--max-time", "10", "http://frontend.default/"]);
     assert!(stdout(&page).contains(FRONTEND_BODY), "{}", show(&page));
     vpn_server_reached(&lab, "after the VPN came up");
+    // The open connection still reaches the cluster's redis; once it ends, so does its
+    // route, and the address is the VPN's again.
+    std::fs::write(&go, "").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || lab.background_log("held").contains("after:+PONG")),
+        "{}",
+        lab.background_log("held")
+    );
+    let gone = wait_until(Duration::from_secs(20), || !ours().lines().any(|l| l.starts_with(&format!("{REDIS_IP} "))));
+    assert!(gone, "the route outlived its connection: {}", ours());
 }
 
 /// An intercept's environment is for a laptop process: the Service addresses the kubelet

@@ -253,6 +253,14 @@ impl Stack {
         (tcp, self.flows.len() - tcp)
     }
 
+    /// The addresses the laptop's open flows go to (as the laptop sees them), each once.
+    pub fn flow_destinations(&self) -> Vec<IpAddr> {
+        let mut all: Vec<IpAddr> = self.by_key.keys().map(|k| k.dst.ip()).collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
+
     /// Feeds one IP packet read from the TUN device. A malformed or unsupported packet
     /// is dropped with an error (and counted); nothing else changes.
     pub fn input(&mut self, packet: &[u8], now: Instant) -> Result<(), Error> {

@@ -106,6 +106,8 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
             pool: tpvpn_vnat::Pool::new(opts.virtual_subnets.clone()),
             vnat: tokio::sync::watch::Sender::new(tpvpn_vnat::Table::default()),
             cluster: vec![],
+            destinations: vec![],
+            held: vec![],
             dns_search: vec![],
         };
         let wanted = routing.apply(&session.cluster.cidrs)?;
@@ -301,6 +303,17 @@ fn route_changes() -> Option<tokio::sync::mpsc::Receiver<()>> {
         }
     });
     Some(rx)
+}
+
+/// How often routes kept for open connections are checked for connections that ended.
+const HELD_CHECK: Duration = Duration::from_secs(5);
+
+/// Where the laptop's open flows go (none while the data plane is down).
+async fn destinations(state: &LinkState) -> Vec<std::net::IpAddr> {
+    match state {
+        LinkState::Up { handle, .. } => handle.destinations().await,
+        _ => Vec::new(),
+    }
 }
 
 /// The next message of `rx`; never, without one.
@@ -559,6 +572,8 @@ async fn serve(
     let mut state = LinkState::up(dataplane);
     // The laptop's own routes, followed while `--vnat` may map what they come to overlap.
     let mut route_changes = (routing.vnat_mode != tpvpn_vnat::Mode::Off).then(route_changes).flatten();
+    let mut held_check = tokio::time::interval(HELD_CHECK);
+    held_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut down_reply: Option<control::Call> = None;
     let mut listing = control::Listing::default();
     for u in initial {
@@ -625,8 +640,15 @@ async fn serve(
             _ = int.recv() => break Ended::Signal("SIGINT"),
             Some(update) = updates.recv() => handle_update(update, &mut status, &mut listing, routing, dns.as_deref()),
             Some(()) = next(&mut route_changes) => {
+                routing.destinations = destinations(&state).await;
                 let cidrs = routing.cluster.clone();
                 reroute(&cidrs, &mut status, routing, dns.as_deref(), "the routes of this machine changed");
+            }
+            // Routes kept for open connections go once the connections do.
+            _ = held_check.tick(), if !routing.held.is_empty() => {
+                routing.destinations = destinations(&state).await;
+                let cidrs = routing.cluster.clone();
+                reroute(&cidrs, &mut status, routing, dns.as_deref(), "connections ended");
             }
             Some(issued) = renewed_rx.recv() => {
                 status.identity = Some(Authenticated::of(&issued));

@@ -41,6 +41,11 @@ pub(super) struct Routing<'a> {
     pub(super) vnat: tokio::sync::watch::Sender<tpvpn_vnat::Table>,
     /// The manager's CIDRs last applied, for when the laptop's own routes change.
     pub(super) cluster: Vec<IpNet>,
+    /// Where the laptop's open flows went when last asked ([`Routing::apply`] keeps a
+    /// route to those in a range that moved to virtual addresses).
+    pub(super) destinations: Vec<IpAddr>,
+    /// Host routes kept for open flows (a subset of the state's routes).
+    pub(super) held: Vec<IpNet>,
     /// The search path written with the resolver files (macOS).
     pub(super) dns_search: Vec<String>,
 }
@@ -95,6 +100,21 @@ impl Routing<'_> {
         let mut never = self.never.clone();
         never.extend(existing.iter().filter(|e| e.connected && e.dev != self.device).map(|e| e.dst));
         let mut wanted = routes::compute(&routed, &self.also, &never);
+        // A connection open to a cluster address whose range just moved to virtual
+        // addresses (a VPN took the range) keeps its way into the tunnel: a host route
+        // each, until it ends (the next apply after it drops the route).
+        let held: Vec<IpNet> = self
+            .destinations
+            .iter()
+            .filter(|a| table_maps(&self.vnat.borrow(), a))
+            .map(|a| routes::host(*a))
+            .take(MAX_HELD)
+            .collect();
+        for h in held.iter().filter(|h| !self.held.contains(h)) {
+            info!(route = %h, "a connection is open to this cluster address: its route is kept until it ends");
+        }
+        wanted.extend(held.iter().copied());
+        self.held = held;
         if wanted.len() > routes::MAX_ROUTES {
             warn!(
                 asked = wanted.len(),
@@ -109,7 +129,9 @@ impl Routing<'_> {
         }
         let new: Vec<IpNet> = wanted.iter().filter(|r| !self.state.routes.contains(r)).copied().collect();
         if !self.allow_conflicts && !new.is_empty() {
-            if let Some((r, c)) = new.iter().find_map(|r| routes::conflict(r, &existing, &self.device).map(|c| (r, c)))
+            let checked = new.iter().filter(|r| !self.held.contains(r));
+            if let Some((r, c)) =
+                checked.filter_map(|r| routes::conflict(r, &existing, &self.device).map(|c| (r, c))).next()
             {
                 return Err(Error::RouteConflict(format!("route {r} overlaps the existing route {c} on this machine")));
             }
@@ -134,6 +156,14 @@ impl Routing<'_> {
         }
         Ok(wanted)
     }
+}
+
+/// Host routes kept at most for connections open when their range moved.
+const MAX_HELD: usize = 256;
+
+/// Whether `addr` is a cluster address in a range that `table` maps to virtual ones.
+fn table_maps(table: &tpvpn_vnat::Table, addr: &IpAddr) -> bool {
+    table.mappings().iter().any(|m| m.cluster.contains(addr))
 }
 
 /// The address of tpvpn's DNS server, on the TUN device.
