@@ -159,11 +159,71 @@ impl Changes {
     }
 }
 
-/// Elsewhere route changes are not followed (yet): `changed` never returns.
-#[cfg(not(target_os = "linux"))]
+/// Tells when the machine's routes change, on macOS: a routing socket (`PF_ROUTE`),
+/// whose messages of type `RTM_ADD`, `RTM_DELETE` or `RTM_CHANGE` are route changes.
+#[cfg(target_os = "macos")]
+pub struct Changes {
+    socket: tokio::io::unix::AsyncFd<std::fs::File>,
+}
+
+#[cfg(target_os = "macos")]
+impl Changes {
+    #[allow(unsafe_code)]
+    pub fn new() -> std::io::Result<Changes> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: socket(2) with constant arguments; the descriptor is checked, then owned.
+        let fd = unsafe { libc::socket(libc::PF_ROUTE, libc::SOCK_RAW, libc::AF_UNSPEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is an open descriptor nothing else owns; fcntl(2) only reads and
+        // sets its status flags.
+        let socket = unsafe {
+            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+            if libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) | libc::O_NONBLOCK) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::fs::File::from(owned)
+        };
+        // SAFETY: the `File` owns the open socket, which the `AsyncFd` owns from here on,
+        // so it stays open and the same descriptor until the `AsyncFd` is dropped.
+        let socket = unsafe { tokio::io::unix::AsyncFd::register(socket) }.map_err(std::io::Error::from)?;
+        Ok(Changes { socket })
+    }
+
+    /// Waits for the next route change, then takes every message already waiting (one
+    /// per read; the type is the fourth byte of its `rt_msghdr`).
+    pub async fn changed(&self) -> std::io::Result<()> {
+        use std::io::Read;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let mut ready = self.socket.readable().await?;
+            let mut got = false;
+            loop {
+                match (&*self.socket.get_ref()).read(&mut buf) {
+                    Ok(n) => {
+                        let kind = buf.get(..n).and_then(|m| m.get(3)).map(|t| i32::from(*t));
+                        got |= kind.is_some_and(|t| [libc::RTM_ADD, libc::RTM_DELETE, libc::RTM_CHANGE].contains(&t));
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => got = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            ready.clear_ready();
+            if got {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Elsewhere route changes are not followed: `changed` never returns.
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
 pub struct Changes;
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(any(target_os = "linux", target_os = "macos")))]
 impl Changes {
     pub fn new() -> std::io::Result<Changes> {
         Ok(Changes)
