@@ -111,10 +111,10 @@ pub fn run(listen: SocketAddr, tls: Option<Tls>, fixtures: &Path, cfg: Config) -
             let acceptor = tls.acceptor()?;
             let secure = TcpListener::bind(tls.listen).await.with_context(|| format!("bind {}", tls.listen))?;
             eprintln!("tpvpn-lab apiserver (stand-in): ready on https://{}", tls.listen);
-            tokio::spawn(srv.clone().serve(secure, Some(acceptor)));
+            tokio::spawn(srv.clone().serve_tls(secure, acceptor));
         }
         eprintln!("tpvpn-lab apiserver (stand-in): ready on http://{listen}");
-        srv.serve(listener, None).await;
+        srv.serve(listener).await;
         Ok(())
     })
 }
@@ -129,9 +129,17 @@ impl ApiServer {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Accepts connections forever (through `tls` when given); each is served (HTTP/1.1,
-    /// keep-alive) in its own task.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+    /// Accepts connections forever; each is served (HTTP/1.1, keep-alive) in its own task.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.accept(listener, None).await
+    }
+
+    /// [`ApiServer::serve`] over TLS.
+    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, tls: tokio_rustls::TlsAcceptor) {
+        self.accept(listener, Some(tls)).await
+    }
+
+    async fn accept(self: Arc<Self>, listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
         loop {
             let stream = match listener.accept().await {
                 Ok((s, _)) => s,

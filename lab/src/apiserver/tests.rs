@@ -220,7 +220,7 @@ async fn serve_on_loopback() -> std::net::SocketAddr {
         bookmark_interval: Duration::from_secs(5),
     };
     let srv = ApiServer::new(store(), cfg, addr.to_string());
-    tokio::spawn(srv.serve(listener, None));
+    tokio::spawn(srv.serve(listener));
     addr
 }
 
@@ -539,7 +539,7 @@ fn csrs_are_stamped_and_approved_and_signed_only_by_whom_rbac_allows() {
                 "roleRef": {"kind": "ClusterRole", "name": "signer"}, "subjects": [{"kind": "User", "name": "signer"}]}),
         ])
         .unwrap();
-        tokio::spawn(ApiServer::new(st, cfg, addr.to_string()).serve(listener, None));
+        tokio::spawn(ApiServer::new(st, cfg, addr.to_string()).serve(listener));
         let call = |token: &'static str, method: &'static str, path: &'static str, body: Value| {
             let body = if body.is_null() { String::new() } else { body.to_string() };
             one_request(addr, token, method, path.to_string(), "application/json", body)
