@@ -28,9 +28,9 @@ fn alice_can_i(lab: &Lab, args: &[&str]) -> String {
     said
 }
 
-/// The shipped manifest's RBAC roles for users (what `kubectl apply -f` of it gives a
-/// cluster), as a JSON List, through kubectl's own reading of the YAML.
-fn shipped_roles(lab: &Lab) -> std::path::PathBuf {
+/// Applies (server-side) the shipped manifest's RBAC roles for users, as `kubectl apply
+/// -f` of it gives a cluster, read from the YAML by kubectl itself.
+fn apply_shipped_roles(lab: &Lab) {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/manifests/manager.yaml");
     // One JSON object per manifest document.
     let printed = kubectl(lab, None, &["create", "--dry-run=client", "--validate=false", "-o", "json", "-f", manifest]);
@@ -44,7 +44,14 @@ fn shipped_roles(lab: &Lab) -> std::path::PathBuf {
     assert_eq!(roles.len(), 4, "tpvpn-user (ClusterRole and Role), tpvpn-intercept, tpvpn-intercept-admin: {roles:?}");
     let path = lab.dir().join("shipped-roles.json");
     std::fs::write(&path, json!({"apiVersion": "v1", "kind": "List", "items": roles}).to_string()).unwrap();
-    path
+    kubectl(lab, None, &["apply", "--server-side", "--validate=false", "-f", &path.display().to_string()]);
+}
+
+/// The README's RoleBinding of `tpvpn-intercept` in namespace `default` for the group
+/// `developers` (the lab user's).
+fn bind_intercept(lab: &Lab) {
+    let binding = "create rolebinding tpvpn-intercept -n default --clusterrole tpvpn-intercept --group developers";
+    kubectl(lab, None, &binding.split(' ').collect::<Vec<_>>());
 }
 
 #[test]
@@ -67,8 +74,7 @@ fn kubectl_runs_the_readmes_commands_against_the_stand_in_and_a_developer_interc
     assert_eq!(kubectl(&lab, None, &["get", "namespaces", "-l", "team=blue", "-o", "name"]).trim(), "namespace/dev");
 
     // The shipped roles, applied server-side; nothing is granted to anyone yet.
-    let roles = shipped_roles(&lab).display().to_string();
-    kubectl(&lab, None, &["apply", "--server-side", "--validate=false", "-f", &roles]);
+    apply_shipped_roles(&lab);
     let listed = kubectl(&lab, None, &["get", "clusterroles", "-l", "app.kubernetes.io/part-of=tpvpn", "-o", "name"]);
     assert!(listed.contains("clusterrole.rbac.authorization.k8s.io/tpvpn-intercept\n"), "{listed}");
     let may_request = ["create", "certificatesigningrequests.certificates.k8s.io"];
@@ -87,21 +93,7 @@ fn kubectl_runs_the_readmes_commands_against_the_stand_in_and_a_developer_interc
         None,
         &["create", "rolebinding", "tpvpn-users", "-n", "tpvpn", "--role", "tpvpn-user", "--group", "developers"],
     );
-    kubectl(
-        &lab,
-        None,
-        &[
-            "create",
-            "rolebinding",
-            "tpvpn-intercept",
-            "-n",
-            "default",
-            "--clusterrole",
-            "tpvpn-intercept",
-            "--group",
-            "developers",
-        ],
-    );
+    bind_intercept(&lab);
     assert_eq!(alice_can_i(&lab, &may_request), "yes");
     assert_eq!(alice_can_i(&lab, &may_find), "yes");
     assert_eq!(alice_can_i(&lab, &["get", "configmaps/other", "-n", "tpvpn"]), "no", "resourceNames kept");
@@ -182,22 +174,7 @@ fn kubectl_makes_and_approves_a_certificate_request_and_asks_a_subject_access_re
         answer["status"]["allowed"].as_bool().unwrap_or(false)
     };
     assert!(!allowed());
-    let roles = shipped_roles(&lab).display().to_string();
-    kubectl(&lab, None, &["apply", "--server-side", "--validate=false", "-f", &roles]);
-    kubectl(
-        &lab,
-        None,
-        &[
-            "create",
-            "rolebinding",
-            "tpvpn-intercept",
-            "-n",
-            "default",
-            "--clusterrole",
-            "tpvpn-intercept",
-            "--group",
-            "developers",
-        ],
-    );
+    apply_shipped_roles(&lab);
+    bind_intercept(&lab);
     assert!(allowed());
 }
