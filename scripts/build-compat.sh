@@ -4,8 +4,10 @@
 # - target/compat/v1/{tpvpn,tpvpn-manager}: the last release that spoke only tpvpn
 #   protocol v1 (an old client against this manager, this client against an old manager);
 # - target/compat/v2/{tpvpn,tpvpn-manager,tpvpn-agent}: the last release that spoke
-#   only up to v2 (no personal intercepts).
-# Both are built in one target directory (shared dependencies are built once), which is
+#   only up to v2 (no personal intercepts);
+# - target/compat/mounts-ro/{tpvpn,tpvpn-manager,tpvpn-agent}: the last release whose
+#   mounts were read-only only (no FEATURE_FILES_WRITE, --mount-readwrite).
+# All are built in one target directory (shared dependencies are built once), which is
 # removed afterwards; a release already built (its rev recorded) is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +41,5 @@ build() { # NAME REV BINS...
 
 build v1 eaf4e38 tpvpn tpvpn-manager  # main before protocol v2 (2026-11-22 session's last commit)
 build v2 a69b455 tpvpn tpvpn-manager tpvpn-agent  # main before protocol v3 (personal intercepts)
+build mounts-ro ca21247 tpvpn tpvpn-manager tpvpn-agent  # main before read-write mounts
 rm -rf "$target/compat/build"

@@ -12,6 +12,14 @@
 //! target nor `..` can lead it to the image's or the node's files. Only regular files
 //! are ever opened for reading (checked before and, against a swap, after opening with
 //! `O_NONBLOCK`): a FIFO, socket or device in a volume is listed, never opened.
+//!
+//! Writes (`--mount-readwrite`) are carried out only inside the mounts the manager named
+//! writable (emptyDir and PVC volumes not mounted `readOnly`), by the same rules: the
+//! directory of a new or removed entry is opened as above and the entry named in it
+//! (`*at` calls, which never follow a last symlink; a file is created with `O_EXCL`); an
+//! entry made takes the owner of its directory (the agent runs as root, the pod's
+//! process usually not), set-user-ID and set-group-ID bits are never given to a file,
+//! and a volume's own mount point is never removed or replaced.
 
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
@@ -25,7 +33,9 @@ use futures::StreamExt;
 
 use nix::errno::Errno;
 use nix::fcntl::{openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{fstat, fstatat, FileStat, SFlag};
+use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
+use nix::sys::time::TimeSpec;
+use nix::unistd::UnlinkatFlags;
 use tpvpn_tunnel::files::{FileAnswer, FileFailure, FileOp, DIR_PAGE};
 use tpvpn_tunnel::io::write_message;
 use tpvpn_tunnel::{ErrorCode, Message};
@@ -48,6 +58,12 @@ pub enum FileError {
     Symlink(String),
     #[error("{0}: not a regular file, never opened")]
     NotRegular(String),
+    #[error("{0}: not in a volume that may be written (read-only mount, or not --mount-readwrite)")]
+    ReadOnly(String),
+    #[error("{0}: the mount point of a volume, never removed or replaced")]
+    MountPoint(String),
+    #[error("{0}: in another volume (moved by copying)")]
+    CrossVolume(String),
     #[error("{0}: {1}")]
     Sys(String, Errno),
 }
@@ -79,12 +95,24 @@ enum Place {
 pub struct Volumes {
     root: OwnedFd,
     mounts: Vec<PathBuf>,
+    /// Those of `mounts` that may be written.
+    writable: Vec<PathBuf>,
+}
+
+/// The permission bits a file may be given (never set-user-ID or set-group-ID).
+const FILE_MODE: u32 = 0o1777;
+/// The permission bits a directory may be given (set-group-ID: new entries take its group).
+const DIR_MODE: u32 = 0o3777;
+
+/// `e` (from std) as an errno.
+fn errno(e: &std::io::Error) -> Errno {
+    Errno::from_raw(e.raw_os_error().unwrap_or(0))
 }
 
 impl Volumes {
     /// The container whose root is `root` (`/proc/PID/root`), serving `mounts` (the
-    /// `mountPath`s of its volume mounts).
-    pub fn open(root: &Path, mounts: &[&str]) -> Result<Volumes, FileError> {
+    /// `mountPath`s of its volume mounts), of which `writable` may be written.
+    pub fn open(root: &Path, mounts: &[&str], writable: &[&str]) -> Result<Volumes, FileError> {
         let shown = root.display().to_string();
         let root = nix::fcntl::open(
             root,
@@ -92,8 +120,135 @@ impl Volumes {
             nix::sys::stat::Mode::empty(),
         )
         .map_err(|e| FileError::Sys(shown, e))?;
-        let mounts = mounts.iter().filter_map(|m| normal(m).ok()).collect();
-        Ok(Volumes { root, mounts })
+        let mounts: Vec<PathBuf> = mounts.iter().filter_map(|m| normal(m).ok()).collect();
+        let writable = writable.iter().filter_map(|m| normal(m).ok()).filter(|m| mounts.contains(m)).collect();
+        Ok(Volumes { root, mounts, writable })
+    }
+
+    /// `path` relative to the root and the writable mount it is in.
+    fn writable(&self, path: &str) -> Result<(PathBuf, &Path), FileError> {
+        let rel = normal(path)?;
+        let mount =
+            self.writable.iter().find(|m| rel.starts_with(m)).ok_or_else(|| FileError::ReadOnly(path.into()))?;
+        Ok((rel, mount))
+    }
+
+    /// The directory of entry `path` (in a writable mount, not its mount point) and the
+    /// entry's name; the mount it is in.
+    fn entry(&self, path: &str) -> Result<(OwnedFd, PathBuf, &Path), FileError> {
+        let (rel, mount) = self.writable(path)?;
+        if rel == mount {
+            return Err(FileError::MountPoint(path.into()));
+        }
+        let (dir, name) = self.parent(path, &rel)?;
+        let name = name.ok_or_else(|| FileError::MountPoint(path.into()))?;
+        Ok((dir, name, mount))
+    }
+
+    /// Opens `path` (a regular file, or with `dirs` also a directory, in a writable
+    /// mount) with `flags`, never a FIFO or device.
+    fn open_writable(&self, path: &str, flags: OFlag, dirs: bool) -> Result<(OwnedFd, Kind), FileError> {
+        let (rel, _) = self.writable(path)?;
+        let kind = self.stat(path)?.kind;
+        let flags = match kind {
+            Kind::File => flags | OFlag::O_NONBLOCK,
+            Kind::Dir if dirs => OFlag::O_RDONLY | OFlag::O_DIRECTORY,
+            Kind::Dir => return Err(FileError::Sys(path.into(), Errno::EISDIR)),
+            _ => return Err(FileError::NotRegular(path.into())),
+        };
+        let fd = self.open_at(path, &rel, flags)?;
+        // Swapped for something else between the two looks: never used.
+        if attr_of(&fstat(&fd).map_err(|e| FileError::Sys(path.into(), e))?).kind != kind {
+            return Err(FileError::NotRegular(path.into()));
+        }
+        Ok((fd, kind))
+    }
+
+    /// Writes all of `data` into regular file `path` at `offset`.
+    pub fn write(&self, path: &str, offset: u64, data: &[u8]) -> Result<(), FileError> {
+        let (fd, _) = self.open_writable(path, OFlag::O_WRONLY, false)?;
+        std::fs::File::from(fd).write_all_at(data, offset).map_err(|e| FileError::Sys(path.into(), errno(&e)))
+    }
+
+    /// Gives `made` (an entry just made in `dir`) the owner of `dir` and permission bits
+    /// `mode` exactly (not the agent's umask); its attributes.
+    fn adopt(&self, path: &str, dir: &OwnedFd, made: OwnedFd, mode: u32) -> Result<Attr, FileError> {
+        let sys = |e| FileError::Sys(path.into(), e);
+        let owner = fstat(dir).map_err(sys)?;
+        let (uid, gid) = (nix::unistd::Uid::from_raw(owner.st_uid), nix::unistd::Gid::from_raw(owner.st_gid));
+        nix::unistd::fchown(&made, Some(uid), Some(gid)).map_err(sys)?;
+        nix::sys::stat::fchmod(&made, Mode::from_bits_truncate(mode)).map_err(sys)?;
+        Ok(attr_of(&fstat(&made).map_err(sys)?))
+    }
+
+    /// Creates regular file `path`, which must not exist.
+    pub fn create(&self, path: &str, mode: u32) -> Result<Attr, FileError> {
+        let (dir, name, _) = self.entry(path)?;
+        let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let made = nix::fcntl::openat(&dir, name.as_path(), flags, Mode::from_bits_truncate(0o600))
+            .map_err(|e| FileError::Sys(path.into(), e))?;
+        self.adopt(path, &dir, made, mode & FILE_MODE)
+    }
+
+    /// Creates directory `path`.
+    pub fn make_dir(&self, path: &str, mode: u32) -> Result<Attr, FileError> {
+        let (dir, name, _) = self.entry(path)?;
+        let sys = |e| FileError::Sys(path.into(), e);
+        nix::sys::stat::mkdirat(&dir, name.as_path(), Mode::from_bits_truncate(0o700)).map_err(sys)?;
+        let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let made = nix::fcntl::openat(&dir, name.as_path(), flags, Mode::empty()).map_err(sys)?;
+        self.adopt(path, &dir, made, mode & DIR_MODE)
+    }
+
+    /// Removes file or symlink `path` (`dir`: empty directory `path`).
+    pub fn remove(&self, path: &str, dir: bool) -> Result<(), FileError> {
+        let (parent, name, _) = self.entry(path)?;
+        let flag = if dir { UnlinkatFlags::RemoveDir } else { UnlinkatFlags::NoRemoveDir };
+        nix::unistd::unlinkat(&parent, name.as_path(), flag).map_err(|e| FileError::Sys(path.into(), e))
+    }
+
+    /// Moves entry `from` to `to`, in the same volume.
+    pub fn rename(&self, from: &str, to: &str) -> Result<(), FileError> {
+        let (from_dir, from_name, from_mount) = self.entry(from)?;
+        let (to_dir, to_name, to_mount) = self.entry(to)?;
+        if from_mount != to_mount {
+            return Err(FileError::CrossVolume(to.into()));
+        }
+        nix::fcntl::renameat(&from_dir, from_name.as_path(), &to_dir, to_name.as_path())
+            .map_err(|e| FileError::Sys(from.into(), e))
+    }
+
+    /// Changes a regular file's size, a file's or directory's permission bits and
+    /// modification time; the attributes after.
+    pub fn set_attr(
+        &self,
+        path: &str,
+        size: Option<u64>,
+        mode: Option<u32>,
+        mtime: Option<i64>,
+    ) -> Result<Attr, FileError> {
+        let flags = if size.is_some() { OFlag::O_WRONLY } else { OFlag::O_RDONLY };
+        let (fd, kind) = self.open_writable(path, flags, size.is_none())?;
+        let sys = |e| FileError::Sys(path.into(), e);
+        if let Some(size) = size {
+            let size = i64::try_from(size).map_err(|_| sys(Errno::EFBIG))?;
+            nix::unistd::ftruncate(&fd, size).map_err(sys)?;
+        }
+        if let Some(mode) = mode {
+            let allowed = if kind == Kind::Dir { DIR_MODE } else { FILE_MODE };
+            nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(mode & allowed)).map_err(sys)?;
+        }
+        if let Some(mtime) = mtime {
+            let omit = TimeSpec::UTIME_OMIT;
+            nix::sys::stat::futimens(&fd, &omit, &TimeSpec::new(mtime, 0)).map_err(sys)?;
+        }
+        Ok(attr_of(&fstat(&fd).map_err(sys)?))
+    }
+
+    /// Flushes regular file `path` to its storage.
+    pub fn sync(&self, path: &str) -> Result<(), FileError> {
+        let (fd, _) = self.open_writable(path, OFlag::O_RDONLY, false)?;
+        nix::unistd::fsync(&fd).map_err(|e| FileError::Sys(path.into(), e))
     }
 
     /// Where `path` is, relative to the root (empty for `/`).
@@ -155,8 +310,7 @@ impl Volumes {
     pub fn read_dir(&self, path: &str) -> Result<Vec<(String, Attr)>, FileError> {
         let (rel, place) = self.place(path)?;
         let fd = self.open_at(path, &rel, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
-        let probe =
-            fd.try_clone().map_err(|e| FileError::Sys(path.into(), Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        let probe = fd.try_clone().map_err(|e| FileError::Sys(path.into(), errno(&e)))?;
         let mut dir = nix::dir::Dir::from_fd(fd).map_err(|e| FileError::Sys(path.into(), e))?;
         let mut out = Vec::new();
         for entry in dir.iter().flatten() {
@@ -200,7 +354,7 @@ impl Volumes {
                 Ok(0) => break,
                 Ok(n) => got += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(FileError::Sys(path.into(), Errno::from_raw(e.raw_os_error().unwrap_or(0)))),
+                Err(e) => return Err(FileError::Sys(path.into(), errno(&e))),
             }
         }
         buf.truncate(got);
@@ -241,7 +395,13 @@ impl FileError {
             // Outside every volume: as if it did not exist (the laptop sees only them).
             FileError::OutsideVolumes(_) => FileFailure::NotFound,
             FileError::NotNormal(_) => FileFailure::Invalid,
-            FileError::Symlink(_) | FileError::NotRegular(_) => FileFailure::Denied,
+            FileError::Symlink(_) | FileError::NotRegular(_) | FileError::MountPoint(_) => FileFailure::Denied,
+            FileError::ReadOnly(_) | FileError::Sys(_, Errno::EROFS) => FileFailure::ReadOnly,
+            FileError::CrossVolume(_) | FileError::Sys(_, Errno::EXDEV) => FileFailure::CrossDevice,
+            FileError::Sys(_, Errno::EEXIST) => FileFailure::Exists,
+            FileError::Sys(_, Errno::ENOTEMPTY) => FileFailure::NotEmpty,
+            FileError::Sys(_, Errno::EISDIR) => FileFailure::IsDir,
+            FileError::Sys(_, Errno::ENOSPC | Errno::EDQUOT | Errno::EFBIG) => FileFailure::NoSpace,
             FileError::Sys(_, Errno::ENOENT) => FileFailure::NotFound,
             FileError::Sys(_, Errno::ENOTDIR) => FileFailure::NotDir,
             FileError::Sys(_, Errno::EINVAL) => FileFailure::Invalid,
@@ -305,6 +465,14 @@ pub fn answer(volumes: &Volumes, listings: &Listings, path: &str, op: FileOp) ->
         FileOp::ReadDir { from } => listings.page(volumes, path, from),
         FileOp::Read { offset, len } => volumes.read(path, offset, len as usize).map(FileAnswer::Data),
         FileOp::ReadLink => volumes.readlink(path).map(FileAnswer::Target),
+        FileOp::Write { offset, data } => volumes.write(path, offset, &data).map(|()| FileAnswer::Done),
+        FileOp::Create { mode } => volumes.create(path, mode).map(FileAnswer::Attr),
+        FileOp::MakeDir { mode } => volumes.make_dir(path, mode).map(FileAnswer::Attr),
+        FileOp::Remove => volumes.remove(path, false).map(|()| FileAnswer::Done),
+        FileOp::RemoveDir => volumes.remove(path, true).map(|()| FileAnswer::Done),
+        FileOp::Rename { to } => volumes.rename(path, &to).map(|()| FileAnswer::Done),
+        FileOp::SetAttr { size, mode, mtime } => volumes.set_attr(path, size, mode, mtime).map(FileAnswer::Attr),
+        FileOp::Sync => volumes.sync(path).map(|()| FileAnswer::Done),
     };
     result.unwrap_or_else(|e| FileAnswer::Failed { failure: e.failure(), message: e.to_string() })
 }
@@ -317,12 +485,13 @@ const IN_FLIGHT: usize = 4;
 /// the stream ends.
 pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStream) {
     let mut frames = tpvpn_tunnel::io::frames(recv);
-    let Ok(Some(Message::FilesOpen { container_id, mounts, .. })) = frames.recv().await.unwrap_or(Ok(None)) else {
+    let Ok(Some(Message::FilesOpen { container_id, mounts, writable, .. })) = frames.recv().await.unwrap_or(Ok(None))
+    else {
         let _ = send.reset(tpvpn_tunnel::RESET_CODE.into());
         return;
     };
     let proc_root = node.proc_root.clone();
-    let opened = tokio::task::spawn_blocking(move || open_container(&node, &container_id, &mounts)).await;
+    let opened = tokio::task::spawn_blocking(move || open_container(&node, &container_id, &mounts, &writable)).await;
     let (volumes, pid) = match opened {
         Ok(Ok((v, pid))) => (Arc::new(v), pid),
         Ok(Err(why)) => {
@@ -379,15 +548,21 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
 
 /// The volume mounts `mounts` of container `container_id`, under its own root, and the
 /// pid of its first process.
-fn open_container(node: &Node, container_id: &str, mounts: &[String]) -> Result<(Volumes, u32), String> {
+fn open_container(
+    node: &Node,
+    container_id: &str,
+    mounts: &[String],
+    writable: &[String],
+) -> Result<(Volumes, u32), String> {
     let pid = match runtime::find(&node.runtime_roots, container_id) {
         Some(bundle) => bundle.pid().map_err(|e| e.to_string())?,
         None => runtime::pid_of_container(&node.proc_root, container_id)
             .ok_or_else(|| format!("container {container_id} is not running on this node"))?,
     };
     let mounts: Vec<&str> = mounts.iter().map(String::as_str).collect();
-    let volumes =
-        Volumes::open(&node.proc_root.join(pid.to_string()).join("root"), &mounts).map_err(|e| e.to_string())?;
+    let writable: Vec<&str> = writable.iter().map(String::as_str).collect();
+    let root = node.proc_root.join(pid.to_string()).join("root");
+    let volumes = Volumes::open(&root, &mounts, &writable).map_err(|e| e.to_string())?;
     Ok((volumes, pid))
 }
 
@@ -420,7 +595,7 @@ mod tests {
         symlink("/etc", dir.join("data/abs")).unwrap();
         symlink("../etc", dir.join("data/up")).unwrap();
         nix::unistd::mkfifo(&dir.join("data/fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-        let v = Volumes::open(&dir, &["/etc/config", "/data"]).unwrap();
+        let v = Volumes::open(&dir, &["/etc/config", "/data"], &["/data"]).unwrap();
         (TempRoot(dir), v)
     }
 
@@ -523,6 +698,92 @@ mod tests {
         // A FIFO with no writer: refused at once, never opened (which would block).
         assert!(matches!(refused("/data/fifo"), FileError::NotRegular(_)));
         assert!(matches!(refused("/etc"), FileError::NotRegular(_)));
+    }
+
+    #[test]
+    fn writes_reach_writable_volumes_only_and_never_leave_them() {
+        use std::os::unix::fs::MetadataExt;
+        let (dir, v) = root("writes");
+        let l = Listings::default();
+        let ask = |path: &str, op| answer(&v, &l, path, op);
+        let failure = |path: &str, op| match ask(path, op) {
+            FileAnswer::Failed { failure, .. } => failure,
+            other => panic!("{path}: {other:?}"),
+        };
+        // The emptyDir: made, written, grown and cut, renamed, removed.
+        let FileAnswer::Attr(made) = ask("/data/new", FileOp::Create { mode: 0o6755 }) else { panic!() };
+        assert_eq!((made.kind, made.size, made.mode), (Kind::File, 0, 0o755), "no set-ID bits for a file");
+        assert_eq!(failure("/data/new", FileOp::Create { mode: 0o644 }), FileFailure::Exists);
+        assert_eq!(ask("/data/new", FileOp::Write { offset: 0, data: b"hello".to_vec() }), FileAnswer::Done);
+        assert_eq!(ask("/data/new", FileOp::Write { offset: 7, data: b"!".to_vec() }), FileAnswer::Done);
+        assert_eq!(fs::read(dir.0.join("data/new")).unwrap(), b"hello\0\0!");
+        let set = FileOp::SetAttr { size: Some(5), mode: Some(0o600), mtime: Some(1_000_000) };
+        let FileAnswer::Attr(after) = ask("/data/new", set) else { panic!() };
+        assert_eq!((after.size, after.mode, after.mtime), (5, 0o600, 1_000_000));
+        assert_eq!(ask("/data/new", FileOp::Sync), FileAnswer::Done);
+        let FileAnswer::Attr(sub) = ask("/data/sub", FileOp::MakeDir { mode: 0o2775 }) else { panic!() };
+        assert_eq!((sub.kind, sub.mode), (Kind::Dir, 0o2775));
+        assert_eq!(ask("/data/new", FileOp::Rename { to: "/data/sub/moved".into() }), FileAnswer::Done);
+        assert_eq!(fs::read(dir.0.join("data/sub/moved")).unwrap(), b"hello");
+        assert_eq!(failure("/data/sub", FileOp::RemoveDir), FileFailure::NotEmpty);
+        assert_eq!(failure("/data/sub", FileOp::Remove), FileFailure::IsDir);
+        assert_eq!(ask("/data/sub/moved", FileOp::Remove), FileAnswer::Done);
+        assert_eq!(ask("/data/sub", FileOp::RemoveDir), FileAnswer::Done);
+        assert!(!dir.0.join("data/sub").exists());
+        // An entry made takes its directory's owner (the pod's process, not the agent).
+        fs::create_dir(dir.0.join("data/app")).unwrap();
+        std::os::unix::fs::chown(dir.0.join("data/app"), Some(1234), Some(2345)).unwrap();
+        assert!(matches!(ask("/data/app/f", FileOp::Create { mode: 0o644 }), FileAnswer::Attr(_)));
+        assert!(matches!(ask("/data/app/d", FileOp::MakeDir { mode: 0o755 }), FileAnswer::Attr(_)));
+        for made in ["data/app/f", "data/app/d"] {
+            let m = fs::metadata(dir.0.join(made)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (1234, 2345), "{made}");
+        }
+
+        // A configMap's volume and the image: read-only, whatever is asked.
+        let conf = "/etc/config/..2026_12_07_05_00_00.1/app.conf";
+        assert_eq!(failure(conf, FileOp::Write { offset: 0, data: b"x".to_vec() }), FileFailure::ReadOnly);
+        assert_eq!(failure("/etc/config/x", FileOp::Create { mode: 0o644 }), FileFailure::ReadOnly);
+        assert_eq!(failure(conf, FileOp::SetAttr { size: Some(0), mode: None, mtime: None }), FileFailure::ReadOnly);
+        assert_eq!(failure("/etc/config/app.conf", FileOp::Remove), FileFailure::ReadOnly);
+        assert_eq!(failure("/etc/shadow", FileOp::Remove), FileFailure::ReadOnly);
+        assert_eq!(failure("/evil", FileOp::MakeDir { mode: 0o755 }), FileFailure::ReadOnly);
+        assert_eq!(fs::read(dir.0.join(&conf[1..])).unwrap(), b"conf\n");
+        // Out of the emptyDir: not into another volume, not through a symlink, not the
+        // mount point itself, not a FIFO.
+        assert_eq!(failure("/data/app/f", FileOp::Rename { to: "/etc/config/f".into() }), FileFailure::ReadOnly);
+        assert_eq!(failure("/data/up/owned", FileOp::Create { mode: 0o644 }), FileFailure::Denied);
+        assert_eq!(failure("/data/abs/passwd", FileOp::Create { mode: 0o644 }), FileFailure::Denied);
+        assert_eq!(failure("/data/abs", FileOp::Write { offset: 0, data: b"x".to_vec() }), FileFailure::Denied);
+        assert_eq!(failure("/data/abs", FileOp::Create { mode: 0o644 }), FileFailure::Exists, "no create through it");
+        assert_eq!(failure("/data", FileOp::RemoveDir), FileFailure::Denied);
+        assert_eq!(failure("/data/app/f", FileOp::Rename { to: "/data".into() }), FileFailure::Denied);
+        assert_eq!(failure("/data/fifo", FileOp::Write { offset: 0, data: b"x".to_vec() }), FileFailure::Denied);
+        assert_eq!(failure("/data/../etc/x", FileOp::Create { mode: 0o644 }), FileFailure::Invalid);
+        assert!(!dir.0.join("etc/owned").exists() && !dir.0.join("etc/passwd").exists());
+        // A symlink itself may be removed or moved (the link, never what it names).
+        assert_eq!(ask("/data/abs", FileOp::Rename { to: "/data/abs2".into() }), FileAnswer::Done);
+        assert_eq!(ask("/data/abs2", FileOp::Remove), FileAnswer::Done);
+        assert!(dir.0.join("etc/shadow").exists());
+    }
+
+    #[test]
+    fn a_rename_between_two_writable_volumes_is_a_copy() {
+        let (dir, _) = root("xdev");
+        fs::create_dir_all(dir.0.join("cache")).unwrap();
+        fs::write(dir.0.join("data/f"), "x").unwrap();
+        let v = Volumes::open(&dir.0, &["/data", "/cache"], &["/data", "/cache"]).unwrap();
+        assert!(matches!(v.rename("/data/f", "/cache/f"), Err(FileError::CrossVolume(_))));
+        assert_eq!(
+            answer(&v, &Listings::default(), "/data/f", FileOp::Rename { to: "/cache/f".into() }),
+            FileAnswer::Failed {
+                failure: FileFailure::CrossDevice,
+                message: "/cache/f: in another volume (moved by copying)".into(),
+            }
+        );
+        // Named writable but not served: not writable.
+        let v = Volumes::open(&dir.0, &["/data"], &["/cache"]).unwrap();
+        assert!(matches!(v.create("/cache/g", 0o644), Err(FileError::ReadOnly(_))));
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub struct Spec {
     /// Where the serving container's volume mounts are mounted (`--mount`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mount: Option<PathBuf>,
+    /// Writes there reach the pod's emptyDir and PVC volumes (`--mount-readwrite`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mount_readwrite: bool,
 }
 
 impl Spec {
@@ -151,8 +154,9 @@ impl Intercepts {
     }
 
     /// Mounts the files of the intercept of `namespace/service` at `dir`; what is served.
-    pub async fn mount(&self, namespace: &str, service: &str, dir: &std::path::Path) -> Result<String, Error> {
-        self.mounts.mount(self.conn.subscribe(), namespace, service, dir).await
+    pub async fn mount(&self, spec: &Spec, dir: &std::path::Path) -> Result<String, Error> {
+        let service = (spec.namespace.as_str(), spec.service.as_str());
+        self.mounts.mount(self.conn.subscribe(), service, dir, spec.mount_readwrite).await
     }
 
     fn held(&self) -> std::sync::MutexGuard<'_, Vec<Held>> {
@@ -591,6 +595,7 @@ mod tests {
                 headers: vec![],
                 path_prefix: String::new(),
                 mount: None,
+                mount_readwrite: false,
             },
             id: 3,
             service_port: 80,

@@ -171,6 +171,10 @@ struct InterceptArgs {
     /// directory, read-only and live (DIR/etc/config/..., as in the pod). Linux.
     #[arg(long, value_name = "DIR")]
     mount: Option<PathBuf>,
+    /// With --mount: writes under DIR reach the pod's emptyDir and PVC volumes (not
+    /// those mounted readOnly); configMap, Secret and projected volumes stay read-only.
+    #[arg(long, requires = "mount")]
+    mount_readwrite: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -434,6 +438,7 @@ fn intercept(args: InterceptArgs, paths: &tpvpn_client::state::Paths) -> Result<
         http_headers,
         http_path_prefix,
         mount,
+        mount_readwrite,
     } = args;
     // The daemon mounts: a path relative to where `intercept` runs is made absolute here.
     let mount = match mount {
@@ -466,6 +471,7 @@ fn intercept(args: InterceptArgs, paths: &tpvpn_client::state::Paths) -> Result<
         headers,
         path_prefix,
         mount,
+        mount_readwrite,
     };
     let reply = daemon::intercept_request(paths, tpvpn_client::control::Request::Intercept(spec))?;
     let tpvpn_client::control::Reply::Intercepted { intercepted } = reply else {

@@ -125,6 +125,7 @@ async fn intercepts_against_a_v1_manager_are_refused_naming_the_manager() {
         headers: vec![],
         path_prefix: String::new(),
         mount: None,
+        mount_readwrite: false,
     };
     let e = held.request(&s.conn, s.version, spec).await.expect_err("no intercepts in v1");
     let line = e.to_string();

@@ -310,21 +310,31 @@ mod gen {
                 service: u.arbitrary()?,
                 container_id: u.arbitrary()?,
                 mounts: strings(u)?,
+                writable: strings(u)?,
             },
             24 => Message::FileRequest {
                 id: u.arbitrary()?,
                 path: u.arbitrary()?,
-                op: match u.int_in_range(0..=3)? {
+                op: match u.int_in_range(0..=11)? {
                     0 => FileOp::Stat,
                     1 => FileOp::ReadDir { from: u.arbitrary()? },
                     2 => FileOp::Read { offset: u.arbitrary()?, len: u.arbitrary()? },
+                    3 => FileOp::Write { offset: u.arbitrary()?, data: u.arbitrary()? },
+                    4 => FileOp::Create { mode: u.arbitrary()? },
+                    5 => FileOp::MakeDir { mode: u.arbitrary()? },
+                    6 => FileOp::Remove,
+                    7 => FileOp::RemoveDir,
+                    8 => FileOp::Rename { to: u.arbitrary()? },
+                    9 => FileOp::SetAttr { size: u.arbitrary()?, mode: u.arbitrary()?, mtime: u.arbitrary()? },
+                    10 => FileOp::Sync,
                     _ => FileOp::ReadLink,
                 },
             },
             25 => Message::FileReply {
                 id: u.arbitrary()?,
-                answer: match u.int_in_range(0..=4)? {
+                answer: match u.int_in_range(0..=5)? {
                     0 => FileAnswer::Attr(file_attr(u)?),
+                    4 => FileAnswer::Done,
                     1 => {
                         let n = u.int_in_range(0..=4)?;
                         FileAnswer::Entries {

@@ -1,8 +1,9 @@
 //! Version skew in the lab, with earlier releases built by `scripts/build-compat.sh` from
 //! this repository's history: the v1 client (`target/compat/v1`) against this manager
 //! (`up`, traffic, `status`, `down`; this client against a v1 manager:
-//! `client/tests/compat.rs`); and the v2 release (`target/compat/v2`, no personal
-//! intercepts) against this one in every pairing of client, manager and agent. Needs root.
+//! `client/tests/compat.rs`); the v2 release (`target/compat/v2`, no personal
+//! intercepts) against this one in every pairing of client, manager and agent; and the
+//! release whose mounts were read-only only (`target/compat/mounts-ro`). Needs root.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -164,4 +165,56 @@ fn v2_and_v3_intercept_together_and_personal_intercepts_and_mounts_name_the_side
     // it, and it must not have dropped its connection on any of it.
     reaches(&lab, "pod web-0");
     assert_eq!(lab.agent_log().matches(lost).count(), before, "the v2 agent lost its connection:\n{}", lab.agent_log());
+}
+
+/// `--mount-readwrite` (a feature bit, not a protocol version) against the release before
+/// it, both ways: this client with that manager, this manager with that agent (each
+/// refused naming the side to upgrade, a read-only mount still made), and that client
+/// with this manager and agent (its mount works, read-only).
+#[test]
+fn a_readwrite_mount_names_the_side_to_upgrade_and_an_older_clients_mount_still_works() {
+    if !Lab::fuse_or_skip() {
+        return;
+    }
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
+    let ro = |name: &str| release("mounts-ro", name);
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let dir = lab.dir().join("files").display().to_string();
+    let rw = ["intercept", "web", "--port", "18888:http", "--mount", &dir, "--mount-readwrite"];
+    let conf = |lab: &Lab| std::fs::read_to_string(lab.daemon_view(&dir).join("etc/config/app.conf"));
+
+    // This client, the older manager and agent.
+    lab.use_manager_bin(Some(&ro("tpvpn-manager"))).unwrap();
+    lab.use_agent_bin(Some(&ro("tpvpn-agent"))).unwrap();
+    lab.up(&[]).unwrap();
+    assert_refused(&lab.tpvpn(&rw), &["cannot write a pod's files (--mount-readwrite)", "upgrade the manager"]);
+    assert!(!lab.daemon_mounted(&dir));
+    assert_ok(&lab.tpvpn(&rw[..6]), "a read-only mount through the older manager");
+    assert_eq!(conf(&lab).unwrap(), tpvpn_lab::pods::APP_CONF);
+    assert_ok(&lab.tpvpn(&["down"]), "down");
+
+    // This manager, the older agent: refused naming the agents, before the agent is asked.
+    lab.use_manager_bin(None).unwrap();
+    lab.up(&[]).unwrap();
+    assert_refused(
+        &lab.tpvpn(&rw),
+        &["--mount", "the agent of node lab-node cannot write a pod's files", "upgrade the agents"],
+    );
+    assert!(!lab.daemon_mounted(&dir));
+    assert_ok(&lab.tpvpn(&rw[..6]), "a read-only mount from the older agent");
+    assert_eq!(conf(&lab).unwrap(), tpvpn_lab::pods::APP_CONF);
+    assert_ok(&lab.tpvpn(&["down"]), "down");
+
+    // The older client, this manager and agent: its mount is read-only, as it asked.
+    lab.use_agent_bin(None).unwrap();
+    let old = ro("tpvpn");
+    let up_args = lab.up_args();
+    let up: Vec<&str> = up_args.iter().map(String::as_str).collect();
+    assert_ok(&lab.tpvpn_bin(&old, &up, &[], Duration::from_secs(60)), "the older client's up");
+    assert_ok(&lab.tpvpn_bin(&old, &rw[..6], &[], Duration::from_secs(40)), "the older client's mount");
+    assert_eq!(conf(&lab).unwrap(), tpvpn_lab::pods::APP_CONF);
+    let write = std::fs::write(lab.daemon_view(&dir).join("var/scratch/x"), "x");
+    assert_eq!(write.err().and_then(|e| e.raw_os_error()), Some(nix::libc::EROFS));
+    assert_ok(&lab.tpvpn_bin(&old, &["down"], &[], Duration::from_secs(60)), "the older client's down");
+    assert!(!lab.daemon_mounted(&dir));
 }

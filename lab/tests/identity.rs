@@ -261,6 +261,17 @@ fn each_intercept_and_each_environment_is_authorized_per_service() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("left out"), "{}", show(&out));
     let secret = std::fs::read_to_string(lab.daemon_view(&dir).join("etc/db/password"));
     assert_eq!(secret.unwrap(), tpvpn_lab::pods::SECRET_VALUE, "the Secret volume, for an identity allowed it");
+    // Writing into the pod's volumes (`--mount-readwrite`) is a right of its own again.
+    let out = intercept(&["--mount", &dir, "--mount-readwrite"]);
+    assert!(!out.status.success(), "{}", show(&out));
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(err.contains("may not update intercepts/files.tpvpn.dev \"web\""), "{err}");
+    let may_write_files = r#"{"apiGroups": ["tpvpn.dev"], "resources": ["intercepts/files"], "verbs": ["update"]}"#;
+    grant(&lab, "intercept-web-write", Some("default"), rules(&[may_write_files]));
+    let out = intercept(&["--mount", &dir, "--mount-readwrite"]);
+    assert!(out.status.success(), "{}\nmanager:\n{}", show(&out), lab.manager_log());
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains("/var/scratch (read-write)") && !said.contains("/etc/db (read-write)"), "{said}");
     assert!(lab.daemon_mounted(&dir) && lab.runtime_dir().join("mounts.json").exists());
     assert!(lab.tpvpn(&["down"]).status.success());
     assert!(!lab.runtime_dir().join("mounts.json").exists(), "down unmounts and forgets the record");

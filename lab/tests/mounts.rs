@@ -5,7 +5,7 @@
 //! process tree one), so the test reads the mount through `Lab::daemon_view`.
 
 use std::fs;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::process::Output;
 use std::time::Duration;
 
@@ -79,6 +79,80 @@ fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
     );
 
     // `leave` unmounts.
+    let left = lab.tpvpn(&["leave", "web"]);
+    assert!(left.status.success(), "{}", show(&left));
+    assert!(!lab.daemon_mounted(&dir), "leave removed the mount");
+}
+
+/// What `cmd` prints in pod web-0's container (it must succeed).
+fn in_pod(lab: &mut Lab, cmd: &str) -> String {
+    let (out, err, code) = lab.exec_in_container("web-0", &["sh", "-c", cmd]).unwrap();
+    assert_eq!(code, 0, "{cmd}: {out}{err}");
+    out
+}
+
+/// The OS error of `r`, as the laptop's kernel gave it.
+fn os_error<T: std::fmt::Debug>(r: std::io::Result<T>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn a_readwrite_mount_writes_into_the_pods_scratch_volume_and_nowhere_else() {
+    if !Lab::fuse_or_skip() {
+        return;
+    }
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let dir = lab.dir().join("pod-files").display().to_string();
+    let args = ["intercept", "web", "--port", "18888:http", "--mount", &dir, "--mount-readwrite"];
+    let out = lab.tpvpn_env(&args, &[], Duration::from_secs(40));
+    assert!(out.status.success(), "intercept --mount-readwrite:\n{}", show(&out));
+    let said = stdout(&out);
+    assert!(said.contains("/var/scratch (read-write)") && !said.contains("/etc/config (read-write)"), "{said}");
+    let root = lab.daemon_view(&dir);
+
+    // Made, appended to, moved into a new directory: the container sees each at once.
+    let file = root.join("var/scratch/laptop.txt");
+    fs::write(&file, "from the laptop\n").unwrap();
+    assert_eq!(in_pod(&mut lab, "cat /var/scratch/laptop.txt"), "from the laptop\n");
+    fs::OpenOptions::new().append(true).open(&file).unwrap().write_all(b"and more\n").unwrap();
+    assert_eq!(in_pod(&mut lab, "cat /var/scratch/laptop.txt"), "from the laptop\nand more\n");
+    fs::create_dir(root.join("var/scratch/sub")).unwrap();
+    fs::rename(&file, root.join("var/scratch/sub/moved.txt")).unwrap();
+    assert_eq!(in_pod(&mut lab, "ls /var/scratch/sub"), "moved.txt\n");
+    assert_eq!(fs::read_to_string(root.join("var/scratch/sub/moved.txt")).unwrap(), "from the laptop\nand more\n");
+    // Cut short, and its mode changed, as `truncate` and `chmod` do.
+    let moved = fs::OpenOptions::new().write(true).open(root.join("var/scratch/sub/moved.txt")).unwrap();
+    moved.set_len(4).unwrap();
+    moved.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    drop(moved);
+    assert_eq!(in_pod(&mut lab, "stat -c '%s %a' /var/scratch/sub/moved.txt"), "4 600\n");
+
+    // A large file in many writes, byte for byte in the pod.
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 123u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    fs::write(root.join("var/scratch/big"), &data).unwrap();
+    let local = lab.dir().join("big");
+    fs::write(&local, &data).unwrap();
+    let sum = |out: String| out.split_whitespace().next().unwrap_or_default().to_string();
+    let here = std::process::Command::new("md5sum").arg(&local).output().unwrap();
+    assert_eq!(sum(in_pod(&mut lab, "busybox md5sum /var/scratch/big")), sum(stdout(&here)));
+    assert_eq!(fs::read(root.join("var/scratch/big")).unwrap(), data, "and read back");
+
+    // Removed.
+    fs::remove_file(root.join("var/scratch/sub/moved.txt")).unwrap();
+    fs::remove_dir(root.join("var/scratch/sub")).unwrap();
+    fs::remove_file(root.join("var/scratch/big")).unwrap();
+    assert!(!in_pod(&mut lab, "ls /var/scratch").contains("sub"));
+
+    // The configMap's volume stays read-only as in the pod (EROFS), and is unchanged.
+    assert_eq!(os_error(fs::write(root.join("etc/config/app.conf"), "x")), Some(nix::libc::EROFS));
+    assert_eq!(os_error(fs::write(root.join("etc/config/new"), "x")), Some(nix::libc::EROFS));
+    assert_eq!(os_error(fs::remove_file(root.join("etc/config/app.conf"))), Some(nix::libc::EROFS));
+    assert_eq!(in_pod(&mut lab, "cat /etc/config/app.conf"), APP_CONF);
+    // The volume's own mount point is never removed, nor anything made above it.
+    assert!(fs::remove_dir(root.join("var/scratch")).is_err());
+    assert_eq!(os_error(fs::create_dir(root.join("var/evil"))), Some(nix::libc::EROFS));
+
     let left = lab.tpvpn(&["leave", "web"]);
     assert!(left.status.success(), "{}", show(&left));
     assert!(!lab.daemon_mounted(&dir), "leave removed the mount");

@@ -182,7 +182,7 @@ fn a_containers_volumes_are_read_through_its_root_and_never_beyond() {
             .unwrap();
     let root = Path::new("/proc").join(pid.trim()).join("root");
     let mounts = ["/etc/config", "/etc/db", "/var/scratch", "/var/run/secrets/kubernetes.io/serviceaccount"];
-    let v = Volumes::open(&root, &mounts).unwrap();
+    let v = Volumes::open(&root, &mounts, &["/var/scratch"]).unwrap();
 
     // The kubelet's layout, followed as a reader of a mount follows it.
     let listed: Vec<(String, Kind)> =
@@ -206,6 +206,25 @@ fn a_containers_volumes_are_read_through_its_root_and_never_beyond() {
     assert!(matches!(v.read("/usr/sbin/nginx", 0, 64), Err(FileError::OutsideVolumes(_))));
     assert!(matches!(v.read("/var/scratch/fifo", 0, 64), Err(FileError::NotRegular(_))), "a FIFO is never opened");
     assert_eq!(v.stat("/var/scratch/fifo").unwrap().kind, Kind::Other, "but listed");
+
+    // Writes (`--mount-readwrite`): into the emptyDir, where the container sees them at
+    // once; never through its links, never into the configMap's volume.
+    v.create("/var/scratch/from-laptop", 0o640).unwrap();
+    v.write("/var/scratch/from-laptop", 0, b"written on the laptop\n").unwrap();
+    let (seen, _, _) = lab.exec_in_container("web-0", &["cat", "/var/scratch/from-laptop"]).unwrap();
+    assert_eq!(seen, "written on the laptop\n");
+    v.rename("/var/scratch/from-laptop", "/var/scratch/moved").unwrap();
+    let (seen, _, _) = lab.exec_in_container("web-0", &["ls", "/var/scratch"]).unwrap();
+    assert!(seen.contains("moved") && !seen.contains("from-laptop"), "{seen}");
+    assert!(matches!(v.create("/var/scratch/up/passwd", 0o644), Err(FileError::Symlink(_))));
+    assert!(matches!(v.write("/var/scratch/node", 0, b"x"), Err(FileError::NotRegular(_))));
+    assert!(matches!(v.create("/var/scratch/node", 0o644), Err(FileError::Sys(_, nix::errno::Errno::EEXIST))));
+    assert_eq!(fs::read_to_string(&node_only).unwrap(), "the node's own\n", "the node's file untouched");
+    let conf = format!("/etc/config/{stamp}/app.conf");
+    assert!(matches!(v.write(&conf, 0, b"x"), Err(FileError::ReadOnly(_))));
+    assert!(matches!(v.create("/etc/config/new", 0o644), Err(FileError::ReadOnly(_))));
+    assert!(matches!(v.remove("/var/scratch", true), Err(FileError::MountPoint(_))));
+    v.remove("/var/scratch/moved", false).unwrap();
 
     // A ConfigMap update as the kubelet makes it: `..data` swapped to a new directory.
     lab.update_config_volume("web-0", "config", &[("app.conf", "updated\n")]).unwrap();

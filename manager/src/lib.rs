@@ -135,11 +135,17 @@ impl Config {
     /// cluster and agents can connect.
     pub(crate) fn features(&self) -> u64 {
         use tpvpn_tunnel::handshake::{
-            FEATURE_FILES, FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION, FEATURE_RENEW, FEATURE_REVOKE,
+            FEATURE_FILES, FEATURE_FILES_WRITE, FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION, FEATURE_RENEW,
+            FEATURE_REVOKE,
         };
         let renew = if self.client_cas.is_some() { FEATURE_RENEW } else { 0 };
         if self.views.objects.is_some() && !matches!(self.agents, auth::AgentAuth::None) {
-            FEATURE_INTERCEPTS | FEATURE_INTERCEPT_CONNECTION | FEATURE_REVOKE | FEATURE_FILES | renew
+            FEATURE_INTERCEPTS
+                | FEATURE_INTERCEPT_CONNECTION
+                | FEATURE_REVOKE
+                | FEATURE_FILES
+                | FEATURE_FILES_WRITE
+                | renew
         } else {
             renew
         }

@@ -853,9 +853,9 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
                 let _ = send.finish();
             }
         }
-        Message::FilesOpen { namespace, service, .. } => {
-            let span = info_span!("files", %namespace, %service);
-            files(&ctx, send, recv, &namespace, &service).instrument(span).await
+        Message::FilesOpen { namespace, service, writable, .. } => {
+            let span = info_span!("files", %namespace, %service, write = !writable.is_empty());
+            files(&ctx, send, recv, (&namespace, &service), &writable).instrument(span).await
         }
         request @ (Message::InterceptRequest { .. }
         | Message::Leave { .. }
@@ -889,14 +889,21 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
     }
 }
 
-/// A stream of file requests for the client's intercept of `namespace/service`
-/// (`intercept --mount`): checked, then joined to a stream to the agent of a captured
-/// pod, which answers them; the manager only relays the bytes after the answer.
 /// How long the manager waits for an agent to open a container's files (less than the
 /// laptop waits for the manager, so that the laptop hears why).
 const AGENT_ANSWER: Duration = Duration::from_secs(10);
 
-async fn files(ctx: &Ctx, mut send: quinn::SendStream, recv: quinn::RecvStream, namespace: &str, service: &str) {
+/// A stream of file requests for the client's intercept of `namespace/service`
+/// (`intercept --mount`; `asked`: where it asks to write, `--mount-readwrite`): checked,
+/// then joined to a stream to the agent of a captured pod, which answers them; the
+/// manager only relays the bytes after the answer.
+async fn files(
+    ctx: &Ctx,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    (namespace, service): (&str, &str),
+    asked: &[String],
+) {
     let opened = async {
         if !ctx.version.intercepts() {
             return Err(crate::intercepts::Refusal {
@@ -904,14 +911,19 @@ async fn files(ctx: &Ctx, mut send: quinn::SendStream, recv: quinn::RecvStream, 
                 message: "files need tpvpn protocol v2: upgrade the client".into(),
             });
         }
-        let permission =
-            Permission { verb: "get", resource: "intercepts/files", namespace: Some(namespace), name: Some(service) };
-        allowed(ctx, &permission).await?;
-        let target = ctx.hub.files(ctx.session, namespace, service)?;
+        let write = !asked.is_empty();
+        for verb in if write { &["get", "update"][..] } else { &["get"] } {
+            let permission =
+                Permission { verb, resource: "intercepts/files", namespace: Some(namespace), name: Some(service) };
+            allowed(ctx, &permission).await?;
+        }
+        let target = ctx.hub.files(ctx.session, namespace, service, write)?;
         let spec = target.spec.as_deref();
         let secrets = ctx.identity().is_some();
-        let (mounts, left_out) =
+        let crate::targets::VolumeMounts { served: mounts, writable, left_out } =
             spec.map(|p| crate::targets::volume_mounts(p, &target.pod.container, secrets)).unwrap_or_default();
+        let writable: Vec<String> =
+            writable.into_iter().filter(|m| asked.iter().any(|a| std::path::Path::new(m).starts_with(a))).collect();
         let unavailable = |e: String| crate::intercepts::Refusal { code: ErrorCode::Unavailable, message: e };
         let (mut to_agent, mut from_agent) = target.agent.open_bi().await.map_err(|e| unavailable(e.to_string()))?;
         let open = Message::FilesOpen {
@@ -919,6 +931,7 @@ async fn files(ctx: &Ctx, mut send: quinn::SendStream, recv: quinn::RecvStream, 
             service: service.into(),
             container_id: target.pod.container_id.clone(),
             mounts: mounts.clone(),
+            writable: writable.clone(),
         };
         write_message(&mut to_agent, &open).await.map_err(|e| unavailable(e.to_string()))?;
         match tokio::time::timeout(AGENT_ANSWER, read_message(&mut from_agent)).await {
@@ -940,7 +953,12 @@ async fn files(ctx: &Ctx, mut send: quinn::SendStream, recv: quinn::RecvStream, 
         }
         let mut said =
             format!("files of pod {}/{} (container {})", target.pod.namespace, target.pod.name, target.pod.container);
-        said.push_str(&format!(": {}", if mounts.is_empty() { "no volume mounts".into() } else { mounts.join(", ") }));
+        let shown: Vec<String> =
+            mounts.iter().map(|m| if writable.contains(m) { format!("{m} (read-write)") } else { m.clone() }).collect();
+        said.push_str(&format!(": {}", if shown.is_empty() { "no volume mounts".into() } else { shown.join(", ") }));
+        if write && writable.is_empty() {
+            said.push_str("; none may be written (only emptyDir and PVC volumes not mounted readOnly)");
+        }
         if !left_out.is_empty() {
             said.push_str(&format!("; left out: {}", left_out.join("; ")));
         }

@@ -207,11 +207,14 @@ pub fn selected<'a>(svc: &Service, pods: &'a [Arc<Pod>]) -> Vec<&'a Arc<Pod>> {
 /// (`intercept --mount`): their `mountPath`s, and a note for each one left out. Secret
 /// and projected volumes (the ServiceAccount token) only when `secrets` (an identity
 /// allowed `get` on `intercepts/files`; never on the shared token, like Secret values in
-/// the environment); hostPath volumes never (they are the node's files).
-pub fn volume_mounts(pod: &Pod, container: &str, secrets: bool) -> (Vec<String>, Vec<String>) {
-    let Some(spec) = pod.spec.as_ref() else { return (vec![], vec![]) };
-    let Some(c) = spec.containers.iter().find(|c| c.name == container) else { return (vec![], vec![]) };
-    let (mut served, mut left_out) = (Vec::new(), Vec::new());
+/// the environment); hostPath volumes never (they are the node's files). Of those served,
+/// the ones a laptop may write to (`--mount-readwrite`): emptyDir and PVC volumes (also
+/// generic ephemeral ones) not mounted `readOnly`; configMap, Secret, projected and
+/// downwardAPI volumes stay read-only, as in the pod.
+pub fn volume_mounts(pod: &Pod, container: &str, secrets: bool) -> VolumeMounts {
+    let mut out = VolumeMounts::default();
+    let Some(spec) = pod.spec.as_ref() else { return out };
+    let Some(c) = spec.containers.iter().find(|c| c.name == container) else { return out };
     for m in c.volume_mounts.iter().flatten() {
         let volume = spec.volumes.iter().flatten().find(|v| v.name == m.name);
         let why = match volume {
@@ -222,12 +225,28 @@ pub fn volume_mounts(pod: &Pod, container: &str, secrets: bool) -> (Vec<String>,
             }
             Some(_) => None,
         };
-        match why {
-            Some(why) => left_out.push(format!("{} ({why})", m.mount_path)),
-            None => served.push(m.mount_path.clone()),
+        let Some(v) = volume.filter(|_| why.is_none()) else {
+            out.left_out.push(format!("{} ({})", m.mount_path, why.unwrap_or_default()));
+            continue;
+        };
+        let scratch = v.empty_dir.is_some() || v.persistent_volume_claim.is_some() || v.ephemeral.is_some();
+        if scratch && m.read_only != Some(true) {
+            out.writable.push(m.mount_path.clone());
         }
+        out.served.push(m.mount_path.clone());
     }
-    (served, left_out)
+    out
+}
+
+/// What [`volume_mounts`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct VolumeMounts {
+    /// The `mountPath`s served.
+    pub served: Vec<String>,
+    /// Those of `served` that may be written.
+    pub writable: Vec<String>,
+    /// Each mount left out, and why.
+    pub left_out: Vec<String>,
 }
 
 /// Resolves `target` on `pod`, and the container serving it (`container`, if given,
@@ -369,7 +388,9 @@ mod tests {
                     {"name": "creds", "mountPath": "/etc/secret"},
                     {"name": "token", "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"},
                     {"name": "node", "mountPath": "/host"},
-                    {"name": "scratch", "mountPath": "/tmp/work"}]},
+                    {"name": "scratch", "mountPath": "/tmp/work"},
+                    {"name": "claim", "mountPath": "/var/lib/db"},
+                    {"name": "claim", "mountPath": "/var/lib/ro", "readOnly": true}]},
                 {"name": "sidecar", "volumeMounts": [{"name": "other", "mountPath": "/etc/other"}]}],
              "volumes": [
                 {"name": "config", "configMap": {"name": "c"}},
@@ -377,21 +398,31 @@ mod tests {
                 {"name": "token", "projected": {"sources": []}},
                 {"name": "node", "hostPath": {"path": "/"}},
                 {"name": "scratch", "emptyDir": {}},
+                {"name": "claim", "persistentVolumeClaim": {"claimName": "db"}},
                 {"name": "other", "emptyDir": {}}]}
         }))
         .unwrap();
-        let (served, left_out) = volume_mounts(&pod, "app", false);
-        assert_eq!(served, ["/etc/config", "/tmp/work"]);
+        let VolumeMounts { served, writable, left_out } = volume_mounts(&pod, "app", false);
+        assert_eq!(served, ["/etc/config", "/tmp/work", "/var/lib/db", "/var/lib/ro"]);
+        assert_eq!(writable, ["/tmp/work", "/var/lib/db"], "scratch and claims, not a readOnly mount");
         assert_eq!(left_out.len(), 3, "{left_out:?}");
         assert!(left_out[0].starts_with("/etc/secret (Secret") && left_out[2].starts_with("/host (a hostPath"));
-        let (served, left_out) = volume_mounts(&pod, "app", true);
+        let VolumeMounts { served, writable, left_out } = volume_mounts(&pod, "app", true);
         assert_eq!(
             served,
-            ["/etc/config", "/etc/secret", "/var/run/secrets/kubernetes.io/serviceaccount", "/tmp/work"]
+            [
+                "/etc/config",
+                "/etc/secret",
+                "/var/run/secrets/kubernetes.io/serviceaccount",
+                "/tmp/work",
+                "/var/lib/db",
+                "/var/lib/ro"
+            ]
         );
+        assert_eq!(writable, ["/tmp/work", "/var/lib/db"], "never a Secret or the token");
         assert_eq!(left_out.len(), 1, "the node's files never: {left_out:?}");
-        assert_eq!(volume_mounts(&pod, "sidecar", true).0, ["/etc/other"]);
-        assert_eq!(volume_mounts(&pod, "nope", true), (vec![], vec![]));
+        assert_eq!(volume_mounts(&pod, "sidecar", true).served, ["/etc/other"]);
+        assert_eq!(volume_mounts(&pod, "nope", true), VolumeMounts::default());
     }
 
     #[test]

@@ -11,10 +11,20 @@
 //! one a handle was opened on. Symlinks are reported, never followed, by the agent; the
 //! reader follows them as a kernel does over FUSE.
 //!
-//! Memory is bounded on both sides whatever a volume holds: a read returns at most
-//! [`READ_MAX`] bytes, a directory comes in pages of at most [`DIR_PAGE`] entries.
+//!
+//! Read-write mounts (`--mount-readwrite`, both peers with
+//! [`crate::handshake::FEATURE_FILES_WRITE`]): the client's `FilesOpen` names in
+//! `writable` where it asks to write (`/`: wherever it may), the manager's names the
+//! `mountPath`s of the volumes that may be written (emptyDir, PVC, not mounted
+//! `readOnly`); the write operations then change files there, and anywhere else are
+//! refused with [`FileFailure::ReadOnly`].
+//!
+//! Memory is bounded on both sides whatever a volume holds: a read returns and a write
+//! carries at most [`READ_MAX`] bytes, a directory comes in pages of at most
+//! [`DIR_PAGE`] entries.
 
-/// The most bytes one [`FileOp::Read`] returns (one frame carries it).
+/// The most bytes one [`FileOp::Read`] returns or one [`FileOp::Write`] carries (one
+/// frame carries it).
 pub const READ_MAX: u32 = 512 * 1024;
 
 /// The most entries one [`FileAnswer::Entries`] carries.
@@ -64,7 +74,7 @@ pub struct FileAttr {
 }
 
 /// What a request asks of its path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FileOp {
     /// Its attributes, not following a symlink.
     Stat,
@@ -74,6 +84,32 @@ pub enum FileOp {
     Read { offset: u64, len: u32 },
     /// A symlink's target.
     ReadLink,
+    /// Writes `data` (at most [`READ_MAX`] bytes) into a regular file at `offset`, all of
+    /// it or nothing; answered [`FileAnswer::Done`].
+    Write { offset: u64, data: Vec<u8> },
+    /// Creates a regular file that is not there yet; answered with its attributes.
+    Create { mode: u32 },
+    /// Creates a directory; answered with its attributes.
+    MakeDir { mode: u32 },
+    /// Removes a file or symlink ([`FileFailure::IsDir`] for a directory).
+    Remove,
+    /// Removes an empty directory.
+    RemoveDir,
+    /// Moves the entry to `to` (in the same volume, else [`FileFailure::CrossDevice`]),
+    /// replacing what is there as `rename(2)` does.
+    Rename { to: String },
+    /// Changes what is given (a regular file's size; a file's or directory's permission
+    /// bits and modification time); answered with the attributes after.
+    SetAttr { size: Option<u64>, mode: Option<u32>, mtime: Option<i64> },
+    /// Flushes a regular file to its storage (`fsync`).
+    Sync,
+}
+
+impl FileOp {
+    /// Whether it changes the volume (refused outside writable mounts).
+    pub fn writes(&self) -> bool {
+        !matches!(self, FileOp::Stat | FileOp::ReadDir { .. } | FileOp::Read { .. } | FileOp::ReadLink)
+    }
 }
 
 /// Why a request failed, as the laptop's kernel is told.
@@ -90,6 +126,18 @@ pub enum FileFailure {
     Invalid,
     /// The container is gone or the read failed (`EIO`).
     Io,
+    /// A write where the volume is read-only (`EROFS`).
+    ReadOnly,
+    /// Created where something is already (`EEXIST`).
+    Exists,
+    /// A directory removed that is not empty (`ENOTEMPTY`).
+    NotEmpty,
+    /// A directory where a file was expected (`EISDIR`).
+    IsDir,
+    /// Moved from one volume to another (`EXDEV`: `mv` copies instead).
+    CrossDevice,
+    /// The volume is full (`ENOSPC`).
+    NoSpace,
     /// A kind this version does not know.
     Other(u8),
 }
@@ -102,6 +150,12 @@ impl FileFailure {
             FileFailure::Denied => 13,                    // EACCES
             FileFailure::NotDir => 20,                    // ENOTDIR
             FileFailure::Invalid => 22,                   // EINVAL
+            FileFailure::ReadOnly => 30,                  // EROFS
+            FileFailure::Exists => 17,                    // EEXIST
+            FileFailure::NotEmpty => 39,                  // ENOTEMPTY
+            FileFailure::IsDir => 21,                     // EISDIR
+            FileFailure::CrossDevice => 18,               // EXDEV
+            FileFailure::NoSpace => 28,                   // ENOSPC
             FileFailure::Io | FileFailure::Other(_) => 5, // EIO
         }
     }
@@ -115,6 +169,12 @@ impl From<u8> for FileFailure {
             3 => FileFailure::NotDir,
             4 => FileFailure::Invalid,
             5 => FileFailure::Io,
+            6 => FileFailure::ReadOnly,
+            7 => FileFailure::Exists,
+            8 => FileFailure::NotEmpty,
+            9 => FileFailure::IsDir,
+            10 => FileFailure::CrossDevice,
+            11 => FileFailure::NoSpace,
             other => FileFailure::Other(other),
         }
     }
@@ -128,6 +188,12 @@ impl From<FileFailure> for u8 {
             FileFailure::NotDir => 3,
             FileFailure::Invalid => 4,
             FileFailure::Io => 5,
+            FileFailure::ReadOnly => 6,
+            FileFailure::Exists => 7,
+            FileFailure::NotEmpty => 8,
+            FileFailure::IsDir => 9,
+            FileFailure::CrossDevice => 10,
+            FileFailure::NoSpace => 11,
             FileFailure::Other(b) => b,
         }
     }
@@ -144,6 +210,8 @@ pub enum FileAnswer {
     },
     Data(Vec<u8>),
     Target(String),
+    /// A write operation done, with nothing to tell.
+    Done,
     Failed {
         failure: FileFailure,
         message: String,

@@ -488,7 +488,9 @@ pub enum Message {
     /// the files of its intercept of `namespace/service` (`container_id` and `mounts`
     /// empty). Manager to agent: the volume `mounts` (their `mountPath`s) of container
     /// `container_id`. Answered by `Ack` or `Error`.
-    FilesOpen { namespace: String, service: String, container_id: String, mounts: Vec<String> },
+    /// `writable` (absent from the frame when empty, as before read-write mounts): see
+    /// [`crate::files`].
+    FilesOpen { namespace: String, service: String, container_id: String, mounts: Vec<String>, writable: Vec<String> },
     /// Laptop to agent: what `op` asks of `path` (absolute, in the container).
     FileRequest { id: u32, path: String, op: FileOp },
     /// Agent to laptop: the answer to request `id`.
@@ -710,6 +712,7 @@ impl Message {
                 service: r.string16("service")?,
                 container_id: r.string16("container id")?,
                 mounts: r.strings("mounts")?,
+                writable: if r.is_empty() { Vec::new() } else { r.strings("writable mounts")? },
             },
             ty::FILE_REQUEST => {
                 let id = r.u32()?;
@@ -719,6 +722,31 @@ impl Message {
                     2 => FileOp::ReadDir { from: r.u32()? },
                     3 => FileOp::Read { offset: r.u64()?, len: r.u32()? },
                     4 => FileOp::ReadLink,
+                    5 => {
+                        let offset = r.u64()?;
+                        let n = r.u32()?;
+                        if n > crate::files::READ_MAX {
+                            return Err(Error::Malformed { what: "file write: longer than READ_MAX" });
+                        }
+                        FileOp::Write { offset, data: r.take(n as usize)?.to_vec() }
+                    }
+                    6 => FileOp::Create { mode: r.u32()? },
+                    7 => FileOp::MakeDir { mode: r.u32()? },
+                    8 => FileOp::Remove,
+                    9 => FileOp::RemoveDir,
+                    10 => FileOp::Rename { to: r.string16("rename target")? },
+                    11 => {
+                        let given = r.u8()?;
+                        if given & !0b111 != 0 {
+                            return Err(Error::Malformed { what: "file attributes: unknown bits" });
+                        }
+                        FileOp::SetAttr {
+                            size: if given & 1 != 0 { Some(r.u64()?) } else { None },
+                            mode: if given & 2 != 0 { Some(r.u32()?) } else { None },
+                            mtime: if given & 4 != 0 { Some(r.u64()? as i64) } else { None },
+                        }
+                    }
+                    12 => FileOp::Sync,
                     _ => return Err(Error::Malformed { what: "file operation" }),
                 };
                 Message::FileRequest { id, path, op }
@@ -740,6 +768,7 @@ impl Message {
                         FileAnswer::Data(r.take(n as usize)?.to_vec())
                     }
                     4 => FileAnswer::Target(r.string16("symlink target")?),
+                    6 => FileAnswer::Done,
                     5 => {
                         FileAnswer::Failed { failure: FileFailure::from(r.u8()?), message: r.string16("file failure")? }
                     }
@@ -982,11 +1011,14 @@ impl Message {
                 put_pairs(out, &mut cut, env);
                 ty::CAPTURE_STATUS
             }
-            Message::FilesOpen { namespace, service, container_id, mounts } => {
+            Message::FilesOpen { namespace, service, container_id, mounts, writable } => {
                 put_bytes16(out, &mut cut, namespace.as_bytes());
                 put_bytes16(out, &mut cut, service.as_bytes());
                 put_bytes16(out, &mut cut, container_id.as_bytes());
                 put_strings(out, &mut cut, mounts);
+                if !writable.is_empty() {
+                    put_strings(out, &mut cut, writable);
+                }
                 ty::FILES_OPEN
             }
             Message::FileRequest { id, path, op } => {
@@ -1004,6 +1036,43 @@ impl Message {
                         out.extend_from_slice(&len.to_be_bytes());
                     }
                     FileOp::ReadLink => out.push(4),
+                    FileOp::Write { offset, data } => {
+                        out.push(5);
+                        out.extend_from_slice(&offset.to_be_bytes());
+                        cut |= data.len() > crate::files::READ_MAX as usize;
+                        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                        out.extend_from_slice(data);
+                    }
+                    FileOp::Create { mode } => {
+                        out.push(6);
+                        out.extend_from_slice(&mode.to_be_bytes());
+                    }
+                    FileOp::MakeDir { mode } => {
+                        out.push(7);
+                        out.extend_from_slice(&mode.to_be_bytes());
+                    }
+                    FileOp::Remove => out.push(8),
+                    FileOp::RemoveDir => out.push(9),
+                    FileOp::Rename { to } => {
+                        out.push(10);
+                        put_bytes16(out, &mut cut, to.as_bytes());
+                    }
+                    FileOp::SetAttr { size, mode, mtime } => {
+                        out.push(11);
+                        out.push(
+                            u8::from(size.is_some()) | u8::from(mode.is_some()) << 1 | u8::from(mtime.is_some()) << 2,
+                        );
+                        if let Some(size) = size {
+                            out.extend_from_slice(&size.to_be_bytes());
+                        }
+                        if let Some(mode) = mode {
+                            out.extend_from_slice(&mode.to_be_bytes());
+                        }
+                        if let Some(mtime) = mtime {
+                            out.extend_from_slice(&mtime.to_be_bytes());
+                        }
+                    }
+                    FileOp::Sync => out.push(12),
                 }
                 ty::FILE_REQUEST
             }
@@ -1032,6 +1101,7 @@ impl Message {
                         out.push(4);
                         put_bytes16(out, &mut cut, t.as_bytes());
                     }
+                    FileAnswer::Done => out.push(6),
                     FileAnswer::Failed { failure, message } => {
                         out.push(5);
                         out.push(u8::from(*failure));
@@ -1548,8 +1618,42 @@ mod tests {
                 service: "web".into(),
                 container_id: "containerd://abc".into(),
                 mounts: vec!["/etc/config".into(), "/var/run/secrets/kubernetes.io/serviceaccount".into()],
+                writable: vec![],
+            },
+            Message::FilesOpen {
+                namespace: "default".into(),
+                service: "web".into(),
+                container_id: String::new(),
+                mounts: vec![],
+                writable: vec!["/".into()],
             },
             Message::FileRequest { id: 1, path: "/etc/config".into(), op: FileOp::Stat },
+            Message::FileRequest {
+                id: 6,
+                path: "/data/a".into(),
+                op: FileOp::Write { offset: 9, data: vec![1; 1000] },
+            },
+            Message::FileRequest { id: 7, path: "/data/a".into(), op: FileOp::Create { mode: 0o640 } },
+            Message::FileRequest { id: 8, path: "/data/d".into(), op: FileOp::MakeDir { mode: 0o2775 } },
+            Message::FileRequest { id: 9, path: "/data/a".into(), op: FileOp::Remove },
+            Message::FileRequest { id: 10, path: "/data/d".into(), op: FileOp::RemoveDir },
+            Message::FileRequest { id: 11, path: "/data/a".into(), op: FileOp::Rename { to: "/data/b".into() } },
+            Message::FileRequest {
+                id: 12,
+                path: "/data/a".into(),
+                op: FileOp::SetAttr { size: Some(0), mode: None, mtime: Some(-1) },
+            },
+            Message::FileRequest {
+                id: 13,
+                path: "/data/a".into(),
+                op: FileOp::SetAttr { size: None, mode: Some(0o600), mtime: None },
+            },
+            Message::FileRequest { id: 14, path: "/data/a".into(), op: FileOp::Sync },
+            Message::FileReply { id: 14, answer: FileAnswer::Done },
+            Message::FileReply {
+                id: 15,
+                answer: FileAnswer::Failed { failure: FileFailure::ReadOnly, message: "a configMap".into() },
+            },
             Message::FileRequest { id: 2, path: "/etc/config".into(), op: FileOp::ReadDir { from: 512 } },
             Message::FileRequest {
                 id: 3,

@@ -86,6 +86,11 @@ pub const FEATURE_RENEW: u64 = 1 << 3;
 /// (`ClientInfo.features`): it serves a container's volume mounts on a stream the
 /// manager opens.
 pub const FEATURE_FILES: u64 = 1 << 4;
+/// Feature bit: the manager passes a client's ask for read-write files on
+/// (`FilesOpen.writable`, `tpvpn intercept --mount-readwrite`) and says which volumes may
+/// be written. From an agent: it carries out the write operations of
+/// [`crate::files::FileOp`] in those volumes.
+pub const FEATURE_FILES_WRITE: u64 = 1 << 5;
 
 /// What the connecting side says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

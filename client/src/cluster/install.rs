@@ -425,6 +425,7 @@ mod tests {
                 "ClusterRole",
                 "ClusterRole",
                 "ClusterRole",
+                "ClusterRole",
                 "Role",
                 "Role",
                 "Deployment",

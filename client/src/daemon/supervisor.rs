@@ -689,6 +689,11 @@ async fn serve(
                             call.reply_later(Reply::Failed { error: error.into() });
                             continue;
                         }
+                        if spec.mount_readwrite && link.features & tpvpn_tunnel::handshake::FEATURE_FILES_WRITE == 0 {
+                            let error = "this manager cannot write a pod's files (--mount-readwrite): upgrade the manager (tpvpn manager install)";
+                            call.reply_later(Reply::Failed { error: error.into() });
+                            continue;
+                        }
                         let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
                         let vnat = routing.vnat.borrow().clone();
                         tokio::spawn(async move {
@@ -747,7 +752,7 @@ async fn intercept_and_mount(
     let mut outcome = i.request(conn, version, spec).await?;
     let spec = &outcome.held.spec;
     if let Some(dir) = &spec.mount {
-        let said = i.mount(&spec.namespace, &spec.service, dir).await.map_err(|e| {
+        let said = i.mount(spec, dir).await.map_err(|e| {
             Error::System(format!(
                 "intercepted {}/{}, but --mount {} failed: {e}",
                 spec.namespace,

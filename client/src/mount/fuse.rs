@@ -1,11 +1,15 @@
-//! The kernel's side of a mount: a read-only FUSE file system (fuser; the daemon, as
-//! root, mounts with mount(2) itself) whose every operation is one or more questions to
-//! [`Files`], answered on the daemon's runtime so that the FUSE thread never waits.
+//! The kernel's side of a mount: a FUSE file system (fuser; the daemon, as root, mounts
+//! with mount(2) itself), read-only unless `--mount-readwrite`, whose every operation is
+//! one or more questions to [`Files`], answered on the daemon's runtime so that the FUSE
+//! thread never waits.
 //!
 //! Inodes are paths in the container: the kernel's inode numbers are handed out per
-//! path and kept while the mount lives. Attributes and names are cached by the kernel
-//! for at most [`TTL`]; a file's pages are dropped on each open, so a file changed in the
-//! pod (or a configMap whose `..data` the kubelet swapped) reads as it is now.
+//! path and kept while the mount lives (a rename moves the numbers of the entry and
+//! everything under it). Attributes and names are cached by the kernel for at most
+//! [`TTL`]; a file's pages are dropped on each open, so a file changed in the pod (or a
+//! configMap whose `..data` the kubelet swapped) reads as it is now. Writes go through
+//! to the pod as they are made (no write-back cache), in questions of at most
+//! [`READ_MAX`] bytes.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -14,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
-    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEntry, ReplyOpen, Request,
+    FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
 };
 use tpvpn_tunnel::files::{FileAnswer, FileAttr as Attr, FileKind, FileOp, READ_MAX};
 
@@ -48,6 +52,18 @@ impl Inodes {
         n
     }
 
+    /// `from` (and everything under it) is now `to`; what was at `to` is gone.
+    fn renamed(&mut self, from: &str, to: &str) {
+        self.numbers.retain(|p, _| !under(p, to));
+        for (i, path) in self.paths.iter_mut().enumerate() {
+            if under(path, from) {
+                *path = format!("{to}{}", &path[from.len()..]);
+                self.numbers.insert(path.clone(), i as u64 + 1);
+            }
+        }
+        self.numbers.retain(|p, _| !under(p, from));
+    }
+
     /// The number of `path`, which is of kind `kind`.
     fn seen(&mut self, path: &str, kind: FileKind) -> u64 {
         let n = self.number(path);
@@ -58,6 +74,11 @@ impl Inodes {
         }
         n
     }
+}
+
+/// Whether `path` is `dir` or in it.
+fn under(path: &str, dir: &str) -> bool {
+    path.strip_prefix(dir).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
 /// `name` in directory `dir`.
@@ -86,7 +107,7 @@ struct Pages {
     open: HashMap<u64, Arc<Page>>,
 }
 
-/// The read-only file system of one intercept's files.
+/// The file system of one intercept's files.
 struct Fs {
     files: Arc<Files>,
     rt: tokio::runtime::Handle,
@@ -94,6 +115,8 @@ struct Fs {
     pages: Arc<Mutex<Pages>>,
     /// Who owns every file on the laptop: the user who ran `tpvpn up`.
     owner: (u32, u32),
+    /// Mounted read-write (`--mount-readwrite`).
+    write: bool,
 }
 
 impl Fs {
@@ -121,6 +144,62 @@ impl Fs {
             }
             None => error(reply, libc::ENOENT),
         }
+    }
+
+    /// Runs `f` with the path of entry `name` of directory `parent`, or answers `ENOENT`
+    /// (`EINVAL` for a name the protocol cannot carry: not UTF-8).
+    fn on_entry<R: Send + 'static>(
+        &self,
+        (parent, name): (u64, &OsStr),
+        reply: R,
+        error: fn(R, i32),
+        f: impl FnOnce(Arc<Files>, String, R) -> futures::future::BoxFuture<'static, ()> + Send + 'static,
+    ) {
+        let Some(name) = name.to_str().map(str::to_string) else { return error(reply, libc::EINVAL) };
+        self.on_path(parent, reply, error, move |files, dir, reply| f(files, child(&dir, &name), reply));
+    }
+
+    /// Creates entry `name` of `parent` by `op`, and answers with its attributes.
+    fn make(&self, (parent, name): (u64, &OsStr), op: FileOp, reply: ReplyEntry) {
+        let (inodes, owner) = (self.inodes.clone(), self.owner);
+        self.on_entry((parent, name), reply, ReplyEntry::error, move |files, path, reply| {
+            Box::pin(async move {
+                match files.ask(&path, op).await {
+                    FileAnswer::Attr(a) => {
+                        let ino = inodes.lock().unwrap_or_else(|e| e.into_inner()).seen(&path, a.kind);
+                        reply.entry(&TTL, &attr(ino, &a, owner), 0);
+                    }
+                    other => reply.error(errno(other)),
+                }
+            })
+        });
+    }
+
+    /// Asks `op` of entry `name` of `parent`, which answers nothing.
+    fn change(&self, (parent, name): (u64, &OsStr), op: FileOp, reply: ReplyEmpty) {
+        self.on_entry((parent, name), reply, ReplyEmpty::error, move |files, path, reply| {
+            Box::pin(async move { done(files.ask(&path, op).await, reply) })
+        });
+    }
+}
+
+/// Answers a question that answers nothing.
+fn done(answer: FileAnswer, reply: ReplyEmpty) {
+    match answer {
+        FileAnswer::Done => reply.ok(),
+        other => reply.error(errno(other)),
+    }
+}
+
+/// `t` as seconds since the epoch.
+fn seconds(t: TimeOrNow) -> i64 {
+    let t = match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => std::time::SystemTime::now(),
+    };
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
     }
 }
 
@@ -210,7 +289,7 @@ impl Filesystem for Fs {
     }
 
     fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY && !self.write {
             return reply.error(libc::EROFS);
         }
         if self.inodes.lock().unwrap_or_else(|e| e.into_inner()).unopenable.contains(&ino) {
@@ -256,6 +335,156 @@ impl Filesystem for Fs {
                 reply.data(&data);
             })
         });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        _fh: u64,
+        offset: i64,
+        data: &[u8],
+        _write_flags: u32,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        reply: ReplyWrite,
+    ) {
+        let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
+        let Ok(len) = u32::try_from(data.len()) else { return reply.error(libc::EFBIG) };
+        let data = data.to_vec();
+        self.on_path(ino, reply, ReplyWrite::error, move |files, path, reply| {
+            Box::pin(async move {
+                // In questions of at most READ_MAX, asked together; all written or an error.
+                let chunks = data.chunks(READ_MAX as usize).enumerate().map(|(i, chunk)| {
+                    let op = FileOp::Write { offset: offset + (i * READ_MAX as usize) as u64, data: chunk.to_vec() };
+                    let (files, path) = (files.clone(), path.clone());
+                    async move { files.ask(&path, op).await }
+                });
+                for answer in futures::future::join_all(chunks).await {
+                    if answer != FileAnswer::Done {
+                        return reply.error(errno(answer));
+                    }
+                }
+                reply.written(len);
+            })
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn create(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (inodes, owner) = (self.inodes.clone(), self.owner);
+        self.on_entry((parent, name), reply, ReplyCreate::error, move |files, path, reply| {
+            Box::pin(async move {
+                match files.ask(&path, FileOp::Create { mode: mode & 0o7777 }).await {
+                    FileAnswer::Attr(a) => {
+                        let ino = inodes.lock().unwrap_or_else(|e| e.into_inner()).seen(&path, a.kind);
+                        reply.created(&TTL, &attr(ino, &a, owner), 0, 0, 0);
+                    }
+                    other => reply.error(errno(other)),
+                }
+            })
+        });
+    }
+
+    fn mkdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        self.make((parent, name), FileOp::MakeDir { mode: mode & 0o7777 }, reply);
+    }
+
+    fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.change((parent, name), FileOp::Remove, reply);
+    }
+
+    fn rmdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
+        self.change((parent, name), FileOp::RemoveDir, reply);
+    }
+
+    fn rename(
+        &mut self,
+        _req: &Request<'_>,
+        parent: u64,
+        name: &OsStr,
+        new_parent: u64,
+        new_name: &OsStr,
+        flags: u32,
+        reply: ReplyEmpty,
+    ) {
+        // RENAME_NOREPLACE and RENAME_EXCHANGE are not carried.
+        if flags != 0 {
+            return reply.error(libc::EINVAL);
+        }
+        let (Some(to_dir), Some(to_name)) = (self.path(new_parent), new_name.to_str().map(str::to_string)) else {
+            return reply.error(libc::ENOENT);
+        };
+        let inodes = self.inodes.clone();
+        self.on_entry((parent, name), reply, ReplyEmpty::error, move |files, from, reply| {
+            Box::pin(async move {
+                let to = child(&to_dir, &to_name);
+                let answer = files.ask(&from, FileOp::Rename { to: to.clone() }).await;
+                if answer == FileAnswer::Done {
+                    inodes.lock().unwrap_or_else(|e| e.into_inner()).renamed(&from, &to);
+                }
+                done(answer, reply)
+            })
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setattr(
+        &mut self,
+        _req: &Request<'_>,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<u64>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<u32>,
+        reply: ReplyAttr,
+    ) {
+        // Every file is the laptop user's here; the pod's owners are not changed from it.
+        if uid.is_some_and(|u| u != self.owner.0) || gid.is_some_and(|g| g != self.owner.1) {
+            return reply.error(libc::EPERM);
+        }
+        // The access time alone is not kept (the pod's volumes are read as they are).
+        let op = FileOp::SetAttr { size, mode: mode.map(|m| m & 0o7777), mtime: mtime.map(seconds) };
+        let owner = self.owner;
+        self.on_path(ino, reply, ReplyAttr::error, move |files, path, reply| {
+            Box::pin(async move {
+                let op =
+                    if op == (FileOp::SetAttr { size: None, mode: None, mtime: None }) { FileOp::Stat } else { op };
+                match files.ask(&path, op).await {
+                    FileAnswer::Attr(a) => reply.attr(&TTL, &attr(ino, &a, owner)),
+                    other => reply.error(errno(other)),
+                }
+            })
+        });
+    }
+
+    fn fsync(&mut self, _req: &Request<'_>, ino: u64, _fh: u64, _datasync: bool, reply: ReplyEmpty) {
+        self.on_path(ino, reply, ReplyEmpty::error, |files, path, reply| {
+            Box::pin(async move { done(files.ask(&path, FileOp::Sync).await, reply) })
+        });
+    }
+
+    /// Writes reached the pod when they were answered: nothing is left to flush.
+    fn flush(&mut self, _req: &Request<'_>, _ino: u64, _fh: u64, _lock_owner: u64, reply: ReplyEmpty) {
+        reply.ok();
     }
 
     fn opendir(&mut self, _req: &Request<'_>, _ino: u64, _flags: i32, reply: ReplyOpen) {
@@ -364,7 +593,8 @@ impl Lister {
     }
 }
 
-/// Mounts `files` read-only at `dir` (named `tpvpn:NAME` in the mount table).
+/// Mounts `files` at `dir` (named `tpvpn:NAME` in the mount table), read-only unless
+/// they were opened for writing.
 pub fn mount(
     files: Arc<Files>,
     rt: tokio::runtime::Handle,
@@ -373,15 +603,17 @@ pub fn mount(
 ) -> std::io::Result<fuser::BackgroundSession> {
     let mut inodes = Inodes::default();
     inodes.number("/");
+    let write = files.writable();
     let fs = Fs {
         files,
         rt,
         inodes: Arc::new(Mutex::new(inodes)),
         pages: Arc::default(),
         owner: crate::os::user::invoking(),
+        write,
     };
     let options = [
-        MountOption::RO,
+        if write { MountOption::RW } else { MountOption::RO },
         MountOption::FSName(format!("tpvpn:{name}")),
         MountOption::Subtype("tpvpn".into()),
         // The daemon mounts as root for the user who ran `tpvpn up`, who owns every
@@ -410,5 +642,20 @@ mod tests {
         assert_eq!(i.path(9), None);
         assert_eq!(child("/", "etc"), "/etc");
         assert_eq!(child("/etc", "config"), "/etc/config");
+    }
+
+    #[test]
+    fn a_rename_moves_the_numbers_of_the_entry_and_what_is_under_it() {
+        let mut i = Inodes::default();
+        for p in ["/", "/data", "/data/a", "/data/a/f", "/data/ab", "/data/b"] {
+            i.number(p);
+        }
+        i.renamed("/data/a", "/data/b");
+        assert_eq!(i.path(3).as_deref(), Some("/data/b"));
+        assert_eq!(i.path(4).as_deref(), Some("/data/b/f"));
+        assert_eq!(i.path(5).as_deref(), Some("/data/ab"), "a sibling sharing the prefix stays");
+        assert_eq!(i.number("/data/b"), 3, "the replaced entry's number is gone");
+        assert_eq!(i.number("/data/b/f"), 4);
+        assert_eq!(i.number("/data/a"), 7, "a new entry where the old was");
     }
 }

@@ -1,5 +1,6 @@
 //! `tpvpn intercept --mount DIR`: the intercepted container's volume mounts under `DIR`
-//! on the laptop, live and read-only (issue 23).
+//! on the laptop, live, read-only or with `--mount-readwrite` writable where the pod may
+//! write (issue 23).
 //!
 //! [`Files`] asks the node's agent, through the manager, one file question at a time
 //! over one stream ([`tpvpn_tunnel::files`]); a lost stream (the connection replaced, the
@@ -34,16 +35,27 @@ type Question = (String, FileOp, oneshot::Sender<FileAnswer>);
 pub struct Files {
     namespace: String,
     service: String,
+    /// Asked for read-write (`--mount-readwrite`).
+    write: bool,
     conn: Connection,
     stream: tokio::sync::Mutex<Option<mpsc::UnboundedSender<Question>>>,
 }
 
 impl Files {
-    /// Opens the files of the client's intercept of `namespace/service`; what the
-    /// manager says is served (and left out).
-    pub async fn open(conn: Connection, namespace: &str, service: &str) -> Result<(Arc<Files>, String), Error> {
-        let files =
-            Files { namespace: namespace.into(), service: service.into(), conn, stream: tokio::sync::Mutex::new(None) };
+    /// Opens the files of the client's intercept of `namespace/service` (`write`: for
+    /// read-write); what the manager says is served (and left out).
+    pub async fn open(
+        conn: Connection,
+        (namespace, service): (&str, &str),
+        write: bool,
+    ) -> Result<(Arc<Files>, String), Error> {
+        let files = Files {
+            namespace: namespace.into(),
+            service: service.into(),
+            write,
+            conn,
+            stream: tokio::sync::Mutex::new(None),
+        };
         let (questions, said) = files.connect().await?;
         *files.stream.lock().await = Some(questions);
         Ok((Arc::new(files), said))
@@ -57,6 +69,8 @@ impl Files {
             service: self.service.clone(),
             container_id: String::new(),
             mounts: Vec::new(),
+            // Wherever the manager lets it.
+            writable: if self.write { vec!["/".into()] } else { Vec::new() },
         };
         let opened = async {
             let (mut send, mut recv) = conn.open_bi().await?;
@@ -76,9 +90,19 @@ impl Files {
         Ok((tx, said))
     }
 
+    /// Whether they were opened for writing.
+    pub fn writable(&self) -> bool {
+        self.write
+    }
+
     /// What `op` gives on `path`; a failure (`EIO`) when the pod cannot be asked now.
     pub async fn ask(&self, path: &str, op: FileOp) -> FileAnswer {
-        // A stream that ended is replaced once per question.
+        // A stream that ended is replaced once per question; a question that may have
+        // been carried out is asked again only if doing it twice changes nothing.
+        let again = !matches!(
+            op,
+            FileOp::Create { .. } | FileOp::MakeDir { .. } | FileOp::Remove | FileOp::RemoveDir | FileOp::Rename { .. }
+        );
         for _ in 0..2 {
             let mut stream = self.stream.lock().await;
             if stream.as_ref().is_none_or(|s| s.is_closed()) {
@@ -92,14 +116,15 @@ impl Files {
             }
             let Some(s) = stream.as_ref() else { continue };
             let (tx, rx) = oneshot::channel();
-            if s.send((path.to_string(), op, tx)).is_err() {
+            if s.send((path.to_string(), op.clone(), tx)).is_err() {
                 *stream = None;
                 continue;
             }
             drop(stream);
             match rx.await {
                 Ok(answer) => return answer,
-                Err(_) => continue,
+                Err(_) if again => continue,
+                Err(_) => break,
             }
         }
         failed(FileFailure::Io, "the file stream ended".into())
@@ -163,29 +188,36 @@ impl Mounts {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Mounts the files of the intercept of `namespace/service` at `dir`; what is served.
-    pub async fn mount(&self, conn: Connection, namespace: &str, service: &str, dir: &Path) -> Result<String, Error> {
+    /// Mounts the files of the intercept of `service` (namespace, name) at `dir` (`write`:
+    /// read-write); what is served.
+    pub async fn mount(
+        &self,
+        conn: Connection,
+        (namespace, service): (&str, &str),
+        dir: &Path,
+        write: bool,
+    ) -> Result<String, Error> {
         if !dir.is_absolute() {
             return Err(Error::Config(format!("--mount {}: not an absolute path", dir.display())));
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::System(format!("--mount {}: {e}", dir.display())))?;
         self.unmount(namespace, service);
-        let (files, said) = Files::open(conn, namespace, service).await?;
-        let mounted = self.attach(files, namespace, service, dir)?;
+        let (files, said) = Files::open(conn, (namespace, service), write).await?;
+        let mounted = self.attach(files, &format!("{namespace}/{service}"), dir)?;
         self.held().insert((namespace.into(), service.into()), mounted);
         self.save();
         Ok(said)
     }
 
     #[cfg(target_os = "linux")]
-    fn attach(&self, files: Arc<Files>, namespace: &str, service: &str, dir: &Path) -> Result<Mounted, Error> {
-        let session = fuse::mount(files, tokio::runtime::Handle::current(), &format!("{namespace}/{service}"), dir)
+    fn attach(&self, files: Arc<Files>, name: &str, dir: &Path) -> Result<Mounted, Error> {
+        let session = fuse::mount(files, tokio::runtime::Handle::current(), name, dir)
             .map_err(|e| Error::System(format!("--mount {}: {e}", dir.display())))?;
         Ok(Mounted { dir: dir.to_path_buf(), _session: session })
     }
 
     #[cfg(not(target_os = "linux"))]
-    fn attach(&self, _: Arc<Files>, _: &str, _: &str, _: &Path) -> Result<Mounted, Error> {
+    fn attach(&self, _: Arc<Files>, _: &str, _: &Path) -> Result<Mounted, Error> {
         Err(Error::Config("--mount works on Linux only for now (macOS needs a macFUSE or NFS front end)".into()))
     }
 
@@ -204,13 +236,6 @@ impl Mounts {
             detach(&m.dir);
         }
         self.save();
-    }
-
-    /// Where each intercept's files are mounted, for `status`.
-    pub fn list(&self) -> Vec<(String, String, PathBuf)> {
-        let mut out: Vec<_> = self.held().iter().map(|((n, s), m)| (n.clone(), s.clone(), m.dir.clone())).collect();
-        out.sort();
-        out
     }
 
     /// Records the mounted directories (the file removed when there are none).

@@ -272,8 +272,8 @@ impl Hub {
     }
 
     /// Where the files of the intercept of `namespace/service` that the client of
-    /// `session` holds are served from.
-    pub fn files(&self, session: u64, namespace: &str, service: &str) -> Result<FilesTarget, Refusal> {
+    /// `session` holds are served from (`write`: by an agent that can write them).
+    pub fn files(&self, session: u64, namespace: &str, service: &str, write: bool) -> Result<FilesTarget, Refusal> {
         let (agent, pod) = self.with(|h| {
             let pod = h.claims.files_target(session, namespace, service)?.clone();
             let agent = h.agents.get(&pod.node).ok_or_else(|| refuse(ErrorCode::Unavailable, "no agent"))?;
@@ -282,6 +282,15 @@ impl Hub {
                     ErrorCode::Unsupported,
                     format!(
                         "the agent of node {} cannot serve files: upgrade the agents (tpvpn manager install)",
+                        pod.node
+                    ),
+                ));
+            }
+            if write && agent.features & tpvpn_tunnel::handshake::FEATURE_FILES_WRITE == 0 {
+                return Err(refuse(
+                    ErrorCode::Unsupported,
+                    format!(
+                        "the agent of node {} cannot write a pod's files (--mount-readwrite): upgrade the agents (tpvpn manager install)",
                         pod.node
                     ),
                 ));
