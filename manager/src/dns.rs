@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tpvpn_tunnel::io::dns::{over_tcp, over_udp, truncated};
+use tpvpn_resolver::upstream::{over_tcp, over_udp, truncated};
 use tpvpn_tunnel::io::write_message;
 use tpvpn_tunnel::{ErrorCode, Message, PROTOCOL_VERSION};
 use tracing::debug;

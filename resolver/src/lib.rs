@@ -20,11 +20,16 @@
 //! `corp` goes upstream, as the search path in a pod would have it); the cluster domain's
 //! own forms (`*.svc`, `*.svc.cluster.local`) keep the cluster's NXDOMAIN. Malformed
 //! network input never panics.
+//!
+//! With feature `io` (the client and the manager), [`upstream`] exchanges DNS messages
+//! with nameservers over UDP and TCP: the I/O that forwards what the resolver decides.
 
 mod cache;
 pub mod names;
 mod psl;
 mod replies;
+#[cfg(feature = "io")]
+pub mod upstream;
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
