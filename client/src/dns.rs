@@ -15,8 +15,8 @@ use nix::errno::Errno;
 #[cfg(target_os = "linux")]
 use nix::sys::socket::{MsgFlags, SockaddrStorage};
 use tokio::net::TcpListener;
-use tpvpn_resolver::{Action, Resolver, Transport};
 use tpvpn_resolver::upstream as dns;
+use tpvpn_resolver::{Action, Resolver, Transport};
 use tpvpn_tunnel::io::{read_message, write_message};
 use tpvpn_tunnel::Message;
 use tracing::debug;

@@ -62,6 +62,23 @@ fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
     assert!(fs::read(root.join("var/scratch/fifo")).is_err());
     // Read-only.
     assert!(fs::write(root.join("var/scratch/new"), "from the laptop").is_err());
+    // Hostile names: a newline in one, one of 255 bytes (the most a name may have), a
+    // symlink to itself. Listed and read as they are; the loop fails at once (ELOOP).
+    let long = "n".repeat(255);
+    let script = format!(
+        "echo nl > \"/var/scratch/line$(printf '\\nbreak')\" && echo long > /var/scratch/{long} && ln -s loop /var/scratch/loop"
+    );
+    let (out, err, code) = lab.exec_in_container("web-0", &["sh", "-c", &script]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        wait_until(Duration::from_secs(2), || fs::read_dir(root.join("var/scratch"))
+            .is_ok_and(|d| d.flatten().any(|e| e.file_name() == "line\nbreak"))),
+        "the name with a newline is listed"
+    );
+    assert_eq!(fs::read_to_string(root.join("var/scratch/line\nbreak")).unwrap(), "nl\n");
+    assert_eq!(fs::read_to_string(root.join("var/scratch").join(&long)).unwrap(), "long\n");
+    assert_eq!(fs::read_link(root.join("var/scratch/loop")).unwrap().to_str(), Some("loop"));
+    assert_eq!(fs::read(root.join("var/scratch/loop")).map_err(|e| e.raw_os_error()), Err(Some(nix::libc::ELOOP)));
 
     // Live: what the app writes, and a ConfigMap update as the kubelet makes it.
     let (_, _, code) = lab.exec_in_container("web-0", &["sh", "-c", "echo later > /var/scratch/later"]).unwrap();
