@@ -221,6 +221,9 @@ pub struct Lab {
     /// version skew; [`Lab::use_manager_bin`], [`Lab::use_agent_bin`]).
     manager_bin: Option<PathBuf>,
     agent_bin: Option<PathBuf>,
+    /// Whether agents present the shared agent token (`--agent-token-file`, what a
+    /// release before agents' ServiceAccount tokens knows) instead of their ServiceAccount's.
+    shared_agent_token: bool,
     /// Whether `tpvpn` was ever run (then drop runs `tpvpn down`).
     used_tpvpn: AtomicBool,
     exec_counter: AtomicU64,
@@ -384,6 +387,7 @@ impl Lab {
             client_token: true,
             manager_bin: None,
             agent_bin: None,
+            shared_agent_token: false,
             used_tpvpn: AtomicBool::new(false),
             exec_counter: AtomicU64::new(0),
             dir_created: false,
@@ -1261,10 +1265,20 @@ impl Lab {
         self.start_manager()
     }
 
-    /// Runs the manager of another build from now on (an earlier release's, for version
-    /// skew; `None`: this build's), restarting it.
+    /// Runs the manager of another build from now on (a release from before agents'
+    /// ServiceAccount tokens, for version skew: agents present the shared token; `None`:
+    /// this build's), restarting it.
     pub fn use_manager_bin(&mut self, bin: Option<&Path>) -> Result<()> {
         self.manager_bin = bin.map(Path::to_path_buf);
+        self.shared_agent_token = bin.is_some();
+        self.start_manager()
+    }
+
+    /// Runs the manager of a release that authenticates agents by their ServiceAccount
+    /// tokens, as this build does, restarting it.
+    pub fn use_manager_release(&mut self, bin: &Path) -> Result<()> {
+        self.manager_bin = Some(bin.to_path_buf());
+        self.shared_agent_token = false;
         self.start_manager()
     }
 
@@ -1358,7 +1372,7 @@ impl Lab {
             // This build's manager authenticates agents by their ServiceAccount tokens
             // (`--auth kubernetes`, its default with an API); older builds know only the
             // shared token.
-            .args(if self.manager_bin.is_some() {
+            .args(if self.shared_agent_token {
                 vec!["--agent-token-file".into(), self.shared_agent_token_file()]
             } else {
                 vec![]

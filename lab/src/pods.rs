@@ -809,7 +809,7 @@ impl Lab {
     /// takes the agent pod's ServiceAccount token ([`Lab::agent_service_account_token`]),
     /// a manager of another build the shared token of its `--agent-token-file`.
     pub fn agent_token_file(&self) -> Result<PathBuf> {
-        if self.manager_bin.is_some() {
+        if self.shared_agent_token {
             return Ok(self.shared_agent_token_file());
         }
         let path = self.dir.join("agent-sa-token");

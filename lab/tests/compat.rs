@@ -176,7 +176,10 @@ fn a_readwrite_mount_names_the_side_to_upgrade_and_an_older_clients_mount_still_
     if !Lab::fuse_or_skip() {
         return;
     }
-    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
+    let Some(mut lab) = tpvpn_lab::lab_or_skip() else { return };
+    if !lab.start_pods_or_skip() {
+        return;
+    }
     let ro = |name: &str| release("mounts-ro", name);
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     let dir = lab.dir().join("files").display().to_string();
@@ -184,7 +187,7 @@ fn a_readwrite_mount_names_the_side_to_upgrade_and_an_older_clients_mount_still_
     let conf = |lab: &Lab| std::fs::read_to_string(lab.daemon_view(&dir).join("etc/config/app.conf"));
 
     // This client, the older manager and agent.
-    lab.use_manager_bin(Some(&ro("tpvpn-manager"))).unwrap();
+    lab.use_manager_release(&ro("tpvpn-manager")).unwrap();
     lab.use_agent_bin(Some(&ro("tpvpn-agent"))).unwrap();
     lab.up(&[]).unwrap();
     assert_refused(&lab.tpvpn(&rw), &["cannot write a pod's files (--mount-readwrite)", "upgrade the manager"]);
@@ -195,6 +198,7 @@ fn a_readwrite_mount_names_the_side_to_upgrade_and_an_older_clients_mount_still_
 
     // This manager, the older agent: refused naming the agents, before the agent is asked.
     lab.use_manager_bin(None).unwrap();
+    lab.use_agent_bin(Some(&ro("tpvpn-agent"))).unwrap();
     lab.up(&[]).unwrap();
     assert_refused(
         &lab.tpvpn(&rw),

@@ -23,6 +23,7 @@ use fuser::{
 };
 use tpvpn_tunnel::files::{FileAnswer, FileAttr as Attr, FileKind, FileOp, READ_MAX};
 
+use super::ahead::{self, Reader};
 use super::Files;
 
 /// How long the kernel may keep attributes and names.
@@ -107,12 +108,23 @@ struct Pages {
     open: HashMap<u64, Arc<Page>>,
 }
 
+/// Open files that read ahead, by handle (at most [`READERS`]; others read as asked).
+#[derive(Default)]
+struct Readers {
+    last_handle: u64,
+    open: HashMap<u64, Arc<tokio::sync::Mutex<Reader>>>,
+}
+
+/// How many open files read ahead at once (each holds up to `ahead::AHEAD` bytes).
+const READERS: usize = 64;
+
 /// The file system of one intercept's files.
 struct Fs {
     files: Arc<Files>,
     rt: tokio::runtime::Handle,
     inodes: Arc<Mutex<Inodes>>,
     pages: Arc<Mutex<Pages>>,
+    readers: Arc<Mutex<Readers>>,
     /// Who owns every file on the laptop: the user who ran `tpvpn up`.
     owner: (u32, u32),
     /// Mounted read-write (`--mount-readwrite`).
@@ -127,6 +139,10 @@ impl Fs {
 
     fn path(&self, ino: u64) -> Option<String> {
         self.inodes.lock().unwrap_or_else(|e| e.into_inner()).path(ino)
+    }
+
+    fn readers(&self) -> std::sync::MutexGuard<'_, Readers> {
+        self.readers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` with the path of `ino` on the runtime, or answers `ENOENT`.
@@ -296,7 +312,34 @@ impl Filesystem for Fs {
             return reply.error(libc::EACCES);
         }
         // No FOPEN_KEEP_CACHE: each open reads the file as it is in the pod now.
-        reply.opened(0, 0);
+        let Some(path) = self.path(ino) else { return reply.error(libc::ENOENT) };
+        let mut readers = self.readers();
+        readers.last_handle += 1;
+        let handle = readers.last_handle;
+        if readers.open.len() < READERS {
+            let files = self.files.clone();
+            let ask: ahead::Ask = Arc::new(move |offset, len| {
+                let (files, path) = (files.clone(), path.clone());
+                Box::pin(async move { files.ask(&path, FileOp::Read { offset, len }).await })
+            });
+            readers.open.insert(handle, Arc::new(tokio::sync::Mutex::new(Reader::new(ask))));
+        }
+        reply.opened(handle, 0);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &mut self,
+        _req: &Request<'_>,
+        _ino: u64,
+        fh: u64,
+        _flags: i32,
+        _lock_owner: Option<u64>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.readers().open.remove(&fh);
+        reply.ok();
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -304,7 +347,7 @@ impl Filesystem for Fs {
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
         size: u32,
         _flags: i32,
@@ -312,27 +355,23 @@ impl Filesystem for Fs {
         reply: ReplyData,
     ) {
         let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
+        let reader = self.readers().open.get(&fh).cloned();
         self.on_path(ino, reply, ReplyData::error, move |files, path, reply| {
             Box::pin(async move {
-                // In questions of at most READ_MAX, asked together; a short one ends the file.
-                let chunks = (0..size.div_ceil(READ_MAX)).map(|i| {
-                    let (at, len) = (offset + u64::from(i * READ_MAX), (size - i * READ_MAX).min(READ_MAX));
-                    let (files, path) = (files.clone(), path.clone());
-                    async move { (len, files.ask(&path, FileOp::Read { offset: at, len }).await) }
-                });
-                let mut data = Vec::with_capacity(size as usize);
-                for (len, answer) in futures::future::join_all(chunks).await {
-                    match answer {
-                        FileAnswer::Data(d) => {
-                            data.extend_from_slice(&d);
-                            if d.len() < len as usize {
-                                break;
-                            }
-                        }
-                        other => return reply.error(errno(other)),
+                let read = match reader {
+                    Some(reader) => reader.lock().await.read(offset, size).await,
+                    None => {
+                        let ask: ahead::Ask = Arc::new(move |offset, len| {
+                            let (files, path) = (files.clone(), path.clone());
+                            Box::pin(async move { files.ask(&path, FileOp::Read { offset, len }).await })
+                        });
+                        ahead::read(&ask, offset, size).await
                     }
+                };
+                match read {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(e),
                 }
-                reply.data(&data);
             })
         });
     }
@@ -342,7 +381,7 @@ impl Filesystem for Fs {
         &mut self,
         _req: &Request<'_>,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: i64,
         data: &[u8],
         _write_flags: u32,
@@ -353,8 +392,13 @@ impl Filesystem for Fs {
         let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
         let Ok(len) = u32::try_from(data.len()) else { return reply.error(libc::EFBIG) };
         let data = data.to_vec();
+        let reader = self.readers().open.get(&fh).cloned();
         self.on_path(ino, reply, ReplyWrite::error, move |files, path, reply| {
             Box::pin(async move {
+                // What this handle read ahead is not the file any more.
+                if let Some(reader) = reader {
+                    reader.lock().await.reset(0);
+                }
                 // In questions of at most READ_MAX, asked together; all written or an error.
                 let chunks = data.chunks(READ_MAX as usize).enumerate().map(|(i, chunk)| {
                     let op = FileOp::Write { offset: offset + (i * READ_MAX as usize) as u64, data: chunk.to_vec() };
@@ -609,6 +653,7 @@ pub fn mount(
         rt,
         inodes: Arc::new(Mutex::new(inodes)),
         pages: Arc::default(),
+        readers: Arc::default(),
         owner: crate::os::user::invoking(),
         write,
     };

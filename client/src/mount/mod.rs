@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 
+pub mod ahead;
 #[cfg(target_os = "linux")]
 pub mod fuse;
 
