@@ -175,8 +175,9 @@ impl Fs {
         self.on_path(parent, reply, error, move |files, dir, reply| f(files, child(&dir, &name), reply));
     }
 
-    /// Creates entry `name` of `parent` by `op`, and answers with its attributes.
-    fn make(&self, (parent, name): (u64, &OsStr), op: FileOp, reply: ReplyEntry) {
+    /// Answers with the attributes of entry `name` of `parent` that `op` gives (a lookup,
+    /// or the entry `op` made).
+    fn entry(&self, (parent, name): (u64, &OsStr), op: FileOp, reply: ReplyEntry) {
         let (inodes, owner) = (self.inodes.clone(), self.owner);
         self.on_entry((parent, name), reply, ReplyEntry::error, move |files, path, reply| {
             Box::pin(async move {
@@ -265,20 +266,11 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        let Some(name) = name.to_str().map(str::to_string) else { return reply.error(libc::ENOENT) };
-        let (inodes, owner) = (self.inodes.clone(), self.owner);
-        self.on_path(parent, reply, ReplyEntry::error, move |files, dir, reply| {
-            Box::pin(async move {
-                let path = child(&dir, &name);
-                match files.ask(&path, FileOp::Stat).await {
-                    FileAnswer::Attr(a) => {
-                        let ino = inodes.lock().unwrap_or_else(|e| e.into_inner()).seen(&path, a.kind);
-                        reply.entry(&TTL, &attr(ino, &a, owner), 0);
-                    }
-                    other => reply.error(errno(other)),
-                }
-            })
-        });
+        // A name the protocol cannot carry is in no volume served.
+        if name.to_str().is_none() {
+            return reply.error(libc::ENOENT);
+        }
+        self.entry((parent, name), FileOp::Stat, reply);
     }
 
     fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
@@ -441,7 +433,7 @@ impl Filesystem for Fs {
     }
 
     fn mkdir(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        self.make((parent, name), FileOp::MakeDir { mode: mode & 0o7777 }, reply);
+        self.entry((parent, name), FileOp::MakeDir { mode: mode & 0o7777 }, reply);
     }
 
     fn unlink(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEmpty) {
