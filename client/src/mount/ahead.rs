@@ -27,8 +27,8 @@ pub const FRESH: Duration = Duration::from_secs(1);
 /// Asks `len` bytes of the file from `offset`.
 pub type Ask = Arc<dyn Fn(u64, u32) -> BoxFuture<'static, FileAnswer> + Send + Sync>;
 
-/// The errno of a failed answer.
-fn errno(answer: FileAnswer) -> i32 {
+/// The errno the kernel is told for an answer that is not the one asked for.
+pub fn errno(answer: FileAnswer) -> i32 {
     match answer {
         FileAnswer::Failed { failure, .. } => failure.errno(),
         _ => 5, // EIO

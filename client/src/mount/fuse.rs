@@ -23,7 +23,7 @@ use fuser::{
 };
 use tpvpn_tunnel::files::{FileAnswer, FileAttr as Attr, FileKind, FileOp, READ_MAX};
 
-use super::ahead::{self, Reader};
+use super::ahead::{self, errno, Reader};
 use super::Files;
 
 /// How long the kernel may keep attributes and names.
@@ -246,13 +246,6 @@ fn attr(ino: u64, a: &Attr, (uid, gid): (u32, u32)) -> FileAttr {
         rdev: 0,
         blksize: 4096,
         flags: 0,
-    }
-}
-
-fn errno(answer: FileAnswer) -> i32 {
-    match answer {
-        FileAnswer::Failed { failure, .. } => failure.errno(),
-        _ => libc::EIO,
     }
 }
 
