@@ -36,7 +36,7 @@ use nix::fcntl::{openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::UnlinkatFlags;
-use tpvpn_tunnel::files::{FileAnswer, FileFailure, FileOp, DIR_PAGE};
+use tpvpn_tunnel::files::{escape, plain_name, unescape, FileAnswer, FileFailure, FileOp, DIR_PAGE};
 use tpvpn_tunnel::io::write_message;
 use tpvpn_tunnel::{ErrorCode, Message};
 use tracing::{info, warn};
@@ -87,7 +87,7 @@ enum Place {
     /// In a mount: everything below is served.
     Inside,
     /// A directory on the way to mounts: only the names leading to them are listed.
-    Above(Vec<String>),
+    Above(Vec<std::ffi::OsString>),
 }
 
 /// The volume mounts of one container.
@@ -257,12 +257,12 @@ impl Volumes {
         if self.mounts.iter().any(|m| rel.starts_with(m)) {
             return Ok((rel, Place::Inside));
         }
-        let below: Vec<String> = self
+        let below: Vec<std::ffi::OsString> = self
             .mounts
             .iter()
             .filter_map(|m| m.strip_prefix(&rel).ok())
             .filter_map(|rest| rest.iter().next())
-            .map(|n| n.to_string_lossy().into_owned())
+            .map(OsStr::to_os_string)
             .collect();
         if below.is_empty() {
             return Err(FileError::OutsideVolumes(path.into()));
@@ -318,14 +318,13 @@ impl Volumes {
             if name == "." || name == ".." {
                 continue;
             }
-            let shown = name.to_string_lossy().into_owned();
             if let Place::Above(leading) = &place {
-                if !leading.contains(&shown) {
+                if !leading.iter().any(|l| l == name) {
                     continue;
                 }
             }
             if let Ok(st) = fstatat(&probe, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-                out.push((shown, attr_of(&st)));
+                out.push((escape(name.as_bytes()), attr_of(&st)));
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -367,12 +366,13 @@ impl Volumes {
         let (dir, name) = self.parent(path, &rel)?;
         let name = name.ok_or_else(|| FileError::NotRegular(path.into()))?;
         let target = nix::fcntl::readlinkat(&dir, name.as_path()).map_err(|e| FileError::Sys(path.into(), e))?;
-        Ok(target.to_string_lossy().into_owned())
+        Ok(escape(target.as_bytes()))
     }
 }
 
-/// `path` (absolute, plain names only) relative to the root: the only paths the agent
-/// resolves (fuzzed: `fuzz/` target `volume_paths`).
+/// `path` (absolute, plain names only, [`escape`]d) relative to the root: the only paths
+/// the agent resolves (fuzzed: `fuzz/` target `volume_paths`). A name's bytes are checked
+/// after unescaping: no escape makes a `/`, a NUL, `.` or `..`.
 pub fn normal(path: &str) -> Result<PathBuf, FileError> {
     let rest = path.strip_prefix('/').ok_or_else(|| FileError::NotNormal(path.into()))?;
     let mut out = PathBuf::new();
@@ -380,10 +380,11 @@ pub fn normal(path: &str) -> Result<PathBuf, FileError> {
         if part.is_empty() && rest.is_empty() {
             break; // `/` itself
         }
-        if part.is_empty() || part == "." || part == ".." || part.contains('\0') {
+        let name = unescape(part);
+        if !plain_name(&name) {
             return Err(FileError::NotNormal(path.into()));
         }
-        out.push(part);
+        out.push(OsStr::from_bytes(&name));
     }
     Ok(out)
 }
@@ -678,6 +679,27 @@ mod tests {
         assert_eq!(v.read("/etc/config/..2026_12_07_05_00_00.1/app.conf", 0, 100).unwrap(), b"conf\n");
         assert_eq!(v.read("/etc/config/..2026_12_07_05_00_00.1/app.conf", 2, 2).unwrap(), b"nf");
         assert_eq!(v.stat("/data/fifo").unwrap().kind, Kind::Other);
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_listed_read_and_written_exactly() {
+        let (dir, v) = root("bytes");
+        let latin1 = OsStr::from_bytes(b"caf\xe9.txt");
+        fs::write(dir.0.join("data").join(latin1), "latin-1\n").unwrap();
+        symlink(OsStr::from_bytes(b"caf\xe9.txt"), dir.0.join("data/link")).unwrap();
+        let shown = escape(b"caf\xe9.txt");
+        let names: Vec<String> = v.read_dir("/data").unwrap().into_iter().map(|(n, _)| n).collect();
+        assert!(names.contains(&shown), "{names:?}");
+        assert_eq!(v.read(&format!("/data/{shown}"), 0, 100).unwrap(), b"latin-1\n");
+        assert_eq!(unescape(&v.readlink("/data/link").unwrap()), b"caf\xe9.txt");
+        // Made from the laptop under such a name: that name exactly, in the pod.
+        let made = escape(b"\xff\xfe");
+        v.create(&format!("/data/{made}"), 0o644).unwrap();
+        assert!(dir.0.join("data").join(OsStr::from_bytes(b"\xff\xfe")).exists());
+        // No escape stands in for `/`, `..` or NUL.
+        for bad in ["/data/\u{10FF2E}\u{10FF2E}/etc", "/data/a\u{10FF2F}b", "/data/a\u{10FF00}"] {
+            assert!(matches!(v.stat(bad), Err(FileError::NotNormal(_))), "{bad}");
+        }
     }
 
     #[test]

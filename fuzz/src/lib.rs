@@ -759,18 +759,29 @@ pub fn portforward_channels(data: &[u8]) {
 }
 
 /// A path asked of the agent's container files ([`tpvpn_agent::files::normal`]): accepted
-/// only when absolute and made of plain names, and then exactly those names, so that no
-/// `.`, `..`, empty part or NUL ever reaches the kernel's resolution.
+/// only when absolute and made of plain names, and then exactly those names' bytes
+/// (unescaped), so that no `.`, `..`, empty part, `/` inside a name or NUL ever reaches
+/// the kernel's resolution. And any bytes as a name travel exact: escaping and unescaping
+/// gives them back, and leaves UTF-8 without escape characters as it is.
 pub fn volume_paths(data: &[u8]) {
+    use std::os::unix::ffi::OsStrExt;
+    use tpvpn_tunnel::files::{escape, plain_name, unescape};
+    let escaped = escape(data);
+    assert_eq!(unescape(&escaped), data);
+    if let Ok(text) = std::str::from_utf8(data) {
+        if text.chars().all(|c| u32::from(c) < 0x10_FF00) {
+            assert_eq!(escaped, text);
+        }
+    }
     let path = String::from_utf8_lossy(data);
     let Ok(rel) = tpvpn_agent::files::normal(&path) else { return };
-    let parts: Vec<&str> = path[1..].split('/').collect();
     if path == "/" {
         assert_eq!(rel.as_os_str(), "");
         return;
     }
-    assert!(parts.iter().all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains('\0')), "{path:?}");
-    let names: Vec<String> = rel.iter().map(|c| c.to_string_lossy().into_owned()).collect();
+    let parts: Vec<Vec<u8>> = path[1..].split('/').map(unescape).collect();
+    assert!(parts.iter().all(|p| plain_name(p)), "{path:?}");
+    let names: Vec<&[u8]> = rel.iter().map(|c| c.as_bytes()).collect();
     assert_eq!(names, parts, "{path:?}");
     assert!(rel.components().all(|c| matches!(c, std::path::Component::Normal(_))), "{path:?}");
 }

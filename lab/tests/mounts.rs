@@ -6,6 +6,7 @@
 
 use std::fs;
 use std::io::{ErrorKind, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::process::Output;
 use std::time::Duration;
 
@@ -62,11 +63,13 @@ fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
     assert!(fs::read(root.join("var/scratch/fifo")).is_err());
     // Read-only.
     assert!(fs::write(root.join("var/scratch/new"), "from the laptop").is_err());
-    // Hostile names: a newline in one, one of 255 bytes (the most a name may have), a
-    // symlink to itself. Listed and read as they are; the loop fails at once (ELOOP).
+    // Hostile names: a newline in one, one of 255 bytes (the most a name may have), one
+    // that is not UTF-8 (Latin-1 `é`), a symlink to itself. Listed and read as they
+    // are; the loop fails at once (ELOOP).
     let long = "n".repeat(255);
     let script = format!(
-        "echo nl > \"/var/scratch/line$(printf '\\nbreak')\" && echo long > /var/scratch/{long} && ln -s loop /var/scratch/loop"
+        "echo nl > \"/var/scratch/line$(printf '\\nbreak')\" && echo long > /var/scratch/{long} && ln -s loop /var/scratch/loop \
+         && echo latin > \"/var/scratch/caf$(printf '\\351').txt\""
     );
     let (out, err, code) = lab.exec_in_container("web-0", &["sh", "-c", &script]).unwrap();
     assert_eq!(code, 0, "{out}{err}");
@@ -77,6 +80,12 @@ fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
     );
     assert_eq!(fs::read_to_string(root.join("var/scratch/line\nbreak")).unwrap(), "nl\n");
     assert_eq!(fs::read_to_string(root.join("var/scratch").join(&long)).unwrap(), "long\n");
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9.txt");
+    assert!(
+        fs::read_dir(root.join("var/scratch")).unwrap().flatten().any(|e| e.file_name() == latin1),
+        "the name that is not UTF-8 is listed with its own bytes"
+    );
+    assert_eq!(fs::read_to_string(root.join("var/scratch").join(latin1)).unwrap(), "latin\n");
     assert_eq!(fs::read_link(root.join("var/scratch/loop")).unwrap().to_str(), Some("loop"));
     assert_eq!(fs::read(root.join("var/scratch/loop")).map_err(|e| e.raw_os_error()), Err(Some(nix::libc::ELOOP)));
 

@@ -19,6 +19,13 @@
 //! `readOnly`); the write operations then change files there, and anywhere else are
 //! refused with [`FileFailure::ReadOnly`].
 //!
+//! Names are bytes on Linux, and not always UTF-8; the protocol's strings are. A name
+//! travels [`escape`]d: valid UTF-8 as it is, every other byte `b` as the character
+//! `U+10FF00 + b` (the last 256 of the private-use plane 16; a name's own characters
+//! from that range are escaped byte by byte too, so that every name comes back exact
+//! through [`unescape`]). A peer from before sees such a name as odd characters, and can
+//! still ask for it by them.
+//!
 //! Memory is bounded on both sides whatever a volume holds: a read returns and a write
 //! carries at most [`READ_MAX`] bytes, a directory comes in pages of at most
 //! [`DIR_PAGE`] entries.
@@ -216,4 +223,70 @@ pub enum FileAnswer {
         failure: FileFailure,
         message: String,
     },
+}
+
+/// The first of the 256 characters that stand for one byte each in an escaped name.
+const ESCAPE_BASE: u32 = 0x10_FF00;
+
+/// `name` (or a path: `/` is kept as it is) as the protocol carries it; see the module
+/// documentation. [`unescape`] gives `name` back, whatever its bytes.
+pub fn escape(name: &[u8]) -> String {
+    let mut out = String::with_capacity(name.len());
+    let byte = |out: &mut String, b: u8| out.push(char::from_u32(ESCAPE_BASE + u32::from(b)).unwrap_or('\u{FFFD}'));
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if u32::from(c) >= ESCAPE_BASE {
+                c.encode_utf8(&mut [0; 4]).bytes().for_each(|b| byte(&mut out, b));
+            } else {
+                out.push(c);
+            }
+        }
+        chunk.invalid().iter().for_each(|&b| byte(&mut out, b));
+    }
+    out
+}
+
+/// The bytes that escaped `name` stands for (a name without escapes: its UTF-8).
+pub fn unescape(name: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    for c in name.chars() {
+        match u32::from(c).checked_sub(ESCAPE_BASE) {
+            Some(b) => out.push(b as u8),
+            None => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+        }
+    }
+    out
+}
+
+/// Whether unescaped `name` is one entry's name: not empty, `.` or `..`, and without a
+/// `/` or a NUL (an escape can stand for any byte: a reader checks the bytes).
+pub fn plain_name(name: &[u8]) -> bool {
+    !name.is_empty() && name != b"." && name != b".." && !name.contains(&b'/') && !name.contains(&0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_are_not_utf8_travel_exact_and_plain_ones_unchanged() {
+        assert_eq!(escape(b"app.conf"), "app.conf");
+        assert_eq!(escape("d\u{e9}j\u{e0} vu/\u{1F600}".as_bytes()), "d\u{e9}j\u{e0} vu/\u{1F600}");
+        let latin1 = b"caf\xe9\n.txt";
+        let escaped = escape(latin1);
+        assert_eq!(escaped, "caf\u{10FFE9}\n.txt");
+        assert_eq!(unescape(&escaped), latin1);
+        // A name's own characters from the escape range are escaped too.
+        let odd = "x\u{10FF41}".as_bytes();
+        assert_ne!(escape(odd), "x\u{10FF41}");
+        assert_eq!(unescape(&escape(odd)), odd);
+        for bytes in [&b"\xff\xfe"[..], b"\xc3", b"a\xf4\x8f\xbc\x80b", b"", b"/\x80/"] {
+            assert_eq!(unescape(&escape(bytes)), bytes, "{bytes:?}");
+        }
+        // Only an escape stands for `/` or NUL: the reader of a name checks its bytes.
+        assert_eq!(unescape("\u{10FF2F}"), b"/");
+        assert!(!plain_name(&unescape("\u{10FF2F}")) && !plain_name(&unescape("a\u{10FF00}")));
+        assert!(!plain_name(&unescape("\u{10FF2E}\u{10FF2E}")) && !plain_name(b""));
+        assert!(plain_name(&unescape(&escape(b"\xff..\n"))));
+    }
 }

@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -21,7 +22,7 @@ use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
 };
-use tpvpn_tunnel::files::{FileAnswer, FileAttr as Attr, FileKind, FileOp, READ_MAX};
+use tpvpn_tunnel::files::{escape, plain_name, unescape, FileAnswer, FileAttr as Attr, FileKind, FileOp, READ_MAX};
 
 use super::ahead::{self, errno, Reader};
 use super::Files;
@@ -162,8 +163,8 @@ impl Fs {
         }
     }
 
-    /// Runs `f` with the path of entry `name` of directory `parent`, or answers `ENOENT`
-    /// (`EINVAL` for a name the protocol cannot carry: not UTF-8).
+    /// Runs `f` with the path of entry `name` of directory `parent` (as the protocol
+    /// carries it: [`escape`]d), or answers `ENOENT`.
     fn on_entry<R: Send + 'static>(
         &self,
         (parent, name): (u64, &OsStr),
@@ -171,7 +172,7 @@ impl Fs {
         error: fn(R, i32),
         f: impl FnOnce(Arc<Files>, String, R) -> futures::future::BoxFuture<'static, ()> + Send + 'static,
     ) {
-        let Some(name) = name.to_str().map(str::to_string) else { return error(reply, libc::EINVAL) };
+        let name = escape(name.as_bytes());
         self.on_path(parent, reply, error, move |files, dir, reply| f(files, child(&dir, &name), reply));
     }
 
@@ -259,10 +260,6 @@ impl Filesystem for Fs {
     }
 
     fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
-        // A name the protocol cannot carry is in no volume served.
-        if name.to_str().is_none() {
-            return reply.error(libc::ENOENT);
-        }
         self.entry((parent, name), FileOp::Stat, reply);
     }
 
@@ -282,7 +279,7 @@ impl Filesystem for Fs {
         self.on_path(ino, reply, ReplyData::error, |files, path, reply| {
             Box::pin(async move {
                 match files.ask(&path, FileOp::ReadLink).await {
-                    FileAnswer::Target(t) => reply.data(t.as_bytes()),
+                    FileAnswer::Target(t) => reply.data(&unescape(&t)),
                     other => reply.error(errno(other)),
                 }
             })
@@ -451,9 +448,8 @@ impl Filesystem for Fs {
         if flags != 0 {
             return reply.error(libc::EINVAL);
         }
-        let (Some(to_dir), Some(to_name)) = (self.path(new_parent), new_name.to_str().map(str::to_string)) else {
-            return reply.error(libc::ENOENT);
-        };
+        let Some(to_dir) = self.path(new_parent) else { return reply.error(libc::ENOENT) };
+        let to_name = escape(new_name.as_bytes());
         let inodes = self.inodes.clone();
         self.on_entry((parent, name), reply, ReplyEmpty::error, move |files, from, reply| {
             Box::pin(async move {
@@ -593,12 +589,12 @@ impl Lister {
         &self,
         (dir, ino): (&str, u64),
         offset: i64,
-        mut add: impl FnMut(u64, i64, &str, &Attr) -> bool,
+        mut add: impl FnMut(u64, i64, &OsStr, &Attr) -> bool,
     ) -> Result<(), i32> {
         let mut at = u64::try_from(offset).unwrap_or(0);
         for (dot, name) in [(0, "."), (1, "..")] {
             if at == dot {
-                if add(ino, dot as i64 + 1, name, &DOT) {
+                if add(ino, dot as i64 + 1, OsStr::new(name), &DOT) {
                     return Ok(());
                 }
                 at = dot + 1;
@@ -609,8 +605,13 @@ impl Lister {
             let page = self.page(dir, from).await?;
             for (name, a) in &page.entries[(from - page.from) as usize..] {
                 from += 1;
+                let local = unescape(name);
+                // Never a name the kernel would take for a path (from a faulty agent).
+                if !plain_name(&local) {
+                    continue;
+                }
                 let ino = self.inodes.lock().unwrap_or_else(|e| e.into_inner()).seen(&child(dir, name), a.kind);
-                if add(ino, 2 + i64::from(from), name, a) {
+                if add(ino, 2 + i64::from(from), OsStr::from_bytes(&local), a) {
                     return Ok(());
                 }
             }
