@@ -42,7 +42,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
@@ -981,8 +981,44 @@ impl Lab {
     /// Whether something is mounted at `dir` in the laptop's daemon's mount table.
     pub fn daemon_mounted(&self, dir: &str) -> bool {
         let pid = fs::read_to_string(self.runtime_dir().join("tpvpn.pid")).unwrap_or_default();
-        let table = fs::read_to_string(format!("/proc/{}/mountinfo", pid.trim())).unwrap_or_default();
-        table.lines().any(|l| l.split(' ').nth(4) == Some(dir))
+        mounted_in(pid.trim(), dir)
+    }
+
+    /// Keeps the laptop's daemon's mount namespace alive beyond the daemon (a process
+    /// in it, `nsenter --target DAEMON --mount --net sleep`), as a laptop's one mount
+    /// namespace is: a daemon killed with SIGKILL then leaves its mounts there, as it
+    /// would on a laptop, for the next `up` or `down` to remove.
+    pub fn hold_daemon_mounts(&self) -> Result<MountHold> {
+        let pid = fs::read_to_string(self.runtime_dir().join("tpvpn.pid")).context("the daemon's pid file")?;
+        let child = Command::new("nsenter")
+            .args(["--target", pid.trim(), "--mount", "--net", "--", "sleep", "600"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("nsenter")?;
+        let hold = MountHold { child: Some(child) };
+        // In once its mount table is the daemon's.
+        let daemon = fs::read_link(format!("/proc/{}/ns/mnt", pid.trim())).context("the daemon's mount namespace")?;
+        let joined = wait_until(Duration::from_secs(5), || {
+            fs::read_link(format!("/proc/{}/ns/mnt", hold.pid())).is_ok_and(|n| n == daemon)
+        });
+        ensure!(joined, "nsenter did not join the daemon's mount namespace");
+        Ok(hold)
+    }
+
+    /// Runs `tpvpn ARGS` in the laptop namespace and in the mount namespace `hold` keeps.
+    pub fn tpvpn_in(&self, hold: &MountHold, args: &[&str]) -> Output {
+        let bin = match find_bin(&self.bin_dir, "tpvpn") {
+            Ok(b) => b.display().to_string(),
+            Err(e) => return failed_output(&format!("{e:#}")),
+        };
+        let target = hold.pid().to_string();
+        let mut cmd = vec![bin.as_str()];
+        cmd.extend_from_slice(args);
+        let rt = self.runtime_dir().display().to_string();
+        let prefix = ["nsenter", "--target", &target, "--mount", "--net", "--"];
+        self.run_under(&prefix, &cmd, &[("TPVPN_RUNTIME_DIR", rt.as_str())], EXEC_TIMEOUT)
     }
 
     /// Runs `ip netns exec <ns> <cmd...>`, killed after [`EXEC_TIMEOUT`].
@@ -998,12 +1034,18 @@ impl Lab {
     /// Like [`Lab::exec_timeout`] with extra environment variables. Output goes
     /// through files, not pipes, so a daemonizing command cannot block us.
     pub fn exec_env(&self, ns: &str, cmd: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
+        self.run_under(&["ip", "netns", "exec", ns], cmd, env, timeout)
+    }
+
+    /// Runs `prefix cmd...` (`prefix` enters the namespaces), killed (by pid) after
+    /// `timeout`.
+    fn run_under(&self, prefix: &[&str], cmd: &[&str], env: &[(&str, &str)], timeout: Duration) -> Output {
         let n = self.exec_counter.fetch_add(1, Ordering::Relaxed);
         let out_path = self.dir.join(format!("out/{n}.out"));
         let err_path = self.dir.join(format!("out/{n}.err"));
         let result = (|| -> Result<Output> {
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", ns])
+            let mut child = Command::new(prefix[0])
+                .args(&prefix[1..])
                 .args(cmd)
                 .envs(env.iter().copied())
                 .stdin(Stdio::null())
@@ -1032,7 +1074,7 @@ impl Lab {
         })();
         let _ = fs::remove_file(&out_path);
         let _ = fs::remove_file(&err_path);
-        result.unwrap_or_else(|e| failed_output(&format!("lab: cannot run {cmd:?} in {ns}: {e:#}")))
+        result.unwrap_or_else(|e| failed_output(&format!("lab: cannot run {cmd:?} under {prefix:?}: {e:#}")))
     }
 
     /// Runs the real `kubectl ARGS` (bounded, 30 s) in the laptop ns against the API
@@ -1526,6 +1568,38 @@ pub fn show(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// A process holding a mount namespace ([`Lab::hold_daemon_mounts`]); ended (by pid)
+/// when dropped, and the namespace with it.
+pub struct MountHold {
+    child: Option<Child>,
+}
+
+impl MountHold {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Whether something is mounted at `dir` in the namespace held.
+    pub fn mounted(&self, dir: &str) -> bool {
+        mounted_in(&self.pid().to_string(), dir)
+    }
+}
+
+/// Whether something is mounted at `dir` in the mount table of process `pid`.
+fn mounted_in(pid: &str, dir: &str) -> bool {
+    let table = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    table.lines().any(|l| l.split(' ').nth(4) == Some(dir))
+}
+
+impl Drop for MountHold {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// SIGTERM, wait up to 3 s, then SIGKILL; always reaps the child.

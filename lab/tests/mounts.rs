@@ -244,3 +244,31 @@ fn a_large_file_and_a_large_directory_are_read_whole() {
     assert_eq!((names[0].as_str(), names[9_999].as_str()), ("entry-00000", "entry-09999"));
     assert_eq!(fs::read_to_string(root.join("many/entry-04242")).unwrap(), "4242");
 }
+
+#[test]
+fn a_mount_left_by_a_killed_daemon_is_removed_by_the_next_down() {
+    if !Lab::fuse_or_skip() {
+        return;
+    }
+    let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
+    lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
+    let dir = lab.dir().join("pod-files").display().to_string();
+    let out =
+        lab.tpvpn_env(&["intercept", "web", "--port", "18888:http", "--mount", &dir], &[], Duration::from_secs(40));
+    assert!(out.status.success(), "intercept --mount:\n{}", show(&out));
+    // The daemon's mount namespace outlives it, as a laptop's does.
+    let hold = lab.hold_daemon_mounts().unwrap();
+    assert!(hold.mounted(&dir));
+
+    let pid = fs::read_to_string(lab.runtime_dir().join("tpvpn.pid")).unwrap();
+    assert!(lab.exec(lab.laptop(), &["kill", "-9", pid.trim()]).status.success());
+    assert!(wait_until(Duration::from_secs(5), || tpvpn_lab::process_gone(&pid)), "daemon survived kill -9");
+    assert!(hold.mounted(&dir), "SIGKILL leaves the mount behind, dead");
+    let dead = fs::metadata(format!("/proc/{}/root{dir}/etc", hold.pid())).map_err(|e| e.raw_os_error());
+    assert_eq!(dead.err(), Some(Some(nix::libc::ENOTCONN)), "nobody answers it");
+
+    let down = lab.tpvpn_in(&hold, &["down"]);
+    assert!(down.status.success(), "{}", show(&down));
+    assert!(!hold.mounted(&dir), "down removed the mount the killed daemon left");
+    assert!(!lab.runtime_dir().join("mounts.json").exists(), "and its record");
+}
