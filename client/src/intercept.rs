@@ -141,7 +141,8 @@ impl Intercepts {
         let held =
             crate::state::read_file(&path).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         let record = path.with_file_name("mounts.json");
-        // Mounts a crashed daemon left; the intercepts are re-claimed, not re-mounted.
+        // Mounts a crashed daemon left (dead): removed, mounted again as their intercepts
+        // are re-claimed.
         crate::mount::Mounts::clean_up(&record);
         let mounts = crate::mount::Mounts::new(record);
         let conn = tokio::sync::watch::Sender::new(None);
@@ -316,7 +317,10 @@ impl Intercepts {
             for h in pending {
                 let name = format!("{}/{}", h.spec.namespace, h.spec.service);
                 match self.request(conn, version, h.spec.clone()).await {
-                    Ok(o) => info!(service = %name, port = o.held.service_port, "intercept re-claimed"),
+                    Ok(o) => {
+                        info!(service = %name, port = o.held.service_port, "intercept re-claimed");
+                        self.remount(&o.held.spec).await;
+                    }
                     Err(e) if retryable(&e) && tokio::time::Instant::now() < deadline => {
                         debug!(service = %name, error = %e, "intercept not re-claimed yet; trying again");
                         again.push(h);
@@ -334,6 +338,20 @@ impl Intercepts {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(5));
             pending = again;
+        }
+    }
+
+    /// Mounts the files of a re-claimed intercept again where `spec` says, if they are
+    /// not mounted (the daemon that mounted them crashed; across a reconnect the mount
+    /// stays and follows the new connection).
+    async fn remount(&self, spec: &Spec) {
+        let Some(dir) = &spec.mount else { return };
+        if self.mounts.has(&spec.namespace, &spec.service) {
+            return;
+        }
+        match self.mount(spec, dir).await {
+            Ok(_) => info!(service = %spec.service, dir = %dir.display(), "files mounted again"),
+            Err(e) => warn!(service = %spec.service, dir = %dir.display(), error = %e, "files not mounted again"),
         }
     }
 

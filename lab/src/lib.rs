@@ -981,7 +981,7 @@ impl Lab {
     /// Whether something is mounted at `dir` in the laptop's daemon's mount table.
     pub fn daemon_mounted(&self, dir: &str) -> bool {
         let pid = fs::read_to_string(self.runtime_dir().join("tpvpn.pid")).unwrap_or_default();
-        mounted_in(pid.trim(), dir)
+        mounted_in(pid.trim(), dir) > 0
     }
 
     /// Keeps the laptop's daemon's mount namespace alive beyond the daemon (a process
@@ -1583,14 +1583,19 @@ impl MountHold {
 
     /// Whether something is mounted at `dir` in the namespace held.
     pub fn mounted(&self, dir: &str) -> bool {
+        self.mounted_count(dir) > 0
+    }
+
+    /// How many mounts are at `dir` (stacked) in the namespace held.
+    pub fn mounted_count(&self, dir: &str) -> usize {
         mounted_in(&self.pid().to_string(), dir)
     }
 }
 
-/// Whether something is mounted at `dir` in the mount table of process `pid`.
-fn mounted_in(pid: &str, dir: &str) -> bool {
+/// How many mounts are at `dir` in the mount table of process `pid`.
+fn mounted_in(pid: &str, dir: &str) -> usize {
     let table = fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
-    table.lines().any(|l| l.split(' ').nth(4) == Some(dir))
+    table.lines().filter(|l| l.split(' ').nth(4) == Some(dir)).count()
 }
 
 impl Drop for MountHold {

@@ -246,7 +246,7 @@ fn a_large_file_and_a_large_directory_are_read_whole() {
 }
 
 #[test]
-fn a_mount_left_by_a_killed_daemon_is_removed_by_the_next_down() {
+fn a_killed_daemons_mount_is_mounted_again_by_the_next_up_and_removed_by_down() {
     if !Lab::fuse_or_skip() {
         return;
     }
@@ -259,14 +259,31 @@ fn a_mount_left_by_a_killed_daemon_is_removed_by_the_next_down() {
     // The daemon's mount namespace outlives it, as a laptop's does.
     let hold = lab.hold_daemon_mounts().unwrap();
     assert!(hold.mounted(&dir));
+    let conf = format!("/proc/{}/root{dir}/etc/config/app.conf", hold.pid());
+    let kill_daemon = || {
+        let pid = fs::read_to_string(lab.runtime_dir().join("tpvpn.pid")).unwrap();
+        assert!(lab.exec(lab.laptop(), &["kill", "-9", pid.trim()]).status.success());
+        assert!(wait_until(Duration::from_secs(5), || tpvpn_lab::process_gone(&pid)), "daemon survived kill -9");
+        assert!(hold.mounted(&dir), "SIGKILL leaves the mount behind, dead");
+        let dead = fs::metadata(&conf).map_err(|e| e.raw_os_error());
+        assert_eq!(dead.err(), Some(Some(nix::libc::ENOTCONN)), "nobody answers it");
+    };
 
-    let pid = fs::read_to_string(lab.runtime_dir().join("tpvpn.pid")).unwrap();
-    assert!(lab.exec(lab.laptop(), &["kill", "-9", pid.trim()]).status.success());
-    assert!(wait_until(Duration::from_secs(5), || tpvpn_lab::process_gone(&pid)), "daemon survived kill -9");
-    assert!(hold.mounted(&dir), "SIGKILL leaves the mount behind, dead");
-    let dead = fs::metadata(format!("/proc/{}/root{dir}/etc", hold.pid())).map_err(|e| e.raw_os_error());
-    assert_eq!(dead.err(), Some(Some(nix::libc::ENOTCONN)), "nobody answers it");
+    // The next `up` removes the dead mount, re-claims the intercept and mounts its files
+    // again in the same place (once the manager let the killed daemon's connection go).
+    kill_daemon();
+    let up_args = lab.up_args();
+    let up = lab.tpvpn_in(&hold, &up_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(up.status.success(), "{}", show(&up));
+    assert!(
+        wait_until(Duration::from_secs(45), || fs::read_to_string(&conf).is_ok_and(|t| t == APP_CONF)),
+        "the files were not mounted again:\n{}",
+        fs::read_to_string(lab.runtime_dir().join("tpvpn.log")).unwrap_or_default()
+    );
+    assert_eq!(hold.mounted_count(&dir), 1, "one mount there, not the dead one beneath a new one");
 
+    // `down` after another SIGKILL removes it, and its record.
+    kill_daemon();
     let down = lab.tpvpn_in(&hold, &["down"]);
     assert!(down.status.success(), "{}", show(&down));
     assert!(!hold.mounted(&dir), "down removed the mount the killed daemon left");

@@ -222,6 +222,11 @@ impl Mounts {
         Err(Error::Config("--mount works on Linux only for now (macOS needs a macFUSE or NFS front end)".into()))
     }
 
+    /// Whether the files of `namespace/service` are mounted.
+    pub fn has(&self, namespace: &str, service: &str) -> bool {
+        self.held().contains_key(&(namespace.to_string(), service.to_string()))
+    }
+
     /// Unmounts the files of `namespace/service`, if mounted; where they were.
     pub fn unmount(&self, namespace: &str, service: &str) -> Option<PathBuf> {
         let mounted = self.held().remove(&(namespace.to_string(), service.to_string()))?;
