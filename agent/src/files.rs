@@ -36,7 +36,7 @@ use nix::fcntl::{openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::{fstat, fstatat, FileStat, Mode, SFlag};
 use nix::sys::time::TimeSpec;
 use nix::unistd::UnlinkatFlags;
-use tpvpn_tunnel::files::{escape, plain_name, unescape, FileAnswer, FileFailure, FileOp, DIR_PAGE};
+use tpvpn_tunnel::files::{escape, plain_name, unescape, FileAnswer, FileFailure, FileOp, DIR_PAGE, OPEN_MAX};
 use tpvpn_tunnel::io::write_message;
 use tpvpn_tunnel::{ErrorCode, Message};
 use tracing::{info, warn};
@@ -64,6 +64,10 @@ pub enum FileError {
     MountPoint(String),
     #[error("{0}: in another volume (moved by copying)")]
     CrossVolume(String),
+    #[error("{0}: handle {1} is not open on this stream")]
+    Stale(String, u32),
+    #[error("{0}: more than {OPEN_MAX} files open on this stream")]
+    TooMany(String),
     #[error("{0}: {1}")]
     Sys(String, Errno),
 }
@@ -333,6 +337,19 @@ impl Volumes {
 
     /// Up to `len` bytes (at most [`READ_MAX`]) of regular file `path` from `offset`.
     pub fn read(&self, path: &str, offset: u64, len: usize) -> Result<Vec<u8>, FileError> {
+        read_at(path, &std::fs::File::from(self.open_readable(path)?), offset, len)
+    }
+
+    /// Opens regular file `path` to read (and write: `write`, in a writable mount), to be
+    /// used by handle; its attributes then.
+    pub fn open_file(&self, path: &str, write: bool) -> Result<(std::fs::File, Attr), FileError> {
+        let fd = if write { self.open_writable(path, OFlag::O_RDWR, false)?.0 } else { self.open_readable(path)? };
+        let attr = attr_of(&fstat(&fd).map_err(|e| FileError::Sys(path.into(), e))?);
+        Ok((std::fs::File::from(fd), attr))
+    }
+
+    /// Opens regular file `path` (in a volume) to read, never a FIFO or device.
+    fn open_readable(&self, path: &str) -> Result<OwnedFd, FileError> {
         let (rel, place) = self.place(path)?;
         if place != Place::Inside {
             return Err(FileError::NotRegular(path.into()));
@@ -345,19 +362,7 @@ impl Volumes {
         if attr_of(&fstat(&fd).map_err(|e| FileError::Sys(path.into(), e))?).kind != Kind::File {
             return Err(FileError::NotRegular(path.into()));
         }
-        let file = std::fs::File::from(fd);
-        let mut buf = vec![0; len.min(READ_MAX)];
-        let mut got = 0;
-        while got < buf.len() {
-            match file.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(FileError::Sys(path.into(), errno(&e))),
-            }
-        }
-        buf.truncate(got);
-        Ok(buf)
+        Ok(fd)
     }
 
     /// The target of symlink `path`, as written (for the reader to follow).
@@ -368,6 +373,22 @@ impl Volumes {
         let target = nix::fcntl::readlinkat(&dir, name.as_path()).map_err(|e| FileError::Sys(path.into(), e))?;
         Ok(escape(target.as_bytes()))
     }
+}
+
+/// Up to `len` bytes (at most [`READ_MAX`]) of `file` (`path`) from `offset`.
+fn read_at(path: &str, file: &std::fs::File, offset: u64, len: usize) -> Result<Vec<u8>, FileError> {
+    let mut buf = vec![0; len.min(READ_MAX)];
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(FileError::Sys(path.into(), errno(&e))),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
 }
 
 /// `path` (absolute, plain names only, [`escape`]d) relative to the root: the only paths
@@ -399,6 +420,8 @@ impl FileError {
             FileError::Symlink(_) | FileError::NotRegular(_) | FileError::MountPoint(_) => FileFailure::Denied,
             FileError::ReadOnly(_) | FileError::Sys(_, Errno::EROFS) => FileFailure::ReadOnly,
             FileError::CrossVolume(_) | FileError::Sys(_, Errno::EXDEV) => FileFailure::CrossDevice,
+            FileError::Stale(..) => FileFailure::Stale,
+            FileError::TooMany(_) => FileFailure::TooMany,
             FileError::Sys(_, Errno::EEXIST) => FileFailure::Exists,
             FileError::Sys(_, Errno::ENOTEMPTY) => FileFailure::NotEmpty,
             FileError::Sys(_, Errno::EISDIR) => FileFailure::IsDir,
@@ -408,6 +431,65 @@ impl FileError {
             FileError::Sys(_, Errno::EINVAL) => FileFailure::Invalid,
             FileError::Sys(_, Errno::EACCES | Errno::EPERM) => FileFailure::Denied,
             FileError::Sys(..) => FileFailure::Io,
+        }
+    }
+}
+
+/// What one stream has open: directories being read, files by handle.
+#[derive(Default)]
+pub struct Streamed {
+    listings: Listings,
+    handles: Handles,
+}
+
+/// Files open on one stream ([`FileOp::Open`]), by handle: at most [`OPEN_MAX`].
+#[derive(Default)]
+struct Handles(std::sync::Mutex<Table>);
+
+/// The last handle given, and each open file with whether it is open for writing.
+#[derive(Default)]
+struct Table {
+    last: u32,
+    open: std::collections::HashMap<u32, (Arc<std::fs::File>, bool)>,
+}
+
+impl Handles {
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens `path` (`write`: for writing too); its handle, attributes and first `read`
+    /// bytes.
+    fn open(&self, volumes: &Volumes, path: &str, write: bool, read: u32) -> Result<FileAnswer, FileError> {
+        if self.table().open.len() >= OPEN_MAX {
+            return Err(FileError::TooMany(path.into()));
+        }
+        let (file, attr) = volumes.open_file(path, write)?;
+        let data = read_at(path, &file, 0, read as usize)?;
+        let mut table = self.table();
+        // Never one still open (after 2^32 opens the numbers come round).
+        while {
+            table.last = table.last.wrapping_add(1);
+            table.open.contains_key(&table.last)
+        } {}
+        let handle = table.last;
+        table.open.insert(handle, (Arc::new(file), write));
+        Ok(FileAnswer::Opened { handle, attr, data })
+    }
+
+    /// The file open as `handle` (for writing: `write`).
+    fn get(&self, path: &str, handle: u32, write: bool) -> Result<Arc<std::fs::File>, FileError> {
+        match self.table().open.get(&handle) {
+            Some((_, false)) if write => Err(FileError::ReadOnly(path.into())),
+            Some((file, _)) => Ok(file.clone()),
+            None => Err(FileError::Stale(path.into(), handle)),
+        }
+    }
+
+    fn close(&self, path: &str, handle: u32) -> Result<FileAnswer, FileError> {
+        match self.table().open.remove(&handle) {
+            Some(_) => Ok(FileAnswer::Done),
+            None => Err(FileError::Stale(path.into(), handle)),
         }
     }
 }
@@ -423,7 +505,7 @@ type Listed = Arc<Vec<(String, Attr)>>;
 /// entry is given, when the directory is read from 0 again, or, a few being kept, when
 /// others are read after it.
 #[derive(Default)]
-pub struct Listings(std::sync::Mutex<Vec<(String, Listed)>>);
+struct Listings(std::sync::Mutex<Vec<(String, Listed)>>);
 
 /// Directories read at once on one stream.
 const LISTINGS: usize = 8;
@@ -459,11 +541,12 @@ impl Listings {
     }
 }
 
-/// The answer to `op` on `path` (directories paged through `listings`).
-pub fn answer(volumes: &Volumes, listings: &Listings, path: &str, op: FileOp) -> FileAnswer {
+/// The answer to `op` on `path` (what the stream has open in `streamed`).
+pub fn answer(volumes: &Volumes, streamed: &Streamed, path: &str, op: FileOp) -> FileAnswer {
+    let handles = &streamed.handles;
     let result = match op {
         FileOp::Stat => volumes.stat(path).map(FileAnswer::Attr),
-        FileOp::ReadDir { from } => listings.page(volumes, path, from),
+        FileOp::ReadDir { from } => streamed.listings.page(volumes, path, from),
         FileOp::Read { offset, len } => volumes.read(path, offset, len as usize).map(FileAnswer::Data),
         FileOp::ReadLink => volumes.readlink(path).map(FileAnswer::Target),
         FileOp::Write { offset, data } => volumes.write(path, offset, &data).map(|()| FileAnswer::Done),
@@ -474,6 +557,14 @@ pub fn answer(volumes: &Volumes, listings: &Listings, path: &str, op: FileOp) ->
         FileOp::Rename { to } => volumes.rename(path, &to).map(|()| FileAnswer::Done),
         FileOp::SetAttr { size, mode, mtime } => volumes.set_attr(path, size, mode, mtime).map(FileAnswer::Attr),
         FileOp::Sync => volumes.sync(path).map(|()| FileAnswer::Done),
+        FileOp::Open { write, read } => handles.open(volumes, path, write, read),
+        FileOp::ReadOpen { handle, offset, len } => {
+            handles.get(path, handle, false).and_then(|f| read_at(path, &f, offset, len as usize)).map(FileAnswer::Data)
+        }
+        FileOp::WriteOpen { handle, offset, data } => handles.get(path, handle, true).and_then(|f| {
+            f.write_all_at(&data, offset).map(|()| FileAnswer::Done).map_err(|e| FileError::Sys(path.into(), errno(&e)))
+        }),
+        FileOp::Close { handle } => handles.close(path, handle),
     };
     result.unwrap_or_else(|e| FileAnswer::Failed { failure: e.failure(), message: e.to_string() })
 }
@@ -511,7 +602,7 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
         return;
     }
     let process = proc_root.join(pid.to_string());
-    let listings = Arc::new(Listings::default());
+    let streamed = Arc::new(Streamed::default());
     let requests = futures::stream::unfold(frames, |mut frames| async move {
         match frames.recv().await {
             Some(Ok(Some(Message::FileRequest { id, path, op }))) => Some(((id, path, op), frames)),
@@ -521,7 +612,7 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
     // A few answered at once (reads of a file in flight together), written in order.
     let answers = requests
         .map(|(id, path, op)| {
-            let (v, listings, process) = (volumes.clone(), listings.clone(), process.clone());
+            let (v, streamed, process) = (volumes.clone(), streamed.clone(), process.clone());
             async move {
                 // The container is gone (its pod deleted or restarted): the stream ends,
                 // and the laptop asks again, of a pod that is there.
@@ -529,7 +620,7 @@ pub async fn serve(node: Node, mut send: quinn::SendStream, recv: quinn::RecvStr
                     info!(pid, "the container of a file stream is gone: ending it");
                     return None;
                 }
-                let answer = tokio::task::spawn_blocking(move || answer(&v, &listings, &path, op)).await.ok()?;
+                let answer = tokio::task::spawn_blocking(move || answer(&v, &streamed, &path, op)).await.ok()?;
                 Some(Message::FileReply { id, answer })
             }
         })
@@ -606,7 +697,7 @@ mod tests {
         for i in 0..(DIR_PAGE + 3) {
             fs::write(dir.0.join(format!("data/f{i:04}")), "").unwrap();
         }
-        let l = Listings::default();
+        let l = Streamed::default();
         let FileAnswer::Entries { entries, next } = answer(&v, &l, "/data", FileOp::ReadDir { from: 0 }) else {
             panic!()
         };
@@ -644,7 +735,7 @@ mod tests {
             fs::write(dir.0.join(format!("data/f{i:04}")), "").unwrap();
         }
         let listed = v.read_dir("/data").unwrap().into_iter().map(|(n, _)| n).collect::<Vec<_>>();
-        let l = Listings::default();
+        let l = Streamed::default();
         let names = |from| match answer(&v, &l, "/data", FileOp::ReadDir { from }) {
             FileAnswer::Entries { entries, .. } => entries.into_iter().map(|(n, _)| n).collect::<Vec<_>>(),
             other => panic!("{other:?}"),
@@ -679,6 +770,58 @@ mod tests {
         assert_eq!(v.read("/etc/config/..2026_12_07_05_00_00.1/app.conf", 0, 100).unwrap(), b"conf\n");
         assert_eq!(v.read("/etc/config/..2026_12_07_05_00_00.1/app.conf", 2, 2).unwrap(), b"nf");
         assert_eq!(v.stat("/data/fifo").unwrap().kind, Kind::Other);
+    }
+
+    #[test]
+    fn an_open_file_is_read_as_opened_even_when_replaced_in_the_pod() {
+        let (dir, v) = root("handles");
+        fs::write(dir.0.join("data/conf"), "old\n").unwrap();
+        let s = Streamed::default();
+        let ask = |path: &str, op| answer(&v, &s, path, op);
+        let FileAnswer::Opened { handle, attr, data } = ask("/data/conf", FileOp::Open { write: false, read: 2 })
+        else {
+            panic!()
+        };
+        assert_eq!((attr.size, data), (4, b"ol".to_vec()));
+        // The pod replaces the file (a new one renamed over it, as atomic writers do).
+        fs::write(dir.0.join("data/conf.new"), "new and longer\n").unwrap();
+        fs::rename(dir.0.join("data/conf.new"), dir.0.join("data/conf")).unwrap();
+        assert_eq!(
+            ask("/data/conf", FileOp::ReadOpen { handle, offset: 0, len: 100 }),
+            FileAnswer::Data(b"old\n".to_vec())
+        );
+        assert_eq!(
+            ask("/data/conf", FileOp::Read { offset: 0, len: 100 }),
+            FileAnswer::Data(b"new and longer\n".to_vec())
+        );
+        let failure = |a: FileAnswer| match a {
+            FileAnswer::Failed { failure, .. } => failure,
+            other => panic!("{other:?}"),
+        };
+        let write = FileOp::WriteOpen { handle, offset: 0, data: b"x".to_vec() };
+        assert_eq!(failure(ask("/data/conf", write)), FileFailure::ReadOnly, "opened for reading only");
+        assert_eq!(ask("/data/conf", FileOp::Close { handle }), FileAnswer::Done);
+        let read = FileOp::ReadOpen { handle, offset: 0, len: 1 };
+        assert_eq!(failure(ask("/data/conf", read)), FileFailure::Stale);
+        // Opened for writing: in a writable volume only; writes reach the file opened.
+        assert_eq!(
+            failure(ask("/etc/config/..data/app.conf", FileOp::Open { write: true, read: 0 })),
+            FileFailure::ReadOnly
+        );
+        let FileAnswer::Opened { handle, .. } = ask("/data/conf", FileOp::Open { write: true, read: 0 }) else {
+            panic!()
+        };
+        let write = FileOp::WriteOpen { handle, offset: 0, data: b"NEW".to_vec() };
+        assert_eq!(ask("/data/conf", write), FileAnswer::Done);
+        assert_eq!(fs::read_to_string(dir.0.join("data/conf")).unwrap(), "NEW and longer\n");
+        // Never a FIFO, never through a symlink.
+        assert_eq!(failure(ask("/data/fifo", FileOp::Open { write: false, read: 0 })), FileFailure::Denied);
+        assert_eq!(failure(ask("/data/up/shadow", FileOp::Open { write: false, read: 0 })), FileFailure::Denied);
+        // At most OPEN_MAX at once on a stream.
+        let opened = (1..OPEN_MAX)
+            .filter(|_| matches!(ask("/data/conf", FileOp::Open { write: false, read: 0 }), FileAnswer::Opened { .. }));
+        assert_eq!(opened.count(), OPEN_MAX - 1);
+        assert_eq!(failure(ask("/data/conf", FileOp::Open { write: false, read: 0 })), FileFailure::TooMany);
     }
 
     #[test]
@@ -726,7 +869,7 @@ mod tests {
     fn writes_reach_writable_volumes_only_and_never_leave_them() {
         use std::os::unix::fs::MetadataExt;
         let (dir, v) = root("writes");
-        let l = Listings::default();
+        let l = Streamed::default();
         let ask = |path: &str, op| answer(&v, &l, path, op);
         let failure = |path: &str, op| match ask(path, op) {
             FileAnswer::Failed { failure, .. } => failure,
@@ -797,7 +940,7 @@ mod tests {
         let v = Volumes::open(&dir.0, &["/data", "/cache"], &["/data", "/cache"]).unwrap();
         assert!(matches!(v.rename("/data/f", "/cache/f"), Err(FileError::CrossVolume(_))));
         assert_eq!(
-            answer(&v, &Listings::default(), "/data/f", FileOp::Rename { to: "/cache/f".into() }),
+            answer(&v, &Streamed::default(), "/data/f", FileOp::Rename { to: "/cache/f".into() }),
             FileAnswer::Failed {
                 failure: FileFailure::CrossDevice,
                 message: "/cache/f: in another volume (moved by copying)".into(),

@@ -124,7 +124,9 @@ async fn connect(config: &Config) -> Result<(quinn::Connection, (quinn::SendStre
         user: String::new(),
         host: config.node_name.clone(),
         client_id: Vec::new(),
-        features: tpvpn_tunnel::handshake::FEATURE_FILES | tpvpn_tunnel::handshake::FEATURE_FILES_WRITE,
+        features: tpvpn_tunnel::handshake::FEATURE_FILES
+            | tpvpn_tunnel::handshake::FEATURE_FILES_WRITE
+            | tpvpn_tunnel::handshake::FEATURE_FILE_HANDLES,
         versions: (INTERCEPT_VERSION, PROTOCOL_VERSION),
     });
     let (mut send, mut recv) = conn.open_bi().await?;

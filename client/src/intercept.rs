@@ -131,7 +131,7 @@ pub struct Intercepts {
     held: Mutex<Vec<Held>>,
     /// Their files mounted (`--mount`), and the connection file streams are opened on.
     pub mounts: Arc<crate::mount::Mounts>,
-    conn: tokio::sync::watch::Sender<Option<quinn::Connection>>,
+    conn: tokio::sync::watch::Sender<Option<(quinn::Connection, u64)>>,
 }
 
 impl Intercepts {
@@ -149,9 +149,10 @@ impl Intercepts {
         Arc::new(Intercepts { path, held: Mutex::new(held), mounts, conn })
     }
 
-    /// The daemon's connection to the manager is `conn` now.
-    pub fn connected(&self, conn: &quinn::Connection) {
-        self.conn.send_replace(Some(conn.clone()));
+    /// The daemon's connection to the manager is `conn` now, to a manager with
+    /// `features`.
+    pub fn connected(&self, conn: &quinn::Connection, features: u64) {
+        self.conn.send_replace(Some((conn.clone(), features)));
     }
 
     /// Mounts the files of the intercept of `namespace/service` at `dir`; what is served.

@@ -311,11 +311,12 @@ mod gen {
                 container_id: u.arbitrary()?,
                 mounts: strings(u)?,
                 writable: strings(u)?,
+                handles: u.arbitrary()?,
             },
             24 => Message::FileRequest {
                 id: u.arbitrary()?,
                 path: u.arbitrary()?,
-                op: match u.int_in_range(0..=11)? {
+                op: match u.int_in_range(0..=15)? {
                     0 => FileOp::Stat,
                     1 => FileOp::ReadDir { from: u.arbitrary()? },
                     2 => FileOp::Read { offset: u.arbitrary()?, len: u.arbitrary()? },
@@ -327,13 +328,18 @@ mod gen {
                     8 => FileOp::Rename { to: u.arbitrary()? },
                     9 => FileOp::SetAttr { size: u.arbitrary()?, mode: u.arbitrary()?, mtime: u.arbitrary()? },
                     10 => FileOp::Sync,
+                    11 => FileOp::Open { write: u.arbitrary()?, read: u.arbitrary()? },
+                    12 => FileOp::ReadOpen { handle: u.arbitrary()?, offset: u.arbitrary()?, len: u.arbitrary()? },
+                    13 => FileOp::WriteOpen { handle: u.arbitrary()?, offset: u.arbitrary()?, data: u.arbitrary()? },
+                    14 => FileOp::Close { handle: u.arbitrary()? },
                     _ => FileOp::ReadLink,
                 },
             },
             25 => Message::FileReply {
                 id: u.arbitrary()?,
-                answer: match u.int_in_range(0..=5)? {
+                answer: match u.int_in_range(0..=6)? {
                     0 => FileAnswer::Attr(file_attr(u)?),
+                    5 => FileAnswer::Opened { handle: u.arbitrary()?, attr: file_attr(u)?, data: u.arbitrary()? },
                     4 => FileAnswer::Done,
                     1 => {
                         let n = u.int_in_range(0..=4)?;
@@ -349,8 +355,9 @@ mod gen {
                     }
                 },
             },
+            26 => Message::FilesReady { message: u.arbitrary()?, handles: u.arbitrary()? },
             // Frame types no version has used yet: kept whole.
-            _ => Message::Unknown { frame_type: u.int_in_range(0x53..=0x7f)?, payload: u.arbitrary()? },
+            _ => Message::Unknown { frame_type: u.int_in_range(0x54..=0x7f)?, payload: u.arbitrary()? },
         })
     }
 }

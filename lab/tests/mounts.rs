@@ -89,6 +89,28 @@ fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
     assert_eq!(fs::read_link(root.join("var/scratch/loop")).unwrap().to_str(), Some("loop"));
     assert_eq!(fs::read(root.join("var/scratch/loop")).map_err(|e| e.raw_os_error()), Err(Some(nix::libc::ELOOP)));
 
+    // A file open on the laptop is the file opened, as for a process in the pod: replaced
+    // in the pod meanwhile (a new file renamed over it), the open one still reads the
+    // old bytes where the laptop had read nothing yet; the next open reads the new file.
+    let fill = |c: char, to: &str| format!("head -c 3145728 /dev/zero | tr '\\0' {c} > {to}");
+    let (out, err, code) = lab.exec_in_container("web-0", &["sh", "-c", &fill('a', "/var/scratch/big")]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let mut opened = fs::File::open(root.join("var/scratch/big")).unwrap();
+    let mut head = [0u8; 4096];
+    std::io::Read::read_exact(&mut opened, &mut head).unwrap();
+    assert!(head.iter().all(|&b| b == b'a'));
+    let replace = format!("{} && mv /var/scratch/big.new /var/scratch/big", fill('b', "/var/scratch/big.new"));
+    let (out, err, code) = lab.exec_in_container("web-0", &["sh", "-c", &replace]).unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let mut tail = vec![0u8; 64 << 10];
+    std::os::unix::fs::FileExt::read_exact_at(&opened, &mut tail, 5 << 19).unwrap();
+    assert!(tail.iter().all(|&b| b == b'a'), "the open file read the replaced one's bytes");
+    let again = fs::read(root.join("var/scratch/big")).unwrap();
+    assert!(again.len() == 3 << 20 && again.iter().all(|&b| b == b'b'), "a new open reads the new file");
+    std::os::unix::fs::FileExt::read_exact_at(&opened, &mut tail, 1 << 20).unwrap();
+    assert!(tail.iter().all(|&b| b == b'a'), "the open file read the pages of the new one");
+    drop(opened);
+
     // Live: what the app writes, and a ConfigMap update as the kubelet makes it.
     let (_, _, code) = lab.exec_in_container("web-0", &["sh", "-c", "echo later > /var/scratch/later"]).unwrap();
     assert_eq!(code, 0);
@@ -192,8 +214,16 @@ fn the_mount_moves_to_another_pod_when_its_pod_is_deleted() {
     let Some(mut lab) = tpvpn_lab::lab_with_pods_or_skip() else { return };
     lab.start_laptop_web(18888, "answered by the laptop\n").unwrap();
     for pod in ["web-0", "web-1"] {
-        let (out, err, code) =
-            lab.exec_in_container(pod, &["sh", "-c", &format!("echo {pod} > /var/scratch/who")]).unwrap();
+        let (out, err, code) = lab
+            .exec_in_container(
+                pod,
+                &[
+                    "sh",
+                    "-c",
+                    &format!("echo {pod} > /var/scratch/who && head -c 262144 /dev/zero > /var/scratch/zeros"),
+                ],
+            )
+            .unwrap();
         assert_eq!(code, 0, "{out}{err}");
     }
     let dir = lab.dir().join("pod-files").display().to_string();
@@ -203,6 +233,7 @@ fn the_mount_moves_to_another_pod_when_its_pod_is_deleted() {
     assert!(stdout(&out).contains("files of pod default/web-0"), "the first captured pod by name: {}", show(&out));
     let who = lab.daemon_view(&dir).join("var/scratch/who");
     assert_eq!(fs::read_to_string(&who).unwrap(), "web-0\n");
+    let open_on_web0 = fs::File::open(who.with_file_name("zeros")).unwrap();
 
     // Its pod deleted: reads fail at once (never hang) until the mount is served by the
     // pod that is left.
@@ -213,6 +244,11 @@ fn the_mount_moves_to_another_pod_when_its_pod_is_deleted() {
         lab.agent_log()
     );
     assert!(lab.daemon_mounted(&dir));
+    // A file opened in web-0 is not web-1's file of the same name: ESTALE (past the
+    // bytes that came with the open).
+    let mut buf = [0u8; 16];
+    let stale = std::os::unix::fs::FileExt::read_at(&open_on_web0, &mut buf, 200_000).map_err(|e| e.raw_os_error());
+    assert_eq!(stale, Err(Some(nix::libc::ESTALE)), "read through a file opened in the deleted pod");
 }
 
 #[test]
@@ -265,7 +301,9 @@ fn a_killed_daemons_mount_is_mounted_again_by_the_next_up_and_removed_by_down() 
         assert!(lab.exec(lab.laptop(), &["kill", "-9", pid.trim()]).status.success());
         assert!(wait_until(Duration::from_secs(5), || tpvpn_lab::process_gone(&pid)), "daemon survived kill -9");
         assert!(hold.mounted(&dir), "SIGKILL leaves the mount behind, dead");
-        let dead = fs::metadata(&conf).map_err(|e| e.raw_os_error());
+        // A name never looked up (what was, the kernel may still answer for 1 s).
+        let unseen = format!("/proc/{}/root{dir}/etc/unseen-{}", hold.pid(), pid.trim());
+        let dead = fs::metadata(unseen).map_err(|e| e.raw_os_error());
         assert_eq!(dead.err(), Some(Some(nix::libc::ENOTCONN)), "nobody answers it");
     };
 

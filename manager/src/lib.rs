@@ -135,8 +135,8 @@ impl Config {
     /// cluster and agents can connect.
     pub(crate) fn features(&self) -> u64 {
         use tpvpn_tunnel::handshake::{
-            FEATURE_FILES, FEATURE_FILES_WRITE, FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION, FEATURE_RENEW,
-            FEATURE_REVOKE,
+            FEATURE_FILES, FEATURE_FILES_WRITE, FEATURE_FILE_HANDLES, FEATURE_INTERCEPTS, FEATURE_INTERCEPT_CONNECTION,
+            FEATURE_RENEW, FEATURE_REVOKE,
         };
         let renew = if self.client_cas.is_some() { FEATURE_RENEW } else { 0 };
         if self.views.objects.is_some() && !matches!(self.agents, auth::AgentAuth::None) {
@@ -145,6 +145,7 @@ impl Config {
                 | FEATURE_REVOKE
                 | FEATURE_FILES
                 | FEATURE_FILES_WRITE
+                | FEATURE_FILE_HANDLES
                 | renew
         } else {
             renew

@@ -853,9 +853,9 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
                 let _ = send.finish();
             }
         }
-        Message::FilesOpen { namespace, service, writable, .. } => {
+        Message::FilesOpen { namespace, service, writable, handles, .. } => {
             let span = info_span!("files", %namespace, %service, write = !writable.is_empty());
-            files(&ctx, send, recv, (&namespace, &service), &writable).instrument(span).await
+            files(&ctx, (send, recv), (&namespace, &service), &writable, handles).instrument(span).await
         }
         request @ (Message::InterceptRequest { .. }
         | Message::Leave { .. }
@@ -894,15 +894,16 @@ async fn stream(ctx: Arc<Ctx>, mut send: quinn::SendStream, mut recv: quinn::Rec
 const AGENT_ANSWER: Duration = Duration::from_secs(10);
 
 /// A stream of file requests for the client's intercept of `namespace/service`
-/// (`intercept --mount`; `asked`: where it asks to write, `--mount-readwrite`): checked,
-/// then joined to a stream to the agent of a captured pod, which answers them; the
-/// manager only relays the bytes after the answer.
+/// (`intercept --mount`; `asked`: where it asks to write, `--mount-readwrite`; `handles`:
+/// the client opens files, and understands `FilesReady`): checked, then joined to a
+/// stream to the agent of a captured pod, which answers them; the manager only relays
+/// the bytes after the answer.
 async fn files(
     ctx: &Ctx,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    (mut send, recv): (quinn::SendStream, quinn::RecvStream),
     (namespace, service): (&str, &str),
     asked: &[String],
+    handles: bool,
 ) {
     let opened = async {
         if !ctx.version.intercepts() {
@@ -926,12 +927,15 @@ async fn files(
             writable.into_iter().filter(|m| asked.iter().any(|a| std::path::Path::new(m).starts_with(a))).collect();
         let unavailable = |e: String| crate::intercepts::Refusal { code: ErrorCode::Unavailable, message: e };
         let (mut to_agent, mut from_agent) = target.agent.open_bi().await.map_err(|e| unavailable(e.to_string()))?;
+        // Only to an agent that takes it (an older one would refuse the frame).
+        let handles = handles && target.agent_features & tpvpn_tunnel::handshake::FEATURE_FILE_HANDLES != 0;
         let open = Message::FilesOpen {
             namespace: namespace.into(),
             service: service.into(),
             container_id: target.pod.container_id.clone(),
             mounts: mounts.clone(),
             writable: writable.clone(),
+            handles,
         };
         write_message(&mut to_agent, &open).await.map_err(|e| unavailable(e.to_string()))?;
         match tokio::time::timeout(AGENT_ANSWER, read_message(&mut from_agent)).await {
@@ -962,9 +966,9 @@ async fn files(
         if !left_out.is_empty() {
             said.push_str(&format!("; left out: {}", left_out.join("; ")));
         }
-        Ok((to_agent, from_agent, said))
+        Ok((to_agent, from_agent, said, handles))
     };
-    let (to_agent, from_agent, said) = match opened.await {
+    let (to_agent, from_agent, said, agent_handles) = match opened.await {
         Ok(joined) => joined,
         Err(r) => {
             let _ = write_message(
@@ -976,7 +980,12 @@ async fn files(
             return;
         }
     };
-    if write_message(&mut send, &Message::Ack { message: said }).await.is_err() {
+    let ready = if handles {
+        Message::FilesReady { message: said, handles: agent_handles }
+    } else {
+        Message::Ack { message: said }
+    };
+    if write_message(&mut send, &ready).await.is_err() {
         return;
     }
     // Requests one way, answers the other; an end or a reset passes through.

@@ -12,6 +12,17 @@
 //! reader follows them as a kernel does over FUSE.
 //!
 //!
+//! Open files (both peers with [`crate::handshake::FEATURE_FILE_HANDLES`]): the
+//! client's `FilesOpen` says `handles` when its manager has the bit, and the manager
+//! answers `FilesReady` (instead of `Ack`) saying whether the agent takes them. Then the
+//! client opens each file the kernel opens ([`FileOp::Open`]) and reads and writes that
+//! file by its handle until it closes it, as a process does: a file replaced in the pod
+//! meanwhile (a new file at the path) is not confused with the one opened, and the next
+//! open reads the new one. Handles belong to their stream: on a new stream (the pod gone,
+//! the connection replaced) an old handle is [`FileFailure::Stale`]. An agent keeps at
+//! most [`OPEN_MAX`] per stream ([`FileFailure::TooMany`] beyond; the client then reads
+//! that file by path).
+//!
 //! Read-write mounts (`--mount-readwrite`, both peers with
 //! [`crate::handshake::FEATURE_FILES_WRITE`]): the client's `FilesOpen` names in
 //! `writable` where it asks to write (`/`: wherever it may), the manager's names the
@@ -33,6 +44,9 @@
 /// The most bytes one [`FileOp::Read`] returns or one [`FileOp::Write`] carries (one
 /// frame carries it).
 pub const READ_MAX: u32 = 512 * 1024;
+
+/// The most files open at once on one stream.
+pub const OPEN_MAX: usize = 256;
 
 /// The most entries one [`FileAnswer::Entries`] carries.
 pub const DIR_PAGE: u32 = 512;
@@ -110,12 +124,33 @@ pub enum FileOp {
     SetAttr { size: Option<u64>, mode: Option<u32>, mtime: Option<i64> },
     /// Flushes a regular file to its storage (`fsync`).
     Sync,
+    /// Opens regular file `path` (for writing too: `write`) and reads its first `read`
+    /// bytes (at most [`READ_MAX`]: a small file in one round trip); answered
+    /// [`FileAnswer::Opened`].
+    Open { write: bool, read: u32 },
+    /// At most `len` (≤ [`READ_MAX`]) bytes of the file open as `handle` from `offset`
+    /// (`path` only names it in messages).
+    ReadOpen { handle: u32, offset: u64, len: u32 },
+    /// Writes `data` (at most [`READ_MAX`] bytes) into the file open as `handle` (for
+    /// writing), all of it or nothing; answered [`FileAnswer::Done`].
+    WriteOpen { handle: u32, offset: u64, data: Vec<u8> },
+    /// Forgets `handle`; answered [`FileAnswer::Done`].
+    Close { handle: u32 },
 }
 
 impl FileOp {
     /// Whether it changes the volume (refused outside writable mounts).
     pub fn writes(&self) -> bool {
-        !matches!(self, FileOp::Stat | FileOp::ReadDir { .. } | FileOp::Read { .. } | FileOp::ReadLink)
+        !matches!(
+            self,
+            FileOp::Stat
+                | FileOp::ReadDir { .. }
+                | FileOp::Read { .. }
+                | FileOp::ReadLink
+                | FileOp::Open { write: false, .. }
+                | FileOp::ReadOpen { .. }
+                | FileOp::Close { .. }
+        )
     }
 }
 
@@ -145,6 +180,10 @@ pub enum FileFailure {
     CrossDevice,
     /// The volume is full (`ENOSPC`).
     NoSpace,
+    /// A handle of another stream, or closed (`ESTALE`).
+    Stale,
+    /// More files open on the stream than [`OPEN_MAX`] (`ENFILE`).
+    TooMany,
     /// A kind this version does not know.
     Other(u8),
 }
@@ -163,6 +202,8 @@ impl FileFailure {
             FileFailure::IsDir => 21,                     // EISDIR
             FileFailure::CrossDevice => 18,               // EXDEV
             FileFailure::NoSpace => 28,                   // ENOSPC
+            FileFailure::Stale => 116,                    // ESTALE
+            FileFailure::TooMany => 23,                   // ENFILE
             FileFailure::Io | FileFailure::Other(_) => 5, // EIO
         }
     }
@@ -182,6 +223,8 @@ impl From<u8> for FileFailure {
             9 => FileFailure::IsDir,
             10 => FileFailure::CrossDevice,
             11 => FileFailure::NoSpace,
+            12 => FileFailure::Stale,
+            13 => FileFailure::TooMany,
             other => FileFailure::Other(other),
         }
     }
@@ -201,6 +244,8 @@ impl From<FileFailure> for u8 {
             FileFailure::IsDir => 9,
             FileFailure::CrossDevice => 10,
             FileFailure::NoSpace => 11,
+            FileFailure::Stale => 12,
+            FileFailure::TooMany => 13,
             FileFailure::Other(b) => b,
         }
     }
@@ -219,6 +264,12 @@ pub enum FileAnswer {
     Target(String),
     /// A write operation done, with nothing to tell.
     Done,
+    /// A file opened: its handle on this stream, its attributes then and its first bytes.
+    Opened {
+        handle: u32,
+        attr: FileAttr,
+        data: Vec<u8>,
+    },
     Failed {
         failure: FileFailure,
         message: String,

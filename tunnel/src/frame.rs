@@ -53,6 +53,7 @@ mod ty {
     pub const FILES_OPEN: u8 = 0x50;
     pub const FILE_REQUEST: u8 = 0x51;
     pub const FILE_REPLY: u8 = 0x52;
+    pub const FILES_READY: u8 = 0x53;
 }
 
 /// A zero-copy view of one frame.
@@ -488,9 +489,20 @@ pub enum Message {
     /// the files of its intercept of `namespace/service` (`container_id` and `mounts`
     /// empty). Manager to agent: the volume `mounts` (their `mountPath`s) of container
     /// `container_id`. Answered by `Ack` or `Error`.
-    /// `writable` (absent from the frame when empty, as before read-write mounts): see
-    /// [`crate::files`].
-    FilesOpen { namespace: String, service: String, container_id: String, mounts: Vec<String>, writable: Vec<String> },
+    /// `writable` (absent from the frame when empty, as before read-write mounts) and
+    /// `handles` (absent when false, as before open files): see [`crate::files`].
+    FilesOpen {
+        namespace: String,
+        service: String,
+        container_id: String,
+        mounts: Vec<String>,
+        writable: Vec<String>,
+        handles: bool,
+    },
+    /// Manager to client, instead of `Ack`, to a `FilesOpen` that said `handles`: the
+    /// files are open (`message`: what is served), and whether their agent serves open
+    /// files.
+    FilesReady { message: String, handles: bool },
     /// Laptop to agent: what `op` asks of `path` (absolute, in the container).
     FileRequest { id: u32, path: String, op: FileOp },
     /// Agent to laptop: the answer to request `id`.
@@ -543,6 +555,7 @@ impl Message {
             Message::Release { .. } => "release",
             Message::CaptureStatus { .. } => "capture-status",
             Message::FilesOpen { .. } => "files-open",
+            Message::FilesReady { .. } => "files-ready",
             Message::FileRequest { .. } => "file-request",
             Message::FileReply { .. } => "file-reply",
             Message::Unknown { .. } => "unknown",
@@ -713,7 +726,9 @@ impl Message {
                 container_id: r.string16("container id")?,
                 mounts: r.strings("mounts")?,
                 writable: if r.is_empty() { Vec::new() } else { r.strings("writable mounts")? },
+                handles: if r.is_empty() { false } else { r.flag("handles")? },
             },
+            ty::FILES_READY => Message::FilesReady { message: r.string16("files ready")?, handles: r.flag("handles")? },
             ty::FILE_REQUEST => {
                 let id = r.u32()?;
                 let path = r.string16("file path")?;
@@ -722,14 +737,7 @@ impl Message {
                     2 => FileOp::ReadDir { from: r.u32()? },
                     3 => FileOp::Read { offset: r.u64()?, len: r.u32()? },
                     4 => FileOp::ReadLink,
-                    5 => {
-                        let offset = r.u64()?;
-                        let n = r.u32()?;
-                        if n > crate::files::READ_MAX {
-                            return Err(Error::Malformed { what: "file write: longer than READ_MAX" });
-                        }
-                        FileOp::Write { offset, data: r.take(n as usize)?.to_vec() }
-                    }
+                    5 => FileOp::Write { offset: r.u64()?, data: r.chunk()? },
                     6 => FileOp::Create { mode: r.u32()? },
                     7 => FileOp::MakeDir { mode: r.u32()? },
                     8 => FileOp::Remove,
@@ -747,6 +755,13 @@ impl Message {
                         }
                     }
                     12 => FileOp::Sync,
+                    13 => FileOp::Open { write: r.flag("open for writing")?, read: r.u32()? },
+                    14 => FileOp::ReadOpen { handle: r.u32()?, offset: r.u64()?, len: r.u32()? },
+                    15 => {
+                        let (handle, offset) = (r.u32()?, r.u64()?);
+                        FileOp::WriteOpen { handle, offset, data: r.chunk()? }
+                    }
+                    16 => FileOp::Close { handle: r.u32()? },
                     _ => return Err(Error::Malformed { what: "file operation" }),
                 };
                 Message::FileRequest { id, path, op }
@@ -769,6 +784,7 @@ impl Message {
                     }
                     4 => FileAnswer::Target(r.string16("symlink target")?),
                     6 => FileAnswer::Done,
+                    7 => FileAnswer::Opened { handle: r.u32()?, attr: r.file_attr()?, data: r.chunk()? },
                     5 => {
                         FileAnswer::Failed { failure: FileFailure::from(r.u8()?), message: r.string16("file failure")? }
                     }
@@ -1011,15 +1027,23 @@ impl Message {
                 put_pairs(out, &mut cut, env);
                 ty::CAPTURE_STATUS
             }
-            Message::FilesOpen { namespace, service, container_id, mounts, writable } => {
+            Message::FilesOpen { namespace, service, container_id, mounts, writable, handles } => {
                 put_bytes16(out, &mut cut, namespace.as_bytes());
                 put_bytes16(out, &mut cut, service.as_bytes());
                 put_bytes16(out, &mut cut, container_id.as_bytes());
                 put_strings(out, &mut cut, mounts);
-                if !writable.is_empty() {
+                if !writable.is_empty() || *handles {
                     put_strings(out, &mut cut, writable);
                 }
+                if *handles {
+                    out.push(1);
+                }
                 ty::FILES_OPEN
+            }
+            Message::FilesReady { message, handles } => {
+                put_bytes16(out, &mut cut, message.as_bytes());
+                out.push(u8::from(*handles));
+                ty::FILES_READY
             }
             Message::FileRequest { id, path, op } => {
                 out.extend_from_slice(&id.to_be_bytes());
@@ -1039,9 +1063,7 @@ impl Message {
                     FileOp::Write { offset, data } => {
                         out.push(5);
                         out.extend_from_slice(&offset.to_be_bytes());
-                        cut |= data.len() > crate::files::READ_MAX as usize;
-                        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-                        out.extend_from_slice(data);
+                        put_chunk(out, &mut cut, data);
                     }
                     FileOp::Create { mode } => {
                         out.push(6);
@@ -1073,6 +1095,27 @@ impl Message {
                         }
                     }
                     FileOp::Sync => out.push(12),
+                    FileOp::Open { write, read } => {
+                        out.push(13);
+                        out.push(u8::from(*write));
+                        out.extend_from_slice(&read.to_be_bytes());
+                    }
+                    FileOp::ReadOpen { handle, offset, len } => {
+                        out.push(14);
+                        out.extend_from_slice(&handle.to_be_bytes());
+                        out.extend_from_slice(&offset.to_be_bytes());
+                        out.extend_from_slice(&len.to_be_bytes());
+                    }
+                    FileOp::WriteOpen { handle, offset, data } => {
+                        out.push(15);
+                        out.extend_from_slice(&handle.to_be_bytes());
+                        out.extend_from_slice(&offset.to_be_bytes());
+                        put_chunk(out, &mut cut, data);
+                    }
+                    FileOp::Close { handle } => {
+                        out.push(16);
+                        out.extend_from_slice(&handle.to_be_bytes());
+                    }
                 }
                 ty::FILE_REQUEST
             }
@@ -1102,6 +1145,12 @@ impl Message {
                         put_bytes16(out, &mut cut, t.as_bytes());
                     }
                     FileAnswer::Done => out.push(6),
+                    FileAnswer::Opened { handle, attr, data } => {
+                        out.push(7);
+                        out.extend_from_slice(&handle.to_be_bytes());
+                        put_file_attr(out, attr);
+                        put_chunk(out, &mut cut, data);
+                    }
                     FileAnswer::Failed { failure, message } => {
                         out.push(5);
                         out.push(u8::from(*failure));
@@ -1175,6 +1224,13 @@ fn put_bytes16(out: &mut Vec<u8>, cut: &mut bool, b: &[u8]) {
 }
 
 /// A file's attributes: kind, size, mode, mtime.
+/// File bytes: their length and themselves (cut when over [`crate::files::READ_MAX`]).
+fn put_chunk(out: &mut Vec<u8>, cut: &mut bool, data: &[u8]) {
+    *cut |= data.len() > crate::files::READ_MAX as usize;
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
 fn put_file_attr(out: &mut Vec<u8>, a: &FileAttr) {
     out.push(u8::from(a.kind));
     out.extend_from_slice(&a.size.to_be_bytes());
@@ -1376,6 +1432,15 @@ impl<'a> Reader<'a> {
             return Err(Error::Malformed { what: "matchers: present but empty" });
         }
         Ok(m)
+    }
+
+    /// File bytes: at most [`crate::files::READ_MAX`].
+    fn chunk(&mut self) -> Result<Vec<u8>> {
+        let n = self.u32()?;
+        if n > crate::files::READ_MAX {
+            return Err(Error::Malformed { what: "file write: longer than READ_MAX" });
+        }
+        Ok(self.take(n as usize)?.to_vec())
     }
 
     fn file_attr(&mut self) -> Result<FileAttr> {
@@ -1619,6 +1684,7 @@ mod tests {
                 container_id: "containerd://abc".into(),
                 mounts: vec!["/etc/config".into(), "/var/run/secrets/kubernetes.io/serviceaccount".into()],
                 writable: vec![],
+                handles: false,
             },
             Message::FilesOpen {
                 namespace: "default".into(),
@@ -1626,6 +1692,40 @@ mod tests {
                 container_id: String::new(),
                 mounts: vec![],
                 writable: vec!["/".into()],
+                handles: false,
+            },
+            Message::FilesOpen {
+                namespace: "default".into(),
+                service: "web".into(),
+                container_id: String::new(),
+                mounts: vec![],
+                writable: vec![],
+                handles: true,
+            },
+            Message::FilesReady { message: "files of pod default/web-0".into(), handles: true },
+            Message::FileRequest { id: 16, path: "/data/a".into(), op: FileOp::Open { write: true, read: 4096 } },
+            Message::FileRequest {
+                id: 17,
+                path: "/data/a".into(),
+                op: FileOp::ReadOpen { handle: 3, offset: 1 << 33, len: 65536 },
+            },
+            Message::FileRequest {
+                id: 18,
+                path: "/data/a".into(),
+                op: FileOp::WriteOpen { handle: 3, offset: 7, data: vec![2; 300] },
+            },
+            Message::FileRequest { id: 19, path: "/data/a".into(), op: FileOp::Close { handle: 3 } },
+            Message::FileReply {
+                id: 16,
+                answer: FileAnswer::Opened {
+                    handle: 3,
+                    attr: FileAttr { kind: FileKind::File, size: 10, mode: 0o644, mtime: 9 },
+                    data: b"0123456789".to_vec(),
+                },
+            },
+            Message::FileReply {
+                id: 17,
+                answer: FileAnswer::Failed { failure: FileFailure::Stale, message: "closed".into() },
             },
             Message::FileRequest { id: 1, path: "/etc/config".into(), op: FileOp::Stat },
             Message::FileRequest {

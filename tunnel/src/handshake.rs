@@ -92,6 +92,11 @@ pub const FEATURE_FILES: u64 = 1 << 4;
 /// [`crate::files::FileOp`] in those volumes.
 pub const FEATURE_FILES_WRITE: u64 = 1 << 5;
 
+/// From a manager: it takes `FilesOpen.handles` and answers it with `FilesReady`. From an
+/// agent: it serves open files ([`crate::files::FileOp::Open`] and the operations by
+/// handle).
+pub const FEATURE_FILE_HANDLES: u64 = 1 << 6;
+
 /// What the connecting side says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {

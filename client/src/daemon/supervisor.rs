@@ -541,7 +541,7 @@ async fn serve(
     // what this daemon (or a crashed one before it) held: per connection.
     let start_intercepts = |link: &Link| {
         let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
-        i.connected(&conn);
+        i.connected(&conn, link.features);
         let second = link.intercepts.clone();
         // Serving (on the intercepts connection, and on the tunnel's until the manager has
         // it) and re-claiming run together and end together (aborted with the link).

@@ -21,6 +21,10 @@ use tpvpn_tunnel::files::{FileAnswer, READ_MAX};
 /// How far ahead of a sequential reader bytes are asked.
 pub const AHEAD: u64 = 4 * READ_MAX as u64;
 
+/// What an open asks of a file at once (a small file whole, in the round trip of the
+/// open).
+pub const FIRST: u32 = 128 * 1024;
+
 /// How long bytes asked ahead may be used.
 pub const FRESH: Duration = Duration::from_secs(1);
 
@@ -89,6 +93,17 @@ impl Reader {
             end: None,
             fresh: FRESH,
         }
+    }
+
+    /// Reads a file whose first bytes, `first` (fewer than [`FIRST`]: the whole file),
+    /// arrived with its opening.
+    pub fn opened(ask: Ask, first: Vec<u8>) -> Reader {
+        let mut reader = Reader::new(ask);
+        reader.end = (first.len() < FIRST as usize).then_some(first.len() as u64);
+        reader.data = first;
+        // A read from the start goes on as a sequential one: asked ahead at once.
+        reader.last_end = Some(0);
+        reader
     }
 
     /// Where the bytes at hand and asked for end.
@@ -244,6 +259,24 @@ mod tests {
             covered += u64::from(*n);
         }
         assert!(asked.len() <= 2 + len / READ_MAX as usize + 4, "{asked:?}");
+    }
+
+    #[tokio::test]
+    async fn the_bytes_that_came_with_the_open_are_read_first() {
+        // A small file whole: nothing more is asked.
+        let (ask, asked) = file(5000);
+        let mut r = Reader::opened(ask, expect(0, 5000, 5000));
+        assert_eq!(r.read(0, 128 * 1024).await.unwrap(), expect(0, 5000, 5000));
+        assert!(r.read(5000, 4096).await.unwrap().is_empty());
+        assert!(asked.lock().unwrap().is_empty(), "{asked:?}");
+        // A large one: its first bytes from the open, the next asked from where they end.
+        let len = 3 * READ_MAX as usize;
+        let (ask, asked) = file(len);
+        let mut r = Reader::opened(ask, expect(0, FIRST as usize, len));
+        assert_eq!(r.read(0, 4096).await.unwrap(), expect(0, 4096, len));
+        assert_eq!(asked.lock().unwrap().first(), Some(&(u64::from(FIRST), READ_MAX)), "asked ahead at once");
+        let rest = r.read(4096, len as u32).await.unwrap();
+        assert_eq!(rest, expect(4096, len, len));
     }
 
     #[tokio::test]

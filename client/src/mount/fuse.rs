@@ -25,7 +25,7 @@ use fuser::{
 use tpvpn_tunnel::files::{escape, plain_name, unescape, FileAnswer, FileAttr as Attr, FileKind, FileOp, READ_MAX};
 
 use super::ahead::{self, errno, Reader};
-use super::Files;
+use super::{Files, Opened};
 
 /// How long the kernel may keep attributes and names.
 pub const TTL: Duration = Duration::from_secs(1);
@@ -109,12 +109,50 @@ struct Pages {
     open: HashMap<u64, Arc<Page>>,
 }
 
-/// Open files that read ahead, by handle (at most [`READERS`]; others read as asked).
+/// Open files, by the kernel's handle.
 #[derive(Default)]
 struct Readers {
     last_handle: u64,
-    open: HashMap<u64, Arc<tokio::sync::Mutex<Reader>>>,
+    open: HashMap<u64, Arc<OpenFile>>,
+    /// How many of them read ahead (at most [`READERS`]; others read as asked).
+    ahead: usize,
 }
+
+/// One file the kernel opened: open in the pod too where the agent serves open files,
+/// else read and written by path.
+struct OpenFile {
+    path: String,
+    remote: Option<Opened>,
+    reader: Option<tokio::sync::Mutex<Reader>>,
+}
+
+impl OpenFile {
+    /// What asks the pod for its bytes.
+    fn ask(files: &Arc<Files>, path: &str, remote: Option<Opened>) -> ahead::Ask {
+        let (files, path) = (files.clone(), path.to_string());
+        Arc::new(move |offset, len| {
+            let (files, path) = (files.clone(), path.clone());
+            Box::pin(async move {
+                match remote {
+                    Some(r) => files.ask_open(r, &path, FileOp::ReadOpen { handle: r.handle, offset, len }).await,
+                    None => files.ask(&path, FileOp::Read { offset, len }).await,
+                }
+            })
+        })
+    }
+
+    /// `size` bytes from `offset` (fewer at the end), ahead or as asked.
+    async fn read(&self, files: &Arc<Files>, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
+        match &self.reader {
+            Some(reader) => reader.lock().await.read(offset, size).await,
+            None => ahead::read(&OpenFile::ask(files, &self.path, self.remote), offset, size).await,
+        }
+    }
+}
+
+/// The kernel may map a file opened with `FOPEN_DIRECT_IO` (`FUSE_DIRECT_IO_ALLOW_MMAP`,
+/// Linux 6.6; not among fuser's constants).
+const FUSE_DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
 
 /// How many open files read ahead at once (each holds up to `ahead::AHEAD` bytes).
 const READERS: usize = 64;
@@ -256,6 +294,9 @@ impl Filesystem for Fs {
         // Reads of up to 1 MiB (fuser asks for max_pages from this), several in flight.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.add_capabilities(FUSE_DO_READDIRPLUS | FUSE_PARALLEL_DIROPS);
+        // A file open in the pod is read past the page cache (see `open`), and may still
+        // be mapped (a program run from the mount), where the kernel offers it (6.6).
+        let _ = config.add_capabilities(FUSE_DIRECT_IO_ALLOW_MMAP);
         Ok(())
     }
 
@@ -293,20 +334,35 @@ impl Filesystem for Fs {
         if self.inodes.lock().unwrap_or_else(|e| e.into_inner()).unopenable.contains(&ino) {
             return reply.error(libc::EACCES);
         }
-        // No FOPEN_KEEP_CACHE: each open reads the file as it is in the pod now.
+        // No FOPEN_KEEP_CACHE: each open reads the file as it is in the pod now, and
+        // until it is closed that file, even if the pod replaces it meanwhile.
         let Some(path) = self.path(ino) else { return reply.error(libc::ENOENT) };
-        let mut readers = self.readers();
-        readers.last_handle += 1;
-        let handle = readers.last_handle;
-        if readers.open.len() < READERS {
-            let files = self.files.clone();
-            let ask: ahead::Ask = Arc::new(move |offset, len| {
-                let (files, path) = (files.clone(), path.clone());
-                Box::pin(async move { files.ask(&path, FileOp::Read { offset, len }).await })
+        let (files, readers) = (self.files.clone(), self.readers.clone());
+        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        self.rt.spawn(async move {
+            let (remote, first) = match files.open_file(&path, write).await {
+                Ok(Some((remote, first))) => (Some(remote), Some(first)),
+                Ok(None) => (None, None),
+                Err(answer) => return reply.error(errno(answer)),
+            };
+            let mut readers = readers.lock().unwrap_or_else(|e| e.into_inner());
+            let reader = (readers.ahead < READERS).then(|| {
+                let ask = OpenFile::ask(&files, &path, remote);
+                tokio::sync::Mutex::new(match first {
+                    Some(first) => Reader::opened(ask, first),
+                    None => Reader::new(ask),
+                })
             });
-            readers.open.insert(handle, Arc::new(tokio::sync::Mutex::new(Reader::new(ask))));
-        }
-        reply.opened(handle, 0);
+            readers.ahead += usize::from(reader.is_some());
+            readers.last_handle += 1;
+            let handle = readers.last_handle;
+            readers.open.insert(handle, Arc::new(OpenFile { path, remote, reader }));
+            // Open in the pod: read past the page cache, which is per inode (that is, per
+            // path here) and would give this handle the pages another open read of the
+            // file that replaced this one.
+            let direct = if remote.is_some() { fuser::consts::FOPEN_DIRECT_IO } else { 0 };
+            reply.opened(handle, direct);
+        });
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -320,8 +376,17 @@ impl Filesystem for Fs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.readers().open.remove(&fh);
+        let open = {
+            let mut readers = self.readers();
+            let open = readers.open.remove(&fh);
+            readers.ahead -= open.as_ref().map_or(0, |o| usize::from(o.reader.is_some()));
+            open
+        };
         reply.ok();
+        if let Some((remote, open)) = open.and_then(|o| Some((o.remote?, o))) {
+            let files = self.files.clone();
+            self.rt.spawn(async move { files.close(remote, &open.path).await });
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -337,18 +402,12 @@ impl Filesystem for Fs {
         reply: ReplyData,
     ) {
         let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
-        let reader = self.readers().open.get(&fh).cloned();
+        let open = self.readers().open.get(&fh).cloned();
         self.on_path(ino, reply, ReplyData::error, move |files, path, reply| {
             Box::pin(async move {
-                let read = match reader {
-                    Some(reader) => reader.lock().await.read(offset, size).await,
-                    None => {
-                        let ask: ahead::Ask = Arc::new(move |offset, len| {
-                            let (files, path) = (files.clone(), path.clone());
-                            Box::pin(async move { files.ask(&path, FileOp::Read { offset, len }).await })
-                        });
-                        ahead::read(&ask, offset, size).await
-                    }
+                let read = match open {
+                    Some(open) => open.read(&files, offset, size).await,
+                    None => ahead::read(&OpenFile::ask(&files, &path, None), offset, size).await,
                 };
                 match read {
                     Ok(data) => reply.data(&data),
@@ -374,18 +433,26 @@ impl Filesystem for Fs {
         let Ok(offset) = u64::try_from(offset) else { return reply.error(libc::EINVAL) };
         let Ok(len) = u32::try_from(data.len()) else { return reply.error(libc::EFBIG) };
         let data = data.to_vec();
-        let reader = self.readers().open.get(&fh).cloned();
+        let open = self.readers().open.get(&fh).cloned();
         self.on_path(ino, reply, ReplyWrite::error, move |files, path, reply| {
             Box::pin(async move {
                 // What this handle read ahead is not the file any more.
-                if let Some(reader) = reader {
+                if let Some(reader) = open.as_ref().and_then(|o| o.reader.as_ref()) {
                     reader.lock().await.reset(0);
                 }
                 // In questions of at most READ_MAX, asked together; all written or an error.
                 let chunks = data.chunks(READ_MAX as usize).enumerate().map(|(i, chunk)| {
-                    let op = FileOp::Write { offset: offset + (i * READ_MAX as usize) as u64, data: chunk.to_vec() };
-                    let (files, path) = (files.clone(), path.clone());
-                    async move { files.ask(&path, op).await }
+                    let at = offset + (i * READ_MAX as usize) as u64;
+                    let (files, path, remote) = (files.clone(), path.clone(), open.as_ref().and_then(|o| o.remote));
+                    async move {
+                        match remote {
+                            Some(r) => {
+                                let op = FileOp::WriteOpen { handle: r.handle, offset: at, data: chunk.to_vec() };
+                                files.ask_open(r, &path, op).await
+                            }
+                            None => files.ask(&path, FileOp::Write { offset: at, data: chunk.to_vec() }).await,
+                        }
+                    }
                 });
                 for answer in futures::future::join_all(chunks).await {
                     if answer != FileAnswer::Done {

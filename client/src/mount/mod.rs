@@ -26,11 +26,38 @@ pub mod ahead;
 #[cfg(target_os = "linux")]
 pub mod fuse;
 
-/// The connection file streams are opened on: the daemon's current one.
-pub type Connection = watch::Receiver<Option<quinn::Connection>>;
+/// The connection file streams are opened on: the daemon's current one, and the
+/// features of its manager.
+pub type Connection = watch::Receiver<Option<(quinn::Connection, u64)>>;
 
 /// A question for the pump of one stream, and where its answer goes.
 type Question = (String, FileOp, oneshot::Sender<FileAnswer>);
+
+/// One stream of file questions.
+#[derive(Clone)]
+struct Stream {
+    questions: mpsc::UnboundedSender<Question>,
+    /// Which of the streams of these files it is (handles belong to one).
+    number: u64,
+    /// Its agent serves open files ([`FileOp::Open`]).
+    handles: bool,
+}
+
+impl Stream {
+    /// Asks `op` of `path`; `None` if the stream ended first.
+    async fn ask(&self, path: &str, op: FileOp) -> Option<FileAnswer> {
+        let (tx, rx) = oneshot::channel();
+        self.questions.send((path.to_string(), op, tx)).ok()?;
+        rx.await.ok()
+    }
+}
+
+/// A file open in the pod ([`Files::open_file`]): its handle on stream `stream`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub handle: u32,
+    stream: u64,
+}
 
 /// The files of one intercept, asked over the tunnel.
 pub struct Files {
@@ -39,7 +66,9 @@ pub struct Files {
     /// Asked for read-write (`--mount-readwrite`).
     write: bool,
     conn: Connection,
-    stream: tokio::sync::Mutex<Option<mpsc::UnboundedSender<Question>>>,
+    stream: tokio::sync::Mutex<Option<Stream>>,
+    /// Streams opened so far.
+    streams: std::sync::atomic::AtomicU64,
 }
 
 impl Files {
@@ -56,15 +85,18 @@ impl Files {
             write,
             conn,
             stream: tokio::sync::Mutex::new(None),
+            streams: Default::default(),
         };
-        let (questions, said) = files.connect().await?;
-        *files.stream.lock().await = Some(questions);
+        let (stream, said) = files.connect().await?;
+        *files.stream.lock().await = Some(stream);
         Ok((Arc::new(files), said))
     }
 
-    /// A new stream: asked, answered `Ack`, then pumped by a task of its own.
-    async fn connect(&self) -> Result<(mpsc::UnboundedSender<Question>, String), Error> {
-        let conn = self.conn.borrow().clone().ok_or_else(|| Error::System("not connected to the manager".into()))?;
+    /// A new stream: asked, answered `Ack` (or `FilesReady`), then pumped by a task of its
+    /// own.
+    async fn connect(&self) -> Result<(Stream, String), Error> {
+        let (conn, features) =
+            self.conn.borrow().clone().ok_or_else(|| Error::System("not connected to the manager".into()))?;
         let open = Message::FilesOpen {
             namespace: self.namespace.clone(),
             service: self.service.clone(),
@@ -72,23 +104,39 @@ impl Files {
             mounts: Vec::new(),
             // Wherever the manager lets it.
             writable: if self.write { vec!["/".into()] } else { Vec::new() },
+            // Only to a manager that takes it (an older one would refuse the frame).
+            handles: features & tpvpn_tunnel::handshake::FEATURE_FILE_HANDLES != 0,
         };
         let opened = async {
             let (mut send, mut recv) = conn.open_bi().await?;
             write_message(&mut send, &open).await?;
             match read_message(&mut recv).await? {
-                Some(Message::Ack { message }) => Ok((send, recv, message)),
+                Some(Message::Ack { message }) => Ok((send, recv, message, false)),
+                Some(Message::FilesReady { message, handles }) => Ok((send, recv, message, handles)),
                 Some(Message::Error { code, message, .. }) => Err(Error::Refused { code: Some(code), message }),
                 Some(other) => Err(crate::intercept::unexpected(other)),
                 None => Err(Error::Protocol("the manager closed the file stream".into())),
             }
         };
-        let (send, recv, said) = tokio::time::timeout(crate::intercept::REQUEST_TIMEOUT, opened)
+        let (send, recv, said, handles) = tokio::time::timeout(crate::intercept::REQUEST_TIMEOUT, opened)
             .await
             .map_err(|_| Error::System("the manager did not open the files in time".into()))??;
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(pump(send, recv, rx));
-        Ok((tx, said))
+        let number = self.streams.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok((Stream { questions: tx, number, handles }, said))
+    }
+
+    /// The stream questions go on: the one at hand, or a new one if it ended.
+    async fn stream(&self) -> Result<Stream, FileAnswer> {
+        let mut stream = self.stream.lock().await;
+        if let Some(s) = stream.as_ref().filter(|s| !s.questions.is_closed()) {
+            return Ok(s.clone());
+        }
+        let (s, said) = self.connect().await.map_err(|e| failed(FileFailure::Io, e.to_string()))?;
+        info!(namespace = %self.namespace, service = %self.service, %said, "file stream opened again");
+        *stream = Some(s.clone());
+        Ok(s)
     }
 
     /// Whether they were opened for writing.
@@ -105,30 +153,55 @@ impl Files {
             FileOp::Create { .. } | FileOp::MakeDir { .. } | FileOp::Remove | FileOp::RemoveDir | FileOp::Rename { .. }
         );
         for _ in 0..2 {
-            let mut stream = self.stream.lock().await;
-            if stream.as_ref().is_none_or(|s| s.is_closed()) {
-                match self.connect().await {
-                    Ok((s, said)) => {
-                        info!(namespace = %self.namespace, service = %self.service, %said, "file stream opened again");
-                        *stream = Some(s);
-                    }
-                    Err(e) => return failed(FileFailure::Io, e.to_string()),
-                }
-            }
-            let Some(s) = stream.as_ref() else { continue };
-            let (tx, rx) = oneshot::channel();
-            if s.send((path.to_string(), op.clone(), tx)).is_err() {
-                *stream = None;
-                continue;
-            }
-            drop(stream);
-            match rx.await {
-                Ok(answer) => return answer,
-                Err(_) if again => continue,
-                Err(_) => break,
+            let stream = match self.stream().await {
+                Ok(s) => s,
+                Err(answer) => return answer,
+            };
+            match stream.ask(path, op.clone()).await {
+                Some(answer) => return answer,
+                None if again => continue,
+                None => break,
             }
         }
         failed(FileFailure::Io, "the file stream ended".into())
+    }
+
+    /// Opens regular file `path` in the pod (for writing too: `write`), to be read and
+    /// written by [`Files::ask_open`] as it is now even if the pod replaces it, and its
+    /// first [`ahead::FIRST`] bytes; `None` where the agent does not serve open files (or
+    /// has too many open): then it is read by path.
+    pub async fn open_file(&self, path: &str, write: bool) -> Result<Option<(Opened, Vec<u8>)>, FileAnswer> {
+        for _ in 0..2 {
+            let stream = self.stream().await?;
+            if !stream.handles {
+                return Ok(None);
+            }
+            match stream.ask(path, FileOp::Open { write, read: ahead::FIRST }).await {
+                Some(FileAnswer::Opened { handle, data, .. }) => {
+                    return Ok(Some((Opened { handle, stream: stream.number }, data)))
+                }
+                Some(FileAnswer::Failed { failure: FileFailure::TooMany, .. }) => return Ok(None),
+                Some(other) => return Err(other),
+                None => continue,
+            }
+        }
+        Err(failed(FileFailure::Io, "the file stream ended".into()))
+    }
+
+    /// What `op` (by handle) gives on file `opened` (`path`); `ESTALE` once the stream
+    /// it was opened on ended (the pod gone, the connection replaced).
+    pub async fn ask_open(&self, opened: Opened, path: &str, op: FileOp) -> FileAnswer {
+        let stream = self.stream.lock().await.clone();
+        let stale = || failed(FileFailure::Stale, format!("{path}: opened on a file stream that ended"));
+        match stream.filter(|s| s.number == opened.stream) {
+            Some(s) => s.ask(path, op).await.unwrap_or_else(stale),
+            None => stale(),
+        }
+    }
+
+    /// Closes file `opened` in the pod.
+    pub async fn close(&self, opened: Opened, path: &str) {
+        let _ = self.ask_open(opened, path, FileOp::Close { handle: opened.handle }).await;
     }
 }
 

@@ -64,6 +64,8 @@ struct AgentLink {
 /// Where the files of an intercept are: the agent's connection and the pod.
 pub struct FilesTarget {
     pub agent: quinn::Connection,
+    /// What the agent can do (its hello's features).
+    pub agent_features: u64,
     pub pod: crate::targets::PodTarget,
     /// The Pod object, for its volume mounts.
     pub spec: Option<Arc<Pod>>,
@@ -295,13 +297,13 @@ impl Hub {
                     ),
                 ));
             }
-            Ok((agent.conn.clone(), pod))
+            Ok(((agent.conn.clone(), agent.features), pod))
         })?;
         let spec = self
             .objects
             .as_ref()
             .and_then(|o| o.pods.get(&kube::runtime::reflector::ObjectRef::new(&pod.name).within(&pod.namespace)));
-        Ok(FilesTarget { agent, pod, spec })
+        Ok(FilesTarget { agent: agent.0, agent_features: agent.1, pod, spec })
     }
 
     /// Every Service's intercept state as the client of `session` sees it.
