@@ -110,6 +110,11 @@ fn a_pods_volumes_are_mounted_live_read_only_and_never_beyond() {
     std::os::unix::fs::FileExt::read_exact_at(&opened, &mut tail, 1 << 20).unwrap();
     assert!(tail.iter().all(|&b| b == b'a'), "the open file read the pages of the new one");
     drop(opened);
+    // Such a file may still be mapped (shared), as programs reading files do.
+    let map = "import mmap,sys; f=open(sys.argv[1],'rb'); sys.stdout.write(mmap.mmap(f.fileno(),0,access=mmap.ACCESS_READ)[:6].decode())";
+    let mapped =
+        std::process::Command::new("python3").args(["-c", map]).arg(root.join("var/scratch/new")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&mapped.stdout), "fresh\n", "{}", String::from_utf8_lossy(&mapped.stderr));
 
     // Live: what the app writes, and a ConfigMap update as the kubelet makes it.
     let (_, _, code) = lab.exec_in_container("web-0", &["sh", "-c", "echo later > /var/scratch/later"]).unwrap();

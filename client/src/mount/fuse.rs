@@ -150,8 +150,10 @@ impl OpenFile {
     }
 }
 
-/// The kernel may map a file opened with `FOPEN_DIRECT_IO` (`FUSE_DIRECT_IO_ALLOW_MMAP`,
-/// Linux 6.6; not among fuser's constants).
+/// The kernel may map (shared) a file opened with `FOPEN_DIRECT_IO`
+/// (`FUSE_DIRECT_IO_ALLOW_MMAP`, Linux 6.6, a `flags2` bit: fuser's abi-7-36 feature
+/// carries it; not among fuser's constants). Without it such a map would fail (`ENODEV`),
+/// so open files are read through the page cache then.
 const FUSE_DIRECT_IO_ALLOW_MMAP: u64 = 1 << 36;
 
 /// How many open files read ahead at once (each holds up to `ahead::AHEAD` bytes).
@@ -168,6 +170,8 @@ struct Fs {
     owner: (u32, u32),
     /// Mounted read-write (`--mount-readwrite`).
     write: bool,
+    /// Files open in the pod are read past the page cache (`FOPEN_DIRECT_IO`).
+    direct: bool,
 }
 
 impl Fs {
@@ -294,9 +298,9 @@ impl Filesystem for Fs {
         // Reads of up to 1 MiB (fuser asks for max_pages from this), several in flight.
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.add_capabilities(FUSE_DO_READDIRPLUS | FUSE_PARALLEL_DIROPS);
-        // A file open in the pod is read past the page cache (see `open`), and may still
-        // be mapped (a program run from the mount), where the kernel offers it (6.6).
-        let _ = config.add_capabilities(FUSE_DIRECT_IO_ALLOW_MMAP);
+        // A file open in the pod is read past the page cache (see `open`) where the
+        // kernel lets such a file still be mapped (6.6); else through it, as before.
+        self.direct = config.add_capabilities(FUSE_DIRECT_IO_ALLOW_MMAP).is_ok();
         Ok(())
     }
 
@@ -337,7 +341,7 @@ impl Filesystem for Fs {
         // No FOPEN_KEEP_CACHE: each open reads the file as it is in the pod now, and
         // until it is closed that file, even if the pod replaces it meanwhile.
         let Some(path) = self.path(ino) else { return reply.error(libc::ENOENT) };
-        let (files, readers) = (self.files.clone(), self.readers.clone());
+        let (files, readers, direct) = (self.files.clone(), self.readers.clone(), self.direct);
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         self.rt.spawn(async move {
             let (remote, first) = match files.open_file(&path, write).await {
@@ -360,8 +364,8 @@ impl Filesystem for Fs {
             // Open in the pod: read past the page cache, which is per inode (that is, per
             // path here) and would give this handle the pages another open read of the
             // file that replaced this one.
-            let direct = if remote.is_some() { fuser::consts::FOPEN_DIRECT_IO } else { 0 };
-            reply.opened(handle, direct);
+            let flags = if direct && remote.is_some() { fuser::consts::FOPEN_DIRECT_IO } else { 0 };
+            reply.opened(handle, flags);
         });
     }
 
@@ -709,6 +713,7 @@ pub fn mount(
         readers: Arc::default(),
         owner: crate::os::user::invoking(),
         write,
+        direct: false,
     };
     let options = [
         if write { MountOption::RW } else { MountOption::RO },
