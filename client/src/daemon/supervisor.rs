@@ -510,6 +510,54 @@ struct Link {
     intercepts: Option<quinn::Connection>,
 }
 
+impl Link {
+    /// The link of `session`, which reached `target`.
+    fn of(session: &crate::connect::Session, target: Target, rediscover: Option<Rediscover>) -> Link {
+        Link {
+            conn: session.conn.clone(),
+            via: session.via.clone(),
+            endpoint: session.endpoint.clone(),
+            target,
+            rediscover,
+            version: session.version,
+            features: session.features,
+            intercepts: session.intercepts.clone(),
+        }
+    }
+}
+
+/// Serves the connections the manager opens toward this client over `link`
+/// (intercepts: on its intercepts connection, and on the tunnel's until the manager has
+/// it) and re-claims what this daemon (or a crashed one before it) held; all of it ends
+/// together, aborted with the link.
+fn start_intercepts(intercepts: &Arc<Intercepts>, link: &Link) -> tokio::task::JoinHandle<()> {
+    let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
+    i.connected(&conn, link.features);
+    let second = link.intercepts.clone();
+    tokio::spawn(async move {
+        let serve_second = async {
+            if let Some(c) = second {
+                i.clone().serve(c).await;
+            }
+        };
+        tokio::join!(i.clone().serve(conn.clone()), serve_second, i.reclaim(&conn, version));
+    })
+}
+
+/// Renews the link's certificate on its live session, where the manager takes that;
+/// each new one goes to `renewed`.
+fn start_renewals(
+    link: &Link,
+    renewed: &tokio::sync::mpsc::UnboundedSender<Arc<crate::cluster::certificate::Issued>>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let (issued, rediscover) = (link.target.certificate.clone()?, link.rediscover.clone()?);
+    if link.features & tpvpn_tunnel::handshake::FEATURE_RENEW == 0 {
+        info!("the manager cannot renew certificates on a session: it reconnects when one expires");
+        return None;
+    }
+    Some(tokio::spawn(renewals(link.conn.clone(), rediscover, issued, renewed.clone())))
+}
+
 /// What `serve` runs: the data plane of the current connection, the device (kept across
 /// reconnections), and the link.
 struct Running {
@@ -537,35 +585,9 @@ async fn serve(
 ) -> (Ended, Option<control::Call>, Link) {
     use tokio::signal::unix::{signal, SignalKind};
     let Running { dataplane, tun, stack_config, mut link } = running;
-    // Connections the manager opens toward this client (intercepts), and re-claiming
-    // what this daemon (or a crashed one before it) held: per connection.
-    let start_intercepts = |link: &Link| {
-        let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
-        i.connected(&conn, link.features);
-        let second = link.intercepts.clone();
-        // Serving (on the intercepts connection, and on the tunnel's until the manager has
-        // it) and re-claiming run together and end together (aborted with the link).
-        tokio::spawn(async move {
-            let serve_second = async {
-                if let Some(c) = second {
-                    i.clone().serve(c).await;
-                }
-            };
-            tokio::join!(i.clone().serve(conn.clone()), serve_second, i.reclaim(&conn, version));
-        })
-    };
-    let mut intercept_task = start_intercepts(&link);
-    // Each link renews its certificate on its live session, where the manager takes that.
+    let mut intercept_task = start_intercepts(&intercepts, &link);
     let (renewed_tx, mut renewed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let start_renewals = |link: &Link| {
-        let (issued, rediscover) = (link.target.certificate.clone()?, link.rediscover.clone()?);
-        if link.features & tpvpn_tunnel::handshake::FEATURE_RENEW == 0 {
-            info!("the manager cannot renew certificates on a session: it reconnects when one expires");
-            return None;
-        }
-        Some(tokio::spawn(renewals(link.conn.clone(), rediscover, issued, renewed_tx.clone())))
-    };
-    let mut renewal_task = start_renewals(&link);
+    let mut renewal_task = start_renewals(&link, &renewed_tx);
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         return (Ended::Failed("cannot install signal handlers".into()), None, link);
     };
@@ -603,25 +625,13 @@ async fn serve(
                         d.resolver().set_connected(true);
                     }
                     let rediscover = link.rediscover.clone();
-                    let old = std::mem::replace(
-                        &mut link,
-                        Link {
-                            conn: session.conn.clone(),
-                            via: session.via.clone(),
-                            endpoint: session.endpoint.clone(),
-                            target,
-                            rediscover,
-                            version: session.version,
-                            features: session.features,
-                            intercepts: session.intercepts.clone(),
-                        },
-                    );
+                    let old = std::mem::replace(&mut link, Link::of(&session, target, rediscover));
                     intercept_task.abort();
-                    intercept_task = start_intercepts(&link);
+                    intercept_task = start_intercepts(&intercepts, &link);
                     if let Some(t) = renewal_task.take() {
                         t.abort();
                     }
-                    renewal_task = start_renewals(&link);
+                    renewal_task = start_renewals(&link, &renewed_tx);
                     status.protocol = Some(session.version.number());
                     status.manager_protocols = Some(session.manager_versions);
 
@@ -655,78 +665,10 @@ async fn serve(
                 link.target.certificate = Some(issued);
             }
             Some(call) = calls.recv() => {
-                match call.request.clone() {
-                    Request::Status => {
-                        let mut s = status.clone();
-                        if let LinkState::Up { handle, .. } = &state {
-                            s.flows = handle.flows().await;
-                            s.tunnel_rtt_us = Some(link.conn.rtt().as_micros() as u64);
-                        }
-                        s.intercepts = intercepts.list();
-                        call.reply_later(Reply::Status(Box::new(s)));
-                    }
-                    // These wait for the manager: answered by a task of their own.
-                    Request::List => {
-                        let listing = listing.clone().with_vnat(&routing.vnat.borrow());
-                        let (mut listing, conn, version) = (listing, link.conn.clone(), link.version);
-                        let connected = status.connected;
-                        tokio::spawn(async move {
-                            if connected {
-                                match Intercepts::table(&conn, version).await {
-                                    Ok(rows) => annotate(&mut listing, &rows),
-                                    Err(e) => debug!(error = %e, "no intercept states for the listing"),
-                                }
-                            }
-                            call.reply(&Reply::List(listing)).await;
-                        });
-                    }
-                    Request::Intercept(mut spec) => {
-                        if spec.namespace.is_empty() {
-                            spec.namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
-                        }
-                        if spec.mount.is_some() && link.features & tpvpn_tunnel::handshake::FEATURE_FILES == 0 {
-                            let error = "this manager cannot serve a pod's files (--mount): upgrade the manager (tpvpn manager install)";
-                            call.reply_later(Reply::Failed { error: error.into() });
-                            continue;
-                        }
-                        if spec.mount_readwrite && link.features & tpvpn_tunnel::handshake::FEATURE_FILES_WRITE == 0 {
-                            let error = "this manager cannot write a pod's files (--mount-readwrite): upgrade the manager (tpvpn manager install)";
-                            call.reply_later(Reply::Failed { error: error.into() });
-                            continue;
-                        }
-                        let (i, conn, version) = (intercepts.clone(), link.conn.clone(), link.version);
-                        let vnat = routing.vnat.borrow().clone();
-                        tokio::spawn(async move {
-                            let reply = match intercept_and_mount(&i, &conn, version, spec).await {
-                                Ok(intercepted) => Reply::Intercepted { intercepted: Box::new(intercepted.with_vnat(&vnat)) },
-                                Err(e) => Reply::Failed { error: e.to_string() },
-                            };
-                            call.reply(&reply).await;
-                        });
-                    }
-                    Request::Leave { mut namespace, service, revoke } => {
-                        if namespace.is_empty() {
-                            namespace = status.namespace.clone().unwrap_or_else(|| "default".into());
-                        }
-                        let (i, conn, version, features) =
-                            (intercepts.clone(), link.conn.clone(), link.version, link.features);
-                        tokio::spawn(async move {
-                            let left = if revoke {
-                                i.revoke(&conn, features, &namespace, &service).await
-                            } else {
-                                i.leave(&conn, version, &namespace, &service).await
-                            };
-                            let reply = match left {
-                                Ok(left) => Reply::Left { left },
-                                Err(e) => Reply::Failed { error: e.to_string() },
-                            };
-                            call.reply(&reply).await;
-                        });
-                    }
-                    Request::Down => {
-                        down_reply = Some(call);
-                        break Ended::Down;
-                    }
+                let seen = Seen { status: &status, link: &link, listing: &listing, routing, intercepts: &intercepts };
+                if let Some(down) = answer(call, &state, seen).await {
+                    down_reply = Some(down);
+                    break Ended::Down;
                 }
             }
         }
@@ -739,6 +681,92 @@ async fn serve(
     // With the data plane gone and `tun` dropped, so is the device.
     drop(tun);
     (why, down_reply, link)
+}
+
+/// What a control request is answered from: the daemon's state at the time.
+struct Seen<'a, 'r> {
+    status: &'a Status,
+    link: &'a Link,
+    listing: &'a control::Listing,
+    routing: &'a Routing<'r>,
+    intercepts: &'a Arc<Intercepts>,
+}
+
+/// Answers control request `call` (those that wait for the manager by a task of their
+/// own); a `down` request is given back, to be answered after cleanup.
+async fn answer(call: control::Call, state: &LinkState, seen: Seen<'_, '_>) -> Option<control::Call> {
+    match call.request.clone() {
+        Request::Status => {
+            let mut s = seen.status.clone();
+            if let LinkState::Up { handle, .. } = &state {
+                s.flows = handle.flows().await;
+                s.tunnel_rtt_us = Some(seen.link.conn.rtt().as_micros() as u64);
+            }
+            s.intercepts = seen.intercepts.list();
+            call.reply_later(Reply::Status(Box::new(s)));
+        }
+        // These wait for the manager: answered by a task of their own.
+        Request::List => {
+            let listing = seen.listing.clone().with_vnat(&seen.routing.vnat.borrow());
+            let (mut listing, conn, version) = (listing, seen.link.conn.clone(), seen.link.version);
+            let connected = seen.status.connected;
+            tokio::spawn(async move {
+                if connected {
+                    match Intercepts::table(&conn, version).await {
+                        Ok(rows) => annotate(&mut listing, &rows),
+                        Err(e) => debug!(error = %e, "no intercept states for the listing"),
+                    }
+                }
+                call.reply(&Reply::List(listing)).await;
+            });
+        }
+        Request::Intercept(mut spec) => {
+            if spec.namespace.is_empty() {
+                spec.namespace = seen.status.namespace.clone().unwrap_or_else(|| "default".into());
+            }
+            if spec.mount.is_some() && seen.link.features & tpvpn_tunnel::handshake::FEATURE_FILES == 0 {
+                let error =
+                    "this manager cannot serve a pod's files (--mount): upgrade the manager (tpvpn manager install)";
+                call.reply_later(Reply::Failed { error: error.into() });
+                return None;
+            }
+            if spec.mount_readwrite && seen.link.features & tpvpn_tunnel::handshake::FEATURE_FILES_WRITE == 0 {
+                let error = "this manager cannot write a pod's files (--mount-readwrite): upgrade the manager (tpvpn manager install)";
+                call.reply_later(Reply::Failed { error: error.into() });
+                return None;
+            }
+            let (i, conn, version) = (seen.intercepts.clone(), seen.link.conn.clone(), seen.link.version);
+            let vnat = seen.routing.vnat.borrow().clone();
+            tokio::spawn(async move {
+                let reply = match intercept_and_mount(&i, &conn, version, spec).await {
+                    Ok(intercepted) => Reply::Intercepted { intercepted: Box::new(intercepted.with_vnat(&vnat)) },
+                    Err(e) => Reply::Failed { error: e.to_string() },
+                };
+                call.reply(&reply).await;
+            });
+        }
+        Request::Leave { mut namespace, service, revoke } => {
+            if namespace.is_empty() {
+                namespace = seen.status.namespace.clone().unwrap_or_else(|| "default".into());
+            }
+            let (i, conn, version, features) =
+                (seen.intercepts.clone(), seen.link.conn.clone(), seen.link.version, seen.link.features);
+            tokio::spawn(async move {
+                let left = if revoke {
+                    i.revoke(&conn, features, &namespace, &service).await
+                } else {
+                    i.leave(&conn, version, &namespace, &service).await
+                };
+                let reply = match left {
+                    Ok(left) => Reply::Left { left },
+                    Err(e) => Reply::Failed { error: e.to_string() },
+                };
+                call.reply(&reply).await;
+            });
+        }
+        Request::Down => return Some(call),
+    }
+    None
 }
 
 /// Intercepts as `spec` says and, with `--mount`, mounts the pod's files; a mount that
