@@ -71,6 +71,7 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
     let control_task = tokio::spawn(control::serve(listener, crate::os::user::invoking().0, calls_send));
     state::write_atomic(&paths.pid(), format!("{}\n", std::process::id()).as_bytes(), 0o644)
         .map_err(|e| Error::System(format!("cannot write {}: {e}", paths.pid().display())))?;
+    let link = Link::of(&session, plan.target.clone(), plan.rediscover.clone());
     let (control_send, control_recv) = session.control;
     let result = async {
         // Again, just before: planning and connecting took time, and undo deletes the
@@ -122,12 +123,8 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         let dataplane =
             Dataplane::new(tpvpn_netstack::Stack::new(stack_config.clone()), tun.clone(), session.conn.clone())
                 .with_vnat(routing.vnat.subscribe());
-        let status = Status {
-            connected: true,
+        let mut status = Status {
             context: plan.context.clone(),
-            manager: Some(session.via.to_string()),
-            transport: Some(session.via.transport().into()),
-            manager_pod: pod_of(&session.via),
             tun: Some(Tun { name: device.clone(), address: TUN_V4.to_string(), mtu: usize::from(opts.mtu) }),
             routes: wanted.iter().map(|r| r.to_string()).collect(),
             never_proxy: never.iter().map(|r| r.to_string()).collect(),
@@ -135,17 +132,13 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
                 || Dns { mode: "off".into(), ..Default::default() },
                 |(shared, mode)| dns_status(shared, mode),
             ),
-            flows: Default::default(),
             pid: Some(std::process::id()),
-            tunnel_rtt_us: None,
-            protocol: Some(session.version.number()),
-            intercepts: vec![],
             namespace: Some(plan.namespace.clone()),
-            identity: plan.target.certificate.as_deref().map(Authenticated::of),
             version: Some(env!("CARGO_PKG_VERSION").into()),
-            manager_protocols: Some(session.manager_versions),
             vnat: control::VnatMapping::all(&routing.vnat.borrow()),
+            ..Default::default()
         };
+        connected(&mut status, &link, session.manager_versions);
         ready.send(&format!(
             "ok connected to {}; routing {} through {}",
             session.via,
@@ -154,16 +147,6 @@ pub(super) async fn run(opts: UpOptions, paths: &Paths, ready: &mut Ready) -> Re
         ));
         info!("up");
         let dns = dns.map(|(shared, _)| shared);
-        let link = Link {
-            conn: session.conn.clone(),
-            via: session.via.clone(),
-            endpoint: session.endpoint.clone(),
-            target: plan.target.clone(),
-            rediscover: plan.rediscover.clone(),
-            version: session.version,
-            features: session.features,
-            intercepts: session.intercepts.clone(),
-        };
         let running = Running { dataplane, tun, stack_config, link };
         let (why, down_reply, link) =
             serve(running, calls, status, (initial, updates), &mut routing, dns, intercepts.clone()).await;
@@ -233,6 +216,17 @@ impl std::fmt::Display for Ended {
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The manager pod, when reached through a port-forward.
+/// `status` of a daemon connected over `link` to a manager speaking `manager_versions`.
+fn connected(status: &mut Status, link: &Link, manager_versions: (u16, u16)) {
+    status.connected = true;
+    status.manager = Some(link.via.to_string());
+    status.transport = Some(link.via.transport().into());
+    status.manager_pod = pod_of(&link.via);
+    status.protocol = Some(link.version.number());
+    status.manager_protocols = Some(manager_versions);
+    status.identity = link.target.certificate.as_deref().map(Authenticated::of);
+}
+
 fn pod_of(via: &crate::connect::Via) -> Option<String> {
     match via {
         crate::connect::Via::PortForward { pod, .. } => Some(pod.clone()),
@@ -632,18 +626,12 @@ async fn serve(
                         t.abort();
                     }
                     renewal_task = start_renewals(&link, &renewed_tx);
-                    status.protocol = Some(session.version.number());
-                    status.manager_protocols = Some(session.manager_versions);
 
                     close_all(&old.conn, old.intercepts.as_ref(), b"replaced");
                     let (send, recv) = session.control;
                     updates = cluster_updates(session.conn.clone(), send, recv, intercepts.clone());
                     handle_update(Update::Cluster(session.cluster), &mut status, &mut listing, routing, dns.as_deref());
-                    status.manager = Some(session.via.to_string());
-                    status.transport = Some(session.via.transport().into());
-                    status.manager_pod = pod_of(&session.via);
-                    status.identity = link.target.certificate.as_deref().map(Authenticated::of);
-                    status.connected = true;
+                    connected(&mut status, &link, session.manager_versions);
                 }
             },
             _ = term.recv() => break Ended::Signal("SIGTERM"),
